@@ -1,0 +1,1 @@
+"""The model-execution core shared by prefill and decode workers."""

@@ -1,0 +1,80 @@
+"""Reference paged attention in plain torch: runs on CPU and CUDA and is the kernels' oracle.
+
+Each sequence's keys and values are gathered from the paged cache through its block table into a
+padded [B, max_context, H, D] view, queries are scattered into [B, max_query, Hq, D], and one
+masked `scaled_dot_product_attention` call handles every sequence of the group, causal with
+respect to the cached context (so chunked prefill attends to earlier chunks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention.metadata import AttentionMetadata, SeqGroup
+
+
+def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store new keys/values. kv_layer: [num_blocks, 2, block_size, Hkv, D]; k, v: [T, Hkv, D]."""
+    block_size = kv_layer.shape[2]
+    blocks = slot_mapping // block_size
+    offsets = slot_mapping % block_size
+    kv_layer[blocks, 0, offsets] = k
+    kv_layer[blocks, 1, offsets] = v
+
+
+def _padded_indices(group: SeqGroup, num_tokens: int, device) -> dict:
+    """Per-token (sequence, index-in-sequence) and the [B, 1, Qmax, Cmax] causal mask."""
+    if "tok_seq" in group.cache:
+        return group.cache
+    qs = group.query_start.to(device=device, dtype=torch.int64)
+    q_lens = qs[1:] - qs[:-1]
+    tok_seq = torch.repeat_interleave(torch.arange(group.num_seqs, device=device), q_lens,
+                                      output_size=num_tokens)
+    tok_idx = torch.arange(num_tokens, device=device) - qs[tok_seq]
+    ctx = group.context_lens.to(device=device, dtype=torch.int64)
+    first_q_pos = (ctx - q_lens).unsqueeze(1)  # position of each sequence's first new token
+    q_pos = first_q_pos + torch.arange(group.max_query_len, device=device).unsqueeze(0)
+    k_pos = torch.arange(group.max_context_len, device=device)
+    mask = k_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)  # causal; implies k_pos < context_len
+    group.cache.update(tok_seq=tok_seq, tok_idx=tok_idx, mask=mask.unsqueeze(1))
+    return group.cache
+
+
+def _gather_kv(kv_layer: torch.Tensor, group: SeqGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    b, max_blocks = group.block_tables.shape
+    kv = kv_layer[group.block_tables.long()]  # [B, max_blocks, 2, bs, H, D]
+    _, _, _, bs, h, d = kv.shape
+    k = kv[:, :, 0].reshape(b, max_blocks * bs, h, d)[:, : group.max_context_len]
+    v = kv[:, :, 1].reshape(b, max_blocks * bs, h, d)[:, : group.max_context_len]
+    return k, v
+
+
+def attend(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, scale: float) -> torch.Tensor:
+    """q: [T, Hq, D] packed new-token queries of the group -> [T, Hq, D]."""
+    num_tokens, hq, d = q.shape
+    idx = _padded_indices(group, num_tokens, q.device)
+    q_pad = q.new_zeros(group.num_seqs, group.max_query_len, hq, d)
+    q_pad[idx["tok_seq"], idx["tok_idx"]] = q
+    k, v = _gather_kv(kv_layer, group)
+    out = F.scaled_dot_product_attention(
+        q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=idx["mask"], scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)[idx["tok_seq"], idx["tok_idx"]]
+
+
+class TorchAttentionBackend:
+    """The reference backend: `forward` writes this step's K/V, then attends per group."""
+
+    name = "torch"
+
+    def forward(self, q, k, v, kv_layer, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        write_kv(kv_layer, k, v, meta.slot_mapping)
+        nd = meta.num_decode_tokens
+        parts = []
+        if meta.decode is not None:
+            parts.append(attend(q[:nd], kv_layer, meta.decode, scale))
+        if meta.prefill is not None:
+            parts.append(attend(q[nd:], kv_layer, meta.prefill, scale))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

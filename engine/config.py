@@ -1,0 +1,95 @@
+"""Engine configuration: one dataclass per concern, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> str:
+    """'auto' becomes 'cuda' when a GPU is visible, else 'cpu'."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or auto, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is visible")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """'auto' is float32 on CPU (exact reference numerics) and bfloat16 on CUDA."""
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    """Paged KV cache sizing."""
+
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # fixed pool size; None -> from memory settings below
+    cpu_kv_cache_bytes: int = 512 * 1024 * 1024  # pool size on CPU when num_blocks is None
+    gpu_memory_utilization: float = 0.85  # fraction of free GPU memory the pool may take
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """Continuous-batching limits per engine step."""
+
+    max_num_seqs: int = 64  # requests in the running batch
+    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
+    enable_chunked_prefill: bool = True  # split prompts longer than the remaining budget
+    max_queued_requests: int | None = None  # bound on the waiting queue; None -> unbounded
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything one engine instance needs: model, device and the two configs above."""
+
+    model: str = "default"  # "default", an HF model directory, or a .gguf file
+    device: str = "auto"  # cpu | cuda | auto
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    max_model_len: int | None = None  # None -> the model's context length
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    attention_backend: str = "auto"  # auto | torch | triton
+    use_cuda_graphs: bool = True  # capture decode steps on CUDA
+
+    def __post_init__(self) -> None:
+        self.device = resolve_device(self.device)
+        resolve_dtype(self.dtype, self.device)  # validates
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(
+                f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype, self.device)

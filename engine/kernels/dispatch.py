@@ -1,0 +1,62 @@
+"""Chooses, per op, between the Triton kernels (CUDA) and the torch reference (CPU, oracle).
+
+Layers call these functions and never import a backend directly. `use_triton(False)` forces the
+reference path everywhere, which is how the tests compare the two.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.layers.activation import silu_and_mul as _silu_and_mul_ref
+
+_triton_enabled = True
+
+
+def use_triton(enabled: bool) -> None:
+    """Enable or disable the Triton kernels in this process (the reference path is the oracle)."""
+    global _triton_enabled  # process-wide switch, like torch.backends flags
+    _triton_enabled = enabled
+
+
+def _triton_ops(x: torch.Tensor):
+    if not (_triton_enabled and x.is_cuda):
+        return None
+    try:
+        from engine.kernels import triton_ops
+    except ImportError:
+        return None
+    return triton_ops
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    ops = _triton_ops(x)
+    if ops is not None:
+        return ops.rms_norm(x, weight, eps)
+    from engine.layers.norm import rms_norm as ref
+
+    return ref(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    ops = _triton_ops(x)
+    if ops is not None:
+        return ops.add_rms_norm(x, residual, weight, eps)
+    from engine.layers.norm import rms_norm as ref
+
+    residual = x + residual
+    return ref(residual, weight, eps), residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    ops = _triton_ops(x)
+    return ops.silu_and_mul(x) if ops is not None else _silu_and_mul_ref(x)
+
+
+def apply_rope(q, k, cos, sin, positions):
+    ops = _triton_ops(q)
+    if ops is not None:
+        return ops.apply_rope(q, k, cos, sin, positions)
+    from engine.layers.rotary import apply_rope_ref
+
+    return apply_rope_ref(q, k, cos, sin, positions)

@@ -1,0 +1,161 @@
+"""The engine API: add requests, step, abort, stream outputs; `generate` for offline use.
+
+A step is three calls: the scheduler plans, the runner executes, the engine post-processes
+(append sampled tokens, detokenize, finish requests and free their blocks).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+
+from engine.attention import get_backend
+from engine.builder import LoadedModel, load_model, make_kv_cache
+from engine.config import EngineConfig
+from engine.kv_cache.block_table import KVCacheManager, num_blocks_for
+from engine.model_runner import ModelRunner
+from engine.output_processor import RequestStream
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampler import SamplerOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+
+
+class LLMEngine:
+    """One model instance on one device with its paged KV cache and continuous batching."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        loaded = loaded or load_model(config)
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
+                                 loaded.config.max_position_embeddings)
+        self.kv_cache = make_kv_cache(loaded.config, config)
+        block_size = config.cache.block_size
+        self.kv_manager = KVCacheManager(self.kv_cache.shape[1], block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager)
+        backend = get_backend(config.attention_backend, config.device)
+        self.runner = ModelRunner(loaded.model, self.kv_cache, backend, block_size,
+                                  loaded.config.vocab_size, config.device)
+        self.requests: dict[str, Request] = {}
+        self.streams: dict[str, RequestStream] = {}
+
+    # ---- requests -------------------------------------------------------------------------
+    def make_request(self, prompt_token_ids: Sequence[int], params: SamplingParams,
+                     request_id: str | None = None) -> Request:
+        """Validate and build a request (not yet queued)."""
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        prompt = [int(t) for t in prompt_token_ids]
+        self._validate_prompt(prompt, params)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        return Request(request_id, prompt, params, seed, self.max_model_len)
+
+    def _validate_prompt(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise ValueError("prompt is empty: it must contain at least one token")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(prompt)} tokens; the model's context length is "
+                             f"{self.max_model_len}, leaving no room to generate")
+        vocab = self.model_config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {min(prompt)}..{max(prompt)}")
+        longest = min(len(prompt) + params.max_tokens, self.max_model_len)
+        needed = num_blocks_for(longest, self.kv_manager.block_size)
+        if needed > self.kv_manager.num_blocks:
+            raise ValueError(f"request needs up to {needed} KV blocks but the pool has only "
+                             f"{self.kv_manager.num_blocks}; lower max_tokens or grow the cache")
+
+    def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        request = self.make_request(prompt_token_ids, params, request_id)
+        self.scheduler.add(request)
+        self._track(request)
+        return request.request_id
+
+    def _track(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.streams[request.request_id] = RequestStream(request, self.tokenizer,
+                                                         self.tokenizer.eos_token_ids)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is and free its blocks; None if it is unknown/finished."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        self._forget(request)
+        return RequestOutput(request_id, [], "", True, "abort", [], request.num_prompt_tokens,
+                             len(request.output_token_ids))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- stepping ------------------------------------------------------------------------
+    def step(self, on_layer_done: Callable[[int], None] | None = None) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        sampled = self.runner.execute(plan, on_layer_done)
+        self.scheduler.on_step_done(plan)
+        return self.process_sampled(plan, sampled)
+
+    def process_sampled(self, plan: SchedulerOutput, sampled: SamplerOutput | None) -> list[RequestOutput]:
+        """Append each sampled token to its request, stream text, finish what is done."""
+        if sampled is None:
+            return []
+        token_ids = sampled.token_ids.tolist()  # the step's only host sync
+        logprobs = sampled.logprobs.tolist() if sampled.logprobs is not None else None
+        chunks = [c for c in plan.chunks if c.samples]
+        outputs = []
+        for i, chunk in enumerate(chunks):
+            lp = logprobs[i] if logprobs is not None else None
+            outputs.append(self.append_token(chunk.request, token_ids[i], lp))
+        return outputs
+
+    def append_token(self, request: Request, token_id: int, logprob: float | None) -> RequestOutput:
+        now = time.monotonic()
+        request.output_token_ids.append(token_id)
+        if request.first_token_time_s is None:
+            request.first_token_time_s = now
+        new_logprobs = []
+        if logprob is not None and request.params.logprobs:
+            request.output_logprobs.append(logprob)
+            new_logprobs = [logprob]
+        delta, reason = self.streams[request.request_id].on_token(token_id)
+        out = RequestOutput(request.request_id, [token_id], delta, reason is not None, reason,
+                            new_logprobs, request.num_prompt_tokens, len(request.output_token_ids))
+        if reason is not None:
+            status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
+            self.scheduler.finish(request, status)
+            self._forget(request)
+        return out
+
+    def _forget(self, request: Request) -> None:
+        self.requests.pop(request.request_id, None)
+        self.streams.pop(request.request_id, None)
+
+    # ---- offline ---------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams]) -> list[CompletionOutput]:
+        """Run every prompt to completion as one continuously batched workload."""
+        params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} sampling params")
+        token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        ids = [self.add_request(t, sp) for t, sp in zip(token_lists, params_list)]
+        results = {rid: CompletionOutput(rid, toks, [], "", "") for rid, toks in zip(ids, token_lists)}
+        while self.has_unfinished():
+            for out in self.step():
+                res = results[out.request_id]
+                res.token_ids += out.new_token_ids
+                res.logprobs += out.new_logprobs
+                res.text += out.text_delta
+                if out.finished:
+                    res.finish_reason = out.finish_reason
+        return [results[rid] for rid in ids]

@@ -1,0 +1,95 @@
+"""A request's state inside one engine, and the lifecycle it moves through.
+
+Lifecycle (every transition happens in `Scheduler`, except FINISHED_* set by `finish()`):
+
+    WAITING ──schedule──> RUNNING ──sampled stop / length──> FINISHED_STOPPED | FINISHED_LENGTH
+       ^                    │
+       └──── preempt ───────┘      (blocks freed, KV recomputed from scratch later)
+    any non-finished state ──abort──> FINISHED_ABORTED
+
+Progress is one number: `num_computed_tokens`, how many of `all_token_ids` have KV in the cache.
+A step computes tokens [num_computed_tokens, num_computed_tokens + n); when that reaches
+`num_tokens`, the step also samples the next token. Prefill, chunked prefill, decode and
+recompute after preemption are all this same rule.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "finished_stopped"
+    FINISHED_LENGTH = "finished_length"
+    FINISHED_ABORTED = "finished_aborted"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISHED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+             RequestStatus.FINISHED_ABORTED}
+_FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
+                   RequestStatus.FINISHED_ABORTED: "abort"}
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: its tokens, sampling parameters and progress through the KV cache."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int  # the user's seed, or a random one: sampling noise is a function of (seed, step)
+    max_model_len: int  # generation stops with "length" when the sequence reaches this
+    arrival_time_s: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_preemptions: int = 0
+    first_scheduled_time_s: float | None = None
+    first_token_time_s: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens whose KV is not yet computed (the whole prompt for a new request, 1 in decode)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
+
+    def new_token_ids(self, start: int, count: int) -> list[int]:
+        """Token ids for positions [start, start + count)."""
+        n = len(self.prompt_token_ids)
+        if start + count <= n:
+            return self.prompt_token_ids[start:start + count]
+        return self.all_token_ids[start:start + count]

