@@ -38,7 +38,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2; Llama/Qwen3 if configured)
+    o_proj_bias: bool = False  # bias on the attention output (Llama/Qwen3 with attention_bias)
     qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)

@@ -1,0 +1,367 @@
+"""Cluster configuration: which engines run where, read from one YAML file.
+
+The file has one section per concern; each section is a frozen dataclass validated when it is
+built, whether from YAML, from CLI overrides or from code:
+
+    model: default          # ClusterConfig: model, device, dtype, block_size, ...
+    prefill: {...}          # PoolConfig with role "prefill"
+    decode: {...}           # PoolConfig with role "decode"
+    server: {...}           # ServerConfig: the router's gRPC and metrics endpoints
+    transfer: {...}         # TransferConfig: prefill -> decode KV transfer
+
+Only `cluster_config_from_dict` (and `load_cluster_config` around it) knows the YAML shape;
+the rest of pdserve receives a `ClusterConfig`. Every error names the key by its path
+(`decode.num_instances`) so the message points at the line to fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROLES = ("prefill", "decode")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TRANSFER_BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """One pool of identical engine instances: every prefill worker, or every decode worker.
+
+    An instance is one model replica. It owns `gpus_per_instance` GPUs, one per rank, which a
+    placement group reserves together on one node (see cluster/placement.py).
+    """
+
+    role: str  # "prefill" or "decode"; set by the YAML section the pool is read from
+    num_instances: int = 1  # prefill >= 1; decode may be 0, the router then answers UNAVAILABLE
+    gpus_per_instance: int = 0  # 0 = CPU instance; otherwise tensor * pipeline parallel size
+    cpus_per_instance: float = 1.0  # CPU cores reserved per instance, split over its GPU ranks
+    tensor_parallel_size: int = 1  # reserved for later; only 1 is supported yet
+    pipeline_parallel_size: int = 1  # reserved for later; only 1 is supported yet
+    expert_parallel_size: int = 1  # reserved for later; only 1 is supported yet
+    # Per-instance engine limits; defaults as in engine/config.py.
+    max_num_seqs: int = 64  # requests in the running batch
+    max_num_batched_tokens: int = 2048  # tokens in one engine step, >= max_num_seqs
+    num_kv_blocks: int | None = None  # KV blocks per instance; None = derive from memory
+    gpu_memory_utilization: float = 0.85  # share of free GPU memory the KV pool may take
+
+    def __post_init__(self) -> None:
+        _one_of("role", self.role, ROLES)
+        _check_types(self, self.role)
+        min_instances = 1 if self.role == "prefill" else 0
+        _at_least(self._path("num_instances"), self.num_instances, min_instances)
+        _at_least(self._path("gpus_per_instance"), self.gpus_per_instance, 0)
+        _at_least(self._path("cpus_per_instance"), self.cpus_per_instance, 0)
+        if self.gpus_per_instance == 0 and self.cpus_per_instance <= 0:
+            raise ValueError(
+                f"{self._path('cpus_per_instance')} must be > 0 for a CPU instance "
+                f"(gpus_per_instance 0), got {self.cpus_per_instance}"
+            )
+        self._check_parallelism()
+        _at_least(self._path("max_num_seqs"), self.max_num_seqs, 1)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"{self._path('max_num_batched_tokens')} must be >= max_num_seqs "
+                f"({self.max_num_seqs}), got {self.max_num_batched_tokens}"
+            )
+        if self.num_kv_blocks is not None:
+            _at_least(self._path("num_kv_blocks"), self.num_kv_blocks, 1)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"{self._path('gpu_memory_utilization')} must be in (0, 1], "
+                f"got {self.gpu_memory_utilization}"
+            )
+
+    @property
+    def device(self) -> str:
+        """Where this pool's engines run: "cuda" when an instance owns GPUs, else "cpu"."""
+        return "cuda" if self.gpus_per_instance > 0 else "cpu"
+
+    def _path(self, name: str) -> str:
+        return f"{self.role}.{name}"
+
+    def _check_parallelism(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
+            value = getattr(self, name)
+            _at_least(self._path(name), value, 1)
+            if value > 1:
+                raise ValueError(f"{self._path(name)} > 1 is not supported yet, got {value}")
+        ranks = self.tensor_parallel_size * self.pipeline_parallel_size
+        if self.gpus_per_instance > 0 and self.gpus_per_instance != ranks:
+            raise ValueError(
+                f"{self._path('gpus_per_instance')} must equal tensor_parallel_size * "
+                f"pipeline_parallel_size ({self.tensor_parallel_size} * "
+                f"{self.pipeline_parallel_size} = {ranks}), got {self.gpus_per_instance}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The router's client-facing endpoints and admission limits."""
+
+    grpc_host: str = "0.0.0.0"  # interface the gRPC server binds
+    grpc_port: int = 50051  # 0 = any free port (tests)
+    metrics_port: int = 8000  # the router's Prometheus /metrics; 0 = any free port
+    worker_metrics_port_base: int = 0  # worker i serves /metrics on base + i; 0 = free ports
+    max_queued_requests: int = 1024  # waiting requests beyond this get RESOURCE_EXHAUSTED
+    request_timeout_s: float = 600.0  # deadline for a request whose client set none
+
+    def __post_init__(self) -> None:
+        _check_types(self, "server")
+        if not self.grpc_host:
+            raise ValueError("server.grpc_host must not be empty")
+        for name in ("grpc_port", "metrics_port", "worker_metrics_port_base"):
+            _port(f"server.{name}", getattr(self, name))
+        _at_least("server.max_queued_requests", self.max_queued_requests, 1)
+        _positive("server.request_timeout_s", self.request_timeout_s)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferConfig:
+    """How prefill instances hand KV blocks to decode instances."""
+
+    timeout_s: float = 30.0  # an unacknowledged transfer fails then, and its blocks are freed
+    layers_per_message: int = 1  # KV layers per message: more = fewer, larger messages
+    backend: str = "auto"  # "gloo" (any device), "nccl" (GPU to GPU), "auto": nccl if both GPU
+    store_port_base: int = 0  # rendezvous store ports start here; 0 = pick free ports
+
+    def __post_init__(self) -> None:
+        _check_types(self, "transfer")
+        _positive("transfer.timeout_s", self.timeout_s)
+        _at_least("transfer.layers_per_message", self.layers_per_message, 1)
+        _one_of("transfer.backend", self.backend, TRANSFER_BACKENDS)
+        _port("transfer.store_port_base", self.store_port_base)
+
+
+def _default_pool(role: str) -> PoolConfig:
+    return PoolConfig(role=role)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Everything `pdserve serve` needs: the model, both pools, the server and the transfer."""
+
+    model: str = "default"  # "default", an HF model directory, or a .gguf file
+    device: str = "auto"  # "cpu", "cuda", or "auto": CUDA exactly for instances that own GPUs
+    dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on CUDA (as the engine resolves)
+    block_size: int = 16  # tokens per KV block, shared by both pools so blocks move 1:1
+    prefill: PoolConfig = field(default_factory=functools.partial(_default_pool, "prefill"))
+    decode: PoolConfig = field(default_factory=functools.partial(_default_pool, "decode"))
+    server: ServerConfig = field(default_factory=ServerConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    placement_timeout_s: float = 60.0  # wait this long for an instance's GPUs/CPUs, then fail
+    ray_address: str = "auto"  # ray.init address: "auto" = the running cluster, "local" = new
+
+    def __post_init__(self) -> None:
+        _check_types(self, "")
+        if not self.model:
+            raise ValueError("model must not be empty")
+        _one_of("device", self.device, DEVICES)
+        _one_of("dtype", self.dtype, DTYPES)
+        _at_least("block_size", self.block_size, 1)
+        _positive("placement_timeout_s", self.placement_timeout_s)
+        if not self.ray_address:
+            raise ValueError('ray_address must not be empty; use "auto" or "local"')
+        for role, pool in zip(ROLES, self.pools):
+            if pool.role != role:
+                raise ValueError(f"{role}.role must be {role!r}, got {pool.role!r}")
+            self._check_pool_device(pool)
+        if self.transfer.backend == "nccl":
+            for pool in self.pools:
+                if pool.device != "cuda":
+                    raise ValueError(
+                        f"transfer.backend nccl needs GPU instances in both pools, "
+                        f"but {pool.role}.gpus_per_instance is 0"
+                    )
+
+    @property
+    def pools(self) -> tuple[PoolConfig, PoolConfig]:
+        """The prefill pool, then the decode pool."""
+        return (self.prefill, self.decode)
+
+    def _check_pool_device(self, pool: PoolConfig) -> None:
+        if self.device == "cuda" and pool.gpus_per_instance == 0:
+            raise ValueError(
+                f"{pool.role}.gpus_per_instance must be >= 1 when device is cuda, got 0"
+            )
+        if self.device == "cpu" and pool.gpus_per_instance > 0:
+            raise ValueError(
+                f"{pool.role}.gpus_per_instance must be 0 when device is cpu, "
+                f"got {pool.gpus_per_instance}"
+            )
+
+
+# ---------------------------------------------------------------- YAML and CLI edge
+
+
+def load_cluster_config(path: str | PathLike[str]) -> ClusterConfig:
+    """Read a cluster config YAML file; errors start with the file name."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from error
+    try:
+        return cluster_config_from_dict({} if data is None else data)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+def cluster_config_from_dict(data: Mapping[str, Any]) -> ClusterConfig:
+    """Build a ClusterConfig from parsed YAML; missing keys take their defaults."""
+    kwargs = _section(data, "", ClusterConfig)
+    for name, cls in (("server", ServerConfig), ("transfer", TransferConfig)):
+        if name in kwargs:
+            kwargs[name] = cls(**_section(kwargs[name], name, cls))
+    for role in ROLES:
+        if role in kwargs:
+            kwargs[role] = _pool_from_dict(kwargs[role], role)
+    return ClusterConfig(**kwargs)
+
+
+# CLI flag (argparse dest) -> the config field it sets.
+_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "model": ("model",),
+    "prefill_instances": ("prefill", "num_instances"),
+    "decode_instances": ("decode", "num_instances"),
+    "grpc_port": ("server", "grpc_port"),
+}
+
+
+def with_overrides(config: ClusterConfig, **overrides: Any) -> ClusterConfig:
+    """Apply CLI flags (--model, --prefill-instances, --decode-instances, --grpc-port,
+    --device) to a config; a None value means the flag was not given.
+
+    `device` also fixes the pools' GPU counts when they contradict it, so `--device cuda` on a
+    CPU config gives each instance one GPU and `--device cpu` drops the GPUs.
+    """
+    known = sorted([*_OVERRIDES, "device"])
+    for name, value in overrides.items():
+        if name not in known:
+            raise ValueError(f"unknown override {name!r}; known: {', '.join(known)}")
+        if value is None:
+            continue
+        if name == "device":
+            config = _with_device(config, value)
+        else:
+            config = _replace_at(config, _OVERRIDES[name], value)
+    return config
+
+
+def _with_device(config: ClusterConfig, device: str) -> ClusterConfig:
+    _one_of("device", device, DEVICES)
+    pools = {}
+    for pool in config.pools:
+        if device == "cuda" and pool.gpus_per_instance == 0:
+            pools[pool.role] = replace(pool, gpus_per_instance=1)
+        elif device == "cpu" and pool.gpus_per_instance > 0:
+            pools[pool.role] = replace(pool, gpus_per_instance=0)
+    return replace(config, device=device, **pools)
+
+
+def _replace_at(config: Any, path: tuple[str, ...], value: Any) -> Any:
+    head, *rest = path
+    new_value = _replace_at(getattr(config, head), tuple(rest), value) if rest else value
+    return replace(config, **{head: new_value})
+
+
+def _pool_from_dict(data: Any, role: str) -> PoolConfig:
+    kwargs = _section(data, role, PoolConfig)
+    if kwargs.setdefault("role", role) != role:
+        raise ValueError(
+            f"{role}.role is set by the section name; remove it (got {kwargs['role']!r})"
+        )
+    return PoolConfig(**kwargs)
+
+
+def _section(data: Any, path: str, cls: type) -> dict[str, Any]:
+    """The keys of one YAML mapping, checked against `cls`'s fields."""
+    if data is None:  # `server:` with nothing under it
+        return {}
+    if not isinstance(data, Mapping):
+        where = path or "the cluster config"
+        raise ValueError(f"{where} must be a mapping of keys, got {type(data).__name__}")
+    known = [f.name for f in fields(cls)]
+    for key in data:
+        if key not in known:
+            raise ValueError(_unknown_key_message(_join(path, str(key)), str(key), known))
+    return dict(data)
+
+
+def _unknown_key_message(key_path: str, key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return f"{key_path}: unknown key; did you mean {close[0]}?"
+    return f"{key_path}: unknown key; known keys: {', '.join(known)}"
+
+
+# ---------------------------------------------------------------- validation helpers
+
+
+def _join(section: str, name: str) -> str:
+    return f"{section}.{name}" if section else name
+
+
+def _check_types(config: Any, section: str) -> None:
+    """Raise ValueError naming the first field whose value is not of its annotated type."""
+    for name, hint in _type_hints(type(config)).items():
+        value = getattr(config, name)
+        if not _has_type(value, hint):
+            raise ValueError(f"{_join(section, name)} must be {_describe(hint)}, got {value!r}")
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    options = typing.get_args(hint)
+    if options:  # `X | None`
+        return any(_has_type(value, option) for option in options)
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool):  # YAML true is not the integer 1
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    options = typing.get_args(hint)
+    if options:
+        return " or ".join(_describe(option) for option in options)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             type(None): "null"}
+    return names.get(hint, f"a {getattr(hint, '__name__', hint)} section")
+
+
+def _at_least(path: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        raise ValueError(f"{path} must be >= {minimum}, got {value}")
+
+
+def _positive(path: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{path} must be > 0, got {value}")
+
+
+def _port(path: str, value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{path} must be a port in 0..65535 (0 = any free port), got {value}")
+
+
+def _one_of(path: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{path} must be one of {', '.join(allowed)}, got {value!r}")

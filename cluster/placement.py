@@ -1,0 +1,152 @@
+"""Reserving cluster resources for engine instances with Ray placement groups.
+
+One placement group per instance, strategy STRICT_PACK: all of an instance's ranks land on one
+node, because they share NCCL all-reduces every layer. Bundles:
+
+    GPU instance:  one {"GPU": 1, "CPU": cpus_per_instance / num_ranks} bundle per rank
+    CPU instance:  a single {"CPU": cpus_per_instance} bundle
+
+Rank i's actor is scheduled on bundle i via `InstancePlacement.scheduling_strategy(i)`.
+
+Spreading instances over nodes: each instance's group is created on its own, in order, and
+Ray's GCS scheduler places every new group on the node with the most resources left (its
+least-resource scorer), so consecutive instances land on different nodes while nodes have
+room, and share a node only when they must. We rely on that instead of the private
+`_soft_target_node_id` hint; tests/serving/test_placement.py checks the spread on a two-node
+cluster so a Ray upgrade that changes it is noticed.
+
+Groups fate-share with the driver that created them (no detached lifetime): if `pdserve serve`
+dies, Ray frees its GPUs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+from ray.util import placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import ClusterConfig, PoolConfig
+
+STRATEGY = "STRICT_PACK"
+
+
+class PlacementTimeoutError(RuntimeError):
+    """An instance's placement group was not ready in time: the cluster lacks the resources."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstancePlacement:
+    """The resources reserved for one engine instance: a ready placement group, one bundle per
+    rank."""
+
+    role: str  # "prefill" or "decode"
+    instance_index: int  # position in its pool, 0-based
+    placement_group: PlacementGroup
+    bundles: tuple[dict[str, float], ...]  # bundle i is rank i's reservation
+
+    @property
+    def name(self) -> str:
+        return instance_name(self.role, self.instance_index)
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.bundles)
+
+    def scheduling_strategy(self, rank: int = 0) -> PlacementGroupSchedulingStrategy:
+        """Where to put rank `rank`'s actor: `Actor.options(scheduling_strategy=...)`.
+
+        Child tasks the actor starts stay inside the instance's reservation.
+        """
+        if not 0 <= rank < self.num_ranks:
+            raise ValueError(f"rank must be in 0..{self.num_ranks - 1} for {self.name}, got {rank}")
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self.placement_group,
+            placement_group_bundle_index=rank,
+            placement_group_capture_child_tasks=True,
+        )
+
+
+def instance_name(role: str, instance_index: int) -> str:
+    """The placement group's name, e.g. "pdserve-decode-0" (visible in `ray status`)."""
+    return f"pdserve-{role}-{instance_index}"
+
+
+def instance_bundles(pool: PoolConfig) -> list[dict[str, float]]:
+    """The bundles one instance of `pool` asks for (see the module docstring)."""
+    if pool.gpus_per_instance == 0:
+        return [{"CPU": float(pool.cpus_per_instance)}]
+    cpus_per_rank = pool.cpus_per_instance / pool.gpus_per_instance
+    bundle = {"GPU": 1.0, "CPU": float(cpus_per_rank)} if cpus_per_rank else {"GPU": 1.0}
+    return [dict(bundle) for _ in range(pool.gpus_per_instance)]
+
+
+def create_instance_placement(
+    pool: PoolConfig, instance_index: int, timeout_s: float
+) -> InstancePlacement:
+    """Reserve one instance's resources and wait until Ray grants them.
+
+    Raises PlacementTimeoutError (after removing the pending group) if that takes longer than
+    `timeout_s`.
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    bundles = instance_bundles(pool)
+    name = instance_name(pool.role, instance_index)
+    group = placement_group(bundles, strategy=STRATEGY, name=name)
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        raise PlacementTimeoutError(
+            _timeout_message(pool.role, instance_index, bundles, timeout_s)
+        )
+    return InstancePlacement(pool.role, instance_index, group, tuple(bundles))
+
+
+def create_cluster_placements(config: ClusterConfig) -> list[InstancePlacement]:
+    """Reserve every instance of both pools, prefill first; all or nothing.
+
+    If one instance times out, the groups already created are removed before the error is
+    raised, so a failed start leaves the cluster as it was.
+    """
+    placements: list[InstancePlacement] = []
+    try:
+        for pool in config.pools:
+            for index in range(pool.num_instances):
+                placements.append(
+                    create_instance_placement(pool, index, config.placement_timeout_s)
+                )
+    except BaseException:
+        for placement in placements:
+            remove_placement(placement)
+        raise
+    return placements
+
+
+def remove_placement(placement: InstancePlacement) -> None:
+    """Release an instance's reservation. Kill its actors first: Ray kills any still in it."""
+    remove_placement_group(placement.placement_group)
+
+
+def _timeout_message(
+    role: str, instance_index: int, bundles: list[dict[str, float]], timeout_s: float
+) -> str:
+    return (
+        f"{role} instance {instance_index} ({instance_name(role, instance_index)}) could not "
+        f"be placed within {timeout_s:g} s: it asks for {len(bundles)} bundle(s) {bundles} "
+        f"with strategy {STRATEGY} (all on one node). Cluster total: "
+        f"{_resource_summary(ray.cluster_resources())}; available now: "
+        f"{_resource_summary(ray.available_resources())}. Run `ray status` to see each node "
+        f"and the pending demands; add nodes, or lower {role}.gpus_per_instance, "
+        f"{role}.cpus_per_instance or {role}.num_instances."
+    )
+
+
+def _resource_summary(resources: dict[str, float]) -> str:
+    """CPU and GPU first; Ray's per-node `node:<ip>` markers and byte counts left out."""
+    shown = {key: value for key, value in resources.items()
+             if not key.startswith("node:") and key not in ("memory", "object_store_memory")}
+    ordered = sorted(shown, key=lambda key: (key not in ("CPU", "GPU"), key))
+    return "{" + ", ".join(f"{key}: {shown[key]:g}" for key in ordered) + "}"

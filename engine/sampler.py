@@ -1,0 +1,257 @@
+"""Batched token sampling on the logits' device, without host syncs or per-request loops.
+
+Randomness is counter-based: the noise for vocab entry v of the token at output index `step`
+of a request is a pure function of (seed, step, v), computed by an integer hash. A request
+therefore draws the same tokens whether it runs alone or in any batch, and whichever worker
+samples a given step (the prefill worker samples step 0, a decode worker the rest).
+
+Per step the engine builds `SamplingTensors.from_params(...)` (CPU bookkeeping, one small
+host-to-device copy per kind) and calls `Sampler()(logits, tensors)`. Order of operations:
+repetition penalty -> greedy argmax | temperature -> top-k -> top-p -> min-p -> sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from engine.sampling_params import MAX_SEED, SamplingParams
+
+_MASK32 = 0xFFFFFFFF
+_SEED_SALT = 0x9E3779B9  # separates the seed lane from the vocab lane of the hash
+_VOCAB_SALT = 0x7F4A7C15
+
+
+# ---------------------------------------------------------------- counter-based RNG
+
+
+def _mul32(x: Tensor, constant: int) -> Tensor:
+    """(x * constant) mod 2**32 for x in [0, 2**32), never overflowing int64 (device-exact)."""
+    low, high = constant & 0xFFFF, constant >> 16
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & _MASK32
+
+
+def _fmix32(x: Tensor) -> Tensor:
+    """Murmur3 finalizer: a bijection of [0, 2**32) with full avalanche, in int64 lanes."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: Tensor, steps: Tensor, vocab_size: int) -> Tensor:
+    """Uniforms in the open interval (0, 1), shape [B, vocab_size], a pure function of
+    (seeds[b], steps[b], vocab index); bit-identical on every device and batch layout."""
+    row_key = _fmix32((seeds & _MASK32) ^ _SEED_SALT)
+    row_key = _fmix32(row_key ^ ((seeds >> 32) & _MASK32))
+    row_key = _fmix32(row_key ^ (steps & _MASK32))
+    vocab = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)
+    vocab_key = _fmix32(vocab ^ _VOCAB_SALT)
+    bits = _fmix32(row_key[:, None] ^ vocab_key[None, :])
+    # 23 bits so that (k + 0.5) is exact in float32: u is never 0 and never 1
+    return ((bits >> 9).to(torch.float32) + 0.5) * (2.0**-23)
+
+
+# ---------------------------------------------------------------- masks (pure functions)
+
+
+def apply_repetition_penalty(logits: Tensor, seen_mask: Tensor, penalties: Tensor) -> Tensor:
+    """HF semantics: a seen token's logit is divided by the penalty when positive, else
+    multiplied by it; unseen tokens are unchanged. `seen_mask` is [B, V] bool."""
+    penalty = penalties[:, None]
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen_mask, penalized, logits)
+
+
+def apply_top_k_top_p(
+    logits: Tensor, top_ks: Tensor | None, top_ps: Tensor | None
+) -> Tensor:
+    """Mask (to -inf) everything outside each row's top-k, then outside the nucleus of the
+    renormalized remainder, sharing one sort.
+
+    Top-k keeps exactly k tokens: ties at the boundary are broken by the stable sort, so the
+    lower token id wins. Top-p keeps the minimal prefix of the sorted distribution whose mass
+    reaches top_p, and always at least the most likely token; rows with top_p == 1 are
+    untouched (no rounding can drop their tail).
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+    if top_ks is not None:
+        ranks = torch.arange(logits.shape[-1], device=logits.device)
+        sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_ks[:, None], -torch.inf)
+    if top_ps is not None:
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        outside = (mass_before >= top_ps[:, None]) & (top_ps[:, None] < 1.0)
+        sorted_logits = sorted_logits.masked_fill(outside, -torch.inf)
+    return logits.scatter(-1, order, sorted_logits)
+
+
+def apply_top_k(logits: Tensor, top_ks: Tensor) -> Tensor:
+    """Keep exactly top_ks[b] tokens of row b (see `apply_top_k_top_p` for ties)."""
+    return apply_top_k_top_p(logits, top_ks, None)
+
+
+def apply_top_p(logits: Tensor, top_ps: Tensor) -> Tensor:
+    """Keep the minimal nucleus of mass >= top_ps[b] of row b."""
+    return apply_top_k_top_p(logits, None, top_ps)
+
+
+def apply_min_p(logits: Tensor, min_ps: Tensor) -> Tensor:
+    """Drop tokens whose prob < min_p * max prob. Written on logits (prob ratios are logit
+    differences), so it needs no softmax and holds after any earlier renormalization."""
+    threshold = logits.amax(dim=-1, keepdim=True) + min_ps[:, None].log()
+    return logits.masked_fill(logits < threshold, -torch.inf)
+
+
+# ---------------------------------------------------------------- per-step tensors
+
+
+@dataclass(slots=True)
+class SamplingTensors:
+    """One step's sampling options as [B] tensors on the logits' device, plus flags (plain
+    bools, decided on the CPU) that let the sampler skip work no request asked for."""
+
+    temperatures: Tensor  # [B] float32; greedy rows hold 1.0 so dividing is harmless
+    greedy_rows: Tensor  # [B] bool
+    top_ks: Tensor  # [B] int64; vocab_size where off
+    top_ps: Tensor  # [B] float32
+    min_ps: Tensor  # [B] float32
+    repetition_penalties: Tensor  # [B] float32
+    seeds: Tensor  # [B] int64
+    steps: Tensor  # [B] int64, index of the output token being sampled
+    seen_mask: Tensor | None  # [B, V] bool, prompt + output so far; only when any_penalty
+    vocab_size: int
+    all_greedy: bool
+    any_penalty: bool
+    any_top_k: bool
+    any_top_p: bool
+    any_min_p: bool
+    need_logprobs: bool
+
+    @classmethod
+    def from_params(
+        cls,
+        params: list[SamplingParams],
+        seeds: list[int],
+        steps: list[int],
+        token_histories: list[list[int]] | None,
+        vocab_size: int,
+        device: torch.device | str,
+    ) -> SamplingTensors:
+        """Build the batch tensors; `seeds` are the engine-assigned per-request seeds."""
+        _check_batch(params, seeds, steps, token_histories, vocab_size)
+        top_ks = [vocab_size if p.top_k <= 0 else min(p.top_k, vocab_size) for p in params]
+        floats = torch.tensor(
+            [[0.0 if p.is_greedy else p.temperature, p.top_p, p.min_p, p.repetition_penalty]
+             for p in params],
+            dtype=torch.float32,
+        ).T.contiguous().to(device)
+        ints = torch.tensor([top_ks, seeds, steps], dtype=torch.int64).to(device)
+        sampled = [p for p in params if not p.is_greedy]
+        any_penalty = any(p.repetition_penalty != 1.0 for p in params)
+        greedy_rows = floats[0] == 0.0
+        return cls(
+            temperatures=floats[0].masked_fill(greedy_rows, 1.0),
+            greedy_rows=greedy_rows,
+            top_ks=ints[0], top_ps=floats[1], min_ps=floats[2],
+            repetition_penalties=floats[3], seeds=ints[1], steps=ints[2],
+            seen_mask=_seen_mask(token_histories, vocab_size, device) if any_penalty else None,
+            vocab_size=vocab_size,
+            all_greedy=not sampled,
+            any_penalty=any_penalty,
+            any_top_k=any(0 < p.top_k < vocab_size for p in sampled),
+            any_top_p=any(p.top_p < 1.0 for p in sampled),
+            any_min_p=any(p.min_p > 0.0 for p in sampled),
+            need_logprobs=any(p.logprobs for p in params),
+        )
+
+
+def _check_batch(
+    params: list[SamplingParams],
+    seeds: list[int],
+    steps: list[int],
+    token_histories: list[list[int]] | None,
+    vocab_size: int,
+) -> None:
+    if not params:
+        raise ValueError("params must hold at least one request")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    lengths = {"params": len(params), "seeds": len(seeds), "steps": len(steps)}
+    if token_histories is not None:
+        lengths["token_histories"] = len(token_histories)
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"batch lists must have equal lengths, got {lengths}")
+    if any(not 0 <= seed < MAX_SEED for seed in seeds):
+        raise ValueError(f"seeds must be in [0, 2**63), got {seeds}")
+    if any(step < 0 for step in steps):
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if token_histories is None and any(p.repetition_penalty != 1.0 for p in params):
+        raise ValueError("token_histories are required when a repetition_penalty != 1")
+
+
+def _seen_mask(histories: list[list[int]], vocab_size: int, device: torch.device | str) -> Tensor:
+    """[B, V] bool of tokens each row has seen, by one scatter from a padded id matrix whose
+    padding points at an extra column that is then cut off."""
+    for history in histories:
+        if history and not (0 <= min(history) and max(history) < vocab_size):
+            raise ValueError(f"token ids must be in [0, {vocab_size}), got {history}")
+    width = max(1, max(len(history) for history in histories))
+    padded = [history + [vocab_size] * (width - len(history)) for history in histories]
+    index = torch.tensor(padded, dtype=torch.int64).to(device)
+    mask = torch.zeros(len(histories), vocab_size + 1, dtype=torch.bool, device=device)
+    return mask.scatter_(1, index, True)[:, :vocab_size]
+
+
+# ---------------------------------------------------------------- the sampler
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    """The chosen token of every row, and its logprob under the raw model logits."""
+
+    token_ids: Tensor  # [B] int64
+    logprobs: Tensor | None  # [B] float32, when any request asked for logprobs
+
+
+class Sampler:
+    """Picks one token per row of a [B, V] logits batch; stateless and device-agnostic."""
+
+    def __call__(self, logits: Tensor, tensors: SamplingTensors) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[1] != tensors.vocab_size:
+            raise ValueError(
+                f"logits must be [B, {tensors.vocab_size}], got {list(logits.shape)}"
+            )
+        raw = logits.float()
+        logits = raw
+        if tensors.any_penalty:
+            logits = apply_repetition_penalty(
+                logits, tensors.seen_mask, tensors.repetition_penalties
+            )
+        token_ids = logits.argmax(dim=-1)
+        if not tensors.all_greedy:
+            token_ids = torch.where(tensors.greedy_rows, token_ids, _sample(logits, tensors))
+        logprobs = None
+        if tensors.need_logprobs:
+            logprobs = raw.log_softmax(dim=-1).gather(1, token_ids[:, None]).squeeze(1)
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+
+def _sample(logits: Tensor, tensors: SamplingTensors) -> Tensor:
+    """Random draw for every row by the exponential race: argmax(p / E) with E ~ Exp(1)
+    picks token v with probability p[v] (the same law as Gumbel-max)."""
+    logits = logits / tensors.temperatures[:, None]
+    if tensors.any_top_k or tensors.any_top_p:
+        logits = apply_top_k_top_p(
+            logits,
+            tensors.top_ks if tensors.any_top_k else None,
+            tensors.top_ps if tensors.any_top_p else None,
+        )
+    if tensors.any_min_p:
+        logits = apply_min_p(logits, tensors.min_ps)
+    probs = logits.softmax(dim=-1)
+    exponentials = -uniform_noise(tensors.seeds, tensors.steps, tensors.vocab_size).log()
+    return (probs / exponentials).argmax(dim=-1)

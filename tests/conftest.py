@@ -1,0 +1,44 @@
+"""Shared fixtures: the default model loaded once per session, engine factories, leak checks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def default_loaded():
+    """SmolLM2-135M-Instruct from the GGUF, fp32 on CPU, shared by every engine in the session."""
+    from engine.builder import load_model
+    from engine.config import EngineConfig
+
+    return load_model(EngineConfig(model="default", device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="session")
+def make_engine(default_loaded):
+    """Factory: an engine over the shared default model with its own KV cache and scheduler."""
+    from tests.helpers import build_engine
+
+    def factory(loaded=None, **kwargs):
+        return build_engine(loaded or default_loaded, **kwargs)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def hf_default_model():
+    """The HF transformers reference for the default model: the same GGUF, dequantized, fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.loader.default_model import default_gguf_path
+
+    path = default_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                 torch_dtype=torch.float32)
+    return model.eval()

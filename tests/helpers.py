@@ -1,0 +1,66 @@
+"""Test helpers shared by the engine and serving tests."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=48, temperature=0.0)
+
+LONG_TEXT = (
+    "The history of computing is a story of layers. Mechanical calculators gave way to "
+    "electromechanical relays, relays to vacuum tubes, tubes to transistors, and transistors to "
+    "integrated circuits holding billions of switches. Each layer hid the one below it, so that "
+    "programmers could think in terms of files, processes and networks rather than voltages. "
+)
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "¿Cuál es el río más largo del mundo? Responde en español.",
+    "日本の首都はどこですか？",
+    "Summarize the following text in two sentences.\n\n" + LONG_TEXT * 9,
+    "List three prime numbers.",
+]
+
+
+def build_engine(loaded, block_size: int = 16, num_blocks: int | None = 512,
+                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
+                 enable_chunked_prefill: bool = True) -> LLMEngine:
+    config = EngineConfig(
+        model="default", device="cpu", dtype="float32",
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
+                                  max_num_batched_tokens=max_num_batched_tokens,
+                                  enable_chunked_prefill=enable_chunked_prefill))
+    return LLMEngine(config, loaded=loaded)
+
+
+def assert_no_leaks(engine: LLMEngine) -> None:
+    """Every block back in the pool, no request tracked: checked after every engine scenario."""
+    kv = engine.kv_manager
+    assert kv.num_free_blocks == kv.num_blocks, f"{kv.num_blocks - kv.num_free_blocks} blocks leaked"
+    assert kv.is_idle()
+    assert not engine.requests and not engine.scheduler.has_unfinished()
+
+
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+
+
+@torch.inference_mode()
+def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int, eos_ids) -> list[int]:
+    """HF transformers greedy decoding of one prompt (batch 1, no padding)."""
+    input_ids = torch.tensor([prompt_ids])
+    out = hf_model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                            max_new_tokens=max_new_tokens, do_sample=False,
+                            eos_token_id=list(eos_ids), pad_token_id=list(eos_ids)[0])
+    return out[0, len(prompt_ids):].tolist()
+
+
+@torch.inference_mode()
+def hf_next_logits(hf_model, prompt_ids: list[int]) -> torch.Tensor:
+    return hf_model(torch.tensor([prompt_ids])).logits[0, -1].float()

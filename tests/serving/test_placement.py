@@ -1,0 +1,183 @@
+"""cluster/placement.py on a real, local, two-node Ray cluster (ray.cluster_utils.Cluster).
+
+Each node has 2 CPUs and 2 GPUs; the GPUs are only declared, so Ray schedules on them without
+hardware. Every test that uses the cluster must leave all of it free again (`node_ids` checks).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+from ray.util import placement_group_table
+
+from cluster.config import ClusterConfig, PoolConfig
+from cluster.placement import (
+    InstancePlacement,
+    PlacementTimeoutError,
+    create_cluster_placements,
+    create_instance_placement,
+    instance_bundles,
+    remove_placement,
+)
+
+NODE_RESOURCES = {"num_cpus": 2, "num_gpus": 2}
+NUM_NODES = 2
+TOTAL = {"CPU": 2.0 * NUM_NODES, "GPU": 2.0 * NUM_NODES}
+
+
+@pytest.fixture(scope="module")
+def _ray_cluster():
+    """Two nodes (the head and one worker) with 2 CPUs and 2 declared GPUs each."""
+    cluster = Cluster(
+        initialize_head=True, head_node_args={**NODE_RESOURCES, "include_dashboard": False}
+    )
+    try:
+        for _ in range(NUM_NODES - 1):
+            cluster.add_node(**NODE_RESOURCES)
+        ray.init(address=cluster.address)
+        cluster.wait_for_nodes()
+        yield {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture
+def node_ids(_ray_cluster):
+    """The cluster's node ids; after the test, every placement must be gone again."""
+    yield _ray_cluster
+    assert _wait_until(lambda: _free() == TOTAL), f"resources not freed: {_free()}"
+    leaked = [pg["name"] for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+    assert leaked == []
+
+
+def _free() -> dict[str, float]:
+    available = ray.available_resources()
+    return {key: available.get(key, 0.0) for key in TOTAL}
+
+
+def _wait_until(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _node_of(placement: InstancePlacement) -> str:
+    nodes = set(placement_group_table(placement.placement_group)["bundles_to_node_id"].values())
+    assert len(nodes) == 1, "STRICT_PACK puts every bundle on one node"
+    return nodes.pop()
+
+
+@ray.remote
+class _Rank:
+    def where(self) -> tuple[str, list]:
+        return ray.get_runtime_context().get_node_id(), ray.get_gpu_ids()
+
+
+def gpu_pool(role: str, **kwargs) -> PoolConfig:
+    return PoolConfig(role, gpus_per_instance=1, cpus_per_instance=1, **kwargs)
+
+
+# ---------------------------------------------------------------- bundles (no Ray needed)
+
+
+def test_cpu_instance_asks_for_one_cpu_bundle():
+    assert instance_bundles(PoolConfig("prefill", cpus_per_instance=2)) == [{"CPU": 2.0}]
+
+
+def test_gpu_instance_asks_for_one_gpu_bundle_per_rank():
+    assert instance_bundles(gpu_pool("decode")) == [{"GPU": 1.0, "CPU": 1.0}]
+    no_cpus = PoolConfig("decode", gpus_per_instance=1, cpus_per_instance=0)
+    assert instance_bundles(no_cpus) == [{"GPU": 1.0}]
+
+
+# ---------------------------------------------------------------- on the cluster
+
+
+def test_each_instance_gets_its_own_group_on_its_own_node(node_ids):
+    config = ClusterConfig(prefill=gpu_pool("prefill"), decode=gpu_pool("decode"))
+    placements = create_cluster_placements(config)
+    try:
+        assert [(p.role, p.instance_index, p.name) for p in placements] == [
+            ("prefill", 0, "pdserve-prefill-0"), ("decode", 0, "pdserve-decode-0")]
+        for placement in placements:
+            table = placement_group_table(placement.placement_group)
+            assert (table["name"], table["strategy"], table["state"]) == (
+                placement.name, "STRICT_PACK", "CREATED")
+            assert table["bundles"] == {0: {"GPU": 1.0, "CPU": 1.0}}
+        nodes = [_node_of(p) for p in placements]
+        # Either node could hold both instances; Ray's scheduler spreads them.
+        assert len(set(nodes)) == 2 and set(nodes) <= node_ids
+    finally:
+        for placement in placements:
+            remove_placement(placement)
+
+
+def test_rank_actor_runs_inside_its_bundle(node_ids):
+    placement = create_instance_placement(gpu_pool("decode"), 0, timeout_s=10)
+    try:
+        rank = _Rank.options(
+            num_cpus=1, num_gpus=1, scheduling_strategy=placement.scheduling_strategy(0)
+        ).remote()
+        node_id, gpu_ids = ray.get(rank.where.remote(), timeout=30)
+        assert node_id == _node_of(placement)
+        assert len(gpu_ids) == 1
+        ray.kill(rank)
+        with pytest.raises(ValueError, match="rank must be in 0..0"):
+            placement.scheduling_strategy(1)
+    finally:
+        remove_placement(placement)
+
+
+def test_cpu_instance_is_placed(node_ids):
+    placement = create_instance_placement(PoolConfig("prefill", cpus_per_instance=2), 1, 10)
+    try:
+        assert placement.bundles == ({"CPU": 2.0},)
+        assert placement_group_table(placement.placement_group)["state"] == "CREATED"
+    finally:
+        remove_placement(placement)
+
+
+def test_unsatisfiable_instance_times_out_with_an_actionable_message(node_ids):
+    # The cluster has 4 CPUs and 4 GPUs in total, but no node has 3 CPUs next to a GPU.
+    pool = PoolConfig("decode", gpus_per_instance=1, cpus_per_instance=3)
+    started = time.monotonic()
+    with pytest.raises(PlacementTimeoutError) as caught:
+        create_instance_placement(pool, 0, timeout_s=1.0)
+    assert time.monotonic() - started < 1.0 + 5.0
+    message = str(caught.value)
+    assert "decode instance 0 (pdserve-decode-0)" in message
+    assert "[{'GPU': 1.0, 'CPU': 3.0}]" in message
+    assert "STRICT_PACK" in message
+    assert "Cluster total: {CPU: 4, GPU: 4" in message
+    assert "`ray status`" in message
+    assert isinstance(caught.value, RuntimeError)
+
+
+def test_failed_cluster_placement_removes_what_it_created(node_ids):
+    config = ClusterConfig(
+        prefill=gpu_pool("prefill"),
+        decode=PoolConfig("decode", gpus_per_instance=1, cpus_per_instance=3),
+        placement_timeout_s=0.5,
+    )
+    with pytest.raises(PlacementTimeoutError, match="decode instance 0"):
+        create_cluster_placements(config)
+    # The prefill group that was granted is gone too (checked by `node_ids`).
+    names = {pg["name"] for pg in placement_group_table().values()}
+    assert {"pdserve-prefill-0", "pdserve-decode-0"} <= names
+
+
+def test_zero_decode_instances_reserve_nothing_for_decode(node_ids):
+    config = ClusterConfig(decode=PoolConfig("decode", num_instances=0))
+    placements = create_cluster_placements(config)
+    try:
+        assert [p.role for p in placements] == ["prefill"]
+    finally:
+        for placement in placements:
+            remove_placement(placement)
