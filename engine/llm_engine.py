@@ -46,14 +46,16 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
     def make_request(self, prompt_token_ids: Sequence[int], params: SamplingParams,
-                     request_id: str | None = None) -> Request:
-        """Validate and build a request (not yet queued)."""
+                     request_id: str | None = None, seed: int | None = None) -> Request:
+        """Validate and build a request (not yet queued). `seed` overrides `params.seed`: the
+        router fixes one per request so prefill and decode instances sample alike."""
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         prompt = [int(t) for t in prompt_token_ids]
         self._validate_prompt(prompt, params)
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        if seed is None:
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
         return Request(request_id, prompt, params, seed, self.max_model_len)
 
     def _validate_prompt(self, prompt: list[int], params: SamplingParams) -> None:
@@ -75,10 +77,11 @@ class LLMEngine:
                     request_id: str | None = None) -> str:
         request = self.make_request(prompt_token_ids, params, request_id)
         self.scheduler.add(request)
-        self._track(request)
+        self.track(request)
         return request.request_id
 
-    def _track(self, request: Request) -> None:
+    def track(self, request: Request) -> None:
+        """Start the output stream of a request built by `make_request`."""
         self.requests[request.request_id] = request
         self.streams[request.request_id] = RequestStream(request, self.tokenizer,
                                                          self.tokenizer.eos_token_ids)
@@ -89,7 +92,7 @@ class LLMEngine:
         if request is None:
             return None
         self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
-        self._forget(request)
+        self.forget(request)
         return RequestOutput(request_id, [], "", True, "abort", [], request.num_prompt_tokens,
                              len(request.output_token_ids))
 
@@ -119,6 +122,19 @@ class LLMEngine:
         return outputs
 
     def append_token(self, request: Request, token_id: int, logprob: float | None) -> RequestOutput:
+        """Record a sampled token and finish the request (freeing its blocks) if it is done."""
+        out = self.record_token(request, token_id, logprob)
+        if out.finished:
+            self.finish_request(request, out.finish_reason)
+        return out
+
+    def finish_request(self, request: Request, finish_reason: str) -> None:
+        status = RequestStatus.FINISHED_STOPPED if finish_reason == "stop" else RequestStatus.FINISHED_LENGTH
+        self.scheduler.finish(request, status)
+        self.forget(request)
+
+    def record_token(self, request: Request, token_id: int, logprob: float | None) -> RequestOutput:
+        """Append a token to the request and its text stream; no effect on the scheduler."""
         now = time.monotonic()
         request.output_token_ids.append(token_id)
         if request.first_token_time_s is None:
@@ -128,15 +144,10 @@ class LLMEngine:
             request.output_logprobs.append(logprob)
             new_logprobs = [logprob]
         delta, reason = self.streams[request.request_id].on_token(token_id)
-        out = RequestOutput(request.request_id, [token_id], delta, reason is not None, reason,
-                            new_logprobs, request.num_prompt_tokens, len(request.output_token_ids))
-        if reason is not None:
-            status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
-            self.scheduler.finish(request, status)
-            self._forget(request)
-        return out
+        return RequestOutput(request.request_id, [token_id], delta, reason is not None, reason,
+                             new_logprobs, request.num_prompt_tokens, len(request.output_token_ids))
 
-    def _forget(self, request: Request) -> None:
+    def forget(self, request: Request) -> None:
         self.requests.pop(request.request_id, None)
         self.streams.pop(request.request_id, None)
 

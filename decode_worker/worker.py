@@ -1,0 +1,237 @@
+"""The decode instance: reserves blocks for incoming requests, lands their KV, and runs them in
+its continuous batch, streaming tokens to the router.
+
+Lifecycle of a request here (all transitions on the engine thread):
+
+    reserve(ReserveRequest)   RESERVED: blocks for the prompt allocated, nothing received yet
+    KV landed (transfer OK)   LANDED
+    first token from prefill  FIRST_TOKEN (it may arrive before or after the KV)
+    both                      -> admitted to the running batch (num_computed = prompt length)
+    transfer failed           -> blocks freed; the router gets an error delta
+    abort                     RESERVED with no transfer begun: freed at once;
+                              otherwise marked, and freed as soon as the transfer ends
+A preempted request is recomputed here from its prompt and output tokens, like any other.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from decode_worker.links import RecvLink
+from engine.engine_loop import EngineLoop
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.request import Request
+from kv_transfer import KVLayoutSpec, host_store
+from protos.convert import sampling_from_proto, worker_stats
+from protos.pdserve.v1 import PROTOCOL_VERSION, generation_pb2, worker_pb2
+
+log = logging.getLogger(__name__)
+EmitCallback = Callable[[worker_pb2.DecodeOutputs], None]
+
+
+class Arrival(enum.Flag):
+    NONE = 0
+    KV = enum.auto()
+    FIRST_TOKEN = enum.auto()
+    BOTH = KV | FIRST_TOKEN
+
+
+@dataclass(eq=False)
+class Incoming:
+    """A reserved request waiting for its KV and its first token."""
+
+    request: Request
+    block_ids: list[int]
+    reserved_at_s: float
+    arrived: Arrival = Arrival.NONE
+    first: worker_pb2.TokenDelta | None = None
+    transfer_s: float = 0.0
+    transfer_begun: bool = False  # a descriptor for it has arrived
+    aborted: bool = False
+
+
+class DecodeWorker:
+    """Engine thread + receive links of one decode instance. Ray-free; the actor wraps it."""
+
+    def __init__(self, engine: LLMEngine, instance_id: str, emit: EmitCallback,
+                 host: str = "127.0.0.1", transfer_timeout_s: float = 30.0,
+                 reserve_watermark: float = 0.01) -> None:
+        self.engine = engine
+        self.instance_id = instance_id
+        self.emit = emit
+        self.transfer_timeout_s = transfer_timeout_s
+        self.watermark_blocks = int(reserve_watermark * engine.kv_manager.num_blocks)
+        self.spec = KVLayoutSpec.for_cache(engine.kv_cache, engine.model_config.name)
+        self.store = host_store(host, 0)
+        self.host = host
+        self.links: dict[str, RecvLink] = {}
+        self.incoming: dict[str, Incoming] = {}
+        self.num_transfers_failed = 0
+        self.loop = EngineLoop(self._step, engine.has_unfinished, f"decode-{instance_id}")
+        self.loop.start()
+
+    # ---- control plane (any thread) -------------------------------------------------------
+    def endpoint(self, prefill_id: str, generation: int) -> worker_pb2.PairEndpoint:
+        return worker_pb2.PairEndpoint(
+            protocol_version=PROTOCOL_VERSION, prefill_instance_id=prefill_id,
+            decode_instance_id=self.instance_id, store_host=self.host, store_port=self.store.port,
+            generation=generation)
+
+    def accept(self, prefill_id: str, generation: int, device: str) -> None:
+        """Build this end of the pair channel (blocking; the prefill side connects meanwhile)."""
+        link = RecvLink(self.store, prefill_id, self.instance_id, generation, device, self.spec,
+                        self.engine.kv_cache, self._blocks_of, self._landed,
+                        self.transfer_timeout_s)
+        old = self.links.get(prefill_id)
+        self.links[prefill_id] = link
+        if old is not None:
+            old.close()
+
+    def reserve(self, req: worker_pb2.ReserveRequest) -> worker_pb2.ReserveReply:
+        return self.loop.call(lambda: self._reserve(req)).result(timeout=30)
+
+    def expect_transfer(self, prefill_id: str, desc: worker_pb2.TransferDescriptor) -> None:
+        self.loop.submit(lambda: self._mark_begun(desc.request_id))
+        link = self.links.get(prefill_id)
+        if link is None or link.key != desc.pair_key:
+            log.warning("descriptor for unknown pair %s", desc.pair_key)
+            return
+        link.expect(desc)
+
+    def first_token(self, delta: worker_pb2.TokenDelta) -> None:
+        self.loop.submit(lambda: self._arrive(delta.request_id, Arrival.FIRST_TOKEN, delta))
+
+    def abort(self, task: worker_pb2.AbortTask) -> worker_pb2.AbortReply:
+        return self.loop.call(lambda: self._abort(task)).result(timeout=30)
+
+    def stats(self) -> worker_pb2.WorkerStats:
+        return self.loop.call(self._stats).result(timeout=30)
+
+    def stop(self) -> None:
+        self.loop.stop()
+        for link in self.links.values():
+            link.close()
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def _reserve(self, req: worker_pb2.ReserveRequest) -> worker_pb2.ReserveReply:
+        reply = worker_pb2.ReserveReply(protocol_version=PROTOCOL_VERSION, request_id=req.request_id)
+        kv = self.engine.kv_manager
+        try:
+            request = self.engine.make_request(list(req.prompt_token_ids),
+                                               sampling_from_proto(req.sampling),
+                                               req.request_id, seed=req.seed)
+        except ValueError as exc:
+            reply.reason = str(exc)
+            return reply
+        needed = kv.num_missing_blocks(req.request_id, request.num_prompt_tokens + 1)
+        if needed + self.watermark_blocks > kv.num_free_blocks or req.request_id in self.incoming:
+            reply.reason = (f"KV cache full: {kv.num_free_blocks} of {kv.num_blocks} blocks free, "
+                            f"{needed} needed")
+            return reply
+        blocks = list(kv.grow(req.request_id, request.num_prompt_tokens))
+        self.incoming[req.request_id] = Incoming(request, blocks, time.monotonic())
+        reply.accepted, reply.num_blocks, reply.num_free_blocks = True, len(blocks), kv.num_free_blocks
+        return reply
+
+    def _blocks_of(self, request_id: str) -> list[int] | None:
+        """Receive threads look up a reservation's blocks (immutable once reserved)."""
+        incoming = self.incoming.get(request_id)
+        return None if incoming is None else incoming.block_ids
+
+    def _mark_begun(self, request_id: str) -> None:
+        if (incoming := self.incoming.get(request_id)) is not None:
+            incoming.transfer_begun = True
+
+    def _landed(self, request_id: str, result: worker_pb2.TransferResult) -> None:
+        """Receive thread: hand the outcome to the engine thread."""
+        if result.status == worker_pb2.TRANSFER_STATUS_OK:
+            self.loop.submit(lambda: self._arrive(request_id, Arrival.KV, None, result.duration_s))
+        else:
+            self.num_transfers_failed += 1
+            self.loop.submit(lambda: self._transfer_failed(request_id, result.message))
+
+    def _arrive(self, request_id: str, what: Arrival, delta, transfer_s: float = 0.0) -> None:
+        incoming = self.incoming.get(request_id)
+        if incoming is None:
+            return
+        incoming.arrived |= what
+        incoming.first = delta or incoming.first
+        incoming.transfer_s = transfer_s or incoming.transfer_s
+        if incoming.aborted and Arrival.KV in incoming.arrived:
+            self._drop(incoming)
+        elif incoming.arrived == Arrival.BOTH:
+            self._admit(incoming)
+
+    def _admit(self, incoming: Incoming) -> None:
+        del self.incoming[incoming.request.request_id]
+        first = incoming.first
+        if first.finish_reason or first.error:  # finished at the prefill: nothing to decode
+            self.engine.kv_manager.free(incoming.request.request_id)
+            return
+        request = incoming.request
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.engine.track(request)
+        logprob = first.logprobs[0] if first.logprobs else None
+        out = self.engine.record_token(request, first.token_ids[0], logprob)  # replays text state
+        if out.finished:  # cannot differ from the prefill's verdict; kept for safety
+            self.engine.finish_request(request, out.finish_reason)
+            return
+        request.first_token_time_s = time.monotonic()
+        self.engine.scheduler.add_running(request)
+
+    def _transfer_failed(self, request_id: str, message: str) -> None:
+        incoming = self.incoming.get(request_id)
+        if incoming is None:
+            return
+        self._drop(incoming)
+        if not incoming.aborted:
+            delta = worker_pb2.TokenDelta(protocol_version=PROTOCOL_VERSION, request_id=request_id,
+                                          error=f"KV transfer failed: {message}")
+            self.emit(self._outputs([delta]))
+
+    def _drop(self, incoming: Incoming) -> None:
+        self.incoming.pop(incoming.request.request_id, None)
+        self.engine.kv_manager.free(incoming.request.request_id)
+
+    def _abort(self, task: worker_pb2.AbortTask) -> worker_pb2.AbortReply:
+        rid = task.request_id
+        reply = worker_pb2.AbortReply(protocol_version=PROTOCOL_VERSION, request_id=rid)
+        if self.engine.abort(rid) is not None:
+            reply.found = True
+        elif (incoming := self.incoming.get(rid)) is not None:
+            reply.found = True
+            incoming.aborted = True
+            if Arrival.KV in incoming.arrived or not (task.transfer_begun or incoming.transfer_begun):
+                self._drop(incoming)  # no bytes will land in these blocks any more
+        return reply
+
+    def _step(self) -> None:
+        outputs = self.engine.step()
+        if outputs:
+            self.emit(self._outputs([_delta(o, self.engine) for o in outputs]))
+
+    def _outputs(self, deltas: list[worker_pb2.TokenDelta]) -> worker_pb2.DecodeOutputs:
+        out = worker_pb2.DecodeOutputs(protocol_version=PROTOCOL_VERSION,
+                                       instance_id=self.instance_id, deltas=deltas)
+        out.state.CopyFrom(self._stats().state)
+        return out
+
+    def _stats(self) -> worker_pb2.WorkerStats:
+        inflight = sum(link.num_inflight for link in self.links.values())
+        return worker_stats(self.engine, self.instance_id, generation_pb2.INSTANCE_ROLE_DECODE,
+                            inflight, self.num_transfers_failed)
+
+
+def _delta(out: RequestOutput, engine: LLMEngine) -> worker_pb2.TokenDelta:
+    delta = worker_pb2.TokenDelta(protocol_version=PROTOCOL_VERSION, request_id=out.request_id,
+                                  token_ids=out.new_token_ids, logprobs=out.new_logprobs,
+                                  text=out.text_delta, finish_reason=out.finish_reason or "")
+    if out.finished:
+        delta.usage.prompt_tokens = out.num_prompt_tokens
+        delta.usage.completion_tokens = out.num_output_tokens
+    return delta

@@ -1,0 +1,88 @@
+"""The prefill end of its pair channels: one `SendLink` per decode instance.
+
+A link owns the pair's KVSender and a finisher thread. Transfers are begun on the engine thread
+(in pair_seq order, before the step that writes their KV); the finisher waits for each one's
+acknowledgement off the engine thread and reports the outcome through `on_done`, which is where
+the request's prefill blocks are released — never earlier.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kv_transfer import (
+    ChannelConfig,
+    ChannelState,
+    FaultInjection,
+    KVLayoutSpec,
+    KVSender,
+    KVTransferError,
+    OutgoingTransfer,
+    PairChannel,
+    PairRole,
+    failure_result,
+    join_store,
+    pair_key,
+)
+from protos.pdserve.v1 import worker_pb2
+
+DoneCallback = Callable[[str, worker_pb2.TransferResult], None]
+
+
+@dataclass(slots=True)
+class LinkConfig:
+    prefill_id: str
+    decode_id: str
+    device: str  # "cpu" -> Gloo; "cuda" -> NCCL
+    transfer_timeout_s: float = 30.0
+    connect_timeout_s: float = 60.0
+    faults: FaultInjection = FaultInjection()
+
+
+class SendLink:
+    """One generation of the channel from this prefill instance to one decode instance."""
+
+    def __init__(self, config: LinkConfig, endpoint: worker_pb2.PairEndpoint,
+                 spec: KVLayoutSpec, on_done: DoneCallback) -> None:
+        self.config = config
+        self.generation = endpoint.generation
+        self.key = pair_key(config.prefill_id, config.decode_id, endpoint.generation)
+        store = join_store(endpoint.store_host, endpoint.store_port, config.connect_timeout_s)
+        channel_cfg = ChannelConfig(self.key, PairRole.PREFILL, config.prefill_id, config.device,
+                                    config.connect_timeout_s)
+        self.channel = PairChannel.connect(store, channel_cfg, spec)
+        self._store = store  # keep the client connection alive with the channel
+        self.sender = KVSender(self.channel, config.faults)
+        self._on_done = on_done
+        self._queue: queue.Queue[OutgoingTransfer | None] = queue.Queue()
+        self.num_inflight = 0
+        self._thread = threading.Thread(target=self._finish_loop, daemon=True,
+                                        name=f"kv-finish-{self.key}")
+        self._thread.start()
+
+    @property
+    def is_ready(self) -> bool:
+        return self.channel.state is ChannelState.READY
+
+    def hand_over(self, transfer: OutgoingTransfer) -> None:
+        """All of `transfer`'s layers are posted (or will be): wait for its ack off-thread."""
+        self.num_inflight += 1
+        self._queue.put(transfer)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self.channel.close()
+
+    def _finish_loop(self) -> None:
+        while (transfer := self._queue.get()) is not None:
+            try:
+                result = self.sender.finish(transfer, self.config.transfer_timeout_s)
+            except KVTransferError as exc:
+                result = failure_result(transfer.desc, exc)
+            except ValueError as exc:  # finished on a broken channel: report, don't die
+                result = failure_result(transfer.desc, KVTransferError(str(exc)))
+            self.num_inflight -= 1
+            self._on_done(transfer.desc.request_id, result)

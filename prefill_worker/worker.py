@@ -1,0 +1,230 @@
+"""The prefill instance: computes prompts, samples each one's first token and streams the KV
+to the decode instance the router chose.
+
+Lifecycle of a request here (all transitions on the engine thread):
+
+    submit(PrefillTask) -> WAITING/RUNNING in the engine (chunked prefill as needed)
+    step that completes the prompt:
+        begin transfer (descriptor sent to the decode side, header on the wire)
+        forward pass; after each layer its KV is posted to the decode instance
+        first token sampled -> PrefillResult to the router, TokenDelta to the decode side
+        request leaves the scheduler; its blocks now belong to the transfer ("handed off")
+    transfer acknowledged or failed -> blocks freed
+
+An abort before the hand-off frees the blocks at once; after it, the transfer still completes
+or times out (the decode side expects the bytes), and the blocks are freed then.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine.engine_loop import EngineLoop
+from engine.llm_engine import LLMEngine
+from engine.request import Request
+from engine.sampler import SamplerOutput
+from kv_transfer import KVLayoutSpec, OutgoingTransfer, new_descriptor
+from prefill_worker.links import LinkConfig, SendLink
+from protos.pdserve.v1 import PROTOCOL_VERSION, generation_pb2, worker_pb2
+from protos.convert import sampling_from_proto, worker_stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class DecodePeer:
+    """How this prefill instance reaches one decode instance's control plane."""
+
+    expect_transfer: Callable[[worker_pb2.TransferDescriptor], None]
+    first_token: Callable[[worker_pb2.TokenDelta], None]
+
+
+@dataclass(slots=True)
+class _Handoff:
+    request: Request
+    task: worker_pb2.PrefillTask
+    link: SendLink | None = None  # None: no transfer could begin (channel down)
+    transfer: OutgoingTransfer | None = None
+
+
+class PrefillWorker:
+    """Engine thread + send links of one prefill instance. Ray-free; the actor wraps it."""
+
+    def __init__(self, engine: LLMEngine, instance_id: str, layers_per_message: int = 1,
+                 transfer_timeout_s: float = 30.0) -> None:
+        self.engine = engine
+        self.instance_id = instance_id
+        self.layers_per_message = layers_per_message
+        self.transfer_timeout_s = transfer_timeout_s
+        self.spec = KVLayoutSpec.for_cache(engine.kv_cache, engine.model_config.name)
+        self.links: dict[str, SendLink] = {}
+        self.peers: dict[str, DecodePeer] = {}
+        self._tasks: dict[str, worker_pb2.PrefillTask] = {}
+        self._on_result: dict[str, Callable[[worker_pb2.PrefillResult], None]] = {}
+        self._handed_off: set[str] = set()  # request ids whose blocks the transfer holds
+        self.num_transfers_failed = 0
+        self.loop = EngineLoop(self._step, engine.has_unfinished, f"prefill-{instance_id}")
+        self.loop.start()
+
+    # ---- control plane (any thread) -------------------------------------------------------
+    def connect(self, decode_id: str, endpoint: worker_pb2.PairEndpoint, peer: DecodePeer,
+                device: str, faults=None) -> None:
+        """Build the pair channel to `decode_id` (blocking: the decode side accepts at once)."""
+        cfg = LinkConfig(self.instance_id, decode_id, device, self.transfer_timeout_s)
+        if faults is not None:
+            cfg.faults = faults
+        link = SendLink(cfg, endpoint, self.spec, self._transfer_done)
+        old = self.links.get(decode_id)
+        self.links[decode_id], self.peers[decode_id] = link, peer
+        if old is not None:
+            old.close()
+
+    def submit(self, task: worker_pb2.PrefillTask,
+               on_result: Callable[[worker_pb2.PrefillResult], None]) -> None:
+        """Queue a prompt; `on_result` is called (engine thread) once its first token exists."""
+        self.loop.submit(lambda: self._admit(task, on_result))
+
+    def abort(self, request_id: str) -> worker_pb2.AbortReply:
+        return self.loop.call(lambda: self._abort(request_id)).result(timeout=30)
+
+    def stats(self) -> worker_pb2.WorkerStats:
+        return self.loop.call(self._stats).result(timeout=30)
+
+    def stop(self) -> None:
+        self.loop.stop()
+        for link in self.links.values():
+            link.close()
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def _admit(self, task, on_result) -> None:
+        try:
+            request = self.engine.make_request(list(task.prompt_token_ids),
+                                               sampling_from_proto(task.sampling),
+                                               task.request_id, seed=task.seed)
+        except ValueError as exc:
+            on_result(_failed_result(task.request_id, str(exc)))
+            return
+        request.arrival_time_s = time.monotonic()
+        self.engine.scheduler.add(request)
+        self.engine.track(request)
+        self._tasks[task.request_id] = task
+        self._on_result[task.request_id] = on_result
+
+    def _step(self) -> None:
+        plan = self.engine.scheduler.schedule()
+        if plan.is_empty:
+            return
+        handoffs = [self._begin_transfer(c.request) for c in plan.chunks if c.samples]
+        senders = {h.link.sender for h in handoffs if h.link is not None}
+        on_layer_done = None
+        if senders:
+            def on_layer_done(layer: int) -> None:
+                for sender in senders:
+                    sender.send_layers(layer, layer + 1)
+        started = time.monotonic()
+        sampled = self.engine.runner.execute(plan, on_layer_done)
+        self.engine.scheduler.on_step_done(plan)
+        if sampled is not None:
+            self._hand_off(sampled, handoffs, time.monotonic() - started)
+
+    def _begin_transfer(self, request: Request) -> _Handoff:
+        task = self._tasks[request.request_id]
+        link = self.links.get(task.decode_instance_id)
+        if link is None or not link.is_ready:
+            return _Handoff(request, task, None)
+        table = self.engine.kv_manager.block_table(request.request_id)
+        desc = new_descriptor(link.key, link.sender.next_seq, request.request_id,
+                              request.num_prompt_tokens, len(table),
+                              (0, self.engine.model_config.num_layers), self.layers_per_message)
+        self.peers[task.decode_instance_id].expect_transfer(desc)
+        try:
+            transfer = link.sender.begin(desc, self.engine.kv_cache, table)
+        except Exception as exc:  # a broken channel: the decode side times out on its own
+            log.warning("cannot begin KV transfer for %s: %s", request.request_id, exc)
+            return _Handoff(request, task, None)
+        return _Handoff(request, task, link, transfer)
+
+    def _hand_off(self, sampled: SamplerOutput, handoffs: list[_Handoff], step_s: float) -> None:
+        token_ids = sampled.token_ids.tolist()
+        logprobs = sampled.logprobs.tolist() if sampled.logprobs is not None else [None] * len(token_ids)
+        for h, token_id, logprob in zip(handoffs, token_ids, logprobs):
+            rid = h.request.request_id
+            out = self.engine.record_token(h.request, token_id, logprob)
+            self.engine.scheduler.detach(h.request)
+            self.engine.forget(h.request)
+            delta = _token_delta(h.request, out, step_s)
+            if h.link is not None:
+                self._handed_off.add(rid)
+                h.link.hand_over(h.transfer)
+                self.peers[h.task.decode_instance_id].first_token(delta)
+            else:
+                self.engine.kv_manager.free(rid)
+            result = worker_pb2.PrefillResult(protocol_version=PROTOCOL_VERSION, request_id=rid,
+                                              first_token=delta, prefill_s=step_s)
+            if h.link is None:
+                result.transfer.status = worker_pb2.TRANSFER_STATUS_FAILED
+                result.transfer.message = f"no ready KV channel to {h.task.decode_instance_id}"
+            else:
+                result.transfer.status = worker_pb2.TRANSFER_STATUS_OK  # begun; the ack is async
+            self._tasks.pop(rid, None)
+            self._on_result.pop(rid)(result)
+
+    def _transfer_done(self, request_id: str, result: worker_pb2.TransferResult) -> None:
+        """Finisher thread: the decode side acknowledged (or the transfer failed)."""
+        if result.status != worker_pb2.TRANSFER_STATUS_OK:
+            self.num_transfers_failed += 1
+            log.warning("KV transfer of %s failed: %s", request_id, result.message)
+
+        def release() -> None:
+            self._handed_off.discard(request_id)
+            self.engine.kv_manager.free(request_id)
+
+        self.loop.submit(release)
+
+    def _abort(self, request_id: str) -> worker_pb2.AbortReply:
+        reply = worker_pb2.AbortReply(protocol_version=PROTOCOL_VERSION, request_id=request_id)
+        if request_id in self._handed_off:
+            reply.found, reply.transfer_begun = True, True
+            return reply
+        if self.engine.abort(request_id) is not None:
+            reply.found = True
+            self._tasks.pop(request_id, None)
+            callback = self._on_result.pop(request_id, None)
+            if callback is not None:
+                callback(_aborted_result(request_id))
+        return reply
+
+    def _stats(self) -> worker_pb2.WorkerStats:
+        inflight = sum(link.num_inflight for link in self.links.values())
+        return worker_stats(self.engine, self.instance_id, generation_pb2.INSTANCE_ROLE_PREFILL,
+                            inflight, self.num_transfers_failed)
+
+
+def _token_delta(request: Request, out, step_s: float) -> worker_pb2.TokenDelta:
+    delta = worker_pb2.TokenDelta(protocol_version=PROTOCOL_VERSION, request_id=request.request_id,
+                                  token_ids=out.new_token_ids, logprobs=out.new_logprobs,
+                                  text=out.text_delta, finish_reason=out.finish_reason or "")
+    queue_s = (request.first_scheduled_time_s or request.arrival_time_s) - request.arrival_time_s
+    delta.timing.queue_s = queue_s
+    delta.timing.prefill_s = time.monotonic() - (request.first_scheduled_time_s or time.monotonic())
+    delta.usage.prompt_tokens = request.num_prompt_tokens
+    delta.usage.completion_tokens = len(request.output_token_ids)
+    return delta
+
+
+def _failed_result(request_id: str, message: str) -> worker_pb2.PrefillResult:
+    """The request could not be prefilled (e.g. it failed validation here)."""
+    result = worker_pb2.PrefillResult(protocol_version=PROTOCOL_VERSION, request_id=request_id)
+    result.first_token.request_id = request_id
+    result.first_token.error = message
+    return result
+
+
+def _aborted_result(request_id: str) -> worker_pb2.PrefillResult:
+    result = worker_pb2.PrefillResult(protocol_version=PROTOCOL_VERSION, request_id=request_id)
+    result.first_token.request_id = request_id
+    result.first_token.finish_reason = "abort"
+    return result

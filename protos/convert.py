@@ -1,0 +1,46 @@
+"""Conversions between the protobuf messages and the engine's own types, in one place."""
+
+from __future__ import annotations
+
+from engine.sampling_params import SamplingParams
+from protos.pdserve.v1 import PROTOCOL_VERSION, generation_pb2, worker_pb2
+
+
+def sampling_from_proto(p: generation_pb2.SamplingParams) -> SamplingParams:
+    """Engine SamplingParams from a proto; unset optional fields take the engine's defaults.
+    Raises ValueError (naming the field) on bad values."""
+    kwargs = {}
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                 "seed", "ignore_eos", "logprobs"):
+        if p.HasField(name):
+            kwargs[name] = getattr(p, name)
+    if kwargs.get("top_k", 0) < 0:
+        kwargs["top_k"] = 0
+    return SamplingParams(stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids), **kwargs)
+
+
+def sampling_to_proto(s: SamplingParams) -> generation_pb2.SamplingParams:
+    """A fully specified proto (every optional field set) for the workers."""
+    p = generation_pb2.SamplingParams(
+        max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+        min_p=s.min_p, repetition_penalty=s.repetition_penalty, stop=list(s.stop),
+        stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, logprobs=s.logprobs)
+    if s.seed is not None:
+        p.seed = s.seed
+    return p
+
+
+def worker_stats(engine, instance_id: str, role: int, num_inflight_transfers: int,
+                 num_transfers_failed: int, address: str = "", device: str = "") -> worker_pb2.WorkerStats:
+    """An instance's load and KV occupancy (engine thread only)."""
+    kv = engine.kv_manager
+    state = generation_pb2.InstanceState(
+        instance_id=instance_id, role=role, address=address, device=device or engine.config.device,
+        total_kv_blocks=kv.num_blocks, free_kv_blocks=kv.num_free_blocks,
+        num_running_requests=len(engine.scheduler.running),
+        num_waiting_requests=len(engine.scheduler.waiting),
+        num_inflight_transfers=num_inflight_transfers)
+    return worker_pb2.WorkerStats(protocol_version=PROTOCOL_VERSION, state=state,
+                                  kv_cache_usage=kv.pool.usage,
+                                  num_preemptions=engine.scheduler.num_preemptions,
+                                  num_transfers_failed=num_transfers_failed)
