@@ -39,9 +39,10 @@ class RecvLink:
     def __init__(self, store, prefill_id: str, decode_id: str, generation: int, device: str,
                  spec: KVLayoutSpec, kv_cache: torch.Tensor, blocks_of: BlocksLookup,
                  on_landed: LandedCallback, transfer_timeout_s: float,
-                 connect_timeout_s: float = 60.0) -> None:
+                 connect_timeout_s: float = 60.0, bind_host: str | None = None) -> None:
         self.key = pair_key(prefill_id, decode_id, generation)
-        cfg = ChannelConfig(self.key, PairRole.DECODE, decode_id, device, connect_timeout_s)
+        cfg = ChannelConfig(self.key, PairRole.DECODE, decode_id, device, connect_timeout_s,
+                            bind_host)
         self.channel = PairChannel.connect(store, cfg, spec)
         self.receiver = KVReceiver(self.channel)
         self._kv_cache = kv_cache

@@ -71,6 +71,7 @@ class DecodeWorker:
         self.host = host
         self.links: dict[str, RecvLink] = {}
         self.incoming: dict[str, Incoming] = {}
+        self.transfer_s: dict[str, float] = {}  # per admitted request, reported on its last delta
         self.num_transfers_failed = 0
         self.loop = EngineLoop(self._step, engine.has_unfinished, f"decode-{instance_id}")
         self.loop.start()
@@ -86,7 +87,7 @@ class DecodeWorker:
         """Build this end of the pair channel (blocking; the prefill side connects meanwhile)."""
         link = RecvLink(self.store, prefill_id, self.instance_id, generation, device, self.spec,
                         self.engine.kv_cache, self._blocks_of, self._landed,
-                        self.transfer_timeout_s)
+                        self.transfer_timeout_s, bind_host=self.host)
         old = self.links.get(prefill_id)
         self.links[prefill_id] = link
         if old is not None:
@@ -182,6 +183,7 @@ class DecodeWorker:
             self.engine.finish_request(request, out.finish_reason)
             return
         request.first_token_time_s = time.monotonic()
+        self.transfer_s[request.request_id] = incoming.transfer_s
         self.engine.scheduler.add_running(request)
 
     def _transfer_failed(self, request_id: str, message: str) -> None:
@@ -203,6 +205,7 @@ class DecodeWorker:
         reply = worker_pb2.AbortReply(protocol_version=PROTOCOL_VERSION, request_id=rid)
         if self.engine.abort(rid) is not None:
             reply.found = True
+            self.transfer_s.pop(rid, None)
         elif (incoming := self.incoming.get(rid)) is not None:
             reply.found = True
             incoming.aborted = True
@@ -213,7 +216,17 @@ class DecodeWorker:
     def _step(self) -> None:
         outputs = self.engine.step()
         if outputs:
-            self.emit(self._outputs([_delta(o, self.engine) for o in outputs]))
+            self.emit(self._outputs([self._delta(o) for o in outputs]))
+
+    def _delta(self, out: RequestOutput) -> worker_pb2.TokenDelta:
+        delta = worker_pb2.TokenDelta(protocol_version=PROTOCOL_VERSION, request_id=out.request_id,
+                                      token_ids=out.new_token_ids, logprobs=out.new_logprobs,
+                                      text=out.text_delta, finish_reason=out.finish_reason or "")
+        if out.finished:
+            delta.usage.prompt_tokens = out.num_prompt_tokens
+            delta.usage.completion_tokens = out.num_output_tokens
+            delta.timing.kv_transfer_s = self.transfer_s.pop(out.request_id, 0.0)
+        return delta
 
     def _outputs(self, deltas: list[worker_pb2.TokenDelta]) -> worker_pb2.DecodeOutputs:
         out = worker_pb2.DecodeOutputs(protocol_version=PROTOCOL_VERSION,
@@ -227,11 +240,4 @@ class DecodeWorker:
                             inflight, self.num_transfers_failed)
 
 
-def _delta(out: RequestOutput, engine: LLMEngine) -> worker_pb2.TokenDelta:
-    delta = worker_pb2.TokenDelta(protocol_version=PROTOCOL_VERSION, request_id=out.request_id,
-                                  token_ids=out.new_token_ids, logprobs=out.new_logprobs,
-                                  text=out.text_delta, finish_reason=out.finish_reason or "")
-    if out.finished:
-        delta.usage.prompt_tokens = out.num_prompt_tokens
-        delta.usage.completion_tokens = out.num_output_tokens
-    return delta
+

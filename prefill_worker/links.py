@@ -40,6 +40,7 @@ class LinkConfig:
     transfer_timeout_s: float = 30.0
     connect_timeout_s: float = 60.0
     faults: FaultInjection = FaultInjection()
+    bind_host: str | None = None  # address this end's Gloo listens on
 
 
 class SendLink:
@@ -52,7 +53,7 @@ class SendLink:
         self.key = pair_key(config.prefill_id, config.decode_id, endpoint.generation)
         store = join_store(endpoint.store_host, endpoint.store_port, config.connect_timeout_s)
         channel_cfg = ChannelConfig(self.key, PairRole.PREFILL, config.prefill_id, config.device,
-                                    config.connect_timeout_s)
+                                    config.connect_timeout_s, config.bind_host)
         self.channel = PairChannel.connect(store, channel_cfg, spec)
         self._store = store  # keep the client connection alive with the channel
         self.sender = KVSender(self.channel, config.faults)

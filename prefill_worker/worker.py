@@ -54,7 +54,8 @@ class PrefillWorker:
     """Engine thread + send links of one prefill instance. Ray-free; the actor wraps it."""
 
     def __init__(self, engine: LLMEngine, instance_id: str, layers_per_message: int = 1,
-                 transfer_timeout_s: float = 30.0) -> None:
+                 transfer_timeout_s: float = 30.0, host: str | None = None) -> None:
+        self.host = host
         self.engine = engine
         self.instance_id = instance_id
         self.layers_per_message = layers_per_message
@@ -73,7 +74,8 @@ class PrefillWorker:
     def connect(self, decode_id: str, endpoint: worker_pb2.PairEndpoint, peer: DecodePeer,
                 device: str, faults=None) -> None:
         """Build the pair channel to `decode_id` (blocking: the decode side accepts at once)."""
-        cfg = LinkConfig(self.instance_id, decode_id, device, self.transfer_timeout_s)
+        cfg = LinkConfig(self.instance_id, decode_id, device, self.transfer_timeout_s,
+                         bind_host=self.host)
         if faults is not None:
             cfg.faults = faults
         link = SendLink(cfg, endpoint, self.spec, self._transfer_done)

@@ -1,0 +1,145 @@
+"""Starting and stopping the prefill and decode pools as Ray actors, and pairing them.
+
+Each instance is one actor in its own placement group. After every actor has loaded its model,
+each (prefill, decode) pair builds its KV channel: the decode side hosts a rendezvous store, both
+ends handshake (a layout mismatch fails here, at startup, naming both instances), and the
+standalone two-rank process group is formed. Pairs are independent: adding or removing an
+instance touches only its own pairs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import ray
+
+from cluster.config import ClusterConfig, PoolConfig
+from cluster.placement import InstancePlacement, create_cluster_placements, remove_placement
+from cluster.worker_spec import GPU_SAFE_ENV, WorkerSpec, engine_config_for
+from decode_worker.actor import DecodeActor
+from prefill_worker.actor import PrefillActor
+
+log = logging.getLogger(__name__)
+
+
+class ClusterStartupError(RuntimeError):
+    """The pools could not be brought up; the message says which instance and why."""
+
+
+@dataclass(slots=True)
+class Worker:
+    spec: WorkerSpec
+    actor: object  # a Ray ActorHandle
+    placement: InstancePlacement | None = None
+
+
+@dataclass(slots=True)
+class Pools:
+    prefill: list[Worker] = field(default_factory=list)
+    decode: list[Worker] = field(default_factory=list)
+
+    @property
+    def all(self) -> list[Worker]:
+        return self.prefill + self.decode
+
+    async def stop(self) -> None:
+        """Stop engines, kill actors, release placement groups (bounded in time)."""
+        calls = [asyncio.ensure_future(_await_ref(w.actor.shutdown.remote())) for w in self.all]
+        if calls:
+            await asyncio.wait(calls, timeout=10)
+        for w in self.all:
+            ray.kill(w.actor, no_restart=True)
+            if w.placement is not None:
+                remove_placement(w.placement)
+
+
+async def _await_ref(ref):
+    return await ref
+
+
+def worker_specs(cfg: ClusterConfig, host: str) -> tuple[list[WorkerSpec], list[WorkerSpec]]:
+    """One spec per instance of each pool, from the cluster config."""
+    def specs(pool: PoolConfig) -> list[WorkerSpec]:
+        engine = engine_config_for(cfg.model, pool.device, cfg.dtype, cfg.block_size,
+                                   pool.num_kv_blocks, pool.max_num_seqs,
+                                   pool.max_num_batched_tokens, pool.gpu_memory_utilization)
+        return [WorkerSpec(f"{pool.role}-{i}", pool.role, engine, host=host,
+                           transfer_timeout_s=cfg.transfer.timeout_s,
+                           layers_per_message=cfg.transfer.layers_per_message,
+                           num_threads=max(1, int(pool.cpus_per_instance)))
+                for i in range(pool.num_instances)]
+
+    return specs(cfg.prefill), specs(cfg.decode)
+
+
+def _actor_options(spec: WorkerSpec, placement: InstancePlacement | None) -> dict:
+    gpus = 1 if spec.engine.device == "cuda" else 0
+    options = {"num_gpus": gpus, "num_cpus": 0 if gpus else min(1, spec.num_threads),
+               "max_concurrency": 1000, "name": f"pdserve-{spec.instance_id}",
+               "runtime_env": {"env_vars": dict(GPU_SAFE_ENV)}}
+    if placement is not None:
+        options["scheduling_strategy"] = placement.scheduling_strategy(0)
+    return options
+
+
+async def launch(prefill_specs: list[WorkerSpec], decode_specs: list[WorkerSpec],
+                 placements: dict[str, InstancePlacement] | None = None) -> Pools:
+    """Create the actors, wait for their models, then pair every prefill with every decode."""
+    placements = placements or {}
+    pools = Pools()
+    for spec in prefill_specs:
+        actor = ray.remote(PrefillActor).options(**_actor_options(spec, placements.get(spec.instance_id)))
+        pools.prefill.append(Worker(spec, actor.remote(spec), placements.get(spec.instance_id)))
+    for spec in decode_specs:
+        actor = ray.remote(DecodeActor).options(**_actor_options(spec, placements.get(spec.instance_id)))
+        pools.decode.append(Worker(spec, actor.remote(spec), placements.get(spec.instance_id)))
+    try:
+        await asyncio.gather(*(_checked(w, w.actor.info.remote()) for w in pools.all))
+        await asyncio.gather(*(pair(p, d, generation=0) for p in pools.prefill for d in pools.decode))
+    except BaseException:
+        await pools.stop()
+        raise
+    return pools
+
+
+async def pair(prefill: Worker, decode: Worker, generation: int) -> None:
+    """Build the KV channel of one (prefill, decode) pair; both ends connect concurrently."""
+    pid, did = prefill.spec.instance_id, decode.spec.instance_id
+    endpoint = await decode.actor.endpoint.remote(pid, generation)
+    try:
+        await asyncio.gather(decode.actor.accept.remote(pid, generation),
+                             prefill.actor.connect.remote(did, endpoint, decode.actor))
+    except ray.exceptions.RayTaskError as exc:
+        raise ClusterStartupError(f"cannot pair {pid} with {did}: {_cause(exc)}") from None
+
+
+async def _checked(worker: Worker, ref) -> None:
+    try:
+        await ref
+    except ray.exceptions.RayActorError as exc:
+        raise ClusterStartupError(f"{worker.spec.instance_id} failed to start: {_cause(exc)}") from None
+
+
+def _cause(exc: Exception) -> str:
+    cause = getattr(exc, "cause", None)
+    text = str(cause) if cause is not None else str(exc)
+    return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+
+
+async def start_cluster(cfg: ClusterConfig, host: str = "127.0.0.1") -> Pools:
+    """Reserve placement groups for every instance and launch the pools on them."""
+    placements = await asyncio.to_thread(create_cluster_placements, cfg)
+    by_id = {f"{p.role}-{p.instance_index}": p for p in placements}
+    prefill_specs, decode_specs = worker_specs(cfg, host)
+    try:
+        return await launch(prefill_specs, decode_specs, by_id)
+    except BaseException:
+        for placement in placements:
+            remove_placement(placement)
+        raise
+
+
+__all__ = ["ClusterStartupError", "Pools", "Worker", "launch", "pair", "start_cluster",
+           "worker_specs"]

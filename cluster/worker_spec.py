@@ -1,0 +1,58 @@
+"""What one worker actor needs to start: a typed spec built from the cluster config."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from kv_transfer import FaultInjection
+
+# NVLink multicast can take the host's GPUs out of service: keep it off in every process.
+GPU_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+@dataclass(slots=True)
+class WorkerSpec:
+    """One prefill or decode instance (one rank: parallel instances come later)."""
+
+    instance_id: str  # e.g. "prefill-0"; unique in the cluster, no '/'
+    role: str  # "prefill" | "decode"
+    engine: EngineConfig
+    host: str = "127.0.0.1"  # address its KV channels listen on
+    transfer_timeout_s: float = 30.0
+    layers_per_message: int = 1
+    faults: FaultInjection = field(default_factory=FaultInjection)  # prefill side only
+    num_threads: int = 1  # torch intra-op threads for a CPU instance
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode"):
+            raise ValueError(f"role must be prefill or decode, got {self.role!r}")
+        if not self.instance_id or "/" in self.instance_id:
+            raise ValueError(f"instance_id must be non-empty without '/', got {self.instance_id!r}")
+
+    @property
+    def transport_device(self) -> str:
+        """Where KV moves: NCCL between GPUs, Gloo on CPU."""
+        return "cuda" if self.engine.device == "cuda" else "cpu"
+
+
+def apply_process_settings(spec: WorkerSpec) -> None:
+    """Per-process settings every worker applies first thing in its actor."""
+    import torch
+
+    os.environ.update(GPU_SAFE_ENV)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if spec.engine.device == "cpu":
+        torch.set_num_threads(max(1, spec.num_threads))
+
+
+def engine_config_for(model: str, device: str, dtype: str, block_size: int, num_blocks: int | None,
+                      max_num_seqs: int, max_num_batched_tokens: int,
+                      gpu_memory_utilization: float) -> EngineConfig:
+    return EngineConfig(model=model, device=device, dtype=dtype,
+                        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
+                                          gpu_memory_utilization=gpu_memory_utilization),
+                        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
+                                                  max_num_batched_tokens=max_num_batched_tokens))

@@ -1,0 +1,67 @@
+"""The Ray actor around a `DecodeWorker`: one per decode instance.
+
+Its outputs leave through one long-lived streaming generator, `stream_outputs`, that the router
+consumes: one Ray object per engine step (all of that step's tokens), not one per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from cluster.worker_spec import WorkerSpec, apply_process_settings
+from decode_worker.worker import DecodeWorker
+from protos.pdserve.v1 import worker_pb2
+
+
+class DecodeActor:
+    def __init__(self, spec: WorkerSpec) -> None:
+        apply_process_settings(spec)
+        from engine.llm_engine import LLMEngine
+
+        self.spec = spec
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outputs: asyncio.Queue | None = None
+        self.worker = DecodeWorker(LLMEngine(spec.engine), spec.instance_id, self._emit,
+                                   spec.host, spec.transfer_timeout_s)
+
+    def _emit(self, outputs: worker_pb2.DecodeOutputs) -> None:
+        """Engine thread -> event loop: one hop per step."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._outputs.put_nowait, outputs)
+
+    async def info(self) -> dict[str, object]:
+        self._loop = asyncio.get_running_loop()
+        self._outputs = self._outputs or asyncio.Queue()
+        cfg = self.worker.engine.model_config
+        return {"instance_id": self.spec.instance_id, "model_name": cfg.name,
+                "num_blocks": self.worker.engine.kv_manager.num_blocks}
+
+    async def stream_outputs(self):
+        """Every DecodeOutputs this instance produces, until the actor dies."""
+        while True:
+            yield await self._outputs.get()
+
+    async def endpoint(self, prefill_id: str, generation: int) -> worker_pb2.PairEndpoint:
+        return self.worker.endpoint(prefill_id, generation)
+
+    async def accept(self, prefill_id: str, generation: int) -> None:
+        await asyncio.to_thread(self.worker.accept, prefill_id, generation,
+                                self.spec.transport_device)
+
+    async def reserve(self, request: worker_pb2.ReserveRequest) -> worker_pb2.ReserveReply:
+        return await asyncio.to_thread(self.worker.reserve, request)
+
+    async def expect_transfer(self, prefill_id: str, desc: worker_pb2.TransferDescriptor) -> None:
+        self.worker.expect_transfer(prefill_id, desc)
+
+    async def first_token(self, delta: worker_pb2.TokenDelta) -> None:
+        self.worker.first_token(delta)
+
+    async def abort(self, task: worker_pb2.AbortTask) -> worker_pb2.AbortReply:
+        return await asyncio.to_thread(self.worker.abort, task)
+
+    async def stats(self) -> worker_pb2.WorkerStats:
+        return await asyncio.to_thread(self.worker.stats)
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self.worker.stop)

@@ -1,0 +1,51 @@
+"""The Ray actor around a `PrefillWorker`: one per prefill instance.
+
+Every method is async so Ray serves them concurrently on the actor's event loop; blocking work
+(channel construction, engine-thread round trips) runs in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from cluster.worker_spec import WorkerSpec, apply_process_settings
+from prefill_worker.worker import DecodePeer, PrefillWorker
+from protos.pdserve.v1 import worker_pb2
+
+
+class PrefillActor:
+    def __init__(self, spec: WorkerSpec) -> None:
+        apply_process_settings(spec)
+        from engine.llm_engine import LLMEngine
+
+        self.spec = spec
+        self.worker = PrefillWorker(LLMEngine(spec.engine), spec.instance_id,
+                                    spec.layers_per_message, spec.transfer_timeout_s, spec.host)
+
+    async def info(self) -> dict[str, object]:
+        """Startup check: the model is loaded; basic facts for the router."""
+        cfg = self.worker.engine.model_config
+        return {"instance_id": self.spec.instance_id, "model_name": cfg.name,
+                "num_blocks": self.worker.engine.kv_manager.num_blocks}
+
+    async def connect(self, decode_id: str, endpoint: worker_pb2.PairEndpoint, decode_handle) -> None:
+        peer = DecodePeer(
+            expect_transfer=lambda d: decode_handle.expect_transfer.remote(self.spec.instance_id, d),
+            first_token=lambda d: decode_handle.first_token.remote(d))
+        await asyncio.to_thread(self.worker.connect, decode_id, endpoint, peer,
+                                self.spec.transport_device, self.spec.faults)
+
+    async def prefill(self, task: worker_pb2.PrefillTask) -> worker_pb2.PrefillResult:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        self.worker.submit(task, lambda result: loop.call_soon_threadsafe(done.set_result, result))
+        return await done
+
+    async def abort(self, request_id: str) -> worker_pb2.AbortReply:
+        return await asyncio.to_thread(self.worker.abort, request_id)
+
+    async def stats(self) -> worker_pb2.WorkerStats:
+        return await asyncio.to_thread(self.worker.stats)
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self.worker.stop)
