@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from cluster.pools import Pools, Worker
+from cluster.pools import Pools, Worker, pair
 from protos.convert import sampling_to_proto
 from protos.pdserve.v1 import PROTOCOL_VERSION, generation_pb2, worker_pb2
 from router.backend import GenerationInput, Timing, TokenEvent
@@ -60,6 +60,9 @@ class DisaggregatedBackend:
         self._decode_state: dict[str, generation_pb2.InstanceState] = {}
         self._pumps: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
+        self._generations = {(p.spec.instance_id, d.spec.instance_id): 0
+                             for p in pools.prefill for d in pools.decode}
+        self._repairing: set[tuple[str, str]] = set()
         self._ready = False
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -142,6 +145,7 @@ class DisaggregatedBackend:
         if first.error:
             raise RequestFailedError(first.error, retryable=False)
         if result.transfer.status != worker_pb2.TRANSFER_STATUS_OK and not first.finish_reason:
+            self._repair(flight)
             raise RequestFailedError(result.transfer.message, retryable=True)
         ttft_s = time.monotonic() - inp.arrival_time_s
         timing = Timing(queue_s=first.timing.queue_s, prefill_s=first.timing.prefill_s, ttft_s=ttft_s)
@@ -151,6 +155,7 @@ class DisaggregatedBackend:
         while not flight.finished:
             delta: worker_pb2.TokenDelta = await flight.queue.get()
             if delta.error:
+                self._repair(flight)
                 raise RequestFailedError(delta.error, retryable=True)
             num_output += len(delta.token_ids)
             flight.finished = bool(delta.finish_reason)
@@ -218,6 +223,25 @@ class DisaggregatedBackend:
                 await flight.decode.actor.abort.remote(task)
         except Exception:  # a dead worker frees nothing anyway; never fail the caller
             log.exception("abort of %s failed", request_id)
+
+    def _repair(self, flight: _Flight) -> None:
+        """Rebuild a failed pair channel under the next generation, in the background."""
+        key = (flight.prefill.spec.instance_id, flight.decode.spec.instance_id)
+        if key in self._repairing:
+            return
+        self._repairing.add(key)
+        self._generations[key] += 1
+
+        async def repair() -> None:
+            try:
+                await pair(flight.prefill, flight.decode, self._generations[key])
+                log.info("KV channel %s -> %s rebuilt (generation %d)", *key, self._generations[key])
+            except Exception:
+                log.exception("rebuilding KV channel %s -> %s failed", *key)
+            finally:
+                self._repairing.discard(key)
+
+        self._spawn(repair())
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -1,7 +1,106 @@
-"""`pdserve serve` and `pdserve client`: filled in by the serving layer."""
+"""`pdserve serve` and `pdserve client`: the serving layer's commands."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import sys
+
 
 def add_parsers(sub) -> None:
-    return None
+    _add_serve_parser(sub)
+    _add_client_parser(sub)
+
+
+# ---- `pdserve serve` ------------------------------------------------------------------------------
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="start the prefill/decode pools on Ray and the gRPC router")
+    p.add_argument("--config", default=None, help="cluster config YAML (see deploy/pdserve.yaml)")
+    p.add_argument("--model", default=None, help="override the config's model")
+    p.add_argument("--prefill-instances", type=int, default=None)
+    p.add_argument("--decode-instances", type=int, default=None)
+    p.add_argument("--grpc-port", type=int, default=None, help="default 50051")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--worker-host", default=None,
+                   help="address KV channels listen on (default: this node's IP in a Ray "
+                        "cluster, 127.0.0.1 for a local one)")
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import ray
+
+    from cluster.config import ClusterConfig, load_cluster_config, with_overrides
+    from cluster.serve import init_ray, serve_forever
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_cluster_config(args.config) if args.config else ClusterConfig()
+    config = with_overrides(config, model=args.model, prefill_instances=args.prefill_instances,
+                            decode_instances=args.decode_instances, grpc_port=args.grpc_port,
+                            device=args.device)
+    init_ray(config.ray_address)
+    host = args.worker_host or ("127.0.0.1" if _is_local_ray() else ray.util.get_node_ip_address())
+    asyncio.run(serve_forever(config, host))
+    return 0
+
+
+def _is_local_ray() -> bool:
+    import ray
+
+    return len(ray.nodes()) == 1
+
+
+# ---- `pdserve client` -----------------------------------------------------------------------------
+def _add_client_parser(sub) -> None:
+    from router.client import DEFAULT_ADDRESS
+
+    p = sub.add_parser("client", help="stream one completion from a running pdserve router")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help="router host:port")
+    p.add_argument("--chat", action="store_true", help="send it as one user chat message")
+    p.add_argument("--max-tokens", type=int, default=None, help="default: the server's (256)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy; default: the server's (1.0)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="deadline for the whole call")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (text, token ids, usage, timing) at the end")
+    p.set_defaults(handler=_run_client)
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    import grpc
+
+    from pdserve.cli import CliError
+
+    try:
+        completion = asyncio.run(_stream_completion(args))
+    except grpc.aio.AioRpcError as error:
+        raise CliError(f"{error.code().name}: {error.details()}") from None
+    if args.json:
+        print(json.dumps(completion.to_json_dict(), ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    return 0
+
+
+async def _stream_completion(args: argparse.Namespace):
+    from router.client import Completion, PdserveClient
+
+    inputs = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat
+              else {"prompt": args.prompt})
+    completion = Completion()
+    async with PdserveClient(args.address) as client:
+        call = client.generate_stream(timeout_s=args.timeout, max_tokens=args.max_tokens,
+                                      temperature=args.temperature, seed=args.seed, **inputs)
+        async for response in call:
+            completion.add(response)
+            if not args.json:
+                sys.stdout.write(response.text)
+                sys.stdout.flush()
+    return completion

@@ -35,6 +35,9 @@ class PrefillActor:
         await asyncio.to_thread(self.worker.connect, decode_id, endpoint, peer,
                                 self.spec.transport_device, self.spec.faults)
 
+    async def set_faults(self, faults) -> None:
+        self.worker.set_faults(faults)
+
     async def prefill(self, task: worker_pb2.PrefillTask) -> worker_pb2.PrefillResult:
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()

@@ -26,7 +26,7 @@ from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.request import Request
 from engine.sampler import SamplerOutput
-from kv_transfer import KVLayoutSpec, OutgoingTransfer, new_descriptor
+from kv_transfer import FaultInjection, KVLayoutSpec, OutgoingTransfer, new_descriptor
 from prefill_worker.links import LinkConfig, SendLink
 from protos.pdserve.v1 import PROTOCOL_VERSION, generation_pb2, worker_pb2
 from protos.convert import sampling_from_proto, worker_stats
@@ -56,6 +56,7 @@ class PrefillWorker:
     def __init__(self, engine: LLMEngine, instance_id: str, layers_per_message: int = 1,
                  transfer_timeout_s: float = 30.0, host: str | None = None) -> None:
         self.host = host
+        self.faults = FaultInjection()
         self.engine = engine
         self.instance_id = instance_id
         self.layers_per_message = layers_per_message
@@ -75,14 +76,18 @@ class PrefillWorker:
                 device: str, faults=None) -> None:
         """Build the pair channel to `decode_id` (blocking: the decode side accepts at once)."""
         cfg = LinkConfig(self.instance_id, decode_id, device, self.transfer_timeout_s,
-                         bind_host=self.host)
-        if faults is not None:
-            cfg.faults = faults
+                         faults=faults or self.faults, bind_host=self.host)
         link = SendLink(cfg, endpoint, self.spec, self._transfer_done)
         old = self.links.get(decode_id)
         self.links[decode_id], self.peers[decode_id] = link, peer
         if old is not None:
             old.close()
+
+    def set_faults(self, faults) -> None:
+        """Fault injection on every current and future link (tests, chaos runs)."""
+        self.faults = faults
+        for link in self.links.values():
+            link.sender._faults = faults
 
     def submit(self, task: worker_pb2.PrefillTask,
                on_result: Callable[[worker_pb2.PrefillResult], None]) -> None:

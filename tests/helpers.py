@@ -7,6 +7,7 @@ import torch
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
+from engine.request import RequestStatus
 
 GREEDY = SamplingParams(max_tokens=48, temperature=0.0)
 
@@ -64,3 +65,16 @@ def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int, eos_ids) -> 
 @torch.inference_mode()
 def hf_next_logits(hf_model, prompt_ids: list[int]) -> torch.Tensor:
     return hf_model(torch.tensor([prompt_ids])).logits[0, -1].float()
+
+
+def next_logits(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:
+    """Logits after the whole prompt, through the paged runner (chunked prefill included)."""
+    request = engine.make_request(prompt, SamplingParams(max_tokens=1))
+    engine.scheduler.add(request)
+    logits = None
+    while logits is None:
+        plan = engine.scheduler.schedule()
+        logits, _ = engine.runner.forward_logits(plan)
+        engine.scheduler.on_step_done(plan)
+    engine.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+    return logits[0]

@@ -11,7 +11,7 @@ from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from tests.engine.factories import save_tiny_hf_model
-from tests.helpers import assert_no_leaks, hf_greedy, hf_next_logits
+from tests.helpers import assert_no_leaks, hf_greedy, hf_next_logits, next_logits
 
 VARIANTS = {
     "llama": dict(arch="llama"),
@@ -51,16 +51,3 @@ def test_next_token_logits_close_to_hf(tiny):
         rel = (ours - ref).abs().max() / ref.abs().max()
         assert rel < 1e-4, f"relative logit error {rel:.2e}"
     assert_no_leaks(engine)
-
-
-def next_logits(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:
-    """Logits after the whole prompt, through the paged runner (chunked prefill included)."""
-    request = engine.make_request(prompt, SamplingParams(max_tokens=1))
-    engine.scheduler.add(request)
-    logits = None
-    while logits is None:
-        plan = engine.scheduler.schedule()
-        logits, _ = engine.runner.forward_logits(plan)
-        engine.scheduler.on_step_done(plan)
-    engine.scheduler.finish(request, request.status.FINISHED_ABORTED)
-    return logits[0]

@@ -1,0 +1,81 @@
+"""Fixture pieces for tests that run the real disaggregated cluster on a local Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import ray
+
+from cluster.config import cluster_config_from_dict
+from cluster.disagg_backend import DisaggregatedBackend
+from cluster.pools import start_cluster
+from engine.loader.source import open_model
+from engine.sampling_params import SamplingParams
+from tests.helpers import next_logits
+from tests.serving.harness import ServerHarness
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MAX_INFLIGHT = 24
+
+
+def init_local_ray(num_cpus: int = 8) -> None:
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT),
+                                       "TOKENIZERS_PARALLELISM": "false"}})
+
+
+def cluster_config(num_prefill: int, num_decode: int, num_blocks: int = 256,
+                   transfer_timeout_s: float = 10.0):
+    pool = {"cpus_per_instance": 1, "num_kv_blocks": num_blocks, "max_num_batched_tokens": 2048}
+    return cluster_config_from_dict({
+        "model": "default", "device": "cpu", "dtype": "float32", "block_size": 16,
+        "prefill": {**pool, "num_instances": num_prefill},
+        "decode": {**pool, "num_instances": num_decode},
+        "server": {"max_queued_requests": MAX_INFLIGHT},
+        "transfer": {"timeout_s": transfer_timeout_s},
+        "placement_timeout_s": 60,
+    })
+
+
+def start_disagg_harness(config, tokenizer_source=None) -> ServerHarness:
+    """The whole serving stack: placement groups, actors, pairing, backend, gRPC router."""
+    source = tokenizer_source or open_model(config.model)
+
+    async def make_backend():
+        pools = await start_cluster(config, "127.0.0.1")
+        return DisaggregatedBackend(pools, source.load_tokenizer(), source.config, MAX_INFLIGHT)
+
+    loop = asyncio.new_event_loop()
+    try:
+        backend = loop.run_until_complete(make_backend())
+    finally:
+        loop.close()
+    return ServerHarness(backend)
+
+
+def token_prompts(tokenizer) -> list[list[int]]:
+    """Prompts that fill 1-3 blocks exactly, end just after or mid-block, plus chat prompts."""
+    base = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 12)
+    exact = [base[:n] for n in (16, 32, 48)]
+    ragged = [base[:n] for n in (17, 33, 5, 40, 63)]
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": c}]) for c in (
+        "What is the capital of France?", "Name three colors.", "Write a haiku about rain.",
+        "Translate 'good morning' into French.", "What is 12 times 11?", "Say hello in Japanese.",
+        "Give me a fun fact about octopuses.", "What is the boiling point of water?")]
+    return exact + ragged + chats
+
+
+GREEDY_16 = SamplingParams(max_tokens=16, temperature=0.0)
+
+
+def assert_equal_or_near_tie(engine, prompt: list[int], got: list[int], want: list[int]) -> None:
+    """Token-identical, or the first difference is a near-tie in the reference logits."""
+    if got == want:
+        return
+    i = next(k for k, (a, b) in enumerate(zip(got, want)) if a != b)
+    logits = next_logits(engine, prompt + want[:i])
+    gap = (logits[want[i]] - logits[got[i]]).abs().item()
+    assert gap < 1e-3 * logits.abs().max().item(), (
+        f"token {i} differs ({got[i]} vs {want[i]}) and is not a near-tie (gap {gap:.4f})")
