@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
+# Before torch loads OpenMP: busy-waiting threads starve each other on small shared machines.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 

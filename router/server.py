@@ -1,0 +1,207 @@
+"""The router's gRPC front end: `pdserve.v1.Generation` over any `GenerationBackend`.
+
+One `Generate` call, end to end:
+
+    validate (RequestValidator) ─> register request_id ─> backend.generate() ─> one
+    GenerateResponse per TokenEvent (the last with finish_reason, usage, timing) ─> unregister
+
+and its three early endings, each of which closes the backend's iterator, which aborts the
+request in the backend and frees its KV blocks:
+- the client cancels: `asyncio.CancelledError` arrives in the handler; we clean up and re-raise;
+- the call's deadline passes: our own timer fires first or together with gRPC's; the client
+  gets DEADLINE_EXCEEDED;
+- the backend raises a `RouterError`: the client gets the code from `router.errors`.
+
+An `Abort` RPC ends the aborted request's stream normally (status OK) with finish_reason
+"abort", as the proto documents, rather than with CANCELLED: the stream did end as the
+service intended, and the client still gets usage and timing.
+
+The server also runs the standard health service ("" and the Generation service; SERVING while
+the backend is ready, NOT_SERVING once draining) and server reflection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.pdserve.v1 import generation_pb2, generation_pb2_grpc
+from router.backend import GenerationBackend, GenerationInput, TokenEvent
+from router.errors import RouterError, UnavailableError, status_code_for
+from router.validation import RequestValidator
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+DEFAULT_PORT = 50051
+HEALTH_POLL_S = 1.0  # how often the health status follows backend.is_ready()
+_NO_DEADLINE_S = 1e9  # time_remaining() above this means the client set no deadline
+# Our timer fires this much before gRPC's own deadline cancellation, so that the request is
+# aborted by our code path and the client reads our DEADLINE_EXCEEDED message.
+DEADLINE_MARGIN_S = 0.02
+
+
+class RouterServicer(generation_pb2_grpc.GenerationServicer):
+    """Validates calls, streams the backend's tokens, and owns the in-flight request ids."""
+
+    def __init__(self, backend: GenerationBackend) -> None:
+        self._backend = backend
+        self._validator = RequestValidator(backend.tokenizer, backend.model_info())
+        self._in_flight: set[str] = set()
+        self._draining = False
+
+    def drain(self) -> None:
+        """Refuse new Generate calls with UNAVAILABLE; calls in flight run to completion."""
+        self._draining = True
+
+    async def Generate(self, request: generation_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> None:
+        arrival_s = time.monotonic()
+        remaining_s = _time_remaining_s(context)
+        deadline_s = None if remaining_s is None else arrival_s + remaining_s
+        timer = asyncio.timeout(remaining_s)
+        try:
+            async with timer:
+                await self._generate(request, context, arrival_s, deadline_s)
+        except TimeoutError:
+            if not timer.expired():  # raised inside the backend, not by our deadline
+                await _internal_error(context)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"deadline of {remaining_s:.3f} s exceeded; the request was aborted")
+        except RouterError as error:
+            await context.abort(status_code_for(error), str(error))
+        except grpc.aio.BaseError:  # context.abort() and friends: already a status
+            raise
+        except Exception:  # a bug: INTERNAL with a logged traceback, not gRPC's bare UNKNOWN
+            await _internal_error(context)
+
+    async def _generate(self, request: generation_pb2.GenerateRequest,
+                        context: grpc.aio.ServicerContext, arrival_s: float,
+                        deadline_s: float | None) -> None:
+        if self._draining or not self._backend.is_ready():
+            raise UnavailableError("the server is draining or not ready; retry another replica")
+        inp = await self._validator.to_input(request, self._in_flight, arrival_s, deadline_s)
+        self._in_flight.add(inp.request_id)  # no await since the uniqueness check
+        try:
+            await self._stream(inp, context)
+        finally:
+            self._in_flight.discard(inp.request_id)
+
+    async def _stream(self, inp: GenerationInput, context: grpc.aio.ServicerContext) -> None:
+        # aclosing: an early exit (cancel, deadline) closes the iterator, which aborts the request.
+        async with contextlib.aclosing(self._backend.generate(inp)) as events:
+            async for event in events:
+                await context.write(_response(inp.request_id, event))
+
+    async def Abort(self, request: generation_pb2.AbortRequest,
+                    context: grpc.aio.ServicerContext) -> generation_pb2.AbortResponse:
+        found = request.request_id in self._in_flight and await self._backend.abort(request.request_id)
+        return generation_pb2.AbortResponse(found=found)
+
+    async def GetModelInfo(self, request: generation_pb2.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> generation_pb2.ModelInfo:
+        return self._backend.model_info()
+
+    async def GetClusterState(self, request: generation_pb2.GetClusterStateRequest,
+                              context: grpc.aio.ServicerContext) -> generation_pb2.ClusterState:
+        return generation_pb2.ClusterState(instances=await self._backend.cluster_state())
+
+
+async def _internal_error(context: grpc.aio.ServicerContext) -> None:
+    logger.exception("Generate failed")
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+
+def _response(request_id: str, event: TokenEvent) -> generation_pb2.GenerateResponse:
+    response = generation_pb2.GenerateResponse(request_id=request_id, token_ids=event.token_ids,
+                                                text=event.text, logprobs=event.logprobs)
+    if event.finish_reason is not None:
+        response.finish_reason = event.finish_reason
+        response.usage.prompt_tokens = event.num_prompt_tokens
+        response.usage.completion_tokens = event.num_output_tokens
+        if event.timing is not None:
+            response.timing.CopyFrom(event.timing.to_proto())
+    return response
+
+
+def _time_remaining_s(context: grpc.aio.ServicerContext) -> float | None:
+    remaining_s = context.time_remaining()
+    if remaining_s is None or remaining_s > _NO_DEADLINE_S:
+        return None
+    return max(remaining_s - DEADLINE_MARGIN_S, 0.0)
+
+
+class RouterServer:
+    """A started router: the gRPC server, its health status and the backend behind it."""
+
+    def __init__(self, server: grpc.aio.Server, servicer: RouterServicer,
+                 health_servicer: health.aio.HealthServicer, backend: GenerationBackend,
+                 host: str, port: int) -> None:
+        self._server = server
+        self._servicer = servicer
+        self._health = health_servicer
+        self._backend = backend
+        self.host = host
+        self.port = port  # the bound port (the OS's pick when 0 was asked for)
+        self._health_task: asyncio.Task | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start_health(self) -> None:
+        """Publish the backend's readiness now, and keep following it until draining starts."""
+        await self._set_health(self._backend.is_ready())
+        self._health_task = asyncio.create_task(self._follow_backend_health())
+
+    async def _follow_backend_health(self) -> None:
+        while True:
+            await self._set_health(self._backend.is_ready())
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    async def drain(self) -> None:
+        """NOT_SERVING from now on; new calls get UNAVAILABLE, calls in flight continue."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+        self._servicer.drain()
+        await self._health.enter_graceful_shutdown()
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Drain, give calls in flight `grace_s` to finish, cancel the rest, stop the backend."""
+        await self.drain()
+        await self._server.stop(grace_s)
+        await self._backend.stop()
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+
+
+async def start_router(backend: GenerationBackend, host: str = "127.0.0.1",
+                       port: int = DEFAULT_PORT) -> RouterServer:
+    """Start `backend`, then serve it on host:port (0 = any free port; see `RouterServer.port`)."""
+    await backend.start()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    servicer = RouterServicer(backend)
+    generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound_port = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    router = RouterServer(server, servicer, health_servicer, backend, host, bound_port)
+    await router.start_health()
+    logger.info("router serving %s on %s", backend.model_info().model_name, router.address)
+    return router

@@ -1,0 +1,133 @@
+"""Turn a client's `GenerateRequest` into a backend's `GenerationInput`, or say what is wrong.
+
+Every rejection is an `InvalidRequestError` whose `field` names the request field to fix:
+`input`, `prompt`, `messages`, `prompt_token_ids`, `request_id` or `sampling.<name>`.
+
+Server defaults for absent `optional` sampling fields are `SamplingParams`' own (temperature 1.0,
+top_p 1.0, top_k off, ... like vLLM), except `max_tokens`, which defaults to DEFAULT_MAX_TOKENS
+(SamplingParams' 16 suits offline tests, not a chat reply). A proto `top_k` <= 0 means "off".
+An absent seed is drawn here, once, so that every worker that samples for the request (prefill
+and decode) uses the same one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import re
+import uuid
+from collections.abc import Callable, Container, Sequence
+from typing import TypeVar
+
+from engine.sampling_params import MAX_SEED, SamplingParams
+from engine.tokenizer import Tokenizer
+from protos.pdserve.v1 import generation_pb2
+from router.backend import GenerationInput
+from router.errors import DuplicateRequestError, InvalidRequestError
+
+DEFAULT_MAX_TOKENS = 256  # output tokens when the client sets no max_tokens
+TOKENIZE_INLINE_MAX_CHARS = 2048  # longer texts are tokenized in a thread, off the event loop
+
+_OPTIONAL_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p",
+                             "repetition_penalty", "seed", "ignore_eos", "logprobs")
+_SAMPLING_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+_LEADING_NAME = re.compile(r"[a-z_]+")
+_T = TypeVar("_T")
+
+
+class RequestValidator:
+    """Checks requests against one served model: its tokenizer, context length and vocabulary."""
+
+    def __init__(self, tokenizer: Tokenizer, model_info: generation_pb2.ModelInfo) -> None:
+        self._tokenizer = tokenizer
+        self._context_length = model_info.context_length
+        self._vocab_size = model_info.vocab_size
+
+    async def to_input(self, request: generation_pb2.GenerateRequest, in_flight: Container[str],
+                       arrival_time_s: float, deadline_s: float | None) -> GenerationInput:
+        """Validate `request`; its request_id must not be in `in_flight`.
+
+        The uniqueness check runs last, after the only await, so a caller that registers the id
+        right after this returns (no await in between) can never admit a duplicate.
+        """
+        request_id = _request_id(request)
+        params = sampling_params(request.sampling)
+        prompt_ids = await self._prompt_token_ids(request)
+        if request_id in in_flight:
+            raise DuplicateRequestError(request_id)
+        return GenerationInput(request_id, prompt_ids, params, params.seed, arrival_time_s,
+                               deadline_s)
+
+    async def _prompt_token_ids(self, request: generation_pb2.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("input")
+        if kind is None:
+            raise InvalidRequestError("input", "one of prompt, messages or prompt_token_ids is required")
+        if kind == "prompt_token_ids":
+            ids = list(request.prompt_token_ids.token_ids)
+        elif kind == "prompt":
+            ids = await self._tokenize_prompt(request.prompt)
+        else:
+            ids = await self._tokenize_messages(request.messages.messages)
+        self._check_prompt(kind, ids)
+        return ids
+
+    async def _tokenize_prompt(self, prompt: str) -> list[int]:
+        if not prompt:
+            raise InvalidRequestError("prompt", "must not be empty")
+        return await _off_loop_if_long(self._tokenizer.encode, prompt, len(prompt))
+
+    async def _tokenize_messages(self, messages: Sequence[generation_pb2.ChatMessage]) -> list[int]:
+        if not messages:
+            raise InvalidRequestError("messages", "must contain at least one message")
+        as_dicts = [{"role": m.role, "content": m.content} for m in messages]
+        num_chars = sum(len(m.content) for m in messages)
+        try:
+            return await _off_loop_if_long(self._tokenizer.apply_chat_template, as_dicts, num_chars)
+        except ValueError as error:
+            raise InvalidRequestError("messages", str(error)) from None
+
+    def _check_prompt(self, field: str, ids: list[int]) -> None:
+        if not ids:
+            raise InvalidRequestError(field, "must contain at least one token")
+        if max(ids) >= self._vocab_size:
+            raise InvalidRequestError(field, f"token ids must be < the vocabulary size "
+                                             f"{self._vocab_size}, got {max(ids)}")
+        if len(ids) >= self._context_length:
+            raise InvalidRequestError(field, f"is {len(ids)} tokens; the model's context length "
+                                             f"is {self._context_length}, leaving no room to generate")
+
+
+def sampling_params(sampling: generation_pb2.SamplingParams) -> SamplingParams:
+    """Engine sampling params from the proto: server defaults for absent fields, seed resolved."""
+    kwargs = {name: getattr(sampling, name) for name in _OPTIONAL_SAMPLING_FIELDS
+              if sampling.HasField(name)}
+    kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+    kwargs.setdefault("seed", random.randrange(MAX_SEED))
+    if kwargs.get("top_k", 0) < 0:
+        kwargs["top_k"] = 0  # the proto says <= 0 is off; SamplingParams accepts only 0 / -1
+    try:
+        return SamplingParams(stop=list(sampling.stop), stop_token_ids=list(sampling.stop_token_ids),
+                              **kwargs)
+    except ValueError as error:
+        raise InvalidRequestError(f"sampling.{_field_named_in(str(error))}", str(error)) from None
+
+
+def _field_named_in(message: str) -> str:
+    """SamplingParams' errors start with the field's name ("top_p must be ...")."""
+    match = _LEADING_NAME.match(message)
+    return match.group() if match and match.group() in _SAMPLING_FIELD_NAMES else "params"
+
+
+def _request_id(request: generation_pb2.GenerateRequest) -> str:
+    if not request.HasField("request_id"):
+        return uuid.uuid4().hex
+    if not request.request_id:
+        raise InvalidRequestError("request_id", "must not be empty when set")
+    return request.request_id
+
+
+async def _off_loop_if_long(fn: Callable[[object], _T], argument: object, num_chars: int) -> _T:
+    if num_chars <= TOKENIZE_INLINE_MAX_CHARS:
+        return fn(argument)
+    return await asyncio.to_thread(fn, argument)
