@@ -9,8 +9,10 @@ from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from kv_transfer import FaultInjection
 
 # NVLink multicast can take the host's GPUs out of service: keep it off in every process.
+# Lazy CUDA module loading can deadlock a kernel launch behind a pending NCCL receive, so KV
+# channels over NCCL require eager loading (kv_transfer.channel refuses otherwise).
 GPU_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                "NVSHMEM_DISABLE_NVLS": "1"}
+                "NVSHMEM_DISABLE_NVLS": "1", "CUDA_MODULE_LOADING": "EAGER"}
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ import os
 import queue
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ from kv_transfer import (
     KVLayoutSpec,
     KVReceiver,
     KVSender,
+    KVTransferConnectionError,
     KVTransferIncompatibleError,
     PairChannel,
     PairRole,
@@ -36,20 +38,18 @@ from kv_transfer import (
     pair_key,
     unpack_blocks,
 )
-from kv_transfer.wire import encode_header, header_mismatches
 from protos.pdserve.v1 import worker_pb2
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM = 4, 24, 4, 2, 8
 DTYPE = torch.bfloat16
 DECODE_SEED = 100
-STEP_TIMEOUT_S = 30.0
+STEP_TIMEOUT_S = 20.0
 HOST = "127.0.0.1"
 
 
-def make_cache(seed: int, num_blocks: int = NUM_BLOCKS, block_size: int = BLOCK_SIZE):
-    generator = torch.Generator().manual_seed(seed)
-    shape = (NUM_LAYERS, num_blocks, 2, block_size, NUM_KV_HEADS, HEAD_DIM)
-    return torch.randn(shape, generator=generator).to(DTYPE)
+def make_cache(seed: int) -> torch.Tensor:
+    shape = (NUM_LAYERS, NUM_BLOCKS, 2, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(DTYPE)
 
 
 def make_spec(block_size: int = BLOCK_SIZE) -> KVLayoutSpec:
@@ -65,12 +65,11 @@ class Plan:
     src_block_ids: list[int]
     dst_block_ids: list[int]
     layers_per_message: int
-    layers: tuple[int, int] = (0, NUM_LAYERS)
 
     def descriptor(self, key: str) -> worker_pb2.TransferDescriptor:
         num_blocks = len(self.src_block_ids)
         return new_descriptor(key, self.pair_seq, self.request_id, num_blocks * BLOCK_SIZE - 1,
-                              num_blocks, self.layers, self.layers_per_message)
+                              num_blocks, (0, NUM_LAYERS), self.layers_per_message)
 
 
 def make_plans(first_seq: int, layers_per_message: list[int], seed: int) -> list[Plan]:
@@ -90,11 +89,10 @@ def step_host_store(state: dict) -> int:
     return state["store"].port
 
 
-def step_connect(state: dict, key: str, role: PairRole, block_size: int = BLOCK_SIZE,
-                 port: int = 0, faults: FaultInjection = FaultInjection()) -> str:
-    if role is PairRole.PREFILL:
-        state.setdefault("store", join_store(HOST, port, timeout_s=10))
-        state.setdefault("cache", make_cache(state["seed"]))
+def step_connect(state: dict, key: str, role: PairRole, port: int, block_size: int = BLOCK_SIZE,
+                 faults: FaultInjection = FaultInjection()) -> str:
+    state.setdefault("cache", make_cache(state["seed"]))
+    state.setdefault("store", join_store(HOST, port, timeout_s=10))  # decode: its own host_store
     config = ChannelConfig(key, role, instance_id=f"{role.name}-{os.getpid()}",
                            connect_timeout_s=10, bind_host=HOST)
     channel = PairChannel.connect(state["store"], config, make_spec(block_size))
@@ -121,11 +119,9 @@ def step_receive(state: dict, key: str, plans: list[Plan], sender_seed: int,
     for plan in plans:
         before = cache.clone()
         result = receiver.receive(plan.descriptor(key), cache, plan.dst_block_ids, timeout_s)
-        layers = slice(*plan.layers)
         others = [b for b in range(NUM_BLOCKS) if b not in plan.dst_block_ids]
         summaries.append(_summary(result) | {
-            "blocks_equal": torch.equal(cache[layers, plan.dst_block_ids],
-                                        sent[layers, plan.src_block_ids]),
+            "blocks_equal": torch.equal(cache[:, plan.dst_block_ids], sent[:, plan.src_block_ids]),
             "others_untouched": torch.equal(cache[:, others], before[:, others]),
         })
     return summaries
@@ -147,7 +143,8 @@ def step_die_mid_transfer(state: dict, key: str, plan: Plan) -> None:
 
 def _summary(result: worker_pb2.TransferResult) -> dict:
     return {"status": worker_pb2.TransferStatus.Name(result.status),
-            "num_bytes": result.num_bytes, "duration_s": result.duration_s}
+            "num_bytes": result.num_bytes, "duration_s": result.duration_s,
+            "tail_s": result.tail_s}
 
 
 def _worker_main(seed: int, inbox: mp.Queue, outbox: mp.Queue) -> None:
@@ -227,7 +224,8 @@ class Cluster:
 
     def connect(self, prefill: Worker, key: str, **prefill_kwargs: Any) -> list[Outcome]:
         return together(
-            (self.decode, step_connect, {"key": key, "role": PairRole.DECODE}),
+            (self.decode, step_connect, {"key": key, "role": PairRole.DECODE,
+                                         "port": self.store_port}),
             (prefill, step_connect, {"key": key, "role": PairRole.PREFILL,
                                      "port": self.store_port, **prefill_kwargs}),
         )
@@ -285,12 +283,34 @@ def test_compat_hash_and_check_name_every_difference():
         check_compatible(spec, other)
 
 
-def test_header_mismatch_names_the_fields():
-    plan = make_plans(0, [1], seed=5)[0]
-    desc = plan.descriptor("p->d@g0")
-    assert header_mismatches(encode_header(desc), desc) == []
-    problems = header_mismatches(encode_header(desc, corrupt=True), desc)
-    assert [p.split(":")[0] for p in problems] == ["request_hash"]
+def test_nccl_channels_require_eager_module_loading(monkeypatch):
+    monkeypatch.delenv("CUDA_MODULE_LOADING", raising=False)
+    with pytest.raises(ValueError, match="CUDA_MODULE_LOADING=EAGER"):
+        ChannelConfig("p->d@g0", PairRole.DECODE, device="cuda:0")
+    monkeypatch.setenv("CUDA_MODULE_LOADING", "EAGER")
+    assert ChannelConfig("p->d@g0", PairRole.DECODE, device="cuda:0").device == "cuda:0"
+
+
+def test_sender_refuses_misuse_and_its_abort_fails_the_peer():
+    store = host_store(HOST, 0, timeout_s=5)
+    configs = [ChannelConfig("misuse", role, connect_timeout_s=5, bind_host=HOST)
+               for role in PairRole]
+    with ThreadPoolExecutor(2) as pool:  # both ends in this process (and store), one thread each
+        prefill, decode = pool.map(lambda c: PairChannel.connect(store, c, make_spec()), configs)
+    sender, plan = KVSender(prefill), make_plans(0, [1], seed=60)[0]
+    with pytest.raises(ValueError, match="out of order"):
+        sender.begin(make_plans(1, [1], seed=60)[0].descriptor("misuse"), make_cache(0),
+                     plan.src_block_ids)
+    transfer = sender.begin(plan.descriptor("misuse"), make_cache(0), plan.src_block_ids)
+    with pytest.raises(ValueError, match="skips layers"):
+        sender.send_layers(2, 3)
+    with pytest.raises(ValueError, match="before send_layers"):
+        sender.finish(transfer, timeout_s=1)
+    sender.abort("test gives up")
+    with pytest.raises(KVTransferConnectionError, match="closed by peer"):
+        KVReceiver(decode).receive(plan.descriptor("misuse"), make_cache(1),
+                                   plan.dst_block_ids, timeout_s=5)
+    decode.close()
 
 
 # ---- across processes ----
@@ -308,6 +328,7 @@ def test_sequential_layerwise_and_grouped_transfers_are_byte_identical(cluster):
         bytes_per_transfer = NUM_LAYERS * 5 * 2 * BLOCK_SIZE * NUM_KV_HEADS * HEAD_DIM * 2
         assert [s["num_bytes"] for s in sent] == [bytes_per_transfer] * len(plans)
         assert [s["status"] for s in sent] == ["TRANSFER_STATUS_OK"] * len(plans)
+        assert all(0 < s["tail_s"] <= s["duration_s"] for s in sent)
 
 
 def test_handshake_mismatch_fails_both_ends_quickly(cluster):
@@ -333,6 +354,17 @@ def test_stalled_sender_times_out_receiver_and_a_new_generation_works(cluster):
     all_ok(cluster.connect(cluster.prefill_a, fresh))
     received, _ = all_ok(cluster.transfer(cluster.prefill_a, fresh, make_plans(0, [2], seed=21)))
     assert received[0]["blocks_equal"]
+
+
+def test_slow_link_fails_both_ends_with_typed_errors(cluster):
+    key = pair_key("prefill-b", "decode", 3)
+    all_ok(cluster.connect(cluster.prefill_b, key, faults=FaultInjection(delay_s=0.6)))
+    received, sent = cluster.transfer(cluster.prefill_b, key, make_plans(0, [1], seed=25),
+                                      receive_timeout_s=1.0, send_timeout_s=10)
+    assert received.kind == "KVTransferTimeoutError", received.value
+    assert received.elapsed_s < 2.5
+    assert sent.kind in ("KVTransferConnectionError", "KVTransferTimeoutError"), sent.value
+    assert sent.elapsed_s < 3
 
 
 def test_corrupt_header_is_a_protocol_error_on_both_ends(cluster):

@@ -61,7 +61,7 @@ class TransferDescriptor(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., transfer_id: _Optional[str] = ..., pair_key: _Optional[str] = ..., pair_seq: _Optional[int] = ..., request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., layers_per_message: _Optional[int] = ...) -> None: ...
 
 class TransferResult(_message.Message):
-    __slots__ = ("protocol_version", "transfer_id", "request_id", "pair_seq", "status", "message", "num_bytes", "duration_s")
+    __slots__ = ("protocol_version", "transfer_id", "request_id", "pair_seq", "status", "message", "num_bytes", "duration_s", "tail_s")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class TransferResult(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    TAIL_S_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     transfer_id: str
     request_id: str
@@ -78,7 +79,8 @@ class TransferResult(_message.Message):
     message: str
     num_bytes: int
     duration_s: float
-    def __init__(self, protocol_version: _Optional[int] = ..., transfer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., pair_seq: _Optional[int] = ..., status: _Optional[_Union[TransferStatus, str]] = ..., message: _Optional[str] = ..., num_bytes: _Optional[int] = ..., duration_s: _Optional[float] = ...) -> None: ...
+    tail_s: float
+    def __init__(self, protocol_version: _Optional[int] = ..., transfer_id: _Optional[str] = ..., request_id: _Optional[str] = ..., pair_seq: _Optional[int] = ..., status: _Optional[_Union[TransferStatus, str]] = ..., message: _Optional[str] = ..., num_bytes: _Optional[int] = ..., duration_s: _Optional[float] = ..., tail_s: _Optional[float] = ...) -> None: ...
 
 class PairEndpoint(_message.Message):
     __slots__ = ("protocol_version", "prefill_instance_id", "decode_instance_id", "store_host", "store_port", "generation", "pair_key")
