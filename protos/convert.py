@@ -6,16 +6,17 @@ from engine.sampling_params import SamplingParams
 from protos.pdserve.v1 import PROTOCOL_VERSION, generation_pb2, worker_pb2
 
 
-def sampling_from_proto(p: generation_pb2.SamplingParams) -> SamplingParams:
-    """Engine SamplingParams from a proto; unset optional fields take the engine's defaults.
-    Raises ValueError (naming the field) on bad values."""
-    kwargs = {}
+def sampling_from_proto(p: generation_pb2.SamplingParams,
+                        defaults: dict[str, object] | None = None) -> SamplingParams:
+    """Engine SamplingParams from a proto; unset optional fields take `defaults`, then the
+    engine's own defaults. Raises ValueError (naming the field) on bad values."""
+    kwargs = dict(defaults or {})
     for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                  "seed", "ignore_eos", "logprobs"):
         if p.HasField(name):
             kwargs[name] = getattr(p, name)
     if kwargs.get("top_k", 0) < 0:
-        kwargs["top_k"] = 0
+        kwargs["top_k"] = 0  # the proto says <= 0 is off; SamplingParams accepts only 0 / -1
     return SamplingParams(stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids), **kwargs)
 
 

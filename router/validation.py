@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from engine.sampling_params import MAX_SEED, SamplingParams
 from engine.tokenizer import Tokenizer
+from protos.convert import sampling_from_proto
 from protos.pdserve.v1 import generation_pb2
 from router.backend import GenerationInput
 from router.errors import DuplicateRequestError, InvalidRequestError
@@ -29,8 +30,6 @@ from router.errors import DuplicateRequestError, InvalidRequestError
 DEFAULT_MAX_TOKENS = 256  # output tokens when the client sets no max_tokens
 TOKENIZE_INLINE_MAX_CHARS = 2048  # longer texts are tokenized in a thread, off the event loop
 
-_OPTIONAL_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p",
-                             "repetition_penalty", "seed", "ignore_eos", "logprobs")
 _SAMPLING_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 _LEADING_NAME = re.compile(r"[a-z_]+")
 _T = TypeVar("_T")
@@ -100,15 +99,9 @@ class RequestValidator:
 
 def sampling_params(sampling: generation_pb2.SamplingParams) -> SamplingParams:
     """Engine sampling params from the proto: server defaults for absent fields, seed resolved."""
-    kwargs = {name: getattr(sampling, name) for name in _OPTIONAL_SAMPLING_FIELDS
-              if sampling.HasField(name)}
-    kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
-    kwargs.setdefault("seed", random.randrange(MAX_SEED))
-    if kwargs.get("top_k", 0) < 0:
-        kwargs["top_k"] = 0  # the proto says <= 0 is off; SamplingParams accepts only 0 / -1
+    defaults = {"max_tokens": DEFAULT_MAX_TOKENS, "seed": random.randrange(MAX_SEED)}
     try:
-        return SamplingParams(stop=list(sampling.stop), stop_token_ids=list(sampling.stop_token_ids),
-                              **kwargs)
+        return sampling_from_proto(sampling, defaults)
     except ValueError as error:
         raise InvalidRequestError(f"sampling.{_field_named_in(str(error))}", str(error)) from None
 
