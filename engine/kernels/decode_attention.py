@@ -1,0 +1,149 @@
+"""Paged decode attention (one new token per sequence), split along the context.
+
+One program serves all query heads of one KV head (GQA), so each KV byte is read from memory
+once; the group's queries form the rows of a small matrix product with each tile of keys.
+
+The context of every sequence is cut into `num_splits` equal parts *on the device*, from its own
+`context_lens[b]`: the grid is (kv_heads, batch, num_splits) with `num_splits` a function of the
+batch size only, so the launch never depends on host-side lengths and can be captured in a CUDA
+graph that serves any context length. Splits that get no tokens exit early. With one split the
+program writes the output directly; otherwise each split writes its partial output and
+log-sum-exp and a second kernel combines them (flash-decoding).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.attention.metadata import SeqGroup
+
+_LOG2E = 1.4426950408889634
+_MAX_SPLITS = 32
+
+
+@triton.jit
+def _decode_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+                   scale_log2e, q_stride_t, q_stride_h, o_stride_t, o_stride_h, table_stride,
+                   kv_stride_block, kv_stride_kv, kv_stride_tok, kv_stride_h,
+                   group, head_dim, block_size,
+                   NUM_SPLITS: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    kv_head = tl.program_id(0)
+    seq = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    ctx_len = tl.load(ctx_lens_ptr + seq)
+    num_tiles = tl.cdiv(ctx_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_begin = split * tiles_per_split
+    tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * group + g
+    gmask = g < group
+    dmask = d < head_dim
+    q = tl.load(q_ptr + seq * q_stride_t + heads[:, None] * q_stride_h + d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    table_row = tables_ptr + seq * table_stride
+    head_off = kv_head * kv_stride_h
+    for tile in range(tile_begin, tile_end):
+        n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < ctx_len
+        block = tl.load(table_row + n // block_size, mask=nmask, other=0).to(tl.int64)
+        tok = block * kv_stride_block + (n % block_size) * kv_stride_tok + head_off
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(kv_ptr + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(kv_ptr + kv_stride_kv + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out_mask = gmask[:, None] & dmask[None, :]
+    if NUM_SPLITS == 1:
+        o = out_ptr + seq * o_stride_t + heads[:, None] * o_stride_h + d[None, :]
+        tl.store(o, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # partial buffers: [B, Hq, NUM_SPLITS, BLOCK_D] and [B, Hq, NUM_SPLITS]
+        row = (seq * (tl.num_programs(0) * group) + heads) * NUM_SPLITS + split
+        empty = l_i == 0.0
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        o = acc / tl.where(empty, 1.0, l_i)[:, None]
+        tl.store(part_out_ptr + row[:, None] * BLOCK_D + d[None, :], o, mask=out_mask)
+        tl.store(part_lse_ptr + row, lse, mask=gmask)
+
+
+@triton.jit
+def _combine_kernel(part_out_ptr, part_lse_ptr, out_ptr, o_stride_t, o_stride_h, num_heads,
+                    head_dim, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    row = (seq * num_heads + head) * NUM_SPLITS
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    lse = tl.load(part_lse_ptr + row + s)
+    weight = tl.exp2(lse - tl.max(lse, axis=0))
+    parts = tl.load(part_out_ptr + (row + s)[:, None] * BLOCK_D + d[None, :])
+    o = tl.sum(parts * weight[:, None], axis=0) / tl.sum(weight, axis=0)
+    tl.store(out_ptr + seq * o_stride_t + head * o_stride_h + d, o.to(out_ptr.dtype.element_ty),
+             mask=d < head_dim)
+
+
+def num_splits_for(batch_size: int, num_kv_heads: int) -> int:
+    """Splits per sequence so that the grid fills the GPU (about 4 programs per SM); a power of
+    two so the combine kernel can load them as one tile. Depends on the batch shape only."""
+    target = 4 * _sm_count()
+    splits = triton.cdiv(target, batch_size * num_kv_heads)
+    return max(1, min(_MAX_SPLITS, triton.next_power_of_2(splits) if splits > 1 else 1))
+
+
+def _sm_count() -> int:
+    if not torch.cuda.is_available():
+        return 132  # the Triton interpreter on the CPU: an H100/H200's count
+    return _device_sm_count(torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, scale: float,
+                     out: torch.Tensor, num_splits: int | None = None) -> torch.Tensor:
+    """q: [B, Hq, D] (one token per sequence of `group`); writes and returns out [B, Hq, D]."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = kv_layer.shape[3]
+    gsize = num_heads // num_kv_heads
+    if batch == 0:
+        return out
+    splits = num_splits or num_splits_for(batch, num_kv_heads)
+    block_d = triton.next_power_of_2(head_dim)
+    part_out = part_lse = out  # placeholders when unused
+    if splits > 1:
+        part_out = torch.empty(batch, num_heads, splits, block_d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
+    is_fp32 = q.dtype == torch.float32
+    _decode_kernel[(num_kv_heads, batch, splits)](
+        q, kv_layer, group.block_tables, group.context_lens, out, part_out, part_lse,
+        scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        group.block_tables.stride(0), *kv_layer.stride()[:4], gsize, head_dim, kv_layer.shape[2],
+        NUM_SPLITS=splits, GROUP_PAD=max(16, triton.next_power_of_2(gsize)), BLOCK_D=block_d,
+        BLOCK_N=32 if is_fp32 else 64, DOT_PRECISION="ieee" if is_fp32 else "tf32",
+        num_warps=4, num_stages=2 if is_fp32 else 3)
+    if splits > 1:
+        _combine_kernel[(batch, num_heads)](
+            part_out, part_lse, out, out.stride(0), out.stride(1), num_heads, head_dim,
+            NUM_SPLITS=splits, BLOCK_D=block_d, num_warps=4)
+    return out

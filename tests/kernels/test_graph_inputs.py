@@ -1,0 +1,69 @@
+"""The decode graphs' static inputs (plain tensor work, checked on the CPU): every step must leave
+exactly its own token ids, positions, slots, context lengths and block tables in the buffers,
+whatever rows held before (tables growing, sequences leaving, a preempted sequence coming back
+with other blocks)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from engine.cuda_graphs import DecodeGraphRunner
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledChunk
+
+BS = 4
+
+
+def _runner() -> DecodeGraphRunner:
+    return DecodeGraphRunner(model=None, kv_cache=torch.zeros(1), backend=None, block_size=BS,
+                             max_model_len=256, buckets=(1, 2, 4, 8))
+
+
+def _chunk(request: Request, table: list[int]) -> ScheduledChunk:
+    return ScheduledChunk(request, request.num_tokens - 1, 1, table, True)
+
+
+def _check(runner: DecodeGraphRunner, chunks: list[ScheduledChunk], bucket: int) -> None:
+    n = len(chunks)
+    ids, pos, slots = runner.token_inputs[:, :bucket].tolist()
+    for i, c in enumerate(chunks):
+        p = c.start
+        assert (ids[i], pos[i]) == (c.request.token_at(p), p)
+        assert slots[i] == c.block_table[p // BS] * BS + p % BS
+        assert runner.context_lens[i].item() == p + 1
+        assert runner.block_tables[i, : len(c.block_table)].tolist() == c.block_table
+    assert slots[n:] == [-1] * (bucket - n)
+    assert runner.context_lens[n:bucket].tolist() == [1] * (bucket - n)
+
+
+def test_load_inputs_tracks_changing_batches():
+    rng = random.Random(0)
+    runner = _runner()
+    params = SamplingParams(max_tokens=1000, temperature=0.0)
+    live: list[tuple[Request, list[int]]] = []
+    next_block = 0
+    for step in range(200):
+        if len(live) < 8 and rng.random() < 0.3:  # admit a sequence
+            r = Request(f"r{step}", [rng.randrange(100) for _ in range(rng.randrange(1, 20))],
+                        params, 0, 1 << 20)
+            live.insert(rng.randrange(len(live) + 1), (r, []))
+        if live and rng.random() < 0.1:  # finish one
+            live.pop(rng.randrange(len(live)))
+        if live and rng.random() < 0.05:  # preempted and back: same length, new blocks
+            r, table = live[rng.randrange(len(live))]
+            table[:] = list(range(next_block, next_block + len(table)))
+            next_block += len(table)
+        for r, table in live:
+            r.output_token_ids.append(rng.randrange(100))
+            while len(table) * BS < r.num_tokens:
+                table.append(next_block)
+                next_block += 1
+        if not live:
+            continue
+        chunks = [_chunk(r, t) for r, t in live]
+        bucket = runner.bucket_for(len(chunks))
+        runner.load_inputs(chunks, bucket)
+        _check(runner, chunks, bucket)
