@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast serve bench-cpu clean
+.PHONY: install demo test test-fast serve bench-cpu clean prometheus
 
 install: $(VENV)/.installed
 
@@ -26,8 +26,13 @@ demo: install
 		--prompt "Write a haiku about the sea." \
 		--prompt "Quelle est la plus haute montagne d'Europe ?"
 
-test: install
+test: install prometheus
 	$(PY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
+
+# The Prometheus binary tests/serving/test_prometheus.py runs (Debian package, no service
+# started; needs root, else the test skips and says why).
+prometheus:
+	sh tests/serving/install_prometheus.sh
 
 test-fast: install
 	$(PY) -m pytest -q -x -m "not slow" $(PYTEST_ARGS)

@@ -112,6 +112,8 @@ class ServerConfig:
     grpc_port: int = 50051  # 0 = any free port (tests)
     metrics_port: int = 8000  # the router's Prometheus /metrics; 0 = any free port
     worker_metrics_port_base: int = 0  # worker i serves /metrics on base + i; 0 = free ports
+    # Prometheus file_sd file listing every /metrics endpoint, kept current; "" = none.
+    prometheus_sd_file: str = "/tmp/pdserve/prometheus_sd.json"
     max_queued_requests: int = 1024  # waiting requests beyond this get RESOURCE_EXHAUSTED
     request_timeout_s: float = 600.0  # deadline for a request whose client set none
 
@@ -234,12 +236,15 @@ _OVERRIDES: dict[str, tuple[str, ...]] = {
     "prefill_instances": ("prefill", "num_instances"),
     "decode_instances": ("decode", "num_instances"),
     "grpc_port": ("server", "grpc_port"),
+    "metrics_port": ("server", "metrics_port"),
+    "prometheus_sd_file": ("server", "prometheus_sd_file"),
 }
 
 
 def with_overrides(config: ClusterConfig, **overrides: Any) -> ClusterConfig:
     """Apply CLI flags (--model, --prefill-instances, --decode-instances, --grpc-port,
-    --device) to a config; a None value means the flag was not given.
+    --metrics-port, --prometheus-sd-file, --device) to a config; a None value means the flag
+    was not given.
 
     `device` also fixes the pools' GPU counts when they contradict it, so `--device cuda` on a
     CPU config gives each instance one GPU and `--device cpu` drops the GPUs.

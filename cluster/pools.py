@@ -33,6 +33,7 @@ class Worker:
     spec: WorkerSpec
     actor: object  # a Ray ActorHandle
     placement: InstancePlacement | None = None
+    metrics_address: str = ""  # host:port of its /metrics, as the actor reported it
 
 
 @dataclass(slots=True)
@@ -60,18 +61,29 @@ async def _await_ref(ref):
 
 
 def worker_specs(cfg: ClusterConfig, host: str) -> tuple[list[WorkerSpec], list[WorkerSpec]]:
-    """One spec per instance of each pool, from the cluster config."""
-    def specs(pool: PoolConfig) -> list[WorkerSpec]:
+    """One spec per instance of each pool, from the cluster config. Metrics ports: instance k
+    (prefill instances first, then decode) gets server.worker_metrics_port_base + k, or any
+    free port when the base is 0."""
+    def specs(pool: PoolConfig, first_index: int) -> list[WorkerSpec]:
         engine = engine_config_for(cfg.model, pool.device, cfg.dtype, cfg.block_size,
                                    pool.num_kv_blocks, pool.max_num_seqs,
                                    pool.max_num_batched_tokens, pool.gpu_memory_utilization)
         return [WorkerSpec(f"{pool.role}-{i}", pool.role, engine, host=host,
                            transfer_timeout_s=cfg.transfer.timeout_s,
                            layers_per_message=cfg.transfer.layers_per_message,
-                           num_threads=max(1, int(pool.cpus_per_instance)))
+                           num_threads=max(1, int(pool.cpus_per_instance)),
+                           metrics_port=_metrics_port(cfg, first_index + i))
                 for i in range(pool.num_instances)]
 
-    return specs(cfg.prefill), specs(cfg.decode)
+    return specs(cfg.prefill, 0), specs(cfg.decode, cfg.prefill.num_instances)
+
+
+def _metrics_port(cfg: ClusterConfig, index: int) -> int:
+    base = cfg.server.worker_metrics_port_base
+    if base and base + index > 65535:
+        raise ValueError(f"server.worker_metrics_port_base {base} leaves no port for instance "
+                         f"{index}; lower it")
+    return base + index if base else 0
 
 
 def _actor_options(spec: WorkerSpec, placement: InstancePlacement | None) -> dict:
@@ -96,7 +108,9 @@ async def launch(prefill_specs: list[WorkerSpec], decode_specs: list[WorkerSpec]
         actor = ray.remote(DecodeActor).options(**_actor_options(spec, placements.get(spec.instance_id)))
         pools.decode.append(Worker(spec, actor.remote(spec), placements.get(spec.instance_id)))
     try:
-        await asyncio.gather(*(_checked(w, w.actor.info.remote()) for w in pools.all))
+        infos = await asyncio.gather(*(_checked(w, w.actor.info.remote()) for w in pools.all))
+        for worker, info in zip(pools.all, infos):
+            worker.metrics_address = info["metrics_address"]
         await asyncio.gather(*(pair(p, d, generation=0) for p in pools.prefill for d in pools.decode))
     except BaseException:
         await pools.stop()
@@ -115,9 +129,9 @@ async def pair(prefill: Worker, decode: Worker, generation: int) -> None:
         raise ClusterStartupError(f"cannot pair {pid} with {did}: {_cause(exc)}") from None
 
 
-async def _checked(worker: Worker, ref) -> None:
+async def _checked(worker: Worker, ref):
     try:
-        await ref
+        return await ref
     except ray.exceptions.RayActorError as exc:
         raise ClusterStartupError(f"{worker.spec.instance_id} failed to start: {_cause(exc)}") from None
 

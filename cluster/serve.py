@@ -1,24 +1,30 @@
 """`pdserve serve`: join (or start) a Ray cluster, launch the pools, put the router in front.
 
 `ServingCluster` is the whole running system as one object, so the CLI and the tests start and
-stop it the same way.
+stop it the same way: pools, backend, router (gRPC and its /metrics) and the Prometheus file_sd
+file listing every /metrics endpoint (cluster/metrics_sd.py), kept current while it runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
 from cluster.config import ClusterConfig
 from cluster.disagg_backend import DisaggregatedBackend
+from cluster.metrics_sd import MetricsTarget, PrometheusTargetsFile
 from cluster.pools import start_cluster
 from engine.loader.source import open_model
 from router.server import RouterServer, start_router
 
 log = logging.getLogger(__name__)
+
+TARGETS_REFRESH_S = 5.0  # how often the file_sd file is checked against the pools
+ROUTER_INSTANCE = "router-0"
+_ANY_HOST = ("0.0.0.0", "::", "")
 
 
 def init_ray(address: str) -> None:
@@ -41,23 +47,65 @@ class ServingCluster:
     config: ClusterConfig
     backend: DisaggregatedBackend
     router: RouterServer
+    node_host: str  # this node's address as other nodes reach it (the worker host)
+    targets_file: PrometheusTargetsFile | None = None
+    _targets_task: asyncio.Task | None = field(default=None, repr=False)
 
     @classmethod
     async def start(cls, config: ClusterConfig, worker_host: str = "127.0.0.1") -> ServingCluster:
         source = await asyncio.to_thread(open_model, config.model)
         tokenizer = await asyncio.to_thread(source.load_tokenizer)
         pools = await start_cluster(config, worker_host)
-        backend = DisaggregatedBackend(pools, tokenizer, source.config,
-                                       config.server.max_queued_requests)
-        router = await start_router(backend, config.server.grpc_host, config.server.grpc_port)
-        return cls(config, backend, router)
+        server = config.server
+        backend = DisaggregatedBackend(pools, tokenizer, source.config, server.max_queued_requests)
+        try:
+            router = await start_router(backend, server.grpc_host, server.grpc_port,
+                                        server.metrics_port)
+        except BaseException:
+            await backend.stop()
+            raise
+        cluster = cls(config, backend, router, worker_host)
+        if server.prometheus_sd_file:
+            try:
+                cluster._publish_targets(PrometheusTargetsFile(server.prometheus_sd_file))
+            except BaseException:
+                await cluster.stop()
+                raise
+        return cluster
 
     @property
     def address(self) -> str:
         return self.router.address
 
-    async def stop(self) -> None:
-        await self.router.stop()
+    def metrics_targets(self) -> list[MetricsTarget]:
+        """Every /metrics endpoint now: the router's and each live instance's."""
+        endpoint = self.router.metrics_endpoint
+        host = self.node_host if endpoint.host in _ANY_HOST else endpoint.host
+        targets = [MetricsTarget("router", ROUTER_INSTANCE, f"{host}:{endpoint.port}")]
+        targets += [MetricsTarget(w.spec.role, w.spec.instance_id, w.metrics_address)
+                    for w in self.backend.pools.all]
+        return targets
+
+    def _publish_targets(self, targets_file: PrometheusTargetsFile) -> None:
+        targets_file.write(self.metrics_targets())
+        self.targets_file = targets_file
+        self._targets_task = asyncio.create_task(self._follow_targets())
+
+    async def _follow_targets(self) -> None:
+        """Instances come and go with the pools; the file follows within TARGETS_REFRESH_S."""
+        while True:
+            await asyncio.sleep(TARGETS_REFRESH_S)
+            try:
+                self.targets_file.write(self.metrics_targets())
+            except OSError:
+                log.exception("cannot update %s", self.targets_file.path)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self._targets_task is not None:
+            self._targets_task.cancel()
+        if self.targets_file is not None:
+            self.targets_file.clear()
+        await self.router.stop(grace_s)
 
 
 async def serve_forever(config: ClusterConfig, worker_host: str) -> None:
@@ -66,6 +114,9 @@ async def serve_forever(config: ClusterConfig, worker_host: str) -> None:
     print(f"pdserve: serving {info.model_name} on {cluster.address} "
           f"({len(cluster.backend.pools.prefill)} prefill + {len(cluster.backend.pools.decode)} "
           "decode instances)", flush=True)
+    print(f"pdserve: metrics on http://{cluster.router.metrics_endpoint.address}/metrics; "
+          f"Prometheus targets in {config.server.prometheus_sd_file or '(no file_sd file)'}",
+          flush=True)
     try:
         await cluster.router.wait_for_termination()
     finally:

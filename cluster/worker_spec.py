@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 
+from prometheus_client import CollectorRegistry
+
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from kv_transfer import FaultInjection
+from pdserve.metrics import MetricsEndpoint, start_metrics_server
 
 # NVLink multicast can take the host's GPUs out of service: keep it off in every process.
 # Lazy CUDA module loading can deadlock a kernel launch behind a pending NCCL receive, so KV
@@ -27,6 +31,7 @@ class WorkerSpec:
     layers_per_message: int = 1
     faults: FaultInjection = field(default_factory=FaultInjection)  # prefill side only
     num_threads: int = 1  # torch intra-op threads for a CPU instance
+    metrics_port: int = 0  # its Prometheus /metrics port; 0 = any free port
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -48,6 +53,24 @@ def apply_process_settings(spec: WorkerSpec) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if spec.engine.device == "cpu":
         torch.set_num_threads(max(1, spec.num_threads))
+
+
+def serve_worker_metrics(spec: WorkerSpec, registry: CollectorRegistry) -> MetricsEndpoint:
+    """Serve a worker's registry on its node: on `spec.host` when that is a loopback address (a
+    local cluster), else on the node's own IP, which is where Prometheus finds it."""
+    host = spec.host
+    if not _is_loopback(host):
+        import ray
+
+        host = ray.util.get_node_ip_address()
+    return start_metrics_server(registry, host, spec.metrics_port)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
 
 
 def engine_config_for(model: str, device: str, dtype: str, block_size: int, num_blocks: int | None,

@@ -2,13 +2,15 @@
 
 Its outputs leave through one long-lived streaming generator, `stream_outputs`, that the router
 consumes: one Ray object per engine step (all of that step's tokens), not one per token.
+The actor serves its worker's Prometheus metrics on a port of its own and reports the address
+in `info()` (cluster.serve lists it in the Prometheus file_sd file).
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from cluster.worker_spec import WorkerSpec, apply_process_settings
+from cluster.worker_spec import WorkerSpec, apply_process_settings, serve_worker_metrics
 from decode_worker.worker import DecodeWorker
 from protos.pdserve.v1 import worker_pb2
 
@@ -23,6 +25,7 @@ class DecodeActor:
         self._outputs: asyncio.Queue | None = None
         self.worker = DecodeWorker(LLMEngine(spec.engine), spec.instance_id, self._emit,
                                    spec.host, spec.transfer_timeout_s)
+        self.metrics_endpoint = serve_worker_metrics(spec, self.worker.metrics.registry)
 
     def _emit(self, outputs: worker_pb2.DecodeOutputs) -> None:
         """Engine thread -> event loop: one hop per step."""
@@ -34,7 +37,8 @@ class DecodeActor:
         self._outputs = self._outputs or asyncio.Queue()
         cfg = self.worker.engine.model_config
         return {"instance_id": self.spec.instance_id, "model_name": cfg.name,
-                "num_blocks": self.worker.engine.kv_manager.num_blocks}
+                "num_blocks": self.worker.engine.kv_manager.num_blocks,
+                "metrics_address": self.metrics_endpoint.address}
 
     async def stream_outputs(self):
         """Every DecodeOutputs this instance produces, until the actor dies."""
@@ -65,3 +69,4 @@ class DecodeActor:
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.worker.stop)
+        self.metrics_endpoint.stop()

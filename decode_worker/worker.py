@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from decode_worker.links import RecvLink
+from decode_worker.metrics import DecodeMetrics
 from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -60,7 +61,7 @@ class DecodeWorker:
 
     def __init__(self, engine: LLMEngine, instance_id: str, emit: EmitCallback,
                  host: str = "127.0.0.1", transfer_timeout_s: float = 30.0,
-                 reserve_watermark: float = 0.01) -> None:
+                 reserve_watermark: float = 0.01, metrics: DecodeMetrics | None = None) -> None:
         self.engine = engine
         self.instance_id = instance_id
         self.emit = emit
@@ -72,8 +73,12 @@ class DecodeWorker:
         self.links: dict[str, RecvLink] = {}
         self.incoming: dict[str, Incoming] = {}
         self.transfer_s: dict[str, float] = {}  # per admitted request, reported on its last delta
+        self.admitted_at_s: dict[str, float] = {}  # per admitted request, for its decode time
         self.num_transfers_failed = 0
-        self.loop = EngineLoop(self._step, engine.has_unfinished, f"decode-{instance_id}")
+        self.metrics = metrics or DecodeMetrics(engine.model_config.name)
+        self.loop = EngineLoop(self._step, engine.has_unfinished, f"decode-{instance_id}",
+                               after_iteration=self._publish_metrics,
+                               device=engine.kv_cache.device)
         self.loop.start()
 
     # ---- control plane (any thread) -------------------------------------------------------
@@ -85,9 +90,11 @@ class DecodeWorker:
 
     def accept(self, prefill_id: str, generation: int, device: str) -> None:
         """Build this end of the pair channel (blocking; the prefill side connects meanwhile)."""
+        started = time.monotonic()
         link = RecvLink(self.store, prefill_id, self.instance_id, generation, device, self.spec,
                         self.engine.kv_cache, self._blocks_of, self._landed,
                         self.transfer_timeout_s, bind_host=self.host)
+        self.metrics.transfer.handshake_time.observe(time.monotonic() - started)
         old = self.links.get(prefill_id)
         self.links[prefill_id] = link
         if old is not None:
@@ -150,6 +157,7 @@ class DecodeWorker:
 
     def _landed(self, request_id: str, result: worker_pb2.TransferResult) -> None:
         """Receive thread: hand the outcome to the engine thread."""
+        self.metrics.transfer.observe(result)
         if result.status == worker_pb2.TRANSFER_STATUS_OK:
             self.loop.submit(lambda: self._arrive(request_id, Arrival.KV, None, result.duration_s))
         else:
@@ -184,6 +192,7 @@ class DecodeWorker:
             return
         request.first_token_time_s = time.monotonic()
         self.transfer_s[request.request_id] = incoming.transfer_s
+        self.admitted_at_s[request.request_id] = request.first_token_time_s
         self.engine.scheduler.add_running(request)
 
     def _transfer_failed(self, request_id: str, message: str) -> None:
@@ -206,6 +215,7 @@ class DecodeWorker:
         if self.engine.abort(rid) is not None:
             reply.found = True
             self.transfer_s.pop(rid, None)
+            self.admitted_at_s.pop(rid, None)
         elif (incoming := self.incoming.get(rid)) is not None:
             reply.found = True
             incoming.aborted = True
@@ -216,6 +226,7 @@ class DecodeWorker:
     def _step(self) -> None:
         outputs = self.engine.step()
         if outputs:
+            self.metrics.batch_size.observe(len(outputs))
             self.emit(self._outputs([self._delta(o) for o in outputs]))
 
     def _delta(self, out: RequestOutput) -> worker_pb2.TokenDelta:
@@ -226,6 +237,9 @@ class DecodeWorker:
             delta.usage.prompt_tokens = out.num_prompt_tokens
             delta.usage.completion_tokens = out.num_output_tokens
             delta.timing.kv_transfer_s = self.transfer_s.pop(out.request_id, 0.0)
+            admitted_at_s = self.admitted_at_s.pop(out.request_id, None)
+            if admitted_at_s is not None:
+                self.metrics.decode_time.observe(time.monotonic() - admitted_at_s)
         return delta
 
     def _outputs(self, deltas: list[worker_pb2.TokenDelta]) -> worker_pb2.DecodeOutputs:
@@ -233,6 +247,10 @@ class DecodeWorker:
                                        instance_id=self.instance_id, deltas=deltas)
         out.state.CopyFrom(self._stats().state)
         return out
+
+    def _publish_metrics(self) -> None:
+        inflight = sum(link.num_inflight for link in tuple(self.links.values()))
+        self.metrics.publish(self.engine, len(self.incoming), inflight)
 
     def _stats(self) -> worker_pb2.WorkerStats:
         inflight = sum(link.num_inflight for link in self.links.values())

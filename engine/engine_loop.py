@@ -13,15 +13,21 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 
+import torch
+
 log = logging.getLogger(__name__)
 
 
 class EngineLoop:
     """Runs `step()` while `has_work()` and runs submitted commands between steps."""
 
-    def __init__(self, step: Callable[[], None], has_work: Callable[[], bool], name: str) -> None:
+    def __init__(self, step: Callable[[], None], has_work: Callable[[], bool], name: str,
+                 after_iteration: Callable[[], None] | None = None,
+                 device: torch.device | None = None) -> None:
         self._step = step
+        self._device = device  # CUDA's current device is per thread: the loop's must be the engine's
         self._has_work = has_work
+        self._after_iteration = after_iteration  # e.g. publish metrics; after commands and step
         self._commands: deque[Callable[[], None]] = deque()
         self._wakeup = threading.Condition()
         self._stopping = False
@@ -57,6 +63,8 @@ class EngineLoop:
         return future
 
     def _run(self) -> None:
+        if self._device is not None and self._device.type == "cuda":
+            torch.cuda.set_device(self._device)  # Triton launches on the current device
         while True:
             with self._wakeup:
                 while not self._stopping and not self._commands and not self._has_work():
@@ -74,6 +82,11 @@ class EngineLoop:
                     log.exception("engine step failed")
                     self.error = exc
                     self._on_step_error(exc)
+            if self._after_iteration is not None:
+                try:
+                    self._after_iteration()
+                except Exception:  # observability must never stop the engine
+                    log.exception("after-iteration hook failed")
 
     def _on_step_error(self, exc: Exception) -> None:
         """Hook for the owner (e.g. fail every request); default: stop stepping."""

@@ -21,6 +21,11 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--prefill-instances", type=int, default=None)
     p.add_argument("--decode-instances", type=int, default=None)
     p.add_argument("--grpc-port", type=int, default=None, help="default 50051")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="the router's Prometheus /metrics port (default 8000; 0 = any free port)")
+    p.add_argument("--prometheus-sd-file", default=None, metavar="PATH",
+                   help="Prometheus file_sd JSON listing every /metrics endpoint, kept current "
+                        "(default /tmp/pdserve/prometheus_sd.json; '' = none)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--worker-host", default=None,
                    help="address KV channels listen on (default: this node's IP in a Ray "
@@ -40,7 +45,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     config = load_cluster_config(args.config) if args.config else ClusterConfig()
     config = with_overrides(config, model=args.model, prefill_instances=args.prefill_instances,
                             decode_instances=args.decode_instances, grpc_port=args.grpc_port,
-                            device=args.device)
+                            metrics_port=args.metrics_port,
+                            prometheus_sd_file=args.prometheus_sd_file, device=args.device)
     init_ray(config.ray_address)
     host = args.worker_host or ("127.0.0.1" if _is_local_ray() else ray.util.get_node_ip_address())
     asyncio.run(serve_forever(config, host))

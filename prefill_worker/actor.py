@@ -2,13 +2,15 @@
 
 Every method is async so Ray serves them concurrently on the actor's event loop; blocking work
 (channel construction, engine-thread round trips) runs in threads.
+The actor serves its worker's Prometheus metrics on a port of its own and reports the address
+in `info()` (cluster.serve lists it in the Prometheus file_sd file).
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from cluster.worker_spec import WorkerSpec, apply_process_settings
+from cluster.worker_spec import WorkerSpec, apply_process_settings, serve_worker_metrics
 from prefill_worker.worker import DecodePeer, PrefillWorker
 from protos.pdserve.v1 import worker_pb2
 
@@ -21,12 +23,14 @@ class PrefillActor:
         self.spec = spec
         self.worker = PrefillWorker(LLMEngine(spec.engine), spec.instance_id,
                                     spec.layers_per_message, spec.transfer_timeout_s, spec.host)
+        self.metrics_endpoint = serve_worker_metrics(spec, self.worker.metrics.registry)
 
     async def info(self) -> dict[str, object]:
         """Startup check: the model is loaded; basic facts for the router."""
         cfg = self.worker.engine.model_config
         return {"instance_id": self.spec.instance_id, "model_name": cfg.name,
-                "num_blocks": self.worker.engine.kv_manager.num_blocks}
+                "num_blocks": self.worker.engine.kv_manager.num_blocks,
+                "metrics_address": self.metrics_endpoint.address}
 
     async def connect(self, decode_id: str, endpoint: worker_pb2.PairEndpoint, decode_handle) -> None:
         peer = DecodePeer(
@@ -52,3 +56,4 @@ class PrefillActor:
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.worker.stop)
+        self.metrics_endpoint.stop()

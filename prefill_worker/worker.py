@@ -28,6 +28,7 @@ from engine.request import Request
 from engine.sampler import SamplerOutput
 from kv_transfer import FaultInjection, KVLayoutSpec, OutgoingTransfer, new_descriptor
 from prefill_worker.links import LinkConfig, SendLink
+from prefill_worker.metrics import PrefillMetrics
 from protos.pdserve.v1 import PROTOCOL_VERSION, generation_pb2, worker_pb2
 from protos.convert import sampling_from_proto, worker_stats
 
@@ -54,7 +55,8 @@ class PrefillWorker:
     """Engine thread + send links of one prefill instance. Ray-free; the actor wraps it."""
 
     def __init__(self, engine: LLMEngine, instance_id: str, layers_per_message: int = 1,
-                 transfer_timeout_s: float = 30.0, host: str | None = None) -> None:
+                 transfer_timeout_s: float = 30.0, host: str | None = None,
+                 metrics: PrefillMetrics | None = None) -> None:
         self.host = host
         self.faults = FaultInjection()
         self.engine = engine
@@ -68,7 +70,10 @@ class PrefillWorker:
         self._on_result: dict[str, Callable[[worker_pb2.PrefillResult], None]] = {}
         self._handed_off: set[str] = set()  # request ids whose blocks the transfer holds
         self.num_transfers_failed = 0
-        self.loop = EngineLoop(self._step, engine.has_unfinished, f"prefill-{instance_id}")
+        self.metrics = metrics or PrefillMetrics(engine.model_config.name)
+        self.loop = EngineLoop(self._step, engine.has_unfinished, f"prefill-{instance_id}",
+                               after_iteration=self._publish_metrics,
+                               device=engine.kv_cache.device)
         self.loop.start()
 
     # ---- control plane (any thread) -------------------------------------------------------
@@ -77,7 +82,9 @@ class PrefillWorker:
         """Build the pair channel to `decode_id` (blocking: the decode side accepts at once)."""
         cfg = LinkConfig(self.instance_id, decode_id, device, self.transfer_timeout_s,
                          faults=faults or self.faults, bind_host=self.host)
+        started = time.monotonic()
         link = SendLink(cfg, endpoint, self.spec, self._transfer_done)
+        self.metrics.transfer.handshake_time.observe(time.monotonic() - started)
         old = self.links.get(decode_id)
         self.links[decode_id], self.peers[decode_id] = link, peer
         if old is not None:
@@ -124,6 +131,7 @@ class PrefillWorker:
         plan = self.engine.scheduler.schedule()
         if plan.is_empty:
             return
+        self.metrics.iteration_tokens.observe(plan.num_batched_tokens)
         handoffs = [self._begin_transfer(c.request) for c in plan.chunks if c.samples]
         senders = {h.link.sender for h in handoffs if h.link is not None}
         on_layer_done = None
@@ -163,6 +171,8 @@ class PrefillWorker:
             self.engine.scheduler.detach(h.request)
             self.engine.forget(h.request)
             delta = _token_delta(h.request, out, step_s)
+            self.metrics.queue_time.observe(delta.timing.queue_s)
+            self.metrics.prefill_time.observe(delta.timing.prefill_s)
             if h.link is not None:
                 self._handed_off.add(rid)
                 h.link.hand_over(h.transfer)
@@ -172,6 +182,7 @@ class PrefillWorker:
             result = worker_pb2.PrefillResult(protocol_version=PROTOCOL_VERSION, request_id=rid,
                                               first_token=delta, prefill_s=step_s)
             if h.link is None:
+                self.metrics.transfer.observe_failure(worker_pb2.TRANSFER_STATUS_FAILED)
                 result.transfer.status = worker_pb2.TRANSFER_STATUS_FAILED
                 result.transfer.message = f"no ready KV channel to {h.task.decode_instance_id}"
             else:
@@ -181,6 +192,7 @@ class PrefillWorker:
 
     def _transfer_done(self, request_id: str, result: worker_pb2.TransferResult) -> None:
         """Finisher thread: the decode side acknowledged (or the transfer failed)."""
+        self.metrics.transfer.observe(result)
         if result.status != worker_pb2.TRANSFER_STATUS_OK:
             self.num_transfers_failed += 1
             log.warning("KV transfer of %s failed: %s", request_id, result.message)
@@ -203,6 +215,10 @@ class PrefillWorker:
             if callback is not None:
                 callback(_aborted_result(request_id))
         return reply
+
+    def _publish_metrics(self) -> None:
+        inflight = sum(link.num_inflight for link in tuple(self.links.values()))
+        self.metrics.publish(self.engine, inflight)
 
     def _stats(self) -> worker_pb2.WorkerStats:
         inflight = sum(link.num_inflight for link in self.links.values())

@@ -17,7 +17,8 @@ An `Abort` RPC ends the aborted request's stream normally (status OK) with finis
 service intended, and the client still gets usage and timing.
 
 The server also runs the standard health service ("" and the Generation service; SERVING while
-the backend is ready, NOT_SERVING once draining) and server reflection.
+the backend is ready, NOT_SERVING once draining) and server reflection, and, given a
+metrics port, serves its Prometheus metrics (router.metrics) at http://host:port/metrics.
 """
 
 from __future__ import annotations
@@ -33,7 +34,16 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.pdserve.v1 import generation_pb2, generation_pb2_grpc
 from router.backend import GenerationBackend, GenerationInput, TokenEvent
+from pdserve.metrics import MetricsEndpoint, start_metrics_server
 from router.errors import RouterError, UnavailableError, status_code_for
+from router.metrics import (
+    CANCELLED,
+    DEADLINE_EXCEEDED,
+    INTERNAL,
+    RequestMetrics,
+    RouterMetrics,
+    error_type,
+)
 from router.validation import RequestValidator
 
 logger = logging.getLogger(__name__)
@@ -50,9 +60,10 @@ DEADLINE_MARGIN_S = 0.02
 class RouterServicer(generation_pb2_grpc.GenerationServicer):
     """Validates calls, streams the backend's tokens, and owns the in-flight request ids."""
 
-    def __init__(self, backend: GenerationBackend) -> None:
+    def __init__(self, backend: GenerationBackend, metrics: RouterMetrics | None = None) -> None:
         self._backend = backend
         self._validator = RequestValidator(backend.tokenizer, backend.model_info())
+        self.metrics = metrics or RouterMetrics(backend.model_info().model_name)
         self._in_flight: set[str] = set()
         self._draining = False
 
@@ -66,37 +77,48 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
         remaining_s = _time_remaining_s(context)
         deadline_s = None if remaining_s is None else arrival_s + remaining_s
         timer = asyncio.timeout(remaining_s)
+        observed = self.metrics.begin(arrival_s)
         try:
             async with timer:
-                await self._generate(request, context, arrival_s, deadline_s)
+                await self._generate(request, context, arrival_s, deadline_s, observed)
         except TimeoutError:
             if not timer.expired():  # raised inside the backend, not by our deadline
-                await _internal_error(context)
+                await _internal_error(context, observed)
+            observed.fail(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_EXCEEDED)
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"deadline of {remaining_s:.3f} s exceeded; the request was aborted")
         except RouterError as error:
+            observed.fail(status_code_for(error), error_type(error))
             await context.abort(status_code_for(error), str(error))
+        except asyncio.CancelledError:  # the client cancelled; the request is aborted already
+            observed.fail(grpc.StatusCode.CANCELLED, CANCELLED)
+            raise
         except grpc.aio.BaseError:  # context.abort() and friends: already a status
+            observed.fail(grpc.StatusCode.UNKNOWN, INTERNAL)
             raise
         except Exception:  # a bug: INTERNAL with a logged traceback, not gRPC's bare UNKNOWN
-            await _internal_error(context)
+            await _internal_error(context, observed)
+        finally:
+            observed.end()
 
     async def _generate(self, request: generation_pb2.GenerateRequest,
                         context: grpc.aio.ServicerContext, arrival_s: float,
-                        deadline_s: float | None) -> None:
+                        deadline_s: float | None, observed: RequestMetrics) -> None:
         if self._draining or not self._backend.is_ready():
             raise UnavailableError("the server is draining or not ready; retry another replica")
         inp = await self._validator.to_input(request, self._in_flight, arrival_s, deadline_s)
         self._in_flight.add(inp.request_id)  # no await since the uniqueness check
         try:
-            await self._stream(inp, context)
+            await self._stream(inp, context, observed)
         finally:
             self._in_flight.discard(inp.request_id)
 
-    async def _stream(self, inp: GenerationInput, context: grpc.aio.ServicerContext) -> None:
+    async def _stream(self, inp: GenerationInput, context: grpc.aio.ServicerContext,
+                      observed: RequestMetrics) -> None:
         # aclosing: an early exit (cancel, deadline) closes the iterator, which aborts the request.
         async with contextlib.aclosing(self._backend.generate(inp)) as events:
             async for event in events:
+                observed.on_event(event)
                 await context.write(_response(inp.request_id, event))
 
     async def Abort(self, request: generation_pb2.AbortRequest,
@@ -113,8 +135,9 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
         return generation_pb2.ClusterState(instances=await self._backend.cluster_state())
 
 
-async def _internal_error(context: grpc.aio.ServicerContext) -> None:
+async def _internal_error(context: grpc.aio.ServicerContext, observed: RequestMetrics) -> None:
     logger.exception("Generate failed")
+    observed.fail(grpc.StatusCode.INTERNAL, INTERNAL)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
 
@@ -142,14 +165,19 @@ class RouterServer:
 
     def __init__(self, server: grpc.aio.Server, servicer: RouterServicer,
                  health_servicer: health.aio.HealthServicer, backend: GenerationBackend,
-                 host: str, port: int) -> None:
+                 host: str, port: int, metrics_endpoint: MetricsEndpoint | None = None) -> None:
         self._server = server
         self._servicer = servicer
         self._health = health_servicer
         self._backend = backend
         self.host = host
         self.port = port  # the bound port (the OS's pick when 0 was asked for)
+        self.metrics_endpoint = metrics_endpoint  # None: metrics are kept but not served
         self._health_task: asyncio.Task | None = None
+
+    @property
+    def metrics(self) -> RouterMetrics:
+        return self._servicer.metrics
 
     @property
     def address(self) -> str:
@@ -177,6 +205,8 @@ class RouterServer:
         await self.drain()
         await self._server.stop(grace_s)
         await self._backend.stop()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
@@ -189,8 +219,9 @@ class RouterServer:
 
 
 async def start_router(backend: GenerationBackend, host: str = "127.0.0.1",
-                       port: int = DEFAULT_PORT) -> RouterServer:
-    """Start `backend`, then serve it on host:port (0 = any free port; see `RouterServer.port`)."""
+                       port: int = DEFAULT_PORT, metrics_port: int | None = None) -> RouterServer:
+    """Start `backend`, then serve it on host:port (0 = any free port; see `RouterServer.port`)
+    and, unless `metrics_port` is None, its metrics on http://host:metrics_port/metrics."""
     await backend.start()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     servicer = RouterServicer(backend)
@@ -200,8 +231,12 @@ async def start_router(backend: GenerationBackend, host: str = "127.0.0.1",
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     bound_port = server.add_insecure_port(f"{host}:{port}")
+    metrics_endpoint = None
+    if metrics_port is not None:
+        metrics_endpoint = start_metrics_server(servicer.metrics.registry, host, metrics_port)
     await server.start()
-    router = RouterServer(server, servicer, health_servicer, backend, host, bound_port)
+    router = RouterServer(server, servicer, health_servicer, backend, host, bound_port,
+                          metrics_endpoint)
     await router.start_health()
     logger.info("router serving %s on %s", backend.model_info().model_name, router.address)
     return router

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
 import ray
 
 from cluster.config import cluster_config_from_dict
-from cluster.disagg_backend import DisaggregatedBackend
-from cluster.pools import start_cluster
-from engine.loader.source import open_model
 from engine.sampling_params import SamplingParams
 from tests.helpers import next_logits
 from tests.serving.harness import ServerHarness
@@ -27,32 +23,25 @@ def init_local_ray(num_cpus: int = 8) -> None:
 
 
 def cluster_config(num_prefill: int, num_decode: int, num_blocks: int = 256,
-                   transfer_timeout_s: float = 10.0):
+                   transfer_timeout_s: float = 10.0, prometheus_sd_file: str = ""):
+    """A CPU cluster on 127.0.0.1 with free ports everywhere (gRPC, every /metrics)."""
     pool = {"cpus_per_instance": 1, "num_kv_blocks": num_blocks, "max_num_batched_tokens": 2048}
     return cluster_config_from_dict({
         "model": "default", "device": "cpu", "dtype": "float32", "block_size": 16,
         "prefill": {**pool, "num_instances": num_prefill},
         "decode": {**pool, "num_instances": num_decode},
-        "server": {"max_queued_requests": MAX_INFLIGHT},
+        "server": {"max_queued_requests": MAX_INFLIGHT, "grpc_host": "127.0.0.1", "grpc_port": 0,
+                   "metrics_port": 0, "worker_metrics_port_base": 0,
+                   "prometheus_sd_file": prometheus_sd_file},
         "transfer": {"timeout_s": transfer_timeout_s},
         "placement_timeout_s": 60,
     })
 
 
-def start_disagg_harness(config, tokenizer_source=None) -> ServerHarness:
-    """The whole serving stack: placement groups, actors, pairing, backend, gRPC router."""
-    source = tokenizer_source or open_model(config.model)
-
-    async def make_backend():
-        pools = await start_cluster(config, "127.0.0.1")
-        return DisaggregatedBackend(pools, source.load_tokenizer(), source.config, MAX_INFLIGHT)
-
-    loop = asyncio.new_event_loop()
-    try:
-        backend = loop.run_until_complete(make_backend())
-    finally:
-        loop.close()
-    return ServerHarness(backend)
+def start_disagg_harness(config) -> ServerHarness:
+    """The whole serving stack, started as `pdserve serve` starts it: placement groups, actors,
+    pairing, backend, gRPC router, /metrics endpoints (and the file_sd file if configured)."""
+    return ServerHarness.for_cluster(config)
 
 
 def token_prompts(tokenizer) -> list[list[int]]:

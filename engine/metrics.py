@@ -1,0 +1,43 @@
+"""The metrics every engine instance exports, whatever its role: queues, KV cache, preemptions.
+
+The engine thread publishes them (`EngineMetrics.publish`) after each loop iteration, from its
+own state; no other thread reads the engine for them. vLLM's names, so its dashboards' queries
+(`num_requests_running`, `kv_cache_usage_perc`, ...) work per instance here too.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pdserve.metrics import MetricFactory
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine
+
+
+class EngineMetrics:
+    """Gauges and counters of one engine, published from its scheduler and block pool."""
+
+    def __init__(self, factory: MetricFactory) -> None:
+        self.num_running = factory.gauge("num_requests_running", "Requests in the running batch")
+        self.num_waiting = factory.gauge(
+            "num_requests_waiting",
+            "Requests on this instance outside the running batch (queued, preempted, or, on a "
+            "decode instance, reserved and waiting for their KV)")
+        self.kv_cache_usage = factory.gauge("kv_cache_usage_perc",
+                                            "Fraction of KV cache blocks in use, 0..1")
+        self.num_preemptions = factory.counter("num_preemptions",
+                                               "Requests preempted (to be recomputed)")
+        self._num_preemptions_seen = 0
+
+    def publish(self, engine: LLMEngine, num_waiting_outside: int = 0) -> None:
+        """Engine thread: copy the engine's state; `num_waiting_outside` counts requests the
+        worker holds outside the scheduler."""
+        scheduler = engine.scheduler
+        self.num_running.set(len(scheduler.running))
+        self.num_waiting.set(len(scheduler.waiting) + num_waiting_outside)
+        self.kv_cache_usage.set(engine.kv_manager.pool.usage)
+        new_preemptions = scheduler.num_preemptions - self._num_preemptions_seen
+        if new_preemptions:
+            self.num_preemptions.inc(new_preemptions)
+            self._num_preemptions_seen += new_preemptions
