@@ -85,6 +85,15 @@ class PendingOp:
         self._tensor: torch.Tensor | None = tensor
 
 
+def resolve_device(device: str) -> torch.device:
+    """`cuda` means this process's current CUDA device (a Ray GPU actor sees its GPU as cuda:0):
+    tensors carry an index, so the channel's device must too."""
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
 class PairChannel:
     """A standalone two-rank process group plus the state needed to fail fast and cleanly."""
 
@@ -93,7 +102,7 @@ class PairChannel:
         self.config = config
         self.spec = spec
         self.remote = remote  # the peer's handshake
-        self.device = torch.device(config.device)
+        self.device = resolve_device(config.device)
         self._group: Backend | None = group
         self._lock = threading.Lock()
         self._pending: set[PendingOp] = set()
@@ -113,7 +122,7 @@ class PairChannel:
         local = build_handshake(spec, config.instance_id, config.pair_key)
         exchange = exchange_as_prefill if config.role is PairRole.PREFILL else exchange_as_decode
         remote = exchange(scoped, local, config.connect_timeout_s)
-        group = new_pair_group(scoped, int(config.role), torch.device(config.device),
+        group = new_pair_group(scoped, int(config.role), resolve_device(config.device),
                                max(deadline - time.monotonic(), 0.001), config.bind_host)
         channel = cls(config, spec, group, remote)
         channel._probe(deadline - time.monotonic())

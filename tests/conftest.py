@@ -7,6 +7,8 @@ import os
 # Before torch loads OpenMP: busy-waiting threads starve each other on small shared machines.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray's head waits 30 s for its GCS to come up; on a busy 2-core CI machine that is too short.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
