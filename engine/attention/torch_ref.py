@@ -1,9 +1,10 @@
 """Reference paged attention in plain torch: runs on CPU and CUDA and is the kernels' oracle.
 
 Each sequence's keys and values are gathered from the paged cache through its block table into a
-padded [B, max_context, H, D] view, queries are scattered into [B, max_query, Hq, D], and one
-masked `scaled_dot_product_attention` call handles every sequence of the group, causal with
-respect to the cached context (so chunked prefill attends to earlier chunks).
+padded [B, max_context, H, D] view, queries are scattered into [B, max_query, Hq, D] (decodes,
+one query each, skip the scatter), and one masked `scaled_dot_product_attention` call handles
+every sequence of the group, causal with respect to the cached context (so chunked prefill
+attends to earlier chunks).
 """
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ def _padded_indices(group: SeqGroup, num_tokens: int, device) -> dict:
 
 
 def _gather_kv(kv_layer: torch.Tensor, group: SeqGroup) -> tuple[torch.Tensor, torch.Tensor]:
-    b, max_blocks = group.block_tables.shape
-    kv = kv_layer[group.block_tables.long()]  # [B, max_blocks, 2, bs, H, D]
-    _, _, _, bs, h, d = kv.shape
-    k = kv[:, :, 0].reshape(b, max_blocks * bs, h, d)[:, : group.max_context_len]
-    v = kv[:, :, 1].reshape(b, max_blocks * bs, h, d)[:, : group.max_context_len]
+    """Each sequence's K and V as [B, max_context, H, D]: one gather each, the reshape a view."""
+    tables = group.block_tables.long()
+    b, max_blocks = tables.shape
+    _, _, bs, h, d = kv_layer.shape
+    k = kv_layer[:, 0][tables].view(b, max_blocks * bs, h, d)[:, : group.max_context_len]
+    v = kv_layer[:, 1][tables].view(b, max_blocks * bs, h, d)[:, : group.max_context_len]
     return k, v
 
 
@@ -55,9 +57,14 @@ def attend(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, scale: floa
     """q: [T, Hq, D] packed new-token queries of the group -> [T, Hq, D]."""
     num_tokens, hq, d = q.shape
     idx = _padded_indices(group, num_tokens, q.device)
+    k, v = _gather_kv(kv_layer, group)
+    if group.max_query_len == 1 and num_tokens == group.num_seqs:  # decode: no q scatter
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=idx["mask"], scale=scale, enable_gqa=True)
+        return out.squeeze(2)
     q_pad = q.new_zeros(group.num_seqs, group.max_query_len, hq, d)
     q_pad[idx["tok_seq"], idx["tok_idx"]] = q
-    k, v = _gather_kv(kv_layer, group)
     out = F.scaled_dot_product_attention(
         q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         attn_mask=idx["mask"], scale=scale, enable_gqa=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -11,15 +12,24 @@ from cluster.config import cluster_config_from_dict
 from engine.sampling_params import SamplingParams
 from tests.helpers import next_logits
 from tests.serving.harness import ServerHarness
+from tests.serving.ray_nodes import local_cluster
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_INFLIGHT = 24
 
 
-def init_local_ray(num_cpus: int = 8) -> None:
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT),
-                                       "TOKENIZERS_PARALLELISM": "false"}})
+@contextmanager
+def local_ray(num_cpus: int = 8):
+    """A one-node local Ray (started by a clean spawned process: tests/serving/ray_nodes.py),
+    with this process connected to it as the driver until the block ends."""
+    with local_cluster(1, num_cpus=num_cpus) as address:
+        ray.init(address=address, logging_level="WARNING",
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT),
+                                           "TOKENIZERS_PARALLELISM": "false"}})
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def cluster_config(num_prefill: int, num_decode: int, num_blocks: int = 256,

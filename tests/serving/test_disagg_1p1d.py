@@ -20,7 +20,7 @@ from tests.serving.disagg_cluster import (
     MAX_INFLIGHT,
     assert_equal_or_near_tie,
     cluster_config,
-    init_local_ray,
+    local_ray,
     start_disagg_harness,
     token_prompts,
 )
@@ -32,11 +32,10 @@ LONG_RUN = {"max_tokens": 2000, "ignore_eos": True, "temperature": 0.0}
 
 @pytest.fixture(scope="module")
 def cluster():
-    init_local_ray()
-    harness = start_disagg_harness(cluster_config(1, 1, transfer_timeout_s=4.0))
-    yield harness
-    harness.close()
-    ray.shutdown()
+    with local_ray():
+        harness = start_disagg_harness(cluster_config(1, 1, transfer_timeout_s=4.0))
+        yield harness
+        harness.close()
 
 
 @pytest.fixture(scope="module")

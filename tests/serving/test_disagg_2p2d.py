@@ -15,7 +15,7 @@ from tests.serving.disagg_cluster import (
     GREEDY_16,
     assert_equal_or_near_tie,
     cluster_config,
-    init_local_ray,
+    local_ray,
     start_disagg_harness,
     token_prompts,
 )
@@ -25,11 +25,10 @@ pytestmark = pytest.mark.timeout(400)
 
 @pytest.fixture(scope="module")
 def cluster():
-    init_local_ray(num_cpus=8)
-    harness = start_disagg_harness(cluster_config(2, 2))
-    yield harness
-    harness.close()
-    ray.shutdown()
+    with local_ray(num_cpus=8):
+        harness = start_disagg_harness(cluster_config(2, 2))
+        yield harness
+        harness.close()
 
 
 def test_2p2d_outputs_equal_colocated_and_use_every_instance(cluster, default_loaded):

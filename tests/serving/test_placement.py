@@ -1,4 +1,4 @@
-"""cluster/placement.py on a real, local, two-node Ray cluster (ray.cluster_utils.Cluster).
+"""cluster/placement.py on a real, local, two-node Ray cluster (tests/serving/ray_nodes.py).
 
 Each node has 2 CPUs and 2 GPUs; the GPUs are only declared, so Ray schedules on them without
 hardware. Every test that uses the cluster must leave all of it free again (`node_ids` checks).
@@ -10,7 +10,6 @@ import time
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 from ray.util import placement_group_table
 
 from cluster.config import ClusterConfig, PoolConfig
@@ -22,6 +21,7 @@ from cluster.placement import (
     instance_bundles,
     remove_placement,
 )
+from tests.serving.ray_nodes import local_cluster
 
 NODE_RESOURCES = {"num_cpus": 2, "num_gpus": 2}
 NUM_NODES = 2
@@ -31,31 +31,17 @@ TOTAL = {"CPU": 2.0 * NUM_NODES, "GPU": 2.0 * NUM_NODES}
 @pytest.fixture(scope="module")
 def _ray_cluster():
     """Two nodes (the head and one worker) with 2 CPUs and 2 declared GPUs each."""
-    cluster = _start_cluster()
-    try:
-        ray.init(address=cluster.address)
-        cluster.wait_for_nodes()
-        yield {node["NodeID"] for node in ray.nodes() if node["Alive"]}
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
-def _start_cluster(attempts: int = 2) -> Cluster:
-    """A loaded 2-core machine can miss Ray's GCS start-up wait once: try again, then fail."""
-    node_args = dict(NODE_RESOURCES)
-    for attempt in range(attempts):
-        cluster = Cluster()
+    with local_cluster(NUM_NODES, **NODE_RESOURCES) as address:
+        ray.init(address=address)
         try:
-            cluster.add_node(**node_args, include_dashboard=False)
-            for _ in range(NUM_NODES - 1):
-                cluster.add_node(**node_args)
-            return cluster
-        except RuntimeError:
-            cluster.shutdown()
-            if attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
+            assert _wait_until(lambda: len(_alive_nodes()) == NUM_NODES, timeout_s=60.0)
+            yield _alive_nodes()
+        finally:
+            ray.shutdown()
+
+
+def _alive_nodes() -> set[str]:
+    return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
 
 
 @pytest.fixture

@@ -29,14 +29,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-import ray
 import yaml
 
 import cluster.serve
 from kv_transfer import FaultInjection
 from kv_transfer.metrics import TRANSFER_TIME_BUCKETS_S
 from pdserve.metrics import ITL_BUCKETS_S, REQUEST_LATENCY_BUCKETS_S, TTFT_BUCKETS_S
-from tests.serving.disagg_cluster import cluster_config, init_local_ray, start_disagg_harness
+from tests.serving.disagg_cluster import cluster_config, local_ray, start_disagg_harness
 from tests.serving.test_metrics import DASHBOARD, DEPLOY, dashboard_exprs
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
@@ -143,12 +142,11 @@ def sd_file(tmp_path_factory) -> Path:
 def serving(sd_file):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cluster.serve, "TARGETS_REFRESH_S", 0.5)  # so the follow test is quick
-        init_local_ray()
-        harness = start_disagg_harness(cluster_config(
-            1, 1, transfer_timeout_s=TRANSFER_TIMEOUT_S, prometheus_sd_file=str(sd_file)))
-        yield harness
-        harness.close()
-        ray.shutdown()
+        with local_ray():
+            harness = start_disagg_harness(cluster_config(
+                1, 1, transfer_timeout_s=TRANSFER_TIMEOUT_S, prometheus_sd_file=str(sd_file)))
+            yield harness
+            harness.close()
     assert json.loads(sd_file.read_text()) == [], "a stopped cluster leaves no targets"
 
 
