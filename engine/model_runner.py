@@ -26,6 +26,7 @@ class StepInputs:
     attn_meta: AttentionMetadata
     sample_rows: torch.Tensor  # [S] row of each sampling chunk's last token
     sampling_chunks: list[ScheduledChunk]
+    greedy_ids: torch.Tensor | None = None  # [S] argmax of the logits, when a graph made it
 
 
 class ModelRunner:
@@ -56,6 +57,8 @@ class ModelRunner:
         logits, inputs = self.forward_logits(plan, on_layer_done)
         if logits is None:
             return None
+        if inputs.greedy_ids is not None and _plain_greedy(inputs.sampling_chunks):
+            return SamplerOutput(token_ids=inputs.greedy_ids, logprobs=None)
         return self.sampler(logits, self._sampling_tensors(inputs.sampling_chunks))
 
     @torch.inference_mode()
@@ -74,11 +77,11 @@ class ModelRunner:
         return self.model.compute_logits(hidden[inputs.sample_rows]).float(), inputs
 
     def _replay_decode(self, graphs: DecodeGraphRunner, plan: SchedulerOutput):
-        logits, meta = graphs.run(plan.chunks)
+        logits, greedy_ids, meta = graphs.run(plan.chunks)
         num_seqs = len(plan.chunks)
         input_ids, positions = graphs.input_views(num_seqs)
         rows = graphs.query_start[:num_seqs]  # row i samples sequence i
-        return logits, StepInputs(input_ids, positions, meta, rows, list(plan.chunks))
+        return logits, StepInputs(input_ids, positions, meta, rows, list(plan.chunks), greedy_ids)
 
     def prepare(self, plan: SchedulerOutput) -> StepInputs:
         chunks = plan.chunks
@@ -145,3 +148,9 @@ class ModelRunner:
             vocab_size=self.vocab_size,
             device=self.device,
         )
+
+
+def _plain_greedy(chunks: list[ScheduledChunk]) -> bool:
+    """True when every request takes the plain argmax: no sampling, penalty or logprobs."""
+    return all(c.request.params.is_greedy and c.request.params.repetition_penalty == 1.0
+               and not c.request.params.logprobs for c in chunks)

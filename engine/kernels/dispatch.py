@@ -7,6 +7,7 @@ reference path everywhere, which is how the tests compare the two.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from engine.layers.activation import silu_and_mul as _silu_and_mul_ref
 
@@ -31,6 +32,19 @@ def _triton_ops(x: torch.Tensor):
     except ImportError:
         return None
     return triton_ops
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; a single bf16/fp16 row on CUDA (decode at batch 1) takes the Triton GEMV,
+    which streams the weight faster than cuBLAS does at that shape."""
+    if _triton_enabled and x.is_cuda and x.dim() == 2 and x.shape[0] == 1:
+        try:
+            from engine.kernels import gemv
+        except ImportError:
+            return F.linear(x, weight, bias)
+        if gemv.supports(x, weight):
+            return gemv.gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels import dispatch
 from engine.parallel import all_gather_last_dim, all_reduce, tp_state
 
 
@@ -38,5 +39,5 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to vocabulary logits; shares its weight with the embedding when tied."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_last_dim(F.linear(hidden, self.weight))
+        logits = all_gather_last_dim(dispatch.linear(hidden, self.weight))
         return logits[..., : self.vocab_size]

@@ -8,9 +8,9 @@ whose checkpoint shards are several HF tensors: their `load_shard` knows where e
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels import dispatch
 from engine.parallel import all_gather_last_dim, all_reduce, divide, tp_state
 
 
@@ -33,7 +33,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = dispatch.linear(x, self.weight, self.bias)
         return all_gather_last_dim(y) if self.gather_output else y
 
 
@@ -84,5 +84,5 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(1, self.tp_rank * self.in_per_rank, self.in_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))
+        y = all_reduce(dispatch.linear(x, self.weight))
         return y + self.bias if self.bias is not None else y

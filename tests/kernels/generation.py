@@ -73,3 +73,27 @@ def teacher_forced_top1(runner: ModelRunner, kv: KVCacheManager, prompts: list[l
 def agreement(picks: list[list[int]], reference: list[list[int]]) -> float:
     pairs = [(a, b) for p, r in zip(picks, reference) for a, b in zip(p, r)]
     return sum(a == b for a, b in pairs) / len(pairs)
+
+
+@torch.inference_mode()
+def batch1_logits(runner: ModelRunner, kv: KVCacheManager, tokens: list[int],
+                  prompt_len: int) -> tuple[torch.Tensor, list[int]]:
+    """One sequence fed `tokens`: a prefill of the first `prompt_len`, then one decode step per
+    further token through `execute` (the batch-1 CUDA graph when there is one). Returns the
+    logits predicting tokens[prompt_len:] ([n, V]) and the ids `execute` picked at each decode.
+    Needs a runner with decode graphs (their static logits are read back)."""
+    request = Request("b1", tokens[:prompt_len], _GREEDY, 0, 1 << 30)
+    kv.grow(request.request_id, len(tokens))
+    table = kv.block_table(request.request_id)
+    try:
+        first = SchedulerOutput([ScheduledChunk(request, 0, prompt_len, table, True)])
+        logits, _ = runner.forward_logits(first)
+        rows, picked = [logits[0].clone()], []
+        for token in tokens[prompt_len:-1]:
+            request.output_token_ids.append(token)
+            chunk = ScheduledChunk(request, request.num_tokens - 1, 1, table, True)
+            picked.append(int(runner.execute(SchedulerOutput([chunk])).token_ids.item()))
+            rows.append(runner.decode_graphs.graphs[1].logits[0].clone())
+        return torch.stack(rows), picked
+    finally:
+        kv.free(request.request_id)

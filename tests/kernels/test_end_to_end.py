@@ -12,7 +12,7 @@ from engine.kernels import dispatch
 from engine.kv_cache.block_table import KVCacheManager
 from engine.model_runner import ModelRunner
 from engine.models.config import ModelConfig
-from tests.kernels.generation import agreement, greedy_generate, teacher_forced_top1
+from tests.kernels.generation import agreement, batch1_logits, greedy_generate, teacher_forced_top1
 
 pytestmark = pytest.mark.gpu
 
@@ -91,5 +91,15 @@ def test_llama3_8b_shape_bf16_top1_agrees_with_hf(cuda, capsys):
     # (6.8% and 82% agreement measured on an H200); a broken kernel gives ~100% and ~0%.
     assert rel < 0.1
     assert rate >= 0.75
+    # batch 1: decode steps run the one-token GEMV (q/k/v, o) and take the graph's argmax
+    seq = hf_out[0].tolist()
+    logits, picked = batch1_logits(runner, KVCacheManager(64, 16), seq, prompts.shape[1])
+    with torch.inference_mode():
+        hf_logits = hf(hf_out[:1]).logits[0, prompts.shape[1] - 1: -1].float()
+    rel1 = ((logits - hf_logits).norm() / hf_logits.norm()).item()
+    with capsys.disabled():
+        print(f"RESULT batch-1 decode logits rel. diff to HF over {len(picked)} steps: {rel1:.2e}")
+    assert picked == logits[1:].argmax(-1).tolist()
+    assert rel1 < 0.1
     del hf, ours, runner
     torch.cuda.empty_cache()

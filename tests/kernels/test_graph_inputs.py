@@ -28,7 +28,7 @@ def _chunk(request: Request, table: list[int]) -> ScheduledChunk:
 
 def _check(runner: DecodeGraphRunner, chunks: list[ScheduledChunk], bucket: int) -> None:
     n = len(chunks)
-    ids, pos, slots = runner.token_inputs[:, :bucket].tolist()
+    ids, pos, slots, _ = runner.token_inputs[:, :bucket].tolist()
     for i, c in enumerate(chunks):
         p = c.start
         assert (ids[i], pos[i]) == (c.request.token_at(p), p)
