@@ -144,12 +144,12 @@ class SamplingTensors:
         """Build the batch tensors; `seeds` are the engine-assigned per-request seeds."""
         _check_batch(params, seeds, steps, token_histories, vocab_size)
         top_ks = [vocab_size if p.top_k <= 0 else min(p.top_k, vocab_size) for p in params]
-        floats = torch.tensor(
+        floats = _to_device(torch.tensor(
             [[0.0 if p.is_greedy else p.temperature, p.top_p, p.min_p, p.repetition_penalty]
              for p in params],
             dtype=torch.float32,
-        ).T.contiguous().to(device)
-        ints = torch.tensor([top_ks, seeds, steps], dtype=torch.int64).to(device)
+        ).T.contiguous(), device)
+        ints = _to_device(torch.tensor([top_ks, seeds, steps], dtype=torch.int64), device)
         sampled = [p for p in params if not p.is_greedy]
         any_penalty = any(p.repetition_penalty != 1.0 for p in params)
         greedy_rows = floats[0] == 0.0
@@ -167,6 +167,16 @@ class SamplingTensors:
             any_min_p=any(p.min_p > 0.0 for p in sampled),
             need_logprobs=any(p.logprobs for p in params),
         )
+
+
+def _to_device(t: Tensor, device: torch.device | str) -> Tensor:
+    """Host tensor -> device without blocking the host: a plain `.to("cuda")` waits for the
+    stream, i.e. for the forward pass just launched, and every sampling kernel would then be
+    launched only after the GPU went idle. Pinned + non_blocking lets the host queue them while
+    the forward runs (the caching host allocator keeps the buffer until the copy is done)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _check_batch(
@@ -201,7 +211,7 @@ def _seen_mask(histories: list[list[int]], vocab_size: int, device: torch.device
             raise ValueError(f"token ids must be in [0, {vocab_size}), got {history}")
     width = max(1, max(len(history) for history in histories))
     padded = [history + [vocab_size] * (width - len(history)) for history in histories]
-    index = torch.tensor(padded, dtype=torch.int64).to(device)
+    index = _to_device(torch.tensor(padded, dtype=torch.int64), device)
     mask = torch.zeros(len(histories), vocab_size + 1, dtype=torch.bool, device=device)
     return mask.scatter_(1, index, True)[:, :vocab_size]
 
