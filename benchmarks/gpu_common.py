@@ -33,6 +33,18 @@ def wall_ms(fn, reps: int = 5, warmup: int = 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def replay_ms(graph, reps: int = 10) -> float:
+    """GPU milliseconds of one replay of a captured CUDA graph, timed with events."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def copy_bandwidth_gbs(num_bytes: int = 2 << 30) -> float:
     """Device-to-device copy rate, counting bytes read plus bytes written (the HBM ceiling)."""
     src = torch.randn(num_bytes // 4, device="cuda")

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_common import (copy_bandwidth_gbs, device_info, print_table,  # noqa: E402
-                                   wall_ms, write_results)
+                                   replay_ms, wall_ms, write_results)
 from engine.builder import build_model, init_random_weights  # noqa: E402
 from engine.kernels.attention_backend import TritonAttentionBackend  # noqa: E402
 from engine.model_runner import ModelRunner  # noqa: E402
@@ -135,7 +135,7 @@ def _bench_decode(runner, work, model, bw: float, batch: int, context: int, step
         work.decode_step(reqs)
     ms = (time.perf_counter() - start) * 1e3 / steps
     graph = runner.decode_graphs.graphs[runner.decode_graphs.bucket_for(batch)].graph
-    gpu_ms = _replay_ms(graph)
+    gpu_ms = replay_ms(graph)
     eager_ms = _eager_step_ms(runner, work, reqs) if batch in (1, 64) else None
     num_bytes = weight_bytes_per_step(model, batch) + batch * (context + steps) * KV_BYTES_PER_TOKEN
     return {"batch": batch, "ours_ms": ms, "graph_ms": gpu_ms, "eager_ms": eager_ms,
@@ -155,16 +155,6 @@ def _eager_step_ms(runner, work, reqs, steps: int = 5) -> float:
         return (time.perf_counter() - start) * 1e3 / steps
     finally:
         runner.decode_graphs = graphs
-
-
-def _replay_ms(graph, reps: int = 10) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def bench_hf(ttft: list[dict], decode: list[dict], context: int, hf_batches: list[int]) -> None:

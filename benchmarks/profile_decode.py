@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_common import copy_bandwidth_gbs, device_info, write_results  # noqa: E402
+from benchmarks.gpu_common import (copy_bandwidth_gbs, device_info, replay_ms,  # noqa: E402
+                                   write_results)
 from benchmarks.latency import BS, CFG, KV_BYTES_PER_TOKEN, Workload, weight_bytes_per_step  # noqa: E402
 from engine.attention.metadata import SeqGroup  # noqa: E402
 from engine.builder import build_model, init_random_weights  # noqa: E402
@@ -58,17 +59,6 @@ def graph_ms(fn, reps: int = 20) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / 5 / reps
-
-
-def _replay_ms(graph, reps: int = 20) -> float:
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def kernel_table(fn, steps: int = 3) -> dict:
@@ -146,9 +136,9 @@ def profile_batch(runner, work, model, bw: float, batch: int, context: int) -> d
         work.decode_step(reqs)
     graphs = runner.decode_graphs
     graph = graphs.graphs[graphs.bucket_for(batch)].graph
-    replay_ms = _replay_ms(graph)
+    replay = replay_ms(graph, reps=20)
     num_bytes = weight_bytes_per_step(model, batch) + batch * (context + 100) * KV_BYTES_PER_TOKEN
-    row = {"batch": batch, "replay_ms": replay_ms, "roofline_ms": num_bytes / bw / 1e6,
+    row = {"batch": batch, "replay_ms": replay, "roofline_ms": num_bytes / bw / 1e6,
            "host": host_split(runner, work, reqs)}
     row["graph_kernels"] = kernel_table(graph.replay)
     graphs_saved, runner.decode_graphs = runner.decode_graphs, None
