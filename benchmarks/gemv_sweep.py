@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_common import copy_bandwidth_gbs, device_info, write_results  # noqa: E402
-from benchmarks.profile_decode import graph_ms  # noqa: E402
+from benchmarks.gpu_common import (copy_bandwidth_gbs, device_info, graph_ms,  # noqa: E402
+                                   write_results)
 from engine.kernels.gemv import gemv  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),

@@ -45,6 +45,18 @@ def replay_ms(graph, reps: int = 10) -> float:
     return start.elapsed_time(end) / reps
 
 
+def graph_ms(fn, reps: int = 20) -> float:
+    """GPU milliseconds per call of `fn`, captured `reps` times in one CUDA graph (no launch
+    overhead: what the call costs inside a decode graph)."""
+    fn()  # compile and warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return replay_ms(graph, reps=5) / reps
+
+
 def copy_bandwidth_gbs(num_bytes: int = 2 << 30) -> float:
     """Device-to-device copy rate, counting bytes read plus bytes written (the HBM ceiling)."""
     src = torch.randn(num_bytes // 4, device="cuda")

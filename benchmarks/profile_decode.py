@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_common import (copy_bandwidth_gbs, device_info, replay_ms,  # noqa: E402
-                                   write_results)
+from benchmarks.gpu_common import (copy_bandwidth_gbs, device_info, graph_ms,  # noqa: E402
+                                   replay_ms, write_results)
 from benchmarks.latency import BS, CFG, KV_BYTES_PER_TOKEN, Workload, weight_bytes_per_step  # noqa: E402
 from engine.attention.metadata import SeqGroup  # noqa: E402
 from engine.builder import build_model, init_random_weights  # noqa: E402
@@ -36,29 +36,11 @@ from engine.kernels.attention_backend import TritonAttentionBackend  # noqa: E40
 from engine.kernels.decode_attention import decode_attention, num_splits_for  # noqa: E402
 from engine.model_runner import ModelRunner  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
-from engine.scheduler import ScheduledChunk, SchedulerOutput  # noqa: E402
+from engine.scheduler import ScheduledChunk  # noqa: E402
 
 KINDS = (("attention", ("_decode_kernel", "_combine_kernel")), ("norm", ("rms_norm",)),
          ("rope_kv", ("rope",)), ("silu", ("silu",)),
          ("gemm", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "splitk")))
-
-
-def graph_ms(fn, reps: int = 20) -> float:
-    """GPU time of `fn` captured `reps` times in one CUDA graph, per call."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 5 / reps
 
 
 def kernel_table(fn, steps: int = 3) -> dict:

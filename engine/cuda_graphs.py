@@ -127,13 +127,13 @@ class DecodeGraphRunner:
         if not changed:
             return
         width = max(len(chunks[i].block_table) for i in changed)
-        rows = []
+        rows = []  # [row index, table padded to width]: one copy for index and rows
         for i in changed:
             table = chunks[i].block_table
             self._host_tables[i] = list(table)
-            rows.append(table + [0] * (width - len(table)))
-        packed = torch.tensor([[i] + row for i, row in zip(changed, rows)], dtype=torch.int32)
-        packed = packed.to(self.block_tables.device, non_blocking=True)  # one copy: index + rows
+            rows.append([i, *table] + [0] * (width - len(table)))
+        packed = torch.tensor(rows, dtype=torch.int32).to(self.block_tables.device,
+                                                          non_blocking=True)
         self.block_tables[packed[:, 0].long(), :width] = packed[:, 1:]
 
     def _capture(self, bucket: int) -> _Captured:

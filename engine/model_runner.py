@@ -57,7 +57,8 @@ class ModelRunner:
         logits, inputs = self.forward_logits(plan, on_layer_done)
         if logits is None:
             return None
-        if inputs.greedy_ids is not None and _plain_greedy(inputs.sampling_chunks):
+        if inputs.greedy_ids is not None and all(
+                c.request.params.is_plain_greedy for c in inputs.sampling_chunks):
             return SamplerOutput(token_ids=inputs.greedy_ids, logprobs=None)
         return self.sampler(logits, self._sampling_tensors(inputs.sampling_chunks))
 
@@ -148,9 +149,3 @@ class ModelRunner:
             vocab_size=self.vocab_size,
             device=self.device,
         )
-
-
-def _plain_greedy(chunks: list[ScheduledChunk]) -> bool:
-    """True when every request takes the plain argmax: no sampling, penalty or logprobs."""
-    return all(c.request.params.is_greedy and c.request.params.repetition_penalty == 1.0
-               and not c.request.params.logprobs for c in chunks)

@@ -39,6 +39,11 @@ class SamplingParams:
         """True when every token is the argmax, so no randomness is involved."""
         return self.temperature < GREEDY_TEMPERATURE
 
+    @property
+    def is_plain_greedy(self) -> bool:
+        """Greedy with nothing else to compute: the token is the raw logits' argmax."""
+        return self.is_greedy and self.repetition_penalty == 1.0 and not self.logprobs
+
     def _check_numbers(self) -> None:
         if _not_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")

@@ -37,7 +37,7 @@ def _triton_ops(x: torch.Tensor):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; a single bf16/fp16 row on CUDA (decode at batch 1) takes the Triton GEMV,
     which streams the weight faster than cuBLAS does at that shape."""
-    if _triton_enabled and x.is_cuda and x.dim() == 2 and x.shape[0] == 1:
+    if _triton_enabled and x.is_cuda and x.shape[0] == 1:  # cheap filter before `supports`
         try:
             from engine.kernels import gemv
         except ImportError:
