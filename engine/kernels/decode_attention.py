@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from engine.attention.metadata import SeqGroup
+from engine.kernels.pdl import launch_options, pdl_wait_and_release
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32
@@ -31,7 +32,9 @@ def _decode_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_out_pt
                    kv_stride_block, kv_stride_kv, kv_stride_tok, kv_stride_h,
                    group, head_dim, BLOCK_SIZE: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   USE_PDL: tl.constexpr):
+    pdl_wait_and_release(USE_PDL)
     kv_head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -87,7 +90,9 @@ def _decode_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_out_pt
 
 @triton.jit
 def _combine_kernel(part_out_ptr, part_lse_ptr, out_ptr, o_stride_t, o_stride_h, num_heads,
-                    head_dim, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+                    head_dim, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+                    USE_PDL: tl.constexpr):
+    pdl_wait_and_release(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     row = (seq * num_heads + head) * NUM_SPLITS
@@ -145,9 +150,11 @@ def decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, s
         BLOCK_SIZE=kv_layer.shape[2], NUM_SPLITS=splits,
         GROUP_PAD=max(16, triton.next_power_of_2(gsize)), BLOCK_D=block_d,
         BLOCK_N=32 if is_fp32 else 64, DOT_PRECISION="ieee" if is_fp32 else "tf32",
-        num_warps=4, num_stages=2 if is_fp32 else 3)
+        num_warps=4, num_stages=2 if is_fp32 else 3,
+        **launch_options(q))
     if splits > 1:
         _combine_kernel[(batch, num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1), num_heads, head_dim,
-            NUM_SPLITS=splits, BLOCK_D=block_d, num_warps=4)
+            NUM_SPLITS=splits, BLOCK_D=block_d, num_warps=4,
+            **launch_options(q))
     return out

@@ -34,17 +34,46 @@ def _triton_ops(x: torch.Tensor):
     return triton_ops
 
 
+def _gemv_module(x: torch.Tensor):
+    """The one-token GEMV kernels when x is a single row on CUDA with Triton enabled."""
+    if not (_triton_enabled and x.is_cuda and x.dim() == 2 and x.shape[0] == 1):
+        return None
+    try:
+        from engine.kernels import gemv
+    except ImportError:
+        return None
+    return gemv
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; a single bf16/fp16 row on CUDA (decode at batch 1) takes the Triton GEMV,
     which streams the weight faster than cuBLAS does at that shape."""
-    if _triton_enabled and x.is_cuda and x.shape[0] == 1:  # cheap filter before `supports`
-        try:
-            from engine.kernels import gemv
-        except ImportError:
-            return F.linear(x, weight, bias)
-        if gemv.supports(x, weight):
-            return gemv.gemv(x, weight, bias)
+    gemv = _gemv_module(x)
+    if gemv is not None and gemv.supports(x, weight):
+        return gemv.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """linear(silu_and_mul(x), weight): one kernel for a single bf16/fp16 row on CUDA."""
+    gemv = _gemv_module(x)
+    if gemv is not None and gemv.supports(x, weight, gemv.MAX_FUSED_SILU_ELEMENTS):
+        return gemv.silu_and_mul_gemv(x, weight)
+    return linear(silu_and_mul(x), weight)
+
+
+def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                    eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(rms_norm(h), weight, bias), h) with h = x + residual (x when residual is None):
+    one kernel for a single bf16/fp16 row on CUDA."""
+    gemv = _gemv_module(x)
+    if gemv is not None and gemv.supports(x, weight):
+        return gemv.rms_norm_gemv(x, residual, norm_weight, eps, weight, bias)
+    if residual is None:
+        return linear(rms_norm(x, norm_weight, eps), weight, bias), x
+    normed, residual = add_rms_norm(x, residual, norm_weight, eps)
+    return linear(normed, weight, bias), residual
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

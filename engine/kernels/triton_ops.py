@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.pdl import launch_options, pdl_wait_and_release
+
 
 def _row_warps(block: int) -> int:
     return max(1, min(16, block // 256))
@@ -26,7 +28,9 @@ def _row_warps(block: int) -> int:
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, x_stride, res_stride,
                      out_stride, res_out_stride, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                     USE_PDL: tl.constexpr):
+    pdl_wait_and_release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -55,7 +59,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         block = triton.next_power_of_2(x2.shape[1])
         _rms_norm_kernel[(x2.shape[0],)](
             x2, x2, weight, out, out, x2.stride(0), 0, out.stride(0), 0, x2.shape[1], eps,
-            HAS_RESIDUAL=False, BLOCK=block, num_warps=_row_warps(block))
+            HAS_RESIDUAL=False, BLOCK=block, num_warps=_row_warps(block),
+            **launch_options(x2))
     return out.view(x.shape)
 
 
@@ -69,7 +74,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         _rms_norm_kernel[(x2.shape[0],)](
             x2, r2, weight, out, new_res, x2.stride(0), r2.stride(0), out.stride(0),
             new_res.stride(0), x2.shape[1], eps, HAS_RESIDUAL=True, BLOCK=block,
-            num_warps=_row_warps(block))
+            num_warps=_row_warps(block),
+            **launch_options(x2))
     return out.view(x.shape), new_res.view(x.shape)
 
 
@@ -77,7 +83,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, n_cols, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    pdl_wait_and_release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -96,7 +104,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(2048, triton.next_power_of_2(n))
         grid = (x2.shape[0], triton.cdiv(n, block))
         _silu_and_mul_kernel[grid](x2, out, x2.stride(0), out.stride(0), n, BLOCK=block,
-                                   num_warps=_row_warps(block))
+                                   num_warps=_row_warps(block),
+                                   **launch_options(x2))
     return out.view(*x.shape[:-1], n)
 
 
@@ -123,7 +132,9 @@ def _rope_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, q_out_ptr, k_ou
                  kv_stride_block, kv_stride_kv, kv_stride_tok, kv_stride_h,
                  num_q_heads, num_kv_heads, half, block_size,
                  WRITE_CACHE: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                 BLOCK_HALF: tl.constexpr):
+                 BLOCK_HALF: tl.constexpr,
+                 USE_PDL: tl.constexpr):
+    pdl_wait_and_release(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)
@@ -184,7 +195,8 @@ def _launch_rope(q, k, v, cos, sin, positions, q_out, k_out, kv_layer, slot_mapp
         *kv_strides, num_q_heads, num_kv_heads, half, block_size,
         WRITE_CACHE=write_cache, BLOCK_HQ=triton.next_power_of_2(num_q_heads),
         BLOCK_HK=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4)
+        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+        **launch_options(q))
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -216,7 +228,9 @@ def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
 def _write_kv_kernel(k_ptr, v_ptr, kv_ptr, slot_ptr, k_stride_t, k_stride_h, v_stride_t,
                      v_stride_h, kv_stride_block, kv_stride_kv, kv_stride_tok, kv_stride_h,
                      num_kv_heads, head_dim, block_size,
-                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                     USE_PDL: tl.constexpr):
+    pdl_wait_and_release(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
@@ -240,4 +254,5 @@ def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k, v, kv_layer, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *kv_layer.stride()[:4], num_kv_heads, head_dim, kv_layer.shape[2],
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=2)
+        num_warps=2,
+        **launch_options(k))

@@ -33,7 +33,17 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = dispatch.linear(x, self.weight, self.bias)
+        return self._gather(dispatch.linear(x, self.weight, self.bias))
+
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(h)), h) with h = x + residual (x when residual is None): the RMSNorm
+        before a projection, fused into it where `dispatch` can (one row on CUDA)."""
+        y, residual = dispatch.rms_norm_linear(x, residual, norm.weight, norm.eps, self.weight,
+                                               self.bias)
+        return self._gather(y), residual
+
+    def _gather(self, y: torch.Tensor) -> torch.Tensor:
         return all_gather_last_dim(y) if self.gather_output else y
 
 
@@ -84,5 +94,13 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(1, self.tp_rank * self.in_per_rank, self.in_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(dispatch.linear(x, self.weight))
+        return self._reduce(dispatch.linear(x, self.weight))
+
+    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) * up) for x = [gate | up]: the activation fused into the projection
+        where `dispatch` can (one row on CUDA)."""
+        return self._reduce(dispatch.silu_and_mul_linear(x, self.weight))
+
+    def _reduce(self, y: torch.Tensor) -> torch.Tensor:
+        y = all_reduce(y)
         return y + self.bias if self.bias is not None else y

@@ -36,8 +36,10 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rope = rope
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                norm: RMSNorm, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over norm(hidden + residual); returns (output, the new residual)."""
+        qkv, residual = self.qkv_proj.forward_normed(hidden, residual, norm)
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -50,7 +52,7 @@ class LlamaAttention(nn.Module):
         q = dispatch.rope_and_write_kv(q, k, v, self.rope.cos, self.rope.sin, positions, kv_layer,
                                        ctx.attn_meta.slot_mapping)
         out = ctx.backend.attend(q, kv_layer, ctx.attn_meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim)), residual
 
 
 class LlamaMLP(nn.Module):
@@ -61,7 +63,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(dispatch.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj.forward_silu_and_mul(self.gate_up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -73,12 +75,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions, hidden, residual, ctx: ForwardContext):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, ctx)
+        hidden, residual = self.self_attn(positions, hidden, residual, self.input_layernorm, ctx)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 

@@ -1,0 +1,48 @@
+"""Programmatic dependent launch (PDL, Hopper and later): a kernel may start while the one before
+it in the stream is still running, and waits (`gdc_wait`) only where it reads what that kernel
+wrote.
+
+A decode step at batch 1 is ~260 short kernels; without PDL each one starts only after the
+previous has fully drained, and the GPU idles for the launch latency in between. With it:
+- every Triton kernel of a step is launched with the PDL attribute and, first thing, waits for
+  its predecessor and lets its own successor launch (`pdl_wait_and_release`);
+- the one-token GEMV loads its first strip of weights *before* waiting, since weights are never
+  written by an earlier kernel: the weight stream starts under the tail of the previous kernel.
+Memory order stays exact: `gdc_wait` returns only when the previous grid has completed and its
+writes are visible, and a kernel writes nothing before it. Kernels from other libraries
+(cuBLAS, torch) are launched normally; the next PDL kernel then simply starts after them.
+
+Works inside CUDA graphs (captured as programmatic edges). Off on the CPU, under the Triton
+interpreter, before Hopper, and when PDSERVE_PDL=0.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def pdl_wait_and_release(USE_PDL: tl.constexpr):
+    """Wait until the previous kernel's writes are visible; allow the next kernel to launch."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+def launch_options(t: torch.Tensor) -> dict:
+    """Keyword arguments for a Triton launch whose kernel takes `USE_PDL: tl.constexpr`."""
+    if t.device.type != "cuda" or not _enabled(t.device.index or 0):
+        return {"USE_PDL": False}
+    return {"USE_PDL": True, "launch_pdl": True}
+
+
+@functools.lru_cache(maxsize=None)
+def _enabled(device_index: int) -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("PDSERVE_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
