@@ -45,4 +45,15 @@ def launch_options(t: torch.Tensor) -> dict:
 def _enabled(device_index: int) -> bool:
     if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("PDSERVE_PDL", "1") == "0":
         return False
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+    return torch.cuda.get_device_capability(device_index)[0] >= 9 and _triton_has_pdl()
+
+
+def _triton_has_pdl() -> bool:
+    """The Triton in use can emit griddepcontrol and launch with the PDL attribute."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra import cuda
+    except ImportError:
+        return False
+    return (hasattr(cuda, "gdc_wait") and hasattr(cuda, "gdc_launch_dependents")
+            and "launch_pdl" in CUDAOptions.__dataclass_fields__)
