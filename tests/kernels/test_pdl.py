@@ -50,10 +50,10 @@ def test_graph_of_pdl_kernels_matches_plain_launches(monkeypatch, fresh_pdl_cach
     plain = _chain(*args)
     monkeypatch.setenv("PDSERVE_PDL", "1")
     pdl._enabled.cache_clear()
-    assert pdl.launch_options(x)["USE_PDL"]
-    _chain(*args)  # compile outside the capture
+    assert not pdl.launch_options(x)["USE_PDL"]  # eager launches stay plain
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
+        assert pdl.launch_options(x)["USE_PDL"]
         out = _chain(*args)
     for _ in range(20):  # replays race nothing: each kernel waits before touching data
         graph.replay()
