@@ -143,6 +143,7 @@ def decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, s
         part_out = torch.empty(batch, num_heads, splits, block_d, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
     is_fp32 = q.dtype == torch.float32
+    launch = launch_options(q)
     _decode_kernel[(num_kv_heads, batch, splits)](
         q, kv_layer, group.block_tables, group.context_lens, out, part_out, part_lse,
         scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -151,10 +152,10 @@ def decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, s
         GROUP_PAD=max(16, triton.next_power_of_2(gsize)), BLOCK_D=block_d,
         BLOCK_N=32 if is_fp32 else 64, DOT_PRECISION="ieee" if is_fp32 else "tf32",
         num_warps=4, num_stages=2 if is_fp32 else 3,
-        **launch_options(q))
+        **launch)
     if splits > 1:
         _combine_kernel[(batch, num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1), num_heads, head_dim,
             NUM_SPLITS=splits, BLOCK_D=block_d, num_warps=4,
-            **launch_options(q))
+            **launch)
     return out

@@ -40,10 +40,13 @@ def launch_options(t: torch.Tensor) -> dict:
     while a CUDA graph is being captured (the decode steps), plain launches otherwise: eager
     steps are bound by the host's launch rate, which PDL cannot help, and graphs are where it
     was measured (H200, batch-1 decode replay 4.60 -> 4.49 ms)."""
-    if (t.device.type != "cuda" or not _enabled(t.device.index or 0)
-            or not torch.cuda.is_current_stream_capturing()):
-        return {"USE_PDL": False}
-    return {"USE_PDL": True, "launch_pdl": True}
+    if t.is_cuda and torch.cuda.is_current_stream_capturing() and _enabled(t.get_device()):
+        return _PDL
+    return _PLAIN
+
+
+_PLAIN = {"USE_PDL": False}  # shared, read-only: unpacked into each launch's keywords
+_PDL = {"USE_PDL": True, "launch_pdl": True}
 
 
 @functools.lru_cache(maxsize=None)
