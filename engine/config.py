@@ -79,6 +79,10 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     attention_backend: str = "auto"  # auto | torch | triton
     use_cuda_graphs: bool = True  # capture decode steps on CUDA
+    # Plan and launch step N+1 before reading step N's sampled ids back (engine/inflight.py).
+    # None -> on CUDA (it hides the host's per-step work behind the GPU's), off on CPU (where
+    # nothing runs ahead of the host, so it would only add a wasted step per stop).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
@@ -89,6 +93,10 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"
             )
+
+    @property
+    def use_async_scheduling(self) -> bool:
+        return self.device == "cuda" if self.async_scheduling is None else self.async_scheduling
 
     @property
     def torch_dtype(self) -> torch.dtype:

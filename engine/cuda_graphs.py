@@ -5,7 +5,9 @@ eager above). Graphs read static input buffers that each step overwrites: token 
 cache slots, context lengths and block tables padded to max_model_len / block_size columns. The
 padded rows of a bucket write no KV (slot -1) and attend to one token, and their logits are
 dropped. Nothing in the graph depends on host-side lengths (the decode kernel splits each
-context on the device), so one capture serves every context length.
+context on the device), so one capture serves every context length. A token in flight (see
+engine/inflight.py) has no id on the host: its row names the row of the runner's `sampled_ids`
+that holds it, and the graph reads it from there; the graph also writes its greedy picks there.
 
 Host cost per step is what the GPU waits for between two replays, so it is kept small: the four
 per-sequence inputs travel in one copy from a pinned staging buffer, block tables only when a
@@ -36,14 +38,15 @@ class _Captured:
     graph: torch.cuda.CUDAGraph
     meta: AttentionMetadata
     logits: torch.Tensor  # [bucket, vocab] float32, written by every replay
-    greedy_ids: torch.Tensor  # [bucket] int64, argmax of logits, written by every replay
+    greedy_ids: torch.Tensor  # [bucket] int64 view of sampled_ids: argmax of logits
 
 
 class DecodeGraphRunner:
     """Captures and replays decode steps of one model against one KV cache tensor."""
 
     def __init__(self, model, kv_cache: torch.Tensor, backend, block_size: int,
-                 max_model_len: int, buckets: Sequence[int] = BATCH_BUCKETS) -> None:
+                 max_model_len: int, sampled_ids: torch.Tensor,
+                 buckets: Sequence[int] = BATCH_BUCKETS) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
@@ -51,10 +54,14 @@ class DecodeGraphRunner:
         self.buckets = tuple(sorted(buckets))
         self.max_blocks = -(-max_model_len // block_size)
         n, dev = self.buckets[-1], kv_cache.device
-        # rows: token ids, positions, cache slots, context lengths (one host-to-device copy)
-        self.token_inputs = torch.zeros(4, n, dtype=torch.int64, device=dev)
+        if sampled_ids.shape[0] < n:
+            raise ValueError(f"sampled_ids holds {sampled_ids.shape[0]} rows, the largest bucket {n}")
+        self.sampled_ids = sampled_ids
+        # rows: token ids, positions, cache slots, context lengths, sampled_ids row of a token
+        # in flight or -1 (one host-to-device copy)
+        self.token_inputs = torch.zeros(5, n, dtype=torch.int64, device=dev)
         self.context_lens = self.token_inputs[3]
-        self._staging = torch.zeros(4, n, dtype=torch.int64, pin_memory=dev.type == "cuda")
+        self._staging = torch.zeros(5, n, dtype=torch.int64, pin_memory=dev.type == "cuda")
         self._staging_np = self._staging.numpy()
         self._copied = torch.cuda.Event() if dev.type == "cuda" else None
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
@@ -111,7 +118,8 @@ class DecodeGraphRunner:
         st[1, :n] = positions
         st[2, :n] = [c.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, positions)]
         st[3, :n] = st[1, :n] + 1
-        st[:, n:bucket] = [[0], [0], [-1], [1]]
+        st[4, :n] = [c.request.inflight_row if t < 0 else -1 for c, t in zip(chunks, st[0, :n])]
+        st[:, n:bucket] = [[0], [0], [-1], [1], [-1]]
         self.token_inputs.copy_(self._staging, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
@@ -144,17 +152,23 @@ class DecodeGraphRunner:
         meta = AttentionMetadata(self.token_inputs[2, :bucket], bucket, decode, None)
         ctx = ForwardContext(self.kv_cache, meta, self.backend, None)
         ids, positions = self.input_views(bucket)
+        fed_rows = self.token_inputs[4, :bucket]
+        greedy_ids = self.sampled_ids[:bucket]
 
         def step() -> tuple[torch.Tensor, torch.Tensor]:
-            hidden = self.model(ids, positions, ctx)
+            fed = self.sampled_ids.gather(0, fed_rows.clamp(min=0))
+            hidden = self.model(torch.where(fed_rows >= 0, fed, ids), positions, ctx)
             logits = self.model.compute_logits(hidden).float()
-            return logits, logits.argmax(dim=-1)  # the sampler's greedy pick, bit for bit
+            torch.argmax(logits, dim=-1, out=greedy_ids)  # the sampler's greedy pick, bit for bit
+            return logits, greedy_ids
 
+        saved = self.sampled_ids.clone()  # the warm-up overwrites ids a step in flight may need
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             step()  # warm-up outside the capture: kernel compilation, library handles
         torch.cuda.current_stream().wait_stream(side)
+        self.sampled_ids.copy_(saved)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             logits, greedy_ids = step()

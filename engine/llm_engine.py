@@ -1,7 +1,9 @@
 """The engine API: add requests, step, abort, stream outputs; `generate` for offline use.
 
-A step is three calls: the scheduler plans, the runner executes, the engine post-processes
-(append sampled tokens, detokenize, finish requests and free their blocks).
+A step is three calls: the scheduler plans, the runner launches, the engine post-processes
+(append sampled tokens, detokenize, finish requests and free their blocks). With asynchronous
+scheduling (engine/inflight.py) a `step()` plans and launches step N+1 first and post-processes
+step N after, while the GPU runs N+1; its outputs are then those of step N.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from collections.abc import Callable, Sequence
 from engine.attention import get_backend
 from engine.builder import LoadedModel, load_model, make_kv_cache
 from engine.config import EngineConfig
+from engine.inflight import InFlightStep, Readback
 from engine.kv_cache.block_table import KVCacheManager, num_blocks_for
 from engine.model_runner import ModelRunner
 from engine.output_processor import RequestStream
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import Request, RequestStatus
-from engine.sampler import SamplerOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 
@@ -42,7 +44,11 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, self.kv_cache, backend, block_size,
                                   loaded.config.vocab_size, config.device,
                                   use_cuda_graphs=config.use_cuda_graphs,
-                                  max_model_len=self.max_model_len)
+                                  max_model_len=self.max_model_len,
+                                  max_num_seqs=config.scheduler.max_num_seqs)
+        self.async_scheduling = config.use_async_scheduling
+        self._readback = Readback(self.runner.sampled_ids.shape[0], self.runner.device)
+        self._in_flight: InFlightStep | None = None  # launched, not yet read back
         self.requests: dict[str, Request] = {}
         self.streams: dict[str, RequestStream] = {}
 
@@ -52,7 +58,7 @@ class LLMEngine:
         """Validate and build a request (not yet queued). `seed` overrides `params.seed`: the
         router fixes one per request so prefill and decode instances sample alike."""
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self.requests:
+        if request_id in self.requests or self.kv_manager.block_table(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
         prompt = [int(t) for t in prompt_token_ids]
         self._validate_prompt(prompt, params)
@@ -93,34 +99,65 @@ class LLMEngine:
         request = self.requests.get(request_id)
         if request is None:
             return None
-        self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        self._end(request, RequestStatus.FINISHED_ABORTED)
         self.forget(request)
         return RequestOutput(request_id, [], "", True, "abort", [], request.num_prompt_tokens,
                              len(request.output_token_ids))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ---- stepping ------------------------------------------------------------------------
     def step(self, on_layer_done: Callable[[int], None] | None = None) -> list[RequestOutput]:
+        """Plan and launch one step; returns the outputs of the step it reads back: this one
+        (synchronous) or the previous one (asynchronous scheduling)."""
+        previous, self._in_flight = self._in_flight, None
+        outputs: list[RequestOutput] = []
+        if previous is not None and not self._can_overlap(previous, on_layer_done):
+            outputs += self._read_back(previous)
+            previous = None
         plan = self.scheduler.schedule()
-        if plan.is_empty:
-            return []
+        if not plan.is_empty:
+            self._in_flight = self._launch(plan, on_layer_done)
+        if previous is not None:
+            outputs += self._read_back(previous)
+        if not self.async_scheduling and self._in_flight is not None:
+            current, self._in_flight = self._in_flight, None
+            outputs += self._read_back(current)
+        return outputs
+
+    def _can_overlap(self, previous: InFlightStep, on_layer_done) -> bool:
+        """Whether the next step may launch before `previous` is read: not for hooked (layer
+        streamed) steps, nor when a repetition penalty needs every token id on the host."""
+        return (self.async_scheduling and on_layer_done is None
+                and all(c.request.params.repetition_penalty == 1.0
+                        for c in previous.sampling_chunks))
+
+    def _launch(self, plan: SchedulerOutput, on_layer_done) -> InFlightStep:
         sampled = self.runner.execute(plan, on_layer_done)
         self.scheduler.on_step_done(plan)
-        return self.process_sampled(plan, sampled)
-
-    def process_sampled(self, plan: SchedulerOutput, sampled: SamplerOutput | None) -> list[RequestOutput]:
-        """Append each sampled token to its request, stream text, finish what is done."""
-        if sampled is None:
-            return []
-        token_ids = sampled.token_ids.tolist()  # the step's only host sync
-        logprobs = sampled.logprobs.tolist() if sampled.logprobs is not None else None
         chunks = [c for c in plan.chunks if c.samples]
+        for row, chunk in enumerate(chunks):  # the runner feeds the next step from these rows
+            chunk.request.num_inflight_tokens += 1
+            chunk.request.inflight_row = row
+        ids, logprobs, ready = self._readback.start(sampled) if sampled else (None, None, None)
+        return InFlightStep(plan, chunks, frozenset(c.request.request_id for c in plan.chunks),
+                            ids, logprobs, ready)
+
+    def _read_back(self, step: InFlightStep) -> list[RequestOutput]:
+        """Append each sampled token to its request, stream text, finish what is done. Tokens
+        of requests that ended meanwhile (aborted, or stopped at the step before) are dropped."""
+        token_ids, logprobs = step.wait()  # the step's only host sync
         outputs = []
-        for i, chunk in enumerate(chunks):
+        for i, chunk in enumerate(step.sampling_chunks):
+            request = chunk.request
+            request.num_inflight_tokens -= 1
+            if request.is_finished or request.request_id not in self.requests:
+                continue
             lp = logprobs[i] if logprobs is not None else None
-            outputs.append(self.append_token(chunk.request, token_ids[i], lp))
+            outputs.append(self.append_token(request, token_ids[i], lp))
+        for request_id in step.deferred_frees:
+            self.kv_manager.free(request_id)
         return outputs
 
     def append_token(self, request: Request, token_id: int, logprob: float | None) -> RequestOutput:
@@ -132,8 +169,18 @@ class LLMEngine:
 
     def finish_request(self, request: Request, finish_reason: str) -> None:
         status = RequestStatus.FINISHED_STOPPED if finish_reason == "stop" else RequestStatus.FINISHED_LENGTH
-        self.scheduler.finish(request, status)
+        self._end(request, status)
         self.forget(request)
+
+    def _end(self, request: Request, status: RequestStatus) -> None:
+        """Finish a request; its blocks return to the pool now, or, if the step in flight
+        computes it, once that step is read back (the GPU may still be writing them)."""
+        flight = self._in_flight
+        if flight is not None and request.request_id in flight.request_ids:
+            self.scheduler.finish(request, status, free_blocks=False)
+            flight.deferred_frees.append(request.request_id)
+        else:
+            self.scheduler.finish(request, status)
 
     def record_token(self, request: Request, token_id: int, logprob: float | None) -> RequestOutput:
         """Append a token to the request and its text stream; no effect on the scheduler."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention.metadata import AttentionMetadata, SeqGroup
-from engine.cuda_graphs import DecodeGraphRunner
+from engine.cuda_graphs import BATCH_BUCKETS, DecodeGraphRunner
 from engine.models.context import ForwardContext
 from engine.sampler import Sampler, SamplerOutput, SamplingTensors
 from engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -34,7 +34,7 @@ class ModelRunner:
 
     def __init__(self, model, kv_cache: torch.Tensor, backend, block_size: int,
                  vocab_size: int, device: str, use_cuda_graphs: bool = True,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, max_num_seqs: int = BATCH_BUCKETS[-1]) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
@@ -42,25 +42,33 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self.sampler = Sampler()
+        # Every step's sampled ids, row i = sampling chunk i, kept on the device: the next step
+        # reads the ids the host has not seen yet (tokens in flight) from here. Fixed size:
+        # captured graphs write into it.
+        self.sampled_ids = torch.zeros(max(max_num_seqs, BATCH_BUCKETS[-1]), dtype=torch.int64,
+                                       device=self.device)
         # Decode-only steps replay captured CUDA graphs (CUDA + a graph-safe backend only).
         self.decode_graphs: DecodeGraphRunner | None = None
         if (use_cuda_graphs and self.device.type == "cuda"
                 and getattr(backend, "supports_cuda_graphs", False)):
             self.decode_graphs = DecodeGraphRunner(
                 model, kv_cache, backend, block_size,
-                max_model_len or model.config.max_position_embeddings)
+                max_model_len or model.config.max_position_embeddings, self.sampled_ids)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput,
                 on_layer_done: Callable[[int], None] | None = None) -> SamplerOutput | None:
-        """Run one step; returns sampled tokens for the chunks that complete a sequence."""
+        """Run one step; returns sampled tokens for the chunks that complete a sequence, as
+        device tensors (nothing waits for the GPU here). They also land in `sampled_ids`."""
         logits, inputs = self.forward_logits(plan, on_layer_done)
         if logits is None:
             return None
         if inputs.greedy_ids is not None and all(
                 c.request.params.is_plain_greedy for c in inputs.sampling_chunks):
-            return SamplerOutput(token_ids=inputs.greedy_ids, logprobs=None)
-        return self.sampler(logits, self._sampling_tensors(inputs.sampling_chunks))
+            return SamplerOutput(token_ids=inputs.greedy_ids, logprobs=None)  # in sampled_ids
+        out = self.sampler(logits, self._sampling_tensors(inputs.sampling_chunks))
+        self.sampled_ids[: out.token_ids.shape[0]].copy_(out.token_ids)
+        return out
 
     @torch.inference_mode()
     def forward_logits(self, plan: SchedulerOutput,
@@ -89,8 +97,12 @@ class ModelRunner:
         num_decode = sum(1 for c in chunks if c.is_decode)
         token_ids: list[int] = []
         positions: list[int] = []
+        fed: list[tuple[int, int]] = []  # (token index, sampled_ids row) of tokens in flight
         for c in chunks:
-            token_ids += c.request.new_token_ids(c.start, c.num_tokens)
+            ids = c.request.new_token_ids(c.start, c.num_tokens)
+            if ids[-1] < 0:  # only a sequence's last token can be in flight
+                fed.append((len(token_ids) + len(ids) - 1, c.request.inflight_row))
+            token_ids += ids
             positions += range(c.start, c.start + c.num_tokens)
         tables = self._block_tables(chunks)
         decode = self._seq_group(chunks[:num_decode], tables[:num_decode]) if num_decode else None
@@ -101,13 +113,21 @@ class ModelRunner:
         meta = AttentionMetadata(slots.to(self.device, non_blocking=True), num_decode, decode, prefill)
         ends = torch.tensor([c.num_tokens for c in chunks]).cumsum(0) - 1
         sampling = [i for i, c in enumerate(chunks) if c.samples]
+        input_ids = torch.tensor(token_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        if fed:
+            self._feed_inflight(input_ids, fed)
         return StepInputs(
-            input_ids=torch.tensor(token_ids, dtype=torch.int64).to(self.device, non_blocking=True),
+            input_ids=input_ids,
             positions=pos.to(self.device, non_blocking=True),
             attn_meta=meta,
             sample_rows=ends[sampling].to(self.device, non_blocking=True),
             sampling_chunks=[chunks[i] for i in sampling],
         )
+
+    def _feed_inflight(self, input_ids: torch.Tensor, fed: list[tuple[int, int]]) -> None:
+        """Put the ids of tokens in flight, sampled by the previous step, into `input_ids`."""
+        index, rows = torch.tensor(fed, dtype=torch.int64).T.to(self.device, non_blocking=True)
+        input_ids[index] = self.sampled_ids[rows]
 
     @staticmethod
     def _block_tables(chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -144,7 +164,7 @@ class ModelRunner:
         return SamplingTensors.from_params(
             params=params,
             seeds=[r.seed for r in requests],
-            steps=[len(r.output_token_ids) for r in requests],
+            steps=[r.num_sampled_tokens for r in requests],
             token_histories=[r.all_token_ids for r in requests] if needs_history else None,
             vocab_size=self.vocab_size,
             device=self.device,

@@ -40,7 +40,7 @@ class RequestStream:
 
     def _at_length_limit(self) -> bool:
         r = self.request
-        return len(r.output_token_ids) >= r.params.max_tokens or r.num_tokens >= r.max_model_len
+        return len(r.output_token_ids) >= r.params.max_tokens or r.num_known_tokens >= r.max_model_len
 
     def _flush(self) -> str:
         tail = self.detokenizer.flush()

@@ -7,10 +7,15 @@ Lifecycle (every transition happens in `Scheduler`, except FINISHED_* set by `fi
        └──── preempt ───────┘      (blocks freed, KV recomputed from scratch later)
     any non-finished state ──abort──> FINISHED_ABORTED
 
-Progress is one number: `num_computed_tokens`, how many of `all_token_ids` have KV in the cache.
-A step computes tokens [num_computed_tokens, num_computed_tokens + n); when that reaches
+Progress is one number: `num_computed_tokens`, how many of the sequence's tokens have KV in the
+cache. A step computes tokens [num_computed_tokens, num_computed_tokens + n); when that reaches
 `num_tokens`, the step also samples the next token. Prefill, chunked prefill, decode and
 recompute after preemption are all this same rule.
+
+With asynchronous scheduling a sampled token can be *in flight*: the step that samples it is
+launched but the host has not read it back yet. It already counts in `num_tokens` (the next step
+computes its KV, taking its id from the device), but not in `output_token_ids`; at most one token
+per request is in flight when the scheduler plans a step.
 """
 
 from __future__ import annotations
@@ -61,6 +66,9 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time_s: float | None = None
     first_token_time_s: float | None = None
+    num_inflight_tokens: int = 0  # sampled on the device, not yet read back (0 or 1 when planning)
+    inflight_row: int = -1  # row of the last launched step's sampled ids holding that token
+
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -68,7 +76,26 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens of the sequence, the one in flight included."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_inflight_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host holds: prompt and outputs read back so far."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_sampled_tokens(self) -> int:
+        """Output tokens sampled so far, the one in flight included: the output index (and so
+        the sampling noise) of the next token is this number."""
+        return len(self.output_token_ids) + self.num_inflight_tokens
+
+    @property
+    def length_capped(self) -> bool:
+        """The tokens sampled so far already end the request by length: sampling another one
+        would be wasted (only possible while one is in flight; otherwise it has finished)."""
+        return (self.num_sampled_tokens >= self.params.max_tokens
+                or self.num_tokens >= self.max_model_len)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -84,12 +111,16 @@ class Request:
         return self.status.is_finished
 
     def token_at(self, position: int) -> int:
+        """The id at `position`; -1 for the token in flight (its id is on the device only)."""
         n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
+        if position < n:
+            return self.prompt_token_ids[position]
+        return self.output_token_ids[position - n] if position < self.num_known_tokens else -1
 
     def new_token_ids(self, start: int, count: int) -> list[int]:
-        """Token ids for positions [start, start + count)."""
+        """Token ids for positions [start, start + count); -1 for the token in flight."""
         n = len(self.prompt_token_ids)
         if start + count <= n:
             return self.prompt_token_ids[start:start + count]
-        return self.all_token_ids[start:start + count]
+        ids = self.all_token_ids[start:start + count]
+        return ids + [-1] * (count - len(ids))

@@ -73,8 +73,9 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
 
-    def finish(self, request: Request, status: RequestStatus) -> None:
-        """Move a request to a finished state and return its blocks. Idempotent."""
+    def finish(self, request: Request, status: RequestStatus, free_blocks: bool = True) -> None:
+        """Move a request to a finished state and return its blocks (unless the caller frees
+        them later: a launched step may still write them). Idempotent."""
         if request.is_finished:
             return
         request.status = status
@@ -82,7 +83,8 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.kv.free(request.request_id)
+        if free_blocks:
+            self.kv.free(request.request_id)
 
     def detach(self, request: Request) -> list[int]:
         """Remove a request from the queues but KEEP its blocks (ownership passes to the caller,
@@ -116,6 +118,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if request.num_inflight_tokens and request.length_capped:
+                index += 1  # its last token is in flight; it finishes when that is read back
+                continue
             num_new = min(request.num_pending_tokens, budget)
             if not self._reserve_or_preempt(request, request.num_computed_tokens + num_new, out):
                 break  # the request itself was preempted; everything after it is gone too

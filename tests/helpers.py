@@ -30,9 +30,10 @@ PROMPTS = [
 
 def build_engine(loaded, block_size: int = 16, num_blocks: int | None = 512,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
-                 enable_chunked_prefill: bool = True) -> LLMEngine:
+                 enable_chunked_prefill: bool = True,
+                 async_scheduling: bool | None = None) -> LLMEngine:
     config = EngineConfig(
-        model="default", device="cpu", dtype="float32",
+        model="default", device="cpu", dtype="float32", async_scheduling=async_scheduling,
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens,

@@ -1,0 +1,85 @@
+"""Asynchronous scheduling: steps whose sampled ids are still on their way to the host.
+
+A synchronous engine launches step N, waits for its sampled ids, turns them into outputs, plans
+step N+1 and launches it: the GPU idles for all of that host work. With asynchronous scheduling
+the engine plans and launches N+1 *before* it reads N back, so the host's work of one step runs
+while the GPU computes the next. What makes that possible:
+
+- the scheduler plans N+1 with N's tokens "in flight" (`Request.num_inflight_tokens`): they
+  count as tokens of their sequences, their positions, slots and blocks are known;
+- the runner feeds their ids to N+1 on the device, from the buffer where N's sampling wrote
+  them (`ModelRunner.sampled_ids`, row `Request.inflight_row`);
+- each launched step copies its sampled ids into a pinned host buffer and records an event; the
+  engine later waits for that event only, never for the whole stream (which already holds N+1).
+
+A request that ends at step N (a stop token or string) may have had a token computed by N+1:
+that token is dropped, and the request's blocks, which N+1 may still write, go back to the pool
+only once N+1 is read back (`InFlightStep.deferred_frees`). Requests that would end by length
+are not scheduled while their last token is in flight, so they waste nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.sampler import SamplerOutput
+from engine.scheduler import ScheduledChunk, SchedulerOutput
+
+
+@dataclass(slots=True)
+class InFlightStep:
+    """A launched step: its plan, and where and when its sampled ids land on the host."""
+
+    plan: SchedulerOutput
+    sampling_chunks: list[ScheduledChunk]  # chunk i's token is row i of token_ids
+    request_ids: frozenset[str]  # every request the step computes KV for
+    token_ids: torch.Tensor | None  # host [S] int64, valid once `ready` has fired
+    logprobs: torch.Tensor | None  # host [S] float32, when a request asked for logprobs
+    ready: torch.cuda.Event | None  # None on CPU: the copies were synchronous
+    deferred_frees: list[str] = field(default_factory=list)  # freed once this step is read
+
+    def wait(self) -> tuple[list[int], list[float] | None]:
+        """Block until the sampled ids are on the host; returns them (and logprobs) as lists."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        n = len(self.sampling_chunks)
+        if self.token_ids is None:
+            return [], None
+        logprobs = self.logprobs[:n].tolist() if self.logprobs is not None else None
+        return self.token_ids[:n].tolist(), logprobs
+
+
+class Readback:
+    """Starts device-to-host copies of sampled ids into pinned buffers, used in turn with their
+    events: two steps can be unread at once (the one being read and the one just launched),
+    never three, so a buffer is reused only after the step that last used it was read."""
+
+    def __init__(self, max_rows: int, device: torch.device) -> None:
+        self.device = device
+        pinned = device.type == "cuda"
+        self._ids = torch.zeros(2, max_rows, dtype=torch.int64, pin_memory=pinned)
+        self._logprobs = torch.zeros(2, max_rows, dtype=torch.float32, pin_memory=pinned)
+        self._events = [torch.cuda.Event(), torch.cuda.Event()] if pinned else None
+        self._turn = 0
+
+    def start(self, sampled: SamplerOutput) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                     torch.cuda.Event | None]:
+        """Queue the copies behind the step on the current stream; returns (ids, logprobs, event)."""
+        n = sampled.token_ids.shape[0]
+        if n > self._ids.shape[1]:
+            raise ValueError(f"a step sampled {n} tokens; the read-back buffers hold "
+                             f"{self._ids.shape[1]}")
+        self._turn ^= 1
+        ids = self._ids[self._turn]
+        ids[:n].copy_(sampled.token_ids, non_blocking=True)
+        logprobs = None
+        if sampled.logprobs is not None:
+            logprobs = self._logprobs[self._turn]
+            logprobs[:n].copy_(sampled.logprobs, non_blocking=True)
+        event = None
+        if self._events is not None:
+            event = self._events[self._turn]
+            event.record()
+        return ids, logprobs, event
