@@ -1,7 +1,7 @@
 """The decode graphs' static inputs (plain tensor work, checked on the CPU): every step must leave
-exactly its own token ids, positions, slots, context lengths and block tables in the buffers,
-whatever rows held before (tables growing, sequences leaving, a preempted sequence coming back
-with other blocks)."""
+exactly its own token ids, positions, slots, context lengths, block tables and in-flight rows
+in the buffers, whatever rows held before (tables growing, sequences leaving, a preempted
+sequence coming back with other blocks, tokens in flight under asynchronous scheduling)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ BS = 4
 
 def _runner() -> DecodeGraphRunner:
     return DecodeGraphRunner(model=None, kv_cache=torch.zeros(1), backend=None, block_size=BS,
-                             max_model_len=256, buckets=(1, 2, 4, 8))
+                             max_model_len=256, sampled_ids=torch.zeros(8, dtype=torch.int64),
+                             buckets=(1, 2, 4, 8))
 
 
 def _chunk(request: Request, table: list[int]) -> ScheduledChunk:
@@ -28,14 +29,16 @@ def _chunk(request: Request, table: list[int]) -> ScheduledChunk:
 
 def _check(runner: DecodeGraphRunner, chunks: list[ScheduledChunk], bucket: int) -> None:
     n = len(chunks)
-    ids, pos, slots, _ = runner.token_inputs[:, :bucket].tolist()
+    ids, pos, slots, _, fed_rows = runner.token_inputs[:, :bucket].tolist()
     for i, c in enumerate(chunks):
         p = c.start
         assert (ids[i], pos[i]) == (c.request.token_at(p), p)
+        in_flight = p == c.request.num_known_tokens  # its id is on the device only
+        assert fed_rows[i] == (c.request.inflight_row if in_flight else -1)
         assert slots[i] == c.block_table[p // BS] * BS + p % BS
         assert runner.context_lens[i].item() == p + 1
         assert runner.block_tables[i, : len(c.block_table)].tolist() == c.block_table
-    assert slots[n:] == [-1] * (bucket - n)
+    assert slots[n:] == [-1] * (bucket - n) and fed_rows[n:] == [-1] * (bucket - n)
     assert runner.context_lens[n:bucket].tolist() == [1] * (bucket - n)
 
 
@@ -56,8 +59,14 @@ def test_load_inputs_tracks_changing_batches():
             r, table = live[rng.randrange(len(live))]
             table[:] = list(range(next_block, next_block + len(table)))
             next_block += len(table)
-        for r, table in live:
-            r.output_token_ids.append(rng.randrange(100))
+        for row, (r, table) in enumerate(live):
+            if r.num_inflight_tokens:  # read back
+                r.num_inflight_tokens = 0
+                r.output_token_ids.append(rng.randrange(100))
+            if rng.random() < 0.5:  # the new token is in flight: sampled into `row`
+                r.num_inflight_tokens, r.inflight_row = 1, row
+            else:
+                r.output_token_ids.append(rng.randrange(100))
             while len(table) * BS < r.num_tokens:
                 table.append(next_block)
                 next_block += 1
