@@ -53,6 +53,9 @@ class PoolConfig:
     max_num_batched_tokens: int = 2048  # tokens in one engine step, >= max_num_seqs
     num_kv_blocks: int | None = None  # KV blocks per instance; None = derive from memory
     gpu_memory_utilization: float = 0.85  # share of free GPU memory the KV pool may take
+    # Launch step N+1 before reading step N back (engine/inflight.py); None = on for GPU pools.
+    # Only decode pools run engine steps this way; prefill workers step synchronously.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         _one_of("role", self.role, ROLES)

@@ -67,7 +67,8 @@ def worker_specs(cfg: ClusterConfig, host: str) -> tuple[list[WorkerSpec], list[
     def specs(pool: PoolConfig, first_index: int) -> list[WorkerSpec]:
         engine = engine_config_for(cfg.model, pool.device, cfg.dtype, cfg.block_size,
                                    pool.num_kv_blocks, pool.max_num_seqs,
-                                   pool.max_num_batched_tokens, pool.gpu_memory_utilization)
+                                   pool.max_num_batched_tokens, pool.gpu_memory_utilization,
+                                   pool.async_scheduling)
         return [WorkerSpec(f"{pool.role}-{i}", pool.role, engine, host=host,
                            transfer_timeout_s=cfg.transfer.timeout_s,
                            layers_per_message=cfg.transfer.layers_per_message,

@@ -75,8 +75,9 @@ def _is_loopback(host: str) -> bool:
 
 def engine_config_for(model: str, device: str, dtype: str, block_size: int, num_blocks: int | None,
                       max_num_seqs: int, max_num_batched_tokens: int,
-                      gpu_memory_utilization: float) -> EngineConfig:
-    return EngineConfig(model=model, device=device, dtype=dtype,
+                      gpu_memory_utilization: float,
+                      async_scheduling: bool | None = None) -> EngineConfig:
+    return EngineConfig(model=model, device=device, dtype=dtype, async_scheduling=async_scheduling,
                         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                                           gpu_memory_utilization=gpu_memory_utilization),
                         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,

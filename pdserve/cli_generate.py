@@ -22,6 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                   help="launch step N+1 before reading step N back (auto: on for cuda)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.set_defaults(handler=run)
 
@@ -35,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                          cache=CacheConfig(block_size=args.block_size))
+                          cache=CacheConfig(block_size=args.block_size),
+                          async_scheduling={"auto": None, "on": True, "off": False}[
+                              args.async_scheduling])
     engine = LLMEngine(config)
     tok = engine.tokenizer
     token_lists = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat

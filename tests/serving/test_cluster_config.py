@@ -52,6 +52,7 @@ def test_deploy_config_loads_as_written():
     for pool in config.pools:
         assert (pool.num_instances, pool.gpus_per_instance, pool.device) == (1, 1, "cuda")
     assert config.server.grpc_port == 50051
+    assert config.decode.async_scheduling is True and config.prefill.async_scheduling is None
 
 
 def test_yaml_sections_fill_their_dataclasses(tmp_path):
@@ -149,6 +150,7 @@ def test_bad_value_names_the_field(data, field):
         ({"transfer": {"timeout_s": "30s"}}, "transfer.timeout_s must be a number"),
         ({"model": 7}, "model must be a string"),
         ({"decode": [1, 2]}, "decode must be a mapping"),
+        ({"decode": {"async_scheduling": "yes"}}, "decode.async_scheduling must be true or false or null"),
     ],
 )
 def test_wrong_type_names_the_field(data, field):
@@ -230,3 +232,12 @@ def test_configs_are_immutable():
     config = ClusterConfig()
     with pytest.raises(AttributeError):
         config.block_size = 32  # type: ignore[misc]
+
+
+def test_async_scheduling_reaches_the_decode_engines():
+    from cluster.pools import worker_specs
+
+    cfg = cluster_config_from_dict({"decode": {"async_scheduling": True}})
+    prefill, decode = worker_specs(cfg, "127.0.0.1")
+    assert decode[0].engine.use_async_scheduling  # asked for, even on CPU
+    assert not prefill[0].engine.use_async_scheduling  # the CPU default
