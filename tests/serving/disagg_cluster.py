@@ -33,13 +33,15 @@ def local_ray(num_cpus: int = 8):
 
 
 def cluster_config(num_prefill: int, num_decode: int, num_blocks: int = 256,
-                   transfer_timeout_s: float = 10.0, prometheus_sd_file: str = ""):
-    """A CPU cluster on 127.0.0.1 with free ports everywhere (gRPC, every /metrics)."""
+                   transfer_timeout_s: float = 10.0, prometheus_sd_file: str = "",
+                   async_decode: bool | None = None):
+    """A CPU cluster on 127.0.0.1 with free ports everywhere (gRPC, every /metrics).
+    `async_decode` sets the decode pool's asynchronous scheduling (None: the CPU default, off)."""
     pool = {"cpus_per_instance": 1, "num_kv_blocks": num_blocks, "max_num_batched_tokens": 2048}
     return cluster_config_from_dict({
         "model": "default", "device": "cpu", "dtype": "float32", "block_size": 16,
         "prefill": {**pool, "num_instances": num_prefill},
-        "decode": {**pool, "num_instances": num_decode},
+        "decode": {**pool, "num_instances": num_decode, "async_scheduling": async_decode},
         "server": {"max_queued_requests": MAX_INFLIGHT, "grpc_host": "127.0.0.1", "grpc_port": 0,
                    "metrics_port": 0, "worker_metrics_port_base": 0,
                    "prometheus_sd_file": prometheus_sd_file},

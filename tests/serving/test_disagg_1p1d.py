@@ -33,7 +33,10 @@ LONG_RUN = {"max_tokens": 2000, "ignore_eos": True, "temperature": 0.0}
 @pytest.fixture(scope="module")
 def cluster():
     with local_ray():
-        harness = start_disagg_harness(cluster_config(1, 1, transfer_timeout_s=4.0))
+        # the decode engine schedules asynchronously, as on GPUs: its in-flight steps and
+        # deferred block frees go through every cancel / deadline / fault scenario below
+        harness = start_disagg_harness(cluster_config(1, 1, transfer_timeout_s=4.0,
+                                                      async_decode=True))
         yield harness
         harness.close()
 
@@ -60,6 +63,7 @@ def test_16_concurrent_streams_equal_colocated(cluster, reference):
         assert got.usage.prompt_tokens == len(prompt)
         assert got.usage.completion_tokens == len(got.token_ids)
         assert got.timing.ttft_s > 0 and got.timing.e2e_s >= got.timing.ttft_s
+    assert cluster.backend.pools.decode[0].spec.engine.use_async_scheduling
     cluster.wait_until_idle()
 
 
