@@ -44,9 +44,9 @@ class InFlightStep:
         """Block until the sampled ids are on the host; returns them (and logprobs) as lists."""
         if self.ready is not None:
             self.ready.synchronize()
-        n = len(self.sampling_chunks)
         if self.token_ids is None:
             return [], None
+        n = len(self.sampling_chunks)
         logprobs = self.logprobs[:n].tolist() if self.logprobs is not None else None
         return self.token_ids[:n].tolist(), logprobs
 
@@ -64,22 +64,30 @@ class Readback:
         self._events = [torch.cuda.Event(), torch.cuda.Event()] if pinned else None
         self._turn = 0
 
-    def start(self, sampled: SamplerOutput) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                     torch.cuda.Event | None]:
-        """Queue the copies behind the step on the current stream; returns (ids, logprobs, event)."""
+    def start(self, sampled: SamplerOutput | None) -> tuple[torch.Tensor | None,
+                                                            torch.Tensor | None,
+                                                            torch.cuda.Event | None]:
+        """Queue the copies behind the step on the current stream; returns (ids, logprobs,
+        event). The event is recorded even when the step sampled nothing (a prefill chunk):
+        blocks freed after its read-back must not be freed while it still runs."""
+        self._turn ^= 1
+        ids = logprobs = event = None
+        if sampled is not None:
+            ids, logprobs = self._copy(sampled)
+        if self._events is not None:
+            event = self._events[self._turn]
+            event.record()
+        return ids, logprobs, event
+
+    def _copy(self, sampled: SamplerOutput) -> tuple[torch.Tensor, torch.Tensor | None]:
         n = sampled.token_ids.shape[0]
         if n > self._ids.shape[1]:
             raise ValueError(f"a step sampled {n} tokens; the read-back buffers hold "
                              f"{self._ids.shape[1]}")
-        self._turn ^= 1
         ids = self._ids[self._turn]
         ids[:n].copy_(sampled.token_ids, non_blocking=True)
         logprobs = None
         if sampled.logprobs is not None:
             logprobs = self._logprobs[self._turn]
             logprobs[:n].copy_(sampled.logprobs, non_blocking=True)
-        event = None
-        if self._events is not None:
-            event = self._events[self._turn]
-            event.record()
-        return ids, logprobs, event
+        return ids, logprobs

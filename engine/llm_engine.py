@@ -140,7 +140,7 @@ class LLMEngine:
         for row, chunk in enumerate(chunks):  # the runner feeds the next step from these rows
             chunk.request.num_inflight_tokens += 1
             chunk.request.inflight_row = row
-        ids, logprobs, ready = self._readback.start(sampled) if sampled else (None, None, None)
+        ids, logprobs, ready = self._readback.start(sampled)
         return InFlightStep(plan, chunks, frozenset(c.request.request_id for c in plan.chunks),
                             ids, logprobs, ready)
 
