@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_common import (bench_ms, copy_bandwidth_gbs, device_info, print_table,  # noqa: E402
-                                   write_results)
+from benchmarks.gpu_common import (bench_ms, copy_bandwidth_gbs, device_info,  # noqa: E402
+                                   graph_ms, print_table, write_results)
 from engine.attention.metadata import AttentionMetadata, SeqGroup  # noqa: E402
 from engine.attention.torch_ref import TorchAttentionBackend, write_kv  # noqa: E402
 from engine.kernels import triton_ops  # noqa: E402
@@ -136,6 +136,36 @@ def prefill(bw: float, q_len: int, cached: int) -> dict:
                 bench_ms(ref), bw, flops)
 
 
+def sampling(bw: float, batch: int, vocab: int = 128256) -> list[dict]:
+    """The sampler's draw and the whole sampler (T 0.8, top-p 0.9), fused race vs torch ops,
+    timed inside CUDA graphs (GPU time; eager launches would time Python)."""
+    from engine.kernels import dispatch
+    from engine.kernels.sampling import sample_race
+    from engine.sampler import Sampler, SamplingTensors, sample_race_ref
+    from engine.sampling_params import SamplingParams
+
+    logits = torch.randn(batch, vocab, device="cuda") * 3
+    seeds = torch.randint(0, 2**62, (batch,), device="cuda")
+    steps = torch.randint(0, 1000, (batch,), device="cuda")
+    num_bytes = logits.numel() * 4
+    rows = [_row("sample_race", f"B={batch} V={vocab}", num_bytes,
+                 graph_ms(lambda: sample_race(logits, seeds, steps)),
+                 graph_ms(lambda: sample_race_ref(logits, seeds, steps)), bw)]
+    params = [SamplingParams(temperature=0.8, top_p=0.9)] * batch
+    tensors = SamplingTensors.from_params(params, seeds.tolist(), steps.tolist(), None, vocab,
+                                          "cuda")
+    sampler = Sampler()
+    fused = graph_ms(lambda: sampler(logits, tensors))
+    dispatch.use_triton(False)
+    try:
+        reference = graph_ms(lambda: sampler(logits, tensors))
+    finally:
+        dispatch.use_triton(True)
+    rows.append(_row("sampler T0.8 top-p0.9", f"B={batch} V={vocab}", num_bytes, fused,
+                     reference, bw))
+    return rows
+
+
 def main() -> None:
     torch.manual_seed(0)
     bw = copy_bandwidth_gbs()
@@ -145,6 +175,8 @@ def main() -> None:
         rows.append(decode(bw, batch, ctx))
     for q_len, cached in [(4096, 0), (1024, 3072), (8192, 0)]:
         rows.append(prefill(bw, q_len, cached))
+    for batch in (1, 64):
+        rows += sampling(bw, batch)
     payload = {"device": device_info(), "copy_bandwidth_gbs": bw, "rows": rows}
     path = write_results("kernels", payload)
     print(f"\ncopy bandwidth (read+write): {bw:.0f} GB/s on {payload['device']['gpu']}")

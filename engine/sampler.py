@@ -8,6 +8,8 @@ samples a given step (the prefill worker samples step 0, a decode worker the res
 Per step the engine builds `SamplingTensors.from_params(...)` (CPU bookkeeping, one small
 host-to-device copy per kind) and calls `Sampler()(logits, tensors)`. Order of operations:
 repetition penalty -> greedy argmax | temperature -> top-k -> top-p -> min-p -> sample.
+The draw itself is the exponential race argmax(logits - log E), E = -log(noise): one fused
+Triton pass on CUDA (`engine/kernels/sampling.py`), `sample_race_ref` elsewhere.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from engine.kernels import dispatch
 from engine.sampling_params import MAX_SEED, SamplingParams
 
 _MASK32 = 0xFFFFFFFF
@@ -262,6 +265,11 @@ def _sample(logits: Tensor, tensors: SamplingTensors) -> Tensor:
         )
     if tensors.any_min_p:
         logits = apply_min_p(logits, tensors.min_ps)
-    probs = logits.softmax(dim=-1)
-    exponentials = -uniform_noise(tensors.seeds, tensors.steps, tensors.vocab_size).log()
-    return (probs / exponentials).argmax(dim=-1)
+    return dispatch.sample_race(logits, tensors.seeds, tensors.steps)
+
+
+def sample_race_ref(logits: Tensor, seeds: Tensor, steps: Tensor) -> Tensor:
+    """argmax_v(logits[v] - log E_v) with E_v = -log u_v ~ Exp(1): picks v with probability
+    softmax(logits)[v] (argmax p / E in log space: no softmax needed). Ties: lowest id."""
+    exponentials = -uniform_noise(seeds, steps, logits.shape[-1]).log()
+    return (logits - exponentials.log()).argmax(dim=-1)

@@ -76,6 +76,21 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     return linear(normed, weight, bias), residual
 
 
+def sample_race(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """The sampler's random draw, argmax(logits - log E) with E from the counter-based noise:
+    one fused Triton pass on CUDA, torch ops (`engine.sampler.sample_race_ref`) elsewhere."""
+    if _triton_enabled and logits.is_cuda:
+        try:
+            from engine.kernels.sampling import sample_race as fused
+        except ImportError:
+            fused = None
+        if fused is not None:
+            return fused(logits, seeds, steps)
+    from engine.sampler import sample_race_ref
+
+    return sample_race_ref(logits, seeds, steps)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     ops = _triton_ops(x)
     if ops is not None:

@@ -1,0 +1,94 @@
+"""The sampler's random draw in one pass: counter-based noise and the exponential race fused.
+
+`engine/sampler.py` draws token v of a row with probability softmax(logits)[v] by taking
+argmax_v(logits[v] - log E_v), with E_v = -log u_v and u_v the uniform of (seed, step, v) from
+`uniform_noise` (Gumbel-max; the same law as argmax p / E). In torch that is ~30 kernels over
+[B, V] int64 and float tensors; here it is one pass that hashes, races and reduces per vocab
+slice, then a tiny reduction over the slices. The hash is integer-exact, so the uniforms are
+bit-identical to `uniform_noise`'s on every device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _fmix32(x):
+    """Murmur3 finalizer on uint32 lanes (wrapping multiplies), as `sampler._fmix32`."""
+    x ^= x >> 16
+    x *= 0x85EBCA6B
+    x ^= x >> 13
+    x *= 0xC2B2AE35
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _race_kernel(logits_ptr, seeds_ptr, steps_ptr, best_key_ptr, best_idx_ptr, vocab_size,
+                 row_stride, per_split, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    seed = tl.load(seeds_ptr + row)
+    step = tl.load(steps_ptr + row)
+    row_key = _fmix32(seed.to(tl.uint32) ^ 0x9E3779B9)
+    row_key = _fmix32(row_key ^ (seed >> 32).to(tl.uint32))
+    row_key = _fmix32(row_key ^ step.to(tl.uint32))
+
+    best_key = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_idx = tl.full([BLOCK], 2147483647, tl.int32)
+    begin = split * per_split
+    for start in range(begin, begin + per_split, BLOCK):
+        v = start + tl.arange(0, BLOCK)
+        mask = v < vocab_size
+        logit = tl.load(logits_ptr + row * row_stride + v, mask=mask, other=float("-inf"))
+        bits = _fmix32(row_key ^ _fmix32(v.to(tl.uint32) ^ 0x7F4A7C15))
+        u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23
+        key = logit - tl.log(-tl.log(u))
+        better = mask & (key > best_key)  # strict: each lane keeps its earliest maximum
+        best_key = tl.where(better, key, best_key)
+        best_idx = tl.where(better, v, best_idx)
+    top = tl.max(best_key, axis=0)
+    first = tl.min(tl.where(best_key == top, best_idx, 2147483647), axis=0)
+    first = tl.where(top == float("-inf"), begin, first)  # all masked: its first id, as argmax
+    tl.store(best_key_ptr + row * num_splits + split, top)
+    tl.store(best_idx_ptr + row * num_splits + split, first)
+
+
+def sample_race(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """argmax_v(logits[b, v] - log(-log u(seeds[b], steps[b], v))) per row: [B] int64.
+    Ties pick the lowest id, as torch.argmax does. Masked (-inf) logits are never picked unless
+    a whole row is masked."""
+    batch, vocab = logits.shape
+    logits = logits.float().contiguous()
+    splits = min(_num_splits(batch, logits.device), triton.cdiv(vocab, _BLOCK))
+    per_split = triton.cdiv(triton.cdiv(vocab, splits), _BLOCK) * _BLOCK
+    splits = triton.cdiv(vocab, per_split)
+    best_key = torch.empty(batch, splits, dtype=torch.float32, device=logits.device)
+    best_idx = torch.empty(batch, splits, dtype=torch.int32, device=logits.device)
+    _race_kernel[(batch, splits)](logits, seeds, steps, best_key, best_idx, vocab,
+                                  logits.stride(0), per_split, BLOCK=_BLOCK, num_warps=4)
+    # slices are in vocabulary order, so the first best slice holds the lowest best id
+    return best_idx.gather(1, best_key.argmax(dim=1, keepdim=True)).squeeze(1).long()
+
+
+def _num_splits(batch: int, device: torch.device) -> int:
+    """About four programs per SM in all."""
+    return max(1, 4 * _sm_count(device) // batch)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the Triton interpreter on the CPU
+    return _device_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
