@@ -260,15 +260,19 @@ def print_summary(summary: dict) -> None:
 # ---- running it --------------------------------------------------------------------------------
 @contextlib.asynccontextmanager
 async def colocated_router(model: str, device: str, max_queued_requests: int,
-                           loaded=None) -> AsyncIterator[str]:
+                           loaded=None, max_num_seqs: int = 64,
+                           async_scheduling: bool | None = None) -> AsyncIterator[str]:
     """A router on 127.0.0.1 (a free port) over one ColocatedBackend; yields its address.
     `loaded` (an `engine.builder.LoadedModel`) skips loading the model again."""
-    from engine.config import EngineConfig
+    from engine.config import EngineConfig, SchedulerConfig
     from engine.llm_engine import LLMEngine
     from router.colocated import ColocatedBackend
     from router.server import start_router
 
-    engine = LLMEngine(EngineConfig(model=model, device=device), loaded=loaded)
+    config = EngineConfig(model=model, device=device, async_scheduling=async_scheduling,
+                          scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
+                                                    max_num_batched_tokens=max(2048, max_num_seqs)))
+    engine = LLMEngine(config, loaded=loaded)
     router = await start_router(ColocatedBackend(engine, max_queued_requests), LOOPBACK_HOST, 0)
     try:
         yield router.address
@@ -283,7 +287,8 @@ async def benchmark(args: argparse.Namespace, loaded=None) -> dict:
         if args.start_colocated:
             queue_limit = max(256, args.num_prompts)  # let --request-rate inf queue everything
             address = await stack.enter_async_context(
-                colocated_router(args.model, args.device, queue_limit, loaded))
+                colocated_router(args.model, args.device, queue_limit, loaded, args.max_num_seqs,
+                                 {"auto": None, "on": True, "off": False}[args.async_scheduling]))
         client = await stack.enter_async_context(PdserveClient(address))
         try:
             info = await asyncio.wait_for(client.model_info(), args.request_timeout_s)
@@ -299,6 +304,8 @@ async def benchmark(args: argparse.Namespace, loaded=None) -> dict:
               "model": info.model_name, "dataset": args.dataset, "num_prompts": args.num_prompts,
               "request_rate": str(args.request_rate), "max_concurrency": args.max_concurrency,
               "seed": args.seed, "ignore_eos": args.ignore_eos, "goodput_slos_ms": args.goodput,
+              "max_num_seqs": args.max_num_seqs if args.start_colocated else None,
+              "async_scheduling": args.async_scheduling if args.start_colocated else None,
               "python": platform.python_version(), "cpu_count": os.cpu_count(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return header | summarize(results, duration_s, args.goodput)
@@ -332,6 +339,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start an in-process router over one engine and ignore --address")
     p.add_argument("--model", default="default", help="with --start-colocated")
     p.add_argument("--device", default="auto", help="with --start-colocated: cpu, cuda or auto")
+    p.add_argument("--max-num-seqs", type=int, default=64,
+                   help="with --start-colocated: the engine's running batch limit")
+    p.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
+                   help="with --start-colocated: the engine's asynchronous scheduling")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--request-rate", type=float, default=math.inf,
                    help="Poisson arrivals per second; inf sends every request at once")
@@ -361,6 +372,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     positive = {"--num-prompts": args.num_prompts, "--random-input-len": args.random_input_len,
+                "--max-num-seqs": args.max_num_seqs,
                 "--random-output-len": args.random_output_len,
                 "--request-rate": args.request_rate, "--request-timeout-s": args.request_timeout_s,
                 "--max-duration-s": args.max_duration_s}

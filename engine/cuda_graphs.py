@@ -14,8 +14,10 @@ per-sequence inputs travel in one copy from a pinned staging buffer, block table
 row changed, and the graph also computes the greedy argmax so that an all-greedy batch needs no
 sampling kernels after the replay.
 
-A bucket is captured the first time a step needs it (`capture` can do it ahead of time), after
-one eager warm-up run that compiles the Triton kernels; all graphs share one memory pool.
+`LLMEngine` captures every bucket up to its `max_num_seqs` when it starts (`capture_up_to`), so
+no request pays for a capture; a bucket not captured yet is captured the first time a step needs
+it. Each capture follows one eager warm-up run that compiles the Triton kernels; all graphs share
+one memory pool.
 """
 
 from __future__ import annotations
@@ -100,6 +102,11 @@ class DecodeGraphRunner:
             if bucket not in self.graphs:
                 self.load_inputs([], bucket)
                 self._capture(bucket)
+
+    def capture_up_to(self, max_batch_size: int) -> None:
+        """Capture every bucket a batch of up to `max_batch_size` sequences can use."""
+        top = self.bucket_for(max_batch_size) or self.buckets[-1]
+        self.capture([b for b in self.buckets if b <= top])
 
     def input_views(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, positions) of the last loaded step."""

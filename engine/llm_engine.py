@@ -46,6 +46,8 @@ class LLMEngine:
                                   use_cuda_graphs=config.use_cuda_graphs,
                                   max_model_len=self.max_model_len,
                                   max_num_seqs=config.scheduler.max_num_seqs)
+        if self.runner.decode_graphs is not None:  # at start, not at a request's first step
+            self.runner.decode_graphs.capture_up_to(config.scheduler.max_num_seqs)
         self.async_scheduling = config.use_async_scheduling
         self._readback = Readback(self.runner.sampled_ids.shape[0], self.runner.device)
         self._in_flight: InFlightStep | None = None  # launched, not yet read back

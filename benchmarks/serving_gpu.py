@@ -1,0 +1,59 @@
+"""The serving benchmark on one GPU: `benchmarks/serving.py`'s load generator (gRPC, Poisson
+arrivals, ShareGPT-like lengths) against an in-process router over one colocated engine holding
+a Llama-3-8B-shaped model with random bf16 weights, with asynchronous and with synchronous
+scheduling in the same run. TTFT / TPOT / ITL / E2E percentiles and throughput per setting.
+
+Run: PDSERVE_BENCH_TOKENIZER=DIR python benchmarks/serving_gpu.py
+  -> benchmarks/results/serving_<gpu>.json and a table
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gpu_common import device_info, print_table, write_results  # noqa: E402
+from benchmarks.latency import CFG, _tokenizer  # noqa: E402
+from benchmarks.serving import benchmark, parse_args  # noqa: E402
+from engine.builder import LoadedModel, build_model, init_random_weights  # noqa: E402
+
+NUM_PROMPTS = int(os.environ.get("PDSERVE_BENCH_PROMPTS", "300"))
+LOADS = {  # name -> load generator flags
+    "rate 8/s": ["--request-rate", "8"],
+    "rate 16/s": ["--request-rate", "16"],
+    "concurrency 64": ["--max-concurrency", "64"],
+}
+COLUMNS = ["load", "async", "request_throughput", "output_throughput", "mean_ttft_ms",
+           "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "p99_itl_ms", "failed_requests"]
+
+
+def main() -> None:
+    model = build_model(CFG, torch.bfloat16, "cuda")
+    init_random_weights(model, seed=0)
+    loaded = LoadedModel(CFG, model, _tokenizer())
+    rows = []
+    for name, flags in LOADS.items():
+        for mode in ("on", "off"):
+            args = parse_args(["--start-colocated", "--device", "cuda", "--dataset",
+                               "sharegpt-like", "--num-prompts", str(NUM_PROMPTS),
+                               "--max-num-seqs", "128", "--async-scheduling", mode,
+                               "--goodput", "ttft:1000", "tpot:50", "--max-duration-s", "240",
+                               *flags])
+            summary = asyncio.run(benchmark(args, loaded))
+            rows.append({"load": name, "async": mode, **summary})
+            print({k: rows[-1].get(k) for k in COLUMNS}, flush=True)
+    payload = {"device": device_info(), "model": "Llama-3-8B shape, random bf16",
+               "colocated": True, "runs": rows}
+    path = write_results("serving", payload)
+    print_table(rows, COLUMNS)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
