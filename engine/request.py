@@ -69,7 +69,6 @@ class Request:
     num_inflight_tokens: int = 0  # sampled on the device, not yet read back (0 or 1 when planning)
     inflight_row: int = -1  # row of the last launched step's sampled ids holding that token
 
-
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
