@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from kv_transfer.descriptors import DEFAULT_MIN_MESSAGE_BYTES
+
 ROLES = ("prefill", "decode")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -135,7 +137,10 @@ class TransferConfig:
     """How prefill instances hand KV blocks to decode instances."""
 
     timeout_s: float = 30.0  # an unacknowledged transfer fails then, and its blocks are freed
-    layers_per_message: int = 1  # KV layers per message: more = fewer, larger messages
+    layers_per_message: int = 1  # KV layers per message at least: more = fewer, larger messages
+    # ... and enough layers that a message carries this many bytes (short prompts' KV is small:
+    # one message per layer would be slow on NCCL); 0 = layers_per_message alone
+    min_message_bytes: int = DEFAULT_MIN_MESSAGE_BYTES
     backend: str = "auto"  # "gloo" (any device), "nccl" (GPU to GPU), "auto": nccl if both GPU
     store_port_base: int = 0  # rendezvous store ports start here; 0 = pick free ports
 
@@ -143,6 +148,7 @@ class TransferConfig:
         _check_types(self, "transfer")
         _positive("transfer.timeout_s", self.timeout_s)
         _at_least("transfer.layers_per_message", self.layers_per_message, 1)
+        _at_least("transfer.min_message_bytes", self.min_message_bytes, 0)
         _one_of("transfer.backend", self.backend, TRANSFER_BACKENDS)
         _port("transfer.store_port_base", self.store_port_base)
 

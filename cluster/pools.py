@@ -72,6 +72,7 @@ def worker_specs(cfg: ClusterConfig, host: str) -> tuple[list[WorkerSpec], list[
         return [WorkerSpec(f"{pool.role}-{i}", pool.role, engine, host=host,
                            transfer_timeout_s=cfg.transfer.timeout_s,
                            layers_per_message=cfg.transfer.layers_per_message,
+                           min_message_bytes=cfg.transfer.min_message_bytes,
                            num_threads=max(1, int(pool.cpus_per_instance)),
                            metrics_port=_metrics_port(cfg, first_index + i))
                 for i in range(pool.num_instances)]

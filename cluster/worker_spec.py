@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from kv_transfer import FaultInjection
+from kv_transfer import DEFAULT_MIN_MESSAGE_BYTES, FaultInjection
 from pdserve.metrics import MetricsEndpoint, start_metrics_server
 
 # NVLink multicast can take the host's GPUs out of service: keep it off in every process.
@@ -29,6 +29,7 @@ class WorkerSpec:
     host: str = "127.0.0.1"  # address its KV channels listen on
     transfer_timeout_s: float = 30.0
     layers_per_message: int = 1
+    min_message_bytes: int = DEFAULT_MIN_MESSAGE_BYTES
     faults: FaultInjection = field(default_factory=FaultInjection)  # prefill side only
     num_threads: int = 1  # torch intra-op threads for a CPU instance
     metrics_port: int = 0  # its Prometheus /metrics port; 0 = any free port

@@ -22,7 +22,8 @@ channel is aborted; rebuild it under rendezvous.pair_key(..., generation + 1).
 
 from kv_transfer.channel import ChannelConfig, ChannelState, PairChannel, PairRole
 from kv_transfer.compat import KVLayoutSpec, check_compatible, compat_hash
-from kv_transfer.descriptors import failure_result, new_descriptor
+from kv_transfer.descriptors import (DEFAULT_MIN_MESSAGE_BYTES, failure_result,
+                                     layers_per_message_for, new_descriptor)
 from kv_transfer.errors import (
     KVTransferConnectionError,
     KVTransferError,
@@ -37,9 +38,10 @@ from kv_transfer.rendezvous import host_store, join_store, pair_key
 from kv_transfer.sender import KVSender, OutgoingTransfer, SendState
 
 __all__ = [
-    "ChannelConfig", "ChannelState", "FaultInjection", "KVLayoutSpec", "KVReceiver", "KVSender",
+    "DEFAULT_MIN_MESSAGE_BYTES", "ChannelConfig", "ChannelState", "FaultInjection", "KVLayoutSpec", "KVReceiver", "KVSender",
     "KVTransferConnectionError", "KVTransferError", "KVTransferIncompatibleError",
     "KVTransferProtocolError", "KVTransferTimeoutError", "OutgoingTransfer", "PairChannel",
     "PairRole", "SendState", "check_compatible", "compat_hash", "failure_result", "host_store",
-    "join_store", "new_descriptor", "pack_blocks", "pair_key", "unpack_blocks",
+    "join_store", "layers_per_message_for", "new_descriptor", "pack_blocks", "pair_key",
+    "unpack_blocks",
 ]

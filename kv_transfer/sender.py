@@ -110,6 +110,8 @@ class KVSender:
             for transfer in streaming:
                 transfer.ready_until = max(transfer.ready_until,
                                            min(layer_end, transfer.desc.layer_end))
+            if not any(_group_ready(t) for t in streaming):
+                return  # inside a layer group: nothing to pack yet, no event, no pump
             if self._stream is not None:
                 self._stream.wait_for_compute()
             self._pump()
@@ -232,6 +234,13 @@ class KVSender:
             if transfer in self._open:
                 self._open.remove(transfer)
             transfer.ops.clear()  # staging buffers are no longer needed
+
+
+def _group_ready(transfer: OutgoingTransfer) -> bool:
+    """Its next unposted layer group (or its last, header only) has all its layers written."""
+    if transfer.next_group >= len(transfer.groups):
+        return True
+    return transfer.groups[transfer.next_group][1] <= transfer.ready_until
 
 
 def _check_in_order(transfer: OutgoingTransfer, layer_start: int, layer_end: int) -> None:

@@ -22,7 +22,8 @@ class PrefillActor:
 
         self.spec = spec
         self.worker = PrefillWorker(LLMEngine(spec.engine), spec.instance_id,
-                                    spec.layers_per_message, spec.transfer_timeout_s, spec.host)
+                                    spec.layers_per_message, spec.transfer_timeout_s, spec.host,
+                                    min_message_bytes=spec.min_message_bytes)
         self.metrics_endpoint = serve_worker_metrics(spec, self.worker.metrics.registry)
 
     async def info(self) -> dict[str, object]:

@@ -26,7 +26,8 @@ from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.request import Request
 from engine.sampler import SamplerOutput
-from kv_transfer import FaultInjection, KVLayoutSpec, OutgoingTransfer, new_descriptor
+from kv_transfer import (DEFAULT_MIN_MESSAGE_BYTES, FaultInjection, KVLayoutSpec,
+                         OutgoingTransfer, layers_per_message_for, new_descriptor)
 from prefill_worker.links import LinkConfig, SendLink
 from prefill_worker.metrics import PrefillMetrics
 from protos.pdserve.v1 import PROTOCOL_VERSION, generation_pb2, worker_pb2
@@ -56,12 +57,16 @@ class PrefillWorker:
 
     def __init__(self, engine: LLMEngine, instance_id: str, layers_per_message: int = 1,
                  transfer_timeout_s: float = 30.0, host: str | None = None,
-                 metrics: PrefillMetrics | None = None) -> None:
+                 metrics: PrefillMetrics | None = None,
+                 min_message_bytes: int = DEFAULT_MIN_MESSAGE_BYTES) -> None:
         self.host = host
         self.faults = FaultInjection()
         self.engine = engine
         self.instance_id = instance_id
         self.layers_per_message = layers_per_message
+        self.min_message_bytes = min_message_bytes
+        kv = engine.kv_cache  # [layers, blocks, 2, block_size, kv_heads, head_dim]
+        self._block_layer_bytes = kv[0, 0].numel() * kv.element_size()
         self.transfer_timeout_s = transfer_timeout_s
         self.spec = KVLayoutSpec.for_cache(engine.kv_cache, engine.model_config.name)
         self.links: dict[str, SendLink] = {}
@@ -151,9 +156,11 @@ class PrefillWorker:
         if link is None or not link.is_ready:
             return _Handoff(request, task, None)
         table = self.engine.kv_manager.block_table(request.request_id)
+        num_layers = self.engine.model_config.num_layers
+        per_message = layers_per_message_for(num_layers, len(table) * self._block_layer_bytes,
+                                             self.layers_per_message, self.min_message_bytes)
         desc = new_descriptor(link.key, link.sender.next_seq, request.request_id,
-                              request.num_prompt_tokens, len(table),
-                              (0, self.engine.model_config.num_layers), self.layers_per_message)
+                              request.num_prompt_tokens, len(table), (0, num_layers), per_message)
         self.peers[task.decode_instance_id].expect_transfer(desc)
         try:
             transfer = link.sender.begin(desc, self.engine.kv_cache, table)

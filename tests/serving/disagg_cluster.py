@@ -34,9 +34,13 @@ def local_ray(num_cpus: int = 8):
 
 def cluster_config(num_prefill: int, num_decode: int, num_blocks: int = 256,
                    transfer_timeout_s: float = 10.0, prometheus_sd_file: str = "",
-                   async_decode: bool | None = None):
+                   async_decode: bool | None = None, min_message_bytes: int | None = None):
     """A CPU cluster on 127.0.0.1 with free ports everywhere (gRPC, every /metrics).
-    `async_decode` sets the decode pool's asynchronous scheduling (None: the CPU default, off)."""
+    `async_decode` sets the decode pool's asynchronous scheduling (None: the CPU default, off);
+    `min_message_bytes` the transfer's (None: the default, one message for these small KVs)."""
+    transfer = {"timeout_s": transfer_timeout_s}
+    if min_message_bytes is not None:
+        transfer["min_message_bytes"] = min_message_bytes
     pool = {"cpus_per_instance": 1, "num_kv_blocks": num_blocks, "max_num_batched_tokens": 2048}
     return cluster_config_from_dict({
         "model": "default", "device": "cpu", "dtype": "float32", "block_size": 16,
@@ -45,7 +49,7 @@ def cluster_config(num_prefill: int, num_decode: int, num_blocks: int = 256,
         "server": {"max_queued_requests": MAX_INFLIGHT, "grpc_host": "127.0.0.1", "grpc_port": 0,
                    "metrics_port": 0, "worker_metrics_port_base": 0,
                    "prometheus_sd_file": prometheus_sd_file},
-        "transfer": {"timeout_s": transfer_timeout_s},
+        "transfer": transfer,
         "placement_timeout_s": 60,
     })
 

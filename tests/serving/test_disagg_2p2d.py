@@ -26,7 +26,8 @@ pytestmark = pytest.mark.timeout(400)
 @pytest.fixture(scope="module")
 def cluster():
     with local_ray(num_cpus=8):
-        harness = start_disagg_harness(cluster_config(2, 2))
+        # one KV message per layer (no byte minimum): layer-wise streaming across two pairs
+        harness = start_disagg_harness(cluster_config(2, 2, min_message_bytes=0))
         yield harness
         harness.close()
 

@@ -27,7 +27,8 @@ def pair(default_loaded):
     prefill_engine, decode_engine = build_engine(default_loaded), build_engine(default_loaded)
     outputs: queue.Queue = queue.Queue()
     decode = DecodeWorker(decode_engine, "decode-t", emit=outputs.put)
-    prefill = PrefillWorker(prefill_engine, "prefill-t", layers_per_message=4)
+    # groups of 4 layers whatever their size (no byte minimum): 8 messages per transfer
+    prefill = PrefillWorker(prefill_engine, "prefill-t", layers_per_message=4, min_message_bytes=0)
     accept = threading.Thread(target=decode.accept, args=("prefill-t", 0, "cpu"))
     accept.start()
     peer = DecodePeer(lambda d: decode.expect_transfer("prefill-t", d), decode.first_token)

@@ -31,6 +31,7 @@ from kv_transfer import (
     compat_hash,
     host_store,
     join_store,
+    layers_per_message_for,
     new_descriptor,
     pack_blocks,
     pair_key,
@@ -182,6 +183,35 @@ def cluster():
 
 
 # ---- in-process ----
+
+@pytest.mark.parametrize(("layer_bytes", "min_layers", "min_bytes", "expected"), [
+    (72 << 10, 1, 0, 1),  # no byte minimum: layers_per_message alone
+    (2 << 20, 1, 32 << 20, 16),  # a 512-token Llama-3-8B prompt: 2 MiB a layer
+    (8 << 20, 1, 32 << 20, 4),  # 2k tokens
+    (32 << 20, 1, 32 << 20, 1),  # 8k tokens: layer by layer
+    (1 << 10, 1, 32 << 20, 32),  # tiny: the whole KV in one message
+    (32 << 20, 4, 32 << 20, 4),  # layers_per_message is a floor
+])
+def test_layers_per_message_reaches_the_byte_minimum(layer_bytes, min_layers, min_bytes, expected):
+    assert layers_per_message_for(32, layer_bytes, min_layers, min_bytes) == expected
+    with pytest.raises(ValueError, match="min_message_bytes"):
+        layers_per_message_for(32, layer_bytes, min_layers, -1)
+
+
+def test_send_layers_posts_only_when_a_group_is_complete():
+    from kv_transfer.sender import OutgoingTransfer, _group_ready
+
+    desc = new_descriptor("k", 0, "r", 10, 3, (0, 8), 4)
+    transfer = OutgoingTransfer(desc, make_cache(0), torch.arange(3), [(0, 4), (4, 8)], 0.0,
+                                ready_until=0)
+    readiness = []
+    for layer in range(8):
+        transfer.ready_until = layer + 1
+        readiness.append(_group_ready(transfer))
+        if readiness[-1]:
+            transfer.next_group += 1  # what the pump does when it posts the group
+    assert readiness == [False, False, False, True, False, False, False, True]
+
 
 def test_pack_unpack_round_trip_into_other_block_ids():
     source, target = make_cache(1), make_cache(2)
