@@ -241,7 +241,8 @@ def sender_key(sender) -> str:
 
 def main() -> None:
     from engine.kernels import dispatch
-    from kv_transfer import ChannelConfig, KVLayoutSpec, KVSender, PairChannel, PairRole, pair_key
+    from kv_transfer import (ChannelConfig, KVLayoutSpec, KVSender, PairChannel, PairRole,
+                             layers_per_message_for, pair_key)
     from prefill_worker.worker import DecodePeer, PrefillWorker
     from protos.pdserve.v1 import worker_pb2 as w
 
@@ -296,7 +297,11 @@ def main() -> None:
         raw_s = _raw_round_trips(raw, to_decode, num_bytes)
         row = {"tokens": n, "kv_bytes": num_bytes, "raw_nccl_s": raw_s,
                "raw_nccl_GBps": num_bytes / raw_s / 1e9}
-        for lpm in (1, 32):
+        grouped = layers_per_message_for(engine.kv_cache.shape[0],
+                                         num_bytes // engine.kv_cache.shape[0], 1,
+                                         prefill.min_message_bytes)
+        row["layers_per_message_default"] = grouped
+        for lpm in sorted({1, grouped, 32}):
             s_ = bench_transfer(bench_sender, to_decode, engine.kv_cache, n, lpm)
             row[f"handoff_lpm{lpm}_s"] = s_
             row[f"handoff_lpm{lpm}_GBps"] = num_bytes / s_ / 1e9
