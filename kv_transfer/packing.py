@@ -39,31 +39,11 @@ def unpack_blocks(
     layers: slice,
     buffer: torch.Tensor,
 ) -> None:
-    """Scatter a packed `buffer` into blocks `block_ids` of `layers`, in place: one Triton copy
-    kernel on CUDA (`engine/kernels/block_copy.py`, ~3x torch's index_copy_), index_copy_
-    elsewhere."""
+    """Scatter a packed `buffer` into blocks `block_ids` of `layers`, in place."""
     _check_block_ids(kv_cache, block_ids)
     _check_buffer(buffer, packed_shape(kv_cache, block_ids.numel(), layers), kv_cache, "buffer")
     start, stop = _layer_bounds(kv_cache, layers)
-    scatter = _triton_scatter(kv_cache, buffer)
-    if scatter is not None:
-        scatter(kv_cache, block_ids, start, buffer)
-        return
     kv_cache[start:stop].index_copy_(1, block_ids, buffer)
-
-
-def _triton_scatter(kv_cache: torch.Tensor, buffer: torch.Tensor):
-    """The Triton scatter when it applies: CUDA, Triton kernels enabled, contiguous blocks."""
-    from engine.kernels import dispatch
-
-    if not (kv_cache.is_cuda and dispatch.triton_enabled() and buffer.is_contiguous()
-            and kv_cache.stride(1) == kv_cache[0, 0].numel() and kv_cache[0, 0].is_contiguous()):
-        return None
-    try:
-        from engine.kernels.block_copy import scatter_blocks
-    except ImportError:
-        return None
-    return scatter_blocks
 
 
 def _layer_bounds(kv_cache: torch.Tensor, layers: slice) -> tuple[int, int]:
