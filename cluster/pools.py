@@ -68,7 +68,9 @@ def worker_specs(cfg: ClusterConfig, host: str) -> tuple[list[WorkerSpec], list[
         engine = engine_config_for(cfg.model, pool.device, cfg.dtype, cfg.block_size,
                                    pool.num_kv_blocks, pool.max_num_seqs,
                                    pool.max_num_batched_tokens, pool.gpu_memory_utilization,
-                                   pool.async_scheduling)
+                                   pool.async_scheduling,
+                                   # prefill instances never run decode steps: no graphs to capture
+                                   use_cuda_graphs=pool.role == "decode")
         return [WorkerSpec(f"{pool.role}-{i}", pool.role, engine, host=host,
                            transfer_timeout_s=cfg.transfer.timeout_s,
                            layers_per_message=cfg.transfer.layers_per_message,

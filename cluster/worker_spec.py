@@ -77,8 +77,10 @@ def _is_loopback(host: str) -> bool:
 def engine_config_for(model: str, device: str, dtype: str, block_size: int, num_blocks: int | None,
                       max_num_seqs: int, max_num_batched_tokens: int,
                       gpu_memory_utilization: float,
-                      async_scheduling: bool | None = None) -> EngineConfig:
+                      async_scheduling: bool | None = None,
+                      use_cuda_graphs: bool = True) -> EngineConfig:
     return EngineConfig(model=model, device=device, dtype=dtype, async_scheduling=async_scheduling,
+                        use_cuda_graphs=use_cuda_graphs,
                         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                                           gpu_memory_utilization=gpu_memory_utilization),
                         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,

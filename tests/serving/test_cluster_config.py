@@ -241,3 +241,5 @@ def test_async_scheduling_reaches_the_decode_engines():
     prefill, decode = worker_specs(cfg, "127.0.0.1")
     assert decode[0].engine.use_async_scheduling  # asked for, even on CPU
     assert not prefill[0].engine.use_async_scheduling  # the CPU default
+    # prefill instances run no decode steps: no CUDA graphs captured at their start
+    assert decode[0].engine.use_cuda_graphs and not prefill[0].engine.use_cuda_graphs
