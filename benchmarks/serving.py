@@ -44,7 +44,6 @@ import random  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
-from collections.abc import AsyncIterator  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -54,6 +53,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.serving_colocated import colocated_router  # noqa: E402
 from router.client import PdserveClient  # noqa: E402
 
 SHAREGPT_LIKE_PATH = REPO_ROOT / "benchmarks" / "datasets" / "sharegpt_like_lengths.json"
@@ -258,37 +258,15 @@ def print_summary(summary: dict) -> None:
 
 
 # ---- running it --------------------------------------------------------------------------------
-@contextlib.asynccontextmanager
-async def colocated_router(model: str, device: str, max_queued_requests: int,
-                           loaded=None, max_num_seqs: int = 64,
-                           async_scheduling: bool | None = None) -> AsyncIterator[str]:
-    """A router on 127.0.0.1 (a free port) over one ColocatedBackend; yields its address.
-    `loaded` (an `engine.builder.LoadedModel`) skips loading the model again."""
-    from engine.config import EngineConfig, SchedulerConfig
-    from engine.llm_engine import LLMEngine
-    from router.colocated import ColocatedBackend
-    from router.server import start_router
-
-    config = EngineConfig(model=model, device=device, async_scheduling=async_scheduling,
-                          scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
-                                                    max_num_batched_tokens=max(2048, max_num_seqs)))
-    engine = LLMEngine(config, loaded=loaded)
-    router = await start_router(ColocatedBackend(engine, max_queued_requests), LOOPBACK_HOST, 0)
-    try:
-        yield router.address
-    finally:
-        await router.stop(grace_s=1.0)
-
-
 async def benchmark(args: argparse.Namespace, loaded=None) -> dict:
     """Run the whole benchmark and return the summary (what --result-file holds)."""
     async with contextlib.AsyncExitStack() as stack:
         address = args.address
         if args.start_colocated:
             queue_limit = max(256, args.num_prompts)  # let --request-rate inf queue everything
-            address = await stack.enter_async_context(
-                colocated_router(args.model, args.device, queue_limit, loaded, args.max_num_seqs,
-                                 {"auto": None, "on": True, "off": False}[args.async_scheduling]))
+            address = await stack.enter_async_context(colocated_router(
+                LOOPBACK_HOST, args.model, args.device, queue_limit, loaded, args.max_num_seqs,
+                args.async_scheduling))
         client = await stack.enter_async_context(PdserveClient(address))
         try:
             info = await asyncio.wait_for(client.model_info(), args.request_timeout_s)

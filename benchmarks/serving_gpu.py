@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_common import device_info, print_table, write_results  # noqa: E402
-from benchmarks.latency import CFG, _tokenizer  # noqa: E402
+from benchmarks.gpu_common import bench_tokenizer, device_info, print_table, write_results  # noqa: E402
+from benchmarks.latency import CFG  # noqa: E402
 from benchmarks.serving import benchmark, parse_args  # noqa: E402
 from engine.builder import LoadedModel, build_model, init_random_weights  # noqa: E402
 
@@ -36,7 +36,7 @@ COLUMNS = ["load", "async", "request_throughput", "output_throughput", "mean_ttf
 def main() -> None:
     model = build_model(CFG, torch.bfloat16, "cuda")
     init_random_weights(model, seed=0)
-    loaded = LoadedModel(CFG, model, _tokenizer())
+    loaded = LoadedModel(CFG, model, bench_tokenizer())
     # warm-up (not recorded): compiles the Triton kernels of every prefill / mixed-step shape
     _run(loaded, "on", ["--max-concurrency", "64"], num_prompts=64)
     rows = []

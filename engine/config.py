@@ -67,6 +67,10 @@ class SchedulerConfig:
             )
 
 
+# Command-line spelling of `EngineConfig.async_scheduling` (pdserve generate, the benchmarks).
+ASYNC_SCHEDULING_CHOICES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Everything one engine instance needs: model, device and the two configs above."""

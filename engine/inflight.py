@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.sampler import SamplerOutput
-from engine.scheduler import ScheduledChunk, SchedulerOutput
+from engine.scheduler import ScheduledChunk
 
 
 @dataclass(slots=True)
 class InFlightStep:
-    """A launched step: its plan, and where and when its sampled ids land on the host."""
+    """A launched step: what it computes, and where and when its sampled ids land on the host."""
 
-    plan: SchedulerOutput
     sampling_chunks: list[ScheduledChunk]  # chunk i's token is row i of token_ids
     request_ids: frozenset[str]  # every request the step computes KV for
     token_ids: torch.Tensor | None  # host [S] int64, valid once `ready` has fired
@@ -57,7 +56,6 @@ class Readback:
     never three, so a buffer is reused only after the step that last used it was read."""
 
     def __init__(self, max_rows: int, device: torch.device) -> None:
-        self.device = device
         pinned = device.type == "cuda"
         self._ids = torch.zeros(2, max_rows, dtype=torch.int64, pin_memory=pinned)
         self._logprobs = torch.zeros(2, max_rows, dtype=torch.float32, pin_memory=pinned)

@@ -143,7 +143,7 @@ class LLMEngine:
             chunk.request.num_inflight_tokens += 1
             chunk.request.inflight_row = row
         ids, logprobs, ready = self._readback.start(sampled)
-        return InFlightStep(plan, chunks, frozenset(c.request.request_id for c in plan.chunks),
+        return InFlightStep(chunks, frozenset(c.request.request_id for c in plan.chunks),
                             ids, logprobs, ready)
 
     def _read_back(self, step: InFlightStep) -> list[RequestOutput]:

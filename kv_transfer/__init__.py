@@ -38,7 +38,8 @@ from kv_transfer.rendezvous import host_store, join_store, pair_key
 from kv_transfer.sender import KVSender, OutgoingTransfer, SendState
 
 __all__ = [
-    "DEFAULT_MIN_MESSAGE_BYTES", "ChannelConfig", "ChannelState", "FaultInjection", "KVLayoutSpec", "KVReceiver", "KVSender",
+    "DEFAULT_MIN_MESSAGE_BYTES", "ChannelConfig", "ChannelState", "FaultInjection",
+    "KVLayoutSpec", "KVReceiver", "KVSender",
     "KVTransferConnectionError", "KVTransferError", "KVTransferIncompatibleError",
     "KVTransferProtocolError", "KVTransferTimeoutError", "OutgoingTransfer", "PairChannel",
     "PairRole", "SendState", "check_compatible", "compat_hash", "failure_result", "host_store",

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.config import CacheConfig, EngineConfig
+    from engine.config import ASYNC_SCHEDULING_CHOICES, CacheConfig, EngineConfig
     from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
 
@@ -38,8 +38,7 @@ def run(args: argparse.Namespace) -> int:
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                           cache=CacheConfig(block_size=args.block_size),
-                          async_scheduling={"auto": None, "on": True, "off": False}[
-                              args.async_scheduling])
+                          async_scheduling=ASYNC_SCHEDULING_CHOICES[args.async_scheduling])
     engine = LLMEngine(config)
     tok = engine.tokenizer
     token_lists = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat

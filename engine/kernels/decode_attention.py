@@ -13,13 +13,12 @@ log-sum-exp and a second kernel combines them (flash-decoding).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from engine.attention.metadata import SeqGroup
+from engine.kernels.device import sm_count
 from engine.kernels.pdl import launch_options, pdl_wait_and_release
 
 _LOG2E = 1.4426950408889634
@@ -111,21 +110,10 @@ def num_splits_for(batch_size: int, num_kv_heads: int) -> int:
     power of two (the combine kernel loads them as one tile). On an H200, batch 8, 32 and 64
     at 1k context run fastest with 8, 2 and 1 splits (512 programs); rounding up to 16, 4 and
     2 cost 10-30%. Depends on the batch shape only."""
-    per_sequence = 4 * _sm_count() // (batch_size * num_kv_heads)
+    per_sequence = 4 * sm_count() // (batch_size * num_kv_heads)
     if per_sequence < 2:
         return 1
     return min(_MAX_SPLITS, 1 << (per_sequence.bit_length() - 1))
-
-
-def _sm_count() -> int:
-    if not torch.cuda.is_available():
-        return 132  # the Triton interpreter on the CPU: an H100/H200's count
-    return _device_sm_count(torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _device_sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, scale: float,

@@ -10,11 +10,11 @@ bit-identical to `uniform_noise`'s on every device.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels.device import sm_count
 
 _BLOCK = 1024
 
@@ -80,15 +80,4 @@ def sample_race(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) 
 
 def _num_splits(batch: int, device: torch.device) -> int:
     """About four programs per SM in all."""
-    return max(1, 4 * _sm_count(device) // batch)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # the Triton interpreter on the CPU
-    return _device_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _device_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return max(1, 4 * sm_count(device) // batch)

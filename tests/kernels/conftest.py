@@ -21,6 +21,14 @@ def device() -> str:
     pytest.skip("needs a CUDA device (or TRITON_INTERPRET=1)")
 
 
+@pytest.fixture(scope="session")
+def cuda() -> None:
+    """Skip unless a real CUDA device is there (end-to-end tests: no interpreter fallback)."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+
+
 @pytest.fixture(autouse=True)
 def fresh_seed():
     """Fresh random inputs every run (the seed is printed on failure by the test's id)."""

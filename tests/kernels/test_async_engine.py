@@ -19,13 +19,6 @@ pytestmark = pytest.mark.gpu
 EOS = 2
 
 
-@pytest.fixture(scope="module")
-def cuda():
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-
-
 def word_tokenizer(vocab_size: int) -> Tokenizer:
     """A real (word-level) tokenizer over the tiny model's vocabulary: id i is the word w<i>."""
     from tokenizers import Tokenizer as RawTokenizer

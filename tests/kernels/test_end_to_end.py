@@ -25,13 +25,6 @@ LLAMA3_8B = ModelConfig(architecture="llama", vocab_size=128256, hidden_size=409
                         head_dim=128, max_position_embeddings=8192, rope_theta=500000.0)
 
 
-@pytest.fixture(scope="module")
-def cuda():
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-
-
 def _runner(model, cfg: ModelConfig, backend, num_blocks: int, dtype) -> ModelRunner:
     kv = torch.zeros(cfg.num_layers, num_blocks, 2, 16, cfg.num_kv_heads, cfg.head_dim,
                      dtype=dtype, device="cuda")
