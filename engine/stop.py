@@ -80,7 +80,7 @@ class StopStringMatcher:
                 self._held, self._stopped = "", True
                 return pending[:offset + i + 1 - max(done)], True
         held_len = max((a.state for a in self._automata), default=0)
-        self._held = pending[len(pending) - held_len:] if held_len else ""
+        self._held = pending[len(pending) - held_len:]
         return pending[:len(pending) - held_len], False
 
     def flush(self) -> str:
