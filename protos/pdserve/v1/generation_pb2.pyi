@@ -12,9 +12,22 @@ class InstanceRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INSTANCE_ROLE_UNSPECIFIED: _ClassVar[InstanceRole]
     INSTANCE_ROLE_PREFILL: _ClassVar[InstanceRole]
     INSTANCE_ROLE_DECODE: _ClassVar[InstanceRole]
+
+class InstanceStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INSTANCE_STATUS_UNSPECIFIED: _ClassVar[InstanceStatus]
+    INSTANCE_STATUS_STARTING: _ClassVar[InstanceStatus]
+    INSTANCE_STATUS_READY: _ClassVar[InstanceStatus]
+    INSTANCE_STATUS_DRAINING: _ClassVar[InstanceStatus]
+    INSTANCE_STATUS_DEAD: _ClassVar[InstanceStatus]
 INSTANCE_ROLE_UNSPECIFIED: InstanceRole
 INSTANCE_ROLE_PREFILL: InstanceRole
 INSTANCE_ROLE_DECODE: InstanceRole
+INSTANCE_STATUS_UNSPECIFIED: InstanceStatus
+INSTANCE_STATUS_STARTING: InstanceStatus
+INSTANCE_STATUS_READY: InstanceStatus
+INSTANCE_STATUS_DRAINING: InstanceStatus
+INSTANCE_STATUS_DEAD: InstanceStatus
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -161,7 +174,7 @@ class GetClusterStateRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceState(_message.Message):
-    __slots__ = ("instance_id", "role", "address", "device", "total_kv_blocks", "free_kv_blocks", "num_running_requests", "num_waiting_requests", "num_inflight_transfers")
+    __slots__ = ("instance_id", "role", "address", "device", "total_kv_blocks", "free_kv_blocks", "num_running_requests", "num_waiting_requests", "num_inflight_transfers", "status", "status_reason")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +184,8 @@ class InstanceState(_message.Message):
     NUM_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_INFLIGHT_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_REASON_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: InstanceRole
     address: str
@@ -180,7 +195,9 @@ class InstanceState(_message.Message):
     num_running_requests: int
     num_waiting_requests: int
     num_inflight_transfers: int
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[InstanceRole, str]] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., total_kv_blocks: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., num_waiting_requests: _Optional[int] = ..., num_inflight_transfers: _Optional[int] = ...) -> None: ...
+    status: InstanceStatus
+    status_reason: str
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[InstanceRole, str]] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., total_kv_blocks: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., num_waiting_requests: _Optional[int] = ..., num_inflight_transfers: _Optional[int] = ..., status: _Optional[_Union[InstanceStatus, str]] = ..., status_reason: _Optional[str] = ...) -> None: ...
 
 class ClusterState(_message.Message):
     __slots__ = ("instances",)
