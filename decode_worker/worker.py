@@ -6,7 +6,9 @@ Lifecycle of a request here (all transitions on the engine thread):
     reserve(ReserveRequest)   RESERVED: blocks for the prompt allocated, nothing received yet
     KV landed (transfer OK)   LANDED
     first token from prefill  FIRST_TOKEN (it may arrive before or after the KV)
-    both                      -> admitted to the running batch (num_computed = prompt length)
+    both                      -> PREFILLED: queued in the scheduler (num_computed = prompt
+                                 length, one token pending), joins the running batch when a
+                                 slot (max_num_seqs) and its next block are free
     transfer failed           -> blocks freed; the router gets an error delta
     abort                     RESERVED with no transfer begun: freed at once;
                               otherwise marked, and freed as soon as the transfer ends
@@ -193,7 +195,7 @@ class DecodeWorker:
         request.first_token_time_s = time.monotonic()
         self.transfer_s[request.request_id] = incoming.transfer_s
         self.admitted_at_s[request.request_id] = request.first_token_time_s
-        self.engine.scheduler.add_running(request)
+        self.engine.scheduler.add_prefilled(request)
 
     def _transfer_failed(self, request_id: str, message: str) -> None:
         incoming = self.incoming.get(request_id)

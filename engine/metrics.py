@@ -35,7 +35,7 @@ class EngineMetrics:
         worker holds outside the scheduler."""
         scheduler = engine.scheduler
         self.num_running.set(len(scheduler.running))
-        self.num_waiting.set(len(scheduler.waiting) + num_waiting_outside)
+        self.num_waiting.set(scheduler.num_waiting + num_waiting_outside)
         self.kv_cache_usage.set(engine.kv_manager.pool.usage)
         new_preemptions = scheduler.num_preemptions - self._num_preemptions_seen
         if new_preemptions:

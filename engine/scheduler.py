@@ -1,10 +1,24 @@
 """Iteration-level continuous batching.
 
 Each `schedule()` call plans one engine step under a token budget: running requests first
-(decodes and the next chunks of long prompts), then waiting requests while budget, batch slots
-and KV blocks last. When a running request needs a block and none is free, the most recently
-admitted running request is preempted: its blocks are freed and it goes back to the front of the
-waiting queue, to be recomputed later (recompute is just prefill over prompt + output so far).
+(decodes and the next chunks of long prompts), then prefilled requests, then waiting requests,
+while budget, batch slots (`max_num_seqs`, which also bounds the decode graph buckets) and KV
+blocks last.
+
+Queues of one engine:
+
+    waiting    new or preempted requests: their KV is computed here (prefill or recompute)
+    prefilled  requests whose prompt KV arrived from a prefill instance (a decode instance):
+               they hold their prompt blocks, num_computed_tokens == prompt length, one token
+               pending; each is admitted like a decode once a batch slot and its next block exist
+    running    the continuous batch
+
+Preemption frees a victim's blocks and puts it at the front of the waiting queue, to be
+recomputed later (recompute is just prefill over prompt + output so far). The victim is the
+newest request holding blocks: the last prefilled request first (it has not started decoding),
+then the most recently admitted running one. When nothing runs and the first prefilled request
+cannot get its next block, prefilled requests are preempted from the back until it can: queued
+requests never hold every block while nothing runs.
 
 The scheduler is CPU bookkeeping only; it hands the runner a typed plan, `SchedulerOutput`.
 """
@@ -62,6 +76,7 @@ class Scheduler:
         self.config = config
         self.kv = kv_manager
         self.waiting: deque[Request] = deque()
+        self.prefilled: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
 
@@ -79,30 +94,39 @@ class Scheduler:
         if request.is_finished:
             return
         request.status = status
-        if request in self.running:
-            self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
+        self._remove(request)
         if free_blocks:
             self.kv.free(request.request_id)
 
     def detach(self, request: Request) -> list[int]:
         """Remove a request from the queues but KEEP its blocks (ownership passes to the caller,
         e.g. a KV transfer that frees them on acknowledgement). Returns its block table."""
-        if request in self.running:
-            self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
+        self._remove(request)
         return self.kv.block_table(request.request_id)
 
-    def add_running(self, request: Request) -> None:
-        """Admit a request whose KV is already in its blocks (e.g. received from a prefill
-        instance) straight into the running batch."""
-        request.status = RequestStatus.RUNNING
-        self.running.append(request)
+    def _remove(self, request: Request) -> None:
+        for queue in (self.running, self.prefilled, self.waiting):
+            if request in queue:
+                queue.remove(request)
+                return
+
+    def add_prefilled(self, request: Request) -> None:
+        """Queue a request whose prompt KV is already in its blocks (received from a prefill
+        instance, first token recorded): it joins the running batch when a slot and its next
+        block are free, ahead of waiting requests."""
+        if request.num_computed_tokens != request.num_prompt_tokens or request.num_pending_tokens != 1:
+            raise ValueError(f"request {request.request_id!r} is not prefilled: "
+                             f"{request.num_computed_tokens} of {request.num_tokens} tokens computed")
+        request.status = RequestStatus.WAITING
+        self.prefilled.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.prefilled or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests outside the running batch: waiting and prefilled."""
+        return len(self.waiting) + len(self.prefilled)
 
     # ---- planning -----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -132,7 +156,7 @@ class Scheduler:
     def _reserve_or_preempt(self, request: Request, num_tokens: int, out: SchedulerOutput) -> bool:
         rid = request.request_id
         while not self.kv.can_fit(rid, num_tokens):
-            victim = self.running.pop()
+            victim = self.prefilled.pop() if self.prefilled else self.running.pop()
             self._preempt(victim)
             out.preempted_ids.append(victim.request_id)
             if victim is request:
@@ -149,8 +173,26 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+        if self.prefilled and not self.running:
+            self._unblock_prefilled(out)
+        budget = self._admit_from(self.prefilled, out, budget)
+        if not self.prefilled:  # FCFS: nothing is recomputed while transferred requests wait
+            self._admit_from(self.waiting, out, budget)
+
+    def _unblock_prefilled(self, out: SchedulerOutput) -> None:
+        """Nothing runs, so no block will be freed: preempt prefilled requests from the back
+        until the first one can take its next block (or is itself preempted, to recompute)."""
+        head = self.prefilled[0]
+        while self.prefilled and not self.kv.can_fit(head.request_id, head.num_tokens):
+            victim = self.prefilled.pop()
+            self._preempt(victim)
+            out.preempted_ids.append(victim.request_id)
+
+    def _admit_from(self, queue: deque[Request], out: SchedulerOutput, budget: int) -> int:
+        """Move requests from the front of `queue` into the running batch while budget, batch
+        slots and blocks last; returns the budget left."""
+        while queue and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = queue[0]
             num_new = min(request.num_pending_tokens, budget)
             if num_new < request.num_pending_tokens and not self.config.enable_chunked_prefill:
                 break
@@ -158,13 +200,14 @@ class Scheduler:
             if not self.kv.can_fit(request.request_id, end):
                 break
             self.kv.grow(request.request_id, end)
-            self.waiting.popleft()
+            queue.popleft()
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time_s is None:
                 request.first_scheduled_time_s = time.monotonic()
             self.running.append(request)
             out.chunks.append(self._chunk(request, num_new))
             budget -= num_new
+        return budget
 
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens

@@ -39,7 +39,7 @@ def worker_stats(engine, instance_id: str, role: int, num_inflight_transfers: in
         instance_id=instance_id, role=role, address=address, device=device or engine.config.device,
         total_kv_blocks=kv.num_blocks, free_kv_blocks=kv.num_free_blocks,
         num_running_requests=len(engine.scheduler.running),
-        num_waiting_requests=len(engine.scheduler.waiting),
+        num_waiting_requests=engine.scheduler.num_waiting,
         num_inflight_transfers=num_inflight_transfers)
     return worker_pb2.WorkerStats(protocol_version=PROTOCOL_VERSION, state=state,
                                   kv_cache_usage=kv.pool.usage,

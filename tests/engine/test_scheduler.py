@@ -137,3 +137,101 @@ def test_detach_keeps_blocks_for_transfer():
     assert sched.kv.num_free_blocks == sched.kv.num_blocks - 3
     sched.kv.free("a")
     assert sched.kv.is_idle()
+
+
+# ---- prefilled requests (KV received from a prefill instance) ------------------------------
+def make_prefilled(sched: Scheduler, rid: str, prompt_len: int, max_tokens: int = 8) -> Request:
+    """A request as a decode instance admits it: prompt blocks held, first token recorded."""
+    r = make_request(rid, prompt_len, max_tokens)
+    sched.kv.grow(rid, prompt_len)
+    r.num_computed_tokens = prompt_len
+    r.output_token_ids.append(7)
+    sched.add_prefilled(r)
+    return r
+
+
+def drain(sched: Scheduler, max_steps: int = 500) -> list:
+    """Step until every request finishes by length; returns the plans."""
+    plans = []
+    for _ in range(max_steps):
+        if not sched.has_unfinished():
+            return plans
+        plan = run_step(sched)
+        plans.append(plan)
+        for r in [c.request for c in plan.chunks if c.samples]:
+            if len(r.output_token_ids) >= r.params.max_tokens:
+                sched.finish(r, RequestStatus.FINISHED_LENGTH)
+    raise AssertionError(f"not finished after {max_steps} steps: running {len(sched.running)}, "
+                         f"prefilled {len(sched.prefilled)}, waiting {len(sched.waiting)}")
+
+
+def test_prefilled_never_exceed_max_num_seqs():
+    sched = make_scheduler(num_blocks=400, max_seqs=4, budget=32)
+    reqs = [make_prefilled(sched, f"p{i}", 5) for i in range(30)]
+    assert sched.num_waiting == 30 and sched.has_unfinished()
+    plans = drain(sched)
+    assert max(len(p.chunks) for p in plans) == 4
+    assert all(c.is_decode for p in plans for c in p.chunks)  # KV was never recomputed
+    assert all(len(r.output_token_ids) == 8 for r in reqs)
+    assert sched.kv.is_idle()
+
+
+def test_prefilled_admitted_before_waiting_and_within_budget():
+    sched = make_scheduler(max_seqs=8, budget=3)
+    sched.add(make_request("w", 4))
+    for i in range(4):
+        make_prefilled(sched, f"p{i}", 4)
+    plan = run_step(sched)
+    assert [c.request.request_id for c in plan.chunks] == ["p0", "p1", "p2"]
+    assert len(plan.chunks[0].block_table) == 2  # the next block grown on admission
+    assert [r.request_id for r in sched.waiting] == ["w"]
+
+
+def test_aborting_a_queued_prefilled_request_frees_its_blocks():
+    sched = make_scheduler(max_seqs=1)
+    make_prefilled(sched, "a", 6)
+    b = make_prefilled(sched, "b", 6)
+    run_step(sched)
+    assert b in sched.prefilled and len(sched.kv.block_table("b")) == 2
+    sched.finish(b, RequestStatus.FINISHED_ABORTED)
+    assert not sched.kv.block_table("b") and b not in sched.prefilled
+    drain(sched)
+    assert sched.kv.is_idle()
+
+
+def test_detach_takes_a_prefilled_request_out():
+    sched = make_scheduler()
+    r = make_prefilled(sched, "a", 6)
+    assert len(sched.detach(r)) == 2 and not sched.has_unfinished()
+    sched.kv.free("a")
+    assert sched.kv.is_idle()
+
+
+def test_add_prefilled_rejects_a_request_without_its_kv():
+    with pytest.raises(ValueError, match="not prefilled"):
+        make_scheduler().add_prefilled(make_request("a", 4))
+
+
+def test_tight_kv_prefilled_requests_cannot_deadlock():
+    # 10 blocks of 4; each prompt of 8 holds 2 blocks, so 5 queued requests hold every block and
+    # none can grow its next one: the scheduler must preempt some to recompute, not stall.
+    sched = make_scheduler(num_blocks=10, block_size=4, max_seqs=8, budget=64)
+    reqs = [make_prefilled(sched, f"p{i}", 8, max_tokens=6) for i in range(5)]
+    assert sched.kv.num_free_blocks == 0
+    plans = drain(sched)
+    assert sum(len(p.preempted_ids) for p in plans) > 0
+    assert all(len(r.output_token_ids) == 6 for r in reqs)
+    assert sched.kv.is_idle()
+
+
+def test_running_requests_preempt_queued_prefilled_first():
+    sched = make_scheduler(num_blocks=5, block_size=4, max_seqs=1, budget=64)
+    a = make_prefilled(sched, "a", 7)  # 2 blocks now; 15 tokens (4 blocks) at the end
+    b = make_prefilled(sched, "b", 8)  # 2 blocks, queued behind a (one batch slot)
+    plan = run_step(sched)
+    while not plan.preempted_ids:  # a takes the free block, then needs b's
+        plan = run_step(sched)
+        assert a in sched.running
+    assert plan.preempted_ids == ["b"] and b in sched.waiting and b.num_computed_tokens == 0
+    drain(sched)
+    assert sched.kv.is_idle()
