@@ -7,6 +7,10 @@
 `generate_stream` returns the gRPC call itself: iterate it for responses, `cancel()` it to abort
 the request server-side. Sampling keyword arguments are `SamplingParams` proto fields; None
 means "absent" (the server's default). gRPC failures surface as `grpc.aio.AioRpcError`.
+
+A router with TLS takes `root_cert_file` (its CA; mutual TLS also `client_cert_file` and
+`client_key_file`); one with tokens takes `token`, sent as `authorization: Bearer` metadata on
+every call (use the admin token for Abort and GetClusterState when the server sets one).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from protos.pdserve.v1 import generation_pb2, generation_pb2_grpc
+from router.tls import channel_credentials
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -73,12 +78,22 @@ def build_request(prompt: str | None = None, *, messages: Sequence[dict[str, str
 
 
 class PdserveClient:
-    """One channel to a pdserve router and the Generation stub over it."""
+    """One channel to a pdserve router and the Generation stub over it.
 
-    def __init__(self, address: str = DEFAULT_ADDRESS) -> None:
+    `tls` (or any of the certificate files) makes the channel TLS; `token` is sent on every call.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, tls: bool = False,
+                 root_cert_file: str | None = None, client_cert_file: str | None = None,
+                 client_key_file: str | None = None, token: str | None = None) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address)
+        if tls or root_cert_file or client_cert_file or client_key_file:
+            credentials = channel_credentials(root_cert_file, client_cert_file, client_key_file)
+            self._channel = grpc.aio.secure_channel(address, credentials)
+        else:
+            self._channel = grpc.aio.insecure_channel(address)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     async def __aenter__(self) -> PdserveClient:
         return self
@@ -92,7 +107,8 @@ class PdserveClient:
     def generate_stream(self, prompt: str | None = None, *, timeout_s: float | None = None,
                         **kwargs: object) -> grpc.aio.UnaryStreamCall:
         """Start a Generate call; `kwargs` are `build_request`'s."""
-        return self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout_s)
+        return self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout_s,
+                                   metadata=self._metadata)
 
     async def generate(self, prompt: str | None = None, *, timeout_s: float | None = None,
                        **kwargs: object) -> Completion:
@@ -103,11 +119,14 @@ class PdserveClient:
         return completion
 
     async def abort(self, request_id: str) -> bool:
-        response = await self._stub.Abort(generation_pb2.AbortRequest(request_id=request_id))
+        response = await self._stub.Abort(generation_pb2.AbortRequest(request_id=request_id),
+                                          metadata=self._metadata)
         return response.found
 
     async def model_info(self) -> generation_pb2.ModelInfo:
-        return await self._stub.GetModelInfo(generation_pb2.GetModelInfoRequest())
+        return await self._stub.GetModelInfo(generation_pb2.GetModelInfoRequest(),
+                                             metadata=self._metadata)
 
     async def cluster_state(self) -> generation_pb2.ClusterState:
-        return await self._stub.GetClusterState(generation_pb2.GetClusterStateRequest())
+        return await self._stub.GetClusterState(generation_pb2.GetClusterStateRequest(),
+                                                metadata=self._metadata)

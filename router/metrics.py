@@ -10,6 +10,9 @@ One `RequestMetrics` follows one call, fed by the servicer in the call's own ord
       │                 phases queue / prefill / kv_transfer from the backend's Timing
       └ end ─────────> router_requests{code}; a non-OK call also router_request_errors{error_type}
 
+A Generate call that the token check refuses never reaches the servicer; `refused(code)` counts
+it (code UNAUTHENTICATED or PERMISSION_DENIED, error_type "unauthenticated").
+
 The per-token path is a clock read, a counter increment and a histogram observation, on
 children resolved once per router (no label lookups).
 """
@@ -44,13 +47,14 @@ STATUS_CODES = tuple(code.name for code in (
     grpc.StatusCode.OK, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS,
     grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN))
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED))
 FINISH_REASONS = ("stop", "length", "abort")
 # Where a request's time went before its first decode token (see router.backend.Timing).
 PHASES = ("queue", "prefill", "kv_transfer", "first_decode_token")
 DEADLINE_EXCEEDED = "deadline_exceeded"
 CANCELLED = "cancelled"
 INTERNAL = "internal"
+UNAUTHENTICATED = "unauthenticated"
 
 
 def error_type(error: RouterError) -> str:
@@ -66,7 +70,8 @@ def _error_type_of(cls: type[RouterError]) -> str:
 
 ERROR_TYPES = tuple(_error_type_of(cls) for cls in (
     InvalidRequestError, DuplicateRequestError, OverloadedError, UnavailableError,
-    NoCapacityError, RequestFailedError)) + (DEADLINE_EXCEEDED, CANCELLED, INTERNAL)
+    NoCapacityError, RequestFailedError)) + (DEADLINE_EXCEEDED, CANCELLED, INTERNAL,
+                                            UNAUTHENTICATED)
 
 
 class RouterMetrics:
@@ -108,6 +113,11 @@ class RouterMetrics:
     def begin(self, arrival_s: float) -> RequestMetrics:
         """A Generate call arrived (at `time.monotonic()` `arrival_s`)."""
         return RequestMetrics(self, arrival_s)
+
+    def refused(self, code: grpc.StatusCode) -> None:
+        """A Generate call was refused by the token check with `code`."""
+        self.requests[code.name].inc()
+        self.errors[UNAUTHENTICATED].inc()
 
 
 class RequestMetrics:

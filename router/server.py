@@ -9,8 +9,9 @@ and its three early endings, each of which closes the backend's iterator, which 
 request in the backend and frees its KV blocks:
 - the client cancels: `asyncio.CancelledError` arrives in the handler; we clean up and re-raise;
 - the call's deadline passes: our own timer fires first or together with gRPC's; the client
-  gets DEADLINE_EXCEEDED;
-- the backend raises a `RouterError`: the client gets the code from `router.errors`.
+  gets DEADLINE_EXCEEDED. A call without a deadline gets the server's `request_timeout_s`;
+- the backend raises a `RouterError`: the client gets the code from `router.errors`; any other
+  exception is a bug: INTERNAL with an error id, the traceback in the log (router.guard).
 
 An `Abort` RPC ends the aborted request's stream normally (status OK) with finish_reason
 "abort", as the proto documents, rather than with CANCELLED: the stream did end as the
@@ -19,6 +20,8 @@ service intended, and the client still gets usage and timing.
 The server also runs the standard health service ("" and the Generation service; SERVING while
 the backend is ready, NOT_SERVING once draining) and server reflection, and, given a
 metrics port, serves its Prometheus metrics (router.metrics) at http://host:port/metrics.
+Requests are parsed by router.wire (invalid UTF-8 or garbage bytes: INVALID_ARGUMENT, counted);
+TLS (router.tls) and bearer tokens (router.auth) are optional, set by a `RouterSecurity`.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from protos.pdserve.v1 import generation_pb2, generation_pb2_grpc
+from protos.pdserve.v1 import generation_pb2
+from router.auth import BearerTokenInterceptor
 from router.backend import GenerationBackend, GenerationInput, TokenEvent
 from pdserve.metrics import MetricsEndpoint, start_metrics_server
 from router.errors import RouterError, UnavailableError, status_code_for
+from router.guard import abort_with, client_status, guarded, unexpected_status
 from router.metrics import (
     CANCELLED,
     DEADLINE_EXCEEDED,
@@ -44,11 +49,15 @@ from router.metrics import (
     RouterMetrics,
     error_type,
 )
+from router.security import RouterSecurity
+from router.tls import server_credentials
 from router.validation import RequestValidator
+from router.wire import MalformedRequest, add_generation_service
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+GENERATE_METHOD = f"/{SERVICE_NAME}/Generate"
 DEFAULT_PORT = 50051
 HEALTH_POLL_S = 1.0  # how often the health status follows backend.is_ready()
 _NO_DEADLINE_S = 1e9  # time_remaining() above this means the client set no deadline
@@ -57,11 +66,15 @@ _NO_DEADLINE_S = 1e9  # time_remaining() above this means the client set no dead
 DEADLINE_MARGIN_S = 0.02
 
 
-class RouterServicer(generation_pb2_grpc.GenerationServicer):
+class RouterServicer:
     """Validates calls, streams the backend's tokens, and owns the in-flight request ids."""
 
-    def __init__(self, backend: GenerationBackend, metrics: RouterMetrics | None = None) -> None:
+    def __init__(self, backend: GenerationBackend, metrics: RouterMetrics | None = None,
+                 request_timeout_s: float | None = None) -> None:
+        if request_timeout_s is not None and not request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0 or None, got {request_timeout_s}")
         self._backend = backend
+        self._request_timeout_s = request_timeout_s  # the deadline of calls that set none
         self._validator = RequestValidator(backend.tokenizer, backend.model_info())
         self.metrics = metrics or RouterMetrics(backend.model_info().model_name)
         self._in_flight: set[str] = set()
@@ -75,6 +88,8 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
                        context: grpc.aio.ServicerContext) -> None:
         arrival_s = time.monotonic()
         remaining_s = _time_remaining_s(context)
+        if remaining_s is None:
+            remaining_s = self._request_timeout_s
         deadline_s = None if remaining_s is None else arrival_s + remaining_s
         timer = asyncio.timeout(remaining_s)
         observed = self.metrics.begin(arrival_s)
@@ -83,13 +98,13 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
                 await self._generate(request, context, arrival_s, deadline_s, observed)
         except TimeoutError:
             if not timer.expired():  # raised inside the backend, not by our deadline
-                await _internal_error(context, observed)
+                await self._internal_error(context, observed)
             observed.fail(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_EXCEEDED)
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"deadline of {remaining_s:.3f} s exceeded; the request was aborted")
         except RouterError as error:
             observed.fail(status_code_for(error), error_type(error))
-            await context.abort(status_code_for(error), str(error))
+            await abort_with(context, client_status(error, "Generate"))
         except asyncio.CancelledError:  # the client cancelled; the request is aborted already
             observed.fail(grpc.StatusCode.CANCELLED, CANCELLED)
             raise
@@ -97,9 +112,15 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
             observed.fail(grpc.StatusCode.UNKNOWN, INTERNAL)
             raise
         except Exception:  # a bug: INTERNAL with a logged traceback, not gRPC's bare UNKNOWN
-            await _internal_error(context, observed)
+            await self._internal_error(context, observed)
         finally:
             observed.end()
+
+    async def _internal_error(self, context: grpc.aio.ServicerContext,
+                              observed: RequestMetrics) -> None:
+        code, message = unexpected_status("Generate", self._backend.is_ready())
+        observed.fail(code, INTERNAL)
+        await context.abort(code, message)
 
     async def _generate(self, request: generation_pb2.GenerateRequest,
                         context: grpc.aio.ServicerContext, arrival_s: float,
@@ -121,24 +142,32 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
                 observed.on_event(event)
                 await context.write(_response(inp.request_id, event))
 
-    async def Abort(self, request: generation_pb2.AbortRequest,
+    def _backend_ready(self) -> bool:
+        return self._backend.is_ready()
+
+    @guarded("Abort", _backend_ready)
+    async def Abort(self, request: generation_pb2.AbortRequest | MalformedRequest,
                     context: grpc.aio.ServicerContext) -> generation_pb2.AbortResponse:
+        _check_parsed(request)
         found = request.request_id in self._in_flight and await self._backend.abort(request.request_id)
         return generation_pb2.AbortResponse(found=found)
 
-    async def GetModelInfo(self, request: generation_pb2.GetModelInfoRequest,
+    @guarded("GetModelInfo", _backend_ready)
+    async def GetModelInfo(self, request: generation_pb2.GetModelInfoRequest | MalformedRequest,
                            context: grpc.aio.ServicerContext) -> generation_pb2.ModelInfo:
+        _check_parsed(request)
         return self._backend.model_info()
 
-    async def GetClusterState(self, request: generation_pb2.GetClusterStateRequest,
+    @guarded("GetClusterState", _backend_ready)
+    async def GetClusterState(self, request: generation_pb2.GetClusterStateRequest | MalformedRequest,
                               context: grpc.aio.ServicerContext) -> generation_pb2.ClusterState:
+        _check_parsed(request)
         return generation_pb2.ClusterState(instances=await self._backend.cluster_state())
 
 
-async def _internal_error(context: grpc.aio.ServicerContext, observed: RequestMetrics) -> None:
-    logger.exception("Generate failed")
-    observed.fail(grpc.StatusCode.INTERNAL, INTERNAL)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+def _check_parsed(request: object) -> None:
+    if isinstance(request, MalformedRequest):
+        raise request.error
 
 
 def _response(request_id: str, event: TokenEvent) -> generation_pb2.GenerateResponse:
@@ -219,24 +248,45 @@ class RouterServer:
 
 
 async def start_router(backend: GenerationBackend, host: str = "127.0.0.1",
-                       port: int = DEFAULT_PORT, metrics_port: int | None = None) -> RouterServer:
+                       port: int = DEFAULT_PORT, metrics_port: int | None = None, *,
+                       metrics_host: str | None = None, request_timeout_s: float | None = None,
+                       security: RouterSecurity | None = None) -> RouterServer:
     """Start `backend`, then serve it on host:port (0 = any free port; see `RouterServer.port`)
-    and, unless `metrics_port` is None, its metrics on http://host:metrics_port/metrics."""
+    and, unless `metrics_port` is None, its metrics on http://metrics_host:metrics_port/metrics
+    (`metrics_host` None: `host`). `request_timeout_s` is the deadline of calls that set none
+    (None: no deadline); `security` sets TLS and tokens (None: plaintext, no tokens)."""
+    security = security or RouterSecurity()
+    credentials = server_credentials(security.tls) if security.tls is not None else None
     await backend.start()
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    servicer = RouterServicer(backend)
-    generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+    servicer = RouterServicer(backend, request_timeout_s=request_timeout_s)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
+                             interceptors=_interceptors(security, servicer.metrics))
+    add_generation_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound_port = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound_port = (server.add_insecure_port(address) if credentials is None
+                  else server.add_secure_port(address, credentials))
     metrics_endpoint = None
     if metrics_port is not None:
-        metrics_endpoint = start_metrics_server(servicer.metrics.registry, host, metrics_port)
+        metrics_endpoint = start_metrics_server(servicer.metrics.registry, metrics_host or host,
+                                                metrics_port)
     await server.start()
     router = RouterServer(server, servicer, health_servicer, backend, host, bound_port,
                           metrics_endpoint)
     await router.start_health()
     logger.info("router serving %s on %s", backend.model_info().model_name, router.address)
     return router
+
+
+def _interceptors(security: RouterSecurity, metrics: RouterMetrics) -> list[grpc.aio.ServerInterceptor]:
+    if security.auth_token is None and security.admin_token is None:
+        return []
+
+    def count_refused(method: str, code: grpc.StatusCode) -> None:
+        if method == GENERATE_METHOD:
+            metrics.refused(code)
+
+    return [BearerTokenInterceptor(security.auth_token, security.admin_token, count_refused)]

@@ -1,7 +1,20 @@
 """Turn a client's `GenerateRequest` into a backend's `GenerationInput`, or say what is wrong.
 
 Every rejection is an `InvalidRequestError` whose `field` names the request field to fix:
-`input`, `prompt`, `messages`, `prompt_token_ids`, `request_id` or `sampling.<name>`.
+`input`, `prompt`, `messages`, `messages[i].role`, `prompt_token_ids`, `request_id` or
+`sampling.<name>`; a request whose bytes did not parse (`router.wire.MalformedRequest`) is
+rejected with the error the parser found.
+
+The API's bounds (README "Limits"), each checked before any costly work:
+- `request_id`: at most MAX_REQUEST_ID_CHARS characters of `[A-Za-z0-9._:-]` (it is echoed in
+  every response and written to logs);
+- `sampling.stop`: at most MAX_STOP_STRINGS strings of MAX_STOP_BYTES UTF-8 bytes in total;
+- `prompt` / `messages`: at most PROMPT_BYTES_PER_TOKEN x context length UTF-8 bytes of text
+  (message contents summed), checked before tokenizing: a prompt that long could not fit the
+  context anyway unless its tokens average more than 8 bytes, and tokenizing megabytes first
+  would cost seconds;
+- chat roles: CHAT_ROLES only. `tool` is not accepted: the API has no tool-call fields, so an
+  assistant's tool call, which a tool message answers, cannot be expressed.
 
 Server defaults for absent `optional` sampling fields are `SamplingParams`' own (temperature 1.0,
 top_p 1.0, top_k off, ... like vLLM), except `max_tokens`, which defaults to DEFAULT_MAX_TOKENS
@@ -26,9 +39,17 @@ from protos.convert import sampling_from_proto
 from protos.pdserve.v1 import generation_pb2
 from router.backend import GenerationInput
 from router.errors import DuplicateRequestError, InvalidRequestError
+from router.wire import MalformedRequest
 
 DEFAULT_MAX_TOKENS = 256  # output tokens when the client sets no max_tokens
 TOKENIZE_INLINE_MAX_CHARS = 2048  # longer texts are tokenized in a thread, off the event loop
+MAX_REQUEST_ID_CHARS = 128
+MAX_STOP_STRINGS = 16
+MAX_STOP_BYTES = 4096  # all stop strings together, UTF-8
+PROMPT_BYTES_PER_TOKEN = 8  # prompt text bound: this many bytes per token of context
+CHAT_ROLES = ("system", "user", "assistant")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]+")
 
 _SAMPLING_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 _LEADING_NAME = re.compile(r"[a-z_]+")
@@ -43,14 +64,23 @@ class RequestValidator:
         self._context_length = model_info.context_length
         self._vocab_size = model_info.vocab_size
 
-    async def to_input(self, request: generation_pb2.GenerateRequest, in_flight: Container[str],
-                       arrival_time_s: float, deadline_s: float | None) -> GenerationInput:
+    @property
+    def max_prompt_bytes(self) -> int:
+        """The most UTF-8 bytes of prompt text (or of all message contents) a request may hold."""
+        return PROMPT_BYTES_PER_TOKEN * self._context_length
+
+    async def to_input(self, request: generation_pb2.GenerateRequest | MalformedRequest,
+                       in_flight: Container[str], arrival_time_s: float,
+                       deadline_s: float | None) -> GenerationInput:
         """Validate `request`; its request_id must not be in `in_flight`.
 
         The uniqueness check runs last, after the only await, so a caller that registers the id
         right after this returns (no await in between) can never admit a duplicate.
         """
+        if isinstance(request, MalformedRequest):
+            raise request.error
         request_id = _request_id(request)
+        _check_stop_strings(request.sampling.stop)
         params = sampling_params(request.sampling)
         prompt_ids = await self._prompt_token_ids(request)
         if request_id in in_flight:
@@ -74,17 +104,33 @@ class RequestValidator:
     async def _tokenize_prompt(self, prompt: str) -> list[int]:
         if not prompt:
             raise InvalidRequestError("prompt", "must not be empty")
+        self._check_text_bytes("prompt", [prompt])
         return await _off_loop_if_long(self._tokenizer.encode, prompt, len(prompt))
 
     async def _tokenize_messages(self, messages: Sequence[generation_pb2.ChatMessage]) -> list[int]:
         if not messages:
             raise InvalidRequestError("messages", "must contain at least one message")
+        for index, message in enumerate(messages):
+            if message.role not in CHAT_ROLES:
+                raise InvalidRequestError(f"messages[{index}].role",
+                                          f"unknown role {message.role[:32]!r}; allowed roles: "
+                                          f"{', '.join(CHAT_ROLES)}")
+        self._check_text_bytes("messages", [m.content for m in messages])
         as_dicts = [{"role": m.role, "content": m.content} for m in messages]
         num_chars = sum(len(m.content) for m in messages)
         try:
             return await _off_loop_if_long(self._tokenizer.apply_chat_template, as_dicts, num_chars)
         except ValueError as error:
             raise InvalidRequestError("messages", str(error)) from None
+
+    def _check_text_bytes(self, field: str, texts: Sequence[str]) -> None:
+        limit = self.max_prompt_bytes
+        # A str has at most as many characters as UTF-8 bytes: count characters first, so a
+        # huge text is refused without encoding it.
+        if sum(len(text) for text in texts) > limit or _utf8_len(texts) > limit:
+            raise InvalidRequestError(field, f"is longer than {limit} UTF-8 bytes "
+                                             f"({PROMPT_BYTES_PER_TOKEN} per token of the "
+                                             f"context length {self._context_length})")
 
     def _check_prompt(self, field: str, ids: list[int]) -> None:
         if not ids:
@@ -112,12 +158,31 @@ def _field_named_in(message: str) -> str:
     return match.group() if match and match.group() in _SAMPLING_FIELD_NAMES else "params"
 
 
+def _check_stop_strings(stop: Sequence[str]) -> None:
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidRequestError("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings, "
+                                                   f"got {len(stop)}")
+    if sum(len(s) for s in stop) > MAX_STOP_BYTES or _utf8_len(stop) > MAX_STOP_BYTES:
+        raise InvalidRequestError("sampling.stop", f"stop strings may hold at most "
+                                                   f"{MAX_STOP_BYTES} UTF-8 bytes in total")
+
+
+def _utf8_len(texts: Sequence[str]) -> int:
+    return sum(len(text.encode("utf-8")) for text in texts)
+
+
 def _request_id(request: generation_pb2.GenerateRequest) -> str:
     if not request.HasField("request_id"):
         return uuid.uuid4().hex
-    if not request.request_id:
+    request_id = request.request_id
+    if not request_id:
         raise InvalidRequestError("request_id", "must not be empty when set")
-    return request.request_id
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequestError("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} "
+                                                f"characters, got {len(request_id)}")
+    if not _REQUEST_ID.fullmatch(request_id):
+        raise InvalidRequestError("request_id", "may contain only letters, digits and . _ : -")
+    return request_id
 
 
 async def _off_loop_if_long(fn: Callable[[object], _T], argument: object, num_chars: int) -> _T:

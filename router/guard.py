@@ -1,0 +1,84 @@
+"""What a client is told when an RPC fails, and what only the server log sees.
+
+A client gets a status code and a short message of ours, never an exception's text: that may
+hold paths, host names, memory reports or another user's command line. The rules:
+
+    RouterError (our own, written for clients)      -> its code and its message, except
+    RequestFailedError (its text comes from workers) -> its code, "... (error id X)"
+    any other exception (a bug)                      -> INTERNAL "internal error (id X)", or
+                                                        UNAVAILABLE while the backend is not ready
+
+Every error id is logged with the full detail (the traceback, or the worker's message), so a
+user who reports the id points at the log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import NoReturn, TypeVar
+
+import grpc
+
+from router.errors import RequestFailedError, RouterError, status_code_for
+
+logger = logging.getLogger(__name__)
+
+_Response = TypeVar("_Response")
+
+
+def new_error_id() -> str:
+    """A short random id that ties a client's message to the server log's line."""
+    return secrets.token_hex(6)
+
+
+def client_status(error: RouterError, rpc: str) -> tuple[grpc.StatusCode, str]:
+    """The code and message a client receives for `error` (logged first when it is a worker's)."""
+    code = status_code_for(error)
+    if not isinstance(error, RequestFailedError):
+        return code, str(error)
+    error_id = new_error_id()
+    logger.error("%s failed (error id %s): %s", rpc, error_id, error)
+    if code == grpc.StatusCode.INTERNAL:
+        return code, f"internal error (id {error_id})"
+    return code, f"the request failed in a worker; retry it (error id {error_id})"
+
+
+def unexpected_status(rpc: str, backend_ready: bool) -> tuple[grpc.StatusCode, str]:
+    """Log the exception being handled with a new error id; the status a client receives."""
+    error_id = new_error_id()
+    logger.exception("%s failed (error id %s)", rpc, error_id)
+    if not backend_ready:
+        return (grpc.StatusCode.UNAVAILABLE,
+                f"the server is not ready; retry later (error id {error_id})")
+    return grpc.StatusCode.INTERNAL, f"internal error (id {error_id})"
+
+
+async def abort_with(context: grpc.aio.ServicerContext,
+                     status: tuple[grpc.StatusCode, str]) -> NoReturn:
+    """End the call with `status` (grpc.aio raises AbortError out of `context.abort`)."""
+    await context.abort(*status)
+
+
+def guarded(rpc: str, is_ready: Callable[[object], bool]
+            ) -> Callable[[Callable[..., Awaitable[_Response]]], Callable[..., Awaitable[_Response]]]:
+    """Decorate a unary servicer method so that any failure becomes a client-safe status.
+
+    `is_ready(servicer)` tells whether the backend is ready, which decides INTERNAL vs UNAVAILABLE.
+    """
+    def decorate(method: Callable[..., Awaitable[_Response]]) -> Callable[..., Awaitable[_Response]]:
+        @functools.wraps(method)
+        async def wrapper(self, request, context: grpc.aio.ServicerContext) -> _Response:
+            try:
+                return await method(self, request, context)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except RouterError as error:
+                await abort_with(context, client_status(error, rpc))
+            except Exception:  # a bug; the client must not see its text
+                await abort_with(context, unexpected_status(rpc, is_ready(self)))
+        return wrapper
+    return decorate
