@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -33,6 +34,8 @@ ROLES = ("prefill", "decode")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRANSFER_BACKENDS = ("auto", "gloo", "nccl")
+MAX_NAME_LEN = 40  # a deployment name; placement group names add "-decode-<index>"
+DEPLOYMENT_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_-]{{0,{MAX_NAME_LEN - 1}}}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +173,12 @@ class ClusterConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     placement_timeout_s: float = 60.0  # wait this long for an instance's GPUs/CPUs, then fail
-    ray_address: str = "auto"  # ray.init address: "auto" = the running cluster, "local" = new
+    # "local": a private Ray instance for this deployment alone (cluster/ray_runtime.py);
+    # "auto": the cluster running on this node (`ray start`); else host:port of its GCS.
+    ray_address: str = "local"
+    # This deployment's Ray namespace and the prefix of its actor and placement group names:
+    # deployments sharing one Ray cluster need different names.
+    name: str = "pdserve"
 
     def __post_init__(self) -> None:
         _check_types(self, "")
@@ -181,7 +189,9 @@ class ClusterConfig:
         _at_least("block_size", self.block_size, 1)
         _positive("placement_timeout_s", self.placement_timeout_s)
         if not self.ray_address:
-            raise ValueError('ray_address must not be empty; use "auto" or "local"')
+            raise ValueError('ray_address must not be empty; use "local" (a private Ray), '
+                             '"auto" (the cluster running on this node) or host:port')
+        _deployment_name(self.name)
         for role, pool in zip(ROLES, self.pools):
             if pool.role != role:
                 raise ValueError(f"{role}.role must be {role!r}, got {pool.role!r}")
@@ -247,6 +257,8 @@ _OVERRIDES: dict[str, tuple[str, ...]] = {
     "grpc_port": ("server", "grpc_port"),
     "metrics_port": ("server", "metrics_port"),
     "prometheus_sd_file": ("server", "prometheus_sd_file"),
+    "ray_address": ("ray_address",),
+    "name": ("name",),
 }
 
 
@@ -374,6 +386,14 @@ def _positive(path: str, value: float) -> None:
 def _port(path: str, value: int) -> None:
     if not 0 <= value <= 65535:
         raise ValueError(f"{path} must be a port in 0..65535 (0 = any free port), got {value}")
+
+
+def _deployment_name(name: str) -> None:
+    if not DEPLOYMENT_NAME.fullmatch(name):
+        raise ValueError(
+            f"name must be 1-{MAX_NAME_LEN} characters, letters, digits, '-' or '_', starting "
+            f"with a letter or digit (it names the Ray namespace and actors), got {name!r}"
+        )
 
 
 def _one_of(path: str, value: Any, allowed: tuple[str, ...]) -> None:
