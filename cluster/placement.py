@@ -17,24 +17,35 @@ cluster so a Ray upgrade that changes it is noticed.
 
 Groups fate-share with the driver that created them (no detached lifetime): if `pdserve serve`
 dies, Ray frees its GPUs.
+
+Before the first group is created, `create_cluster_placements` checks two things and fails at
+once rather than after `placement_timeout_s`: no other deployment of the same name runs on the
+cluster (its groups `{name}-{role}-{i}` or its actors in the namespace `name`), and the pools fit
+the cluster (cluster/capacity.py).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import ray
-from ray.util import placement_group, remove_placement_group
+from ray.util import placement_group, placement_group_table, remove_placement_group
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.config import ClusterConfig, PoolConfig
+from cluster.capacity import check_capacity, resource_summary
+from cluster.config import ROLES, ClusterConfig, PoolConfig
 
 STRATEGY = "STRICT_PACK"
 
 
 class PlacementTimeoutError(RuntimeError):
     """An instance's placement group was not ready in time: the cluster lacks the resources."""
+
+
+class DeploymentNameInUseError(ValueError):
+    """Another deployment of the same name runs on this Ray cluster."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +57,11 @@ class InstancePlacement:
     instance_index: int  # position in its pool, 0-based
     placement_group: PlacementGroup
     bundles: tuple[dict[str, float], ...]  # bundle i is rank i's reservation
+    deployment: str = "pdserve"  # the config's name: prefix of the group's name
 
     @property
     def name(self) -> str:
-        return instance_name(self.role, self.instance_index)
+        return instance_name(self.deployment, self.role, self.instance_index)
 
     @property
     def num_ranks(self) -> int:
@@ -69,9 +81,14 @@ class InstancePlacement:
         )
 
 
-def instance_name(role: str, instance_index: int) -> str:
+def instance_name(deployment: str, role: str, instance_index: int) -> str:
     """The placement group's name, e.g. "pdserve-decode-0" (visible in `ray status`)."""
-    return f"pdserve-{role}-{instance_index}"
+    return f"{deployment}-{role}-{instance_index}"
+
+
+def actor_name(deployment: str, instance_id: str) -> str:
+    """A worker actor's name, e.g. "pdserve-decode-0" (`ray list actors`)."""
+    return f"{deployment}-{instance_id}"
 
 
 def instance_bundles(pool: PoolConfig) -> list[dict[str, float]]:
@@ -84,7 +101,7 @@ def instance_bundles(pool: PoolConfig) -> list[dict[str, float]]:
 
 
 def create_instance_placement(
-    pool: PoolConfig, instance_index: int, timeout_s: float
+    pool: PoolConfig, instance_index: int, timeout_s: float, deployment: str = "pdserve"
 ) -> InstancePlacement:
     """Reserve one instance's resources and wait until Ray grants them.
 
@@ -94,30 +111,32 @@ def create_instance_placement(
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     bundles = instance_bundles(pool)
-    name = instance_name(pool.role, instance_index)
+    name = instance_name(deployment, pool.role, instance_index)
     group = placement_group(bundles, strategy=STRATEGY, name=name)
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(group)
         raise PlacementTimeoutError(
-            _timeout_message(pool.role, instance_index, bundles, timeout_s)
-        )
-    return InstancePlacement(pool.role, instance_index, group, tuple(bundles))
+            _timeout_message(pool.role, instance_index, name, bundles, timeout_s))
+    return InstancePlacement(pool.role, instance_index, group, tuple(bundles), deployment)
 
 
 def create_cluster_placements(config: ClusterConfig) -> list[InstancePlacement]:
     """Reserve every instance of both pools, prefill first; all or nothing.
 
-    If one instance times out, the groups already created are removed before the error is
-    raised, so a failed start leaves the cluster as it was.
+    First, at once: DeploymentNameInUseError if a deployment of this name runs on the
+    cluster, ClusterCapacityError if the pools cannot fit it (only a warning when the cluster
+    may grow, see cluster/capacity.py). If one instance times out, the groups already created
+    are removed before the error is raised, so a failed start leaves the cluster as it was.
     """
+    check_name_free(config.name)
+    check_capacity(config)
     placements: list[InstancePlacement] = []
     try:
         for pool in config.pools:
             for index in range(pool.num_instances):
-                placements.append(
-                    create_instance_placement(pool, index, config.placement_timeout_s)
-                )
+                placements.append(create_instance_placement(
+                    pool, index, config.placement_timeout_s, config.name))
     except BaseException:
         for placement in placements:
             remove_placement(placement)
@@ -130,23 +149,33 @@ def remove_placement(placement: InstancePlacement) -> None:
     remove_placement_group(placement.placement_group)
 
 
-def _timeout_message(
-    role: str, instance_index: int, bundles: list[dict[str, float]], timeout_s: float
-) -> str:
+def check_name_free(deployment: str) -> None:
+    """Raise DeploymentNameInUseError if a deployment named `deployment` holds placement groups
+    or named actors on this Ray cluster (Ray would otherwise refuse its actor names only after
+    its groups waited for resources the other deployment holds)."""
+    pattern = re.compile(rf"{re.escape(deployment)}-({'|'.join(ROLES)})-\d+")
+    groups = sorted(pg["name"] for pg in placement_group_table().values()
+                    if pg["state"] != "REMOVED" and pattern.fullmatch(pg["name"]))
+    actors = sorted(actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+                    if actor["namespace"] == deployment)
+    if groups or actors:
+        held = ", ".join([*(f"placement group {g}" for g in groups),
+                          *(f"actor {a}" for a in actors)])
+        raise DeploymentNameInUseError(
+            f"a pdserve deployment named {deployment!r} already runs on this Ray cluster "
+            f"({held}); give this one a different name (`name:` in the cluster config or "
+            f"--name), or stop the other one first"
+        )
+
+
+def _timeout_message(role: str, instance_index: int, group_name: str,
+                     bundles: list[dict[str, float]], timeout_s: float) -> str:
     return (
-        f"{role} instance {instance_index} ({instance_name(role, instance_index)}) could not "
+        f"{role} instance {instance_index} ({group_name}) could not "
         f"be placed within {timeout_s:g} s: it asks for {len(bundles)} bundle(s) {bundles} "
         f"with strategy {STRATEGY} (all on one node). Cluster total: "
-        f"{_resource_summary(ray.cluster_resources())}; available now: "
-        f"{_resource_summary(ray.available_resources())}. Run `ray status` to see each node "
+        f"{resource_summary(ray.cluster_resources())}; available now: "
+        f"{resource_summary(ray.available_resources())}. Run `ray status` to see each node "
         f"and the pending demands; add nodes, or lower {role}.gpus_per_instance, "
         f"{role}.cpus_per_instance or {role}.num_instances."
     )
-
-
-def _resource_summary(resources: dict[str, float]) -> str:
-    """CPU and GPU first; Ray's per-node `node:<ip>` markers and byte counts left out."""
-    shown = {key: value for key, value in resources.items()
-             if not key.startswith("node:") and key not in ("memory", "object_store_memory")}
-    ordered = sorted(shown, key=lambda key: (key not in ("CPU", "GPU"), key))
-    return "{" + ", ".join(f"{key}: {shown[key]:g}" for key in ordered) + "}"

@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 import ray
 
 from cluster.config import ClusterConfig, PoolConfig
-from cluster.placement import InstancePlacement, create_cluster_placements, remove_placement
+from cluster.placement import (
+    InstancePlacement,
+    actor_name,
+    create_cluster_placements,
+    remove_placement,
+)
 from cluster.worker_spec import GPU_SAFE_ENV, WorkerSpec, engine_config_for
 from decode_worker.actor import DecodeActor
 from prefill_worker.actor import PrefillActor
@@ -75,6 +80,7 @@ def worker_specs(cfg: ClusterConfig, host: str) -> tuple[list[WorkerSpec], list[
                            transfer_timeout_s=cfg.transfer.timeout_s,
                            layers_per_message=cfg.transfer.layers_per_message,
                            min_message_bytes=cfg.transfer.min_message_bytes,
+                           # whole cores, at least one thread (0.5 cores: one thread)
                            num_threads=max(1, int(pool.cpus_per_instance)),
                            metrics_port=_metrics_port(cfg, first_index + i))
                 for i in range(pool.num_instances)]
@@ -91,9 +97,18 @@ def _metrics_port(cfg: ClusterConfig, index: int) -> int:
 
 
 def _actor_options(spec: WorkerSpec, placement: InstancePlacement | None) -> dict:
-    gpus = 1 if spec.engine.device == "cuda" else 0
-    options = {"num_gpus": gpus, "num_cpus": 0 if gpus else min(1, spec.num_threads),
-               "max_concurrency": 1000, "name": f"pdserve-{spec.instance_id}",
+    """Ray options of an instance's actor. It asks for exactly what its bundle holds (rank 0's:
+    a CPU instance's cores, a GPU rank's GPU and its share of the cores): asking for more, Ray
+    cannot fit it into the bundle. Without a placement (tests): one GPU, or one core."""
+    if placement is None:
+        on_gpu = spec.engine.device == "cuda"
+        resources = {"GPU": 1.0} if on_gpu else {"CPU": 1.0}
+        name = actor_name("pdserve", spec.instance_id)
+    else:
+        resources = placement.bundles[0]
+        name = actor_name(placement.deployment, spec.instance_id)
+    options = {"num_gpus": resources.get("GPU", 0.0), "num_cpus": resources.get("CPU", 0.0),
+               "max_concurrency": 1000, "name": name,
                "runtime_env": {"env_vars": dict(GPU_SAFE_ENV)}}
     if placement is not None:
         options["scheduling_strategy"] = placement.scheduling_strategy(0)

@@ -1,4 +1,4 @@
-"""`pdserve serve`: join (or start) a Ray cluster, launch the pools, put the router in front.
+"""`pdserve serve`: start (or join) Ray, launch the pools, put the router in front.
 
 `ServingCluster` is the whole running system as one object, so the CLI and the tests start and
 stop it the same way: pools, backend, router (gRPC and its /metrics) and the Prometheus file_sd
@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-
-import ray
 
 from cluster.config import ClusterConfig
 from cluster.disagg_backend import DisaggregatedBackend
@@ -25,19 +23,6 @@ log = logging.getLogger(__name__)
 TARGETS_REFRESH_S = 5.0  # how often the file_sd file is checked against the pools
 ROUTER_INSTANCE = "router-0"
 _ANY_HOST = ("0.0.0.0", "::", "")
-
-
-def init_ray(address: str) -> None:
-    """Join the cluster at `address` ("auto": the running one), else start a local one."""
-    if ray.is_initialized():
-        return
-    try:
-        ray.init(address=address, logging_level=logging.WARNING)
-    except ConnectionError:
-        if address != "auto":
-            raise
-        log.info("no running Ray cluster found: starting a local one")
-        ray.init(logging_level=logging.WARNING, include_dashboard=False)
 
 
 @dataclass(slots=True)

@@ -27,6 +27,13 @@ def _add_serve_parser(sub) -> None:
                    help="Prometheus file_sd JSON listing every /metrics endpoint, kept current "
                         "(default /tmp/pdserve/prometheus_sd.json; '' = none)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="the Ray cluster to join: 'auto' (the one `ray start` runs on this node) "
+                        "or host:port; default: $RAY_ADDRESS, else the config's ray_address "
+                        "('local': a private Ray instance for this deployment)")
+    p.add_argument("--name", default=None,
+                   help="deployment name: Ray namespace and actor name prefix (default pdserve); "
+                        "deployments sharing a Ray cluster need different names")
     p.add_argument("--worker-host", default=None,
                    help="address KV channels listen on (default: this node's IP in a Ray "
                         "cluster, 127.0.0.1 for a local one)")
@@ -39,7 +46,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     import ray
 
     from cluster.config import ClusterConfig, load_cluster_config, with_overrides
-    from cluster.serve import init_ray, serve_forever
+    from cluster.serve import serve_forever
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_cluster_config(args.config) if args.config else ClusterConfig()
@@ -47,10 +54,28 @@ def _run_serve(args: argparse.Namespace) -> int:
                             decode_instances=args.decode_instances, grpc_port=args.grpc_port,
                             metrics_port=args.metrics_port,
                             prometheus_sd_file=args.prometheus_sd_file, device=args.device)
-    init_ray(config.ray_address)
+    config = _start_ray(config, args)
     host = args.worker_host or ("127.0.0.1" if _is_local_ray() else ray.util.get_node_ip_address())
     asyncio.run(serve_forever(config, host))
     return 0
+
+
+def _start_ray(config, args: argparse.Namespace):
+    """Start or join Ray (cluster/ray_runtime.py); the config returned records the address."""
+    from cluster.config import with_overrides
+    from cluster.ray_runtime import init_ray, resolve_ray_address
+    from pdserve.cli import CliError
+
+    address = resolve_ray_address(args.ray_address, config.ray_address)
+    config = with_overrides(config, ray_address=address, name=args.name)
+    try:
+        runtime = init_ray(config.ray_address, config.name)
+    except ConnectionError as exc:
+        raise CliError(str(exc)) from None
+    where = "a private Ray instance" if runtime.private else f"the Ray cluster at {address}"
+    print(f"pdserve: on {where} (GCS {runtime.gcs_address}, namespace {runtime.namespace})",
+          flush=True)
+    return config
 
 
 def _is_local_ray() -> bool:

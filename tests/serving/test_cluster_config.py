@@ -33,7 +33,8 @@ def test_defaults_are_one_cpu_prefill_and_one_cpu_decode_instance():
     assert config.server.metrics_port == 8000
     assert config.transfer == TransferConfig()
     assert (config.transfer.timeout_s, config.transfer.backend) == (30.0, "auto")
-    assert (config.placement_timeout_s, config.ray_address) == (60.0, "auto")
+    assert (config.placement_timeout_s, config.ray_address) == (60.0, "local")  # a private Ray
+    assert config.name == "pdserve"
 
 
 def test_empty_mapping_gives_the_defaults():
@@ -53,6 +54,7 @@ def test_deploy_config_loads_as_written():
         assert (pool.num_instances, pool.gpus_per_instance, pool.device) == (1, 1, "cuda")
     assert config.server.grpc_port == 50051
     assert config.decode.async_scheduling is True and config.prefill.async_scheduling is None
+    assert (config.ray_address, config.name) == ("auto", "pdserve")  # the Ray `ray up` started
 
 
 def test_yaml_sections_fill_their_dataclasses(tmp_path):
@@ -133,6 +135,11 @@ def test_invalid_yaml_is_a_value_error(tmp_path):
         ({"transfer": {"backend": "mpi"}}, "transfer.backend must be one of"),
         ({"transfer": {"timeout_s": 0}}, "transfer.timeout_s must be > 0"),
         ({"placement_timeout_s": -1}, "placement_timeout_s must be > 0"),
+        ({"ray_address": ""}, 'ray_address must not be empty; use "local"'),
+        ({"name": ""}, "name must be 1-40 characters"),
+        ({"name": "a" * 41}, "name must be 1-40 characters"),
+        ({"name": "team/a"}, "name must be .* got 'team/a'"),
+        ({"name": "-a"}, "starting with a letter or digit"),
         ({"prefill": {"role": "decode"}}, "prefill.role is set by the section name"),
     ],
 )
@@ -203,6 +210,21 @@ def test_overrides_replace_the_named_fields():
     assert (config.prefill.num_instances, config.decode.num_instances) == (2, 3)
     assert config.server.grpc_port == 6000
     assert config.server.metrics_port == 8000  # untouched
+
+
+def test_ray_address_and_name_overrides():
+    config = with_overrides(ClusterConfig(), ray_address="10.0.0.1:6379", name="team-a_2")
+    assert (config.ray_address, config.name) == ("10.0.0.1:6379", "team-a_2")
+    assert cluster_config_from_dict({"name": "B", "ray_address": "auto"}).name == "B"
+
+
+def test_ray_address_precedence_flag_then_environment_then_config():
+    from cluster.ray_runtime import resolve_ray_address
+
+    assert resolve_ray_address(None, "local", {}) == "local"
+    assert resolve_ray_address(None, "local", {"RAY_ADDRESS": ""}) == "local"
+    assert resolve_ray_address(None, "local", {"RAY_ADDRESS": "10.0.0.1:6379"}) == "10.0.0.1:6379"
+    assert resolve_ray_address("auto", "local", {"RAY_ADDRESS": "10.0.0.1:6379"}) == "auto"
 
 
 def test_overrides_that_were_not_given_change_nothing():

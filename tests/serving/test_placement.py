@@ -12,6 +12,7 @@ import pytest
 import ray
 from ray.util import placement_group_table
 
+from cluster.capacity import ClusterCapacityError, capacity_problems
 from cluster.config import ClusterConfig, PoolConfig
 from cluster.placement import (
     InstancePlacement,
@@ -21,6 +22,7 @@ from cluster.placement import (
     instance_bundles,
     remove_placement,
 )
+from cluster.pools import _actor_options, worker_specs
 from tests.serving.ray_nodes import local_cluster
 
 NODE_RESOURCES = {"num_cpus": 2, "num_gpus": 2}
@@ -96,6 +98,31 @@ def test_gpu_instance_asks_for_one_gpu_bundle_per_rank():
     assert instance_bundles(no_cpus) == [{"GPU": 1.0}]
 
 
+def cpu_config(prefill_cpus: float, decode_cpus: float, num_decode: int = 1) -> ClusterConfig:
+    return ClusterConfig(prefill=PoolConfig("prefill", cpus_per_instance=prefill_cpus),
+                         decode=PoolConfig("decode", num_instances=num_decode,
+                                           cpus_per_instance=decode_cpus))
+
+
+def test_capacity_counts_every_instance_and_each_instance_on_one_node():
+    nodes = [{"CPU": 2.0, "GPU": 2.0}, {"CPU": 2.0, "GPU": 2.0}]
+    total = {"CPU": 4.0, "GPU": 4.0}
+    assert capacity_problems(cpu_config(0.5, 0.5, num_decode=7), total, nodes) == []
+    (too_many,) = capacity_problems(cpu_config(1, 1, num_decode=4), total, nodes)
+    assert too_many == ("the pools need 5 CPUs (prefill 1 × 1.0, decode 4 × 1.0) but the Ray "
+                        "cluster has 4; lower prefill.cpus_per_instance, "
+                        "decode.cpus_per_instance, prefill.num_instances, "
+                        "decode.num_instances, or add nodes")
+    wide = ClusterConfig(prefill=gpu_pool("prefill"),
+                         decode=PoolConfig("decode", gpus_per_instance=1, cpus_per_instance=3))
+    (too_wide,) = capacity_problems(wide, total, nodes)
+    assert too_wide.startswith("one decode instance needs {CPU: 3, GPU: 1} on one node but no "
+                               "node has that much (the largest: {CPU: 2, GPU: 2})")
+    no_gpus = capacity_problems(wide, {"CPU": 4.0}, [{"CPU": 4.0}])[0]
+    assert no_gpus.startswith("the pools need 2 GPUs (prefill 1 × 1.0, decode 1 × 1.0) but the "
+                              "Ray cluster has 0")
+
+
 # ---------------------------------------------------------------- on the cluster
 
 
@@ -160,9 +187,11 @@ def test_unsatisfiable_instance_times_out_with_an_actionable_message(node_ids):
 
 
 def test_failed_cluster_placement_removes_what_it_created(node_ids):
+    # The totals fit (4 CPUs, 3 GPUs) and so does each instance, but once the two prefill
+    # instances took 1.5 CPUs on each node, the decode instance's 1 CPU fits on neither.
     config = ClusterConfig(
-        prefill=gpu_pool("prefill"),
-        decode=PoolConfig("decode", gpus_per_instance=1, cpus_per_instance=3),
+        prefill=PoolConfig("prefill", num_instances=2, gpus_per_instance=1, cpus_per_instance=1.5),
+        decode=gpu_pool("decode"),
         placement_timeout_s=0.5,
     )
     with pytest.raises(PlacementTimeoutError, match="decode instance 0"):
@@ -178,5 +207,39 @@ def test_zero_decode_instances_reserve_nothing_for_decode(node_ids):
     try:
         assert [p.role for p in placements] == ["prefill"]
     finally:
+        for placement in placements:
+            remove_placement(placement)
+
+
+def test_pools_that_do_not_fit_fail_at_once_with_the_numbers(node_ids):
+    started = time.monotonic()
+    with pytest.raises(ClusterCapacityError) as caught:
+        create_cluster_placements(cpu_config(1, 1, num_decode=4))
+    assert time.monotonic() - started < 2.0  # not after placement_timeout_s (60 s)
+    message = str(caught.value)
+    assert "the pools need 5 CPUs (prefill 1 × 1.0, decode 4 × 1.0) but the Ray cluster has 4" \
+        in message
+    assert "decode.num_instances" in message and "Cluster total: {CPU: 4, GPU: 4" in message
+    assert isinstance(caught.value, ValueError)  # nothing was reserved (`node_ids` checks)
+
+
+def test_half_cpu_instances_place_and_their_actors_start(node_ids):
+    config = cpu_config(0.5, 0.5)
+    placements = create_cluster_placements(config)
+    actors = []
+    try:
+        assert [p.bundles for p in placements] == [({"CPU": 0.5},), ({"CPU": 0.5},)]
+        prefill, decode = worker_specs(config, "127.0.0.1")
+        assert prefill[0].num_threads == decode[0].num_threads == 1
+        for spec, placement in zip(prefill + decode, placements):
+            options = _actor_options(spec, placement)
+            assert (options["num_cpus"], options["num_gpus"]) == (0.5, 0.0)
+            assert options["name"] == f"pdserve-{spec.instance_id}"
+            actors.append(_Rank.options(**options).remote())
+        nodes = ray.get([actor.where.remote() for actor in actors], timeout=60)
+        assert [node for node, _ in nodes] == [_node_of(p) for p in placements]
+    finally:
+        for actor in actors:
+            ray.kill(actor)
         for placement in placements:
             remove_placement(placement)
