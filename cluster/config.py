@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from kv_transfer.descriptors import DEFAULT_MIN_MESSAGE_BYTES
+from router.security import RouterSecurity
 
 ROLES = ("prefill", "decode")
 DEVICES = ("auto", "cpu", "cuda")
@@ -114,16 +115,27 @@ class PoolConfig:
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    """The router's client-facing endpoints and admission limits."""
+    """The router's client-facing endpoints, admission limits and security (README "Security").
 
-    grpc_host: str = "0.0.0.0"  # interface the gRPC server binds
+    Both endpoints listen on loopback unless `grpc_host` (`pdserve serve --host`) opts in to
+    other interfaces. Tokens are read from files or the environment, never from the config
+    itself (see router/security.py).
+    """
+
+    grpc_host: str = "127.0.0.1"  # interface the gRPC server binds; "0.0.0.0" = every interface
     grpc_port: int = 50051  # 0 = any free port (tests)
+    metrics_host: str = ""  # interface of the router's /metrics; "" = the same as grpc_host
     metrics_port: int = 8000  # the router's Prometheus /metrics; 0 = any free port
     worker_metrics_port_base: int = 0  # worker i serves /metrics on base + i; 0 = free ports
     # Prometheus file_sd file listing every /metrics endpoint, kept current; "" = none.
     prometheus_sd_file: str = "/tmp/pdserve/prometheus_sd.json"
     max_queued_requests: int = 1024  # waiting requests beyond this get RESOURCE_EXHAUSTED
     request_timeout_s: float = 600.0  # deadline for a request whose client set none
+    tls_cert_file: str = ""  # PEM certificate for TLS on the gRPC port; "" = plaintext
+    tls_key_file: str = ""  # its PEM private key (required with tls_cert_file)
+    tls_client_ca_file: str = ""  # PEM CA that client certificates must chain to: mutual TLS
+    auth_token_file: str = ""  # bearer token every call needs; "" = $PDSERVE_AUTH_TOKEN or none
+    admin_token_file: str = ""  # token Abort/GetClusterState need; "" = $PDSERVE_ADMIN_TOKEN
 
     def __post_init__(self) -> None:
         _check_types(self, "server")
@@ -133,6 +145,23 @@ class ServerConfig:
             _port(f"server.{name}", getattr(self, name))
         _at_least("server.max_queued_requests", self.max_queued_requests, 1)
         _positive("server.request_timeout_s", self.request_timeout_s)
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("server.tls_cert_file and server.tls_key_file must be set together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("server.tls_client_ca_file (mutual TLS) needs server.tls_cert_file "
+                             "and server.tls_key_file")
+
+    @property
+    def metrics_bind_host(self) -> str:
+        """The interface the router's /metrics listens on."""
+        return self.metrics_host or self.grpc_host
+
+    def router_security(self) -> RouterSecurity:
+        """TLS files and tokens, read now from the token files or the environment."""
+        return RouterSecurity.load(
+            tls_cert_file=self.tls_cert_file, tls_key_file=self.tls_key_file,
+            tls_client_ca_file=self.tls_client_ca_file, auth_token_file=self.auth_token_file,
+            admin_token_file=self.admin_token_file)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +283,7 @@ _OVERRIDES: dict[str, tuple[str, ...]] = {
     "model": ("model",),
     "prefill_instances": ("prefill", "num_instances"),
     "decode_instances": ("decode", "num_instances"),
+    "grpc_host": ("server", "grpc_host"),
     "grpc_port": ("server", "grpc_port"),
     "metrics_port": ("server", "metrics_port"),
     "prometheus_sd_file": ("server", "prometheus_sd_file"),
@@ -263,9 +293,9 @@ _OVERRIDES: dict[str, tuple[str, ...]] = {
 
 
 def with_overrides(config: ClusterConfig, **overrides: Any) -> ClusterConfig:
-    """Apply CLI flags (--model, --prefill-instances, --decode-instances, --grpc-port,
-    --metrics-port, --prometheus-sd-file, --device) to a config; a None value means the flag
-    was not given.
+    """Apply CLI flags (--model, --prefill-instances, --decode-instances, --host (grpc_host),
+    --grpc-port, --metrics-port, --prometheus-sd-file, --device) to a config; a None value
+    means the flag was not given.
 
     `device` also fixes the pools' GPU counts when they contradict it, so `--device cuda` on a
     CPU config gives each instance one GPU and `--device cpu` drops the GPUs.

@@ -45,7 +45,9 @@ class ServingCluster:
         backend = DisaggregatedBackend(pools, tokenizer, source.config, server.max_queued_requests)
         try:
             router = await start_router(backend, server.grpc_host, server.grpc_port,
-                                        server.metrics_port)
+                                        server.metrics_port, metrics_host=server.metrics_bind_host,
+                                        request_timeout_s=server.request_timeout_s,
+                                        security=server.router_security())
         except BaseException:
             await backend.stop()
             raise

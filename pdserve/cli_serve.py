@@ -20,6 +20,10 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--model", default=None, help="override the config's model")
     p.add_argument("--prefill-instances", type=int, default=None)
     p.add_argument("--decode-instances", type=int, default=None)
+    p.add_argument("--host", default=None,
+                   help="interface the gRPC API (and, unless server.metrics_host is set, the "
+                        "router's /metrics) listens on (default 127.0.0.1; 0.0.0.0 = every "
+                        "interface)")
     p.add_argument("--grpc-port", type=int, default=None, help="default 50051")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="the router's Prometheus /metrics port (default 8000; 0 = any free port)")
@@ -51,7 +55,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_cluster_config(args.config) if args.config else ClusterConfig()
     config = with_overrides(config, model=args.model, prefill_instances=args.prefill_instances,
-                            decode_instances=args.decode_instances, grpc_port=args.grpc_port,
+                            decode_instances=args.decode_instances, grpc_host=args.host,
+                            grpc_port=args.grpc_port,
                             metrics_port=args.metrics_port,
                             prometheus_sd_file=args.prometheus_sd_file, device=args.device)
     config = _start_ray(config, args)
@@ -100,6 +105,15 @@ def _add_client_parser(sub) -> None:
                    help="deadline for the whole call")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, token ids, usage, timing) at the end")
+    p.add_argument("--tls", action="store_true",
+                   help="connect with TLS, trusting the system's root certificates")
+    p.add_argument("--tls-ca", default=None, metavar="PEM",
+                   help="connect with TLS, trusting this CA file (implies --tls)")
+    p.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="client certificate for mutual TLS (with --tls-key)")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="its private key")
+    p.add_argument("--token-file", default=None, metavar="PATH",
+                   help="file holding the bearer token (default: $PDSERVE_AUTH_TOKEN, if set)")
     p.set_defaults(handler=_run_client)
 
 
@@ -122,11 +136,15 @@ def _run_client(args: argparse.Namespace) -> int:
 
 async def _stream_completion(args: argparse.Namespace):
     from router.client import Completion, PdserveClient
+    from router.security import AUTH_TOKEN_ENV, read_token
 
     inputs = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat
               else {"prompt": args.prompt})
     completion = Completion()
-    async with PdserveClient(args.address) as client:
+    token = read_token(args.token_file or "", AUTH_TOKEN_ENV)
+    async with PdserveClient(args.address, tls=args.tls, root_cert_file=args.tls_ca,
+                             client_cert_file=args.tls_cert, client_key_file=args.tls_key,
+                             token=token) as client:
         call = client.generate_stream(timeout_s=args.timeout, max_tokens=args.max_tokens,
                                       temperature=args.temperature, seed=args.seed, **inputs)
         async for response in call:

@@ -29,8 +29,8 @@ def test_defaults_are_one_cpu_prefill_and_one_cpu_decode_instance():
     assert (config.model, config.device, config.dtype) == ("default", "auto", "auto")
     assert config.block_size == 16
     assert config.server == ServerConfig()
-    assert (config.server.grpc_host, config.server.grpc_port) == ("0.0.0.0", 50051)
-    assert config.server.metrics_port == 8000
+    assert (config.server.grpc_host, config.server.grpc_port) == ("127.0.0.1", 50051)
+    assert (config.server.metrics_bind_host, config.server.metrics_port) == ("127.0.0.1", 8000)
     assert config.transfer == TransferConfig()
     assert (config.transfer.timeout_s, config.transfer.backend) == (30.0, "auto")
     assert (config.placement_timeout_s, config.ray_address) == (60.0, "local")  # a private Ray
@@ -132,6 +132,8 @@ def test_invalid_yaml_is_a_value_error(tmp_path):
         ({"prefill": {"num_kv_blocks": 0}}, "prefill.num_kv_blocks must be >= 1"),
         ({"server": {"grpc_port": 70000}}, "server.grpc_port must be a port"),
         ({"server": {"max_queued_requests": 0}}, "server.max_queued_requests must be >= 1"),
+        ({"server": {"tls_cert_file": "c.pem"}}, "server.tls_cert_file and server.tls_key_file"),
+        ({"server": {"tls_client_ca_file": "ca.pem"}}, "server.tls_client_ca_file"),
         ({"transfer": {"backend": "mpi"}}, "transfer.backend must be one of"),
         ({"transfer": {"timeout_s": 0}}, "transfer.timeout_s must be > 0"),
         ({"placement_timeout_s": -1}, "placement_timeout_s must be > 0"),
@@ -210,6 +212,13 @@ def test_overrides_replace_the_named_fields():
     assert (config.prefill.num_instances, config.decode.num_instances) == (2, 3)
     assert config.server.grpc_port == 6000
     assert config.server.metrics_port == 8000  # untouched
+
+
+def test_host_override_moves_grpc_and_metrics_unless_metrics_host_is_set():
+    config = with_overrides(ClusterConfig(), grpc_host="0.0.0.0")
+    assert (config.server.grpc_host, config.server.metrics_bind_host) == ("0.0.0.0", "0.0.0.0")
+    pinned = ClusterConfig(server=ServerConfig(metrics_host="10.0.0.5"))
+    assert with_overrides(pinned, grpc_host="0.0.0.0").server.metrics_bind_host == "10.0.0.5"
 
 
 def test_ray_address_and_name_overrides():

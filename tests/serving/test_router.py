@@ -27,7 +27,8 @@ from engine.sampling_params import SamplingParams
 from protos.pdserve.v1 import generation_pb2
 from router.backend import GenerationInput
 from router.colocated import ColocatedBackend
-from router.server import SERVICE_NAME
+from router.client import PdserveClient
+from router.server import SERVICE_NAME, start_router
 from tests.helpers import PROMPTS, build_engine, chat_ids
 from tests.serving.harness import ServerHarness
 
@@ -40,11 +41,24 @@ LONG_RUN = {"max_tokens": 1000, "ignore_eos": True, "temperature": 0.0}  # never
 
 
 class RouterHarness(ServerHarness):
-    """The shared router harness over a ColocatedBackend, with the engine-side leak check."""
+    """The shared router harness over a ColocatedBackend, with the engine-side leak check.
 
-    def __init__(self, engine, max_queued_requests: int) -> None:
+    `router_options` go to `start_router` (request_timeout_s, security, ...), `client_options`
+    to the harness's `PdserveClient` (TLS files, token).
+    """
+
+    def __init__(self, engine, max_queued_requests: int, backend_cls=ColocatedBackend,
+                 client_options: dict | None = None, **router_options) -> None:
         self.engine = engine
-        super().__init__(ColocatedBackend(engine, max_queued_requests))
+        self._start_loop()
+        self.backend = backend_cls(engine, max_queued_requests)
+        self.server = self.run(start_router(self.backend, "127.0.0.1", 0, **router_options),
+                               timeout_s=120)
+        self.client = self.connect(**(client_options or {}))
+
+    def connect(self, **client_options) -> PdserveClient:
+        """A new client of this router (close it with `run(client.close())`)."""
+        return self.run(_new_client(self.address, client_options))
 
     def wait_until_idle(self, timeout_s: float = 10.0) -> None:
         """Leak check: every KV block free and no request left, both as reported and in the engine."""
@@ -52,6 +66,10 @@ class RouterHarness(ServerHarness):
         kv = self.engine.kv_manager
         assert kv.is_idle() and kv.num_free_blocks == kv.num_blocks == state.total_kv_blocks
         assert not self.engine.requests and not self.engine.scheduler.has_unfinished()
+
+
+async def _new_client(address: str, client_options: dict) -> PdserveClient:
+    return PdserveClient(address, **client_options)  # an aio channel lives on the loop that made it
 
 
 @pytest.fixture(scope="module")
