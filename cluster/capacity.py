@@ -43,7 +43,10 @@ def check_capacity(config: ClusterConfig) -> None:
                f", available now: {resource_summary(ray.available_resources())}; `ray status` "
                "shows each node")
     if config.ray_address == LOCAL:
-        raise ClusterCapacityError(f"cannot start the pools on this private Ray: {message}")
+        raise ClusterCapacityError(
+            f"cannot start the pools on this private Ray: {message}. A private Ray has this "
+            "machine's resources only; to use more machines, join their Ray cluster "
+            "(--ray-address)")
     log.warning("%s. Waiting up to placement_timeout_s (%g s) for nodes to join.",
                 message, config.placement_timeout_s)
 

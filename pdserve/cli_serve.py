@@ -67,7 +67,9 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _start_ray(config, args: argparse.Namespace):
     """Start or join Ray (cluster/ray_runtime.py); the config returned records the address."""
+    from cluster.capacity import check_capacity
     from cluster.config import with_overrides
+    from cluster.placement import check_name_free
     from cluster.ray_runtime import init_ray, resolve_ray_address
     from pdserve.cli import CliError
 
@@ -80,6 +82,8 @@ def _start_ray(config, args: argparse.Namespace):
     where = "a private Ray instance" if runtime.private else f"the Ray cluster at {address}"
     print(f"pdserve: on {where} (GCS {runtime.gcs_address}, namespace {runtime.namespace})",
           flush=True)
+    check_name_free(config.name)  # before the model loads: these fail in milliseconds
+    check_capacity(config)
     return config
 
 
