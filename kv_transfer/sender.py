@@ -62,6 +62,7 @@ class OutgoingTransfer:
     ops: list[PendingOp] = field(default_factory=list)
     ack: torch.Tensor | None = None
     ack_op: PendingOp | None = None
+    error: KVTransferConnectionError | None = None  # why posting failed (state FAILED)
 
 
 class KVSender:
@@ -123,6 +124,8 @@ class KVSender:
 
         The result's duration_s counts from begin(), its tail_s from the last message posted.
         """
+        if transfer.error is not None:
+            raise transfer.error  # posting failed during the step; reported here, off it
         self._require_finishable(transfer)
         deadline = time.monotonic() + timeout_s
         try:
@@ -150,10 +153,17 @@ class KVSender:
         """Post whatever is ready, in wire order: transfer by transfer, group by group."""
         if self._stream is None:
             return  # nothing begun yet
-        with self._stream.use():
+        try:
+            with self._stream.use():
+                for transfer in self._open:
+                    if transfer.state is SendState.STREAMING and not self._post_ready(transfer):
+                        return  # later transfers wait until this one is fully posted
+        except KVTransferConnectionError as exc:
+            # The peer is gone. This runs inside the prefill's forward pass (send_layers): the
+            # step must go on, so every open transfer fails, and finish() raises the error.
             for transfer in self._open:
-                if transfer.state is SendState.STREAMING and not self._post_ready(transfer):
-                    return  # later transfers wait until this one is fully posted
+                transfer.state, transfer.error = SendState.FAILED, exc
+            self._open.clear()
 
     def _post_ready(self, transfer: OutgoingTransfer) -> bool:
         """Post the header and every ready group; True once the transfer is fully posted."""

@@ -24,6 +24,7 @@ from kv_transfer import (
     KVReceiver,
     KVSender,
     KVTransferConnectionError,
+    KVTransferError,
     KVTransferIncompatibleError,
     PairChannel,
     PairRole,
@@ -138,6 +139,28 @@ def step_die_mid_transfer(state: dict, key: str, plan: Plan) -> None:
     sender.send_layers(0, 1)
     time.sleep(0.2)
     os._exit(3)
+
+
+def step_send_to_gone_peer(state: dict, key: str, plans: list[Plan], timeout_s: float) -> str:
+    """Like step_send, but the peer has closed: posting must not raise (it runs inside the
+    prefill's forward pass); finish() reports the failure."""
+    sender = state["pairs"][key][1]
+    transfers, errors = [], []
+    for plan in plans:
+        time.sleep(0.5)  # the peer's close has reached this end's sockets
+        try:  # begin() refuses once the channel knows it is broken (outside the forward)
+            transfers.append(sender.begin(plan.descriptor(key), state["cache"],
+                                          plan.src_block_ids))
+        except KVTransferConnectionError:
+            errors.append("begin:KVTransferConnectionError")
+        for layer in range(NUM_LAYERS):
+            sender.send_layers(layer, layer + 1)
+    for transfer in transfers:
+        try:
+            sender.finish(transfer, timeout_s)
+        except KVTransferError as exc:
+            errors.append(type(exc).__name__)
+    return ",".join(errors)
 
 
 def _summary(result: worker_pb2.TransferResult) -> dict:
@@ -346,6 +369,16 @@ def test_two_pairs_on_one_decode_process_are_independent(cluster):
                            (cluster.prefill_a, step_close, {"key": key_a}))) == ["closed"] * 2
     received, _ = all_ok(cluster.transfer(cluster.prefill_b, key_b, make_plans(1, [4], seed=42)))
     assert received[0]["blocks_equal"] and received[0]["others_untouched"]
+
+
+def test_posting_to_a_closed_peer_fails_the_transfer_not_the_step(cluster):
+    key = pair_key("prefill-a", "decode", 7)
+    all_ok(cluster.connect(cluster.prefill_a, key))
+    all_ok(together((cluster.decode, step_close, {"key": key})))
+    sent = cluster.prefill_a.run(step_send_to_gone_peer, key=key,
+                                 plans=make_plans(0, [1, 1, 1], seed=60), timeout_s=3)
+    kinds = sent.split(",")
+    assert len(kinds) == 3 and all("KVTransfer" in kind for kind in kinds), sent
 
 
 def test_sender_process_death_fails_the_receiver_fast():
