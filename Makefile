@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast serve bench-cpu clean prometheus
+.PHONY: install demo test test-fast soak serve bench-cpu clean prometheus
 
 install: $(VENV)/.installed
 
@@ -30,7 +30,12 @@ demo: install
 test: install prometheus
 	if ! $(PY) -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then \
 		export TRITON_INTERPRET=1; fi; \
-	$(PY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs --durations=15 -m "not soak" $(PYTEST_ARGS)
+
+# The soak: PDSERVE_SOAK_S seconds (default 600) of mixed, partly hostile load on a CPU cluster;
+# writes benchmarks/results/soak_cpu.json (tests/serving/test_soak.py).
+soak: install
+	$(PY) -m pytest -q -rs -m soak tests/serving/test_soak.py $(PYTEST_ARGS)
 
 # The Prometheus binary tests/serving/test_prometheus.py runs (Debian package, no service
 # started; needs root, else the test skips and says why).
@@ -38,7 +43,7 @@ prometheus:
 	sh tests/serving/install_prometheus.sh
 
 test-fast: install
-	$(PY) -m pytest -q -x -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -x -m "not slow and not soak" $(PYTEST_ARGS)
 
 serve: install
 	$(VENV)/bin/pdserve serve

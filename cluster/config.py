@@ -8,6 +8,7 @@ built, whether from YAML, from CLI overrides or from code:
     decode: {...}           # PoolConfig with role "decode"
     server: {...}           # ServerConfig: the router's gRPC and metrics endpoints
     transfer: {...}         # TransferConfig: prefill -> decode KV transfer
+    supervision: {...}      # SupervisionConfig: health polling and the step watchdog
 
 Only `cluster_config_from_dict` (and `load_cluster_config` around it) knows the YAML shape;
 the rest of pdserve receives a `ClusterConfig`. Every error names the key by its path
@@ -185,6 +186,22 @@ class TransferConfig:
         _port("transfer.store_port_base", self.store_port_base)
 
 
+@dataclass(frozen=True, slots=True)
+class SupervisionConfig:
+    """How the router watches its instances (cluster/lifecycle.py): a dead or wedged instance is
+    detected within about poll_interval_s + health_timeout_s, or once a step passes the watchdog."""
+
+    poll_interval_s: float = 1.0  # one health call per instance this often
+    health_timeout_s: float = 10.0  # an instance that cannot answer health within this is wedged
+    step_timeout_s: float = 120.0  # one engine step running longer than this is wedged
+
+    def __post_init__(self) -> None:
+        _check_types(self, "supervision")
+        _positive("supervision.poll_interval_s", self.poll_interval_s)
+        _positive("supervision.health_timeout_s", self.health_timeout_s)
+        _positive("supervision.step_timeout_s", self.step_timeout_s)
+
+
 def _default_pool(role: str) -> PoolConfig:
     return PoolConfig(role=role)
 
@@ -201,6 +218,7 @@ class ClusterConfig:
     decode: PoolConfig = field(default_factory=functools.partial(_default_pool, "decode"))
     server: ServerConfig = field(default_factory=ServerConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     placement_timeout_s: float = 60.0  # wait this long for an instance's GPUs/CPUs, then fail
     # "local": a private Ray instance for this deployment alone (cluster/ray_runtime.py);
     # "auto": the cluster running on this node (`ray start`); else host:port of its GCS.
@@ -269,7 +287,8 @@ def load_cluster_config(path: str | PathLike[str]) -> ClusterConfig:
 def cluster_config_from_dict(data: Mapping[str, Any]) -> ClusterConfig:
     """Build a ClusterConfig from parsed YAML; missing keys take their defaults."""
     kwargs = _section(data, "", ClusterConfig)
-    for name, cls in (("server", ServerConfig), ("transfer", TransferConfig)):
+    for name, cls in (("server", ServerConfig), ("transfer", TransferConfig),
+                      ("supervision", SupervisionConfig)):
         if name in kwargs:
             kwargs[name] = cls(**_section(kwargs[name], name, cls))
     for role in ROLES:

@@ -42,7 +42,8 @@ class ServingCluster:
         tokenizer = await asyncio.to_thread(source.load_tokenizer)
         pools = await start_cluster(config, worker_host)
         server = config.server
-        backend = DisaggregatedBackend(pools, tokenizer, source.config, server.max_queued_requests)
+        backend = DisaggregatedBackend(pools, tokenizer, source.config, server.max_queued_requests,
+                                       supervision=config.supervision)
         try:
             router = await start_router(backend, server.grpc_host, server.grpc_port,
                                         server.metrics_port, metrics_host=server.metrics_bind_host,
@@ -51,6 +52,7 @@ class ServingCluster:
         except BaseException:
             await backend.stop()
             raise
+        router.metrics.registry.register(backend.supervisor.collector(backend.model_name))
         cluster = cls(config, backend, router, worker_host)
         if server.prometheus_sd_file:
             try:

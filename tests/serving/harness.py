@@ -10,6 +10,7 @@ import time
 from collections.abc import Coroutine
 
 from cluster.serve import ServingCluster
+from protos.pdserve.v1 import generation_pb2
 from router.client import PdserveClient
 from router.server import start_router
 
@@ -67,10 +68,12 @@ class ServerHarness:
         self._stop_loop()
 
     def wait_until_idle(self, timeout_s: float = 20.0):
-        """Leak check: every instance reports all KV blocks free and no request or transfer."""
+        """Leak check: every live instance reports all KV blocks free and no request or
+        transfer (a dead one's blocks died with its process)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            instances = self.run(self.client.cluster_state()).instances
+            instances = [s for s in self.run(self.client.cluster_state()).instances
+                         if s.status != generation_pb2.INSTANCE_STATUS_DEAD]
             busy = [s for s in instances if s.free_kv_blocks != s.total_kv_blocks
                     or s.num_running_requests or s.num_waiting_requests or s.num_inflight_transfers]
             if not busy or time.monotonic() > deadline:
