@@ -4,6 +4,10 @@ Its outputs leave through one long-lived streaming generator, `stream_outputs`, 
 consumes: one Ray object per engine step (all of that step's tokens), not one per token.
 The actor serves its worker's Prometheus metrics on a port of its own and reports the address
 in `info()` (cluster.serve lists it in the Prometheus file_sd file).
+
+`health()` answers on the event loop itself (no thread hop, no engine-thread round trip), so the
+supervisor gets an answer even while the engine thread is wedged. `inject_step_failure()` and
+`inject_step_hang(seconds)` are test hooks for the supervisor's death and watchdog tests.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 
 from cluster.worker_spec import WorkerSpec, apply_process_settings, serve_worker_metrics
 from decode_worker.worker import DecodeWorker
+from engine.engine_loop import LoopHealth
 from protos.pdserve.v1 import worker_pb2
 
 
@@ -66,6 +71,15 @@ class DecodeActor:
 
     async def stats(self) -> worker_pb2.WorkerStats:
         return await asyncio.to_thread(self.worker.stats)
+
+    async def health(self) -> LoopHealth:
+        return self.worker.health()
+
+    async def inject_step_failure(self) -> None:
+        self.worker.inject_step_failure()
+
+    async def inject_step_hang(self, seconds: float) -> None:
+        self.worker.inject_step_hang(seconds)
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.worker.stop)

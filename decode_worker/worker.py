@@ -13,6 +13,15 @@ Lifecycle of a request here (all transitions on the engine thread):
     abort                     RESERVED with no transfer begun: freed at once;
                               otherwise marked, and freed as soon as the transfer ends
 A preempted request is recomputed here from its prompt and output tokens, like any other.
+
+Bounds: a reservation is refused (`ReserveReply.accepted` False, with the reason) when the KV
+cache cannot hold the prompt, or when `max_waiting_requests` requests already wait here
+(reserved, queued or preempted); the router answers RESOURCE_EXHAUSTED when every decode
+instance refuses.
+
+If the engine thread dies (a step raised), every running, queued and reserved request gets an
+error delta ("decode instance failed") at once, its blocks are freed, and every later call fails
+with `EngineDeadError`; `health()` reports it without the engine thread.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from dataclasses import dataclass
 
 from decode_worker.links import RecvLink
 from decode_worker.metrics import DecodeMetrics
-from engine.engine_loop import EngineLoop
+from engine.engine_loop import EngineLoop, LoopHealth
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import Request
@@ -35,6 +44,8 @@ from protos.pdserve.v1 import PROTOCOL_VERSION, generation_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
 EmitCallback = Callable[[worker_pb2.DecodeOutputs], None]
+INSTANCE_FAILED = "decode instance failed"  # what clients see; the cause goes to the log
+WAITING_PER_BATCH_SLOT = 4  # default max_waiting_requests = this x max_num_seqs
 
 
 class Arrival(enum.Flag):
@@ -63,8 +74,11 @@ class DecodeWorker:
 
     def __init__(self, engine: LLMEngine, instance_id: str, emit: EmitCallback,
                  host: str = "127.0.0.1", transfer_timeout_s: float = 30.0,
-                 reserve_watermark: float = 0.01, metrics: DecodeMetrics | None = None) -> None:
+                 reserve_watermark: float = 0.01, metrics: DecodeMetrics | None = None,
+                 max_waiting_requests: int | None = None) -> None:
         self.engine = engine
+        max_num_seqs = engine.config.scheduler.max_num_seqs
+        self.max_waiting_requests = max_waiting_requests or WAITING_PER_BATCH_SLOT * max_num_seqs
         self.instance_id = instance_id
         self.emit = emit
         self.transfer_timeout_s = transfer_timeout_s
@@ -80,7 +94,7 @@ class DecodeWorker:
         self.metrics = metrics or DecodeMetrics(engine.model_config.name)
         self.loop = EngineLoop(self._step, engine.has_unfinished, f"decode-{instance_id}",
                                after_iteration=self._publish_metrics,
-                               device=engine.kv_cache.device)
+                               device=engine.kv_cache.device, on_error=self._fail_everything)
         self.loop.start()
 
     # ---- control plane (any thread) -------------------------------------------------------
@@ -122,6 +136,18 @@ class DecodeWorker:
     def stats(self) -> worker_pb2.WorkerStats:
         return self.loop.call(self._stats).result(timeout=30)
 
+    def health(self) -> LoopHealth:
+        """The engine thread's health, answered without it (any thread, even while it hangs)."""
+        return self.loop.health()
+
+    def inject_step_failure(self) -> None:
+        """Test hook: the next engine iteration raises, as a crashing step would."""
+        self.loop.inject_step_failure()
+
+    def inject_step_hang(self, seconds: float) -> None:
+        """Test hook: the next engine iteration hangs for `seconds`."""
+        self.loop.inject_step_hang(seconds)
+
     def stop(self) -> None:
         self.loop.stop()
         for link in self.links.values():
@@ -131,6 +157,11 @@ class DecodeWorker:
     def _reserve(self, req: worker_pb2.ReserveRequest) -> worker_pb2.ReserveReply:
         reply = worker_pb2.ReserveReply(protocol_version=PROTOCOL_VERSION, request_id=req.request_id)
         kv = self.engine.kv_manager
+        num_waiting = len(self.incoming) + self.engine.scheduler.num_waiting
+        if num_waiting >= self.max_waiting_requests:
+            reply.reason = (f"decode queue full: {num_waiting} requests waiting "
+                            f"(limit {self.max_waiting_requests})")
+            return reply
         try:
             request = self.engine.make_request(list(req.prompt_token_ids),
                                                sampling_from_proto(req.sampling),
@@ -224,6 +255,24 @@ class DecodeWorker:
             if Arrival.KV in incoming.arrived or not (task.transfer_begun or incoming.transfer_begun):
                 self._drop(incoming)  # no bytes will land in these blocks any more
         return reply
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        """Engine thread, once, after it died: end every stream here at once with an error
+        delta and free what can be freed (the cause is logged by the loop, not sent)."""
+        request_ids = list(self.engine.requests) + list(self.incoming)
+        for request_id in request_ids:
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # the engine's state may be broken; the blocks go back anyway
+                log.exception("cannot abort %s on the dead decode instance", request_id)
+            self.engine.kv_manager.free(request_id)
+        self.incoming.clear()
+        self.transfer_s.clear()
+        self.admitted_at_s.clear()
+        if request_ids:
+            self.emit(self._outputs([
+                worker_pb2.TokenDelta(protocol_version=PROTOCOL_VERSION, request_id=rid,
+                                      error=INSTANCE_FAILED) for rid in request_ids]))
 
     def _step(self) -> None:
         outputs = self.engine.step()

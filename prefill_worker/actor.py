@@ -4,6 +4,11 @@ Every method is async so Ray serves them concurrently on the actor's event loop;
 (channel construction, engine-thread round trips) runs in threads.
 The actor serves its worker's Prometheus metrics on a port of its own and reports the address
 in `info()` (cluster.serve lists it in the Prometheus file_sd file).
+
+`health()` answers on the event loop itself (no thread hop, no engine-thread round trip), so the
+supervisor gets an answer even while the engine thread is wedged. If the engine thread dies,
+pending and later `prefill()` calls raise `EngineDeadError`. `inject_step_failure()` and
+`inject_step_hang(seconds)` are test hooks for the supervisor's death and watchdog tests.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 
 from cluster.worker_spec import WorkerSpec, apply_process_settings, serve_worker_metrics
+from engine.engine_loop import LoopHealth
 from prefill_worker.worker import DecodePeer, PrefillWorker
 from protos.pdserve.v1 import worker_pb2
 
@@ -46,7 +52,8 @@ class PrefillActor:
     async def prefill(self, task: worker_pb2.PrefillTask) -> worker_pb2.PrefillResult:
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
-        self.worker.submit(task, lambda result: loop.call_soon_threadsafe(done.set_result, result))
+        self.worker.submit(task, lambda result: loop.call_soon_threadsafe(_settle, done, result),
+                           lambda exc: loop.call_soon_threadsafe(_settle, done, None, exc))
         return await done
 
     async def abort(self, request_id: str) -> worker_pb2.AbortReply:
@@ -55,6 +62,25 @@ class PrefillActor:
     async def stats(self) -> worker_pb2.WorkerStats:
         return await asyncio.to_thread(self.worker.stats)
 
+    async def health(self) -> LoopHealth:
+        return self.worker.health()
+
+    async def inject_step_failure(self) -> None:
+        self.worker.inject_step_failure()
+
+    async def inject_step_hang(self, seconds: float) -> None:
+        self.worker.inject_step_hang(seconds)
+
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.worker.stop)
         self.metrics_endpoint.stop()
+
+
+def _settle(done: asyncio.Future, result: worker_pb2.PrefillResult | None,
+            error: BaseException | None = None) -> None:
+    if done.done():  # the caller went away (cancelled)
+        return
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(result)

@@ -13,6 +13,10 @@ Lifecycle of a request here (all transitions on the engine thread):
 
 An abort before the hand-off frees the blocks at once; after it, the transfer still completes
 or times out (the decode side expects the bytes), and the blocks are freed then.
+
+If the engine thread dies (a step raised), every prompt not yet handed off fails at once: its
+`on_error` gets the loop's `EngineDeadError` (a prompt submitted later too), and `health()`
+reports the death without the engine thread.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
-from engine.engine_loop import EngineLoop
+from engine.engine_loop import EngineDeadError, EngineLoop, LoopHealth
 from engine.llm_engine import LLMEngine
 from engine.request import Request
 from engine.sampler import SamplerOutput
@@ -34,6 +39,8 @@ from protos.pdserve.v1 import PROTOCOL_VERSION, generation_pb2, worker_pb2
 from protos.convert import sampling_from_proto, worker_stats
 
 log = logging.getLogger(__name__)
+ResultCallback = Callable[[worker_pb2.PrefillResult], None]
+ErrorCallback = Callable[[BaseException], None]
 
 
 @dataclass(slots=True)
@@ -42,6 +49,15 @@ class DecodePeer:
 
     expect_transfer: Callable[[worker_pb2.TransferDescriptor], None]
     first_token: Callable[[worker_pb2.TokenDelta], None]
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A submitted prompt until its first token is handed off: how to answer its caller."""
+
+    task: worker_pb2.PrefillTask
+    on_result: ResultCallback
+    on_error: ErrorCallback
 
 
 @dataclass(slots=True)
@@ -71,14 +87,13 @@ class PrefillWorker:
         self.spec = KVLayoutSpec.for_cache(engine.kv_cache, engine.model_config.name)
         self.links: dict[str, SendLink] = {}
         self.peers: dict[str, DecodePeer] = {}
-        self._tasks: dict[str, worker_pb2.PrefillTask] = {}
-        self._on_result: dict[str, Callable[[worker_pb2.PrefillResult], None]] = {}
+        self._pending: dict[str, _Pending] = {}  # admitted, first token not yet handed off
         self._handed_off: set[str] = set()  # request ids whose blocks the transfer holds
         self.num_transfers_failed = 0
         self.metrics = metrics or PrefillMetrics(engine.model_config.name)
         self.loop = EngineLoop(self._step, engine.has_unfinished, f"prefill-{instance_id}",
                                after_iteration=self._publish_metrics,
-                               device=engine.kv_cache.device)
+                               device=engine.kv_cache.device, on_error=self._fail_pending)
         self.loop.start()
 
     # ---- control plane (any thread) -------------------------------------------------------
@@ -101,10 +116,33 @@ class PrefillWorker:
         for link in self.links.values():
             link.sender._faults = faults
 
-    def submit(self, task: worker_pb2.PrefillTask,
-               on_result: Callable[[worker_pb2.PrefillResult], None]) -> None:
-        """Queue a prompt; `on_result` is called (engine thread) once its first token exists."""
-        self.loop.submit(lambda: self._admit(task, on_result))
+    def submit(self, task: worker_pb2.PrefillTask, on_result: ResultCallback,
+               on_error: ErrorCallback | None = None) -> None:
+        """Queue a prompt; `on_result` is called (engine thread) once its first token exists,
+        or `on_error` with an `EngineDeadError` if the engine thread dies first (any thread;
+        by default `on_result` gets a result whose first token carries the error)."""
+        if on_error is None:
+            def on_error(exc: BaseException) -> None:
+                on_result(_failed_result(task.request_id, "prefill instance failed"))
+        pending = _Pending(task, on_result, on_error)
+
+        def on_admitted(admitted: Future) -> None:
+            if (exc := admitted.exception()) is not None:  # the engine died before admitting it
+                on_error(exc)
+
+        self.loop.call(lambda: self._admit(pending)).add_done_callback(on_admitted)
+
+    def health(self) -> LoopHealth:
+        """The engine thread's health, answered without it (any thread, even while it hangs)."""
+        return self.loop.health()
+
+    def inject_step_failure(self) -> None:
+        """Test hook: the next engine iteration raises, as a crashing step would."""
+        self.loop.inject_step_failure()
+
+    def inject_step_hang(self, seconds: float) -> None:
+        """Test hook: the next engine iteration hangs for `seconds`."""
+        self.loop.inject_step_hang(seconds)
 
     def abort(self, request_id: str) -> worker_pb2.AbortReply:
         return self.loop.call(lambda: self._abort(request_id)).result(timeout=30)
@@ -118,19 +156,19 @@ class PrefillWorker:
             link.close()
 
     # ---- engine thread ---------------------------------------------------------------------
-    def _admit(self, task, on_result) -> None:
+    def _admit(self, pending: _Pending) -> None:
+        task = pending.task
         try:
             request = self.engine.make_request(list(task.prompt_token_ids),
                                                sampling_from_proto(task.sampling),
                                                task.request_id, seed=task.seed)
         except ValueError as exc:
-            on_result(_failed_result(task.request_id, str(exc)))
+            pending.on_result(_failed_result(task.request_id, str(exc)))
             return
         request.arrival_time_s = time.monotonic()
         self.engine.scheduler.add(request)
         self.engine.track(request)
-        self._tasks[task.request_id] = task
-        self._on_result[task.request_id] = on_result
+        self._pending[task.request_id] = pending
 
     def _step(self) -> None:
         plan = self.engine.scheduler.schedule()
@@ -151,7 +189,7 @@ class PrefillWorker:
             self._hand_off(sampled, handoffs, time.monotonic() - started)
 
     def _begin_transfer(self, request: Request) -> _Handoff:
-        task = self._tasks[request.request_id]
+        task = self._pending[request.request_id].task
         link = self.links.get(task.decode_instance_id)
         if link is None or not link.is_ready:
             return _Handoff(request, task, None)
@@ -194,8 +232,7 @@ class PrefillWorker:
                 result.transfer.message = f"no ready KV channel to {h.task.decode_instance_id}"
             else:
                 result.transfer.status = worker_pb2.TRANSFER_STATUS_OK  # begun; the ack is async
-            self._tasks.pop(rid, None)
-            self._on_result.pop(rid)(result)
+            self._pending.pop(rid).on_result(result)
 
     def _transfer_done(self, request_id: str, result: worker_pb2.TransferResult) -> None:
         """Finisher thread: the decode side acknowledged (or the transfer failed)."""
@@ -217,11 +254,23 @@ class PrefillWorker:
             return reply
         if self.engine.abort(request_id) is not None:
             reply.found = True
-            self._tasks.pop(request_id, None)
-            callback = self._on_result.pop(request_id, None)
-            if callback is not None:
-                callback(_aborted_result(request_id))
+            pending = self._pending.pop(request_id, None)
+            if pending is not None:
+                pending.on_result(_aborted_result(request_id))
         return reply
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        """Engine thread, once, after it died: every prompt not handed off fails at once and
+        its blocks are freed (handed-off blocks stay with their transfers)."""
+        error: EngineDeadError = self.loop.dead_error()
+        pending, self._pending = self._pending, {}
+        for request_id, entry in pending.items():
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # the engine's state may be broken; the blocks go back anyway
+                log.exception("cannot abort %s on the dead prefill instance", request_id)
+            self.engine.kv_manager.free(request_id)
+            entry.on_error(error)
 
     def _publish_metrics(self) -> None:
         inflight = sum(link.num_inflight for link in tuple(self.links.values()))
