@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MAX_SEED = 2**63  # seeds must fit a non-negative int64 so they travel as one tensor element
 GREEDY_TEMPERATURE = 1e-5  # below this, logits / temperature may overflow: sample greedily
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty")  # each must be finite
 
 
 @dataclass(slots=True)
@@ -45,6 +47,11 @@ class SamplingParams:
         return self.is_greedy and self.repetition_penalty == 1.0 and not self.logprobs
 
     def _check_numbers(self) -> None:
+        for name in FLOAT_FIELDS:  # NaN and inf pass some range checks below (inf >= 0)
+            value = getattr(self, name)
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not is_number or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if _not_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
         if not self.temperature >= 0.0:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import FLOAT_FIELDS, SamplingParams
 
 
 def test_defaults_follow_vllm() -> None:
@@ -35,7 +37,8 @@ def test_is_greedy_at_zero_temperature() -> None:
         ({"max_tokens": 0}, "max_tokens must be an int >= 1, got 0"),
         ({"max_tokens": 2.5}, "max_tokens must be an int >= 1, got 2.5"),
         ({"temperature": -0.1}, "temperature must be >= 0, got -0.1"),
-        ({"temperature": float("nan")}, "temperature must be >= 0, got nan"),
+        ({"temperature": float("nan")}, "temperature must be a finite number, got nan"),
+        ({"temperature": "0.5"}, "temperature must be a finite number, got '0.5'"),
         ({"top_p": 0.0}, "top_p must be in (0, 1], got 0.0"),
         ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
         ({"top_k": -2}, "top_k must be an int >= -1 (0 or -1 = off), got -2"),
@@ -55,6 +58,13 @@ def test_invalid_values_name_field_and_value(kwargs: dict, message: str) -> None
     assert str(error.value) == message
 
 
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "repetition_penalty"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_floats_are_rejected_naming_the_field(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"^{field} must be a finite number, got {value!r}$"):
+        SamplingParams(**{field: value})
+
+
 @pytest.mark.parametrize("top_k", [-1, 0, 1, 50])
 def test_top_k_off_values_and_positive_are_valid(top_k: int) -> None:
     assert SamplingParams(top_k=top_k).top_k == top_k
@@ -63,3 +73,8 @@ def test_top_k_off_values_and_positive_are_valid(top_k: int) -> None:
 def test_extreme_valid_values() -> None:
     params = SamplingParams(top_p=1.0, min_p=1.0, seed=2**63 - 1, repetition_penalty=0.5)
     assert params.seed == 2**63 - 1
+
+
+def test_every_float_field_is_checked_for_finiteness() -> None:
+    float_fields = {f.name for f in fields(SamplingParams) if f.type == "float"}
+    assert float_fields == set(FLOAT_FIELDS)
