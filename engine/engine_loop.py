@@ -9,9 +9,9 @@ Lifecycle of the loop:
 
     created ──start()──> running: commands, then a step while there is work, repeatedly
     running ──stop()───> stopped
-    running ──a step or a command raises──> dead: `error` set, the owner's `on_error` hook runs
-                                            on the engine thread (fail every request), the
-                                            thread ends
+    running ──a step or a command raises──> dead: `error` set, the owner's `on_error`
+                                            hook runs on the engine thread (fail every
+                                            request), the thread ends
 Once stopped or dead, every pending and future `call()` fails at once with `EngineDeadError`
 and submitted commands are dropped: no caller waits for its own timeout. `health()` answers from
 any thread without going through the engine thread, so it also answers while a step hangs.
@@ -74,7 +74,7 @@ class EngineLoop:
                  on_error: Callable[[BaseException], None] | None = None) -> None:
         self.name = name
         self._step = step
-        self._device = device  # CUDA's current device is per thread: the loop's must be the engine's
+        self._device = device  # CUDA's current device is per thread: the loop's is the engine's
         self._has_work = has_work
         self._after_iteration = after_iteration  # e.g. publish metrics; after commands and step
         self._on_error = on_error  # engine thread, once, after a crash: fail the owner's requests

@@ -114,9 +114,10 @@ class Scheduler:
         """Queue a request whose prompt KV is already in its blocks (received from a prefill
         instance, first token recorded): it joins the running batch when a slot and its next
         block are free, ahead of waiting requests."""
-        if request.num_computed_tokens != request.num_prompt_tokens or request.num_pending_tokens != 1:
+        computed = request.num_computed_tokens
+        if computed != request.num_prompt_tokens or request.num_pending_tokens != 1:
             raise ValueError(f"request {request.request_id!r} is not prefilled: "
-                             f"{request.num_computed_tokens} of {request.num_tokens} tokens computed")
+                             f"{computed} of {request.num_tokens} tokens computed")
         request.status = RequestStatus.WAITING
         self.prefilled.append(request)
 
