@@ -28,6 +28,7 @@ from router.errors import RequestFailedError, RouterError, status_code_for
 logger = logging.getLogger(__name__)
 
 _Response = TypeVar("_Response")
+_Handler = Callable[..., Awaitable[_Response]]
 
 
 def new_error_id() -> str:
@@ -64,12 +65,12 @@ async def abort_with(context: grpc.aio.ServicerContext,
 
 
 def guarded(rpc: str, is_ready: Callable[[object], bool]
-            ) -> Callable[[Callable[..., Awaitable[_Response]]], Callable[..., Awaitable[_Response]]]:
+            ) -> Callable[[_Handler[_Response]], _Handler[_Response]]:
     """Decorate a unary servicer method so that any failure becomes a client-safe status.
 
     `is_ready(servicer)` tells whether the backend is ready, which decides INTERNAL vs UNAVAILABLE.
     """
-    def decorate(method: Callable[..., Awaitable[_Response]]) -> Callable[..., Awaitable[_Response]]:
+    def decorate(method: _Handler[_Response]) -> _Handler[_Response]:
         @functools.wraps(method)
         async def wrapper(self, request, context: grpc.aio.ServicerContext) -> _Response:
             try:

@@ -159,7 +159,8 @@ class RouterServicer:
         return self._backend.model_info()
 
     @guarded("GetClusterState", _backend_ready)
-    async def GetClusterState(self, request: generation_pb2.GetClusterStateRequest | MalformedRequest,
+    async def GetClusterState(self,
+                              request: generation_pb2.GetClusterStateRequest | MalformedRequest,
                               context: grpc.aio.ServicerContext) -> generation_pb2.ClusterState:
         _check_parsed(request)
         return generation_pb2.ClusterState(instances=await self._backend.cluster_state())
@@ -281,7 +282,8 @@ async def start_router(backend: GenerationBackend, host: str = "127.0.0.1",
     return router
 
 
-def _interceptors(security: RouterSecurity, metrics: RouterMetrics) -> list[grpc.aio.ServerInterceptor]:
+def _interceptors(security: RouterSecurity,
+                  metrics: RouterMetrics) -> list[grpc.aio.ServerInterceptor]:
     if security.auth_token is None and security.admin_token is None:
         return []
 

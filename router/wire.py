@@ -57,8 +57,9 @@ def _bytes_mirror_pool() -> descriptor_pool.DescriptorPool:
 _MIRROR_POOL = _bytes_mirror_pool()
 
 
-def lenient_deserializer(message_cls: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
-    """A request deserializer for `message_cls` that returns a `MalformedRequest` instead of raising."""
+def lenient_deserializer(message_cls: type[Message]
+                         ) -> Callable[[bytes], Message | MalformedRequest]:
+    """A deserializer for `message_cls` that returns a `MalformedRequest` instead of raising."""
     mirror_cls = message_factory.GetMessageClass(
         _MIRROR_POOL.FindMessageTypeByName(message_cls.DESCRIPTOR.full_name))
     type_name = message_cls.DESCRIPTOR.name

@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import os
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from router.security import ADMIN_TOKEN_ENV, AUTH_TOKEN_ENV, RouterSecurity
 from router.server import start_router
 from router.tls import ServerTls
 from tests.helpers import build_engine
-from tests.serving.test_router import RouterHarness, rpc_error
+from tests.serving.test_router import REPO_ROOT, RouterHarness, rpc_error
 
 x509 = pytest.importorskip("cryptography.x509", reason="the cryptography package makes the "
                                                         "test certificates")
@@ -42,7 +45,8 @@ class Pem:
     key: str
 
 
-def _write(directory: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Pem:
+def _write(directory: Path, name: str, cert: x509.Certificate,
+           key: ec.EllipticCurvePrivateKey) -> Pem:
     cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
@@ -219,6 +223,25 @@ def test_the_admin_token_guards_abort_and_cluster_state(start):
     finally:
         harness.run(anonymous.close())
     assert generate_code(harness, token=ADMIN_TOKEN) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_cli_client_sends_the_token_from_a_file_or_the_environment(start, tmp_path):
+    harness = start(RouterSecurity(auth_token=TOKEN), token=TOKEN)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    env = {k: v for k, v in os.environ.items() if k != AUTH_TOKEN_ENV}
+    with_file = _cli(harness, env, "--token-file", str(token_file))
+    assert with_file.returncode == 0, with_file.stderr
+    assert _cli(harness, {**env, AUTH_TOKEN_ENV: TOKEN}).returncode == 0
+    refused = _cli(harness, env)
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+
+
+def _cli(harness: RouterHarness, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    env = {**env, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-m", "pdserve", "client", "hi", "--max-tokens", "1",
+                           "--address", harness.address, *args], capture_output=True, text=True,
+                          timeout=60, cwd=REPO_ROOT, env=env)
 
 
 def test_tokens_come_from_files_or_the_environment(tmp_path):
