@@ -1,10 +1,18 @@
-"""`pdserve generate`: run prompts through one colocated engine and print the completions."""
+"""`pdserve generate`: run prompts through one colocated engine and print the completions.
+
+What the user typed (prompts, sampling values) is checked before torch and the model load, so a
+mistake is reported in well under a second, not after the model has loaded.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from engine.sampling_params import SamplingParams  # plain Python: no torch, no model
+
+DEFAULT_PROMPT = "What is the capital of France?"
 
 
 def add_parser(sub) -> None:
@@ -28,14 +36,22 @@ def add_parser(sub) -> None:
     p.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from engine.config import ASYNC_SCHEDULING_CHOICES, CacheConfig, EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.sampling_params import SamplingParams
-
-    prompts = args.prompts or ["What is the capital of France?"]
+def validated_inputs(args: argparse.Namespace) -> tuple[list[str], SamplingParams]:
+    """The prompts and sampling params, or a ValueError naming what is wrong (nothing loaded)."""
+    prompts = args.prompts or [DEFAULT_PROMPT]
+    for number, prompt in enumerate(prompts, start=1):
+        if not prompt:
+            raise ValueError(f"prompt is empty: --prompt {number} of {len(prompts)} has no text")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    return prompts, params
+
+
+def run(args: argparse.Namespace) -> int:
+    prompts, params = validated_inputs(args)  # before the heavy imports below
+    from engine.config import ASYNC_SCHEDULING_CHOICES, CacheConfig, EngineConfig
+    from engine.llm_engine import LLMEngine
+
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                           cache=CacheConfig(block_size=args.block_size),
                           async_scheduling=ASYNC_SCHEDULING_CHOICES[args.async_scheduling])

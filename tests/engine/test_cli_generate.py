@@ -1,0 +1,43 @@
+"""`pdserve generate` checks what the user typed before torch and the model load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+import engine.llm_engine
+from pdserve.cli import main
+
+BAD_INPUTS = [
+    (["--prompt", ""], "prompt is empty: --prompt 1 of 1 has no text"),
+    (["--prompt", "ok", "--prompt", ""], "prompt is empty: --prompt 2 of 2 has no text"),
+    (["--temperature", "inf"], "temperature must be a finite number, got inf"),
+    (["--temperature", "nan"], "temperature must be a finite number, got nan"),
+    (["--top-p", "nan"], "top_p must be a finite number, got nan"),
+    (["--max-tokens", "0"], "max_tokens must be an int >= 1, got 0"),
+    (["--top-k", "-5"], "top_k must be an int >= -1"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS)
+def test_bad_input_fails_before_the_engine_is_built(monkeypatch, capsys, args, message):
+    def never(*args, **kwargs):
+        raise AssertionError("the engine was built before the inputs were checked")
+
+    monkeypatch.setattr(engine.llm_engine.LLMEngine, "__init__", never)
+    assert main(["generate", *args]) == 1
+    assert capsys.readouterr().err.startswith(f"pdserve: error: {message}")
+
+
+def test_bad_input_exits_before_torch_is_imported():
+    code = ("import sys; from pdserve.cli import main; rc = main(['generate', '--prompt', '']); "
+            "print('torch' in sys.modules); sys.exit(rc)")
+    started = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    elapsed_s = time.monotonic() - started
+    assert res.returncode == 1 and res.stdout.strip() == "False"
+    assert res.stderr.strip() == "pdserve: error: prompt is empty: --prompt 1 of 1 has no text"
+    assert elapsed_s < 5  # interpreter start included; without torch it is well under a second
