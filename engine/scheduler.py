@@ -70,7 +70,8 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """Owns the waiting and running queues and the KV block assignment of one engine."""
+    """Owns the waiting, prefilled and running queues and the KV block assignment of one
+    engine."""
 
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
         self.config = config
