@@ -70,7 +70,9 @@ async def _finish(call) -> grpc.StatusCode:
         return C.OK
     except grpc.aio.AioRpcError as error:
         return error.code()
-    except asyncio.CancelledError:
+    except asyncio.CancelledError:  # a call the soak cancelled raises CancelledError
+        if not call.cancelled():
+            raise
         return C.CANCELLED
 
 
