@@ -20,7 +20,6 @@ from __future__ import annotations
 import difflib
 import functools
 import re
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from os import PathLike
@@ -29,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from cluster.config_checks import at_least, check_port, check_types, join_path, one_of, positive
 from kv_transfer.descriptors import DEFAULT_MIN_MESSAGE_BYTES
 from router.security import RouterSecurity
 
@@ -65,26 +65,26 @@ class PoolConfig:
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
-        _one_of("role", self.role, ROLES)
-        _check_types(self, self.role)
+        one_of("role", self.role, ROLES)
+        check_types(self, self.role)
         min_instances = 1 if self.role == "prefill" else 0
-        _at_least(self._path("num_instances"), self.num_instances, min_instances)
-        _at_least(self._path("gpus_per_instance"), self.gpus_per_instance, 0)
-        _at_least(self._path("cpus_per_instance"), self.cpus_per_instance, 0)
+        at_least(self._path("num_instances"), self.num_instances, min_instances)
+        at_least(self._path("gpus_per_instance"), self.gpus_per_instance, 0)
+        at_least(self._path("cpus_per_instance"), self.cpus_per_instance, 0)
         if self.gpus_per_instance == 0 and self.cpus_per_instance <= 0:
             raise ValueError(
                 f"{self._path('cpus_per_instance')} must be > 0 for a CPU instance "
                 f"(gpus_per_instance 0), got {self.cpus_per_instance}"
             )
         self._check_parallelism()
-        _at_least(self._path("max_num_seqs"), self.max_num_seqs, 1)
+        at_least(self._path("max_num_seqs"), self.max_num_seqs, 1)
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"{self._path('max_num_batched_tokens')} must be >= max_num_seqs "
                 f"({self.max_num_seqs}), got {self.max_num_batched_tokens}"
             )
         if self.num_kv_blocks is not None:
-            _at_least(self._path("num_kv_blocks"), self.num_kv_blocks, 1)
+            at_least(self._path("num_kv_blocks"), self.num_kv_blocks, 1)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"{self._path('gpu_memory_utilization')} must be in (0, 1], "
@@ -102,7 +102,7 @@ class PoolConfig:
     def _check_parallelism(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
             value = getattr(self, name)
-            _at_least(self._path(name), value, 1)
+            at_least(self._path(name), value, 1)
             if value > 1:
                 raise ValueError(f"{self._path(name)} > 1 is not supported yet, got {value}")
         ranks = self.tensor_parallel_size * self.pipeline_parallel_size
@@ -139,13 +139,13 @@ class ServerConfig:
     admin_token_file: str = ""  # token Abort/GetClusterState need; "" = $PDSERVE_ADMIN_TOKEN
 
     def __post_init__(self) -> None:
-        _check_types(self, "server")
+        check_types(self, "server")
         if not self.grpc_host:
             raise ValueError("server.grpc_host must not be empty")
         for name in ("grpc_port", "metrics_port", "worker_metrics_port_base"):
-            _port(f"server.{name}", getattr(self, name))
-        _at_least("server.max_queued_requests", self.max_queued_requests, 1)
-        _positive("server.request_timeout_s", self.request_timeout_s)
+            check_port(f"server.{name}", getattr(self, name))
+        at_least("server.max_queued_requests", self.max_queued_requests, 1)
+        positive("server.request_timeout_s", self.request_timeout_s)
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("server.tls_cert_file and server.tls_key_file must be set together")
         if self.tls_client_ca_file and not self.tls_cert_file:
@@ -178,12 +178,12 @@ class TransferConfig:
     store_port_base: int = 0  # rendezvous store ports start here; 0 = pick free ports
 
     def __post_init__(self) -> None:
-        _check_types(self, "transfer")
-        _positive("transfer.timeout_s", self.timeout_s)
-        _at_least("transfer.layers_per_message", self.layers_per_message, 1)
-        _at_least("transfer.min_message_bytes", self.min_message_bytes, 0)
-        _one_of("transfer.backend", self.backend, TRANSFER_BACKENDS)
-        _port("transfer.store_port_base", self.store_port_base)
+        check_types(self, "transfer")
+        positive("transfer.timeout_s", self.timeout_s)
+        at_least("transfer.layers_per_message", self.layers_per_message, 1)
+        at_least("transfer.min_message_bytes", self.min_message_bytes, 0)
+        one_of("transfer.backend", self.backend, TRANSFER_BACKENDS)
+        check_port("transfer.store_port_base", self.store_port_base)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,10 +196,10 @@ class SupervisionConfig:
     step_timeout_s: float = 120.0  # one engine step running longer than this is wedged
 
     def __post_init__(self) -> None:
-        _check_types(self, "supervision")
-        _positive("supervision.poll_interval_s", self.poll_interval_s)
-        _positive("supervision.health_timeout_s", self.health_timeout_s)
-        _positive("supervision.step_timeout_s", self.step_timeout_s)
+        check_types(self, "supervision")
+        positive("supervision.poll_interval_s", self.poll_interval_s)
+        positive("supervision.health_timeout_s", self.health_timeout_s)
+        positive("supervision.step_timeout_s", self.step_timeout_s)
 
 
 def _default_pool(role: str) -> PoolConfig:
@@ -228,13 +228,13 @@ class ClusterConfig:
     name: str = "pdserve"
 
     def __post_init__(self) -> None:
-        _check_types(self, "")
+        check_types(self, "")
         if not self.model:
             raise ValueError("model must not be empty")
-        _one_of("device", self.device, DEVICES)
-        _one_of("dtype", self.dtype, DTYPES)
-        _at_least("block_size", self.block_size, 1)
-        _positive("placement_timeout_s", self.placement_timeout_s)
+        one_of("device", self.device, DEVICES)
+        one_of("dtype", self.dtype, DTYPES)
+        at_least("block_size", self.block_size, 1)
+        positive("placement_timeout_s", self.placement_timeout_s)
         if not self.ray_address:
             raise ValueError('ray_address must not be empty; use "local" (a private Ray), '
                              '"auto" (the cluster running on this node) or host:port')
@@ -333,7 +333,7 @@ def with_overrides(config: ClusterConfig, **overrides: Any) -> ClusterConfig:
 
 
 def _with_device(config: ClusterConfig, device: str) -> ClusterConfig:
-    _one_of("device", device, DEVICES)
+    one_of("device", device, DEVICES)
     pools = {}
     for pool in config.pools:
         if device == "cuda" and pool.gpus_per_instance == 0:
@@ -368,7 +368,7 @@ def _section(data: Any, path: str, cls: type) -> dict[str, Any]:
     known = [f.name for f in fields(cls)]
     for key in data:
         if key not in known:
-            raise ValueError(_unknown_key_message(_join(path, str(key)), str(key), known))
+            raise ValueError(_unknown_key_message(join_path(path, str(key)), str(key), known))
     return dict(data)
 
 
@@ -379,72 +379,9 @@ def _unknown_key_message(key_path: str, key: str, known: list[str]) -> str:
     return f"{key_path}: unknown key; known keys: {', '.join(known)}"
 
 
-# ---------------------------------------------------------------- validation helpers
-
-
-def _join(section: str, name: str) -> str:
-    return f"{section}.{name}" if section else name
-
-
-def _check_types(config: Any, section: str) -> None:
-    """Raise ValueError naming the first field whose value is not of its annotated type."""
-    for name, hint in _type_hints(type(config)).items():
-        value = getattr(config, name)
-        if not _has_type(value, hint):
-            raise ValueError(f"{_join(section, name)} must be {_describe(hint)}, got {value!r}")
-
-
-@functools.cache
-def _type_hints(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in fields(cls)}
-
-
-def _has_type(value: Any, hint: Any) -> bool:
-    options = typing.get_args(hint)
-    if options:  # `X | None`
-        return any(_has_type(value, option) for option in options)
-    if hint is type(None):
-        return value is None
-    if isinstance(value, bool):  # YAML true is not the integer 1
-        return hint is bool
-    if hint is float:
-        return isinstance(value, (int, float))
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    options = typing.get_args(hint)
-    if options:
-        return " or ".join(_describe(option) for option in options)
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-             type(None): "null"}
-    return names.get(hint, f"a {getattr(hint, '__name__', hint)} section")
-
-
-def _at_least(path: str, value: float, minimum: float) -> None:
-    if value < minimum:
-        raise ValueError(f"{path} must be >= {minimum}, got {value}")
-
-
-def _positive(path: str, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"{path} must be > 0, got {value}")
-
-
-def _port(path: str, value: int) -> None:
-    if not 0 <= value <= 65535:
-        raise ValueError(f"{path} must be a port in 0..65535 (0 = any free port), got {value}")
-
-
 def _deployment_name(name: str) -> None:
     if not DEPLOYMENT_NAME.fullmatch(name):
         raise ValueError(
             f"name must be 1-{MAX_NAME_LEN} characters, letters, digits, '-' or '_', starting "
             f"with a letter or digit (it names the Ray namespace and actors), got {name!r}"
         )
-
-
-def _one_of(path: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{path} must be one of {', '.join(allowed)}, got {value!r}")

@@ -1,0 +1,69 @@
+"""Field checks shared by the cluster config's sections (cluster/config.py): each raises a
+ValueError that names the key by its path, so the message points at the line to fix."""
+
+from __future__ import annotations
+
+import functools
+import typing
+from dataclasses import fields
+from typing import Any
+
+
+def join_path(section: str, name: str) -> str:
+    return f"{section}.{name}" if section else name
+
+
+def check_types(config: Any, section: str) -> None:
+    """Raise ValueError naming the first field whose value is not of its annotated type."""
+    for name, hint in _type_hints(type(config)).items():
+        value = getattr(config, name)
+        if not _has_type(value, hint):
+            raise ValueError(f"{join_path(section, name)} must be {_describe(hint)}, got {value!r}")
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    options = typing.get_args(hint)
+    if options:  # `X | None`
+        return any(_has_type(value, option) for option in options)
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool):  # YAML true is not the integer 1
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    options = typing.get_args(hint)
+    if options:
+        return " or ".join(_describe(option) for option in options)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             type(None): "null"}
+    return names.get(hint, f"a {getattr(hint, '__name__', hint)} section")
+
+
+def at_least(path: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        raise ValueError(f"{path} must be >= {minimum}, got {value}")
+
+
+def positive(path: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{path} must be > 0, got {value}")
+
+
+def check_port(path: str, value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{path} must be a port in 0..65535 (0 = any free port), got {value}")
+
+
+def one_of(path: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{path} must be one of {', '.join(allowed)}, got {value!r}")
