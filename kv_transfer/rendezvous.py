@@ -10,6 +10,7 @@ generation + 1, so nothing left over from the broken channel can be read by the 
 
 from __future__ import annotations
 
+import socket
 from datetime import timedelta
 
 from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
@@ -20,14 +21,31 @@ STORE_PREFIX = "pdserve/kv"
 
 
 def host_store(host: str, port: int = 0, timeout_s: float = 30.0) -> TCPStore:
-    """Start the decode instance's rendezvous store; read the bound port from `.port`."""
+    """Start the decode instance's rendezvous store on `host` alone; read the bound port from
+    `.port`. TCPStore itself listens on every interface whatever host it is given, so the
+    listening socket is bound here and handed over (docs/SECURITY.md)."""
     try:
-        return TCPStore(host, port, None, True, timedelta(seconds=timeout_s),
-                        wait_for_workers=False)
-    except RuntimeError as exc:
+        listener = _listen(host, port)
+        return TCPStore(host, listener.getsockname()[1], None, True,
+                        timedelta(seconds=timeout_s), wait_for_workers=False,
+                        master_listen_fd=listener.detach())  # the store owns the fd now
+    except (OSError, RuntimeError) as exc:
         raise KVTransferConnectionError(
             f"cannot host the KV rendezvous store on {host}:{port}: {exc}"
         ) from exc
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(128)
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
 def join_store(host: str, port: int, timeout_s: float = 30.0) -> TCPStore:
