@@ -123,7 +123,8 @@ def test_injected_transfer_fault_fails_cleanly_then_recovers(cluster):
     finally:
         ray.get(prefill.set_faults.remote(FaultInjection()))
     assert error.code() == grpc.StatusCode.UNAVAILABLE, error
-    assert "KV transfer" in error.details() or "channel" in error.details()
+    # the worker's own text stays in the server log; the client gets a retry hint and an id
+    assert "retry" in error.details() and "error id" in error.details(), error.details()
     assert elapsed < 20  # the transfer timeout (4 s) plus slack, never a hang
     cluster.wait_until_idle()
     # The pair is rebuilt under a new generation; later requests succeed again.
@@ -188,6 +189,7 @@ def test_no_decode_instance_is_unavailable(cluster):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             harness.run(harness.client.generate("Hello", max_tokens=4))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "decode" in info.value.details()
+        assert not no_decode.is_ready()  # health NOT_SERVING: a pool has no live instance
+        assert "not ready" in info.value.details()
     finally:
         harness.close(stop_backend=False)
