@@ -16,11 +16,11 @@ import asyncio
 
 from cluster.worker_spec import WorkerSpec, apply_process_settings, serve_worker_metrics
 from decode_worker.worker import DecodeWorker
-from engine.engine_loop import LoopHealth
+from engine.engine_loop import ActorLoopControls
 from protos.pdserve.v1 import worker_pb2
 
 
-class DecodeActor:
+class DecodeActor(ActorLoopControls):
     def __init__(self, spec: WorkerSpec) -> None:
         apply_process_settings(spec)
         from engine.llm_engine import LLMEngine
@@ -72,14 +72,6 @@ class DecodeActor:
     async def stats(self) -> worker_pb2.WorkerStats:
         return await asyncio.to_thread(self.worker.stats)
 
-    async def health(self) -> LoopHealth:
-        return self.worker.health()
-
-    async def inject_step_failure(self) -> None:
-        self.worker.inject_step_failure()
-
-    async def inject_step_hang(self, seconds: float) -> None:
-        self.worker.inject_step_hang(seconds)
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.worker.stop)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from decode_worker.links import RecvLink
 from decode_worker.metrics import DecodeMetrics
-from engine.engine_loop import EngineLoop, LoopHealth
+from engine.engine_loop import EngineLoop, LoopControls
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import Request
@@ -69,7 +69,7 @@ class Incoming:
     aborted: bool = False
 
 
-class DecodeWorker:
+class DecodeWorker(LoopControls):
     """Engine thread + receive links of one decode instance. Ray-free; the actor wraps it."""
 
     def __init__(self, engine: LLMEngine, instance_id: str, emit: EmitCallback,
@@ -135,18 +135,6 @@ class DecodeWorker:
 
     def stats(self) -> worker_pb2.WorkerStats:
         return self.loop.call(self._stats).result(timeout=30)
-
-    def health(self) -> LoopHealth:
-        """The engine thread's health, answered without it (any thread, even while it hangs)."""
-        return self.loop.health()
-
-    def inject_step_failure(self) -> None:
-        """Test hook: the next engine iteration raises, as a crashing step would."""
-        self.loop.inject_step_failure()
-
-    def inject_step_hang(self, seconds: float) -> None:
-        """Test hook: the next engine iteration hangs for `seconds`."""
-        self.loop.inject_step_hang(seconds)
 
     def stop(self) -> None:
         self.loop.stop()

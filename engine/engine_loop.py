@@ -240,3 +240,39 @@ def describe_error(exc: BaseException | None) -> str:
     lines = str(exc).splitlines()
     text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
     return text[:MAX_ERROR_CHARS]
+
+
+class LoopControls:
+    """health() and the test hooks of an object that owns an EngineLoop as `self.loop` (the
+    prefill and decode workers), answered without the engine thread."""
+
+    loop: EngineLoop
+
+    def health(self) -> LoopHealth:
+        """The engine thread's health, answered without it (any thread, even while it hangs)."""
+        return self.loop.health()
+
+    def inject_step_failure(self) -> None:
+        """Test hook: the next engine iteration raises, as a crashing step would."""
+        self.loop.inject_step_failure()
+
+    def inject_step_hang(self, seconds: float) -> None:
+        """Test hook: the next engine iteration hangs for `seconds`."""
+        self.loop.inject_step_hang(seconds)
+
+
+class ActorLoopControls:
+    """The same on a Ray actor whose `self.worker` is a LoopControls: answered on the actor's
+    event loop directly (no thread hop), so a wedged engine thread cannot delay it."""
+
+    worker: LoopControls
+
+    async def health(self) -> LoopHealth:
+        return self.worker.health()
+
+    async def inject_step_failure(self) -> None:
+        self.worker.inject_step_failure()
+
+    async def inject_step_hang(self, seconds: float) -> None:
+        self.worker.inject_step_hang(seconds)
+

@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 
 from cluster.worker_spec import WorkerSpec, apply_process_settings, serve_worker_metrics
-from engine.engine_loop import LoopHealth
+from engine.engine_loop import ActorLoopControls
 from prefill_worker.worker import DecodePeer, PrefillWorker
 from protos.pdserve.v1 import worker_pb2
 
 
-class PrefillActor:
+class PrefillActor(ActorLoopControls):
     def __init__(self, spec: WorkerSpec) -> None:
         apply_process_settings(spec)
         from engine.llm_engine import LLMEngine
@@ -62,14 +62,6 @@ class PrefillActor:
     async def stats(self) -> worker_pb2.WorkerStats:
         return await asyncio.to_thread(self.worker.stats)
 
-    async def health(self) -> LoopHealth:
-        return self.worker.health()
-
-    async def inject_step_failure(self) -> None:
-        self.worker.inject_step_failure()
-
-    async def inject_step_hang(self, seconds: float) -> None:
-        self.worker.inject_step_hang(seconds)
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.worker.stop)

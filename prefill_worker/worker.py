@@ -27,7 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from engine.engine_loop import EngineDeadError, EngineLoop, LoopHealth
+from engine.engine_loop import EngineDeadError, EngineLoop, LoopControls
 from engine.llm_engine import LLMEngine
 from engine.request import Request
 from engine.sampler import SamplerOutput
@@ -68,7 +68,7 @@ class _Handoff:
     transfer: OutgoingTransfer | None = None
 
 
-class PrefillWorker:
+class PrefillWorker(LoopControls):
     """Engine thread + send links of one prefill instance. Ray-free; the actor wraps it."""
 
     def __init__(self, engine: LLMEngine, instance_id: str, layers_per_message: int = 1,
@@ -131,18 +131,6 @@ class PrefillWorker:
                 on_error(exc)
 
         self.loop.call(lambda: self._admit(pending)).add_done_callback(on_admitted)
-
-    def health(self) -> LoopHealth:
-        """The engine thread's health, answered without it (any thread, even while it hangs)."""
-        return self.loop.health()
-
-    def inject_step_failure(self) -> None:
-        """Test hook: the next engine iteration raises, as a crashing step would."""
-        self.loop.inject_step_failure()
-
-    def inject_step_hang(self, seconds: float) -> None:
-        """Test hook: the next engine iteration hangs for `seconds`."""
-        self.loop.inject_step_hang(seconds)
 
     def abort(self, request_id: str) -> worker_pb2.AbortReply:
         return self.loop.call(lambda: self._abort(request_id)).result(timeout=30)

@@ -398,4 +398,3 @@ def test_sender_process_death_fails_the_receiver_fast():
     finally:
         decode.stop()
         prefill.stop()
-
