@@ -194,12 +194,28 @@ class SupervisionConfig:
     poll_interval_s: float = 1.0  # one health call per instance this often
     health_timeout_s: float = 10.0  # an instance that cannot answer health within this is wedged
     step_timeout_s: float = 120.0  # one engine step running longer than this is wedged
+    replace_dead: bool = True  # start a new instance (new placement group) for each dead one
+    restart_backoff_s: float = 1.0  # wait before the 2nd consecutive restart; doubles each time
+    restart_backoff_max_s: float = 60.0  # the longest wait between restarts
+    stable_after_s: float = 60.0  # an instance ready this long resets its restart backoff
+    max_migrations: int = 3  # times one request may move after an instance died; 0 = never
+    migration_wait_s: float = 120.0  # a moving request waits this long (within its deadline)
+    #                                  for a live instance, then ends with UNAVAILABLE
+    drain_timeout_s: float = 30.0  # SIGTERM / drain: in-flight requests get this long to finish
+    # Fault injection (tests, chaos runs): this instance's first incarnation crashes its engine
+    # thread after this many steps, as a raising step would. "" / 0 = off.
+    inject_engine_failure: str = ""
+    inject_engine_failure_after_steps: int = 0
 
     def __post_init__(self) -> None:
         check_types(self, "supervision")
-        positive("supervision.poll_interval_s", self.poll_interval_s)
-        positive("supervision.health_timeout_s", self.health_timeout_s)
-        positive("supervision.step_timeout_s", self.step_timeout_s)
+        for name in ("poll_interval_s", "health_timeout_s", "step_timeout_s",
+                     "restart_backoff_s", "restart_backoff_max_s", "stable_after_s",
+                     "migration_wait_s", "drain_timeout_s"):
+            positive(f"supervision.{name}", getattr(self, name))
+        at_least("supervision.max_migrations", self.max_migrations, 0)
+        at_least("supervision.inject_engine_failure_after_steps",
+                 self.inject_engine_failure_after_steps, 0)
 
 
 def _default_pool(role: str) -> PoolConfig:

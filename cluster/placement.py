@@ -58,10 +58,11 @@ class InstancePlacement:
     placement_group: PlacementGroup
     bundles: tuple[dict[str, float], ...]  # bundle i is rank i's reservation
     deployment: str = "pdserve"  # the config's name: prefix of the group's name
+    incarnation: int = 0  # 0 at start; +1 each time the instance is replaced after a death
 
     @property
     def name(self) -> str:
-        return instance_name(self.deployment, self.role, self.instance_index)
+        return instance_name(self.deployment, self.role, self.instance_index, self.incarnation)
 
     @property
     def num_ranks(self) -> int:
@@ -81,9 +82,11 @@ class InstancePlacement:
         )
 
 
-def instance_name(deployment: str, role: str, instance_index: int) -> str:
-    """The placement group's name, e.g. "pdserve-decode-0" (visible in `ray status`)."""
-    return f"{deployment}-{role}-{instance_index}"
+def instance_name(deployment: str, role: str, instance_index: int, incarnation: int = 0) -> str:
+    """The placement group's (and rank 0 actor's) name, e.g. "pdserve-decode-0" (visible in
+    `ray status`); a replacement adds its incarnation: "pdserve-decode-0-r2"."""
+    base = f"{deployment}-{role}-{instance_index}"
+    return f"{base}-r{incarnation}" if incarnation else base
 
 
 def actor_name(deployment: str, instance_id: str) -> str:
@@ -101,7 +104,8 @@ def instance_bundles(pool: PoolConfig) -> list[dict[str, float]]:
 
 
 def create_instance_placement(
-    pool: PoolConfig, instance_index: int, timeout_s: float, deployment: str = "pdserve"
+    pool: PoolConfig, instance_index: int, timeout_s: float, deployment: str = "pdserve",
+    incarnation: int = 0,
 ) -> InstancePlacement:
     """Reserve one instance's resources and wait until Ray grants them.
 
@@ -111,14 +115,15 @@ def create_instance_placement(
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     bundles = instance_bundles(pool)
-    name = instance_name(deployment, pool.role, instance_index)
+    name = instance_name(deployment, pool.role, instance_index, incarnation)
     group = placement_group(bundles, strategy=STRATEGY, name=name)
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(group)
         raise PlacementTimeoutError(
             _timeout_message(pool.role, instance_index, name, bundles, timeout_s))
-    return InstancePlacement(pool.role, instance_index, group, tuple(bundles), deployment)
+    return InstancePlacement(pool.role, instance_index, group, tuple(bundles), deployment,
+                             incarnation)
 
 
 def create_cluster_placements(config: ClusterConfig) -> list[InstancePlacement]:
@@ -153,7 +158,7 @@ def check_name_free(deployment: str) -> None:
     """Raise DeploymentNameInUseError if a deployment named `deployment` holds placement groups
     or named actors on this Ray cluster (Ray would otherwise refuse its actor names only after
     its groups waited for resources the other deployment holds)."""
-    pattern = re.compile(rf"{re.escape(deployment)}-({'|'.join(ROLES)})-\d+")
+    pattern = re.compile(rf"{re.escape(deployment)}-({'|'.join(ROLES)})-\d+(-r\d+)?")
     groups = sorted(pg["name"] for pg in placement_group_table().values()
                     if pg["state"] != "REMOVED" and pattern.fullmatch(pg["name"]))
     actors = sorted(actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)

@@ -27,6 +27,7 @@ from decode_worker.actor import DecodeActor
 from prefill_worker.actor import PrefillActor
 
 log = logging.getLogger(__name__)
+PAIR_TIMEOUT_S = 120.0  # building one pair channel (both handshakes) takes at most this
 
 
 class ClusterStartupError(RuntimeError):
@@ -52,13 +53,15 @@ class Pools:
 
     async def stop(self) -> None:
         """Stop engines, kill actors, release placement groups (bounded in time)."""
-        calls = [asyncio.ensure_future(_await_ref(w.actor.shutdown.remote())) for w in self.all]
+        await self.stop_workers(self.all)
+
+    @staticmethod
+    async def stop_workers(workers: list[Worker]) -> None:
+        calls = [asyncio.ensure_future(_await_ref(w.actor.shutdown.remote())) for w in workers]
         if calls:
             await asyncio.wait(calls, timeout=10)
-        for w in self.all:
-            ray.kill(w.actor, no_restart=True)
-            if w.placement is not None:
-                remove_placement(w.placement)
+        for w in workers:
+            release(w)
 
 
 async def _await_ref(ref):
@@ -76,13 +79,17 @@ def worker_specs(cfg: ClusterConfig, host: str) -> tuple[list[WorkerSpec], list[
                                    pool.async_scheduling,
                                    # prefill instances never run decode steps: no graphs to capture
                                    use_cuda_graphs=pool.role == "decode")
+        faults = cfg.supervision
         return [WorkerSpec(f"{pool.role}-{i}", pool.role, engine, host=host,
                            transfer_timeout_s=cfg.transfer.timeout_s,
                            layers_per_message=cfg.transfer.layers_per_message,
                            min_message_bytes=cfg.transfer.min_message_bytes,
                            # whole cores, at least one thread (0.5 cores: one thread)
                            num_threads=max(1, int(pool.cpus_per_instance)),
-                           metrics_port=_metrics_port(cfg, first_index + i))
+                           metrics_port=_metrics_port(cfg, first_index + i),
+                           fail_after_steps=(faults.inject_engine_failure_after_steps
+                                             if faults.inject_engine_failure == f"{pool.role}-{i}"
+                                             else 0))
                 for i in range(pool.num_instances)]
 
     return specs(cfg.prefill, 0), specs(cfg.decode, cfg.prefill.num_instances)
@@ -96,7 +103,36 @@ def _metrics_port(cfg: ClusterConfig, index: int) -> int:
     return base + index if base else 0
 
 
-def _actor_options(spec: WorkerSpec, placement: InstancePlacement | None) -> dict:
+def create_worker(spec: WorkerSpec, placement: InstancePlacement | None,
+                  incarnation: int = 0) -> Worker:
+    """Create an instance's actor (it loads its model in the background: see `await_started`)."""
+    cls = PrefillActor if spec.role == "prefill" else DecodeActor
+    options = _actor_options(spec, placement, incarnation)
+    return Worker(spec, ray.remote(cls).options(**options).remote(spec), placement)
+
+
+async def await_started(worker: Worker) -> None:
+    """Wait until the actor has loaded its model; ClusterStartupError if it died instead."""
+    info = await _checked(worker, worker.actor.info.remote())
+    worker.metrics_address = info["metrics_address"]
+
+
+def release(worker: Worker) -> None:
+    """Kill an instance's actor and free its placement group (idempotent, never raises)."""
+    try:
+        ray.kill(worker.actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone
+        log.debug("kill of %s failed", worker.spec.instance_id, exc_info=True)
+    placement, worker.placement = worker.placement, None
+    if placement is not None:
+        try:
+            remove_placement(placement)
+        except Exception:  # noqa: BLE001 - already removed
+            log.debug("removing %s failed", placement.name, exc_info=True)
+
+
+def _actor_options(spec: WorkerSpec, placement: InstancePlacement | None,
+                   incarnation: int = 0) -> dict:
     """Ray options of an instance's actor. It asks for exactly what its bundle holds (rank 0's:
     a CPU instance's cores, a GPU rank's GPU and its share of the cores): asking for more, Ray
     cannot fit it into the bundle. Without a placement (tests): one GPU, or one core."""
@@ -104,9 +140,10 @@ def _actor_options(spec: WorkerSpec, placement: InstancePlacement | None) -> dic
         on_gpu = spec.engine.device == "cuda"
         resources = {"GPU": 1.0} if on_gpu else {"CPU": 1.0}
         name = actor_name("pdserve", spec.instance_id)
+        name = f"{name}-r{incarnation}" if incarnation else name
     else:
         resources = placement.bundles[0]
-        name = actor_name(placement.deployment, spec.instance_id)
+        name = placement.name  # "{deployment}-{instance_id}", plus "-r{n}" for a replacement
     options = {"num_gpus": resources.get("GPU", 0.0), "num_cpus": resources.get("CPU", 0.0),
                "max_concurrency": 1000, "name": name,
                "runtime_env": {"env_vars": dict(GPU_SAFE_ENV)}}
@@ -120,16 +157,10 @@ async def launch(prefill_specs: list[WorkerSpec], decode_specs: list[WorkerSpec]
     """Create the actors, wait for their models, then pair every prefill with every decode."""
     placements = placements or {}
     pools = Pools()
-    for spec in prefill_specs:
-        actor = ray.remote(PrefillActor).options(**_actor_options(spec, placements.get(spec.instance_id)))
-        pools.prefill.append(Worker(spec, actor.remote(spec), placements.get(spec.instance_id)))
-    for spec in decode_specs:
-        actor = ray.remote(DecodeActor).options(**_actor_options(spec, placements.get(spec.instance_id)))
-        pools.decode.append(Worker(spec, actor.remote(spec), placements.get(spec.instance_id)))
+    pools.prefill = [create_worker(s, placements.get(s.instance_id)) for s in prefill_specs]
+    pools.decode = [create_worker(s, placements.get(s.instance_id)) for s in decode_specs]
     try:
-        infos = await asyncio.gather(*(_checked(w, w.actor.info.remote()) for w in pools.all))
-        for worker, info in zip(pools.all, infos):
-            worker.metrics_address = info["metrics_address"]
+        await asyncio.gather(*(await_started(w) for w in pools.all))
         await asyncio.gather(*(pair(p, d, generation=0) for p in pools.prefill for d in pools.decode))
     except BaseException:
         await pools.stop()
@@ -138,14 +169,21 @@ async def launch(prefill_specs: list[WorkerSpec], decode_specs: list[WorkerSpec]
 
 
 async def pair(prefill: Worker, decode: Worker, generation: int) -> None:
-    """Build the KV channel of one (prefill, decode) pair; both ends connect concurrently."""
+    """Build the KV channel of one (prefill, decode) pair; both ends connect concurrently,
+    within PAIR_TIMEOUT_S (a peer that hangs fails the pairing instead of stalling it)."""
     pid, did = prefill.spec.instance_id, decode.spec.instance_id
-    endpoint = await decode.actor.endpoint.remote(pid, generation)
-    try:
+
+    async def connect() -> None:
+        endpoint = await decode.actor.endpoint.remote(pid, generation)
         await asyncio.gather(decode.actor.accept.remote(pid, generation),
                              prefill.actor.connect.remote(did, endpoint, decode.actor))
-    except ray.exceptions.RayTaskError as exc:
+    try:
+        await asyncio.wait_for(connect(), PAIR_TIMEOUT_S)
+    except ray.exceptions.RayError as exc:
         raise ClusterStartupError(f"cannot pair {pid} with {did}: {_cause(exc)}") from None
+    except asyncio.TimeoutError:
+        raise ClusterStartupError(f"cannot pair {pid} with {did}: no answer within "
+                                  f"{PAIR_TIMEOUT_S:g} s") from None
 
 
 async def _checked(worker: Worker, ref):
@@ -174,5 +212,5 @@ async def start_cluster(cfg: ClusterConfig, host: str = "127.0.0.1") -> Pools:
         raise
 
 
-__all__ = ["ClusterStartupError", "Pools", "Worker", "launch", "pair", "start_cluster",
-           "worker_specs"]
+__all__ = ["ClusterStartupError", "Pools", "Worker", "await_started", "create_worker", "launch",
+           "pair", "release", "start_cluster", "worker_specs"]

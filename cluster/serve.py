@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from dataclasses import dataclass, field
 
 from cluster.config import ClusterConfig
 from cluster.disagg_backend import DisaggregatedBackend
 from cluster.metrics_sd import MetricsTarget, PrometheusTargetsFile
 from cluster.pools import start_cluster
+from cluster.recovery import PoolRecovery
 from engine.loader.source import open_model
 from router.server import RouterServer, start_router
 
@@ -42,8 +44,10 @@ class ServingCluster:
         tokenizer = await asyncio.to_thread(source.load_tokenizer)
         pools = await start_cluster(config, worker_host)
         server = config.server
+        recovery = PoolRecovery(config)
         backend = DisaggregatedBackend(pools, tokenizer, source.config, server.max_queued_requests,
-                                       supervision=config.supervision)
+                                       supervision=config.supervision, recovery=recovery)
+        recovery.backend = backend
         try:
             router = await start_router(backend, server.grpc_host, server.grpc_port,
                                         server.metrics_port, metrics_host=server.metrics_bind_host,
@@ -52,7 +56,8 @@ class ServingCluster:
         except BaseException:
             await backend.stop()
             raise
-        router.metrics.registry.register(backend.supervisor.collector(backend.model_name))
+        for collector in backend.collectors():
+            router.metrics.registry.register(collector)
         cluster = cls(config, backend, router, worker_host)
         if server.prometheus_sd_file:
             try:
@@ -89,6 +94,13 @@ class ServingCluster:
             except OSError:
                 log.exception("cannot update %s", self.targets_file.path)
 
+    async def drain(self, timeout_s: float | None = None) -> int:
+        """Graceful shutdown's first half (SIGTERM): health NOT_SERVING and new calls
+        UNAVAILABLE at once; calls in flight get `timeout_s` (supervision.drain_timeout_s) to
+        finish, the rest end with UNAVAILABLE. Returns how many were ended."""
+        await self.router.drain()
+        return await self.backend.drain(timeout_s)
+
     async def stop(self, grace_s: float = 5.0) -> None:
         if self._targets_task is not None:
             self._targets_task.cancel()
@@ -106,7 +118,20 @@ async def serve_forever(config: ClusterConfig, worker_host: str) -> None:
     print(f"pdserve: metrics on http://{cluster.router.metrics_endpoint.address}/metrics; "
           f"Prometheus targets in {config.server.prometheus_sd_file or '(no file_sd file)'}",
           flush=True)
+    terminate = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, terminate.set)
     try:
-        await cluster.router.wait_for_termination()
+        waits = [asyncio.ensure_future(terminate.wait()),
+                 asyncio.ensure_future(cluster.router.wait_for_termination())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+        if terminate.is_set():
+            print(f"pdserve: draining (up to {config.supervision.drain_timeout_s:g} s)", flush=True)
+            ended = await cluster.drain()
+            print(f"pdserve: drained ({ended} requests ended unfinished); stopping", flush=True)
     finally:
-        await cluster.stop()
+        await cluster.stop(grace_s=1.0)
+    print("pdserve: stopped", flush=True)

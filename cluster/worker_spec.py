@@ -33,6 +33,7 @@ class WorkerSpec:
     faults: FaultInjection = field(default_factory=FaultInjection)  # prefill side only
     num_threads: int = 1  # torch intra-op threads for a CPU instance
     metrics_port: int = 0  # its Prometheus /metrics port; 0 = any free port
+    fail_after_steps: int = 0  # fault injection: the engine thread raises after this many steps
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):

@@ -31,6 +31,8 @@ class DecodeActor(ActorLoopControls):
         self.worker = DecodeWorker(LLMEngine(spec.engine), spec.instance_id, self._emit,
                                    spec.host, spec.transfer_timeout_s)
         self.metrics_endpoint = serve_worker_metrics(spec, self.worker.metrics.registry)
+        if spec.fail_after_steps:  # fault injection by config (supervision.inject_engine_*)
+            self.worker.loop.inject_step_failure(after_steps=spec.fail_after_steps)
 
     def _emit(self, outputs: worker_pb2.DecodeOutputs) -> None:
         """Engine thread -> event loop: one hop per step."""

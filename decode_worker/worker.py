@@ -3,21 +3,24 @@ its continuous batch, streaming tokens to the router.
 
 Lifecycle of a request here (all transitions on the engine thread):
 
-    reserve(ReserveRequest)   RESERVED: blocks for the prompt allocated, nothing received yet
-    KV landed (transfer OK)   LANDED
+    reserve(ReserveRequest)   RESERVED: blocks for the prompt (+ output_token_ids, the tokens
+                              a migrated request's client already has) allocated, nothing
+                              received yet
+    KV landed (transfer OK)   LANDED (the KV of prompt + those outputs)
     first token from prefill  FIRST_TOKEN (it may arrive before or after the KV)
-    both                      -> PREFILLED: queued in the scheduler (num_computed = prompt
-                                 length, one token pending), joins the running batch when a
-                                 slot (max_num_seqs) and its next block are free
+    both                      -> PREFILLED: text stream replayed (resumed outputs, then the
+                                 first token), queued in the scheduler (num_computed = prompt
+                                 + resumed outputs, one token pending), joins the running batch
+                                 when a slot (max_num_seqs) and its next block are free
     transfer failed           -> blocks freed; the router gets an error delta
     abort                     RESERVED with no transfer begun: freed at once;
                               otherwise marked, and freed as soon as the transfer ends
 A preempted request is recomputed here from its prompt and output tokens, like any other.
 
 Bounds: a reservation is refused (`ReserveReply.accepted` False, with the reason) when the KV
-cache cannot hold the prompt, or when `max_waiting_requests` requests already wait here
-(reserved, queued or preempted); the router answers RESOURCE_EXHAUSTED when every decode
-instance refuses.
+cache cannot hold the prompt (+ resumed outputs), or when `max_waiting_requests` requests
+already wait here (reserved, queued or preempted); the router answers RESOURCE_EXHAUSTED when
+every decode instance refuses.
 
 If the engine thread dies (a step raised), every running, queued and reserved request gets an
 error delta ("decode instance failed") at once, its blocks are freed, and every later call fails
@@ -153,16 +156,18 @@ class DecodeWorker(LoopControls):
         try:
             request = self.engine.make_request(list(req.prompt_token_ids),
                                                sampling_from_proto(req.sampling),
-                                               req.request_id, seed=req.seed)
+                                               req.request_id, seed=req.seed,
+                                               output_token_ids=list(req.output_token_ids))
         except ValueError as exc:
             reply.reason = str(exc)
             return reply
-        needed = kv.num_missing_blocks(req.request_id, request.num_prompt_tokens + 1)
+        # the KV to land covers every known token (prompt + resumed outputs), +1 for the next
+        needed = kv.num_missing_blocks(req.request_id, request.num_tokens + 1)
         if needed + self.watermark_blocks > kv.num_free_blocks or req.request_id in self.incoming:
             reply.reason = (f"KV cache full: {kv.num_free_blocks} of {kv.num_blocks} blocks free, "
                             f"{needed} needed")
             return reply
-        blocks = list(kv.grow(req.request_id, request.num_prompt_tokens))
+        blocks = list(kv.grow(req.request_id, request.num_tokens))
         self.incoming[req.request_id] = Incoming(request, blocks, time.monotonic())
         reply.accepted, reply.num_blocks, reply.num_free_blocks = True, len(blocks), kv.num_free_blocks
         return reply
@@ -204,8 +209,13 @@ class DecodeWorker(LoopControls):
             self.engine.kv_manager.free(incoming.request.request_id)
             return
         request = incoming.request
-        request.num_computed_tokens = request.num_prompt_tokens
-        self.engine.track(request)
+        request.num_computed_tokens = request.num_tokens  # prompt + resumed outputs landed
+        try:
+            self.engine.track(request)  # replays resumed outputs: their stop strings raise
+        except ValueError as exc:  # the prefill side rejects these first; kept for safety
+            self.engine.kv_manager.free(request.request_id)
+            self._emit_error(request.request_id, str(exc))
+            return
         logprob = first.logprobs[0] if first.logprobs else None
         out = self.engine.record_token(request, first.token_ids[0], logprob)  # replays text state
         if out.finished:  # cannot differ from the prefill's verdict; kept for safety
@@ -222,9 +232,11 @@ class DecodeWorker(LoopControls):
             return
         self._drop(incoming)
         if not incoming.aborted:
-            delta = worker_pb2.TokenDelta(protocol_version=PROTOCOL_VERSION, request_id=request_id,
-                                          error=f"KV transfer failed: {message}")
-            self.emit(self._outputs([delta]))
+            self._emit_error(request_id, f"KV transfer failed: {message}")
+
+    def _emit_error(self, request_id: str, message: str) -> None:
+        self.emit(self._outputs([worker_pb2.TokenDelta(
+            protocol_version=PROTOCOL_VERSION, request_id=request_id, error=message)]))
 
     def _drop(self, incoming: Incoming) -> None:
         self.incoming.pop(incoming.request.request_id, None)

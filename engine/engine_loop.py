@@ -83,6 +83,7 @@ class EngineLoop:
         self._stopping = False
         self._closed = False  # no command will run any more
         self._fault: Callable[[], None] | None = None  # armed by an inject_* test hook
+        self._fail_at_step: int | None = None  # inject_step_failure(after_steps): raise then
         self._unhang = threading.Event()  # ends an injected hang early (stop)
         self._step_started_s: float | None = None
         self._num_steps = 0
@@ -127,9 +128,13 @@ class EngineLoop:
                           step_running_s=0.0 if started is None else time.monotonic() - started,
                           steps=self._num_steps)
 
-    def inject_step_failure(self) -> None:
-        """Test hook: the next iteration raises `InjectedStepFailure` inside its step."""
-        self._arm(self._raise_injected)
+    def inject_step_failure(self, after_steps: int = 0) -> None:
+        """Test hook: the next iteration raises `InjectedStepFailure` inside its step; with
+        `after_steps`, the step after that many more steps does."""
+        if after_steps > 0:
+            self._fail_at_step = self._num_steps + after_steps
+        else:
+            self._arm(self._raise_injected)
 
     def inject_step_hang(self, seconds: float) -> None:
         """Test hook: the next iteration sleeps `seconds` inside its step (ended early by stop)."""
@@ -202,6 +207,9 @@ class EngineLoop:
                 fault()
             if self._has_work():
                 self._num_steps += 1
+                if self._fail_at_step is not None and self._num_steps > self._fail_at_step:
+                    self._fail_at_step = None
+                    self._raise_injected()
                 self._step()
         finally:
             self._step_started_s = None
@@ -252,9 +260,10 @@ class LoopControls:
         """The engine thread's health, answered without it (any thread, even while it hangs)."""
         return self.loop.health()
 
-    def inject_step_failure(self) -> None:
-        """Test hook: the next engine iteration raises, as a crashing step would."""
-        self.loop.inject_step_failure()
+    def inject_step_failure(self, after_steps: int = 0) -> None:
+        """Test hook: the next engine iteration (or the one after `after_steps` more steps)
+        raises, as a crashing step would."""
+        self.loop.inject_step_failure(after_steps)
 
     def inject_step_hang(self, seconds: float) -> None:
         """Test hook: the next engine iteration hangs for `seconds`."""
@@ -270,8 +279,8 @@ class ActorLoopControls:
     async def health(self) -> LoopHealth:
         return self.worker.health()
 
-    async def inject_step_failure(self) -> None:
-        self.worker.inject_step_failure()
+    async def inject_step_failure(self, after_steps: int = 0) -> None:
+        self.worker.inject_step_failure(after_steps)
 
     async def inject_step_hang(self, seconds: float) -> None:
         self.worker.inject_step_hang(seconds)

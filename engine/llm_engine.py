@@ -19,7 +19,7 @@ from engine.config import EngineConfig
 from engine.inflight import InFlightStep, Readback
 from engine.kv_cache.block_table import KVCacheManager, num_blocks_for
 from engine.model_runner import ModelRunner
-from engine.output_processor import RequestStream
+from engine.output_processor import RequestStream, stop_token_ids
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
@@ -56,17 +56,26 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
     def make_request(self, prompt_token_ids: Sequence[int], params: SamplingParams,
-                     request_id: str | None = None, seed: int | None = None) -> Request:
+                     request_id: str | None = None, seed: int | None = None,
+                     output_token_ids: Sequence[int] = ()) -> Request:
         """Validate and build a request (not yet queued). `seed` overrides `params.seed`: the
-        router fixes one per request so prefill and decode instances sample alike."""
+        router fixes one per request so prefill and decode instances sample alike.
+
+        `output_token_ids` are tokens already streamed to the client (a migrated request): the
+        request resumes after them. Its first step computes the KV of prompt + these and samples
+        output index len(output_token_ids); with the same seed that is the token the
+        uninterrupted run sampled there. `params.max_tokens` still counts every output."""
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests or self.kv_manager.block_table(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
         prompt = [int(t) for t in prompt_token_ids]
+        outputs = [int(t) for t in output_token_ids]
         self._validate_prompt(prompt, params)
+        self._validate_outputs(prompt, outputs, params)
         if seed is None:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
-        return Request(request_id, prompt, params, seed, self.max_model_len)
+        return Request(request_id, prompt, params, seed, self.max_model_len,
+                       output_token_ids=outputs)
 
     def _validate_prompt(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
@@ -83,6 +92,27 @@ class LLMEngine:
             raise ValueError(f"request needs up to {needed} KV blocks but the pool has only "
                              f"{self.kv_manager.num_blocks}; lower max_tokens or grow the cache")
 
+    def _validate_outputs(self, prompt: list[int], outputs: list[int],
+                          params: SamplingParams) -> None:
+        """Resumed outputs must leave the request unfinished (stop strings: `track` checks)."""
+        if not outputs:
+            return
+        vocab = self.model_config.vocab_size
+        if min(outputs) < 0 or max(outputs) >= vocab:
+            raise ValueError(f"output token ids must be in [0, {vocab}), "
+                             f"got {min(outputs)}..{max(outputs)}")
+        if len(prompt) + len(outputs) >= self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt)}) + output ({len(outputs)}) tokens reach the "
+                             f"model's context length {self.max_model_len}: no room to generate")
+        if len(outputs) >= params.max_tokens:
+            raise ValueError(f"{len(outputs)} output tokens already reach max_tokens "
+                             f"{params.max_tokens}: the request had already finished")
+        stops = stop_token_ids(params, self.tokenizer.eos_token_ids)
+        ended = [i for i, token_id in enumerate(outputs) if token_id in stops]
+        if ended:
+            raise ValueError(f"output_token_ids[{ended[0]}] = {outputs[ended[0]]} is a stop "
+                             "token: the request had already finished")
+
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams,
                     request_id: str | None = None) -> str:
         request = self.make_request(prompt_token_ids, params, request_id)
@@ -91,10 +121,13 @@ class LLMEngine:
         return request.request_id
 
     def track(self, request: Request) -> None:
-        """Start the output stream of a request built by `make_request`."""
+        """Start the output stream of a request built by `make_request`; a resumed request's
+        outputs are replayed into it first. Raises ValueError, tracking nothing, if they
+        complete a stop string (the request had already finished)."""
+        stream = RequestStream(request, self.tokenizer, self.tokenizer.eos_token_ids)
+        stream.replay(request.output_token_ids)
         self.requests[request.request_id] = request
-        self.streams[request.request_id] = RequestStream(request, self.tokenizer,
-                                                         self.tokenizer.eos_token_ids)
+        self.streams[request.request_id] = stream
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its blocks; None if it is unknown/finished."""

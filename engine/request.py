@@ -10,7 +10,9 @@ Lifecycle (every transition happens in `Scheduler`, except FINISHED_* set by `fi
 Progress is one number: `num_computed_tokens`, how many of the sequence's tokens have KV in the
 cache. A step computes tokens [num_computed_tokens, num_computed_tokens + n); when that reaches
 `num_tokens`, the step also samples the next token. Prefill, chunked prefill, decode and
-recompute after preemption are all this same rule.
+recompute after preemption are all this same rule. A resumed request (a migrated one: its
+client already has some outputs) starts with those in `output_token_ids` and nothing computed,
+exactly like a preempted request: its first step computes prompt + outputs.
 
 With asynchronous scheduling a sampled token can be *in flight*: the step that samples it is
 launched but the host has not read it back yet. It already counts in `num_tokens` (the next step

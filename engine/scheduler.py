@@ -9,8 +9,9 @@ Queues of one engine:
 
     waiting    new or preempted requests: their KV is computed here (prefill or recompute)
     prefilled  requests whose prompt KV arrived from a prefill instance (a decode instance):
-               they hold their prompt blocks, num_computed_tokens == prompt length, one token
-               pending; each is admitted like a decode once a batch slot and its next block exist
+               they hold their blocks, num_computed_tokens == prompt length (+ the outputs a
+               resumed request started with), one token pending; each is admitted like a
+               decode once a batch slot and its next block exist
     running    the continuous batch
 
 Preemption frees a victim's blocks and puts it at the front of the waiting queue, to be
@@ -112,11 +113,11 @@ class Scheduler:
                 return
 
     def add_prefilled(self, request: Request) -> None:
-        """Queue a request whose prompt KV is already in its blocks (received from a prefill
-        instance, first token recorded): it joins the running batch when a slot and its next
-        block are free, ahead of waiting requests."""
+        """Queue a request whose prompt KV (and a resumed request's outputs') is already in its
+        blocks (received from a prefill instance, first token recorded): it joins the running
+        batch when a slot and its next block are free, ahead of waiting requests."""
         computed = request.num_computed_tokens
-        if computed != request.num_prompt_tokens or request.num_pending_tokens != 1:
+        if computed < request.num_prompt_tokens or request.num_pending_tokens != 1:
             raise ValueError(f"request {request.request_id!r} is not prefilled: "
                              f"{computed} of {request.num_tokens} tokens computed")
         request.status = RequestStatus.WAITING

@@ -31,6 +31,8 @@ class PrefillActor(ActorLoopControls):
                                     spec.layers_per_message, spec.transfer_timeout_s, spec.host,
                                     min_message_bytes=spec.min_message_bytes)
         self.metrics_endpoint = serve_worker_metrics(spec, self.worker.metrics.registry)
+        if spec.fail_after_steps:  # fault injection by config (supervision.inject_engine_*)
+            self.worker.loop.inject_step_failure(after_steps=spec.fail_after_steps)
 
     async def info(self) -> dict[str, object]:
         """Startup check: the model is loaded; basic facts for the router."""

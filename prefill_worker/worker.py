@@ -4,7 +4,8 @@ to the decode instance the router chose.
 Lifecycle of a request here (all transitions on the engine thread):
 
     submit(PrefillTask) -> WAITING/RUNNING in the engine (chunked prefill as needed)
-    step that completes the prompt:
+    step that completes the prompt (+ the task's output_token_ids: a migrated request resumes
+    after the tokens its client already has; "first token" below is then the next one):
         begin transfer (descriptor sent to the decode side, header on the wire)
         forward pass; after each layer its KV is posted to the decode instance
         first token sampled -> PrefillResult to the router, TokenDelta to the decode side
@@ -149,13 +150,14 @@ class PrefillWorker(LoopControls):
         try:
             request = self.engine.make_request(list(task.prompt_token_ids),
                                                sampling_from_proto(task.sampling),
-                                               task.request_id, seed=task.seed)
+                                               task.request_id, seed=task.seed,
+                                               output_token_ids=list(task.output_token_ids))
+            self.engine.track(request)  # replays resumed outputs: their stop strings raise
         except ValueError as exc:
             pending.on_result(_failed_result(task.request_id, str(exc)))
             return
         request.arrival_time_s = time.monotonic()
         self.engine.scheduler.add(request)
-        self.engine.track(request)
         self._pending[task.request_id] = pending
 
     def _step(self) -> None:
@@ -185,8 +187,9 @@ class PrefillWorker(LoopControls):
         num_layers = self.engine.model_config.num_layers
         per_message = layers_per_message_for(num_layers, len(table) * self._block_layer_bytes,
                                              self.layers_per_message, self.min_message_bytes)
+        # this step completes the KV of every token known so far: prompt + resumed outputs
         desc = new_descriptor(link.key, link.sender.next_seq, request.request_id,
-                              request.num_prompt_tokens, len(table), (0, num_layers), per_message)
+                              request.num_tokens, len(table), (0, num_layers), per_message)
         self.peers[task.decode_instance_id].expect_transfer(desc)
         try:
             transfer = link.sender.begin(desc, self.engine.kv_cache, table)

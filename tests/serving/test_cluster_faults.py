@@ -4,7 +4,8 @@ a SIGKILLed decode process. Each scenario checks the clients' statuses and their
 instances' lifecycle status, health, and that every live pool is full again.
 
 The scenarios run in file order on one cluster and the later ones kill instances: decode-1 is
-wedged, then prefill-0 crashes, then decode-0 is killed.
+wedged, then prefill-0 crashes, then decode-0 is killed. Recovery is off here (no replacement,
+no migration): these check containment alone; tests/serving/test_recovery.py checks recovery.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def cluster():
         decode=dataclasses.replace(config.decode, max_num_seqs=DECODE_MAX_NUM_SEQS),
         server=dataclasses.replace(config.server, max_queued_requests=512),
         supervision=SupervisionConfig(poll_interval_s=0.5, health_timeout_s=5.0,
-                                      step_timeout_s=STEP_WATCHDOG_S))
+                                      step_timeout_s=STEP_WATCHDOG_S,
+                                      replace_dead=False, max_migrations=0))
     with local_ray():
         harness = start_disagg_harness(config)
         yield harness

@@ -39,17 +39,32 @@ def pair(default_loaded):
     decode.stop()
 
 
-def _hand_off(prefill, decode, request_id: str, prompt: list[int], params: SamplingParams):
+def _hand_off(prefill, decode, request_id: str, prompt: list[int], params: SamplingParams,
+              output_token_ids: list[int] = ()):
+    """Reserve, prefill and hand off one request (resumed after `output_token_ids` if any)."""
     sampling = sampling_to_proto(params)
     reply = decode.reserve(worker_pb2.ReserveRequest(
         protocol_version=PROTOCOL_VERSION, request_id=request_id, num_prompt_tokens=len(prompt),
-        prompt_token_ids=prompt, sampling=sampling, seed=7))
+        prompt_token_ids=prompt, sampling=sampling, seed=7, output_token_ids=output_token_ids))
     assert reply.accepted, reply.reason
     results: queue.Queue = queue.Queue()
     prefill.submit(worker_pb2.PrefillTask(
         protocol_version=PROTOCOL_VERSION, request_id=request_id, prompt_token_ids=prompt,
-        sampling=sampling, seed=7, decode_instance_id="decode-t"), results.put)
+        sampling=sampling, seed=7, decode_instance_id="decode-t",
+        output_token_ids=output_token_ids), results.put)
     return results.get(timeout=60)
+
+
+def _stream(outputs: queue.Queue, result) -> list[worker_pb2.TokenDelta]:
+    """The first token's delta and every decode delta of one request, up to its last."""
+    deltas = [result.first_token]
+    deadline = time.monotonic() + 60
+    while not deltas[-1].finish_reason and time.monotonic() < deadline:
+        for delta in outputs.get(timeout=60).deltas:
+            assert not delta.error, delta.error
+            deltas.append(delta)
+    assert deltas[-1].finish_reason, "the stream did not finish"
+    return deltas
 
 
 def _wait_idle(*workers, timeout_s: float = 20.0) -> None:
@@ -86,15 +101,54 @@ def test_handoff_then_decode_streams_tokens(pair, default_loaded):
         [{"role": "user", "content": "What is the capital of France?"}])
     params = SamplingParams(max_tokens=12, temperature=0.0)
     result = _hand_off(prefill, decode, "stream", prompt, params)
-    tokens = list(result.first_token.token_ids)
-    deadline = time.monotonic() + 60
-    finished = bool(result.first_token.finish_reason)
-    while not finished and time.monotonic() < deadline:
-        batch = outputs.get(timeout=60)
-        for delta in batch.deltas:
-            assert not delta.error, delta.error
-            tokens += delta.token_ids
-            finished = finished or bool(delta.finish_reason)
+    tokens = [t for delta in _stream(outputs, result) for t in delta.token_ids]
     reference = build_engine(default_loaded).generate([prompt], params)[0]
     assert tokens == reference.token_ids
+    _wait_idle(prefill, decode)
+
+
+def test_resumed_request_continues_the_uninterrupted_stream(pair, default_loaded):
+    # A migrated request: re-prefilled from prompt + the tokens its client already has, its KV
+    # handed off, decoded on: token for token (sampled, not greedy) and text as uninterrupted.
+    prefill, decode, outputs = pair
+    prompt = default_loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Write a haiku about the sea."}])
+    params = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, ignore_eos=True)
+    full = _stream(outputs, _hand_off(prefill, decode, "full", prompt, params))
+    assert [len(d.token_ids) for d in full] == [1] * 24  # one token per delta: texts per token
+    tokens = [d.token_ids[0] for d in full]
+    text = "".join(d.text for d in full)
+    assert num_blocks_for(len(prompt) + 17, 16) > num_blocks_for(len(prompt), 16)
+    for k in (1, 17, 23):  # 17: the resumed outputs need a block the prompt alone does not
+        result = _hand_off(prefill, decode, f"resumed-{k}", prompt, params, tokens[:k])
+        assert result.transfer.status == worker_pb2.TRANSFER_STATUS_OK
+        resumed = _stream(outputs, result)
+        assert [t for d in resumed for t in d.token_ids] == tokens[k:], f"cut {k}"
+        emitted = "".join(d.text for d in full[:k])
+        assert "".join(d.text for d in resumed) == text[len(emitted):], f"cut {k}"
+        assert resumed[-1].finish_reason == "length"
+        assert resumed[-1].usage.completion_tokens == 24
+        assert resumed[-1].usage.prompt_tokens == len(prompt)
+    _wait_idle(prefill, decode)
+
+
+def test_resumed_outputs_that_had_ended_the_request_are_refused(pair, default_loaded):
+    prefill, decode, _ = pair
+    tok = default_loaded.tokenizer
+    prompt, outputs = tok.encode("Say hello."), tok.encode(" Hello there, friend")
+    sampling = sampling_to_proto(SamplingParams(max_tokens=len(outputs)))
+    reply = decode.reserve(worker_pb2.ReserveRequest(
+        protocol_version=PROTOCOL_VERSION, request_id="done", prompt_token_ids=prompt,
+        sampling=sampling, seed=7, output_token_ids=outputs))
+    assert not reply.accepted
+    assert reply.reason == f"{len(outputs)} output tokens already reach max_tokens " \
+                           f"{len(outputs)}: the request had already finished"
+    # A stop string among them is found by the prefill (it replays the text); the router then
+    # aborts the reservation, as for any prefill failure.
+    params = SamplingParams(max_tokens=32, stop=[tok.decode(outputs)[-6:]])
+    result = _hand_off(prefill, decode, "stopped", prompt, params, outputs)
+    assert result.first_token.error == (f"output_token_ids[:{len(outputs)}] complete a stop "
+                                        "string: the request had already finished")
+    assert decode.abort(worker_pb2.AbortTask(protocol_version=PROTOCOL_VERSION,
+                                             request_id="stopped")).found
     _wait_idle(prefill, decode)

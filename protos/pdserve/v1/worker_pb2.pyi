@@ -101,7 +101,7 @@ class PairEndpoint(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., prefill_instance_id: _Optional[str] = ..., decode_instance_id: _Optional[str] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., generation: _Optional[int] = ..., pair_key: _Optional[str] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("protocol_version", "request_id", "num_prompt_tokens", "max_tokens", "prefill_instance_id", "transfer", "prompt_token_ids", "sampling", "seed")
+    __slots__ = ("protocol_version", "request_id", "num_prompt_tokens", "max_tokens", "prefill_instance_id", "transfer", "prompt_token_ids", "sampling", "seed", "output_token_ids")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class ReserveRequest(_message.Message):
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     request_id: str
     num_prompt_tokens: int
@@ -120,7 +121,8 @@ class ReserveRequest(_message.Message):
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _generation_pb2.SamplingParams
     seed: int
-    def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., prefill_instance_id: _Optional[str] = ..., transfer: _Optional[_Union[TransferDescriptor, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    output_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., prefill_instance_id: _Optional[str] = ..., transfer: _Optional[_Union[TransferDescriptor, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReserveReply(_message.Message):
     __slots__ = ("protocol_version", "request_id", "accepted", "reason", "num_blocks", "num_free_blocks")
@@ -139,7 +141,7 @@ class ReserveReply(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ...) -> None: ...
 
 class PrefillTask(_message.Message):
-    __slots__ = ("protocol_version", "request_id", "prompt_token_ids", "sampling", "seed", "decode_instance_id", "transfer", "arrival_time_unix_s", "deadline_unix_s")
+    __slots__ = ("protocol_version", "request_id", "prompt_token_ids", "sampling", "seed", "decode_instance_id", "transfer", "arrival_time_unix_s", "deadline_unix_s", "output_token_ids")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +151,7 @@ class PrefillTask(_message.Message):
     TRANSFER_FIELD_NUMBER: _ClassVar[int]
     ARRIVAL_TIME_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -158,7 +161,8 @@ class PrefillTask(_message.Message):
     transfer: TransferDescriptor
     arrival_time_unix_s: float
     deadline_unix_s: float
-    def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., decode_instance_id: _Optional[str] = ..., transfer: _Optional[_Union[TransferDescriptor, _Mapping]] = ..., arrival_time_unix_s: _Optional[float] = ..., deadline_unix_s: _Optional[float] = ...) -> None: ...
+    output_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., decode_instance_id: _Optional[str] = ..., transfer: _Optional[_Union[TransferDescriptor, _Mapping]] = ..., arrival_time_unix_s: _Optional[float] = ..., deadline_unix_s: _Optional[float] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TokenDelta(_message.Message):
     __slots__ = ("protocol_version", "request_id", "token_ids", "logprobs", "finish_reason", "timing", "usage", "text", "error")
