@@ -28,7 +28,8 @@ from typing import Any
 
 import yaml
 
-from cluster.config_checks import at_least, check_port, check_types, join_path, one_of, positive
+from cluster.config_checks import (at_least, check_parallelism, check_port, check_types,
+                                   join_path, one_of, positive)
 from kv_transfer.descriptors import DEFAULT_MIN_MESSAGE_BYTES
 from router.security import RouterSecurity
 
@@ -63,6 +64,10 @@ class PoolConfig:
     # Launch step N+1 before reading step N back (engine/inflight.py); None = on for GPU pools.
     # Only decode pools run engine steps this way; prefill workers step synchronously.
     async_scheduling: bool | None = None
+    # Decode only: requests one instance lets wait (reserved, queued or preempted); beyond it a
+    # reservation is refused, and RESOURCE_EXHAUSTED when every decode instance refuses.
+    # 0 = 4 x max_num_seqs (decode_worker/worker.py). A prefill pool has no such queue: must be 0.
+    max_waiting_requests: int = 0
 
     def __post_init__(self) -> None:
         one_of("role", self.role, ROLES)
@@ -76,8 +81,12 @@ class PoolConfig:
                 f"{self._path('cpus_per_instance')} must be > 0 for a CPU instance "
                 f"(gpus_per_instance 0), got {self.cpus_per_instance}"
             )
-        self._check_parallelism()
+        check_parallelism(self, self.role)
         at_least(self._path("max_num_seqs"), self.max_num_seqs, 1)
+        at_least(self._path("max_waiting_requests"), self.max_waiting_requests, 0)
+        if self.role == "prefill" and self.max_waiting_requests:
+            raise ValueError("prefill.max_waiting_requests must be 0 (prefill has no decode queue; "
+                             f"set decode.max_waiting_requests), got {self.max_waiting_requests}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"{self._path('max_num_batched_tokens')} must be >= max_num_seqs "
@@ -98,20 +107,6 @@ class PoolConfig:
 
     def _path(self, name: str) -> str:
         return f"{self.role}.{name}"
-
-    def _check_parallelism(self) -> None:
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
-            value = getattr(self, name)
-            at_least(self._path(name), value, 1)
-            if value > 1:
-                raise ValueError(f"{self._path(name)} > 1 is not supported yet, got {value}")
-        ranks = self.tensor_parallel_size * self.pipeline_parallel_size
-        if self.gpus_per_instance > 0 and self.gpus_per_instance != ranks:
-            raise ValueError(
-                f"{self._path('gpus_per_instance')} must equal tensor_parallel_size * "
-                f"pipeline_parallel_size ({self.tensor_parallel_size} * "
-                f"{self.pipeline_parallel_size} = {ranks}), got {self.gpus_per_instance}"
-            )
 
 
 @dataclass(frozen=True, slots=True)

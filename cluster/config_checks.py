@@ -67,3 +67,20 @@ def check_port(path: str, value: int) -> None:
 def one_of(path: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{path} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def check_parallelism(pool: Any, section: str) -> None:
+    """A pool's parallel sizes: each >= 1, only 1 supported yet, and a GPU instance owns one GPU
+    per rank (tensor x pipeline)."""
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
+        value = getattr(pool, name)
+        at_least(join_path(section, name), value, 1)
+        if value > 1:
+            raise ValueError(f"{join_path(section, name)} > 1 is not supported yet, got {value}")
+    ranks = pool.tensor_parallel_size * pool.pipeline_parallel_size
+    if pool.gpus_per_instance > 0 and pool.gpus_per_instance != ranks:
+        raise ValueError(
+            f"{join_path(section, 'gpus_per_instance')} must equal tensor_parallel_size * "
+            f"pipeline_parallel_size ({pool.tensor_parallel_size} * "
+            f"{pool.pipeline_parallel_size} = {ranks}), got {pool.gpus_per_instance}"
+        )

@@ -87,6 +87,7 @@ def worker_specs(cfg: ClusterConfig, host: str) -> tuple[list[WorkerSpec], list[
                            # whole cores, at least one thread (0.5 cores: one thread)
                            num_threads=max(1, int(pool.cpus_per_instance)),
                            metrics_port=_metrics_port(cfg, first_index + i),
+                           max_waiting_requests=pool.max_waiting_requests,
                            fail_after_steps=(faults.inject_engine_failure_after_steps
                                              if faults.inject_engine_failure == f"{pool.role}-{i}"
                                              else 0))

@@ -34,12 +34,16 @@ class WorkerSpec:
     num_threads: int = 1  # torch intra-op threads for a CPU instance
     metrics_port: int = 0  # its Prometheus /metrics port; 0 = any free port
     fail_after_steps: int = 0  # fault injection: the engine thread raises after this many steps
+    max_waiting_requests: int = 0  # decode only: its queue bound; 0 = 4 x max_num_seqs
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
             raise ValueError(f"role must be prefill or decode, got {self.role!r}")
         if not self.instance_id or "/" in self.instance_id:
             raise ValueError(f"instance_id must be non-empty without '/', got {self.instance_id!r}")
+        if self.max_waiting_requests < 0:
+            raise ValueError(f"max_waiting_requests must be >= 0 (0 = 4 x max_num_seqs), "
+                             f"got {self.max_waiting_requests}")
 
     @property
     def transport_device(self) -> str:

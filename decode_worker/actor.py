@@ -29,7 +29,8 @@ class DecodeActor(ActorLoopControls):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outputs: asyncio.Queue | None = None
         self.worker = DecodeWorker(LLMEngine(spec.engine), spec.instance_id, self._emit,
-                                   spec.host, spec.transfer_timeout_s)
+                                   spec.host, spec.transfer_timeout_s,
+                                   max_waiting_requests=spec.max_waiting_requests or None)
         self.metrics_endpoint = serve_worker_metrics(spec, self.worker.metrics.registry)
         if spec.fail_after_steps:  # fault injection by config (supervision.inject_engine_*)
             self.worker.loop.inject_step_failure(after_steps=spec.fail_after_steps)

@@ -143,6 +143,9 @@ def test_invalid_yaml_is_a_value_error(tmp_path):
         ({"name": "team/a"}, "name must be .* got 'team/a'"),
         ({"name": "-a"}, "starting with a letter or digit"),
         ({"prefill": {"role": "decode"}}, "prefill.role is set by the section name"),
+        ({"decode": {"max_waiting_requests": -1}}, "decode.max_waiting_requests must be >= 0"),
+        ({"prefill": {"max_waiting_requests": 8}},
+         "prefill.max_waiting_requests must be 0 .*set decode.max_waiting_requests"),
     ],
 )
 def test_bad_value_names_the_field(data, field):
@@ -160,6 +163,7 @@ def test_bad_value_names_the_field(data, field):
         ({"model": 7}, "model must be a string"),
         ({"decode": [1, 2]}, "decode must be a mapping"),
         ({"decode": {"async_scheduling": "yes"}}, "decode.async_scheduling must be true or false or null"),
+        ({"decode": {"max_waiting_requests": 1.5}}, "decode.max_waiting_requests must be an integer"),
     ],
 )
 def test_wrong_type_names_the_field(data, field):
@@ -274,3 +278,23 @@ def test_async_scheduling_reaches_the_decode_engines():
     assert not prefill[0].engine.use_async_scheduling  # the CPU default
     # prefill instances run no decode steps: no CUDA graphs captured at their start
     assert decode[0].engine.use_cuda_graphs and not prefill[0].engine.use_cuda_graphs
+
+
+def test_the_decode_queue_bound_reaches_the_decode_specs():
+    from cluster.pools import worker_specs
+
+    cfg = cluster_config_from_dict({"decode": {"num_instances": 2, "max_waiting_requests": 7}})
+    prefill, decode = worker_specs(cfg, "127.0.0.1")
+    assert [spec.max_waiting_requests for spec in decode] == [7, 7]
+    assert prefill[0].max_waiting_requests == 0  # prefill has no decode queue
+    default_decode = worker_specs(ClusterConfig(), "127.0.0.1")[1]
+    assert default_decode[0].max_waiting_requests == 0  # the worker's 4 x max_num_seqs
+
+
+def test_a_worker_spec_refuses_a_negative_queue_bound():
+    from cluster.pools import worker_specs
+    from cluster.worker_spec import WorkerSpec
+
+    engine = worker_specs(ClusterConfig(), "127.0.0.1")[1][0].engine
+    with pytest.raises(ValueError, match="max_waiting_requests must be >= 0"):
+        WorkerSpec("decode-0", "decode", engine, max_waiting_requests=-1)

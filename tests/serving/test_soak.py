@@ -22,6 +22,7 @@ import pytest
 import ray
 
 from tests.serving.disagg_cluster import REPO_ROOT, cluster_config, local_ray, start_disagg_harness
+from tests.serving.hostile_requests import HOSTILE  # every layer must refuse these
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(3600)]
 DURATION_S = float(os.environ.get("PDSERVE_SOAK_S", "600"))
@@ -38,17 +39,6 @@ ALLOWED = {  # action -> statuses it may end with
     "hostile": {C.INVALID_ARGUMENT},
     "burst": {C.OK, C.RESOURCE_EXHAUSTED},
 }
-HOSTILE = [  # requests every layer must refuse with INVALID_ARGUMENT
-    {"prompt": "hi", "stop": ["x" * 100_000]},
-    {"prompt": "hi", "stop": [str(i) for i in range(1000)]},
-    {"prompt": "hi", "request_id": "r" * 1_000_000},
-    {"prompt": "hi", "request_id": "bad id\n"},
-    {"prompt": "hi", "temperature": float("inf")},
-    {"prompt": "hi", "repetition_penalty": float("nan")},
-    {"messages": [{"role": "hacker", "content": "hi"}]},
-    {"prompt": "x" * 4_000_000},
-    {"prompt": ""},
-]
 
 
 @dataclasses.dataclass
