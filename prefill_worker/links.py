@@ -59,6 +59,8 @@ class SendLink:
         self.sender = KVSender(self.channel, config.faults)
         self._on_done = on_done
         self._queue: queue.Queue[OutgoingTransfer | None] = queue.Queue()
+        self._lock = threading.Lock()  # orders hand_over against close
+        self._closed = False
         self.num_inflight = 0
         self._thread = threading.Thread(target=self._finish_loop, daemon=True,
                                         name=f"kv-finish-{self.key}")
@@ -68,13 +70,25 @@ class SendLink:
     def is_ready(self) -> bool:
         return self.channel.state is ChannelState.READY
 
-    def hand_over(self, transfer: OutgoingTransfer) -> None:
-        """All of `transfer`'s layers are posted (or will be): wait for its ack off-thread."""
-        self.num_inflight += 1
-        self._queue.put(transfer)
+    def hand_over(self, transfer: OutgoingTransfer) -> bool:
+        """All of `transfer`'s layers are posted (or will be): wait for its ack off-thread.
+        False if the link was closed meanwhile (replaced by a new generation while the step
+        that began the transfer ran): the transfer cannot complete, and the caller still owns
+        its blocks."""
+        with self._lock:
+            if self._closed:
+                return False
+            self.num_inflight += 1
+            self._queue.put(transfer)
+            return True
 
     def close(self) -> None:
-        self._queue.put(None)
+        """Fail what is still in flight (the finisher drains the queue first) and stop."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
         self.channel.close()
 
     def _finish_loop(self) -> None:
@@ -85,5 +99,6 @@ class SendLink:
                 result = failure_result(transfer.desc, exc)
             except ValueError as exc:  # finished on a broken channel: report, don't die
                 result = failure_result(transfer.desc, KVTransferError(str(exc)))
-            self.num_inflight -= 1
+            with self._lock:
+                self.num_inflight -= 1
             self._on_done(transfer.desc.request_id, result)

@@ -209,15 +209,16 @@ class PrefillWorker(LoopControls):
             delta = _token_delta(h.request, out, step_s)
             self.metrics.queue_time.observe(delta.timing.queue_s)
             self.metrics.prefill_time.observe(delta.timing.prefill_s)
-            if h.link is not None:
+            # a link replaced (repaired) since the transfer began refuses it: no ack can come
+            handed = h.link is not None and h.link.hand_over(h.transfer)
+            if handed:
                 self._handed_off.add(rid)
-                h.link.hand_over(h.transfer)
                 self.peers[h.task.decode_instance_id].first_token(delta)
             else:
                 self.engine.kv_manager.free(rid)
             result = worker_pb2.PrefillResult(protocol_version=PROTOCOL_VERSION, request_id=rid,
                                               first_token=delta, prefill_s=step_s)
-            if h.link is None:
+            if not handed:
                 self.metrics.transfer.observe_failure(worker_pb2.TRANSFER_STATUS_FAILED)
                 result.transfer.status = worker_pb2.TRANSFER_STATUS_FAILED
                 result.transfer.message = f"no ready KV channel to {h.task.decode_instance_id}"

@@ -152,3 +152,27 @@ def test_resumed_outputs_that_had_ended_the_request_are_refused(pair, default_lo
     assert decode.abort(worker_pb2.AbortTask(protocol_version=PROTOCOL_VERSION,
                                              request_id="stopped")).found
     _wait_idle(prefill, decode)
+
+
+def test_link_replaced_during_the_step_fails_the_handoff_and_frees_its_blocks(pair,
+                                                                              default_loaded):
+    # A repair (a new channel generation) may close the link while the step that began a
+    # transfer on it still runs: the hand-off is refused, reported failed, and its prefill
+    # blocks come back at once (they used to stay with a transfer no finisher would ever see).
+    prefill, decode, _ = pair
+    execute = prefill.engine.runner.execute
+
+    def execute_then_close(*args, **kwargs):
+        sampled = execute(*args, **kwargs)
+        prefill.links["decode-t"].close()  # what connect() does to the old generation
+        return sampled
+
+    prefill.engine.runner.execute = execute_then_close
+    prompt = default_loaded.tokenizer.encode("A link replaced mid-step.")
+    result = _hand_off(prefill, decode, "replaced", prompt, SamplingParams(max_tokens=8))
+    assert result.transfer.status == worker_pb2.TRANSFER_STATUS_FAILED
+    assert result.transfer.message == "no ready KV channel to decode-t"
+    assert not prefill.abort("replaced").transfer_begun
+    decode.abort(worker_pb2.AbortTask(protocol_version=PROTOCOL_VERSION, request_id="replaced",
+                                      transfer_begun=False))
+    _wait_idle(prefill, decode)
