@@ -1,15 +1,11 @@
 """The router's view of a disaggregated cluster: a `GenerationBackend` over Ray worker pools.
 
-Path of one request (see docs/ARCHITECTURE.md):
-    1. pick a decode instance (most free KV blocks, fewest running) and reserve blocks there;
-       a refusal tries the next one, all refusing is RESOURCE_EXHAUSTED
-    2. pick a prefill instance (fewest outstanding prefill tokens) and await its PrefillResult:
-       the first token, sampled after the prompt's KV was streamed layer by layer to the decode
-    3. stream that token, then the decode instance's deltas until a finish reason
-    Any exit before the finish (client cancel, deadline, error) aborts the request on both
-    instances; the prefill's answer says whether KV is on the wire, so the decode side knows
-    whether to free the reservation now or when the bytes have landed. A reservation still in
-    flight when the request ends is awaited first, so a cancel at any moment frees it.
+Path of one request (see docs/ARCHITECTURE.md): admitted here (bounded: max_inflight), it runs
+as attempts (cluster/attempt.py): reserve KV blocks on a decode instance, prefill on a prefill
+instance (the KV streamed layer by layer to the decode one, the first token back here), then the
+decode instance's deltas, relayed by one pump task per decode instance, until a finish reason.
+Instances are chosen by cluster/routing.py. Any exit before the finish (client cancel, deadline,
+error) releases the attempt: it is aborted on both instances, so every block comes back.
 
 Migration (cluster/flight.py): the backend records the token ids it has streamed. When an
 instance the request needs is lost (it died, is drained, or the KV hand-off failed), the attempt
@@ -31,17 +27,18 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import ray
-
+from cluster.attempt import (ABORTED, CALL_TIMEOUT_S, AttemptRunner, await_ref,
+                             token_event)
+from cluster.channels import PairChannels
 from cluster.cluster_metrics import ClusterMetrics, InstanceStatusCollector
 from cluster.config import SupervisionConfig
 from cluster.flight import (ABORT_REASON, Aborted, Attempt, Flight, InstanceDown, InstanceLost,
                             client_request_id, new_flight)
 from cluster.lifecycle import Recovery, Supervisor
-from cluster.pools import Pools, Worker, pair
-from protos.convert import sampling_to_proto
-from protos.pdserve.v1 import PROTOCOL_VERSION, generation_pb2, worker_pb2
-from router.backend import GenerationInput, Timing, TokenEvent
+from cluster.pools import Pools, Worker
+from cluster.routing import RoutingPolicy
+from protos.pdserve.v1 import generation_pb2, worker_pb2
+from router.backend import GenerationInput, TokenEvent
 from router.errors import (
     DuplicateRequestError,
     NoCapacityError,
@@ -51,8 +48,6 @@ from router.errors import (
 )
 
 log = logging.getLogger(__name__)
-_ABORTED = worker_pb2.TokenDelta(finish_reason="abort")
-CALL_TIMEOUT_S = 30.0  # deadline of a control call (stats, abort) to one instance
 DEADLINE_MARGIN_S = 0.5  # a moving request gives up this long before its client's deadline
 _WAIT_POLL_S = 0.05  # how often a moving request looks for live instances
 _OVERLOADED_RETRY_S = 0.2  # a moving request refused by every decode instance retries this often
@@ -73,15 +68,12 @@ class DisaggregatedBackend:
         self.max_inflight = max_inflight
         self.config = supervision or SupervisionConfig()
         self._flights: dict[str, Flight] = {}
-        self._prefill_tokens = {w.spec.instance_id: 0 for w in pools.prefill}
-        self._decode_state: dict[str, generation_pb2.InstanceState] = {}
-        self._reserving_blocks: dict[str, int] = {}  # per decode instance, reserves in flight
-        self._pumps: list[asyncio.Task] = []
+        self._pumps: set[asyncio.Task] = set()  # one per live decode instance
         self._background: set[asyncio.Task] = set()
-        self._generations = {(p.spec.instance_id, d.spec.instance_id): 0
-                             for p in pools.prefill for d in pools.decode}
-        self._repairing: set[tuple[str, str]] = set()
         self.supervisor = Supervisor(pools.all, self._on_dead, self.config, recovery)
+        self.routing = RoutingPolicy(pools, self.supervisor)
+        self.channels = PairChannels(pools, self.supervisor, self._spawn)
+        self._attempts = AttemptRunner(self.routing, self.supervisor, self.channels)
         self.metrics = ClusterMetrics(self.model_name)
         self._ready = False
         self.draining = False
@@ -97,32 +89,21 @@ class DisaggregatedBackend:
 
     async def adopt(self, worker: Worker) -> None:
         """Start following a (new) instance: its load, and a decode instance's output stream."""
-        self._prefill_tokens.setdefault(worker.spec.instance_id, 0)
-        if worker.spec.role == "decode":
-            stats = await asyncio.wait_for(_await(worker.actor.stats.remote()), CALL_TIMEOUT_S)
-            self._decode_state[worker.spec.instance_id] = stats.state
-            self._pumps.append(asyncio.create_task(self._pump(worker)))
-
-    async def pair_with_live_peers(self, worker: Worker) -> None:
-        """Build `worker`'s KV channel to every READY instance of the other pool, each under
-        its pair's next generation."""
-        if worker.spec.role == "prefill":
-            pairs = [(worker, d) for d in self.supervisor.ready(self.pools.decode)]
+        if worker.spec.role != "decode":
+            self.routing.follow(worker)
         else:
-            pairs = [(p, worker) for p in self.supervisor.ready(self.pools.prefill)]
-        for p, d in pairs:
-            key = (p.spec.instance_id, d.spec.instance_id)
-            self._generations[key] = self._generations.get(key, -1) + 1
-        await asyncio.gather(*(pair(p, d, self._generations[(p.spec.instance_id,
-                                                               d.spec.instance_id)])
-                               for p, d in pairs))
+            stats = await asyncio.wait_for(await_ref(worker.actor.stats.remote()), CALL_TIMEOUT_S)
+            self.routing.follow(worker, stats.state)
+            pump = asyncio.create_task(self._pump(worker))
+            self._pumps.add(pump)
+            pump.add_done_callback(self._pumps.discard)
 
     async def stop(self) -> None:
         self._ready = False
         await self.supervisor.stop()
         for rid in list(self._flights):
             await self.abort(rid)
-        for task in self._pumps:
+        for task in list(self._pumps):
             task.cancel()
         await self.pools.stop()
 
@@ -202,7 +183,7 @@ class DisaggregatedBackend:
                                              role=_ROLES[worker.spec.role])
         if self.supervisor.is_live(worker):
             try:
-                stats = await asyncio.wait_for(_await(worker.actor.stats.remote()), CALL_TIMEOUT_S)
+                stats = await asyncio.wait_for(await_ref(worker.actor.stats.remote()), CALL_TIMEOUT_S)
                 state = stats.state
             except Exception:  # noqa: BLE001 - the supervisor decides whether it died
                 log.warning("stats of %s failed", worker.spec.instance_id, exc_info=True)
@@ -215,7 +196,7 @@ class DisaggregatedBackend:
         try:
             async for ref in stream:
                 outputs: worker_pb2.DecodeOutputs = await ref
-                self._decode_state[outputs.instance_id] = outputs.state
+                self.routing.observe(outputs)
                 for delta in outputs.deltas:
                     flight = self._flights.get(client_request_id(delta.request_id))
                     if flight is not None and flight.attempt.worker_id == delta.request_id:
@@ -253,7 +234,7 @@ class DisaggregatedBackend:
         finally:
             self._flights.pop(inp.request_id, None)
             if not flight.finished or flight.aborted:
-                self._spawn(self._abort_workers(flight.attempt))
+                self._spawn(self._attempts.release(flight.attempt))
 
     def _admit(self, inp: GenerationInput) -> Flight:
         if not self._ready or self.draining:
@@ -275,7 +256,7 @@ class DisaggregatedBackend:
         lost_at: float | None = None
         while True:
             try:
-                async for event in self._attempt(flight):
+                async for event in self._attempts.run(flight):
                     if lost_at is not None:
                         self.metrics.migration_gap.observe(time.monotonic() - lost_at)
                         lost_at = None
@@ -287,7 +268,7 @@ class DisaggregatedBackend:
                 try:
                     await self._move(flight, lost)
                 except Aborted:
-                    yield _event(_ABORTED, None, flight.inp, len(flight.streamed))
+                    yield token_event(ABORTED, None, flight.inp, len(flight.streamed))
                     return
             except OverloadedError:
                 if not flight.migrations or time.monotonic() >= flight.move_deadline_s:
@@ -299,7 +280,7 @@ class DisaggregatedBackend:
         """Abandon the current attempt and start the next, once both pools have a READY
         instance; UNAVAILABLE when the request may not move again, or none is ready in time."""
         old = flight.attempt
-        self._spawn(self._abort_workers(old))
+        self._spawn(self._attempts.release(old))
         if lost.cause == "shutdown" or self.draining:
             self.metrics.migration_failures["shutdown"].inc()
             raise UnavailableError(str(lost))
@@ -328,133 +309,6 @@ class DisaggregatedBackend:
                 raise UnavailableError(f"{lost}; no live instance took it over in time")
             await asyncio.sleep(_WAIT_POLL_S)
 
-    async def _attempt(self, flight: Flight) -> AsyncIterator[TokenEvent]:
-        """One try on one (prefill, decode) pair; raises InstanceLost when it cannot finish."""
-        inp, attempt = flight.inp, flight.attempt
-        try:
-            attempt.decode = await self._reserve(flight)
-            attempt.prefill = self._pick_prefill()
-            result = await self._prefill(flight)
-        except Aborted:
-            yield _event(_ABORTED, None, inp, len(flight.streamed))
-            return
-        attempt.prefilled = True
-        first = result.first_token
-        if first.error:
-            raise RequestFailedError(first.error, retryable=False)
-        if result.transfer.status != worker_pb2.TRANSFER_STATUS_OK and not first.finish_reason:
-            self._repair(attempt)
-            raise InstanceLost("transfer", result.transfer.message)
-        if flight.timing is None:
-            ttft_s = time.monotonic() - inp.arrival_time_s
-            flight.timing = Timing(queue_s=first.timing.queue_s, prefill_s=first.timing.prefill_s,
-                                   ttft_s=ttft_s)
-        flight.finished = bool(first.finish_reason)
-        num_output = len(flight.streamed) + len(first.token_ids)
-        yield _event(first, flight.timing if flight.finished else None, inp, num_output)
-        while not flight.finished:
-            delta: worker_pb2.TokenDelta = await attempt.queue.get()
-            if isinstance(delta, InstanceDown):
-                if attempt.failure.result() == ABORT_REASON:
-                    delta = _ABORTED
-                else:
-                    raise InstanceLost(attempt.lost_role, attempt.failure.result())
-            if delta.error:
-                transfer = delta.error.startswith("KV transfer failed")
-                if transfer:
-                    self._repair(attempt)
-                elif reason := await self.supervisor.probe(attempt.decode):
-                    self.supervisor.mark_dead(attempt.decode, reason)  # now, not at the next poll
-                raise InstanceLost("transfer" if transfer else "decode", delta.error)
-            num_output += len(delta.token_ids)
-            flight.finished = bool(delta.finish_reason)
-            if flight.finished:
-                flight.timing.kv_transfer_s = delta.timing.kv_transfer_s
-            yield _event(delta, flight.timing if flight.finished else None, inp, num_output)
-
-    async def _reserve(self, flight: Flight) -> Worker:
-        inp, attempt = flight.inp, flight.attempt
-        request = worker_pb2.ReserveRequest(
-            protocol_version=PROTOCOL_VERSION, request_id=attempt.worker_id,
-            num_prompt_tokens=len(inp.prompt_token_ids), max_tokens=inp.params.max_tokens,
-            prompt_token_ids=inp.prompt_token_ids, sampling=sampling_to_proto(inp.params),
-            seed=inp.seed, output_token_ids=flight.streamed)
-        reasons = []
-        num_tokens = len(inp.prompt_token_ids) + len(flight.streamed) + 1
-        for worker in self._decode_order():
-            ref = worker.actor.reserve.remote(request)
-            attempt.reserving = (worker, ref)  # an abort from now on awaits it, then frees it
-            wid = worker.spec.instance_id
-            blocks = -(-num_tokens // worker.spec.engine.cache.block_size)
-            self._reserving_blocks[wid] = self._reserving_blocks.get(wid, 0) + blocks
-            try:
-                reply = await self._unless_failed(attempt, worker, ref)
-            finally:
-                self._reserving_blocks[wid] -= blocks
-            attempt.reserving = None
-            state = self._decode_state.get(worker.spec.instance_id)
-            if state is not None and reply.accepted:
-                state.free_kv_blocks = reply.num_free_blocks
-            if reply.accepted:
-                return worker
-            reasons.append(f"{worker.spec.instance_id}: {reply.reason}")
-        if not reasons:  # every decode instance was lost since the request was admitted
-            raise InstanceLost("decode", "no live decode instance")
-        raise OverloadedError("no decode instance can take the request: " + "; ".join(reasons))
-
-    def _decode_order(self) -> list[Worker]:
-        """Most free KV blocks first, counting reservations still in flight as taken (a burst
-        spreads instead of landing on whichever instance looked emptiest when it began)."""
-        def load(w: Worker):
-            s = self._decode_state.get(w.spec.instance_id)
-            pending = self._reserving_blocks.get(w.spec.instance_id, 0)
-            return (pending, 0) if s is None else (pending - s.free_kv_blocks,
-                                                    s.num_running_requests)
-        return sorted(self.supervisor.ready(self.pools.decode), key=load)
-
-    def _pick_prefill(self) -> Worker:
-        live = self.supervisor.ready(self.pools.prefill)
-        if not live:
-            raise InstanceLost("prefill", "no live prefill instance")
-        return min(live, key=lambda w: self._prefill_tokens[w.spec.instance_id])
-
-    async def _unless_failed(self, attempt: Attempt, worker: Worker, ref):
-        """Await an actor call, unless an instance the attempt needs is lost first."""
-        call = asyncio.ensure_future(_await(ref))
-        try:
-            await asyncio.wait({call, attempt.failure}, return_when=asyncio.FIRST_COMPLETED)
-            if call.done():
-                return call.result()
-            if attempt.failure.result() == ABORT_REASON:
-                raise Aborted()
-            raise InstanceLost(attempt.lost_role, attempt.failure.result())
-        except ray.exceptions.RayError:
-            # the actor died, or its engine did (EngineDeadError): ask it now rather than at
-            # the next poll; anything else is a bug of ours and stays INTERNAL
-            reason = await self.supervisor.probe(worker)
-            if not reason:
-                raise
-            self.supervisor.mark_dead(worker, reason)
-            raise InstanceLost(worker.spec.role, f"instance {worker.spec.instance_id} failed "
-                               f"({reason}); retry") from None
-        finally:
-            call.cancel()
-
-    async def _prefill(self, flight: Flight) -> worker_pb2.PrefillResult:
-        inp, attempt = flight.inp, flight.attempt
-        worker = attempt.prefill
-        task = worker_pb2.PrefillTask(
-            protocol_version=PROTOCOL_VERSION, request_id=attempt.worker_id,
-            prompt_token_ids=inp.prompt_token_ids, sampling=sampling_to_proto(inp.params),
-            seed=inp.seed, decode_instance_id=attempt.decode.spec.instance_id,
-            output_token_ids=flight.streamed)
-        pid, num_tokens = worker.spec.instance_id, len(inp.prompt_token_ids) + len(flight.streamed)
-        self._prefill_tokens[pid] += num_tokens
-        try:
-            return await self._unless_failed(attempt, worker, worker.actor.prefill.remote(task))
-        finally:
-            self._prefill_tokens[pid] -= num_tokens
-
     async def abort(self, request_id: str) -> bool:
         """End the request's stream with finish_reason "abort"; its stream's end aborts the
         workers (once, whatever stage it was in)."""
@@ -465,68 +319,8 @@ class DisaggregatedBackend:
         attempt = flight.attempt
         if not attempt.failure.done():
             attempt.failure.set_result(ABORT_REASON)
-        attempt.queue.put_nowait(_ABORTED)
+        attempt.queue.put_nowait(ABORTED)
         return True
-
-    async def _abort_workers(self, attempt: Attempt) -> None:
-        """Abort on the prefill first: its answer tells the decode side whether KV is coming.
-        A reservation still in flight is awaited, so that it is freed too. Never raises: a dead
-        or unresponsive instance frees nothing anyway."""
-        if attempt.released:
-            return
-        attempt.released = True
-        request_id = attempt.worker_id
-        await self._settle_reserve(attempt)
-        begun = False
-        live = self.supervisor.is_live
-        if attempt.prefill is not None and live(attempt.prefill):
-            reply = await self._call(attempt.prefill, attempt.prefill.actor.abort.remote(request_id),
-                                     f"abort of {request_id}")
-            begun = reply is not None and reply.transfer_begun
-        if attempt.decode is not None and live(attempt.decode):
-            task = worker_pb2.AbortTask(protocol_version=PROTOCOL_VERSION, request_id=request_id,
-                                        reason=worker_pb2.ABORT_REASON_CLIENT_CANCELLED,
-                                        transfer_begun=begun)
-            await self._call(attempt.decode, attempt.decode.actor.abort.remote(task),
-                             f"abort of {request_id}")
-
-    async def _settle_reserve(self, attempt: Attempt) -> None:
-        if attempt.reserving is None:
-            return
-        worker, ref = attempt.reserving
-        attempt.reserving = None
-        reply = await self._call(worker, ref, f"reserve of {attempt.worker_id}")
-        if reply is not None and reply.accepted:
-            attempt.decode = worker
-
-    async def _call(self, worker: Worker, ref, what: str):
-        """An actor call with a deadline; None if it failed (logged)."""
-        try:
-            return await asyncio.wait_for(_await(ref), CALL_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - see _abort_workers
-            log.warning("%s on %s failed", what, worker.spec.instance_id, exc_info=True)
-            return None
-
-    def _repair(self, attempt: Attempt) -> None:
-        """Rebuild a failed pair channel under the next generation, in the background."""
-        key = (attempt.prefill.spec.instance_id, attempt.decode.spec.instance_id)
-        ready = self.supervisor.is_ready
-        if key in self._repairing or not (ready(attempt.prefill) and ready(attempt.decode)):
-            return
-        self._repairing.add(key)
-        self._generations[key] += 1
-        prefill, decode = attempt.prefill, attempt.decode
-
-        async def repair() -> None:
-            try:
-                await pair(prefill, decode, self._generations[key])
-                log.info("KV channel %s -> %s rebuilt (generation %d)", *key, self._generations[key])
-            except Exception:
-                log.exception("rebuilding KV channel %s -> %s failed", *key)
-            finally:
-                self._repairing.discard(key)
-
-        self._spawn(repair())
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -536,18 +330,3 @@ class DisaggregatedBackend:
 
 _ROLES = {"prefill": generation_pb2.INSTANCE_ROLE_PREFILL,
           "decode": generation_pb2.INSTANCE_ROLE_DECODE}
-
-
-async def _await(ref):
-    return await ref
-
-
-def _event(delta: worker_pb2.TokenDelta, timing: Timing | None, inp: GenerationInput,
-           num_output: int) -> TokenEvent:
-    if timing is not None:
-        timing.e2e_s = time.monotonic() - inp.arrival_time_s
-        timing.decode_s = timing.e2e_s - timing.ttft_s
-    return TokenEvent(token_ids=list(delta.token_ids), text=delta.text,
-                      logprobs=list(delta.logprobs), finish_reason=delta.finish_reason or None,
-                      num_prompt_tokens=len(inp.prompt_token_ids), num_output_tokens=num_output,
-                      timing=timing)

@@ -53,7 +53,7 @@ class PoolRecovery:
 
     async def join(self, new: Worker, old: Worker) -> None:
         backend = self.backend
-        await backend.pair_with_live_peers(new)
+        await backend.channels.pair_with_live_peers(new)
         await backend.adopt(new)
         pool = backend.pools.prefill if new.spec.role == "prefill" else backend.pools.decode
         slot = new.spec.instance_id
