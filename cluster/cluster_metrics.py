@@ -1,7 +1,7 @@
 """The cluster's own Prometheus metrics, served on the router's /metrics next to the client's view:
 
-    pdserve:instance_status{instance,role,status}   1 for each slot's current lifecycle status
-    pdserve:instance_restarts_total{instance,role}  times the slot was refilled after a death
+    pdserve:instance_status{instance_id,pool,status} 1 for each slot's current lifecycle status
+    pdserve:instance_restarts_total{instance_id,pool} times the slot was refilled after a death
     pdserve:instance_restart_failures_total{...}    replacements that failed to start or join
     pdserve:request_migrations_total{cause}         requests moved to other instances, by the
                                                      role lost ("prefill", "decode"), "transfer"
@@ -12,6 +12,10 @@
     pdserve:request_migration_gap_seconds           loss detected -> the moved request's next
                                                      token (what its client sees as a stall)
     pdserve:drain_duration_seconds                   the last drain: started -> every request done
+
+The slot and its pool are labelled `instance_id` and `pool`, not `instance` and `role`: these
+series come from the router's /metrics, whose scrape target already carries `instance` and
+`role` (cluster/metrics_sd.py), and Prometheus would rename clashing labels to `exported_*`.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ class InstanceStatusCollector:
         self._model = model_name
 
     def collect(self):
-        labels = ["model_name", "instance", "role"]
+        labels = ["model_name", "instance_id", "pool"]
         status = GaugeMetricFamily(PREFIX + "instance_status",
                                    "1 for the instance's current lifecycle status",
                                    labels=labels + ["status"])

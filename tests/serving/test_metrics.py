@@ -17,10 +17,13 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
+from cluster.cluster_metrics import ClusterMetrics, InstanceStatusCollector
 from cluster.config import ServerConfig
+from cluster.lifecycle import Supervisor
 from cluster.metrics_sd import MetricsTarget, PrometheusTargetsFile
-from cluster.pools import worker_specs
+from cluster.pools import Worker, worker_specs
 from decode_worker.metrics import DecodeMetrics
 from pdserve.metrics import ITL_BUCKETS_S, REQUEST_LATENCY_BUCKETS_S, TTFT_BUCKETS_S
 from prefill_worker.metrics import PrefillMetrics
@@ -75,8 +78,21 @@ DECODE_METRICS = ENGINE_METRICS | TRANSFER_METRICS | {
     "pdserve:decode_batch_size": ("histogram", {M}),
     "pdserve:request_decode_time_seconds": ("histogram", {M}),
 }
-METRICS_BY_ROLE = {"router": ROUTER_METRICS, "prefill": PREFILL_METRICS, "decode": DECODE_METRICS}
-ALL_METRICS = ROUTER_METRICS | PREFILL_METRICS | DECODE_METRICS
+# A disaggregated cluster's router also serves its supervisor's and backend's series
+# (cluster/cluster_metrics.py); `instance_id`/`pool`, not `instance`/`role`: those are the
+# scrape target's labels.
+CLUSTER_METRICS = {
+    "pdserve:instance_status": ("gauge", {M, "instance_id", "pool", "status"}),
+    "pdserve:instance_restarts_total": ("counter", {M, "instance_id", "pool"}),
+    "pdserve:instance_restart_failures_total": ("counter", {M, "instance_id", "pool"}),
+    "pdserve:request_migrations_total": ("counter", {M, "cause"}),
+    "pdserve:request_migration_failures_total": ("counter", {M, "reason"}),
+    "pdserve:request_migration_gap_seconds": ("histogram", {M}),
+    "pdserve:drain_duration_seconds": ("gauge", {M}),
+}
+METRICS_BY_ROLE = {"router": ROUTER_METRICS, "prefill": PREFILL_METRICS, "decode": DECODE_METRICS,
+                   "cluster": CLUSTER_METRICS}
+ALL_METRICS = ROUTER_METRICS | PREFILL_METRICS | DECODE_METRICS | CLUSTER_METRICS
 # Histograms that count things rather than time them.
 UNITLESS_HISTOGRAMS = {"pdserve:iteration_tokens_total", "pdserve:decode_batch_size",
                        "pdserve:kv_transfer_bandwidth_bytes_per_second"}
@@ -101,9 +117,20 @@ def exported(registry) -> dict[str, tuple[str, set[str]]]:
     return found
 
 
+def cluster_registry() -> CollectorRegistry:
+    """What a disaggregated cluster adds to the router's /metrics, over a 1P+2D supervisor."""
+    prefill_specs, decode_specs = worker_specs(cluster_config(1, 2), "127.0.0.1")
+    supervisor = Supervisor([Worker(spec, actor=None) for spec in prefill_specs + decode_specs],
+                            on_dead=lambda worker, reason: None)
+    registry = CollectorRegistry()
+    registry.register(ClusterMetrics("m").registry)
+    registry.register(InstanceStatusCollector(supervisor, "m"))
+    return registry
+
+
 def role_registries():
     return {"router": RouterMetrics("m").registry, "prefill": PrefillMetrics("m").registry,
-            "decode": DecodeMetrics("m").registry}
+            "decode": DecodeMetrics("m").registry, "cluster": cluster_registry()}
 
 
 # ---- names, labels, conventions ---------------------------------------------------------------
@@ -309,7 +336,8 @@ def test_dashboard_has_the_panels_operators_ask_for(dashboard):
                 "Queue depth per pool", "KV cache usage per decode instance",
                 "KV transfer bandwidth", "KV transfer latency",
                 "KV transfer failures and transfers in flight", "Errors by gRPC status code",
-                "Finish reasons"]
+                "Finish reasons", "Instances by lifecycle status",
+                "Instance restarts and request migrations", "Migration gap and drain duration"]
     assert set(required) <= set(panels)
     for title in required[:3]:
         legends = {t["legendFormat"] for t in panels[title]["targets"]}

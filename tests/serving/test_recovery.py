@@ -73,8 +73,8 @@ def test_decode_process_killed_at_a_random_token(cluster, reference):
     assert moved >= 1  # decode-0 had streams: they moved, and still match
     ready_at = wait_ready(cluster, "decode-0", RECOVERY_BOUND_S)
     state = states(cluster)["decode-0"]
-    assert sample(cluster, "pdserve:instance_restarts_total", instance="decode-0",
-                  role="decode") == 1
+    assert sample(cluster, "pdserve:instance_restarts_total", instance_id="decode-0",
+                  pool="decode") == 1
     probe = cluster.run(cluster.client.generate("Hello!", max_tokens=4, temperature=0.0))
     served_at = time.monotonic()
     assert probe.finish_reason == "length" and state.total_kv_blocks > 0
@@ -96,8 +96,8 @@ def test_replacement_serves_and_an_engine_crash_moves_its_streams(cluster, refer
     done = gather(cluster, tasks, timeout_s=300)
     assert_same_as_reference(done, reference)
     wait_ready(cluster, "decode-1", RECOVERY_BOUND_S)
-    assert sample(cluster, "pdserve:instance_restarts_total", instance="decode-1",
-                  role="decode") == 1
+    assert sample(cluster, "pdserve:instance_restarts_total", instance_id="decode-1",
+                  pool="decode") == 1
     cluster.wait_until_idle(timeout_s=30)
 
 

@@ -64,8 +64,8 @@ def test_only_decode_crashes_streams_wait_for_its_replacement(cluster, reference
     done = gather(cluster, tasks, timeout_s=300)
     assert_same_as_reference(done, reference)
     assert sample(cluster, "pdserve:request_migrations_total", cause="decode") >= N_STREAMS
-    assert sample(cluster, "pdserve:instance_restarts_total", instance="decode-0",
-                  role="decode") == 1
+    assert sample(cluster, "pdserve:instance_restarts_total", instance_id="decode-0",
+                  pool="decode") == 1
     # the streams stalled while the replacement started, and only then
     assert max(s.max_gap_s for s in done) > 1.0
     cluster.wait_until_idle(timeout_s=30)
@@ -104,8 +104,8 @@ def test_only_decode_killed_during_backoff_ends_streams_before_their_deadline(cl
         cluster.run(cluster.client.generate("Hello!", max_tokens=4), timeout_s=30)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     wait_ready(cluster, "decode-0", RECOVERY_BOUND_S)
-    assert sample(cluster, "pdserve:instance_restarts_total", instance="decode-0",
-                  role="decode") == 2
+    assert sample(cluster, "pdserve:instance_restarts_total", instance_id="decode-0",
+                  pool="decode") == 2
     done = cluster.run(cluster.client.generate("Hello!", max_tokens=4, temperature=0.0))
     assert done.finish_reason == "length"
     cluster.wait_until_idle(timeout_s=30)
