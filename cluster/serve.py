@@ -8,6 +8,7 @@ file listing every /metrics endpoint (cluster/metrics_sd.py), kept current while
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -110,28 +111,58 @@ class ServingCluster:
 
 
 async def serve_forever(config: ClusterConfig, worker_host: str) -> None:
-    cluster = await ServingCluster.start(config, worker_host)
-    info = cluster.backend.model_info()
-    print(f"pdserve: serving {info.model_name} on {cluster.address} "
-          f"({len(cluster.backend.pools.prefill)} prefill + {len(cluster.backend.pools.decode)} "
-          "decode instances)", flush=True)
-    print(f"pdserve: metrics on http://{cluster.router.metrics_endpoint.address}/metrics; "
-          f"Prometheus targets in {config.server.prometheus_sd_file or '(no file_sd file)'}",
-          flush=True)
-    terminate = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, terminate.set)
+    """Start, serve until SIGTERM/SIGINT (or the router ends), drain, stop.
+
+    The signal handlers come first: a signal while the pools start (minutes for a large model)
+    cancels the start, and the process still ends the normal way, which takes its private Ray
+    down with it (Ray's own SIGTERM handler would abort the process and leave Ray's agents).
+    """
+    terminate = _termination_requested()
+    starting = asyncio.ensure_future(ServingCluster.start(config, worker_host))
+    if not await _finished_first(starting, terminate):
+        print("pdserve: stopped while starting", flush=True)
+        return
+    cluster = starting.result()
+    _print_serving(cluster)
     try:
-        waits = [asyncio.ensure_future(terminate.wait()),
-                 asyncio.ensure_future(cluster.router.wait_for_termination())]
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for wait in waits:
-            wait.cancel()
-        if terminate.is_set():
+        ended_alone = asyncio.ensure_future(cluster.router.wait_for_termination())
+        if not await _finished_first(ended_alone, terminate):
             print(f"pdserve: draining (up to {config.supervision.drain_timeout_s:g} s)", flush=True)
             ended = await cluster.drain()
             print(f"pdserve: drained ({ended} requests ended unfinished); stopping", flush=True)
     finally:
         await cluster.stop(grace_s=1.0)
     print("pdserve: stopped", flush=True)
+
+
+def _termination_requested() -> asyncio.Event:
+    """Set by the first SIGTERM or SIGINT from now on."""
+    terminate = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, terminate.set)
+    return terminate
+
+
+async def _finished_first(work: asyncio.Future, terminate: asyncio.Event) -> bool:
+    """True if `work` ended before `terminate` was set; else `work` is cancelled, and awaited
+    so that its clean-up has run."""
+    waiting = asyncio.ensure_future(terminate.wait())
+    await asyncio.wait([work, waiting], return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if work.done():
+        return True
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+    return False
+
+
+def _print_serving(cluster: ServingCluster) -> None:
+    info = cluster.backend.model_info()
+    pools = cluster.backend.pools
+    print(f"pdserve: serving {info.model_name} on {cluster.address} "
+          f"({len(pools.prefill)} prefill + {len(pools.decode)} decode instances)", flush=True)
+    sd_file = cluster.config.server.prometheus_sd_file or "(no file_sd file)"
+    print(f"pdserve: metrics on http://{cluster.router.metrics_endpoint.address}/metrics; "
+          f"Prometheus targets in {sd_file}", flush=True)

@@ -59,6 +59,7 @@ def _run_serve(args: argparse.Namespace) -> int:
                             grpc_port=args.grpc_port,
                             metrics_port=args.metrics_port,
                             prometheus_sd_file=args.prometheus_sd_file, device=args.device)
+    _sigterm_interrupts()
     config = _start_ray(config, args)
     host = args.worker_host or ("127.0.0.1" if _is_local_ray() else ray.util.get_node_ip_address())
     asyncio.run(serve_forever(config, host))
@@ -79,12 +80,22 @@ def _start_ray(config, args: argparse.Namespace):
         runtime = init_ray(config.ray_address, config.name)
     except ConnectionError as exc:
         raise CliError(str(exc)) from None
+    _sigterm_interrupts()  # again: Ray's driver leaves a SIGTERM handler that aborts
     where = "a private Ray instance" if runtime.private else f"the Ray cluster at {address}"
     print(f"pdserve: on {where} (GCS {runtime.gcs_address}, namespace {runtime.namespace})",
           flush=True)
     check_name_free(config.name)  # before the model loads: these fail in milliseconds
     check_capacity(config)
     return config
+
+
+def _sigterm_interrupts() -> None:
+    """Until serve_forever installs its drain handlers, SIGTERM stops the start as Ctrl-C does
+    (KeyboardInterrupt, status 130), so that exit handlers still take a private Ray down.
+    (While `ray.init` runs, Ray's own handler exits with status 15, as cleanly.)"""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def _is_local_ray() -> bool:

@@ -239,7 +239,9 @@ class RouterServer:
             self.metrics_endpoint.stop()
 
     async def wait_for_termination(self) -> None:
-        await self._server.wait_for_termination()
+        # Shielded: grpc.aio awaits its own shutdown future here, so cancelling this wait would
+        # cancel that future and make a later `stop()` raise CancelledError.
+        await asyncio.shield(self._server.wait_for_termination())
 
     async def _set_health(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
