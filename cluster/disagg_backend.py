@@ -103,6 +103,8 @@ class DisaggregatedBackend:
         await self.supervisor.stop()
         for rid in list(self._flights):
             await self.abort(rid)
+        await asyncio.sleep(0)  # the aborted streams end and spawn their releases
+        await asyncio.gather(*self._background, return_exceptions=True)  # while workers live
         for task in list(self._pumps):
             task.cancel()
         await self.pools.stop()
