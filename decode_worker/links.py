@@ -57,16 +57,25 @@ class RecvLink:
         self._thread.start()
 
     def expect(self, desc: worker_pb2.TransferDescriptor) -> None:
+        """Receive this transfer in its turn; on a closed link it fails at once."""
         with self._cond:
-            heapq.heappush(self._heap, (desc.pair_seq, desc.SerializeToString()))
-            self.num_inflight += 1
-            self._cond.notify()
+            if not self._closed:
+                heapq.heappush(self._heap, (desc.pair_seq, desc.SerializeToString()))
+                self.num_inflight += 1
+                self._cond.notify()
+                return
+        self._on_landed(desc.request_id, self._closed_result(desc))
 
     def close(self) -> None:
+        """Stop receiving (a new generation replaces this one, or the worker stops): what is
+        still expected fails, so that its reservation is freed and its request can move."""
         with self._cond:
             self._closed = True
             self._cond.notify()
         self.channel.close()
+
+    def _closed_result(self, desc: worker_pb2.TransferDescriptor) -> worker_pb2.TransferResult:
+        return failure_result(desc, KVTransferConnectionError(f"pair {self.key} closed"))
 
     def _next(self) -> worker_pb2.TransferDescriptor | None:
         """The descriptor with the next pair_seq; waits for it up to the transfer timeout."""
@@ -88,6 +97,12 @@ class RecvLink:
             with self._cond:
                 self.num_inflight -= 1
             self._on_landed(desc.request_id, result)
+        with self._cond:  # closed: nothing is pushed any more (see expect)
+            left = [worker_pb2.TransferDescriptor.FromString(d) for _, d in self._heap]
+            self._heap.clear()
+            self.num_inflight = 0
+        for desc in left:
+            self._on_landed(desc.request_id, self._closed_result(desc))
 
     def _receive(self, desc: worker_pb2.TransferDescriptor) -> worker_pb2.TransferResult:
         started = time.monotonic()

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 EmitCallback = Callable[[worker_pb2.DecodeOutputs], None]
 INSTANCE_FAILED = "decode instance failed"  # what clients see; the cause goes to the log
 WAITING_PER_BATCH_SLOT = 4  # default max_waiting_requests = this x max_num_seqs
+LANDING_TIMEOUTS = 3  # a begun transfer's KV lands within this many transfer timeouts, or fails
 
 
 class Arrival(enum.Flag):
@@ -69,6 +70,7 @@ class Incoming:
     first: worker_pb2.TokenDelta | None = None
     transfer_s: float = 0.0
     transfer_begun: bool = False  # a descriptor for it has arrived
+    begun_at_s: float = 0.0  # when; its KV must land within LANDING_TIMEOUTS x transfer timeout
     aborted: bool = False
 
 
@@ -125,8 +127,10 @@ class DecodeWorker(LoopControls):
     def expect_transfer(self, prefill_id: str, desc: worker_pb2.TransferDescriptor) -> None:
         self.loop.submit(lambda: self._mark_begun(desc.request_id))
         link = self.links.get(prefill_id)
-        if link is None or link.key != desc.pair_key:
+        if link is None or link.key != desc.pair_key:  # begun on a channel replaced since
             log.warning("descriptor for unknown pair %s", desc.pair_key)
+            message = f"no channel {desc.pair_key} here (replaced or never built)"
+            self.loop.submit(lambda: self._transfer_failed(desc.request_id, message))
             return
         link.expect(desc)
 
@@ -179,7 +183,18 @@ class DecodeWorker(LoopControls):
 
     def _mark_begun(self, request_id: str) -> None:
         if (incoming := self.incoming.get(request_id)) is not None:
-            incoming.transfer_begun = True
+            incoming.transfer_begun, incoming.begun_at_s = True, time.monotonic()
+
+    def _expire_transfers(self) -> None:
+        """The deadline behind every other one: a transfer begun LANDING_TIMEOUTS transfer
+        timeouts ago whose KV has not landed (nor failed) fails now, freeing its blocks."""
+        limit_s = LANDING_TIMEOUTS * self.transfer_timeout_s
+        now = time.monotonic()
+        late = [i for i in self.incoming.values() if i.transfer_begun
+                and Arrival.KV not in i.arrived and now - i.begun_at_s > limit_s]
+        for incoming in late:
+            log.warning("KV of %s did not land within %g s", incoming.request.request_id, limit_s)
+            self._transfer_failed(incoming.request.request_id, f"no KV within {limit_s:g} s")
 
     def _landed(self, request_id: str, result: worker_pb2.TransferResult) -> None:
         """Receive thread: hand the outcome to the engine thread."""
@@ -300,6 +315,7 @@ class DecodeWorker(LoopControls):
         return out
 
     def _publish_metrics(self) -> None:
+        self._expire_transfers()  # after every iteration, and at least once a second
         inflight = sum(link.num_inflight for link in tuple(self.links.values()))
         self.metrics.publish(self.engine, len(self.incoming), inflight)
 

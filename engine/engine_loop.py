@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # torch is imported on the engine thread only, when it needs 
 
 log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 200  # of the error text health() reports
+IDLE_TICK_S = 1.0  # an idle loop still runs its after-iteration hook this often
 
 
 class EngineDeadError(RuntimeError):
@@ -183,11 +184,12 @@ class EngineLoop:
             self._close()
 
     def _next_commands(self) -> list[_Command] | None:
-        """Wait for something to do; None once the loop is stopping."""
+        """Wait for something to do, at most IDLE_TICK_S (so that the after-iteration hook
+        runs at least that often, even idle); None once the loop is stopping."""
         with self._wakeup:
-            while (not self._stopping and not self._commands and self._fault is None
-                   and not self._has_work()):
-                self._wakeup.wait(timeout=1.0)
+            if (not self._stopping and not self._commands and self._fault is None
+                    and not self._has_work()):
+                self._wakeup.wait(timeout=IDLE_TICK_S)
             if self._stopping:
                 return None
             commands = list(self._commands)

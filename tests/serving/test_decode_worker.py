@@ -156,3 +156,21 @@ def test_queued_requests_count_against_the_limit_and_abort_frees_them(default_lo
     finally:
         decode.stop()
     assert decode.engine.kv_manager.is_idle()
+
+
+def test_a_begun_transfer_whose_kv_never_lands_expires(default_loaded):
+    # The deadline behind the others: a transfer that began (its descriptor came) but neither
+    # landed nor failed fails after LANDING_TIMEOUTS transfer timeouts, even on an idle engine.
+    outputs: queue.Queue = queue.Queue()
+    decode = DecodeWorker(build_engine(default_loaded, num_blocks=64), "decode-expire",
+                          emit=outputs.put, transfer_timeout_s=0.2)
+    try:
+        prompt = default_loaded.tokenizer.encode("Its KV never comes.")
+        assert decode.reserve(reserve_request("late", prompt, SamplingParams(max_tokens=4))).accepted
+        decode.loop.call(lambda: decode._mark_begun("late")).result(timeout=10)
+        _, ended = collect(outputs, {"late"}, timeout_s=10)
+        assert ended["late"].error == "KV transfer failed: no KV within 0.6 s"
+        stats = decode.stats().state
+        assert stats.free_kv_blocks == stats.total_kv_blocks
+    finally:
+        decode.stop()

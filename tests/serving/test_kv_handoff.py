@@ -14,6 +14,7 @@ import torch
 from decode_worker.worker import DecodeWorker
 from engine.kv_cache.block_table import num_blocks_for
 from engine.sampling_params import SamplingParams
+from kv_transfer import new_descriptor
 from prefill_worker.worker import DecodePeer, PrefillWorker
 from protos.convert import sampling_to_proto
 from protos.pdserve.v1 import PROTOCOL_VERSION, worker_pb2
@@ -176,3 +177,42 @@ def test_link_replaced_during_the_step_fails_the_handoff_and_frees_its_blocks(pa
     decode.abort(worker_pb2.AbortTask(protocol_version=PROTOCOL_VERSION, request_id="replaced",
                                       transfer_begun=False))
     _wait_idle(prefill, decode)
+
+
+def _reserve_only(decode, request_id: str, prompt: list[int]) -> worker_pb2.ReserveReply:
+    reply = decode.reserve(worker_pb2.ReserveRequest(
+        protocol_version=PROTOCOL_VERSION, request_id=request_id, prompt_token_ids=prompt,
+        sampling=sampling_to_proto(SamplingParams(max_tokens=8)), seed=7))
+    assert reply.accepted, reply.reason
+    return reply
+
+
+def _error_of(outputs: queue.Queue, request_id: str) -> str:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for delta in outputs.get(timeout=30).deltas:
+            if delta.request_id == request_id and delta.error:
+                return delta.error
+    raise AssertionError(f"no error delta for {request_id}")
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["link-closed", "stale-descriptor"])
+def test_an_expected_transfer_whose_channel_goes_fails_and_frees_its_reservation(
+        pair, default_loaded, stale):
+    # A descriptor that names a replaced generation, or one still expected when its link is
+    # replaced (closed): the transfer fails at once, the router hears of it (and moves the
+    # request), and the reservation's blocks come back. Both used to wait forever.
+    _, decode, outputs = pair
+    prompt = default_loaded.tokenizer.encode("A transfer that will never come.")
+    reply = _reserve_only(decode, "orphan", prompt)
+    link = decode.links["prefill-t"]
+    key = "prefill-t->decode-t@g99" if stale else link.key
+    desc = new_descriptor(key, link.receiver.next_seq + 5, "orphan", len(prompt),
+                          reply.num_blocks, (0, default_loaded.config.num_layers), 4)
+    decode.expect_transfer("prefill-t", desc)
+    if not stale:
+        link.close()
+    error = _error_of(outputs, "orphan")
+    assert error.startswith("KV transfer failed:")
+    assert ("no channel" if stale else "closed") in error
+    _wait_idle(decode)
