@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine
 
 from cluster.lifecycle import Supervisor
 from cluster.pools import Pools, Worker, pair
 
 log = logging.getLogger(__name__)
+# Failures reported this soon after a pair's rebuild are taken for failures of the generation it
+# replaced (closing the old channel fails what was still on it): no second rebuild for them.
+REPAIR_COOLDOWN_S = 2.0
 
 
 class PairChannels:
@@ -29,6 +33,7 @@ class PairChannels:
         self._generations = {(p.spec.instance_id, d.spec.instance_id): 0
                              for p in pools.prefill for d in pools.decode}
         self._repairing: set[tuple[str, str]] = set()
+        self._repaired_at_s: dict[tuple[str, str], float] = {}
 
     def _next_generation(self, prefill: Worker, decode: Worker) -> int:
         key = (prefill.spec.instance_id, decode.spec.instance_id)
@@ -45,12 +50,19 @@ class PairChannels:
             pairs = [(p, worker) for p in ready(self._pools.prefill)]
         await asyncio.gather(*(pair(p, d, self._next_generation(p, d)) for p, d in pairs))
 
+    def is_repairing(self, prefill: Worker | None, decode: Worker | None) -> bool:
+        if prefill is None or decode is None:
+            return False
+        return (prefill.spec.instance_id, decode.spec.instance_id) in self._repairing
+
     def repair(self, prefill: Worker, decode: Worker) -> None:
         """Rebuild a failed channel under the next generation, in the background (once at a
-        time per pair, and only between READY instances)."""
+        time per pair, not again within REPAIR_COOLDOWN_S, only between READY instances)."""
         key = (prefill.spec.instance_id, decode.spec.instance_id)
         ready = self._supervisor.is_ready
-        if key in self._repairing or not (ready(prefill) and ready(decode)):
+        recent = time.monotonic() - self._repaired_at_s.get(key, -REPAIR_COOLDOWN_S)
+        if (key in self._repairing or recent < REPAIR_COOLDOWN_S
+                or not (ready(prefill) and ready(decode))):
             return
         self._repairing.add(key)
         generation = self._next_generation(prefill, decode)
@@ -63,5 +75,6 @@ class PairChannels:
                 log.exception("rebuilding KV channel %s -> %s failed", *key)
             finally:
                 self._repairing.discard(key)
+                self._repaired_at_s[key] = time.monotonic()
 
         self._spawn(rebuild())
