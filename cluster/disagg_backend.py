@@ -41,6 +41,7 @@ from protos.pdserve.v1 import generation_pb2, worker_pb2
 from router.backend import GenerationInput, TokenEvent
 from router.errors import (
     DuplicateRequestError,
+    InvalidRequestError,
     NoCapacityError,
     OverloadedError,
     RequestFailedError,
@@ -130,11 +131,17 @@ class DisaggregatedBackend:
         """Take one instance out of service (the primitive a planner scales down with): no new
         request is routed to it, the requests that need it get `timeout_s` to finish, the rest
         move to other instances; then it stops and leaves its pool (it is not replaced).
-        Returns how many requests moved."""
+        Returns how many requests moved. InvalidRequestError for an instance that is not
+        READY, or the last READY one of its pool."""
         timeout_s = self.config.drain_timeout_s if timeout_s is None else timeout_s
         worker = next((w for w in self.pools.all if w.spec.instance_id == instance_id), None)
         if worker is None or not self.supervisor.is_ready(worker):
-            raise ValueError(f"{instance_id!r} is not a READY instance of this cluster")
+            raise InvalidRequestError("instance_id", f"{instance_id!r} is not a READY instance "
+                                      "of this cluster (see GetClusterState)")
+        pool = self.pools.prefill if worker.spec.role == "prefill" else self.pools.decode
+        if len(self.supervisor.ready(pool)) < 2:
+            raise InvalidRequestError("instance_id", f"{instance_id!r} is the last READY "
+                                      f"{worker.spec.role} instance: its pool would be empty")
         self.supervisor.mark_draining(worker, "draining")
         started = time.monotonic()
         while self._needing(worker) and time.monotonic() - started < timeout_s:
@@ -143,7 +150,6 @@ class DisaggregatedBackend:
         self.lose_instance(worker, f"instance {instance_id} is draining", "drain")
         await asyncio.gather(*self._background, return_exceptions=True)  # their aborts there
         self.supervisor.remove(worker)
-        pool = self.pools.prefill if worker.spec.role == "prefill" else self.pools.decode
         pool.remove(worker)
         await self.pools.stop_workers([worker])
         log.info("instance %s drained in %.1f s (%d requests moved)", instance_id,
@@ -294,16 +300,19 @@ class DisaggregatedBackend:
         if flight.inp.deadline_s is not None:
             flight.move_deadline_s = min(flight.move_deadline_s,
                                          flight.inp.deadline_s - DEADLINE_MARGIN_S)
-        await self._wait_for_instances(flight, lost)
+        await self._wait_for_instances(flight, lost, old)
         flight.migrations += 1
         self.metrics.migrations[lost.cause].inc()
         log.info("request %s moves (%s, %d tokens streamed, migration %d)",
                  flight.inp.request_id, lost.cause, len(flight.streamed), flight.migrations)
         flight.new_attempt()
 
-    async def _wait_for_instances(self, flight: Flight, lost: InstanceLost) -> None:
+    async def _wait_for_instances(self, flight: Flight, lost: InstanceLost, old: Attempt) -> None:
+        """Until both pools have a READY instance (and a failed pair's channel is rebuilt, so
+        that the next attempt does not spend a migration on it)."""
         ready = self.supervisor.ready
-        while not (ready(self.pools.prefill) and ready(self.pools.decode)):
+        while (not (ready(self.pools.prefill) and ready(self.pools.decode))
+               or self.channels.is_repairing(old.prefill, old.decode)):
             if flight.aborted:
                 raise Aborted()
             if time.monotonic() >= flight.move_deadline_s or self.draining:

@@ -1,4 +1,5 @@
-"""`pdserve` command line: generate (offline, colocated), serve (the cluster), client (gRPC).
+"""`pdserve` command line: generate (offline, colocated), serve (the cluster), client and admin
+(gRPC calls to a running router).
 
 Argument errors print one line and exit with status 2; model/input errors one line and status 1.
 """
@@ -22,10 +23,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    from pdserve import cli_generate, cli_serve
+    from pdserve import cli_client, cli_generate, cli_serve
 
     cli_generate.add_parser(sub)
     cli_serve.add_parsers(sub)
+    cli_client.add_parsers(sub)
     return parser
 
 

@@ -1,16 +1,13 @@
-"""`pdserve serve` and `pdserve client`: the serving layer's commands."""
+"""`pdserve serve`: start the pools on Ray and the router, serve until SIGTERM (then drain)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import sys
 
 
 def add_parsers(sub) -> None:
     _add_serve_parser(sub)
-    _add_client_parser(sub)
 
 
 # ---- `pdserve serve` ------------------------------------------------------------------------------
@@ -102,69 +99,3 @@ def _is_local_ray() -> bool:
     import ray
 
     return len(ray.nodes()) == 1
-
-
-# ---- `pdserve client` -----------------------------------------------------------------------------
-def _add_client_parser(sub) -> None:
-    from router.client import DEFAULT_ADDRESS
-
-    p = sub.add_parser("client", help="stream one completion from a running pdserve router")
-    p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--address", default=DEFAULT_ADDRESS, help="router host:port")
-    p.add_argument("--chat", action="store_true", help="send it as one user chat message")
-    p.add_argument("--max-tokens", type=int, default=None, help="default: the server's (256)")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="0 = greedy; default: the server's (1.0)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                   help="deadline for the whole call")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (text, token ids, usage, timing) at the end")
-    p.add_argument("--tls", action="store_true",
-                   help="connect with TLS, trusting the system's root certificates")
-    p.add_argument("--tls-ca", default=None, metavar="PEM",
-                   help="connect with TLS, trusting this CA file (implies --tls)")
-    p.add_argument("--tls-cert", default=None, metavar="PEM",
-                   help="client certificate for mutual TLS (with --tls-key)")
-    p.add_argument("--tls-key", default=None, metavar="PEM", help="its private key")
-    p.add_argument("--token-file", default=None, metavar="PATH",
-                   help="file holding the bearer token (default: $PDSERVE_AUTH_TOKEN, if set)")
-    p.set_defaults(handler=_run_client)
-
-
-def _run_client(args: argparse.Namespace) -> int:
-    import grpc
-
-    from pdserve.cli import CliError
-
-    try:
-        completion = asyncio.run(_stream_completion(args))
-    except grpc.aio.AioRpcError as error:
-        raise CliError(f"{error.code().name}: {error.details()}") from None
-    if args.json:
-        print(json.dumps(completion.to_json_dict(), ensure_ascii=False))
-    else:
-        sys.stdout.write("\n")
-    sys.stdout.flush()
-    return 0
-
-
-async def _stream_completion(args: argparse.Namespace):
-    from router.client import Completion, PdserveClient
-    from router.security import AUTH_TOKEN_ENV, read_token
-
-    inputs = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat
-              else {"prompt": args.prompt})
-    completion = Completion()
-    token = read_token(args.token_file or "", AUTH_TOKEN_ENV)
-    async with PdserveClient(args.address, tls=args.tls, root_cert_file=args.tls_ca,
-                             client_cert_file=args.tls_cert, client_key_file=args.tls_key,
-                             token=token) as client:
-        call = client.generate_stream(timeout_s=args.timeout, max_tokens=args.max_tokens,
-                                      temperature=args.temperature, seed=args.seed, **inputs)
-        async for response in call:
-            completion.add(response)
-            if not args.json:
-                sys.stdout.write(response.text)
-                sys.stdout.flush()
-    return completion

@@ -23,7 +23,8 @@ from router.wire import SERVICE
 
 BEARER = "bearer "
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
-ADMIN_METHODS = frozenset(f"/{SERVICE.full_name}/{name}" for name in ("Abort", "GetClusterState"))
+ADMIN_METHODS = frozenset(f"/{SERVICE.full_name}/{name}"
+                          for name in ("Abort", "GetClusterState", "DrainInstance"))
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

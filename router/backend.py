@@ -104,3 +104,7 @@ class GenerationBackend(Protocol):
 
     async def cluster_state(self) -> list[generation_pb2.InstanceState]:
         """Every model instance as last seen: role, KV blocks, queue depths."""
+
+    async def drain_instance(self, instance_id: str, timeout_s: float | None) -> int:
+        """Take one instance out of service once its requests finished or moved (None: the
+        configured drain timeout); how many moved. InvalidRequestError if it cannot be."""

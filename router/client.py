@@ -127,6 +127,14 @@ class PdserveClient:
         return await self._stub.GetModelInfo(generation_pb2.GetModelInfoRequest(),
                                              metadata=self._metadata)
 
+    async def drain_instance(self, instance_id: str, timeout_s: float | None = None
+                             ) -> generation_pb2.DrainInstanceResponse:
+        """Take one instance out of service (an admin call); answers once it is gone."""
+        request = generation_pb2.DrainInstanceRequest(instance_id=instance_id)
+        if timeout_s is not None:
+            request.timeout_s = timeout_s
+        return await self._stub.DrainInstance(request, metadata=self._metadata)
+
     async def cluster_state(self) -> generation_pb2.ClusterState:
         return await self._stub.GetClusterState(generation_pb2.GetClusterStateRequest(),
                                                 metadata=self._metadata)

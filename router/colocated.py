@@ -165,6 +165,10 @@ class ColocatedBackend:
         self._send(_Abort(request_id))
         return True
 
+    async def drain_instance(self, instance_id: str, timeout_s: float | None) -> int:
+        raise InvalidRequestError("instance_id", "a colocated server has one engine and no pool "
+                                  "to move its requests to; drain the server (SIGTERM) instead")
+
     async def cluster_state(self) -> list[generation_pb2.InstanceState]:
         stats = self._stats
         return [generation_pb2.InstanceState(

@@ -51,7 +51,7 @@ from router.metrics import (
 )
 from router.security import RouterSecurity
 from router.tls import server_credentials
-from router.validation import RequestValidator
+from router.validation import RequestValidator, validate_drain
 from router.wire import MalformedRequest, add_generation_service
 
 logger = logging.getLogger(__name__)
@@ -157,6 +157,17 @@ class RouterServicer:
                            context: grpc.aio.ServicerContext) -> generation_pb2.ModelInfo:
         _check_parsed(request)
         return self._backend.model_info()
+
+    @guarded("DrainInstance", _backend_ready)
+    async def DrainInstance(self, request: generation_pb2.DrainInstanceRequest | MalformedRequest,
+                            context: grpc.aio.ServicerContext
+                            ) -> generation_pb2.DrainInstanceResponse:
+        _check_parsed(request)
+        timeout_s = validate_drain(request)
+        started = time.monotonic()
+        moved = await self._backend.drain_instance(request.instance_id, timeout_s)
+        return generation_pb2.DrainInstanceResponse(num_requests_moved=moved,
+                                                    duration_s=time.monotonic() - started)
 
     @guarded("GetClusterState", _backend_ready)
     async def GetClusterState(self,

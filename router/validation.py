@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import random
 import re
 import uuid
@@ -48,6 +49,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 4096  # all stop strings together, UTF-8
 PROMPT_BYTES_PER_TOKEN = 8  # prompt text bound: this many bytes per token of context
 CHAT_ROLES = ("system", "user", "assistant")
+MAX_DRAIN_TIMEOUT_S = 3600.0  # DrainInstance's timeout_s
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]+")
 
@@ -189,3 +191,19 @@ async def _off_loop_if_long(fn: Callable[[object], _T], argument: object, num_ch
     if num_chars <= TOKENIZE_INLINE_MAX_CHARS:
         return fn(argument)
     return await asyncio.to_thread(fn, argument)
+
+
+def validate_drain(request: generation_pb2.DrainInstanceRequest) -> float | None:
+    """A DrainInstance request's timeout (None: the server's); its fields bounded."""
+    instance_id = request.instance_id
+    if not instance_id or len(instance_id) > MAX_REQUEST_ID_CHARS \
+            or not _REQUEST_ID.fullmatch(instance_id):
+        raise InvalidRequestError("instance_id", "must name an instance as GetClusterState does "
+                                  f"(1-{MAX_REQUEST_ID_CHARS} characters of [A-Za-z0-9._:-])")
+    if not request.HasField("timeout_s"):
+        return None
+    timeout_s = request.timeout_s
+    if not (math.isfinite(timeout_s) and 0.0 <= timeout_s <= MAX_DRAIN_TIMEOUT_S):
+        raise InvalidRequestError("timeout_s", f"must be in [0, {MAX_DRAIN_TIMEOUT_S:g}] seconds, "
+                                  f"got {timeout_s}")
+    return timeout_s

@@ -5,6 +5,7 @@ for token."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -13,7 +14,9 @@ from dataclasses import dataclass, field
 import grpc
 import ray
 
+from cluster.config import SupervisionConfig
 from protos.pdserve.v1 import generation_pb2
+from tests.serving.disagg_cluster import cluster_config
 
 READY = generation_pb2.INSTANCE_STATUS_READY
 
@@ -136,3 +139,22 @@ def assert_same_as_reference(streams: list[Stream], reference: list[Stream]) -> 
         assert got.token_ids == want.token_ids, (
             f"{got.request_id}: {len(got.token_ids)} tokens vs {len(want.token_ids)}, first "
             f"difference at {first_diff}")
+
+
+def recovery_config(num_prefill: int, num_decode: int, max_num_seqs: int, **supervision):
+    """A CPU cluster whose supervisor polls every 0.5 s (health deadline 5 s, watchdog 60 s);
+    `supervision` overrides SupervisionConfig fields."""
+    config = cluster_config(num_prefill, num_decode, num_blocks=256, transfer_timeout_s=10.0)
+    watch = dict(poll_interval_s=0.5, health_timeout_s=5.0, step_timeout_s=60.0)
+    return dataclasses.replace(
+        config, decode=dataclasses.replace(config.decode, max_num_seqs=max_num_seqs),
+        supervision=SupervisionConfig(**{**watch, **supervision}))
+
+
+def run_reference(cluster, n: int, max_tokens: int) -> list[Stream]:
+    """The uninterrupted run of the n requests every scenario repeats."""
+    _, tasks = start_streams(cluster, "reference", n, max_tokens)
+    streams = gather(cluster, tasks, timeout_s=300)
+    assert all(len(s.token_ids) == max_tokens for s in streams), [s.code for s in streams]
+    cluster.wait_until_idle(timeout_s=30)
+    return streams

@@ -93,7 +93,8 @@ def test_generation_service_shape():
     service = generation_pb2.DESCRIPTOR.services_by_name["Generation"]
     assert service.full_name == "pdserve.v1.Generation"
     methods = {m.name: m for m in service.methods}
-    assert sorted(methods) == ["Abort", "Generate", "GetClusterState", "GetModelInfo"]
+    assert sorted(methods) == ["Abort", "DrainInstance", "Generate", "GetClusterState",
+                              "GetModelInfo"]
     assert methods["Generate"].server_streaming and not methods["Abort"].server_streaming
     assert hasattr(generation_pb2_grpc, "GenerationServicer")
     assert hasattr(generation_pb2_grpc, "add_GenerationServicer_to_server")

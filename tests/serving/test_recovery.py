@@ -11,38 +11,35 @@ benchmarks/results/recovery_cpu.json (see benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import ray
 
-from cluster.config import SupervisionConfig
-from tests.serving.disagg_cluster import REPO_ROOT, cluster_config, local_ray, start_disagg_harness
-from tests.serving.recovery_helpers import (assert_same_as_reference, gather, sample, sigkill,
-                                            start_streams, states, wait_progress, wait_ready)
+from tests.serving.disagg_cluster import REPO_ROOT, local_ray, start_disagg_harness
+from tests.serving.recovery_helpers import (assert_same_as_reference, gather, recovery_config,
+                                            run_reference, sample, sigkill, start_streams,
+                                            states, wait_progress, wait_ready)
 
 pytestmark = pytest.mark.timeout(420)
 N_STREAMS = 8
 MAX_TOKENS = 120
 RECOVERY_BOUND_S = 120.0  # kill -> replacement READY on a loaded 2-core CPU machine
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "recovery_cpu.json"
-_figures: dict[str, float] = {}
+_figures: dict[str, float | str] = {}
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    config = cluster_config(1, 2, num_blocks=256, transfer_timeout_s=10.0)
-    config = dataclasses.replace(
-        config,
-        decode=dataclasses.replace(config.decode, max_num_seqs=N_STREAMS),
-        supervision=SupervisionConfig(poll_interval_s=0.5, health_timeout_s=5.0,
-                                      step_timeout_s=60.0, restart_backoff_s=0.5))
     with local_ray():
-        harness = start_disagg_harness(config)
+        harness = start_disagg_harness(recovery_config(1, 2, N_STREAMS, restart_backoff_s=0.5))
         yield harness
         harness.close()
     if _figures:
@@ -52,12 +49,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def reference(cluster):
-    """The uninterrupted run of the requests every scenario repeats."""
-    _, tasks = start_streams(cluster, "reference", N_STREAMS, MAX_TOKENS)
-    streams = gather(cluster, tasks, timeout_s=300)
-    assert all(len(s.token_ids) == MAX_TOKENS for s in streams), [s.code for s in streams]
-    cluster.wait_until_idle(timeout_s=30)
-    return streams
+    return run_reference(cluster, N_STREAMS, MAX_TOKENS)
 
 
 def test_decode_process_killed_at_a_random_token(cluster, reference):
@@ -82,7 +74,12 @@ def test_decode_process_killed_at_a_random_token(cluster, reference):
     _figures.update(kill_token=at, streams_moved=moved, recovery_ready_s=ready_at - killed_at,
                     recovery_first_token_s=served_at - killed_at,
                     migrated_stream_max_gap_s=max(gaps),
-                    reference_max_gap_s=max(s.max_gap_s for s in reference))
+                    reference_max_gap_s=max(s.max_gap_s for s in reference),
+                    # the router's view: instance loss detected -> the moved request's next token
+                    migration_gap_mean_s=sample(cluster, "pdserve:request_migration_gap_seconds_sum")
+                    / max(1.0, sample(cluster, "pdserve:request_migration_gap_seconds_count")),
+                    commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                                          capture_output=True, text=True).stdout.strip())
     cluster.wait_until_idle(timeout_s=30)
 
 
@@ -104,11 +101,23 @@ def test_replacement_serves_and_an_engine_crash_moves_its_streams(cluster, refer
 def test_draining_a_decode_instance_moves_what_it_cannot_finish(cluster, reference):
     streams, tasks = start_streams(cluster, "drain", N_STREAMS, MAX_TOKENS, wait_for_tokens=10)
     wait_progress(cluster, streams[0])
-    moved = cluster.run(cluster.backend.drain_instance("decode-1", timeout_s=0.5), timeout_s=60)
-    assert moved >= 1
+    reply = cluster.run(cluster.client.drain_instance("decode-1", timeout_s=0.5), timeout_s=60)
+    moved = reply.num_requests_moved
+    assert moved >= 1 and reply.duration_s >= 0.5
     done = gather(cluster, tasks, timeout_s=300)
     assert_same_as_reference(done, reference)
     assert [w.spec.instance_id for w in cluster.backend.pools.decode] == ["decode-0"]
-    assert "decode-1" not in states(cluster)
     assert sample(cluster, "pdserve:request_migrations_total", cause="drain") == moved
     cluster.wait_until_idle(timeout_s=30)
+    # the CLI sees the pool without it; the last READY decode instance cannot be drained
+    listed = subprocess.run([sys.executable, "-m", "pdserve", "admin", "state", "--address",
+                             cluster.address], capture_output=True, text=True, timeout=60,
+                            cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert listed.returncode == 0, listed.stderr
+    instances = {i["instanceId"]: i["status"] for i in json.loads(listed.stdout)["instances"]}
+    assert instances == {"prefill-0": "INSTANCE_STATUS_READY",
+                         "decode-0": "INSTANCE_STATUS_READY"}
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        cluster.run(cluster.client.drain_instance("decode-0"), timeout_s=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "last READY decode instance" in info.value.details()

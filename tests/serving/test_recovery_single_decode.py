@@ -12,17 +12,16 @@ decode instance leaves no live peer:
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import grpc
 import pytest
 import ray
 
-from cluster.config import SupervisionConfig
-from tests.serving.disagg_cluster import cluster_config, local_ray, start_disagg_harness
-from tests.serving.recovery_helpers import (assert_same_as_reference, gather, sample, sigkill,
-                                            start_streams, states, wait_progress, wait_ready)
+from tests.serving.disagg_cluster import local_ray, start_disagg_harness
+from tests.serving.recovery_helpers import (assert_same_as_reference, gather, recovery_config,
+                                            run_reference, sample, sigkill, start_streams,
+                                            states, wait_progress, wait_ready)
 
 pytestmark = pytest.mark.timeout(420)
 N_STREAMS = 8
@@ -34,14 +33,9 @@ RECOVERY_BOUND_S = 120.0
 
 @pytest.fixture(scope="module")
 def cluster():
-    config = cluster_config(2, 1, num_blocks=256, transfer_timeout_s=10.0)
-    config = dataclasses.replace(
-        config,
-        decode=dataclasses.replace(config.decode, max_num_seqs=N_STREAMS),
-        supervision=SupervisionConfig(
-            poll_interval_s=0.5, health_timeout_s=5.0, step_timeout_s=60.0,
-            restart_backoff_s=BACKOFF_S, stable_after_s=600.0,
-            inject_engine_failure="decode-0", inject_engine_failure_after_steps=FAULT_STEP))
+    config = recovery_config(
+        2, 1, N_STREAMS, restart_backoff_s=BACKOFF_S, stable_after_s=600.0,
+        inject_engine_failure="decode-0", inject_engine_failure_after_steps=FAULT_STEP)
     with local_ray():
         harness = start_disagg_harness(config)
         yield harness
@@ -50,11 +44,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def reference(cluster):
-    _, tasks = start_streams(cluster, "reference", N_STREAMS, MAX_TOKENS)
-    streams = gather(cluster, tasks, timeout_s=300)
-    assert all(len(s.token_ids) == MAX_TOKENS for s in streams), [s.code for s in streams]
-    cluster.wait_until_idle(timeout_s=30)
-    return streams
+    return run_reference(cluster, N_STREAMS, MAX_TOKENS)
 
 
 def test_only_decode_crashes_streams_wait_for_its_replacement(cluster, reference):

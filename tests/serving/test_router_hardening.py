@@ -189,6 +189,18 @@ def test_a_prompt_within_the_byte_bound_is_still_checked_in_tokens(router):
     assert details.startswith("prompt:") and "context length" in details
 
 
+@pytest.mark.parametrize("instance_id, timeout_s, field", [
+    ("", None, "instance_id"), ("x" * 129, None, "instance_id"), ("decode 0\n", None, "instance_id"),
+    ("decode-0", float("nan"), "timeout_s"), ("decode-0", -1.0, "timeout_s"),
+    ("decode-0", 1e9, "timeout_s"),
+    ("decode-0", 5.0, "instance_id"),  # valid, but a colocated server has no pool to drain
+])
+def test_drain_instance_is_validated(router, instance_id, timeout_s, field):
+    error = rpc_error(router, router.client.drain_instance(instance_id, timeout_s))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith(f"{field}:"), error.details()
+
+
 # ---- a backend that fails; the default deadline ------------------------------------------------
 class FaultyBackend(ColocatedBackend):
     """Raises an exception with secret text from an RPC named in `failing` (others work)."""

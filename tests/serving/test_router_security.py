@@ -205,14 +205,17 @@ def test_health_needs_no_token(start):
     assert status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_the_admin_token_guards_abort_and_cluster_state(start):
+def test_the_admin_token_guards_abort_cluster_state_and_drain(start):
     harness = start(RouterSecurity(auth_token=TOKEN, admin_token=ADMIN_TOKEN), token=ADMIN_TOKEN)
     assert harness.run(harness.client.cluster_state()).instances
     assert harness.run(harness.client.abort("nobody")) is False
+    # the admin gets past the token check: a colocated server has nothing to drain
+    drain = rpc_error(harness, harness.client.drain_instance("colocated-0"))
+    assert drain.code() == grpc.StatusCode.INVALID_ARGUMENT
     user = harness.connect(token=TOKEN)
     try:
         assert harness.run(user.model_info()).context_length > 0
-        for rpc in (user.cluster_state(), user.abort("nobody")):
+        for rpc in (user.cluster_state(), user.abort("nobody"), user.drain_instance("decode-0")):
             assert rpc_error(harness, rpc).code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         harness.run(user.close())

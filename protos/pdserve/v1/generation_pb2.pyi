@@ -204,3 +204,19 @@ class ClusterState(_message.Message):
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[InstanceState]
     def __init__(self, instances: _Optional[_Iterable[_Union[InstanceState, _Mapping]]] = ...) -> None: ...
+
+class DrainInstanceRequest(_message.Message):
+    __slots__ = ("instance_id", "timeout_s")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    timeout_s: float
+    def __init__(self, instance_id: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class DrainInstanceResponse(_message.Message):
+    __slots__ = ("num_requests_moved", "duration_s")
+    NUM_REQUESTS_MOVED_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    num_requests_moved: int
+    duration_s: float
+    def __init__(self, num_requests_moved: _Optional[int] = ..., duration_s: _Optional[float] = ...) -> None: ...

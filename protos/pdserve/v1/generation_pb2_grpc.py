@@ -54,6 +54,11 @@ class GenerationStub:
                 request_serializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.GetClusterStateRequest.SerializeToString,
                 response_deserializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.ClusterState.FromString,
                 _registered_method=True)
+        self.DrainInstance = channel.unary_unary(
+                '/pdserve.v1.Generation/DrainInstance',
+                request_serializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.DrainInstanceRequest.SerializeToString,
+                response_deserializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.DrainInstanceResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -83,6 +88,16 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainInstance(self, request, context):
+        """Take one instance out of service (scale-down): nothing new is routed to it, its requests
+        get `timeout_s` to finish there, the rest move to other instances (their streams go on),
+        then it stops and leaves its pool (it is not replaced). Answers once it is gone. An admin
+        call, like GetClusterState and Abort.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +120,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GetClusterState,
                     request_deserializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.GetClusterStateRequest.FromString,
                     response_serializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.ClusterState.SerializeToString,
+            ),
+            'DrainInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainInstance,
+                    request_deserializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.DrainInstanceRequest.FromString,
+                    response_serializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.DrainInstanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +235,33 @@ class Generation:
             '/pdserve.v1.Generation/GetClusterState',
             protos_dot_pdserve_dot_v1_dot_generation__pb2.GetClusterStateRequest.SerializeToString,
             protos_dot_pdserve_dot_v1_dot_generation__pb2.ClusterState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Generation/DrainInstance',
+            protos_dot_pdserve_dot_v1_dot_generation__pb2.DrainInstanceRequest.SerializeToString,
+            protos_dot_pdserve_dot_v1_dot_generation__pb2.DrainInstanceResponse.FromString,
             options,
             channel_credentials,
             insecure,
