@@ -97,6 +97,16 @@ class SessionProcesses:
                     return True
         return False
 
+    def listening(self) -> set[tuple[str, int, str]]:
+        """(address, port, process name) of every TCP socket its processes listen on now."""
+        found = set()
+        for proc in self.alive():
+            with _gone_already():
+                for conn in proc.net_connections(kind="tcp"):
+                    if conn.status == psutil.CONN_LISTEN:
+                        found.add((conn.laddr.ip, conn.laddr.port, proc.name()))
+        return found
+
     @property
     def num_seen(self) -> int:
         return len(self._seen)
@@ -327,6 +337,11 @@ async def _streams_finish_after_sigterm(serve: ServeProcess) -> None:
             grpc.aio.insecure_channel(serve.address) as channel:
         await wait_health(channel, SERVING, timeout_s=10)
         streams, readers = await start_streams(client, NUM_STREAMS, NUM_TOKENS)
+        # `ss -ltn` while serving: pdserve's and its private Ray's listeners, loopback only
+        listening = serve.processes.listening()
+        assert len(listening) >= 5, listening  # gRPC, /metrics x3, Ray's GCS and raylet...
+        assert all(ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1")
+                   for ip, _, _ in listening), sorted(listening)
         serve.terminate()
         await wait_health(channel, NOT_SERVING, HEALTH_FLIP_S)
         await assert_refused_while_draining(client)
