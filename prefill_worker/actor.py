@@ -29,7 +29,8 @@ class PrefillActor(ActorLoopControls):
         self.spec = spec
         self.worker = PrefillWorker(LLMEngine(spec.engine), spec.instance_id,
                                     spec.layers_per_message, spec.transfer_timeout_s, spec.host,
-                                    min_message_bytes=spec.min_message_bytes)
+                                    min_message_bytes=spec.min_message_bytes,
+                                    faults=spec.faults)
         self.metrics_endpoint = serve_worker_metrics(spec, self.worker.metrics.registry)
         if spec.fail_after_steps:  # fault injection by config (supervision.inject_engine_*)
             self.worker.loop.inject_step_failure(after_steps=spec.fail_after_steps)
@@ -46,10 +47,10 @@ class PrefillActor(ActorLoopControls):
             expect_transfer=lambda d: decode_handle.expect_transfer.remote(self.spec.instance_id, d),
             first_token=lambda d: decode_handle.first_token.remote(d))
         await asyncio.to_thread(self.worker.connect, decode_id, endpoint, peer,
-                                self.spec.transport_device, self.spec.faults)
+                                self.spec.transport_device)
 
-    async def set_faults(self, faults) -> None:
-        self.worker.set_faults(faults)
+    async def set_faults(self, faults, future_links: bool = False) -> None:
+        self.worker.set_faults(faults, future_links)
 
     async def prefill(self, task: worker_pb2.PrefillTask) -> worker_pb2.PrefillResult:
         loop = asyncio.get_running_loop()

@@ -75,9 +75,10 @@ class PrefillWorker(LoopControls):
     def __init__(self, engine: LLMEngine, instance_id: str, layers_per_message: int = 1,
                  transfer_timeout_s: float = 30.0, host: str | None = None,
                  metrics: PrefillMetrics | None = None,
-                 min_message_bytes: int = DEFAULT_MIN_MESSAGE_BYTES) -> None:
+                 min_message_bytes: int = DEFAULT_MIN_MESSAGE_BYTES,
+                 faults: FaultInjection | None = None) -> None:
         self.host = host
-        self.faults = FaultInjection()
+        self.faults = faults or FaultInjection()  # of every link built from now on
         self.engine = engine
         self.instance_id = instance_id
         self.layers_per_message = layers_per_message
@@ -99,10 +100,10 @@ class PrefillWorker(LoopControls):
 
     # ---- control plane (any thread) -------------------------------------------------------
     def connect(self, decode_id: str, endpoint: worker_pb2.PairEndpoint, peer: DecodePeer,
-                device: str, faults=None) -> None:
+                device: str) -> None:
         """Build the pair channel to `decode_id` (blocking: the decode side accepts at once)."""
         cfg = LinkConfig(self.instance_id, decode_id, device, self.transfer_timeout_s,
-                         faults=faults or self.faults, bind_host=self.host)
+                         faults=self.faults, bind_host=self.host)
         started = time.monotonic()
         link = SendLink(cfg, endpoint, self.spec, self._transfer_done)
         self.metrics.transfer.handshake_time.observe(time.monotonic() - started)
@@ -111,9 +112,12 @@ class PrefillWorker(LoopControls):
         if old is not None:
             old.close()
 
-    def set_faults(self, faults) -> None:
-        """Fault injection on every current and future link (tests, chaos runs)."""
-        self.faults = faults
+    def set_faults(self, faults: FaultInjection, future_links: bool = False) -> None:
+        """Fault injection (tests, chaos runs) on every current link: a fault of this channel
+        generation, which a rebuilt channel no longer has; with `future_links`, on the links
+        built later too (a fault that persists)."""
+        if future_links:
+            self.faults = faults
         for link in self.links.values():
             link.sender._faults = faults
 

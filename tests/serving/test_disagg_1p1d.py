@@ -25,6 +25,7 @@ from tests.serving.disagg_cluster import (
     token_prompts,
 )
 from tests.serving.harness import ServerHarness
+from tests.serving.recovery_helpers import sample
 
 pytestmark = pytest.mark.timeout(300)
 LONG_RUN = {"max_tokens": 2000, "ignore_eos": True, "temperature": 0.0}
@@ -108,9 +109,28 @@ def test_abort_rpc_ends_stream(cluster):
     cluster.wait_until_idle()
 
 
-def test_injected_transfer_fault_fails_cleanly_then_recovers(cluster):
+def _migrations_by_transfer(cluster) -> float:
+    return sample(cluster, "pdserve:request_migrations_total", cause="transfer")
+
+
+def test_a_fault_of_one_channel_generation_is_healed_by_moving_the_request(cluster):
+    """The pair's current channel drops every transfer (the rebuilt one does not): the request
+    moves, waits for the rebuild, and its client gets the answer it would have got anyway."""
+    want = cluster.run(cluster.client.generate("Hello there!", max_tokens=8, temperature=0.0))
+    cluster.wait_until_idle()
+    moved_before = _migrations_by_transfer(cluster)
     prefill = cluster.backend.pools.prefill[0].actor
-    ray.get(prefill.set_faults.remote(FaultInjection(drop_after_layers=5)))
+    ray.get(prefill.set_faults.remote(FaultInjection(drop_after_layers=5)))  # this generation
+    got = cluster.run(cluster.client.generate("Hello there!", max_tokens=8, temperature=0.0))
+    assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason
+    assert _migrations_by_transfer(cluster) == moved_before + 1
+    cluster.wait_until_idle()
+
+
+def test_a_persistent_transfer_fault_fails_cleanly_once_its_moves_are_used_up(cluster):
+    prefill = cluster.backend.pools.prefill[0].actor
+    ray.get(prefill.set_faults.remote(FaultInjection(drop_after_layers=5), True))  # every link
+    moved_before = _migrations_by_transfer(cluster)
 
     async def failing():
         started = time.monotonic()
@@ -119,15 +139,18 @@ def test_injected_transfer_fault_fails_cleanly_then_recovers(cluster):
         return info.value, time.monotonic() - started
 
     try:
-        error, elapsed = cluster.run(failing())
+        error, elapsed = cluster.run(failing(), timeout_s=120)
     finally:
-        ray.get(prefill.set_faults.remote(FaultInjection()))
+        ray.get(prefill.set_faults.remote(FaultInjection(), True))
     assert error.code() == grpc.StatusCode.UNAVAILABLE, error
     # the worker's own text stays in the server log; the client gets a retry hint and an id
     assert "retry" in error.details() and "error id" in error.details(), error.details()
-    assert elapsed < 20  # the transfer timeout (4 s) plus slack, never a hang
+    max_migrations = cluster.backend.config.max_migrations
+    assert _migrations_by_transfer(cluster) == moved_before + max_migrations
+    # each attempt ends at the transfer timeout (4 s), then waits for its channel's rebuild
+    assert elapsed < (max_migrations + 1) * (4.0 + 3.0) + 5.0, elapsed
     cluster.wait_until_idle()
-    # The pair is rebuilt under a new generation; later requests succeed again.
+    # The faults are gone and the pair is rebuilt under a new generation: requests succeed.
     deadline = time.monotonic() + 30
     while True:
         try:

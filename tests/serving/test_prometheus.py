@@ -141,13 +141,14 @@ async def _invalid_call(client, view: ClientView) -> None:
 
 
 async def _failed_transfer_then_recovery(serving, view: ClientView) -> None:
-    """A call whose KV transfer stalls (UNAVAILABLE), then calls until the rebuilt pair works."""
+    """A call whose KV transfers stall on every channel (UNAVAILABLE once its moves are used
+    up), then calls until the rebuilt pair works."""
     prefill = serving.backend.pools.prefill[0].actor
-    await prefill.set_faults.remote(FaultInjection(drop_after_layers=5))
+    await prefill.set_faults.remote(FaultInjection(drop_after_layers=5), True)
     try:
         assert await _timed_call(serving.client, view, "Hello there!") == "UNAVAILABLE"
     finally:
-        await prefill.set_faults.remote(FaultInjection())
+        await prefill.set_faults.remote(FaultInjection(), True)
     deadline = time.monotonic() + 30
     while await _timed_call(serving.client, view, "Hi!", max_tokens=4) != "OK":
         assert time.monotonic() < deadline, "the KV channel was not rebuilt within 30 s"
