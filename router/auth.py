@@ -4,7 +4,8 @@ A call carries its token as `authorization: Bearer <token>` metadata. Per method
 
     /grpc.health.v1.Health/*          no token: load balancers and orchestrators probe health
                                       without credentials, and it reveals only SERVING or not
-    Abort, GetClusterState            the admin token when one is set, else the auth token
+    Abort, GetClusterState,
+    DrainInstance                     the admin token when one is set, else the auth token
     everything else (Generate, GetModelInfo, reflection)   the auth token when one is set
 
 A call without the needed token gets UNAUTHENTICATED; a call with a valid auth token on an

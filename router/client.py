@@ -10,7 +10,8 @@ means "absent" (the server's default). gRPC failures surface as `grpc.aio.AioRpc
 
 A router with TLS takes `root_cert_file` (its CA; mutual TLS also `client_cert_file` and
 `client_key_file`); one with tokens takes `token`, sent as `authorization: Bearer` metadata on
-every call (use the admin token for Abort and GetClusterState when the server sets one).
+every call (use the admin token for Abort, GetClusterState and DrainInstance when the server
+sets one).
 """
 
 from __future__ import annotations

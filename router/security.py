@@ -5,7 +5,7 @@ Tokens come from a file or an environment variable, never from a command-line va
 
     auth token:  the file `server.auth_token_file`, else $PDSERVE_AUTH_TOKEN, else none (open)
     admin token: the file `server.admin_token_file`, else $PDSERVE_ADMIN_TOKEN, else none
-                 (Abort and GetClusterState then take the normal token)
+                 (Abort, GetClusterState and DrainInstance then take the normal token)
 
 A token file holds the token alone; surrounding whitespace (a trailing newline) is dropped.
 """
@@ -29,7 +29,7 @@ class RouterSecurity:
 
     tls: ServerTls | None = None  # None: plaintext gRPC
     auth_token: str | None = None  # None: Generation calls need no token
-    admin_token: str | None = None  # None: Abort and GetClusterState take the auth token
+    admin_token: str | None = None  # None: the admin RPCs take the auth token
 
     def __post_init__(self) -> None:
         for name in ("auth_token", "admin_token"):
