@@ -24,7 +24,7 @@ import ray
 from cluster.channels import PairChannels
 from cluster.flight import ABORT_REASON, Aborted, Attempt, Flight, InstanceDown, InstanceLost
 from cluster.lifecycle import Supervisor
-from cluster.pools import Worker
+from cluster.pools import Worker, await_ref
 from cluster.routing import RoutingPolicy
 from protos.convert import sampling_to_proto
 from protos.pdserve.v1 import PROTOCOL_VERSION, worker_pb2
@@ -184,10 +184,6 @@ class AttemptRunner:
         reply = await call_with_deadline(worker, ref, f"reserve of {attempt.worker_id}")
         if reply is not None and reply.accepted:
             attempt.decode = worker
-
-
-async def await_ref(ref):
-    return await ref
 
 
 async def call_with_deadline(worker: Worker, ref, what: str):

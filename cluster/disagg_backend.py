@@ -27,15 +27,14 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from cluster.attempt import (ABORTED, CALL_TIMEOUT_S, AttemptRunner, await_ref,
-                             token_event)
+from cluster.attempt import ABORTED, CALL_TIMEOUT_S, AttemptRunner, token_event
 from cluster.channels import PairChannels
 from cluster.cluster_metrics import ClusterMetrics, InstanceStatusCollector
 from cluster.config import SupervisionConfig
 from cluster.flight import (ABORT_REASON, Aborted, Attempt, Flight, InstanceDown, InstanceLost,
                             client_request_id, new_flight)
 from cluster.lifecycle import Recovery, Supervisor
-from cluster.pools import Pools, Worker
+from cluster.pools import Pools, Worker, await_ref
 from cluster.routing import RoutingPolicy
 from protos.pdserve.v1 import generation_pb2, worker_pb2
 from router.backend import GenerationInput, TokenEvent

@@ -34,7 +34,7 @@ from typing import Protocol
 import ray
 
 from cluster.config import SupervisionConfig
-from cluster.pools import Worker
+from cluster.pools import Worker, await_ref, kill_actor
 from protos.pdserve.v1 import generation_pb2
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class Supervisor:
         try:
             self._on_dead(worker, reason)
         finally:
-            _kill(worker)
+            kill_actor(worker)
             if self._recovery is not None and not self._stopping:
                 task = asyncio.get_running_loop().create_task(self._refill(inst, reason))
                 self._restarts.add(task)
@@ -235,7 +235,7 @@ class Supervisor:
     async def probe(self, worker: Worker) -> str:
         """"" when healthy, else why the instance is dead (short, client-safe)."""
         try:
-            health = await asyncio.wait_for(_await(worker.actor.health.remote()),
+            health = await asyncio.wait_for(await_ref(worker.actor.health.remote()),
                                             self.config.health_timeout_s)
         except asyncio.TimeoutError:
             return f"unresponsive: no health answer within {self.config.health_timeout_s:g} s"
@@ -264,14 +264,3 @@ class Supervisor:
     @property
     def instances(self) -> list[Instance]:
         return list(self._instances.values())
-
-
-async def _await(ref):
-    return await ref
-
-
-def _kill(worker: Worker) -> None:
-    try:
-        ray.kill(worker.actor, no_restart=True)
-    except Exception:  # noqa: BLE001 - already gone
-        log.debug("kill of %s failed", worker.spec.instance_id, exc_info=True)

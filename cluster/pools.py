@@ -57,14 +57,15 @@ class Pools:
 
     @staticmethod
     async def stop_workers(workers: list[Worker]) -> None:
-        calls = [asyncio.ensure_future(_await_ref(w.actor.shutdown.remote())) for w in workers]
+        calls = [asyncio.ensure_future(await_ref(w.actor.shutdown.remote())) for w in workers]
         if calls:
             await asyncio.wait(calls, timeout=10)
         for w in workers:
             release(w)
 
 
-async def _await_ref(ref):
+async def await_ref(ref):
+    """A Ray ObjectRef as a coroutine (for asyncio.wait_for / ensure_future)."""
     return await ref
 
 
@@ -118,12 +119,17 @@ async def await_started(worker: Worker) -> None:
     worker.metrics_address = info["metrics_address"]
 
 
-def release(worker: Worker) -> None:
-    """Kill an instance's actor and free its placement group (idempotent, never raises)."""
+def kill_actor(worker: Worker) -> None:
+    """Kill an instance's actor (idempotent, never raises); its placement group stays."""
     try:
         ray.kill(worker.actor, no_restart=True)
     except Exception:  # noqa: BLE001 - already gone
         log.debug("kill of %s failed", worker.spec.instance_id, exc_info=True)
+
+
+def release(worker: Worker) -> None:
+    """Kill an instance's actor and free its placement group (idempotent, never raises)."""
+    kill_actor(worker)
     placement, worker.placement = worker.placement, None
     if placement is not None:
         try:
@@ -213,5 +219,5 @@ async def start_cluster(cfg: ClusterConfig, host: str = "127.0.0.1") -> Pools:
         raise
 
 
-__all__ = ["ClusterStartupError", "Pools", "Worker", "await_started", "create_worker", "launch",
-           "pair", "release", "start_cluster", "worker_specs"]
+__all__ = ["ClusterStartupError", "Pools", "Worker", "await_ref", "await_started", "create_worker",
+           "kill_actor", "launch", "pair", "release", "start_cluster", "worker_specs"]
