@@ -3,15 +3,18 @@ decode instance leaves no live peer:
 
 - the decode engine thread crashes (fault injection by config, mid-stream): 8 streams wait for
   the replacement and then continue, token for token equal to the uninterrupted run;
+- the decode worker process is SIGKILLed at a random token: the same, after the restart
+  backoff of the slot's second death in a row;
 - a prefill worker process is SIGKILLed with prompts inside it: they are prefilled again on the
   other prefill instance, and every stream still equals the uninterrupted run;
-- the decode process is SIGKILLed again, now inside its restart backoff, with streams whose
-  deadline comes before the replacement can: they end with UNAVAILABLE before their deadline
+- the decode process is SIGKILLed a third time, with streams whose deadline comes before the
+  replacement can (its backoff has doubled): they end with UNAVAILABLE before their deadline
   (never INTERNAL, never a hang), and the backoff is visible in GetClusterState.
 """
 
 from __future__ import annotations
 
+import random
 import time
 
 import grpc
@@ -61,6 +64,19 @@ def test_only_decode_crashes_streams_wait_for_its_replacement(cluster, reference
     cluster.wait_until_idle(timeout_s=30)
 
 
+def test_only_decode_killed_streams_continue_after_its_replacement(cluster, reference):
+    at = random.Random(14).randint(5, MAX_TOKENS // 2)
+    streams, tasks = start_streams(cluster, "kill", N_STREAMS, MAX_TOKENS, wait_for_tokens=at)
+    wait_progress(cluster, streams[0])
+    sigkill(cluster.backend.pools.decode[0])
+    done = gather(cluster, tasks, timeout_s=300)
+    assert_same_as_reference(done, reference)
+    assert max(s.max_gap_s for s in done) > BACKOFF_S  # they waited out the restart backoff
+    assert sample(cluster, "pdserve:instance_restarts_total", instance_id="decode-0",
+                  pool="decode") == 2
+    cluster.wait_until_idle(timeout_s=30)
+
+
 def test_prefill_killed_with_prompts_inside(cluster, reference):
     """prefill-0's engine is held in one step, so the prompts routed to it stay inside; then
     its process is killed: they move to prefill-1."""
@@ -83,8 +99,8 @@ def test_only_decode_killed_during_backoff_ends_streams_before_their_deadline(cl
     started = time.monotonic()
     wait_progress(cluster, streams[0])
     sigkill(cluster.backend.pools.decode[0])
-    reason = _wait_reason(cluster, "decode-0", "restart 2 in", timeout_s=5.0)
-    assert f"restart 2 in {BACKOFF_S:g} s" in reason
+    reason = _wait_reason(cluster, "decode-0", "restart 3 in", timeout_s=5.0)
+    assert f"restart 3 in {2 * BACKOFF_S:g} s" in reason
     done = gather(cluster, tasks, timeout_s=60)
     for stream in done:
         assert stream.code == grpc.StatusCode.UNAVAILABLE, (stream.code, stream.details)
@@ -95,7 +111,7 @@ def test_only_decode_killed_during_backoff_ends_streams_before_their_deadline(cl
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     wait_ready(cluster, "decode-0", RECOVERY_BOUND_S)
     assert sample(cluster, "pdserve:instance_restarts_total", instance_id="decode-0",
-                  pool="decode") == 2
+                  pool="decode") == 3
     done = cluster.run(cluster.client.generate("Hello!", max_tokens=4, temperature=0.0))
     assert done.finish_reason == "length"
     cluster.wait_until_idle(timeout_s=30)
