@@ -67,6 +67,37 @@ class SchedulerConfig:
             )
 
 
+@dataclass(slots=True)
+class ParallelConfig:
+    """How many ranks one instance spans: tensor x pipeline parallel (world = tp * pp)."""
+
+    tensor_parallel_size: int = 1  # ranks that split every layer (heads, MLP, vocabulary)
+    pipeline_parallel_size: int = 1  # stages that each own a contiguous range of layers
+    # Layers per stage, first to last; None -> an even split (earlier stages take the extra).
+    pipeline_layers: tuple[int, ...] | None = None
+    # A plan, collective or rank start-up not done within this fails the instance.
+    collective_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.pipeline_layers is not None:
+            self.pipeline_layers = tuple(int(n) for n in self.pipeline_layers)
+            if (len(self.pipeline_layers) != self.pipeline_parallel_size
+                    or min(self.pipeline_layers) < 1):
+                raise ValueError(f"pipeline_layers must give >= 1 layer to each of the "
+                                 f"{self.pipeline_parallel_size} stages, got "
+                                 f"{list(self.pipeline_layers)}")
+        if not self.collective_timeout_s > 0:
+            raise ValueError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
 # Command-line spelling of `EngineConfig.async_scheduling` (pdserve generate, the benchmarks).
 ASYNC_SCHEDULING_CHOICES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
 
@@ -81,6 +112,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None -> the model's context length
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     attention_backend: str = "auto"  # auto | torch | triton
     use_cuda_graphs: bool = True  # capture decode steps on CUDA
     # Plan and launch step N+1 before reading step N's sampled ids back (engine/inflight.py).
