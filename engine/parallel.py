@@ -1,41 +1,154 @@
-"""Tensor-parallel state of this process.
+"""Where this process sits inside its instance (tensor x pipeline ranks), and its collectives.
 
-Layers ask this module for their rank, world size and the collectives they need; model files
-never call `torch.distributed`. With world size 1 (the default) every collective is a no-op, so
-the same layer code serves single-device and sharded instances.
+An instance of `tp * pp` ranks numbers them `rank = pp_rank * tp_size + tp_rank`: the ranks of
+one pipeline stage are consecutive. Three kinds of groups, each a backend object built straight
+from a store (never the global `init_process_group`, so an instance's groups and the KV-transfer
+pair groups of the same process never meet):
+
+- the stage's tensor group (the `tp_size` ranks of one stage): all-reduce and all-gather;
+- the pipeline group of one `tp_rank` (one rank per stage): activations, stage to next stage;
+- the instance world: the last stage broadcasts the sampled ids to every rank.
+
+Layers receive a `ParallelContext` at construction; model files never call `torch.distributed`.
+`ParallelContext.single()` (world size 1) makes every collective a no-op, and is the default.
+
+Timeouts: a Gloo wait takes `timeout_s` itself. NCCL waits only order the CUDA stream (a host
+wait per all-reduce would stall the GPU), so there the group's watchdog timeout bounds a hang.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import Backend, PrefixStore, ProcessGroupGloo, Store, Work
+
+_PIPELINE_TAG = 7  # p2p tag of stage-to-stage activations
+_NCCL_WATCHDOG_MIN_S = 600.0  # NCCL's watchdog aborts a hung collective after this at least
 
 
 @dataclass(frozen=True, slots=True)
-class TensorParallelState:
-    """Rank and size of this process inside its instance's tensor-parallel group."""
+class ParallelContext:
+    """This rank's place in its instance and the groups it talks through (None: size 1)."""
 
-    rank: int = 0
-    world_size: int = 1
-    group: object | None = None  # a torch.distributed ProcessGroup when world_size > 1
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    layer_start: int = 0  # first decoder layer of this stage (HF index)
+    layer_end: int | None = None  # one past its last; None = every layer (single stage)
+    tp_group: Backend | None = None  # this stage's tensor-parallel ranks
+    pp_group: Backend | None = None  # this tp_rank's rank in every stage, rank = pp_rank
+    world_group: Backend | None = None  # every rank of the instance, rank = `rank`
+    timeout_s: float = 60.0  # bound of every Gloo wait
+    is_nccl: bool = False  # groups carry CUDA tensors through NCCL
 
     def __post_init__(self) -> None:
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"tp rank {self.rank} outside world size {self.world_size}")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank {self.tp_rank} outside tensor parallel size {self.tp_size}")
+        if not 0 <= self.pp_rank < self.pp_size:
+            raise ValueError(f"pp_rank {self.pp_rank} outside pipeline size {self.pp_size}")
+        if self.layer_end is None and self.pp_size > 1:
+            raise ValueError("a pipeline stage needs its layer range (layer_end is None)")
 
+    @classmethod
+    def single(cls) -> ParallelContext:
+        """One rank holding the whole model: every collective is a no-op."""
+        return cls()
 
-_state = TensorParallelState()
+    @property
+    def rank(self) -> int:
+        return self.pp_rank * self.tp_size + self.tp_rank
 
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
 
-def set_tensor_parallel_state(state: TensorParallelState) -> None:
-    global _state  # one process = one rank: the state is per-process by construction
-    _state = state
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
 
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
 
-def tp_state() -> TensorParallelState:
-    return _state
+    @property
+    def layer_range(self) -> tuple[int, int]:
+        """(start, end) of this stage's layers; only known to a context built for a model."""
+        if self.layer_end is None:
+            raise ValueError("this context covers every layer of whichever model it serves; "
+                             "use stage_layers(num_layers)")
+        return self.layer_start, self.layer_end
+
+    def stage_layers(self, num_layers: int) -> tuple[int, int]:
+        """(start, end) of this stage's layers in a model of `num_layers` layers."""
+        end = num_layers if self.layer_end is None else self.layer_end
+        if not 0 <= self.layer_start < end <= num_layers:
+            raise ValueError(f"stage layers [{self.layer_start}, {end}) do not fit a model of "
+                             f"{num_layers} layers")
+        return self.layer_start, end
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over the stage's tensor group, in place; returns x."""
+        if self.tp_group is None:
+            return x
+        self._wait(self.tp_group.allreduce([x]), "tensor-parallel all-reduce")
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every tensor rank's `x` along the last dimension, in rank order."""
+        if self.tp_group is None:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.tp_size)]
+        self._wait(self.tp_group.allgather([parts], [x.contiguous()]),
+                   "tensor-parallel all-gather")
+        return torch.cat(parts, dim=-1)
+
+    def send_next(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Send activations to the same tp_rank of the next stage (blocking until sent)."""
+        if self.is_last_stage:
+            raise ValueError("the last pipeline stage has no next stage to send to")
+        for t in tensors:
+            work = self.pp_group.send([t.contiguous()], self.pp_rank + 1, _PIPELINE_TAG)
+            self._wait(work, "pipeline send")
+
+    def recv_prev(self, shapes: Sequence[Sequence[int]], dtype: torch.dtype,
+                  device: torch.device | str) -> list[torch.Tensor]:
+        """Receive the tensors `send_next` of the previous stage sent, one per shape."""
+        if self.is_first_stage:
+            raise ValueError("the first pipeline stage has no previous stage to receive from")
+        out = []
+        for shape in shapes:
+            t = torch.empty(tuple(shape), dtype=dtype, device=device)
+            self._wait(self.pp_group.recv([t], self.pp_rank - 1, _PIPELINE_TAG), "pipeline recv")
+            out.append(t)
+        return out
+
+    def broadcast_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank gets the last stage's `tensor` (its tp_rank 0's), in place; returns it.
+
+        Sampling runs identically on all last-stage tensor ranks, so any of them may be the root.
+        """
+        if self.world_group is None:
+            return tensor
+        options = dist.BroadcastOptions()
+        options.rootRank = (self.pp_size - 1) * self.tp_size
+        options.rootTensor = 0
+        self._wait(self.world_group.broadcast([tensor], options), "broadcast from the last stage")
+        return tensor
+
+    def _wait(self, work: Work, what: str) -> None:
+        if self.is_nccl:
+            work.wait()  # orders the current stream only; the watchdog bounds a hang
+            return
+        try:
+            work.wait(timedelta(seconds=self.timeout_s))
+        except RuntimeError as exc:
+            raise TimeoutError(f"{what} failed or exceeded {self.timeout_s}s on rank "
+                               f"{self.rank}: {str(exc).splitlines()[0]}") from exc
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -44,16 +157,116 @@ def divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if _state.world_size == 1:
-        return x
-    dist.all_reduce(x, group=_state.group)
-    return x
+def split_layers(num_layers: int, pp_size: int,
+                 pipeline_layers: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """Each stage's (start, end) layers: `pipeline_layers` per stage, or an even split where
+    earlier stages take the remainder (the last stage also runs the LM head)."""
+    if pp_size < 1 or pp_size > num_layers:
+        raise ValueError(f"pipeline parallel size {pp_size} must be between 1 and the model's "
+                         f"{num_layers} layers")
+    if pipeline_layers is None:
+        base, extra = divmod(num_layers, pp_size)
+        counts = [base + (stage < extra) for stage in range(pp_size)]
+    else:
+        counts = [int(n) for n in pipeline_layers]
+        if len(counts) != pp_size or sum(counts) != num_layers or min(counts) < 1:
+            raise ValueError(f"pipeline_layers {counts} must give >= 1 layer to each of the "
+                             f"{pp_size} stages and sum to the model's {num_layers} layers "
+                             f"(they sum to {sum(counts)})")
+    starts = [sum(counts[:stage]) for stage in range(pp_size)]
+    return [(start, start + n) for start, n in zip(starts, counts)]
 
 
-def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
-    if _state.world_size == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(_state.world_size)]
-    dist.all_gather(parts, x.contiguous(), group=_state.group)
-    return torch.cat(parts, dim=-1)
+def check_parallel_sizes(model_config, tp_size: int, pp_size: int) -> None:
+    """Raise a ValueError naming the sizes when the model cannot be split tp x pp ways.
+
+    KV heads split when tp divides them and replicate when they divide tp (each rank then holds
+    one KV head, shared by tp / num_kv_heads ranks).
+    """
+    cfg = model_config
+    if tp_size < 1 or pp_size < 1:
+        raise ValueError(f"parallel sizes must be >= 1, got tp={tp_size}, pp={pp_size}")
+    if cfg.num_heads % tp_size:
+        raise ValueError(f"num_heads ({cfg.num_heads}) is not divisible by tensor parallel "
+                         f"size {tp_size}")
+    if cfg.intermediate_size % tp_size:
+        raise ValueError(f"intermediate_size ({cfg.intermediate_size}) is not divisible by "
+                         f"tensor parallel size {tp_size}")
+    if cfg.num_kv_heads % tp_size and tp_size % cfg.num_kv_heads:
+        raise ValueError(f"num_kv_heads ({cfg.num_kv_heads}) and tensor parallel size {tp_size} "
+                         "must divide one another")
+    if pp_size > cfg.num_layers:
+        raise ValueError(f"pipeline parallel size {pp_size} exceeds the model's "
+                         f"{cfg.num_layers} layers")
+
+
+def init_parallel_context(store: Store, rank: int, tp_size: int, pp_size: int, num_layers: int,
+                          device: torch.device | str, timeout_s: float,
+                          pipeline_layers: Sequence[int] | None = None,
+                          bind_host: str | None = "127.0.0.1") -> ParallelContext:
+    """Build this rank's groups; every rank of the instance calls it with the same sizes.
+
+    Blocks until the peers of each group have joined or `timeout_s` passes. `store` is the
+    instance's rendezvous store (prefixed here per group); `bind_host` is the address Gloo
+    listens on (None: the host's default interface).
+    """
+    world_size = tp_size * pp_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size} (tp={tp_size} x pp={pp_size})")
+    tp_rank, pp_rank = rank % tp_size, rank // tp_size
+    start, end = split_layers(num_layers, pp_size, pipeline_layers)[pp_rank]
+    is_nccl = torch.device(device).type == "cuda"
+
+    def group(prefix: str, group_rank: int, size: int) -> Backend | None:
+        if size == 1:
+            return None
+        sub = PrefixStore(prefix, store)
+        if is_nccl:
+            return _new_nccl_group(sub, group_rank, size, timeout_s)
+        return _new_gloo_group(sub, group_rank, size, timeout_s, bind_host)
+
+    return ParallelContext(
+        tp_rank=tp_rank, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size,
+        layer_start=start, layer_end=end,
+        tp_group=group(f"tp{pp_rank}", tp_rank, tp_size),
+        pp_group=group(f"pp{tp_rank}", pp_rank, pp_size),
+        world_group=group("world", rank, world_size),
+        timeout_s=timeout_s, is_nccl=is_nccl)
+
+
+def _new_gloo_group(store: Store, rank: int, size: int, timeout_s: float,
+                    bind_host: str | None) -> ProcessGroupGloo:
+    options = ProcessGroupGloo._Options()
+    options._timeout = timedelta(seconds=timeout_s)
+    device = (ProcessGroupGloo.create_default_device() if bind_host is None
+              else ProcessGroupGloo.create_device(hostname=bind_host))
+    options._devices = [device]
+    return ProcessGroupGloo(store, rank, size, options)
+
+
+def _new_nccl_group(store: Store, rank: int, size: int, timeout_s: float) -> Backend:
+    if not dist.is_nccl_available():
+        raise ValueError("tensor/pipeline parallelism on CUDA needs a torch build with NCCL")
+    from torch.distributed import ProcessGroupNCCL
+
+    options = ProcessGroupNCCL.Options()
+    options._timeout = timedelta(seconds=max(timeout_s, _NCCL_WATCHDOG_MIN_S))
+    return ProcessGroupNCCL(store, rank, size, options)
+
+
+def kv_heads_of_rank(num_kv_heads: int, parallel: ParallelContext) -> tuple[int, int]:
+    """(first KV head, KV head count) this tensor rank holds.
+
+    tp <= num_kv_heads: a contiguous num_kv_heads / tp heads each. tp > num_kv_heads: one head
+    each, replicated on tp / num_kv_heads consecutive ranks, so rank r holds head
+    r // (tp / num_kv_heads) - the head its query heads (r's num_heads / tp consecutive ones)
+    attend with under GQA.
+    """
+    tp, rank = parallel.tp_size, parallel.tp_rank
+    if num_kv_heads % tp == 0:
+        per_rank = num_kv_heads // tp
+        return rank * per_rank, per_rank
+    if tp % num_kv_heads:
+        raise ValueError(f"num_kv_heads ({num_kv_heads}) and tensor parallel size {tp} must "
+                         "divide one another")
+    return rank // (tp // num_kv_heads), 1

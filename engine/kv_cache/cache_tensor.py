@@ -1,9 +1,12 @@
-"""The KV cache tensor of one engine instance, and how big it may be.
+"""The KV cache tensor of one engine rank, and how big it may be.
 
 Layout `[num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim]` ("LBKVHD"): a block of
 one layer holds its K then its V contiguously, and a request's KV for a layer (or a range of
 layers) is `kv_cache[l0:l1, block_ids]` — a single gather packs it for transfer and a single
 indexed copy unpacks it into other block ids on the receiver.
+
+With tensor/pipeline parallelism a rank's cache holds its pipeline stage's layers only (layer
+axis stage-local) and its tensor rank's KV heads only; `num_layers` / `num_kv_heads` say so.
 """
 
 from __future__ import annotations
@@ -16,19 +19,25 @@ from engine.models.config import ModelConfig
 KV_LAYOUT = "LBKVHD"
 
 
-def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype,
+                    num_layers: int | None = None, num_kv_heads: int | None = None) -> int:
+    """Bytes of one block over `num_layers` layers of `num_kv_heads` heads (default: all)."""
     elem = torch.tensor([], dtype=dtype).element_size()
-    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    layers = num_layers or cfg.num_layers
+    heads = num_kv_heads or cfg.num_kv_heads
+    return layers * 2 * block_size * heads * cfg.head_dim * elem
 
 
 def num_blocks_to_allocate(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype,
-                           device: str, kv_heads_per_rank: int | None = None) -> int:
-    """Fixed count if configured; else a share of free GPU memory, or `cpu_kv_cache_bytes`."""
+                           device: str, kv_heads_per_rank: int | None = None,
+                           num_layers: int | None = None) -> int:
+    """Fixed count if configured; else a share of free GPU memory, or `cpu_kv_cache_bytes`.
+
+    `kv_heads_per_rank` / `num_layers` size a block of one rank (its heads, its stage's layers).
+    """
     if cache.num_blocks is not None:
         return cache.num_blocks
-    per_block = bytes_per_block(cfg, cache.block_size, dtype)
-    if kv_heads_per_rank is not None:
-        per_block = per_block * kv_heads_per_rank // cfg.num_kv_heads
+    per_block = bytes_per_block(cfg, cache.block_size, dtype, num_layers, kv_heads_per_rank)
     if device == "cuda":
         free_bytes, total_bytes = torch.cuda.mem_get_info()
         budget = free_bytes - (1 - cache.gpu_memory_utilization) * total_bytes
@@ -43,8 +52,9 @@ def num_blocks_to_allocate(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dt
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                      device: str, num_kv_heads: int | None = None) -> torch.Tensor:
+                      device: str, num_kv_heads: int | None = None,
+                      num_layers: int | None = None) -> torch.Tensor:
     """Zero-filled, so padded reads of unused slots never see NaN bit patterns."""
     heads = num_kv_heads or cfg.num_kv_heads
-    shape = (cfg.num_layers, num_blocks, 2, block_size, heads, cfg.head_dim)
+    shape = (num_layers or cfg.num_layers, num_blocks, 2, block_size, heads, cfg.head_dim)
     return torch.zeros(shape, dtype=dtype, device=device)

@@ -7,23 +7,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels import dispatch
-from engine.parallel import all_gather_last_dim, all_reduce, tp_state
+from engine.parallel import ParallelContext
 
 
 class VocabParallelEmbedding(nn.Module):
     """Token embedding with the vocabulary split across tensor-parallel ranks."""
 
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, parallel: ParallelContext) -> None:
         super().__init__()
-        tp = tp_state()
-        self.tp_size = tp.world_size
+        self.parallel = parallel
+        self.tp_size = parallel.tp_size
         self.vocab_per_rank = -(-vocab_size // self.tp_size)
-        self.vocab_start = tp.rank * self.vocab_per_rank
+        self.vocab_start = parallel.tp_rank * self.vocab_per_rank
         self.vocab_size = vocab_size
         self.weight = nn.Parameter(torch.zeros(self.vocab_per_rank, hidden_size), requires_grad=False)
 
-    def load_full(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        rows = min(self.vocab_per_rank, self.vocab_size - self.vocab_start)
+    def load_full(self, param: nn.Parameter, loaded) -> None:
+        """Keep this rank's rows; the padding rows past the vocabulary stay zero."""
+        rows = max(0, min(self.vocab_per_rank, self.vocab_size - self.vocab_start))
         param.data[:rows].copy_(loaded.narrow(0, self.vocab_start, rows))
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -32,12 +33,16 @@ class VocabParallelEmbedding(nn.Module):
         local = token_ids - self.vocab_start
         in_range = (local >= 0) & (local < self.vocab_per_rank)
         out = F.embedding(local.clamp(0, self.vocab_per_rank - 1), self.weight)
-        return all_reduce(out * in_range.unsqueeze(-1))
+        return self.parallel.all_reduce(out * in_range.unsqueeze(-1))
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Projects hidden states to vocabulary logits; shares its weight with the embedding when tied."""
+    """Projects hidden states to vocabulary logits; shares its weight with the embedding when tied.
+
+    The logits are gathered to the full vocabulary on every tensor rank, so sampling runs the
+    same way (same ids) on each of them.
+    """
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_last_dim(dispatch.linear(hidden, self.weight))
+        logits = self.parallel.all_gather_last_dim(dispatch.linear(hidden, self.weight))
         return logits[..., : self.vocab_size]

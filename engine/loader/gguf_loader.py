@@ -8,8 +8,9 @@ here so the weights match what transformers would load.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,17 @@ _REQUIRED = object()
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class DequantizedWeight:
+    """A GGUF tensor, dequantized (whole) when a loader narrows it to its slice."""
+
+    load: Callable[[], torch.Tensor] = field(repr=False)
+    shape: tuple[int, ...]
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        return self.load().narrow(dim, start, length)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class GGUFModelSource:
     """An opened GGUF file: its config and a memory-mapped reader for its tensors."""
 
@@ -60,12 +72,27 @@ class GGUFModelSource:
         """Yield (HF name, float32 CPU tensor), dequantizing one tensor at a time."""
         for tensor in self.reader.tensors:
             name = hf_tensor_name(tensor.name)
-            weight = torch.from_numpy(_dequantize(tensor))
-            if self.permute_qk and name.endswith("self_attn.q_proj.weight"):
-                weight = unpermute_qk_rows(weight, self.config.num_heads)
-            elif self.permute_qk and name.endswith("self_attn.k_proj.weight"):
-                weight = unpermute_qk_rows(weight, self.config.num_kv_heads)
-            yield name, weight
+            yield name, self._load(tensor, name)
+
+    def iter_lazy_weights(self) -> Iterator[tuple[str, DequantizedWeight]]:
+        """Yield (HF name, lazy weight): a tensor is dequantized only if a rank loads part of it.
+
+        Quantized blocks run along rows, so a rank dequantizes the whole tensor and then keeps
+        its slice: acceptable for the small models GGUF serves here, unlike safetensors (read
+        slice by slice).
+        """
+        for tensor in self.reader.tensors:
+            name = hf_tensor_name(tensor.name)
+            shape = tuple(int(dim) for dim in reversed(tensor.shape))
+            yield name, DequantizedWeight(partial(self._load, tensor, name), shape)
+
+    def _load(self, tensor: ReaderTensor, name: str) -> torch.Tensor:
+        weight = torch.from_numpy(_dequantize(tensor))
+        if self.permute_qk and name.endswith("self_attn.q_proj.weight"):
+            weight = unpermute_qk_rows(weight, self.config.num_heads)
+        elif self.permute_qk and name.endswith("self_attn.k_proj.weight"):
+            weight = unpermute_qk_rows(weight, self.config.num_kv_heads)
+        return weight
 
     def load_tokenizer(self) -> Tokenizer:
         return Tokenizer.from_gguf(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,20 @@ LM_HEAD = "lm_head.weight"
 _SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class SafetensorsWeight:
+    """One stored tensor, not read yet: `narrow` reads just that slice (memory-mapped)."""
+
+    lazy: Any = field(repr=False)  # a safetensors slice handle (`safe_open(...).get_slice`)
+    shape: tuple[int, ...]
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        if not 0 <= dim < len(self.shape) or not 0 <= start <= start + length <= self.shape[dim]:
+            raise ValueError(f"slice [{start}, {start + length}) of dim {dim} is outside a "
+                             f"stored tensor of shape {self.shape}")
+        return self.lazy[(slice(None),) * dim + (slice(start, start + length),)]
+
+
 @dataclass(frozen=True, slots=True)
 class HFModelSource:
     """An opened Hugging Face model folder: its config and where its weights are stored."""
@@ -42,6 +56,16 @@ class HFModelSource:
                 for name in tensors.keys():
                     if not _is_ignored(name, self.config.tie_word_embeddings):
                         yield name, tensors.get_tensor(name)
+
+    def iter_lazy_weights(self) -> Iterator[tuple[str, SafetensorsWeight]]:
+        """Yield (HF name, lazy weight): nothing is read until the loader narrows it to the
+        slice its rank holds, so no rank reads a whole tensor it only owns part of."""
+        for file in self.weight_files:
+            with safe_open(file, framework="pt", device="cpu") as tensors:
+                for name in tensors.keys():
+                    if not _is_ignored(name, self.config.tie_word_embeddings):
+                        lazy = tensors.get_slice(name)
+                        yield name, SafetensorsWeight(lazy, tuple(lazy.get_shape()))
 
     def load_tokenizer(self) -> Tokenizer:
         return Tokenizer.from_folder(

@@ -37,6 +37,11 @@ class ModelSource(Protocol):
 
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]: ...
 
+    def iter_lazy_weights(self) -> Iterator[tuple[str, object]]:
+        """Like `iter_weights`, but each weight is read only through `.narrow(dim, start,
+        length)` (see engine.models.weights), so a rank reads only the slices it holds."""
+        ...
+
     def load_tokenizer(self) -> Tokenizer: ...
 
 

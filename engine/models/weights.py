@@ -1,4 +1,11 @@
-"""Maps HF checkpoint tensor names onto our (fused, parallel-ready) parameters."""
+"""Maps HF checkpoint tensor names onto our (fused, parallel-ready) parameters.
+
+A checkpoint weight is a `torch.Tensor` or a lazy one: any object with `.shape` and
+`.narrow(dim, start, length) -> torch.Tensor` that reads only that slice from disk. Layers with
+`load_full` / `load_shard` narrow it to their rank's slice; plain parameters (norms) take it
+whole. A pipeline stage skips the tensors of what it does not own (`param_names_for`), so lazy
+weights of other stages are never read.
+"""
 
 from __future__ import annotations
 
@@ -25,34 +32,46 @@ def _our_name(hf_name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Copy every checkpoint tensor into its parameter; fail loudly on gaps and extras."""
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, object]]) -> None:
+    """Copy every checkpoint tensor this rank owns into its parameter; fail loudly on gaps
+    and on tensors that match no parameter of the whole model."""
     params = dict(model.named_parameters())
     owners = {name: mod for name, mod in _param_owners(model)}
     loaded: set[str] = set()
     tied = getattr(model.config, "tie_word_embeddings", False)
+    targets_of = getattr(model, "param_names_for", lambda name: (name,))
     for hf_name, tensor in weights:
         if "rotary_emb" in hf_name:
             continue
         name, shard = _our_name(hf_name)
         if name == "lm_head.weight" and tied:
             continue
-        if name not in params:
+        targets = targets_of(name)
+        if targets and any(target not in params for target in targets):
             raise ValueError(f"checkpoint tensor {hf_name!r} has no matching parameter ({name})")
-        param, owner = params[name], owners[name]
-        if shard is not None:
-            owner.load_shard(param, tensor, shard)
-            loaded.add(f"{name}:{shard}")
-        else:
-            (owner.load_full if hasattr(owner, "load_full") else _copy)(param, tensor)
-            loaded.add(name)
-    _check_complete(model, loaded, tied)
+        for target in targets:
+            loaded.add(_load_one(params[target], owners[target], tensor, shard, target))
+    _check_complete(model, loaded)
 
 
-def _copy(param: nn.Parameter, tensor: torch.Tensor) -> None:
-    if param.shape != tensor.shape:
-        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(tensor.shape)}")
-    param.data.copy_(tensor)
+def _load_one(param: nn.Parameter, owner: nn.Module, tensor, shard: str | None, name: str) -> str:
+    """Load `tensor` into `param`; returns the key `_check_complete` looks for."""
+    if shard is not None:
+        owner.load_shard(param, tensor, shard)
+        return f"{name}:{shard}"
+    if hasattr(owner, "load_full"):
+        owner.load_full(param, tensor)
+    else:
+        _copy(param, tensor)
+    return name
+
+
+def _copy(param: nn.Parameter, tensor) -> None:
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint "
+                         f"{tuple(tensor.shape)}")
+    param.data.copy_(tensor if isinstance(tensor, torch.Tensor) else
+                     tensor.narrow(0, 0, tensor.shape[0]))
 
 
 def _param_owners(model: nn.Module):
@@ -61,10 +80,12 @@ def _param_owners(model: nn.Module):
             yield (f"{mod_name}.{p_name}" if mod_name else p_name), module
 
 
-def _check_complete(model: nn.Module, loaded: set[str], tied: bool) -> None:
+def _check_complete(model: nn.Module, loaded: set[str]) -> None:
+    # named_parameters lists a shared (tied) parameter once, under the embedding's name
+    params = dict(model.named_parameters())
     missing = []
     for name, module in _param_owners(model):
-        if tied and name == "lm_head.weight":
+        if name not in params:
             continue
         shards = getattr(module, "shard_offsets", None)
         keys = [f"{name}:{s}" for s in shards] if shards else [name]
