@@ -111,8 +111,9 @@ class ParallelContext:
         """Send activations to the same tp_rank of the next stage (blocking until sent)."""
         if self.is_last_stage:
             raise ValueError("the last pipeline stage has no next stage to send to")
+        group = self._group(self.pp_group, "pipeline")
         for t in tensors:
-            work = self.pp_group.send([t.contiguous()], self.pp_rank + 1, _PIPELINE_TAG)
+            work = group.send([t.contiguous()], self.pp_rank + 1, _PIPELINE_TAG)
             self._wait(work, "pipeline send")
 
     def recv_prev(self, shapes: Sequence[Sequence[int]], dtype: torch.dtype,
@@ -120,10 +121,11 @@ class ParallelContext:
         """Receive the tensors `send_next` of the previous stage sent, one per shape."""
         if self.is_first_stage:
             raise ValueError("the first pipeline stage has no previous stage to receive from")
+        group = self._group(self.pp_group, "pipeline")
         out = []
         for shape in shapes:
             t = torch.empty(tuple(shape), dtype=dtype, device=device)
-            self._wait(self.pp_group.recv([t], self.pp_rank - 1, _PIPELINE_TAG), "pipeline recv")
+            self._wait(group.recv([t], self.pp_rank - 1, _PIPELINE_TAG), "pipeline recv")
             out.append(t)
         return out
 
@@ -140,6 +142,12 @@ class ParallelContext:
         self._wait(self.world_group.broadcast([tensor], options), "broadcast from the last stage")
         return tensor
 
+    def _group(self, group: Backend | None, what: str) -> Backend:
+        if group is None:
+            raise ValueError(f"this context has no {what} group: build it with "
+                             "init_parallel_context to run collectives")
+        return group
+
     def _wait(self, work: Work, what: str) -> None:
         if self.is_nccl:
             work.wait()  # orders the current stream only; the watchdog bounds a hang
@@ -153,7 +161,8 @@ class ParallelContext:
 
 def divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator:
-        raise ValueError(f"{what} ({numerator}) is not divisible by tensor parallel size {denominator}")
+        raise ValueError(f"{what} ({numerator}) is not divisible by tensor parallel size "
+                         f"{denominator}")
     return numerator // denominator
 
 
@@ -212,7 +221,8 @@ def init_parallel_context(store: Store, rank: int, tp_size: int, pp_size: int, n
     """
     world_size = tp_size * pp_size
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world size {world_size} (tp={tp_size} x pp={pp_size})")
+        raise ValueError(f"rank {rank} outside world size {world_size} "
+                         f"(tp={tp_size} x pp={pp_size})")
     tp_rank, pp_rank = rank % tp_size, rank // tp_size
     start, end = split_layers(num_layers, pp_size, pipeline_layers)[pp_rank]
     is_nccl = torch.device(device).type == "cuda"

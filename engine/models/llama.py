@@ -111,8 +111,8 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel)
                              if parallel.is_first_stage else None)
         # keyed by HF layer index: parameter names stay those of the checkpoint
-        self.layers = nn.ModuleDict(
-            {str(i): LlamaDecoderLayer(cfg, i, i - start, rope, parallel) for i in range(start, end)})
+        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(cfg, i, i - start, rope, parallel)
+                                     for i in range(start, end)})
         self.num_kv_heads_per_rank = self.layers[str(start)].self_attn.num_kv_heads
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if parallel.is_last_stage else None
         self.lm_head = (ParallelLMHead(cfg.vocab_size, cfg.hidden_size, parallel)

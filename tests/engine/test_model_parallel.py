@@ -9,6 +9,7 @@ must equal the single-rank ones. Four processes are spawned once for every split
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
 
@@ -20,8 +21,8 @@ from engine.builder import build_model, make_kv_cache, num_kv_blocks_that_fit
 from engine.config import CacheConfig, EngineConfig
 from engine.loader.source import open_model
 from engine.models.weights import load_weights
-from engine.parallel import (ParallelContext, check_parallel_sizes, kv_heads_of_rank,
-                             split_layers)
+from engine.parallel import (ParallelContext, check_parallel_sizes, init_parallel_context,
+                             kv_heads_of_rank, split_layers)
 from tests.engine.factories import save_tiny_hf_model
 from tests.engine.model_parallel_worker import Scenario, load_stage, rank_main, run_steps
 
@@ -124,7 +125,8 @@ def test_split_layers_even_and_explicit():
 def test_check_parallel_sizes_names_what_does_not_divide(model_paths):
     cfg = open_model(model_paths["qwen3"]).config  # 4 heads, 2 KV heads, 128 MLP, 6 layers
     check_parallel_sizes(cfg, 4, 6)
-    with pytest.raises(ValueError, match=r"num_heads \(4\) is not divisible by tensor parallel size 3"):
+    with pytest.raises(ValueError, match=r"num_heads \(4\) is not divisible by tensor "
+                                         "parallel size 3"):
         check_parallel_sizes(cfg, 3, 1)
     with pytest.raises(ValueError, match=r"intermediate_size \(90\) is not divisible by tensor "
                                          "parallel size 4"):
@@ -176,7 +178,8 @@ def test_rank_loads_only_its_slices(model_paths):
                      full["model.layers.4.self_attn.k_proj.weight"][kv_rows],
                      full["model.layers.4.self_attn.v_proj.weight"][kv_rows]])
     assert torch.equal(attn.qkv_proj.weight, qkv)
-    assert torch.equal(attn.qkv_proj.bias[:16], full["model.layers.4.self_attn.q_proj.bias"][q_rows])
+    q_bias = full["model.layers.4.self_attn.q_proj.bias"][q_rows]
+    assert torch.equal(attn.qkv_proj.bias[:16], q_bias)
     assert torch.equal(attn.o_proj.weight,
                        full["model.layers.4.self_attn.o_proj.weight"][:, 3 * 16:4 * 16])
     assert torch.equal(model.lm_head.weight, full["lm_head.weight"][3 * 12288:])
@@ -209,3 +212,22 @@ def test_kv_cache_per_rank(model_paths):
     assert num_kv_blocks_that_fit(cfg, config, stage) == (1 << 20) // (2 * 2 * 4 * 1 * 16 * 4)
     assert make_kv_cache(cfg, config, stage, num_blocks=5).shape == (2, 5, 2, 4, 1, 16)
     assert make_kv_cache(cfg, config).shape == (6, whole, 2, 4, 2, 16)
+
+
+def test_a_collective_without_its_peer_times_out():
+    """Two ranks in two threads: rank 1 never joins the all-reduce, rank 0 fails at its bound."""
+    master = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                        timeout=timedelta(seconds=10))
+
+    def join(rank: int) -> ParallelContext:  # one store client per rank, as in real processes
+        store = torch.distributed.TCPStore("127.0.0.1", master.port, is_master=False,
+                                           timeout=timedelta(seconds=10))
+        return init_parallel_context(store, rank, 2, 1, 2, "cpu", timeout_s=2.0)
+
+    with ThreadPoolExecutor(2) as pool:
+        contexts = list(pool.map(join, range(2)))
+    assert [c.rank for c in contexts] == [0, 1] and contexts[1].layer_range == (0, 2)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="tensor-parallel all-reduce failed or exceeded 2.0s"):
+        contexts[0].all_reduce(torch.ones(4))
+    assert time.monotonic() - started < 10
