@@ -55,9 +55,10 @@ class ParallelContext:
             raise ValueError("a pipeline stage needs its layer range (layer_end is None)")
 
     @classmethod
-    def single(cls) -> ParallelContext:
-        """One rank holding the whole model: every collective is a no-op."""
-        return cls()
+    def single(cls, num_layers: int | None = None) -> ParallelContext:
+        """One rank holding the whole model: every collective is a no-op. Without
+        `num_layers` it serves a model of any depth (`stage_layers` resolves the range)."""
+        return cls(layer_end=num_layers)
 
     @property
     def rank(self) -> int:

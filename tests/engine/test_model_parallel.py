@@ -231,3 +231,15 @@ def test_a_collective_without_its_peer_times_out():
     with pytest.raises(TimeoutError, match="tensor-parallel all-reduce failed or exceeded 2.0s"):
         contexts[0].all_reduce(torch.ones(4))
     assert time.monotonic() - started < 10
+
+
+def test_context_numbers_ranks_stage_by_stage():
+    ctx = ParallelContext(tp_rank=1, tp_size=2, pp_rank=1, pp_size=2, layer_start=3, layer_end=6)
+    assert (ctx.rank, ctx.world_size, ctx.layer_range) == (3, 4, (3, 6))
+    assert ctx.is_last_stage and not ctx.is_first_stage
+    single = ParallelContext.single()
+    assert (single.rank, single.world_size, single.stage_layers(6)) == (0, 1, (0, 6))
+    x = torch.ones(3)
+    assert single.all_reduce(x) is x and single.broadcast_from_last_stage(x) is x
+    with pytest.raises(ValueError, match="has no pipeline group"):
+        ctx.recv_prev([(1, 4)], torch.float32, "cpu")
