@@ -31,6 +31,7 @@ from benchmarks.latency import BS, CFG, PARAMS  # noqa: E402
 from engine.builder import build_model, init_random_weights  # noqa: E402
 from engine.kernels.attention_backend import TritonAttentionBackend  # noqa: E402
 from engine.model_runner import ModelRunner  # noqa: E402
+from engine.plan import PlanBuilder  # noqa: E402
 from engine.request import Request  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from engine.scheduler import ScheduledChunk, SchedulerOutput  # noqa: E402
@@ -101,11 +102,12 @@ def _measure(runner: ModelRunner, kv: torch.Tensor, n: int, bw: float) -> dict:
 
     prompt = torch.randint(0, CFG.vocab_size, (n,)).tolist()
     table = ids.tolist()
+    planner = PlanBuilder()
 
     def prefill(on_layer_done=None) -> None:
         request = Request(f"p{n}", prompt, SamplingParams(**PARAMS), 0, 1 << 20)
         chunk = ScheduledChunk(request, 0, n, table, True)
-        runner.execute(SchedulerOutput([chunk]), on_layer_done).token_ids.tolist()
+        runner.execute(planner.build(SchedulerOutput([chunk])), on_layer_done).token_ids.tolist()
 
     wall_ms(prefill, reps=1, warmup=2)
     variants = {"plain": None, "per_layer": hook_for(1), "grouped": hook_for(grouped)}

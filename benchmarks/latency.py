@@ -28,6 +28,7 @@ from benchmarks.gpu_common import (bench_tokenizer, copy_bandwidth_gbs,  # noqa:
 from engine.builder import build_model, init_random_weights  # noqa: E402
 from engine.kernels.attention_backend import TritonAttentionBackend  # noqa: E402
 from engine.model_runner import ModelRunner  # noqa: E402
+from engine.plan import PlanBuilder  # noqa: E402
 from engine.models.config import ModelConfig  # noqa: E402
 from engine.request import Request  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -63,6 +64,10 @@ class Workload:
         self.runner = runner
         self.next_block = 0
         self.num_blocks = runner.kv_cache.shape[1]
+        self.planner = PlanBuilder()  # what the engine core does per step (host cost included)
+
+    def execute(self, chunks):
+        return self.runner.execute(self.planner.build(SchedulerOutput(chunks)))
 
     def requests(self, batch: int, prompt_len: int, room: int) -> list[tuple[Request, list[int]]]:
         per_seq = -(-(prompt_len + room) // BS)
@@ -79,13 +84,13 @@ class Workload:
 
     def prefill(self, reqs) -> None:
         chunks = [ScheduledChunk(r, 0, r.num_tokens, t, True) for r, t in reqs]
-        sampled = self.runner.execute(SchedulerOutput(chunks))
+        sampled = self.execute(chunks)
         for (r, _), tok in zip(reqs, sampled.token_ids.tolist()):
             r.output_token_ids.append(tok)
 
     def decode_step(self, reqs) -> None:
         chunks = [ScheduledChunk(r, r.num_tokens - 1, 1, t, True) for r, t in reqs]
-        sampled = self.runner.execute(SchedulerOutput(chunks))
+        sampled = self.execute(chunks)
         for (r, _), tok in zip(reqs, sampled.token_ids.tolist()):
             r.output_token_ids.append(tok)
 

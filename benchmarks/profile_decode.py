@@ -36,7 +36,7 @@ from engine.kernels.attention_backend import TritonAttentionBackend  # noqa: E40
 from engine.kernels.decode_attention import decode_attention, num_splits_for  # noqa: E402
 from engine.model_runner import ModelRunner  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
-from engine.scheduler import ScheduledChunk  # noqa: E402
+from engine.scheduler import ScheduledChunk, SchedulerOutput  # noqa: E402
 
 KINDS = (("attention", ("_decode_kernel", "_combine_kernel")), ("norm", ("rms_norm",)),
          ("rope_kv", ("rope",)), ("silu", ("silu",)),
@@ -97,7 +97,9 @@ def host_split(runner, work, reqs, steps: int = 30) -> dict:
     for _ in range(steps):
         t0 = time.perf_counter()
         c = chunks()
-        graphs.load_inputs(c, bucket)
+        plan = work.planner.build(SchedulerOutput(c))
+        runner.tables.apply(plan)
+        graphs.load_inputs(plan, runner.tables.of(plan), bucket)
         t1 = time.perf_counter()
         graphs.graphs[bucket].graph.replay()
         t2 = time.perf_counter()

@@ -45,7 +45,7 @@ class DecodeActor(ActorLoopControls):
         self._outputs = self._outputs or asyncio.Queue()
         cfg = self.worker.engine.model_config
         return {"instance_id": self.spec.instance_id, "model_name": cfg.name,
-                "num_blocks": self.worker.engine.kv_manager.num_blocks,
+                "num_blocks": self.worker.engine.stats().num_blocks,
                 "metrics_address": self.metrics_endpoint.address}
 
     async def stream_outputs(self):

@@ -87,7 +87,7 @@ class DecodeWorker(LoopControls):
         self.instance_id = instance_id
         self.emit = emit
         self.transfer_timeout_s = transfer_timeout_s
-        self.watermark_blocks = int(reserve_watermark * engine.kv_manager.num_blocks)
+        self.watermark_blocks = int(reserve_watermark * engine.stats().num_blocks)
         self.spec = KVLayoutSpec.for_cache(engine.kv_cache, engine.model_config.name)
         self.store = host_store(host, 0)
         self.host = host
@@ -151,8 +151,8 @@ class DecodeWorker(LoopControls):
     # ---- engine thread ---------------------------------------------------------------------
     def _reserve(self, req: worker_pb2.ReserveRequest) -> worker_pb2.ReserveReply:
         reply = worker_pb2.ReserveReply(protocol_version=PROTOCOL_VERSION, request_id=req.request_id)
-        kv = self.engine.kv_manager
-        num_waiting = len(self.incoming) + self.engine.scheduler.num_waiting
+        stats = self.engine.stats()
+        num_waiting = len(self.incoming) + stats.num_waiting
         if num_waiting >= self.max_waiting_requests:
             reply.reason = (f"decode queue full: {num_waiting} requests waiting "
                             f"(limit {self.max_waiting_requests})")
@@ -166,14 +166,15 @@ class DecodeWorker(LoopControls):
             reply.reason = str(exc)
             return reply
         # the KV to land covers every known token (prompt + resumed outputs), +1 for the next
-        needed = kv.num_missing_blocks(req.request_id, request.num_tokens + 1)
-        if needed + self.watermark_blocks > kv.num_free_blocks or req.request_id in self.incoming:
-            reply.reason = (f"KV cache full: {kv.num_free_blocks} of {kv.num_blocks} blocks free, "
-                            f"{needed} needed")
+        needed = self.engine.num_blocks_needed(req.request_id, request.num_tokens + 1)
+        free = stats.num_free_blocks
+        if needed + self.watermark_blocks > free or req.request_id in self.incoming:
+            reply.reason = f"KV cache full: {free} of {stats.num_blocks} blocks free, {needed} needed"
             return reply
-        blocks = list(kv.grow(req.request_id, request.num_tokens))
+        blocks = self.engine.reserve_blocks(req.request_id, request.num_tokens)
         self.incoming[req.request_id] = Incoming(request, blocks, time.monotonic())
-        reply.accepted, reply.num_blocks, reply.num_free_blocks = True, len(blocks), kv.num_free_blocks
+        reply.accepted, reply.num_blocks = True, len(blocks)
+        reply.num_free_blocks = self.engine.stats().num_free_blocks
         return reply
 
     def _blocks_of(self, request_id: str) -> list[int] | None:
@@ -221,14 +222,13 @@ class DecodeWorker(LoopControls):
         del self.incoming[incoming.request.request_id]
         first = incoming.first
         if first.finish_reason or first.error:  # finished at the prefill: nothing to decode
-            self.engine.kv_manager.free(incoming.request.request_id)
+            self.engine.release_blocks(incoming.request.request_id)
             return
         request = incoming.request
-        request.num_computed_tokens = request.num_tokens  # prompt + resumed outputs landed
         try:
             self.engine.track(request)  # replays resumed outputs: their stop strings raise
         except ValueError as exc:  # the prefill side rejects these first; kept for safety
-            self.engine.kv_manager.free(request.request_id)
+            self.engine.release_blocks(request.request_id)
             self._emit_error(request.request_id, str(exc))
             return
         logprob = first.logprobs[0] if first.logprobs else None
@@ -239,7 +239,7 @@ class DecodeWorker(LoopControls):
         request.first_token_time_s = time.monotonic()
         self.transfer_s[request.request_id] = incoming.transfer_s
         self.admitted_at_s[request.request_id] = request.first_token_time_s
-        self.engine.scheduler.add_prefilled(request)
+        self.engine.admit_prefilled(request)  # prompt + resumed outputs landed
 
     def _transfer_failed(self, request_id: str, message: str) -> None:
         incoming = self.incoming.get(request_id)
@@ -255,7 +255,7 @@ class DecodeWorker(LoopControls):
 
     def _drop(self, incoming: Incoming) -> None:
         self.incoming.pop(incoming.request.request_id, None)
-        self.engine.kv_manager.free(incoming.request.request_id)
+        self.engine.release_blocks(incoming.request.request_id)
 
     def _abort(self, task: worker_pb2.AbortTask) -> worker_pb2.AbortReply:
         rid = task.request_id
@@ -280,7 +280,7 @@ class DecodeWorker(LoopControls):
                 self.engine.abort(request_id)
             except Exception:  # the engine's state may be broken; the blocks go back anyway
                 log.exception("cannot abort %s on the dead decode instance", request_id)
-            self.engine.kv_manager.free(request_id)
+            self.engine.release_blocks(request_id)
         self.incoming.clear()
         self.transfer_s.clear()
         self.admitted_at_s.clear()

@@ -30,9 +30,7 @@ import torch
 from engine.attention.metadata import AttentionMetadata, SeqGroup
 from engine.kernels import dispatch
 from engine.models.context import ForwardContext
-from engine.scheduler import ScheduledChunk
-
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+from engine.plan import BATCH_BUCKETS, StepPlan
 
 
 @dataclass(slots=True)
@@ -75,23 +73,22 @@ class DecodeGraphRunner:
     def bucket_for(self, batch_size: int) -> int | None:
         return next((b for b in self.buckets if b >= batch_size), None)
 
-    def can_run(self, chunks: Sequence[ScheduledChunk]) -> bool:
-        """Decode-only steps that fit a bucket, while the Triton kernels are enabled."""
-        return (bool(chunks) and self.bucket_for(len(chunks)) is not None
-                and dispatch.triton_enabled()
-                and all(c.is_decode and c.samples and len(c.block_table) <= self.max_blocks
-                        for c in chunks))
+    def can_run(self, plan: StepPlan) -> bool:
+        """Decode-only steps the core gave a bucket (all within max_blocks_per_seq), while the
+        Triton kernels are enabled."""
+        return (plan.graph_bucket is not None and plan.graph_bucket in self.buckets
+                and dispatch.triton_enabled())
 
     @torch.inference_mode()
-    def run(self, chunks: Sequence[ScheduledChunk]
+    def run(self, plan: StepPlan, tables: Sequence[list[int]]
             ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Load the step's inputs, replay its bucket's graph; returns (logits [B, V], greedy
         ids [B], metadata), views of static buffers valid until the next replay."""
-        bucket = self.bucket_for(len(chunks))
-        self.load_inputs(chunks, bucket)
+        bucket = plan.graph_bucket
+        self.load_inputs(plan, tables, bucket)
         captured = self.graphs.get(bucket) or self._capture(bucket)
         captured.graph.replay()
-        n = len(chunks)
+        n = plan.num_seqs
         return captured.logits[:n], captured.greedy_ids[:n], captured.meta
 
     @torch.inference_mode()
@@ -100,7 +97,7 @@ class DecodeGraphRunner:
         Inputs are the padding rows: no KV is written."""
         for bucket in sorted(batch_sizes or self.buckets, reverse=True):
             if bucket not in self.graphs:
-                self.load_inputs([], bucket)
+                self.load_inputs(None, [], bucket)
                 self._capture(bucket)
 
     def capture_up_to(self, max_batch_size: int) -> None:
@@ -112,39 +109,40 @@ class DecodeGraphRunner:
         """(input_ids, positions) of the last loaded step."""
         return self.token_inputs[0, :batch_size], self.token_inputs[1, :batch_size]
 
-    def load_inputs(self, chunks: Sequence[ScheduledChunk], bucket: int) -> None:
-        """Copy a step's inputs into the static buffers; rows past len(chunks) are padding.
-        The whole staging buffer goes over in one copy (a few KiB); a graph reads only its
-        bucket's columns."""
-        bs, n = self.block_size, len(chunks)
-        positions = [c.start for c in chunks]
+    def load_inputs(self, plan: StepPlan | None, tables: Sequence[list[int]], bucket: int) -> None:
+        """Copy a decode step's inputs into the static buffers; rows past its sequences are
+        padding (`plan` None: all padding). The whole staging buffer goes over in one copy (a
+        few KiB); a graph reads only its bucket's columns."""
+        bs, n = self.block_size, len(tables)
         if self._copied is not None:
             self._copied.synchronize()  # the previous copy has left the staging buffer
         st = self._staging_np
-        st[0, :n] = [c.request.token_at(p) for c, p in zip(chunks, positions)]
-        st[1, :n] = positions
-        st[2, :n] = [c.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, positions)]
-        st[3, :n] = st[1, :n] + 1
-        st[4, :n] = [c.request.inflight_row if t < 0 else -1 for c, t in zip(chunks, st[0, :n])]
+        if n:
+            positions = plan.starts
+            st[0, :n] = plan.token_ids
+            st[1, :n] = positions
+            st[2, :n] = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)]
+            st[3, :n] = st[1, :n] + 1
+            st[4, :n] = plan.inflight_rows
         st[:, n:bucket] = [[0], [0], [-1], [1], [-1]]
         self.token_inputs.copy_(self._staging, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
-        self._load_block_tables(chunks)
+        self._load_block_tables(tables)
 
     # ---- internals ------------------------------------------------------------------------
-    def _load_block_tables(self, chunks: Sequence[ScheduledChunk]) -> None:
+    def _load_block_tables(self, tables: Sequence[list[int]]) -> None:
         """Upload only the rows whose table changed since the last step: a running batch gains
         a block per sequence every block_size steps, and converting every table each step
         costs more host time than a small model's whole step. Stale entries past a row's
         length are never read (the kernels stop at the context length)."""
-        changed = [i for i, c in enumerate(chunks) if self._host_tables[i] != c.block_table]
+        changed = [i for i, t in enumerate(tables) if self._host_tables[i] != t]
         if not changed:
             return
-        width = max(len(chunks[i].block_table) for i in changed)
+        width = max(len(tables[i]) for i in changed)
         rows = []  # [row index, table padded to width]: one copy for index and rows
         for i in changed:
-            table = chunks[i].block_table
+            table = tables[i]
             self._host_tables[i] = list(table)
             rows.append([i, *table] + [0] * (width - len(table)))
         packed = torch.tensor(rows, dtype=torch.int32).to(self.block_tables.device,

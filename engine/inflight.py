@@ -7,7 +7,7 @@ while the GPU computes the next. What makes that possible:
 
 - the scheduler plans N+1 with N's tokens "in flight" (`Request.num_inflight_tokens`): they
   count as tokens of their sequences, their positions, slots and blocks are known;
-- the runner feeds their ids to N+1 on the device, from the buffer where N's sampling wrote
+- the runner feeds their ids to N+1 on the device (the plan's `inflight_rows`), from the buffer where N's sampling wrote
   them (`ModelRunner.sampled_ids`, row `Request.inflight_row`);
 - each launched step copies its sampled ids into a pinned host buffer and records an event; the
   engine later waits for that event only, never for the whole stream (which already holds N+1).
@@ -21,33 +21,32 @@ are not scheduled while their last token is in flight, so they waste nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+from engine.plan import StepResult
+from engine.request import Request
 from engine.sampler import SamplerOutput
-from engine.scheduler import ScheduledChunk
+
+if TYPE_CHECKING:
+    from engine.executor.base import StepHandle
 
 
 @dataclass(slots=True)
 class InFlightStep:
-    """A launched step: what it computes, and where and when its sampled ids land on the host."""
+    """A launched step, as the engine core tracks it until it is read back."""
 
-    sampling_chunks: list[ScheduledChunk]  # chunk i's token is row i of token_ids
+    sampling_requests: list[Request]  # request i's token is row i of the step's result
     request_ids: frozenset[str]  # every request the step computes KV for
-    token_ids: torch.Tensor | None  # host [S] int64, valid once `ready` has fired
-    logprobs: torch.Tensor | None  # host [S] float32, when a request asked for logprobs
-    ready: torch.cuda.Event | None  # None on CPU: the copies were synchronous
+    handle: StepHandle
+    launched_at_s: float
+    hands_off: bool = False  # the step completes prompts whose KV a hand-off hook streams
     deferred_frees: list[str] = field(default_factory=list)  # freed once this step is read
 
-    def wait(self) -> tuple[list[int], list[float] | None]:
-        """Block until the sampled ids are on the host; returns them (and logprobs) as lists."""
-        if self.ready is not None:
-            self.ready.synchronize()
-        if self.token_ids is None:
-            return [], None
-        n = len(self.sampling_chunks)
-        logprobs = self.logprobs[:n].tolist() if self.logprobs is not None else None
-        return self.token_ids[:n].tolist(), logprobs
+    def wait(self) -> StepResult:
+        """Block until the sampled ids are on the host (the step's only host sync)."""
+        return self.handle.wait()
 
 
 class Readback:

@@ -33,11 +33,11 @@ class EngineMetrics:
     def publish(self, engine: LLMEngine, num_waiting_outside: int = 0) -> None:
         """Engine thread: copy the engine's state; `num_waiting_outside` counts requests the
         worker holds outside the scheduler."""
-        scheduler = engine.scheduler
-        self.num_running.set(len(scheduler.running))
-        self.num_waiting.set(scheduler.num_waiting + num_waiting_outside)
-        self.kv_cache_usage.set(engine.kv_manager.pool.usage)
-        new_preemptions = scheduler.num_preemptions - self._num_preemptions_seen
+        stats = engine.stats()
+        self.num_running.set(stats.num_running)
+        self.num_waiting.set(stats.num_waiting + num_waiting_outside)
+        self.kv_cache_usage.set(stats.kv_usage)
+        new_preemptions = stats.num_preemptions - self._num_preemptions_seen
         if new_preemptions:
             self.num_preemptions.inc(new_preemptions)
             self._num_preemptions_seen += new_preemptions

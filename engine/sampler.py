@@ -14,12 +14,14 @@ Triton pass on CUDA (`engine/kernels/sampling.py`), `sample_race_ref` elsewhere.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from engine.kernels import dispatch
+from engine.plan import SamplingRow
 from engine.sampling_params import MAX_SEED, SamplingParams
 
 _MASK32 = 0xFFFFFFFF
@@ -146,29 +148,42 @@ class SamplingTensors:
     ) -> SamplingTensors:
         """Build the batch tensors; `seeds` are the engine-assigned per-request seeds."""
         _check_batch(params, seeds, steps, token_histories, vocab_size)
-        top_ks = [vocab_size if p.top_k <= 0 else min(p.top_k, vocab_size) for p in params]
+        histories = token_histories or [None] * len(params)
+        rows = [SamplingRow(p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
+                            p.logprobs, seed, step,
+                            tuple(h) if h is not None else None)
+                for p, seed, step, h in zip(params, seeds, steps, histories)]
+        return cls.from_rows(rows, vocab_size, device)
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[SamplingRow], vocab_size: int,
+                  device: torch.device | str) -> SamplingTensors:
+        """Build the batch tensors from a step plan's sampling rows (engine/plan.py)."""
+        top_ks = [vocab_size if r.top_k <= 0 else min(r.top_k, vocab_size) for r in rows]
         floats = _to_device(torch.tensor(
-            [[0.0 if p.is_greedy else p.temperature, p.top_p, p.min_p, p.repetition_penalty]
-             for p in params],
+            [[0.0 if r.is_greedy else r.temperature, r.top_p, r.min_p, r.repetition_penalty]
+             for r in rows],
             dtype=torch.float32,
         ).T.contiguous(), device)
-        ints = _to_device(torch.tensor([top_ks, seeds, steps], dtype=torch.int64), device)
-        sampled = [p for p in params if not p.is_greedy]
-        any_penalty = any(p.repetition_penalty != 1.0 for p in params)
+        ints = _to_device(torch.tensor([top_ks, [r.seed for r in rows], [r.step for r in rows]],
+                                       dtype=torch.int64), device)
+        sampled = [r for r in rows if not r.is_greedy]
+        any_penalty = any(r.repetition_penalty != 1.0 for r in rows)
         greedy_rows = floats[0] == 0.0
+        histories = [list(r.token_history or ()) for r in rows] if any_penalty else None
         return cls(
             temperatures=floats[0].masked_fill(greedy_rows, 1.0),
             greedy_rows=greedy_rows,
             top_ks=ints[0], top_ps=floats[1], min_ps=floats[2],
             repetition_penalties=floats[3], seeds=ints[1], steps=ints[2],
-            seen_mask=_seen_mask(token_histories, vocab_size, device) if any_penalty else None,
+            seen_mask=_seen_mask(histories, vocab_size, device) if any_penalty else None,
             vocab_size=vocab_size,
             all_greedy=not sampled,
             any_penalty=any_penalty,
-            any_top_k=any(0 < p.top_k < vocab_size for p in sampled),
-            any_top_p=any(p.top_p < 1.0 for p in sampled),
-            any_min_p=any(p.min_p > 0.0 for p in sampled),
-            need_logprobs=any(p.logprobs for p in params),
+            any_top_k=any(0 < r.top_k < vocab_size for r in sampled),
+            any_top_p=any(r.top_p < 1.0 for r in sampled),
+            any_min_p=any(r.min_p > 0.0 for r in sampled),
+            need_logprobs=any(r.logprobs for r in rows),
         )
 
 

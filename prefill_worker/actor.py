@@ -39,7 +39,7 @@ class PrefillActor(ActorLoopControls):
         """Startup check: the model is loaded; basic facts for the router."""
         cfg = self.worker.engine.model_config
         return {"instance_id": self.spec.instance_id, "model_name": cfg.name,
-                "num_blocks": self.worker.engine.kv_manager.num_blocks,
+                "num_blocks": self.worker.engine.stats().num_blocks,
                 "metrics_address": self.metrics_endpoint.address}
 
     async def connect(self, decode_id: str, endpoint: worker_pb2.PairEndpoint, decode_handle) -> None:

@@ -9,7 +9,6 @@ and the prefill-specific ones below, all in the instance's own registry, served 
 
 from __future__ import annotations
 
-from itertools import chain
 
 from typing import TYPE_CHECKING
 
@@ -49,7 +48,5 @@ class PrefillMetrics:
     def publish(self, engine: LLMEngine, num_transfers_in_flight: int) -> None:
         """Engine thread, after each loop iteration."""
         self.engine.publish(engine)
-        scheduler = engine.scheduler
-        self.num_prompt_tokens_waiting.set(
-            sum(r.num_pending_tokens for r in chain(scheduler.waiting, scheduler.running)))
+        self.num_prompt_tokens_waiting.set(engine.stats().num_pending_tokens)
         self.transfer.in_flight.set(num_transfers_in_flight)

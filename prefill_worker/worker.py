@@ -29,9 +29,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from engine.engine_loop import EngineDeadError, EngineLoop, LoopControls
+from engine.executor.base import LayerListener
 from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
 from engine.request import Request
-from engine.sampler import SamplerOutput
 from kv_transfer import (DEFAULT_MIN_MESSAGE_BYTES, FaultInjection, KVLayoutSpec,
                          OutgoingTransfer, layers_per_message_for, new_descriptor)
 from prefill_worker.links import LinkConfig, SendLink
@@ -93,6 +94,8 @@ class PrefillWorker(LoopControls):
         self._handed_off: set[str] = set()  # request ids whose blocks the transfer holds
         self.num_transfers_failed = 0
         self.metrics = metrics or PrefillMetrics(engine.model_config.name)
+        self._begun: dict[str, _Handoff] = {}  # transfers begun by the step now running
+        engine.set_handoff(self)  # the core's step calls begin() and handed_off()
         self.loop = EngineLoop(self._step, engine.has_unfinished, f"prefill-{instance_id}",
                                after_iteration=self._publish_metrics,
                                device=engine.kv_cache.device, on_error=self._fail_pending)
@@ -161,33 +164,35 @@ class PrefillWorker(LoopControls):
             pending.on_result(_failed_result(task.request_id, str(exc)))
             return
         request.arrival_time_s = time.monotonic()
-        self.engine.scheduler.add(request)
+        self.engine.enqueue(request)
         self._pending[task.request_id] = pending
 
     def _step(self) -> None:
-        plan = self.engine.scheduler.schedule()
-        if plan.is_empty:
-            return
-        self.metrics.iteration_tokens.observe(plan.num_batched_tokens)
-        handoffs = [self._begin_transfer(c.request) for c in plan.chunks if c.samples]
+        self.engine.step()  # the core's step; hand-offs happen in it, through the hook below
+        if self.engine.last_step_num_tokens:
+            self.metrics.iteration_tokens.observe(self.engine.last_step_num_tokens)
+
+    # ---- the core's hand-off hook (engine/hooks.py), engine thread ---------------------------
+    def begin(self, requests: list[Request]) -> LayerListener | None:
+        """The step about to run completes these prompts: begin their transfers; the returned
+        listener posts each layer's KV as soon as the forward pass has written it."""
+        handoffs = [self._begin_transfer(request) for request in requests]
+        self._begun = {h.request.request_id: h for h in handoffs}
         senders = {h.link.sender for h in handoffs if h.link is not None}
-        on_layer_done = None
-        if senders:
-            def on_layer_done(layer: int) -> None:
-                for sender in senders:
-                    sender.send_layers(layer, layer + 1)
-        started = time.monotonic()
-        sampled = self.engine.runner.execute(plan, on_layer_done)
-        self.engine.scheduler.on_step_done(plan)
-        if sampled is not None:
-            self._hand_off(sampled, handoffs, time.monotonic() - started)
+        if not senders:
+            return None
+
+        def on_layer_done(layer: int) -> None:
+            for sender in senders:
+                sender.send_layers(layer, layer + 1)
+        return on_layer_done
 
     def _begin_transfer(self, request: Request) -> _Handoff:
         task = self._pending[request.request_id].task
         link = self.links.get(task.decode_instance_id)
         if link is None or not link.is_ready:
             return _Handoff(request, task, None)
-        table = self.engine.kv_manager.block_table(request.request_id)
+        table = self.engine.block_ids(request.request_id)  # allocated for this step
         num_layers = self.engine.model_config.num_layers
         per_message = layers_per_message_for(num_layers, len(table) * self._block_layer_bytes,
                                              self.layers_per_message, self.min_message_bytes)
@@ -202,33 +207,30 @@ class PrefillWorker(LoopControls):
             return _Handoff(request, task, None)
         return _Handoff(request, task, link, transfer)
 
-    def _hand_off(self, sampled: SamplerOutput, handoffs: list[_Handoff], step_s: float) -> None:
-        token_ids = sampled.token_ids.tolist()
-        logprobs = sampled.logprobs.tolist() if sampled.logprobs is not None else [None] * len(token_ids)
-        for h, token_id, logprob in zip(handoffs, token_ids, logprobs):
-            rid = h.request.request_id
-            out = self.engine.record_token(h.request, token_id, logprob)
-            self.engine.scheduler.detach(h.request)
-            self.engine.forget(h.request)
-            delta = _token_delta(h.request, out, step_s)
-            self.metrics.queue_time.observe(delta.timing.queue_s)
-            self.metrics.prefill_time.observe(delta.timing.prefill_s)
-            # a link replaced (repaired) since the transfer began refuses it: no ack can come
-            handed = h.link is not None and h.link.hand_over(h.transfer)
-            if handed:
-                self._handed_off.add(rid)
-                self.peers[h.task.decode_instance_id].first_token(delta)
-            else:
-                self.engine.kv_manager.free(rid)
-            result = worker_pb2.PrefillResult(protocol_version=PROTOCOL_VERSION, request_id=rid,
-                                              first_token=delta, prefill_s=step_s)
-            if not handed:
-                self.metrics.transfer.observe_failure(worker_pb2.TRANSFER_STATUS_FAILED)
-                result.transfer.status = worker_pb2.TRANSFER_STATUS_FAILED
-                result.transfer.message = f"no ready KV channel to {h.task.decode_instance_id}"
-            else:
-                result.transfer.status = worker_pb2.TRANSFER_STATUS_OK  # begun; the ack is async
-            self._pending.pop(rid).on_result(result)
+    def handed_off(self, request: Request, out: RequestOutput, step_s: float) -> None:
+        """The first token exists and the request left the core; its blocks are held by its
+        transfer (freed on the acknowledgement) or freed now if no transfer could start."""
+        h = self._begun.pop(request.request_id)
+        rid = request.request_id
+        delta = _token_delta(request, out, step_s)
+        self.metrics.queue_time.observe(delta.timing.queue_s)
+        self.metrics.prefill_time.observe(delta.timing.prefill_s)
+        # a link replaced (repaired) since the transfer began refuses it: no ack can come
+        handed = h.link is not None and h.link.hand_over(h.transfer)
+        if handed:
+            self._handed_off.add(rid)
+            self.peers[h.task.decode_instance_id].first_token(delta)
+        else:
+            self.engine.release_blocks(rid)
+        result = worker_pb2.PrefillResult(protocol_version=PROTOCOL_VERSION, request_id=rid,
+                                          first_token=delta, prefill_s=step_s)
+        if not handed:
+            self.metrics.transfer.observe_failure(worker_pb2.TRANSFER_STATUS_FAILED)
+            result.transfer.status = worker_pb2.TRANSFER_STATUS_FAILED
+            result.transfer.message = f"no ready KV channel to {h.task.decode_instance_id}"
+        else:
+            result.transfer.status = worker_pb2.TRANSFER_STATUS_OK  # begun; the ack is async
+        self._pending.pop(rid).on_result(result)
 
     def _transfer_done(self, request_id: str, result: worker_pb2.TransferResult) -> None:
         """Finisher thread: the decode side acknowledged (or the transfer failed)."""
@@ -239,7 +241,7 @@ class PrefillWorker(LoopControls):
 
         def release() -> None:
             self._handed_off.discard(request_id)
-            self.engine.kv_manager.free(request_id)
+            self.engine.release_blocks(request_id)
 
         self.loop.submit(release)
 
@@ -265,7 +267,7 @@ class PrefillWorker(LoopControls):
                 self.engine.abort(request_id)
             except Exception:  # the engine's state may be broken; the blocks go back anyway
                 log.exception("cannot abort %s on the dead prefill instance", request_id)
-            self.engine.kv_manager.free(request_id)
+            self.engine.release_blocks(request_id)
             entry.on_error(error)
 
     def _publish_metrics(self) -> None:

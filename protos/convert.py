@@ -34,14 +34,13 @@ def sampling_to_proto(s: SamplingParams) -> generation_pb2.SamplingParams:
 def worker_stats(engine, instance_id: str, role: int, num_inflight_transfers: int,
                  num_transfers_failed: int, address: str = "", device: str = "") -> worker_pb2.WorkerStats:
     """An instance's load and KV occupancy (engine thread only)."""
-    kv = engine.kv_manager
+    stats = engine.stats()
     state = generation_pb2.InstanceState(
         instance_id=instance_id, role=role, address=address, device=device or engine.config.device,
-        total_kv_blocks=kv.num_blocks, free_kv_blocks=kv.num_free_blocks,
-        num_running_requests=len(engine.scheduler.running),
-        num_waiting_requests=engine.scheduler.num_waiting,
+        total_kv_blocks=stats.num_blocks, free_kv_blocks=stats.num_free_blocks,
+        num_running_requests=stats.num_running, num_waiting_requests=stats.num_waiting,
         num_inflight_transfers=num_inflight_transfers)
     return worker_pb2.WorkerStats(protocol_version=PROTOCOL_VERSION, state=state,
-                                  kv_cache_usage=kv.pool.usage,
-                                  num_preemptions=engine.scheduler.num_preemptions,
+                                  kv_cache_usage=stats.kv_usage,
+                                  num_preemptions=stats.num_preemptions,
                                   num_transfers_failed=num_transfers_failed)

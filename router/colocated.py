@@ -285,10 +285,9 @@ class ColocatedBackend:
         self._stats = self._snapshot()
 
     def _snapshot(self) -> _EngineStats:
-        kv = self._engine.kv_manager
-        scheduler = self._engine.scheduler
-        return _EngineStats(kv.num_blocks, kv.num_free_blocks, len(scheduler.running),
-                            len(scheduler.waiting))
+        stats = self._engine.stats()
+        return _EngineStats(stats.num_blocks, stats.num_free_blocks, stats.num_running,
+                            stats.num_waiting)
 
     def _make_model_info(self) -> generation_pb2.ModelInfo:
         config = self._engine.model_config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.plan import PlanBuilder
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -72,10 +73,10 @@ def next_logits(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:
     """Logits after the whole prompt, through the paged runner (chunked prefill included)."""
     request = engine.make_request(prompt, SamplingParams(max_tokens=1))
     engine.scheduler.add(request)
-    logits = None
+    logits, planner = None, PlanBuilder()
     while logits is None:
         plan = engine.scheduler.schedule()
-        logits, _ = engine.runner.forward_logits(plan)
+        logits, _ = engine.runner.forward_logits(planner.build(plan, engine.kv_manager.take_freed()))
         engine.scheduler.on_step_done(plan)
     engine.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
     return logits[0]

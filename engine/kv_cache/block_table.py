@@ -22,6 +22,7 @@ class KVCacheManager:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
+        self._freed: list[str] = []  # request ids freed since `take_freed` was last called
 
     def block_table(self, request_id: str) -> list[int]:
         return self._tables.get(request_id, [])
@@ -45,8 +46,16 @@ class KVCacheManager:
     def free(self, request_id: str) -> None:
         """Return every block of the request to the pool (no-op if it holds none)."""
         table = self._tables.pop(request_id, None)
+        if table is not None:
+            self._freed.append(request_id)
         if table:
             self.pool.free(table)
+
+    def take_freed(self) -> list[str]:
+        """Request ids whose tables were freed since the last call (the engine core tells its
+        executor, which drops its copies of these tables)."""
+        freed, self._freed = self._freed, []
+        return freed
 
     @property
     def num_free_blocks(self) -> int:

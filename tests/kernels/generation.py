@@ -8,6 +8,7 @@ import torch
 from engine.config import SchedulerConfig
 from engine.kv_cache.block_table import KVCacheManager
 from engine.model_runner import ModelRunner
+from engine.plan import PlanBuilder
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
@@ -25,9 +26,10 @@ def greedy_generate(runner: ModelRunner, prompts: list[list[int]], max_tokens: i
     requests = [Request(f"r{i}", p, params, 0, max_model_len) for i, p in enumerate(prompts)]
     for r in requests:
         scheduler.add(r)
+    planner = PlanBuilder()
     while scheduler.has_unfinished():
         plan = scheduler.schedule()
-        sampled = runner.execute(plan)
+        sampled = runner.execute(planner.build(plan, kv.take_freed()))
         scheduler.on_step_done(plan)
         if sampled is None:
             continue
@@ -47,12 +49,13 @@ def teacher_forced_top1(runner: ModelRunner, kv: KVCacheManager, prompts: list[l
     step, then decode steps fed the forced tokens; sequences may differ in length).
     Returns (picks, the prefill step's logits)."""
     requests = [Request(f"tf{i}", p, _GREEDY, 0, 1 << 30) for i, p in enumerate(prompts)]
+    planner = PlanBuilder()
     for r, f in zip(requests, forced):
         kv.grow(r.request_id, len(r.prompt_token_ids) + len(f))
     try:
         chunks = [ScheduledChunk(r, 0, r.num_tokens, kv.block_table(r.request_id), True)
                   for r in requests]
-        logits, _ = runner.forward_logits(SchedulerOutput(chunks))
+        logits, _ = runner.forward_logits(planner.build(SchedulerOutput(chunks)))
         first_logits = logits.clone()
         picks = [[t] for t in logits.argmax(-1).tolist()]
         for step in range(max(map(len, forced)) - 1):
@@ -61,13 +64,14 @@ def teacher_forced_top1(runner: ModelRunner, kv: KVCacheManager, prompts: list[l
                 requests[i].output_token_ids.append(forced[i][step])
             chunks = [ScheduledChunk(requests[i], requests[i].num_tokens - 1, 1,
                                      kv.block_table(requests[i].request_id), True) for i in active]
-            logits, _ = runner.forward_logits(SchedulerOutput(chunks))
+            logits, _ = runner.forward_logits(planner.build(SchedulerOutput(chunks)))
             for i, t in zip(active, logits.argmax(-1).tolist()):
                 picks[i].append(t)
         return picks, first_logits
     finally:
         for r in requests:
             kv.free(r.request_id)
+        runner.tables.apply(planner.build(SchedulerOutput(), kv.take_freed()))
 
 
 def agreement(picks: list[list[int]], reference: list[list[int]]) -> float:
@@ -85,15 +89,18 @@ def batch1_logits(runner: ModelRunner, kv: KVCacheManager, tokens: list[int],
     request = Request("b1", tokens[:prompt_len], _GREEDY, 0, 1 << 30)
     kv.grow(request.request_id, len(tokens))
     table = kv.block_table(request.request_id)
+    planner = PlanBuilder()
     try:
         first = SchedulerOutput([ScheduledChunk(request, 0, prompt_len, table, True)])
-        logits, _ = runner.forward_logits(first)
+        logits, _ = runner.forward_logits(planner.build(first))
         rows, picked = [logits[0].clone()], []
         for token in tokens[prompt_len:-1]:
             request.output_token_ids.append(token)
             chunk = ScheduledChunk(request, request.num_tokens - 1, 1, table, True)
-            picked.append(int(runner.execute(SchedulerOutput([chunk])).token_ids.item()))
+            plan = planner.build(SchedulerOutput([chunk]))
+            picked.append(int(runner.execute(plan).token_ids.item()))
             rows.append(runner.decode_graphs.graphs[1].logits[0].clone())
         return torch.stack(rows), picked
     finally:
         kv.free(request.request_id)
+        runner.tables.apply(planner.build(SchedulerOutput(), kv.take_freed()))

@@ -10,9 +10,10 @@ import random
 import torch
 
 from engine.cuda_graphs import DecodeGraphRunner
+from engine.plan import BlockTables, PlanBuilder
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledChunk
+from engine.scheduler import ScheduledChunk, SchedulerOutput
 
 BS = 4
 
@@ -44,7 +45,7 @@ def _check(runner: DecodeGraphRunner, chunks: list[ScheduledChunk], bucket: int)
 
 def test_load_inputs_tracks_changing_batches():
     rng = random.Random(0)
-    runner = _runner()
+    runner, planner, tables = _runner(), PlanBuilder(), BlockTables()
     params = SamplingParams(max_tokens=1000, temperature=0.0)
     live: list[tuple[Request, list[int]]] = []
     next_block = 0
@@ -55,9 +56,10 @@ def test_load_inputs_tracks_changing_batches():
             live.insert(rng.randrange(len(live) + 1), (r, []))
         if live and rng.random() < 0.1:  # finish one
             live.pop(rng.randrange(len(live)))
-        if live and rng.random() < 0.05:  # preempted and back: same length, new blocks
-            r, table = live[rng.randrange(len(live))]
-            table[:] = list(range(next_block, next_block + len(table)))
+        if live and rng.random() < 0.05:  # preempted and back: same length, a new table
+            index = rng.randrange(len(live))
+            r, table = live[index]
+            live[index] = (r, list(range(next_block, next_block + len(table))))
             next_block += len(table)
         for row, (r, table) in enumerate(live):
             if r.num_inflight_tokens:  # read back
@@ -73,6 +75,9 @@ def test_load_inputs_tracks_changing_batches():
         if not live:
             continue
         chunks = [_chunk(r, t) for r, t in live]
-        bucket = runner.bucket_for(len(chunks))
-        runner.load_inputs(chunks, bucket)
+        plan = planner.build(SchedulerOutput(chunks))
+        tables.apply(plan)  # what the executor's copy of the tables holds after the plan
+        bucket = plan.graph_bucket
+        assert bucket == runner.bucket_for(len(chunks))
+        runner.load_inputs(plan, tables.of(plan), bucket)
         _check(runner, chunks, bucket)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from decode_worker.worker import DecodeWorker
+from engine.plan import PlanBuilder
 from engine.request import RequestStatus
 from engine.sampling_params import SamplingParams
 from protos.convert import sampling_to_proto
@@ -43,9 +44,10 @@ def prefill_steps(engine, prompts: dict[str, list[int]], params: SamplingParams)
     (request_id, its prompt KV, its first token) for every prompt that step completed."""
     for request_id, prompt in prompts.items():
         engine.scheduler.add(engine.make_request(prompt, params, request_id, seed=SEED))
+    planner = PlanBuilder()
     while engine.scheduler.has_unfinished():
         plan = engine.scheduler.schedule()
-        sampled = engine.runner.execute(plan)
+        sampled = engine.runner.execute(planner.build(plan, engine.kv_manager.take_freed()))
         engine.scheduler.on_step_done(plan)
         done = [c for c in plan.chunks if c.samples]
         for chunk, token_id in zip(done, sampled.token_ids.tolist() if done else []):

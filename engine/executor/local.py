@@ -1,0 +1,67 @@
+"""The executor of a one-rank instance: the model runner in this process, on this device.
+
+Exactly the single-device fast path: decode steps replay CUDA graphs (captured for every batch
+bucket up to `max_num_seqs` when the executor starts), sampled ids are copied to pinned host
+buffers behind the step, and `StepHandle.wait` waits for that copy's event only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import get_backend
+from engine.builder import LoadedModel, make_kv_cache
+from engine.config import EngineConfig
+from engine.executor.base import LayerListener
+from engine.inflight import Readback
+from engine.model_runner import ModelRunner
+from engine.plan import StepPlan, StepResult
+
+
+@dataclass(slots=True)
+class LocalStepHandle:
+    """A launched step: where and when its sampled ids land on the host."""
+
+    step_id: int
+    num_sampled: int
+    token_ids: torch.Tensor | None  # host, valid once `ready` has fired
+    logprobs: torch.Tensor | None
+    ready: torch.cuda.Event | None  # None on CPU: the copies were synchronous
+
+    def wait(self) -> StepResult:
+        if self.ready is not None:
+            self.ready.synchronize()
+        if self.token_ids is None:
+            return StepResult(self.step_id, [])
+        n = self.num_sampled
+        logprobs = self.logprobs[:n].tolist() if self.logprobs is not None else None
+        return StepResult(self.step_id, self.token_ids[:n].tolist(), logprobs)
+
+
+class LocalExecutor:
+    """One rank, in process: owns the model, the KV cache tensor and the model runner."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, max_model_len: int) -> None:
+        self.kv_cache = make_kv_cache(loaded.config, config)
+        self.num_blocks = self.kv_cache.shape[1]
+        backend = get_backend(config.attention_backend, config.device)
+        self.runner = ModelRunner(loaded.model, self.kv_cache, backend, config.cache.block_size,
+                                  loaded.config.vocab_size, config.device,
+                                  use_cuda_graphs=config.use_cuda_graphs,
+                                  max_model_len=max_model_len,
+                                  max_num_seqs=config.scheduler.max_num_seqs)
+        self.device = self.runner.device
+        if self.runner.decode_graphs is not None:  # at start, not at a request's first step
+            self.runner.decode_graphs.capture_up_to(config.scheduler.max_num_seqs)
+        self._readback = Readback(self.runner.sampled_ids.shape[0], self.device)
+
+    def launch(self, plan: StepPlan, layer_listener: LayerListener | None = None
+               ) -> LocalStepHandle:
+        sampled = self.runner.execute(plan, layer_listener)
+        ids, logprobs, ready = self._readback.start(sampled)
+        return LocalStepHandle(plan.step_id, plan.num_sampled, ids, logprobs, ready)
+
+    def shutdown(self) -> None:
+        """Nothing to stop: the runner lives and dies with this process."""

@@ -1,0 +1,202 @@
+"""The step plan: the only thing the engine core sends to the ranks that execute a step.
+
+The core (CPU bookkeeping, one per instance) decides everything about a step; an executor (one
+rank in process, or a group of rank processes) only runs it. What crosses between them is a
+`StepPlan` of plain ints, strings and tuples — no live `Request` — so it pickles into a few
+hundred bytes and every rank of an instance runs exactly the same plan. Back comes a
+`StepResult` (sampled ids, logprobs).
+
+Sequences of a plan are in scheduler order, decodes first. Per sequence: its request id, the
+first position it computes and how many tokens; token ids travel flat (-1 for the one token in
+flight, whose id only the device holds: `inflight_rows` names the row of the previous step's
+sampled ids to read it from). Block tables travel as deltas: an executor keeps every running
+request's table (`BlockTables`) and a plan names only the blocks appended since the last plan,
+or a whole table when it was replaced (freed and allocated again after a preemption), and the
+requests whose blocks were freed (their tables are dropped first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from engine.sampling_params import GREEDY_TEMPERATURE
+from engine.scheduler import SchedulerOutput
+
+# Batch sizes of the captured decode graphs (engine/cuda_graphs.py); a decode-only step runs the
+# smallest bucket that holds it.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockTableUpdate:
+    """Blocks `block_ids` go at `first_index` of the request's table (0 = a new table)."""
+
+    request_id: str
+    first_index: int
+    block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingRow:
+    """How to sample one sequence's next token: the sampler's options, the request's seed and
+    output index (the noise is a function of both), and, when any row of the step has a
+    repetition penalty, every token id the request has seen."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    logprobs: bool
+    seed: int
+    step: int
+    token_history: tuple[int, ...] | None = None
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE  # as SamplingParams.is_greedy
+
+    @property
+    def is_plain_greedy(self) -> bool:
+        return self.is_greedy and self.repetition_penalty == 1.0 and not self.logprobs
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """One engine step, as every rank of the instance runs it."""
+
+    step_id: int
+    request_ids: tuple[str, ...]
+    num_decodes: int  # the first num_decodes sequences compute one token each
+    starts: tuple[int, ...]  # first position each sequence computes
+    query_lens: tuple[int, ...]  # tokens each sequence computes
+    token_ids: tuple[int, ...]  # all sequences' tokens, flat; -1: the token in flight
+    inflight_rows: tuple[int, ...]  # per sequence: sampled-ids row of its token in flight, or -1
+    samples: tuple[bool, ...]  # per sequence: a token is sampled after it
+    sampling: tuple[SamplingRow, ...]  # one per sampling sequence, in order
+    block_updates: tuple[BlockTableUpdate, ...] = ()
+    freed_request_ids: tuple[str, ...] = ()  # tables to drop before applying block_updates
+    graph_bucket: int | None = None  # a decode-only step that a captured graph may run
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.request_ids)
+
+    @property
+    def num_sampled(self) -> int:
+        return len(self.sampling)
+
+    @property
+    def all_plain_greedy(self) -> bool:
+        return all(row.is_plain_greedy for row in self.sampling)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.request_ids
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What a step sampled: row i is the plan's i-th sampling sequence."""
+
+    step_id: int
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+
+
+class BlockTables:
+    """An executor's copy of every scheduled request's block table, kept by plan deltas."""
+
+    def __init__(self) -> None:
+        self._tables: dict[str, list[int]] = {}
+
+    def apply(self, plan: StepPlan) -> None:
+        for request_id in plan.freed_request_ids:
+            self._tables.pop(request_id, None)
+        for update in plan.block_updates:
+            table = self._tables.setdefault(update.request_id, [])
+            del table[update.first_index:]
+            table.extend(update.block_ids)
+
+    def of(self, plan: StepPlan) -> list[list[int]]:
+        """The tables of the plan's sequences, in order."""
+        return [self._tables[request_id] for request_id in plan.request_ids]
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+
+class PlanBuilder:
+    """Turns the scheduler's output into a `StepPlan` (core side): remembers which blocks each
+    request's table had when it was last sent, so a plan carries only what changed."""
+
+    def __init__(self, max_blocks_per_seq: int | None = None,
+                 buckets: Sequence[int] = BATCH_BUCKETS) -> None:
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.buckets = tuple(sorted(buckets))
+        self._sent: dict[str, tuple[list[int], int]] = {}  # table object, its length when sent
+        self._next_step_id = 0
+
+    def build(self, out: SchedulerOutput, freed_request_ids: Sequence[str] = ()) -> StepPlan:
+        """Plan one step. `freed_request_ids`: requests whose blocks went back to the pool
+        since the last plan (their tables are dropped by the executor, and resent in full)."""
+        for request_id in freed_request_ids:
+            self._sent.pop(request_id, None)
+        chunks = out.chunks
+        token_ids: list[int] = []
+        inflight_rows, updates, sampling = [], [], []
+        # with any repetition penalty in the batch, every row carries its history (seen mask)
+        histories = any(c.samples and c.request.params.repetition_penalty != 1.0 for c in chunks)
+        for c in chunks:
+            request = c.request
+            ids = request.new_token_ids(c.start, c.num_tokens)
+            token_ids += ids
+            inflight_rows.append(request.inflight_row if ids[-1] < 0 else -1)
+            if (update := self._update(request.request_id, c.block_table)) is not None:
+                updates.append(update)
+            if c.samples:
+                sampling.append(_sampling_row(request, histories))
+        num_decodes = sum(1 for c in chunks if c.is_decode)
+        plan = StepPlan(
+            step_id=self._next_step_id,
+            request_ids=tuple(c.request.request_id for c in chunks),
+            num_decodes=num_decodes,
+            starts=tuple(c.start for c in chunks),
+            query_lens=tuple(c.num_tokens for c in chunks),
+            token_ids=tuple(token_ids),
+            inflight_rows=tuple(inflight_rows),
+            samples=tuple(c.samples for c in chunks),
+            sampling=tuple(sampling),
+            block_updates=tuple(updates),
+            freed_request_ids=tuple(freed_request_ids),
+            graph_bucket=self._bucket(chunks, num_decodes, len(sampling)))
+        self._next_step_id += 1
+        return plan
+
+    def _update(self, request_id: str, table: list[int]) -> BlockTableUpdate | None:
+        sent = self._sent.get(request_id)
+        if sent is not None and sent[0] is table:  # the same table, perhaps grown
+            if len(table) == sent[1]:
+                return None
+            first = sent[1]
+        else:
+            first = 0
+        self._sent[request_id] = (table, len(table))
+        return BlockTableUpdate(request_id, first, tuple(table[first:]))
+
+    def _bucket(self, chunks, num_decodes: int, num_sampled: int) -> int | None:
+        n = len(chunks)
+        if not n or num_decodes != n or num_sampled != n:
+            return None
+        if self.max_blocks_per_seq is not None and any(
+                len(c.block_table) > self.max_blocks_per_seq for c in chunks):
+            return None
+        return next((b for b in self.buckets if b >= n), None)
+
+
+def _sampling_row(request, with_history: bool) -> SamplingRow:
+    p = request.params
+    history = tuple(request.all_token_ids) if with_history else None
+    return SamplingRow(p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
+                       p.logprobs, request.seed, request.num_sampled_tokens, history)
