@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from engine.sampling_params import GREEDY_TEMPERATURE
 from engine.scheduler import SchedulerOutput
@@ -37,11 +38,11 @@ class BlockTableUpdate:
     block_ids: tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class SamplingRow:
+class SamplingRow(NamedTuple):
     """How to sample one sequence's next token: the sampler's options, the request's seed and
     output index (the noise is a function of both), and, when any row of the step has a
-    repetition penalty, every token id the request has seen."""
+    repetition penalty, every token id the request has seen. A named tuple: a decode step
+    builds one per sequence, and a tuple is the cheapest typed record to build and pickle."""
 
     temperature: float
     top_k: int
@@ -144,29 +145,39 @@ class PlanBuilder:
         for request_id in freed_request_ids:
             self._sent.pop(request_id, None)
         chunks = out.chunks
-        token_ids: list[int] = []
+        request_ids, starts, query_lens, samples, token_ids = [], [], [], [], []
         inflight_rows, updates, sampling = [], [], []
         # with any repetition penalty in the batch, every row carries its history (seen mask)
         histories = any(c.samples and c.request.params.repetition_penalty != 1.0 for c in chunks)
-        for c in chunks:
-            request = c.request
-            ids = request.new_token_ids(c.start, c.num_tokens)
-            token_ids += ids
-            inflight_rows.append(request.inflight_row if ids[-1] < 0 else -1)
+        num_decodes = 0
+        for c in chunks:  # one pass: a decode step of a large batch is host-bound here
+            request, start, count = c.request, c.start, c.num_tokens
+            if count == 1:
+                last = request.token_at(start)
+                token_ids.append(last)
+                num_decodes += start > 0
+            else:
+                ids = request.new_token_ids(start, count)
+                token_ids += ids
+                last = ids[-1]
+            inflight_rows.append(request.inflight_row if last < 0 else -1)
+            request_ids.append(request.request_id)
+            starts.append(start)
+            query_lens.append(count)
+            samples.append(c.samples)
             if (update := self._update(request.request_id, c.block_table)) is not None:
                 updates.append(update)
             if c.samples:
                 sampling.append(_sampling_row(request, histories))
-        num_decodes = sum(1 for c in chunks if c.is_decode)
         plan = StepPlan(
             step_id=self._next_step_id,
-            request_ids=tuple(c.request.request_id for c in chunks),
+            request_ids=tuple(request_ids),
             num_decodes=num_decodes,
-            starts=tuple(c.start for c in chunks),
-            query_lens=tuple(c.num_tokens for c in chunks),
+            starts=tuple(starts),
+            query_lens=tuple(query_lens),
             token_ids=tuple(token_ids),
             inflight_rows=tuple(inflight_rows),
-            samples=tuple(c.samples for c in chunks),
+            samples=tuple(samples),
             sampling=tuple(sampling),
             block_updates=tuple(updates),
             freed_request_ids=tuple(freed_request_ids),
@@ -189,8 +200,8 @@ class PlanBuilder:
         n = len(chunks)
         if not n or num_decodes != n or num_sampled != n:
             return None
-        if self.max_blocks_per_seq is not None and any(
-                len(c.block_table) > self.max_blocks_per_seq for c in chunks):
+        if self.max_blocks_per_seq is not None and max(
+                len(c.block_table) for c in chunks) > self.max_blocks_per_seq:
             return None
         return next((b for b in self.buckets if b >= n), None)
 
@@ -199,4 +210,5 @@ def _sampling_row(request, with_history: bool) -> SamplingRow:
     p = request.params
     history = tuple(request.all_token_ids) if with_history else None
     return SamplingRow(p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
-                       p.logprobs, request.seed, request.num_sampled_tokens, history)
+                       p.logprobs, request.seed,
+                       len(request.output_token_ids) + request.num_inflight_tokens, history)

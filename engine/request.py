@@ -123,5 +123,6 @@ class Request:
         n = len(self.prompt_token_ids)
         if start + count <= n:
             return self.prompt_token_ids[start:start + count]
-        ids = self.all_token_ids[start:start + count]
+        ids = self.prompt_token_ids[start:] if start < n else []
+        ids += self.output_token_ids[max(start - n, 0):start + count - n]  # no whole-list copy
         return ids + [-1] * (count - len(ids))
