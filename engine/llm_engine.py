@@ -1,7 +1,7 @@
 """The engine API for one instance in this process: an engine core and its executor.
 
 `LLMEngine(config)` loads the model, builds the executor the config asks for (one rank in
-process today) and the engine core that drives it (engine/core.py: add requests, step, abort,
+process, or a group of rank processes for tensor/pipeline parallelism) and the engine core that drives it (engine/core.py: add requests, step, abort,
 stream outputs); `generate` runs prompts to completion for offline use.
 """
 
@@ -13,6 +13,8 @@ from engine.builder import LoadedModel, load_model
 from engine.config import EngineConfig
 from engine.core import EngineCore, resolve_max_model_len
 from engine.executor.local import LocalExecutor
+from engine.executor.rank_group import RankGroupExecutor
+from engine.loader.source import open_model
 from engine.outputs import CompletionOutput
 from engine.sampling_params import SamplingParams
 
@@ -21,6 +23,13 @@ class LLMEngine(EngineCore):
     """An engine core with the executor its config asks for."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        if config.parallel.world_size > 1:
+            if loaded is not None:
+                raise ValueError("a multi-rank engine loads its own slices; pass no model")
+            model_config = open_model(config.model).config
+            executor = RankGroupExecutor(config, resolve_max_model_len(config, model_config))
+            super().__init__(config, executor.model_config, executor.tokenizer, executor)
+            return
         loaded = loaded or load_model(config)
         executor = LocalExecutor(config, loaded, resolve_max_model_len(config, loaded.config))
         super().__init__(config, loaded.config, loaded.tokenizer, executor)

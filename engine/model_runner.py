@@ -17,6 +17,7 @@ import torch
 from engine.attention.metadata import AttentionMetadata, SeqGroup
 from engine.cuda_graphs import DecodeGraphRunner
 from engine.models.context import ForwardContext
+from engine.parallel import ParallelContext
 from engine.plan import BATCH_BUCKETS, BlockTables, StepPlan
 from engine.sampler import Sampler, SamplerOutput, SamplingTensors
 
@@ -36,7 +37,8 @@ class ModelRunner:
 
     def __init__(self, model, kv_cache: torch.Tensor, backend, block_size: int,
                  vocab_size: int, device: str, use_cuda_graphs: bool = True,
-                 max_model_len: int | None = None, max_num_seqs: int = BATCH_BUCKETS[-1]) -> None:
+                 max_model_len: int | None = None, max_num_seqs: int = BATCH_BUCKETS[-1],
+                 parallel: ParallelContext | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
@@ -44,6 +46,7 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self.sampler = Sampler()
+        self.parallel = parallel or ParallelContext.single()
         self.tables = BlockTables()
         # Every step's sampled ids, row i = sampling chunk i, kept on the device: the next step
         # reads the ids the host has not seen yet (tokens in flight) from here. Fixed size:
@@ -64,14 +67,35 @@ class ModelRunner:
         """Run one step; returns sampled tokens for the sequences that sample, as device
         tensors (nothing waits for the GPU here). They also land in `sampled_ids`."""
         logits, inputs = self.forward_logits(plan, on_layer_done)
-        if logits is None:
+        if not plan.num_sampled:
             return None
+        out = None
+        if logits is not None:  # a pipeline's last stage, or the only one
+            out = self._sample(plan, logits, inputs)
+        if self.parallel.pp_size > 1:  # the earlier stages need the ids too (tokens in flight)
+            out = self._share_sampled(plan, out)
+        return out
+
+    def _sample(self, plan: StepPlan, logits: torch.Tensor, inputs: StepInputs) -> SamplerOutput:
+        """Every tensor rank holds the whole vocabulary's logits and samples the same ids."""
         if inputs.greedy_ids is not None and plan.all_plain_greedy:
             return SamplerOutput(token_ids=inputs.greedy_ids, logprobs=None)  # in sampled_ids
         tensors = SamplingTensors.from_rows(plan.sampling, self.vocab_size, self.device)
         out = self.sampler(logits, tensors)
         self.sampled_ids[: out.token_ids.shape[0]].copy_(out.token_ids)
         return out
+
+    def _share_sampled(self, plan: StepPlan, out: SamplerOutput | None) -> SamplerOutput:
+        """The last stage's sampled ids (and logprobs) to every rank of the instance."""
+        n = plan.num_sampled
+        ids = self.sampled_ids[:n]  # the last stage wrote its ids here; the others receive
+        ids.copy_(self.parallel.broadcast_from_last_stage(ids.clone()))
+        logprobs = None
+        if any(row.logprobs for row in plan.sampling):
+            logprobs = out.logprobs if out is not None else torch.empty(
+                n, dtype=torch.float32, device=self.device)
+            self.parallel.broadcast_from_last_stage(logprobs)
+        return SamplerOutput(token_ids=ids, logprobs=logprobs)
 
     @torch.inference_mode()
     def forward_logits(self, plan: StepPlan,
@@ -85,7 +109,7 @@ class ModelRunner:
         inputs = self.prepare(plan)
         ctx = ForwardContext(self.kv_cache, inputs.attn_meta, self.backend, on_layer_done)
         hidden = self.model(inputs.input_ids, inputs.positions, ctx)
-        if not inputs.num_sampled:
+        if not inputs.num_sampled or hidden is None:  # None: not the pipeline's last stage
             return None, inputs
         return self.model.compute_logits(hidden[inputs.sample_rows]).float(), inputs
 
