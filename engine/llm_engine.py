@@ -15,6 +15,7 @@ from engine.core import EngineCore, resolve_max_model_len
 from engine.executor.local import LocalExecutor
 from engine.executor.rank_group import RankGroupExecutor
 from engine.loader.source import open_model
+from engine.parallel import check_layout
 from engine.outputs import CompletionOutput
 from engine.sampling_params import SamplingParams
 
@@ -27,6 +28,7 @@ class LLMEngine(EngineCore):
             if loaded is not None:
                 raise ValueError("a multi-rank engine loads its own slices; pass no model")
             model_config = open_model(config.model).config
+            check_layout(config, model_config)  # before any rank process starts
             executor = RankGroupExecutor(config, resolve_max_model_len(config, model_config))
             super().__init__(config, executor.model_config, executor.tokenizer, executor)
             return

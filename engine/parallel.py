@@ -281,3 +281,14 @@ def kv_heads_of_rank(num_kv_heads: int, parallel: ParallelContext) -> tuple[int,
         raise ValueError(f"num_kv_heads ({num_kv_heads}) and tensor parallel size {tp} must "
                          "divide one another")
     return rank // (tp // num_kv_heads), 1
+
+
+def check_layout(config, model_config) -> None:
+    """An engine config's parallel layout fits the model and the machine (clear ValueErrors
+    before any rank starts): head and layer divisibility, the pipeline split, GPUs per node."""
+    par = config.parallel
+    check_parallel_sizes(model_config, par.tensor_parallel_size, par.pipeline_parallel_size)
+    split_layers(model_config.num_layers, par.pipeline_parallel_size, par.pipeline_layers)
+    if config.device == "cuda" and par.world_size > torch.cuda.device_count():
+        raise ValueError(f"tensor x pipeline parallel = {par.world_size} ranks, one GPU each, "
+                         f"but this node has {torch.cuda.device_count()} GPUs")

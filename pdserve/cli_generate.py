@@ -32,6 +32,10 @@ def add_parser(sub) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                    help="launch step N+1 before reading step N back (auto: on for cuda)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="ranks that split every layer (CPU ranks over Gloo with --device cpu)")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1, metavar="M",
+                   help="pipeline stages, each a contiguous range of layers")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.set_defaults(handler=run)
 
@@ -42,6 +46,9 @@ def validated_inputs(args: argparse.Namespace) -> tuple[list[str], SamplingParam
     for number, prompt in enumerate(prompts, start=1):
         if not prompt:
             raise ValueError(f"prompt is empty: --prompt {number} of {len(prompts)} has no text")
+    for flag in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     return prompts, params
@@ -49,13 +56,23 @@ def validated_inputs(args: argparse.Namespace) -> tuple[list[str], SamplingParam
 
 def run(args: argparse.Namespace) -> int:
     prompts, params = validated_inputs(args)  # before the heavy imports below
-    from engine.config import ASYNC_SCHEDULING_CHOICES, CacheConfig, EngineConfig
+    from engine.config import ASYNC_SCHEDULING_CHOICES, CacheConfig, EngineConfig, ParallelConfig
     from engine.llm_engine import LLMEngine
 
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                           cache=CacheConfig(block_size=args.block_size),
+                          parallel=ParallelConfig(args.tensor_parallel_size,
+                                                  args.pipeline_parallel_size),
                           async_scheduling=ASYNC_SCHEDULING_CHOICES[args.async_scheduling])
     engine = LLMEngine(config)
+    try:
+        _print_outputs(engine, prompts, params, args)
+    finally:
+        engine.shutdown()  # rank processes of a multi-rank engine
+    return 0
+
+
+def _print_outputs(engine, prompts: list[str], params, args: argparse.Namespace) -> None:
     tok = engine.tokenizer
     token_lists = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat
                    else tok.encode(p) for p in prompts]
@@ -65,4 +82,3 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"### {prompt}\n{out.text}\n[{len(out.token_ids)} tokens, {out.finish_reason}]")
     sys.stdout.flush()
-    return 0

@@ -60,6 +60,8 @@ def connect_store(host: str, port: int, is_master: bool, world_size: int,
 def build_rank(config: EngineConfig, store: TCPStore, rank: int, max_model_len: int) -> Rank:
     """Join the groups, load this rank's weights, size the KV cache with the other ranks."""
     par = config.parallel
+    if config.device == "cuda":  # one GPU per rank of this node
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     model_config = open_model(config.model).config
     parallel = init_parallel_context(store, rank, par.tensor_parallel_size,
                                      par.pipeline_parallel_size, model_config.num_layers,

@@ -19,6 +19,8 @@ BAD_INPUTS = [
     (["--top-p", "nan"], "top_p must be a finite number, got nan"),
     (["--max-tokens", "0"], "max_tokens must be an int >= 1, got 0"),
     (["--top-k", "-5"], "top_k must be an int >= -1"),
+    (["--tensor-parallel-size", "0"], "--tensor-parallel-size must be >= 1, got 0"),
+    (["--pipeline-parallel-size", "-1"], "--pipeline-parallel-size must be >= 1, got -1"),
 ]
 
 
@@ -41,3 +43,21 @@ def test_bad_input_exits_before_torch_is_imported():
     assert res.returncode == 1 and res.stdout.strip() == "False"
     assert res.stderr.strip() == "pdserve: error: prompt is empty: --prompt 1 of 1 has no text"
     assert elapsed_s < 5  # interpreter start included; without torch it is well under a second
+
+
+def _generate_json(*flags: str) -> str:
+    args = ["generate", "--json", "--max-tokens", "8", "--prompt", "The capital of France is",
+            "--prompt", "def fib(n):", "--prompt", "Once upon a time", *flags]
+    res = subprocess.run([sys.executable, "-m", "pdserve", *args], capture_output=True,
+                         text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def test_parallel_flags_give_the_one_rank_tokens():
+    """The default model (30 layers, 9 query / 3 KV heads) over 2 pipeline stages, and over
+    3 tensor ranks x 2 stages: six rank processes over Gloo, the same greedy tokens."""
+    one_rank = _generate_json()
+    assert one_rank.count("\"token_ids\"") == 3
+    assert _generate_json("--pipeline-parallel-size", "2") == one_rank
+    assert _generate_json("--tensor-parallel-size", "3", "--pipeline-parallel-size", "2") == one_rank
