@@ -12,8 +12,9 @@ from engine.attention.metadata import AttentionMetadata
 
 @dataclass(slots=True)
 class ForwardContext:
-    kv_cache: torch.Tensor  # [num_layers, num_blocks, 2, block_size, Hkv, D]
+    kv_cache: torch.Tensor  # [stage layers, num_blocks, 2, block_size, this rank's Hkv, D]
     attn_meta: AttentionMetadata
     backend: object  # an attention backend: forward(q, k, v, kv_layer, meta, scale)
-    # Called after layer i has written its KV, e.g. to stream it to a decode instance.
+    # Called after layer i (stage-local index) has written its KV, e.g. to stream it to a
+    # decode instance.
     on_layer_done: Callable[[int], None] | None = None
