@@ -234,7 +234,7 @@ def init_parallel_context(store: Store, rank: int, tp_size: int, pp_size: int, n
         sub = PrefixStore(prefix, store)
         if is_nccl:
             return _new_nccl_group(sub, group_rank, size, timeout_s)
-        return _new_gloo_group(sub, group_rank, size, timeout_s, bind_host)
+        return new_gloo_group(sub, group_rank, size, timeout_s, bind_host)
 
     return ParallelContext(
         tp_rank=tp_rank, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size,
@@ -245,8 +245,10 @@ def init_parallel_context(store: Store, rank: int, tp_size: int, pp_size: int, n
         timeout_s=timeout_s, is_nccl=is_nccl)
 
 
-def _new_gloo_group(store: Store, rank: int, size: int, timeout_s: float,
+def new_gloo_group(store: Store, rank: int, size: int, timeout_s: float,
                     bind_host: str | None) -> ProcessGroupGloo:
+    """A Gloo group of `size` ranks from `store`; every wait bounded by `timeout_s`, listening on
+    `bind_host` (None: the host's default interface). KV-transfer pair groups use it too."""
     options = ProcessGroupGloo._Options()
     options._timeout = timedelta(seconds=timeout_s)
     device = (ProcessGroupGloo.create_default_device() if bind_host is None

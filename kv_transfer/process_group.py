@@ -17,8 +17,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import Backend, ProcessGroupGloo, Store, Work
+from torch._C._distributed_c10d import Backend, Store, Work
 
+from engine.parallel import new_gloo_group
 from kv_transfer.errors import KVTransferConnectionError, KVTransferError, KVTransferTimeoutError
 
 PAIR_SIZE = 2
@@ -40,21 +41,9 @@ def new_pair_group(
     try:
         if device.type == "cuda":
             return _new_nccl_group(store, rank, timeout_s)
-        return _new_gloo_group(store, rank, timeout_s, bind_host)
+        return new_gloo_group(store, rank, PAIR_SIZE, timeout_s, bind_host)
     except RuntimeError as exc:
         raise as_transfer_error(exc, f"building the {backend_name(device)} pair group") from exc
-
-
-def _new_gloo_group(
-    store: Store, rank: int, timeout_s: float, bind_host: str | None
-) -> ProcessGroupGloo:
-    options = ProcessGroupGloo._Options()
-    options._timeout = timedelta(seconds=timeout_s)
-    if bind_host is None:
-        options._devices = [ProcessGroupGloo.create_default_device()]
-    else:
-        options._devices = [ProcessGroupGloo.create_device(hostname=bind_host)]
-    return ProcessGroupGloo(store, rank, PAIR_SIZE, options)
 
 
 def _new_nccl_group(store: Store, rank: int, timeout_s: float) -> Backend:

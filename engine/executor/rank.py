@@ -88,7 +88,10 @@ def agree_min(parallel: ParallelContext, value: int, device: str) -> int:
     options = AllreduceOptions()
     options.reduceOp = ReduceOp.MIN
     work = group.allreduce([tensor], options)
-    work.wait(timedelta(seconds=parallel.timeout_s)) if not parallel.is_nccl else work.wait()
+    if parallel.is_nccl:
+        work.wait()
+    else:
+        work.wait(timedelta(seconds=parallel.timeout_s))
     return int(tensor.item())
 
 
