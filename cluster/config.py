@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
-from cluster.config_checks import (at_least, check_parallelism, check_port, check_types,
-                                   join_path, one_of, positive)
+from cluster.config_checks import (at_least, check_parallelism, check_port, check_same_layout,
+                                   check_types, join_path, one_of, positive)
 from kv_transfer.descriptors import DEFAULT_MIN_MESSAGE_BYTES
 from router.security import RouterSecurity
 
@@ -53,9 +53,13 @@ class PoolConfig:
     num_instances: int = 1  # prefill >= 1; decode may be 0, the router then answers UNAVAILABLE
     gpus_per_instance: int = 0  # 0 = CPU instance; otherwise tensor * pipeline parallel size
     cpus_per_instance: float = 1.0  # CPU cores reserved per instance, split over its GPU ranks
-    tensor_parallel_size: int = 1  # reserved for later; only 1 is supported yet
-    pipeline_parallel_size: int = 1  # reserved for later; only 1 is supported yet
+    # Ranks per instance: tensor x pipeline parallel (the same layout in both pools for now).
+    # A CPU instance's ranks are Gloo processes sharing cpus_per_instance.
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     expert_parallel_size: int = 1  # reserved for later; only 1 is supported yet
+    # A rank's plan, collective or start-up not done within this fails the whole instance.
+    collective_timeout_s: float = 60.0
     # Per-instance engine limits; defaults as in engine/config.py.
     max_num_seqs: int = 64  # requests in the running batch
     max_num_batched_tokens: int = 2048  # tokens in one engine step, >= max_num_seqs
@@ -82,6 +86,7 @@ class PoolConfig:
                 f"(gpus_per_instance 0), got {self.cpus_per_instance}"
             )
         check_parallelism(self, self.role)
+        positive(self._path("collective_timeout_s"), self.collective_timeout_s)
         at_least(self._path("max_num_seqs"), self.max_num_seqs, 1)
         at_least(self._path("max_waiting_requests"), self.max_waiting_requests, 0)
         if self.role == "prefill" and self.max_waiting_requests:
@@ -254,6 +259,8 @@ class ClusterConfig:
             if pool.role != role:
                 raise ValueError(f"{role}.role must be {role!r}, got {pool.role!r}")
             self._check_pool_device(pool)
+        if self.decode.num_instances:
+            check_same_layout(self.prefill, self.decode)
         if self.transfer.backend == "nccl":
             for pool in self.pools:
                 if pool.device != "cuda":
@@ -348,7 +355,8 @@ def _with_device(config: ClusterConfig, device: str) -> ClusterConfig:
     pools = {}
     for pool in config.pools:
         if device == "cuda" and pool.gpus_per_instance == 0:
-            pools[pool.role] = replace(pool, gpus_per_instance=1)
+            ranks = pool.tensor_parallel_size * pool.pipeline_parallel_size
+            pools[pool.role] = replace(pool, gpus_per_instance=ranks)
         elif device == "cpu" and pool.gpus_per_instance > 0:
             pools[pool.role] = replace(pool, gpus_per_instance=0)
     return replace(config, device=device, **pools)

@@ -70,13 +70,13 @@ def one_of(path: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def check_parallelism(pool: Any, section: str) -> None:
-    """A pool's parallel sizes: each >= 1, only 1 supported yet, and a GPU instance owns one GPU
-    per rank (tensor x pipeline)."""
+    """A pool's parallel sizes: each >= 1, expert parallelism only 1 yet, and a GPU instance owns
+    one GPU per rank (tensor x pipeline)."""
     for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
-        value = getattr(pool, name)
-        at_least(join_path(section, name), value, 1)
-        if value > 1:
-            raise ValueError(f"{join_path(section, name)} > 1 is not supported yet, got {value}")
+        at_least(join_path(section, name), getattr(pool, name), 1)
+    if pool.expert_parallel_size > 1:
+        raise ValueError(f"{join_path(section, 'expert_parallel_size')} > 1 is not supported "
+                         f"yet, got {pool.expert_parallel_size}")
     ranks = pool.tensor_parallel_size * pool.pipeline_parallel_size
     if pool.gpus_per_instance > 0 and pool.gpus_per_instance != ranks:
         raise ValueError(
@@ -84,3 +84,16 @@ def check_parallelism(pool: Any, section: str) -> None:
             f"pipeline_parallel_size ({pool.tensor_parallel_size} * "
             f"{pool.pipeline_parallel_size} = {ranks}), got {pool.gpus_per_instance}"
         )
+
+
+def check_same_layout(prefill: Any, decode: Any) -> None:
+    """KV moves rank i -> rank i, so both pools need the same tensor x pipeline layout (a
+    re-sharding transfer between different layouts is not built yet)."""
+    def layout(pool: Any) -> str:
+        return f"tp={pool.tensor_parallel_size} pp={pool.pipeline_parallel_size}"
+    if layout(prefill) != layout(decode):
+        raise ValueError(
+            f"prefill and decode pools must have the same parallel layout for now (KV moves "
+            f"from each prefill rank to the same decode rank): prefill is {layout(prefill)}, "
+            f"decode is {layout(decode)}; set the same tensor_parallel_size and "
+            f"pipeline_parallel_size in both sections")

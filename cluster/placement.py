@@ -4,7 +4,7 @@ One placement group per instance, strategy STRICT_PACK: all of an instance's ran
 node, because they share NCCL all-reduces every layer. Bundles:
 
     GPU instance:  one {"GPU": 1, "CPU": cpus_per_instance / num_ranks} bundle per rank
-    CPU instance:  a single {"CPU": cpus_per_instance} bundle
+    CPU instance:  one {"CPU": cpus_per_instance / num_ranks} bundle per rank (Gloo ranks)
 
 Rank i's actor is scheduled on bundle i via `InstancePlacement.scheduling_strategy(i)`.
 
@@ -97,7 +97,8 @@ def actor_name(deployment: str, instance_id: str) -> str:
 def instance_bundles(pool: PoolConfig) -> list[dict[str, float]]:
     """The bundles one instance of `pool` asks for (see the module docstring)."""
     if pool.gpus_per_instance == 0:
-        return [{"CPU": float(pool.cpus_per_instance)}]
+        ranks = pool.tensor_parallel_size * pool.pipeline_parallel_size
+        return [{"CPU": pool.cpus_per_instance / ranks} for _ in range(ranks)]
     cpus_per_rank = pool.cpus_per_instance / pool.gpus_per_instance
     bundle = {"GPU": 1.0, "CPU": float(cpus_per_rank)} if cpus_per_rank else {"GPU": 1.0}
     return [dict(bundle) for _ in range(pool.gpus_per_instance)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ray
 
@@ -23,6 +23,7 @@ from cluster.placement import (
     remove_placement,
 )
 from cluster.worker_spec import GPU_SAFE_ENV, WorkerSpec, engine_config_for
+from engine.config import ParallelConfig
 from decode_worker.actor import DecodeActor
 from prefill_worker.actor import PrefillActor
 
@@ -79,14 +80,18 @@ def worker_specs(cfg: ClusterConfig, host: str) -> tuple[list[WorkerSpec], list[
                                    pool.max_num_batched_tokens, pool.gpu_memory_utilization,
                                    pool.async_scheduling,
                                    # prefill instances never run decode steps: no graphs to capture
-                                   use_cuda_graphs=pool.role == "decode")
+                                   use_cuda_graphs=pool.role == "decode",
+                                   parallel=ParallelConfig(
+                                       pool.tensor_parallel_size, pool.pipeline_parallel_size,
+                                       collective_timeout_s=pool.collective_timeout_s))
+        ranks = pool.tensor_parallel_size * pool.pipeline_parallel_size
         faults = cfg.supervision
         return [WorkerSpec(f"{pool.role}-{i}", pool.role, engine, host=host,
                            transfer_timeout_s=cfg.transfer.timeout_s,
                            layers_per_message=cfg.transfer.layers_per_message,
                            min_message_bytes=cfg.transfer.min_message_bytes,
-                           # whole cores, at least one thread (0.5 cores: one thread)
-                           num_threads=max(1, int(pool.cpus_per_instance)),
+                           # whole cores per rank, at least one thread (0.5 cores: one)
+                           num_threads=max(1, int(pool.cpus_per_instance / ranks)),
                            metrics_port=_metrics_port(cfg, first_index + i),
                            max_waiting_requests=pool.max_waiting_requests,
                            fail_after_steps=(faults.inject_engine_failure_after_steps
@@ -110,6 +115,8 @@ def create_worker(spec: WorkerSpec, placement: InstancePlacement | None,
     """Create an instance's actor (it loads its model in the background: see `await_started`)."""
     cls = PrefillActor if spec.role == "prefill" else DecodeActor
     options = _actor_options(spec, placement, incarnation)
+    if placement is not None:
+        spec = replace(spec, rank_bundles=placement.bundles)
     return Worker(spec, ray.remote(cls).options(**options).remote(spec), placement)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from kv_transfer import DEFAULT_MIN_MESSAGE_BYTES, FaultInjection
 from pdserve.metrics import MetricsEndpoint, start_metrics_server
 
@@ -21,7 +21,8 @@ GPU_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 
 @dataclass(slots=True)
 class WorkerSpec:
-    """One prefill or decode instance (one rank: parallel instances come later)."""
+    """One prefill or decode instance; with `engine.parallel` above one rank, this actor is
+    rank 0 and starts the others (cluster/rank_actors.py) on `rank_bundles[1:]`."""
 
     instance_id: str  # e.g. "prefill-0"; unique in the cluster, no '/'
     role: str  # "prefill" | "decode"
@@ -35,6 +36,7 @@ class WorkerSpec:
     metrics_port: int = 0  # its Prometheus /metrics port; 0 = any free port
     fail_after_steps: int = 0  # fault injection: the engine thread raises after this many steps
     max_waiting_requests: int = 0  # decode only: its queue bound; 0 = 4 x max_num_seqs
+    rank_bundles: tuple[dict[str, float], ...] = ()  # its placement group's bundles, by rank
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -49,6 +51,24 @@ class WorkerSpec:
     def transport_device(self) -> str:
         """Where KV moves: NCCL between GPUs, Gloo on CPU."""
         return "cuda" if self.engine.device == "cuda" else "cpu"
+
+
+def build_engine(spec: WorkerSpec, rank_service=None):
+    """The instance's LLMEngine; ranks 1..N-1 of a multi-rank one as Ray actors on the
+    instance's placement group bundles, each with `rank_service` (rank_calls.py)."""
+    from engine.llm_engine import LLMEngine
+
+    if spec.engine.parallel.world_size == 1:
+        return LLMEngine(spec.engine)
+    import ray
+
+    from cluster.rank_actors import RayRankLauncher
+
+    # rank r is "<this actor's name>-rank<r>": unique per deployment and incarnation
+    name = ray.get_runtime_context().get_actor_name() or spec.instance_id
+    launcher = RayRankLauncher(name, spec.rank_bundles, dict(GPU_SAFE_ENV),
+                               num_threads=spec.num_threads)
+    return LLMEngine(spec.engine, launcher=launcher, rank_service=rank_service)
 
 
 def apply_process_settings(spec: WorkerSpec) -> None:
@@ -83,9 +103,10 @@ def engine_config_for(model: str, device: str, dtype: str, block_size: int, num_
                       max_num_seqs: int, max_num_batched_tokens: int,
                       gpu_memory_utilization: float,
                       async_scheduling: bool | None = None,
-                      use_cuda_graphs: bool = True) -> EngineConfig:
+                      use_cuda_graphs: bool = True,
+                      parallel: ParallelConfig | None = None) -> EngineConfig:
     return EngineConfig(model=model, device=device, dtype=dtype, async_scheduling=async_scheduling,
-                        use_cuda_graphs=use_cuda_graphs,
+                        use_cuda_graphs=use_cuda_graphs, parallel=parallel or ParallelConfig(),
                         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                                           gpu_memory_utilization=gpu_memory_utilization),
                         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,

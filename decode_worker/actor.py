@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 
-from cluster.worker_spec import WorkerSpec, apply_process_settings, serve_worker_metrics
+from cluster.worker_spec import (WorkerSpec, apply_process_settings, build_engine,
+                                 serve_worker_metrics)
 from decode_worker.worker import DecodeWorker
 from engine.engine_loop import ActorLoopControls
 from protos.pdserve.v1 import worker_pb2
@@ -23,12 +24,12 @@ from protos.pdserve.v1 import worker_pb2
 class DecodeActor(ActorLoopControls):
     def __init__(self, spec: WorkerSpec) -> None:
         apply_process_settings(spec)
-        from engine.llm_engine import LLMEngine
+        from decode_worker.rank_links import DecodeRankService
 
         self.spec = spec
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outputs: asyncio.Queue | None = None
-        self.worker = DecodeWorker(LLMEngine(spec.engine), spec.instance_id, self._emit,
+        self.worker = DecodeWorker(build_engine(spec, DecodeRankService), spec.instance_id, self._emit,
                                    spec.host, spec.transfer_timeout_s,
                                    max_waiting_requests=spec.max_waiting_requests or None)
         self.metrics_endpoint = serve_worker_metrics(spec, self.worker.metrics.registry)
@@ -75,6 +76,11 @@ class DecodeActor(ActorLoopControls):
     async def stats(self) -> worker_pb2.WorkerStats:
         return await asyncio.to_thread(self.worker.stats)
 
+
+    async def rank_pids(self) -> list[int]:
+        """Process ids of ranks 1..N-1 of a multi-rank instance (tests kill them)."""
+        executor = self.worker.engine.executor
+        return await asyncio.to_thread(lambda: list(getattr(executor, "rank_pids", [])))
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.worker.stop)

@@ -26,6 +26,7 @@ from kv_transfer import (
     failure_result,
     pair_key,
 )
+from kv_transfer.rendezvous import rank_pair_key
 from kv_transfer.errors import KVTransferConnectionError, KVTransferTimeoutError
 from protos.pdserve.v1 import worker_pb2
 
@@ -39,8 +40,9 @@ class RecvLink:
     def __init__(self, store, prefill_id: str, decode_id: str, generation: int, device: str,
                  spec: KVLayoutSpec, kv_cache: torch.Tensor, blocks_of: BlocksLookup,
                  on_landed: LandedCallback, transfer_timeout_s: float,
-                 connect_timeout_s: float = 60.0, bind_host: str | None = None) -> None:
-        self.key = pair_key(prefill_id, decode_id, generation)
+                 connect_timeout_s: float = 60.0, bind_host: str | None = None,
+                 rank: int = 0) -> None:
+        self.key = rank_pair_key(pair_key(prefill_id, decode_id, generation), rank)
         cfg = ChannelConfig(self.key, PairRole.DECODE, decode_id, device, connect_timeout_s,
                             bind_host)
         self.channel = PairChannel.connect(store, cfg, spec)

@@ -25,6 +25,11 @@ every decode instance refuses.
 If the engine thread dies (a step raised), every running, queued and reserved request gets an
 error delta ("decode instance failed") at once, its blocks are freed, and every later call fails
 with `EngineDeadError`; `health()` reports it without the engine thread.
+
+A multi-rank instance (tensor x pipeline): this worker is rank 0; ranks 1..N-1 keep their
+receive links in a rank service (decode_worker/rank_links.py) that every `accept` and `expect`
+reaches too. A request's KV has landed once every rank's shard has (kv_transfer/shards.py). A
+rank that dies kills the engine thread, as a failed step does.
 """
 
 from __future__ import annotations
@@ -33,15 +38,18 @@ import enum
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from decode_worker.links import RecvLink
 from decode_worker.metrics import DecodeMetrics
 from engine.engine_loop import EngineLoop, LoopControls
+from engine.executor.rank_calls import RankCallError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import Request
 from kv_transfer import KVLayoutSpec, host_store
+from kv_transfer.shards import RankLostError, ShardOutcomes, watch_ranks
 from protos.convert import sampling_from_proto, worker_stats
 from protos.pdserve.v1 import PROTOCOL_VERSION, generation_pb2, worker_pb2
 
@@ -49,6 +57,7 @@ log = logging.getLogger(__name__)
 EmitCallback = Callable[[worker_pb2.DecodeOutputs], None]
 INSTANCE_FAILED = "decode instance failed"  # what clients see; the cause goes to the log
 WAITING_PER_BATCH_SLOT = 4  # default max_waiting_requests = this x max_num_seqs
+RANK_ACCEPT_TIMEOUT_S = 120.0  # the other ranks' pair channels, built while rank 0 builds its
 LANDING_TIMEOUTS = 3  # a begun transfer's KV lands within this many transfer timeouts, or fails
 
 
@@ -88,7 +97,10 @@ class DecodeWorker(LoopControls):
         self.emit = emit
         self.transfer_timeout_s = transfer_timeout_s
         self.watermark_blocks = int(reserve_watermark * engine.stats().num_blocks)
-        self.spec = KVLayoutSpec.for_cache(engine.kv_cache, engine.model_config.name)
+        self.spec = KVLayoutSpec.for_cache(engine.kv_cache, engine.model_config.name,
+                                           engine.parallel_layout)
+        self.ranks = engine.rank_caller  # None for a one-rank instance
+        self._outcomes = ShardOutcomes(engine.config.parallel.world_size)
         self.store = host_store(host, 0)
         self.host = host
         self.links: dict[str, RecvLink] = {}
@@ -101,6 +113,8 @@ class DecodeWorker(LoopControls):
                                after_iteration=self._publish_metrics,
                                device=engine.kv_cache.device, on_error=self._fail_everything)
         self.loop.start()
+        if self.ranks is not None:
+            watch_ranks(self.ranks, self._outcomes, self._transfer_finished, self._rank_lost)
 
     # ---- control plane (any thread) -------------------------------------------------------
     def endpoint(self, prefill_id: str, generation: int) -> worker_pb2.PairEndpoint:
@@ -112,14 +126,24 @@ class DecodeWorker(LoopControls):
     def accept(self, prefill_id: str, generation: int, device: str) -> None:
         """Build this end of the pair channel (blocking; the prefill side connects meanwhile)."""
         started = time.monotonic()
-        link = RecvLink(self.store, prefill_id, self.instance_id, generation, device, self.spec,
-                        self.engine.kv_cache, self._blocks_of, self._landed,
-                        self.transfer_timeout_s, bind_host=self.host)
+        with ThreadPoolExecutor(1) as ranks:  # the other ranks' links, concurrently
+            others = ranks.submit(self._accept_ranks, prefill_id, generation, device)
+            link = RecvLink(self.store, prefill_id, self.instance_id, generation, device,
+                            self.spec, self.engine.kv_cache, self._blocks_of, self._landed,
+                            self.transfer_timeout_s, bind_host=self.host)
+            others.result()
         self.metrics.transfer.handshake_time.observe(time.monotonic() - started)
         old = self.links.get(prefill_id)
         self.links[prefill_id] = link
         if old is not None:
             old.close()
+
+    def _accept_ranks(self, prefill_id: str, generation: int, device: str) -> None:
+        if self.ranks is None:
+            return
+        self.ranks.call("accept", (prefill_id, self.instance_id, generation, self.host,
+                                   self.store.port, device, self.transfer_timeout_s, self.host),
+                        timeout_s=RANK_ACCEPT_TIMEOUT_S)
 
     def reserve(self, req: worker_pb2.ReserveRequest) -> worker_pb2.ReserveReply:
         return self.loop.call(lambda: self._reserve(req)).result(timeout=30)
@@ -132,6 +156,15 @@ class DecodeWorker(LoopControls):
             message = f"no channel {desc.pair_key} here (replaced or never built)"
             self.loop.submit(lambda: self._transfer_failed(desc.request_id, message))
             return
+        if self.ranks is not None:  # every rank receives its shard into the same block ids
+            self._outcomes.begin(desc.request_id)
+            try:
+                self.ranks.post("expect", (prefill_id, desc.SerializeToString(),
+                                           self._blocks_of(desc.request_id)), inline=True)
+            except RankCallError as exc:  # a rank is gone: the instance is failing anyway
+                self._outcomes.forget(desc.request_id)
+                self.loop.submit(lambda: self._transfer_failed(desc.request_id, str(exc)))
+                return
         link.expect(desc)
 
     def first_token(self, delta: worker_pb2.TokenDelta) -> None:
@@ -147,6 +180,7 @@ class DecodeWorker(LoopControls):
         self.loop.stop()
         for link in self.links.values():
             link.close()
+        self.engine.shutdown()  # the other ranks of a multi-rank instance, with their links
 
     # ---- engine thread ---------------------------------------------------------------------
     def _reserve(self, req: worker_pb2.ReserveRequest) -> worker_pb2.ReserveReply:
@@ -198,7 +232,21 @@ class DecodeWorker(LoopControls):
             self._transfer_failed(incoming.request.request_id, f"no KV within {limit_s:g} s")
 
     def _landed(self, request_id: str, result: worker_pb2.TransferResult) -> None:
-        """Receive thread: hand the outcome to the engine thread."""
+        """Receive thread: rank 0's shard landed (or failed)."""
+        if self.ranks is not None:
+            result = self._outcomes.report(request_id, 0, result)
+            if result is None:  # other ranks still to report
+                return
+        self._transfer_finished(request_id, result)
+
+    def _rank_lost(self, rank: int) -> None:
+        """Reader thread: a rank's process is gone; the instance dies as with a failed step."""
+        def fail() -> None:
+            raise RankLostError(f"rank {rank} of decode instance {self.instance_id} is gone")
+        self.loop.submit(fail)
+
+    def _transfer_finished(self, request_id: str, result: worker_pb2.TransferResult) -> None:
+        """Every rank's shard landed (or one failed): hand the outcome to the engine thread."""
         self.metrics.transfer.observe(result)
         if result.status == worker_pb2.TRANSFER_STATUS_OK:
             self.loop.submit(lambda: self._arrive(request_id, Arrival.KV, None, result.duration_s))

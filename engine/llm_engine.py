@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from engine.builder import LoadedModel, load_model
 from engine.config import EngineConfig
 from engine.core import EngineCore, resolve_max_model_len
+from engine.executor.launchers import RankLauncher
 from engine.executor.local import LocalExecutor
+from engine.executor.rank_calls import ServiceFactory, layout_name
 from engine.executor.rank_group import RankGroupExecutor
 from engine.loader.source import open_model
 from engine.parallel import check_layout
@@ -23,13 +25,18 @@ from engine.sampling_params import SamplingParams
 class LLMEngine(EngineCore):
     """An engine core with the executor its config asks for."""
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None,
+                 launcher: RankLauncher | None = None,
+                 rank_service: ServiceFactory | None = None) -> None:
+        """`launcher` starts ranks 1..N-1 of a multi-rank instance (default: local processes);
+        `rank_service` is the per-rank state a worker needs on them (rank_calls.py)."""
         if config.parallel.world_size > 1:
             if loaded is not None:
                 raise ValueError("a multi-rank engine loads its own slices; pass no model")
             model_config = open_model(config.model).config
             check_layout(config, model_config)  # before any rank process starts
-            executor = RankGroupExecutor(config, resolve_max_model_len(config, model_config))
+            executor = RankGroupExecutor(config, resolve_max_model_len(config, model_config),
+                                         launcher=launcher, service=rank_service)
             super().__init__(config, executor.model_config, executor.tokenizer, executor)
             return
         loaded = loaded or load_model(config)
@@ -40,6 +47,16 @@ class LLMEngine(EngineCore):
     def runner(self):
         """The one-rank executor's model runner (tests and benchmarks drive it directly)."""
         return self.executor.runner
+
+    @property
+    def rank_caller(self):
+        """A multi-rank instance's RankCaller (the services of ranks 1..N-1); None for one."""
+        return getattr(self.executor, "ranks", None)
+
+    @property
+    def parallel_layout(self) -> str:
+        par = self.config.parallel
+        return layout_name(par.tensor_parallel_size, par.pipeline_parallel_size)
 
     @property
     def kv_cache(self):

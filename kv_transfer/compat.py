@@ -39,6 +39,10 @@ class KVLayoutSpec:
     head_dim: int
     kv_layout: str = KV_LAYOUT_LBKVHD
     pdserve_version: str = pdserve.__version__
+    # A multi-rank instance's rank i pairs with rank i of a peer of the same layout: its cache
+    # holds its stage's layers and its KV heads (num_layers and num_kv_heads above are its own).
+    parallel_layout: str = "tp=1 pp=1"
+    rank: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_layers", "num_kv_heads", "head_dim"):
@@ -52,8 +56,10 @@ class KVLayoutSpec:
             raise ValueError("KVLayoutSpec.model_name must not be empty")
 
     @classmethod
-    def for_cache(cls, kv_cache: torch.Tensor, model_name: str) -> KVLayoutSpec:
-        """The spec of an LBKVHD cache tensor [layers, blocks, 2, block_size, heads, head_dim]."""
+    def for_cache(cls, kv_cache: torch.Tensor, model_name: str,
+                  parallel_layout: str = "tp=1 pp=1", rank: int = 0) -> KVLayoutSpec:
+        """The spec of an LBKVHD cache tensor [layers, blocks, 2, block_size, heads, head_dim]
+        (one rank's, for a multi-rank instance)."""
         if kv_cache.dim() != 6 or kv_cache.shape[2] != 2:
             raise ValueError(
                 "kv_cache must be [num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim], "
@@ -61,11 +67,12 @@ class KVLayoutSpec:
             )
         num_layers, _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
         return cls(model_name, dtype_name(kv_cache.dtype), block_size, num_layers,
-                   num_kv_heads, head_dim)
+                   num_kv_heads, head_dim, parallel_layout=parallel_layout, rank=rank)
 
     def check_cache(self, kv_cache: torch.Tensor) -> None:
         """Raise ValueError unless `kv_cache` has this spec's layout, shapes and dtype."""
-        actual = KVLayoutSpec.for_cache(kv_cache, self.model_name)
+        actual = KVLayoutSpec.for_cache(kv_cache, self.model_name, self.parallel_layout,
+                                        self.rank)
         diffs = differing_fields(self, actual)
         if diffs:
             raise ValueError(f"kv_cache does not match the channel's KV layout: {'; '.join(diffs)}")

@@ -35,6 +35,20 @@ def new_descriptor(
     )
 
 
+def shard_descriptor(desc: worker_pb2.TransferDescriptor, pair_key: str,
+                     num_layers: int) -> worker_pb2.TransferDescriptor:
+    """The part of transfer `desc` that one rank pair carries on its own channel `pair_key`:
+    the same request, blocks and sequence number, all `num_layers` layers of that rank's cache
+    (its pipeline stage's), at most `desc.layers_per_message` per message. Both ends derive it
+    the same way from the one descriptor of the transfer."""
+    shard = worker_pb2.TransferDescriptor()
+    shard.CopyFrom(desc)
+    shard.pair_key = pair_key
+    shard.layer_start, shard.layer_end = 0, num_layers
+    shard.layers_per_message = max(1, min(desc.layers_per_message, num_layers))
+    return shard
+
+
 DEFAULT_MIN_MESSAGE_BYTES = 32 << 20  # 32 MiB: ~300 GB/s per NCCL message on NVLink
 
 

@@ -31,6 +31,7 @@ def build_handshake(spec: KVLayoutSpec, instance_id: str, key: str) -> kv_transf
         model_name=spec.model_name, dtype=spec.dtype, block_size=spec.block_size,
         kv_layout=spec.kv_layout, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim, pdserve_version=spec.pdserve_version,
+        parallel_layout=spec.parallel_layout, rank=spec.rank,
         instance_id=instance_id, pair_key=key,
     )
 
@@ -41,6 +42,7 @@ def spec_from_handshake(handshake: kv_transfer_pb2.Handshake) -> KVLayoutSpec:
         num_layers=handshake.num_layers, num_kv_heads=handshake.num_kv_heads,
         head_dim=handshake.head_dim, kv_layout=handshake.kv_layout,
         pdserve_version=handshake.pdserve_version,
+        parallel_layout=handshake.parallel_layout, rank=handshake.rank,
     )
 
 

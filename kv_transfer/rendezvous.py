@@ -72,6 +72,14 @@ def pair_key(prefill_instance_id: str, decode_instance_id: str, generation: int)
     return f"{prefill_instance_id}->{decode_instance_id}@g{generation}"
 
 
+def rank_pair_key(key: str, rank: int) -> str:
+    """The channel of rank `rank`'s pair within instance pair `key` (rank i -> rank i); rank 0's
+    is the pair's own key, so one-rank instances keep theirs."""
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0, got {rank}")
+    return key if rank == 0 else f"{key}/rank{rank}"
+
+
 def pair_store(store: Store, key: str) -> PrefixStore:
     """The view of `store` that one pair channel reads and writes."""
     return PrefixStore(f"{STORE_PREFIX}/{key}", store)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 
-from cluster.worker_spec import WorkerSpec, apply_process_settings, serve_worker_metrics
+from cluster.worker_spec import (WorkerSpec, apply_process_settings, build_engine,
+                                 serve_worker_metrics)
 from engine.engine_loop import ActorLoopControls
 from prefill_worker.worker import DecodePeer, PrefillWorker
 from protos.pdserve.v1 import worker_pb2
@@ -24,10 +25,10 @@ from protos.pdserve.v1 import worker_pb2
 class PrefillActor(ActorLoopControls):
     def __init__(self, spec: WorkerSpec) -> None:
         apply_process_settings(spec)
-        from engine.llm_engine import LLMEngine
+        from prefill_worker.rank_links import PrefillRankService
 
         self.spec = spec
-        self.worker = PrefillWorker(LLMEngine(spec.engine), spec.instance_id,
+        self.worker = PrefillWorker(build_engine(spec, PrefillRankService), spec.instance_id,
                                     spec.layers_per_message, spec.transfer_timeout_s, spec.host,
                                     min_message_bytes=spec.min_message_bytes,
                                     faults=spec.faults)
@@ -65,6 +66,11 @@ class PrefillActor(ActorLoopControls):
     async def stats(self) -> worker_pb2.WorkerStats:
         return await asyncio.to_thread(self.worker.stats)
 
+
+    async def rank_pids(self) -> list[int]:
+        """Process ids of ranks 1..N-1 of a multi-rank instance (tests kill them)."""
+        executor = self.worker.engine.executor
+        return await asyncio.to_thread(lambda: list(getattr(executor, "rank_pids", [])))
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.worker.stop)

@@ -27,6 +27,7 @@ from kv_transfer import (
     join_store,
     pair_key,
 )
+from kv_transfer.rendezvous import rank_pair_key
 from protos.pdserve.v1 import worker_pb2
 
 DoneCallback = Callable[[str, worker_pb2.TransferResult], None]
@@ -41,6 +42,7 @@ class LinkConfig:
     connect_timeout_s: float = 60.0
     faults: FaultInjection = FaultInjection()
     bind_host: str | None = None  # address this end's Gloo listens on
+    rank: int = 0  # of a multi-rank instance: this link joins rank `rank` of the decode side
 
 
 class SendLink:
@@ -50,7 +52,8 @@ class SendLink:
                  spec: KVLayoutSpec, on_done: DoneCallback) -> None:
         self.config = config
         self.generation = endpoint.generation
-        self.key = pair_key(config.prefill_id, config.decode_id, endpoint.generation)
+        self.key = rank_pair_key(pair_key(config.prefill_id, config.decode_id,
+                                          endpoint.generation), config.rank)
         store = join_store(endpoint.store_host, endpoint.store_port, config.connect_timeout_s)
         channel_cfg = ChannelConfig(self.key, PairRole.PREFILL, config.prefill_id, config.device,
                                     config.connect_timeout_s, config.bind_host)

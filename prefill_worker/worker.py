@@ -18,6 +18,12 @@ or times out (the decode side expects the bytes), and the blocks are freed then.
 If the engine thread dies (a step raised), every prompt not yet handed off fails at once: its
 `on_error` gets the loop's `EngineDeadError` (a prompt submitted later too), and `health()`
 reports the death without the engine thread.
+
+A multi-rank instance (tensor x pipeline): this worker is rank 0 and keeps its own links; ranks
+1..N-1 keep theirs in a rank service (prefill_worker/rank_links.py) that every `connect` and
+every step's `begin` reaches too. Each rank sends its shard of a transfer to the same rank of
+the decode instance; the blocks are freed once every rank reported (kv_transfer/shards.py). A
+rank that dies kills the engine thread, as a failed step does.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from engine.engine_loop import EngineDeadError, EngineLoop, LoopControls
@@ -35,12 +41,14 @@ from engine.outputs import RequestOutput
 from engine.request import Request
 from kv_transfer import (DEFAULT_MIN_MESSAGE_BYTES, FaultInjection, KVLayoutSpec,
                          OutgoingTransfer, layers_per_message_for, new_descriptor)
+from kv_transfer.shards import RankLostError, ShardOutcomes, watch_ranks
 from prefill_worker.links import LinkConfig, SendLink
 from prefill_worker.metrics import PrefillMetrics
 from protos.pdserve.v1 import PROTOCOL_VERSION, generation_pb2, worker_pb2
 from protos.convert import sampling_from_proto, worker_stats
 
 log = logging.getLogger(__name__)
+RANK_CONNECT_TIMEOUT_S = 120.0  # the other ranks' pair channels, built while rank 0 builds its
 ResultCallback = Callable[[worker_pb2.PrefillResult], None]
 ErrorCallback = Callable[[BaseException], None]
 
@@ -87,7 +95,10 @@ class PrefillWorker(LoopControls):
         kv = engine.kv_cache  # [layers, blocks, 2, block_size, kv_heads, head_dim]
         self._block_layer_bytes = kv[0, 0].numel() * kv.element_size()
         self.transfer_timeout_s = transfer_timeout_s
-        self.spec = KVLayoutSpec.for_cache(engine.kv_cache, engine.model_config.name)
+        self.spec = KVLayoutSpec.for_cache(engine.kv_cache, engine.model_config.name,
+                                           engine.parallel_layout)
+        self.ranks = engine.rank_caller  # None for a one-rank instance
+        self._outcomes = ShardOutcomes(engine.config.parallel.world_size)
         self.links: dict[str, SendLink] = {}
         self.peers: dict[str, DecodePeer] = {}
         self._pending: dict[str, _Pending] = {}  # admitted, first token not yet handed off
@@ -100,6 +111,8 @@ class PrefillWorker(LoopControls):
                                after_iteration=self._publish_metrics,
                                device=engine.kv_cache.device, on_error=self._fail_pending)
         self.loop.start()
+        if self.ranks is not None:
+            watch_ranks(self.ranks, self._outcomes, self._transfer_finished, self._rank_lost)
 
     # ---- control plane (any thread) -------------------------------------------------------
     def connect(self, decode_id: str, endpoint: worker_pb2.PairEndpoint, peer: DecodePeer,
@@ -108,12 +121,24 @@ class PrefillWorker(LoopControls):
         cfg = LinkConfig(self.instance_id, decode_id, device, self.transfer_timeout_s,
                          faults=self.faults, bind_host=self.host)
         started = time.monotonic()
-        link = SendLink(cfg, endpoint, self.spec, self._transfer_done)
+        with ThreadPoolExecutor(1) as ranks:  # the other ranks' links, concurrently
+            others = ranks.submit(self._connect_ranks, decode_id, endpoint, device)
+            link = SendLink(cfg, endpoint, self.spec, self._transfer_done)
+            others.result()
         self.metrics.transfer.handshake_time.observe(time.monotonic() - started)
         old = self.links.get(decode_id)
         self.links[decode_id], self.peers[decode_id] = link, peer
         if old is not None:
             old.close()
+
+    def _connect_ranks(self, decode_id: str, endpoint: worker_pb2.PairEndpoint,
+                       device: str) -> None:
+        if self.ranks is None:
+            return
+        faults = {f: getattr(self.faults, f) for f in self.faults.__dataclass_fields__}
+        self.ranks.call("connect", (self.instance_id, decode_id, endpoint.SerializeToString(),
+                                    device, self.transfer_timeout_s, self.host, faults),
+                        timeout_s=RANK_CONNECT_TIMEOUT_S)
 
     def set_faults(self, faults: FaultInjection, future_links: bool = False) -> None:
         """Fault injection (tests, chaos runs) on every current link: a fault of this channel
@@ -150,6 +175,7 @@ class PrefillWorker(LoopControls):
         self.loop.stop()
         for link in self.links.values():
             link.close()
+        self.engine.shutdown()  # the other ranks of a multi-rank instance, with their links
 
     # ---- engine thread ---------------------------------------------------------------------
     def _admit(self, pending: _Pending) -> None:
@@ -178,6 +204,7 @@ class PrefillWorker(LoopControls):
         listener posts each layer's KV as soon as the forward pass has written it."""
         handoffs = [self._begin_transfer(request) for request in requests]
         self._begun = {h.request.request_id: h for h in handoffs}
+        self._begin_on_ranks([h for h in handoffs if h.transfer is not None])
         senders = {h.link.sender for h in handoffs if h.link is not None}
         if not senders:
             return None
@@ -187,13 +214,26 @@ class PrefillWorker(LoopControls):
                 sender.send_layers(layer, layer + 1)
         return on_layer_done
 
+    def _begin_on_ranks(self, handoffs: list[_Handoff]) -> None:
+        """The other ranks begin their shards of these transfers before the plan runs (the
+        call goes down the plan socket ahead of the plan); each reports on its own."""
+        if self.ranks is None or not handoffs:
+            return
+        orders = []
+        for h in handoffs:
+            rid = h.request.request_id
+            self._outcomes.begin(rid)
+            orders.append((h.task.decode_instance_id, h.transfer.desc.SerializeToString(),
+                           self.engine.block_ids(rid)))
+        self.ranks.post("begin", (orders,), inline=True)
+
     def _begin_transfer(self, request: Request) -> _Handoff:
         task = self._pending[request.request_id].task
         link = self.links.get(task.decode_instance_id)
         if link is None or not link.is_ready:
             return _Handoff(request, task, None)
         table = self.engine.block_ids(request.request_id)  # allocated for this step
-        num_layers = self.engine.model_config.num_layers
+        num_layers = self.engine.kv_cache.shape[0]  # this rank's: its pipeline stage's layers
         per_message = layers_per_message_for(num_layers, len(table) * self._block_layer_bytes,
                                              self.layers_per_message, self.min_message_bytes)
         # this step completes the KV of every token known so far: prompt + resumed outputs
@@ -221,6 +261,7 @@ class PrefillWorker(LoopControls):
             self._handed_off.add(rid)
             self.peers[h.task.decode_instance_id].first_token(delta)
         else:
+            self._outcomes.forget(rid)  # the other ranks' shards cannot complete alone
             self.engine.release_blocks(rid)
         result = worker_pb2.PrefillResult(protocol_version=PROTOCOL_VERSION, request_id=rid,
                                           first_token=delta, prefill_s=step_s)
@@ -233,7 +274,21 @@ class PrefillWorker(LoopControls):
         self._pending.pop(rid).on_result(result)
 
     def _transfer_done(self, request_id: str, result: worker_pb2.TransferResult) -> None:
-        """Finisher thread: the decode side acknowledged (or the transfer failed)."""
+        """Finisher thread: the decode side acknowledged rank 0's shard (or it failed)."""
+        if self.ranks is not None:
+            result = self._outcomes.report(request_id, 0, result)
+            if result is None:  # other ranks still to report
+                return
+        self._transfer_finished(request_id, result)
+
+    def _rank_lost(self, rank: int) -> None:
+        """Reader thread: a rank's process is gone; the instance dies as with a failed step."""
+        def fail() -> None:
+            raise RankLostError(f"rank {rank} of prefill instance {self.instance_id} is gone")
+        self.loop.submit(fail)
+
+    def _transfer_finished(self, request_id: str, result: worker_pb2.TransferResult) -> None:
+        """Every rank's shard acknowledged (or one failed): free the blocks."""
         self.metrics.transfer.observe(result)
         if result.status != worker_pb2.TRANSFER_STATUS_OK:
             self.num_transfers_failed += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import pickle
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -21,6 +22,8 @@ from engine.attention import get_backend
 from engine.builder import load_model, make_kv_cache, num_kv_blocks_that_fit
 from engine.config import EngineConfig
 from engine.executor.plan_channel import PlanReceiver
+from engine.executor.rank_calls import (RankCall, RankContext, RankService, ServiceFactory,
+                                        encode_event, encode_reply, layout_name)
 from engine.loader.source import open_model
 from engine.model_runner import ModelRunner
 from engine.parallel import ParallelContext, init_parallel_context
@@ -39,6 +42,7 @@ class RankSpec:
     plan_address: tuple[str, int]
     authkey: bytes
     max_model_len: int
+    service: ServiceFactory | None = None  # per-rank state of a feature (rank_calls.py)
 
 
 @dataclass(slots=True)
@@ -96,22 +100,66 @@ def agree_min(parallel: ParallelContext, value: int, device: str) -> int:
 
 
 def rank_main(spec: RankSpec) -> None:
-    """A rank process (not rank 0): build, then run every plan rank 0 sends until it says
-    stop or goes away. A failure here exits the process; rank 0 sees it in its next
-    collective and fails the whole instance."""
+    """A rank process (not rank 0): build, then run every plan and call rank 0 sends until it
+    says stop or goes away. A failure here exits the process; rank 0 sees its socket close
+    and fails the whole instance."""
     logging.basicConfig(level=logging.WARNING)
     timeout_s = spec.config.parallel.collective_timeout_s
     receiver = PlanReceiver(spec.plan_address, spec.authkey, timeout_s)
     store = connect_store(spec.store_host, spec.store_port, False,
                           spec.config.parallel.world_size, timeout_s)
     rank = build_rank(spec.config, store, spec.rank, spec.max_model_len)
+    service = _start_service(spec, rank, receiver)
+    calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"rank{spec.rank}-call")
     try:
-        while (plan := receiver.recv()) is not None:
-            rank.runner.execute(plan)
+        while (message := receiver.recv()) is not None:
+            if isinstance(message, RankCall):
+                if message.inline:
+                    _answer(service, message, receiver, spec.rank)
+                else:
+                    calls.submit(_answer, service, message, receiver, spec.rank)
+                continue
+            listener = service.layer_listener() if service is not None else None
+            rank.runner.execute(message, listener)
+            if service is not None:
+                service.after_plan()
     except EOFError:
         log.warning("rank %d: rank 0 is gone; exiting", spec.rank)
     finally:
+        calls.shutdown(wait=False, cancel_futures=True)
+        if service is not None:
+            service.close()
         receiver.close()
+
+
+def _start_service(spec: RankSpec, rank: Rank, receiver: PlanReceiver) -> RankService | None:
+    if spec.service is None:
+        return None
+    par = spec.config.parallel
+
+    def emit(name: str, value) -> None:
+        receiver.send_back(encode_event(spec.rank, name, value))
+    context = RankContext(spec.rank, par.world_size, rank.parallel.tp_rank,
+                          rank.parallel.pp_rank, rank.kv_cache, rank.loaded.config.name,
+                          layout_name(par.tensor_parallel_size, par.pipeline_parallel_size),
+                          emit)
+    return spec.service(context)
+
+
+def _answer(service: RankService | None, call: RankCall, receiver: PlanReceiver,
+            rank: int) -> None:
+    """Run one call on this rank's service; a reply if one is wanted (errors as events else)."""
+    try:
+        if service is None:
+            raise RuntimeError(f"rank {rank} has no service for {call.name!r}")
+        value, error = service.call(call.name, call.args), ""
+    except Exception as exc:  # noqa: BLE001 - the error goes back to rank 0
+        log.exception("rank %d: %s failed", rank, call.name)
+        value, error = None, f"{type(exc).__name__}: {exc}"
+    if call.call_id:
+        receiver.send_back(encode_reply(call.call_id, rank, value, error))
+    elif error:
+        receiver.send_back(encode_event(rank, "error", f"{call.name}: {error}"))
 
 
 def main() -> None:

@@ -176,11 +176,28 @@ def test_top_level_must_be_a_mapping():
         cluster_config_from_dict(["model"])  # type: ignore[arg-type]
 
 
-def test_parallelism_above_one_is_not_supported_yet():
-    with pytest.raises(ValueError, match="decode.tensor_parallel_size > 1 is not supported yet"):
-        PoolConfig("decode", gpus_per_instance=2, tensor_parallel_size=2)
+def test_parallel_pools_and_their_limits():
+    pool = PoolConfig("decode", gpus_per_instance=4, tensor_parallel_size=2,
+                      pipeline_parallel_size=2)
+    assert (pool.tensor_parallel_size, pool.pipeline_parallel_size) == (2, 2)
+    assert PoolConfig("prefill", tensor_parallel_size=3).device == "cpu"  # Gloo ranks
     with pytest.raises(ValueError, match="prefill.expert_parallel_size > 1 is not supported yet"):
         PoolConfig("prefill", expert_parallel_size=4)
+    with pytest.raises(ValueError, match="decode.collective_timeout_s must be > 0"):
+        PoolConfig("decode", collective_timeout_s=0)
+
+
+def test_pools_with_different_layouts_are_refused_naming_both():
+    with pytest.raises(ValueError, match=r"prefill is tp=2 pp=1, decode is tp=1 pp=2"):
+        cluster_config_from_dict({"device": "cpu", "prefill": {"tensor_parallel_size": 2},
+                                  "decode": {"pipeline_parallel_size": 2}})
+
+
+def test_device_cuda_override_gives_each_rank_a_gpu():
+    config = cluster_config_from_dict({"device": "cpu", "prefill": {"tensor_parallel_size": 2},
+                                       "decode": {"tensor_parallel_size": 2}})
+    on_gpu = with_overrides(config, device="cuda")
+    assert [p.gpus_per_instance for p in on_gpu.pools] == [2, 2]
 
 
 def test_gpus_must_match_the_ranks():

@@ -90,6 +90,8 @@ def gpu_pool(role: str, **kwargs) -> PoolConfig:
 
 def test_cpu_instance_asks_for_one_cpu_bundle():
     assert instance_bundles(PoolConfig("prefill", cpus_per_instance=2)) == [{"CPU": 2.0}]
+    two_ranks = PoolConfig("prefill", cpus_per_instance=1, tensor_parallel_size=2)
+    assert instance_bundles(two_ranks) == [{"CPU": 0.5}, {"CPU": 0.5}]  # one per Gloo rank
 
 
 def test_gpu_instance_asks_for_one_gpu_bundle_per_rank():

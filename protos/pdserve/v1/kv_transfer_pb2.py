@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/pdserve/v1/kv_transfer.proto\x12\npdserve.v1\"\x80\x02\n\tHandshake\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x63ompat_hash\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x11\n\tkv_layout\x18\x06 \x01(\t\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x08 \x01(\r\x12\x10\n\x08head_dim\x18\t \x01(\r\x12\x17\n\x0fpdserve_version\x18\n \x01(\t\x12\x13\n\x0binstance_id\x18\x0b \x01(\t\x12\x10\n\x08pair_key\x18\x0c \x01(\t\"\x91\x01\n\x0eHandshakeReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11mismatched_fields\x18\x04 \x03(\t\x12(\n\thandshake\x18\x05 \x01(\x0b\x32\x15.pdserve.v1.Handshakeb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/pdserve/v1/kv_transfer.proto\x12\npdserve.v1\"\xa7\x02\n\tHandshake\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x63ompat_hash\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x11\n\tkv_layout\x18\x06 \x01(\t\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x08 \x01(\r\x12\x10\n\x08head_dim\x18\t \x01(\r\x12\x17\n\x0fpdserve_version\x18\n \x01(\t\x12\x17\n\x0fparallel_layout\x18\r \x01(\t\x12\x0c\n\x04rank\x18\x0e \x01(\r\x12\x13\n\x0binstance_id\x18\x0b \x01(\t\x12\x10\n\x08pair_key\x18\x0c \x01(\t\"\x91\x01\n\x0eHandshakeReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11mismatched_fields\x18\x04 \x03(\t\x12(\n\thandshake\x18\x05 \x01(\x0b\x32\x15.pdserve.v1.Handshakeb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.pdserve.v1.kv_transf
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HANDSHAKE']._serialized_start=52
-  _globals['_HANDSHAKE']._serialized_end=308
-  _globals['_HANDSHAKEREPLY']._serialized_start=311
-  _globals['_HANDSHAKEREPLY']._serialized_end=456
+  _globals['_HANDSHAKE']._serialized_end=347
+  _globals['_HANDSHAKEREPLY']._serialized_start=350
+  _globals['_HANDSHAKEREPLY']._serialized_end=495
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Handshake(_message.Message):
-    __slots__ = ("protocol_version", "compat_hash", "model_name", "dtype", "block_size", "kv_layout", "num_layers", "num_kv_heads", "head_dim", "pdserve_version", "instance_id", "pair_key")
+    __slots__ = ("protocol_version", "compat_hash", "model_name", "dtype", "block_size", "kv_layout", "num_layers", "num_kv_heads", "head_dim", "pdserve_version", "parallel_layout", "rank", "instance_id", "pair_key")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,8 @@ class Handshake(_message.Message):
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     PDSERVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     PAIR_KEY_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
@@ -30,9 +32,11 @@ class Handshake(_message.Message):
     num_kv_heads: int
     head_dim: int
     pdserve_version: str
+    parallel_layout: str
+    rank: int
     instance_id: str
     pair_key: str
-    def __init__(self, protocol_version: _Optional[int] = ..., compat_hash: _Optional[str] = ..., model_name: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_layout: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., pdserve_version: _Optional[str] = ..., instance_id: _Optional[str] = ..., pair_key: _Optional[str] = ...) -> None: ...
+    def __init__(self, protocol_version: _Optional[int] = ..., compat_hash: _Optional[str] = ..., model_name: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_layout: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., pdserve_version: _Optional[str] = ..., parallel_layout: _Optional[str] = ..., rank: _Optional[int] = ..., instance_id: _Optional[str] = ..., pair_key: _Optional[str] = ...) -> None: ...
 
 class HandshakeReply(_message.Message):
     __slots__ = ("protocol_version", "accepted", "reason", "mismatched_fields", "handshake")

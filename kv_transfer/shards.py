@@ -1,0 +1,110 @@
+"""One transfer of a multi-rank instance: a shard per rank pair, one outcome for the whole.
+
+With the same layout on both sides, rank i of the prefill instance sends its KV shard (its
+stage's layers, its KV heads) to rank i of the decode instance over their own pair channel
+(`rendezvous.rank_pair_key`), each shard described by `descriptors.shard_descriptor` of the one
+descriptor of the transfer. Each end reports one outcome per transfer to its control plane only
+when every rank has reported: OK when every shard landed (bytes summed, the slowest shard's
+time), else the first failure. `ShardOutcomes` collects the per-rank results until then.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from protos.pdserve.v1 import worker_pb2
+
+log = logging.getLogger(__name__)
+SHARD_DONE = "shard_done"  # the event a rank service emits per shard (rank_calls.py)
+
+
+class RankLostError(RuntimeError):
+    """A rank of this multi-rank instance is gone: the instance fails as a whole."""
+
+
+def shard_event(request_id: str, result: worker_pb2.TransferResult) -> dict:
+    """A shard's outcome as a JSON-able event value."""
+    return {"request_id": request_id, "result": result.SerializeToString().hex()}
+
+
+def kv_digest(kv_cache, block_ids: list[int]) -> str:
+    """sha256 of blocks `block_ids` of a cache, every layer (a rank's shard as it holds it):
+    lets two instances compare what each rank sent and received without moving the bytes."""
+    import hashlib
+
+    import torch
+
+    blocks = kv_cache[:, torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)]
+    return hashlib.sha256(blocks.contiguous().cpu().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def watch_ranks(ranks, outcomes: ShardOutcomes,
+                on_outcome: Callable[[str, worker_pb2.TransferResult], None],
+                on_lost: Callable[[int], None]) -> None:
+    """Route the other ranks' shard outcomes into `outcomes` (`on_outcome` gets each
+    transfer's combined result) and a lost rank to `on_lost` (`ranks`: a RankCaller)."""
+    def on_event(rank: int, name: str, value) -> None:
+        if name != SHARD_DONE:
+            log.warning("rank %d: %s: %s", rank, name, value)
+            return
+        result = worker_pb2.TransferResult.FromString(bytes.fromhex(value["result"]))
+        combined = outcomes.report(value["request_id"], rank, result)
+        if combined is not None:
+            on_outcome(value["request_id"], combined)
+
+    ranks.set_event_handler(on_event)
+    ranks.add_lost_handler(on_lost)
+
+
+@dataclass(slots=True)
+class _Collecting:
+    waiting: set[int]
+    results: list[worker_pb2.TransferResult] = field(default_factory=list)
+
+
+class ShardOutcomes:
+    """Per-rank transfer results of one end of one instance, combined per request."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self._lock = threading.Lock()
+        self._collecting: dict[str, _Collecting] = {}
+
+    def begin(self, request_id: str) -> None:
+        """Every rank will report on `request_id`'s transfer."""
+        with self._lock:
+            self._collecting[request_id] = _Collecting(set(range(self.world_size)))
+
+    def report(self, request_id: str, rank: int,
+               result: worker_pb2.TransferResult) -> worker_pb2.TransferResult | None:
+        """Rank `rank`'s result; the combined result once it was the last one, else None."""
+        with self._lock:
+            collecting = self._collecting.get(request_id)
+            if collecting is None or rank not in collecting.waiting:
+                return None  # not begun here, or a duplicate
+            collecting.waiting.discard(rank)
+            collecting.results.append(result)
+            if collecting.waiting:
+                return None
+            del self._collecting[request_id]
+        return combine(collecting.results)
+
+    def forget(self, request_id: str) -> None:
+        with self._lock:
+            self._collecting.pop(request_id, None)
+
+
+def combine(results: list[worker_pb2.TransferResult]) -> worker_pb2.TransferResult:
+    """OK if every shard is OK (bytes summed, the longest times), else the first failure."""
+    failed = [r for r in results if r.status != worker_pb2.TRANSFER_STATUS_OK]
+    if failed:
+        return failed[0]
+    combined = worker_pb2.TransferResult()
+    combined.CopyFrom(results[0])
+    combined.num_bytes = sum(r.num_bytes for r in results)
+    combined.duration_s = max(r.duration_s for r in results)
+    combined.tail_s = max(r.tail_s for r in results)
+    return combined
