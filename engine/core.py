@@ -9,6 +9,12 @@ cross to the executor; no `Request` does.
 
 With asynchronous scheduling (engine/inflight.py) a `step()` plans and launches step N+1 first
 and reads step N back after, while the device runs N+1; its outputs are then those of step N.
+
+With pipeline parallelism (an executor whose `pipeline_depth` is its number of stages) up to
+that many steps are in flight at once, each a *micro-batch* of different requests: a request
+whose sampled token is still on its way is not scheduled again until that step is read back,
+so the first stage starts step N+1 while later stages still run N, and no plan ever needs a
+token in flight. Each step takes at most 1/depth of the running decodes.
 Every worker kind runs this same step: a prefill instance installs a `KVHandoff` hook
 (engine/hooks.py), a decode instance admits requests whose KV arrived (`admit_prefilled`).
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -74,7 +81,10 @@ class EngineCore:
         self._planner = PlanBuilder(num_blocks_for(self.max_model_len, block_size))
         self.async_scheduling = config.use_async_scheduling
         self._handoff: KVHandoff | None = None
-        self._in_flight: InFlightStep | None = None  # launched, not yet read back
+        # launched, not yet read back, oldest first: at most 2 (asynchronous scheduling), or
+        # `pipeline_depth` micro-batches of different requests (pipeline parallelism)
+        self._flights: deque[InFlightStep] = deque()
+        self.pipeline_depth = getattr(executor, "pipeline_depth", 1)
         self.last_step_num_tokens = 0  # tokens the last launched step computes (metrics)
         self.requests: dict[str, Request] = {}
         self.streams: dict[str, RequestStream] = {}
@@ -136,7 +146,7 @@ class EngineCore:
                              len(request.output_token_ids))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        return self.scheduler.has_unfinished() or bool(self._flights)
 
     # ---- blocks held outside the scheduler (transfers) --------------------------------------
     def reserve_blocks(self, request_id: str, num_tokens: int) -> list[int]:
@@ -173,9 +183,12 @@ class EngineCore:
 
     # ---- stepping ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Plan and launch one step; returns the outputs of the step it reads back: this one
-        (synchronous) or the previous one (asynchronous scheduling)."""
-        previous, self._in_flight = self._in_flight, None
+        """Plan and launch one step; returns the outputs of the step(s) it reads back: this one
+        (synchronous), the previous one (asynchronous scheduling), or the oldest micro-batch
+        once the pipeline is full (pipeline parallelism)."""
+        if self.pipeline_depth > 1:
+            return self._step_pipelined()
+        previous = self._flights.popleft() if self._flights else None
         outputs: list[RequestOutput] = []
         if previous is not None and not self._can_overlap(previous):
             outputs += self._read_back(previous)
@@ -183,12 +196,23 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         self.last_step_num_tokens = scheduled.num_batched_tokens
         if not scheduled.is_empty:
-            self._in_flight = self._launch(scheduled)
+            self._flights.append(self._launch(scheduled))
         if previous is not None:
             outputs += self._read_back(previous)
-        if not self.async_scheduling and self._in_flight is not None:
-            current, self._in_flight = self._in_flight, None
-            outputs += self._read_back(current)
+        if not self.async_scheduling and self._flights:
+            outputs += self._read_back(self._flights.popleft())
+        return outputs
+
+    def _step_pipelined(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        if len(self._flights) >= self.pipeline_depth:
+            outputs += self._read_back(self._flights.popleft())
+        scheduled = self.scheduler.schedule(micro_batches=self.pipeline_depth)
+        self.last_step_num_tokens = scheduled.num_batched_tokens
+        if not scheduled.is_empty:
+            self._flights.append(self._launch(scheduled))
+        elif self._flights:  # everything schedulable is in flight: wait for the oldest
+            outputs += self._read_back(self._flights.popleft())
         return outputs
 
     def _can_overlap(self, previous: InFlightStep) -> bool:
@@ -253,10 +277,11 @@ class EngineCore:
         self.forget(request)
 
     def _end(self, request: Request, status: RequestStatus) -> None:
-        """Finish a request; its blocks return to the pool now, or, if the step in flight
+        """Finish a request; its blocks return to the pool now, or, if a step in flight
         computes it, once that step is read back (the device may still be writing them)."""
-        flight = self._in_flight
-        if flight is not None and request.request_id in flight.request_ids:
+        flight = next((f for f in reversed(self._flights)
+                       if request.request_id in f.request_ids), None)
+        if flight is not None:  # freed after the last launched step that computes it
             self.scheduler.finish(request, status, free_blocks=False)
             flight.deferred_frees.append(request.request_id)
         else:

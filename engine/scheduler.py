@@ -21,6 +21,11 @@ then the most recently admitted running one. When nothing runs and the first pre
 cannot get its next block, prefilled requests are preempted from the back until it can: queued
 requests never hold every block while nothing runs.
 
+Micro-batches (pipeline parallelism, `schedule(micro_batches=n)` with n > 1): a request whose
+sampled token is still in flight is skipped (it is in another micro-batch; a queued one blocks
+admission behind it, first come first served), and one step takes at most ceil(running / n)
+of the running requests, so n steps in flight split the batch between them.
+
 The scheduler is CPU bookkeeping only; it hands the runner a typed plan, `SchedulerOutput`.
 """
 
@@ -132,21 +137,23 @@ class Scheduler:
         return len(self.waiting) + len(self.prefilled)
 
     # ---- planning -----------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, micro_batches: int = 1) -> SchedulerOutput:
+        """Plan one step; with `micro_batches` > 1, one of that many in flight (see above)."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        budget = self._schedule_running(out, budget)
+        budget = self._schedule_running(out, budget, micro_batches)
         if not out.preempted_ids:
-            self._schedule_waiting(out, budget)
+            self._schedule_waiting(out, budget, micro_batches > 1)
         out.chunks.sort(key=lambda c: not c.is_decode)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: int, micro_batches: int) -> int:
         index = 0
-        while index < len(self.running) and budget > 0:
+        limit = -(-len(self.running) // micro_batches)  # requests of the batch in this step
+        while index < len(self.running) and budget > 0 and len(out.chunks) < limit:
             request = self.running[index]
-            if request.num_inflight_tokens and request.length_capped:
-                index += 1  # its last token is in flight; it finishes when that is read back
+            if request.num_inflight_tokens and (request.length_capped or micro_batches > 1):
+                index += 1  # its token is in flight; it finishes / continues when read back
                 continue
             num_new = min(request.num_pending_tokens, budget)
             if not self._reserve_or_preempt(request, request.num_computed_tokens + num_new, out):
@@ -175,12 +182,12 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, micro: bool) -> None:
         if self.prefilled and not self.running:
             self._unblock_prefilled(out)
-        budget = self._admit_from(self.prefilled, out, budget)
+        budget = self._admit_from(self.prefilled, out, budget, micro)
         if not self.prefilled:  # FCFS: nothing is recomputed while transferred requests wait
-            self._admit_from(self.waiting, out, budget)
+            self._admit_from(self.waiting, out, budget, micro)
 
     def _unblock_prefilled(self, out: SchedulerOutput) -> None:
         """Nothing runs, so no block will be freed: preempt prefilled requests from the back
@@ -191,11 +198,15 @@ class Scheduler:
             self._preempt(victim)
             out.preempted_ids.append(victim.request_id)
 
-    def _admit_from(self, queue: deque[Request], out: SchedulerOutput, budget: int) -> int:
+    def _admit_from(self, queue: deque[Request], out: SchedulerOutput, budget: int,
+                    micro: bool = False) -> int:
         """Move requests from the front of `queue` into the running batch while budget, batch
-        slots and blocks last; returns the budget left."""
+        slots and blocks last; returns the budget left. With micro-batches, a request whose
+        token is in flight (preempted meanwhile) waits at the front until it is read back."""
         while queue and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = queue[0]
+            if micro and request.num_inflight_tokens:
+                break
             num_new = min(request.num_pending_tokens, budget)
             if num_new < request.num_pending_tokens and not self.config.enable_chunked_prefill:
                 break

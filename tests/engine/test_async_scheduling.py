@@ -98,7 +98,7 @@ def test_abort_while_in_flight_defers_the_blocks(make_engine, prompts):
     for _ in range(3):
         engine.step()
     held = len(engine.kv_manager.block_table(gone))
-    assert held > 0 and gone in engine._in_flight.request_ids
+    assert held > 0 and gone in engine._flights[-1].request_ids
     free_before = engine.kv_manager.num_free_blocks
     assert engine.abort(gone).finish_reason == "abort"
     # the launched step may still write the aborted request's blocks: not in the pool yet
