@@ -20,6 +20,7 @@ from engine.models.context import ForwardContext
 from engine.parallel import ParallelContext
 from engine.plan import BATCH_BUCKETS, BlockTables, StepPlan
 from engine.sampler import Sampler, SamplerOutput, SamplingTensors
+from engine.tp_sampler import sample_vocab_parallel
 
 
 @dataclass(slots=True)
@@ -48,6 +49,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self.parallel = parallel or ParallelContext.single()
         self.tables = BlockTables()
+        if self.parallel.tp_size > 1 and self.parallel.is_last_stage:
+            model.lm_head.gather_logits = False  # _sample takes each rank's vocab slice
         # Every step's sampled ids, row i = sampling chunk i, kept on the device: the next step
         # reads the ids the host has not seen yet (tokens in flight) from here. Fixed size:
         # captured graphs write into it.
@@ -77,11 +80,16 @@ class ModelRunner:
         return out
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor, inputs: StepInputs) -> SamplerOutput:
-        """Every tensor rank holds the whole vocabulary's logits and samples the same ids."""
-        if inputs.greedy_ids is not None and plan.all_plain_greedy:
+        """Every tensor rank samples the same ids: one rank from the whole vocabulary's logits;
+        a tensor-parallel stage from its vocab slice, gathering the slices only for a step
+        whose options need the whole row (engine/tp_sampler.py)."""
+        if self.parallel.tp_size > 1:
+            out = sample_vocab_parallel(logits, plan.sampling, self.vocab_size, self.parallel)
+        elif inputs.greedy_ids is not None and plan.all_plain_greedy:
             return SamplerOutput(token_ids=inputs.greedy_ids, logprobs=None)  # in sampled_ids
-        tensors = SamplingTensors.from_rows(plan.sampling, self.vocab_size, self.device)
-        out = self.sampler(logits, tensors)
+        else:
+            tensors = SamplingTensors.from_rows(plan.sampling, self.vocab_size, self.device)
+            out = self.sampler(logits, tensors)
         self.sampled_ids[: out.token_ids.shape[0]].copy_(out.token_ids)
         return out
 

@@ -5,7 +5,8 @@ one pipeline stage are consecutive. Three kinds of groups, each a backend object
 from a store (never the global `init_process_group`, so an instance's groups and the KV-transfer
 pair groups of the same process never meet):
 
-- the stage's tensor group (the `tp_size` ranks of one stage): all-reduce and all-gather;
+- the stage's tensor group (the `tp_size` ranks of one stage): all-reduce (sum, max) and
+  all-gather (of the last dimension, or of small per-row records stacked by rank);
 - the pipeline group of one `tp_rank` (one rank per stage): activations, stage to next stage;
 - the instance world: the last stage broadcasts the sampled ids to every rank.
 
@@ -107,6 +108,25 @@ class ParallelContext:
         self._wait(self.tp_group.allgather([parts], [x.contiguous()]),
                    "tensor-parallel all-gather")
         return torch.cat(parts, dim=-1)
+
+    def all_gather_stacked(self, x: torch.Tensor) -> torch.Tensor:
+        """Every tensor rank's `x` (one shape on all), stacked in rank order: [tp_size, *shape].
+        For a few numbers per row (the vocab-parallel sampler's candidates and winners)."""
+        if self.tp_group is None:
+            return x.unsqueeze(0)
+        parts = [torch.empty_like(x) for _ in range(self.tp_size)]
+        self._wait(self.tp_group.allgather([parts], [x.contiguous()]),
+                   "tensor-parallel all-gather of per-row records")
+        return torch.stack(parts)
+
+    def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        """Element-wise max of `x` over the stage's tensor group, in place; returns x."""
+        if self.tp_group is None:
+            return x
+        options = dist.AllreduceOptions()
+        options.reduceOp = dist.ReduceOp.MAX
+        self._wait(self.tp_group.allreduce([x], options), "tensor-parallel all-reduce max")
+        return x
 
     def send_next(self, tensors: Sequence[torch.Tensor]) -> None:
         """Send activations to the same tp_rank of the next stage (blocking until sent)."""

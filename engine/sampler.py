@@ -9,7 +9,9 @@ Per step the engine builds `SamplingTensors.from_params(...)` (CPU bookkeeping, 
 host-to-device copy per kind) and calls `Sampler()(logits, tensors)`. Order of operations:
 repetition penalty -> greedy argmax | temperature -> top-k -> top-p -> min-p -> sample.
 The draw itself is the exponential race argmax(logits - log E), E = -log(noise): one fused
-Triton pass on CUDA (`engine/kernels/sampling.py`), `sample_race_ref` elsewhere.
+Triton pass on CUDA (`engine/kernels/sampling.py`), `sample_race_ref` elsewhere. A tensor-
+parallel stage draws the same ids from its vocab slice (`engine/tp_sampler.py`), which is why
+the noise, the race keys, min-p and the seen mask also take a slice's first token id.
 """
 
 from __future__ import annotations
@@ -47,13 +49,14 @@ def _fmix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def uniform_noise(seeds: Tensor, steps: Tensor, vocab_size: int) -> Tensor:
+def uniform_noise(seeds: Tensor, steps: Tensor, vocab_size: int, first_id: int = 0) -> Tensor:
     """Uniforms in the open interval (0, 1), shape [B, vocab_size], a pure function of
-    (seeds[b], steps[b], vocab index); bit-identical on every device and batch layout."""
+    (seeds[b], steps[b], vocab index); bit-identical on every device and batch layout. Column j
+    is token `first_id + j`: a tensor rank's vocab slice draws the single-rank noise."""
     row_key = _fmix32((seeds & _MASK32) ^ _SEED_SALT)
     row_key = _fmix32(row_key ^ ((seeds >> 32) & _MASK32))
     row_key = _fmix32(row_key ^ (steps & _MASK32))
-    vocab = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)
+    vocab = torch.arange(first_id, first_id + vocab_size, dtype=torch.int64, device=seeds.device)
     vocab_key = _fmix32(vocab ^ _VOCAB_SALT)
     bits = _fmix32(row_key[:, None] ^ vocab_key[None, :])
     # 23 bits so that (k + 0.5) is exact in float32: u is never 0 and never 1
@@ -104,10 +107,13 @@ def apply_top_p(logits: Tensor, top_ps: Tensor) -> Tensor:
     return apply_top_k_top_p(logits, None, top_ps)
 
 
-def apply_min_p(logits: Tensor, min_ps: Tensor) -> Tensor:
+def apply_min_p(logits: Tensor, min_ps: Tensor, row_max: Tensor | None = None) -> Tensor:
     """Drop tokens whose prob < min_p * max prob. Written on logits (prob ratios are logit
-    differences), so it needs no softmax and holds after any earlier renormalization."""
-    threshold = logits.amax(dim=-1, keepdim=True) + min_ps[:, None].log()
+    differences), so it needs no softmax and holds after any earlier renormalization.
+    `row_max` ([B, 1]) replaces the rows' own max: a vocab slice passes the whole row's."""
+    if row_max is None:
+        row_max = logits.amax(dim=-1, keepdim=True)
+    threshold = row_max + min_ps[:, None].log()
     return logits.masked_fill(logits < threshold, -torch.inf)
 
 
@@ -127,7 +133,7 @@ class SamplingTensors:
     repetition_penalties: Tensor  # [B] float32
     seeds: Tensor  # [B] int64
     steps: Tensor  # [B] int64, index of the output token being sampled
-    seen_mask: Tensor | None  # [B, V] bool, prompt + output so far; only when any_penalty
+    seen_mask: Tensor | None  # [B, V] (or [B, window]) bool, ids seen so far; only any_penalty
     vocab_size: int
     all_greedy: bool
     any_penalty: bool
@@ -156,9 +162,11 @@ class SamplingTensors:
         return cls.from_rows(rows, vocab_size, device)
 
     @classmethod
-    def from_rows(cls, rows: Sequence[SamplingRow], vocab_size: int,
-                  device: torch.device | str) -> SamplingTensors:
-        """Build the batch tensors from a step plan's sampling rows (engine/plan.py)."""
+    def from_rows(cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str,
+                  vocab_window: tuple[int, int] | None = None) -> SamplingTensors:
+        """Build the batch tensors from a step plan's sampling rows (engine/plan.py).
+        `vocab_window` = (first id, width): the seen mask covers only those columns (a tensor
+        rank's vocab slice); every other field is the same as for the whole vocabulary."""
         top_ks = [vocab_size if r.top_k <= 0 else min(r.top_k, vocab_size) for r in rows]
         floats = _to_device(torch.tensor(
             [[0.0 if r.is_greedy else r.temperature, r.top_p, r.min_p, r.repetition_penalty]
@@ -176,7 +184,8 @@ class SamplingTensors:
             greedy_rows=greedy_rows,
             top_ks=ints[0], top_ps=floats[1], min_ps=floats[2],
             repetition_penalties=floats[3], seeds=ints[1], steps=ints[2],
-            seen_mask=_seen_mask(histories, vocab_size, device) if any_penalty else None,
+            seen_mask=(_seen_mask(histories, vocab_size, device, vocab_window)
+                       if any_penalty else None),
             vocab_size=vocab_size,
             all_greedy=not sampled,
             any_penalty=any_penalty,
@@ -221,17 +230,24 @@ def _check_batch(
         raise ValueError("token_histories are required when a repetition_penalty != 1")
 
 
-def _seen_mask(histories: list[list[int]], vocab_size: int, device: torch.device | str) -> Tensor:
+def _seen_mask(histories: list[list[int]], vocab_size: int, device: torch.device | str,
+               window: tuple[int, int] | None = None) -> Tensor:
     """[B, V] bool of tokens each row has seen, by one scatter from a padded id matrix whose
-    padding points at an extra column that is then cut off."""
+    padding points at an extra column that is then cut off. With `window` = (first, width):
+    [B, width], column j = token first + j (ids outside the window are dropped)."""
     for history in histories:
         if history and not (0 <= min(history) and max(history) < vocab_size):
             raise ValueError(f"token ids must be in [0, {vocab_size}), got {history}")
+    columns = vocab_size
+    if window is not None:
+        first, columns = window
+        histories = [[t - first for t in history if first <= t < first + columns]
+                     for history in histories]
     width = max(1, max(len(history) for history in histories))
-    padded = [history + [vocab_size] * (width - len(history)) for history in histories]
+    padded = [history + [columns] * (width - len(history)) for history in histories]
     index = _to_device(torch.tensor(padded, dtype=torch.int64), device)
-    mask = torch.zeros(len(histories), vocab_size + 1, dtype=torch.bool, device=device)
-    return mask.scatter_(1, index, True)[:, :vocab_size]
+    mask = torch.zeros(len(histories), columns + 1, dtype=torch.bool, device=device)
+    return mask.scatter_(1, index, True)[:, :columns]
 
 
 # ---------------------------------------------------------------- the sampler
@@ -286,5 +302,11 @@ def _sample(logits: Tensor, tensors: SamplingTensors) -> Tensor:
 def sample_race_ref(logits: Tensor, seeds: Tensor, steps: Tensor) -> Tensor:
     """argmax_v(logits[v] - log E_v) with E_v = -log u_v ~ Exp(1): picks v with probability
     softmax(logits)[v] (argmax p / E in log space: no softmax needed). Ties: lowest id."""
-    exponentials = -uniform_noise(seeds, steps, logits.shape[-1]).log()
-    return (logits - exponentials.log()).argmax(dim=-1)
+    return race_keys(logits, seeds, steps).argmax(dim=-1)
+
+
+def race_keys(logits: Tensor, seeds: Tensor, steps: Tensor, first_id: int = 0) -> Tensor:
+    """The race's keys logits[v] - log E_v, column j being token `first_id + j`: on a vocab
+    slice they equal, bit for bit, the same columns of the whole row's keys."""
+    exponentials = -uniform_noise(seeds, steps, logits.shape[-1], first_id).log()
+    return logits - exponentials.log()
