@@ -50,9 +50,9 @@ def decode_plan(batch: int, context: int = 1024):
                                           for r, t in reqs]))  # steady state: no table change
 
 
-def _socket_peer(address, authkey, ack_address) -> None:
+def _socket_peer(address, authkey, ack_address, rank: int) -> None:
     from multiprocessing.connection import Client
-    receiver = PlanReceiver(address, authkey, 30)
+    receiver = PlanReceiver(address, authkey, 30, rank)
     ack = Client(ack_address, authkey=authkey)
     while receiver.recv() is not None:
         ack.send_bytes(b"k")
@@ -63,8 +63,8 @@ def bench_socket(plan) -> dict:
     authkey = secrets.token_bytes(32)
     sender = PlanSender("127.0.0.1", authkey)
     acks = Listener(("127.0.0.1", 0), authkey=authkey)
-    procs = [mp.Process(target=_socket_peer, args=(sender.address, authkey, acks.address))
-             for _ in range(PEERS)]
+    procs = [mp.Process(target=_socket_peer, args=(sender.address, authkey, acks.address, i + 1))
+             for i in range(PEERS)]
     for p in procs:
         p.start()
     sender.accept(PEERS, 30)

@@ -77,6 +77,12 @@ class DecodeActor(ActorLoopControls):
         return await asyncio.to_thread(self.worker.stats)
 
 
+    async def kv_digests(self, block_ids: list[int]) -> list[str]:
+        """sha256 of these blocks' KV on each rank, rank 0 first (diagnostics and tests)."""
+        from kv_transfer.shards import instance_kv_digests
+
+        return await asyncio.to_thread(instance_kv_digests, self.worker.engine, block_ids)
+
     async def rank_pids(self) -> list[int]:
         """Process ids of ranks 1..N-1 of a multi-rank instance (tests kill them)."""
         executor = self.worker.engine.executor

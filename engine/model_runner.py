@@ -24,6 +24,14 @@ from engine.tp_sampler import sample_vocab_parallel
 
 
 @dataclass(slots=True)
+class PendingSample:
+    """Rank 0 of a pipeline: a step's sampled ids on their way from the last stage."""
+
+    out: SamplerOutput  # filled once `works` completed (ParallelContext.wait_result)
+    works: list
+
+
+@dataclass(slots=True)
 class StepInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
@@ -65,18 +73,19 @@ class ModelRunner:
                 max_model_len or model.config.max_position_embeddings, self.sampled_ids)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan,
-                on_layer_done: Callable[[int], None] | None = None) -> SamplerOutput | None:
+    def execute(self, plan: StepPlan, on_layer_done: Callable[[int], None] | None = None
+                ) -> SamplerOutput | PendingSample | None:
         """Run one step; returns sampled tokens for the sequences that sample, as device
-        tensors (nothing waits for the GPU here). They also land in `sampled_ids`."""
+        tensors (nothing waits for the GPU here); one rank also has them in `sampled_ids`.
+        Rank 0 of a pipeline gets a `PendingSample` instead (see `_share_sampled`)."""
         logits, inputs = self.forward_logits(plan, on_layer_done)
         if not plan.num_sampled:
             return None
         out = None
         if logits is not None:  # a pipeline's last stage, or the only one
             out = self._sample(plan, logits, inputs)
-        if self.parallel.pp_size > 1:  # the earlier stages need the ids too (tokens in flight)
-            out = self._share_sampled(plan, out)
+        if self.parallel.pp_size > 1:  # rank 0 (the engine core's) needs the ids
+            return self._share_sampled(plan, out)
         return out
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor, inputs: StepInputs) -> SamplerOutput:
@@ -93,17 +102,25 @@ class ModelRunner:
         self.sampled_ids[: out.token_ids.shape[0]].copy_(out.token_ids)
         return out
 
-    def _share_sampled(self, plan: StepPlan, out: SamplerOutput | None) -> SamplerOutput:
-        """The last stage's sampled ids (and logprobs) to every rank of the instance."""
+    def _share_sampled(self, plan: StepPlan, out: SamplerOutput | None
+                       ) -> SamplerOutput | PendingSample | None:
+        """Pipeline: the last stage's tp_rank 0 sends the step's ids (and logprobs) to rank 0,
+        which posts the receives and returns at once (a `PendingSample` its executor waits for
+        when the core reads the step back), so the first stage moves on to the next
+        micro-batch. Other ranks need no ids: micro-batches never feed a token in flight."""
+        par = self.parallel
+        logprobs = any(row.logprobs for row in plan.sampling)
+        if par.rank == par.result_rank:
+            par.send_result([out.token_ids] + ([out.logprobs] if logprobs else []))
+            return out
+        if par.rank != 0:
+            return None
         n = plan.num_sampled
-        ids = self.sampled_ids[:n]  # the last stage wrote its ids here; the others receive
-        ids.copy_(self.parallel.broadcast_from_last_stage(ids.clone()))
-        logprobs = None
-        if any(row.logprobs for row in plan.sampling):
-            logprobs = out.logprobs if out is not None else torch.empty(
-                n, dtype=torch.float32, device=self.device)
-            self.parallel.broadcast_from_last_stage(logprobs)
-        return SamplerOutput(token_ids=ids, logprobs=logprobs)
+        received = SamplerOutput(
+            token_ids=torch.empty(n, dtype=torch.int64, device=self.device),
+            logprobs=torch.empty(n, dtype=torch.float32, device=self.device) if logprobs else None)
+        tensors = [received.token_ids] + ([received.logprobs] if logprobs else [])
+        return PendingSample(received, par.recv_result(tensors))
 
     @torch.inference_mode()
     def forward_logits(self, plan: StepPlan,

@@ -8,7 +8,8 @@ pair groups of the same process never meet):
 - the stage's tensor group (the `tp_size` ranks of one stage): all-reduce (sum, max) and
   all-gather (of the last dimension, or of small per-row records stacked by rank);
 - the pipeline group of one `tp_rank` (one rank per stage): activations, stage to next stage;
-- the instance world: the last stage broadcasts the sampled ids to every rank.
+- the instance world: the last stage's tp_rank 0 sends each step's sampled ids to rank 0 (the
+  engine core's), point to point, so that no other rank waits for them.
 
 Layers receive a `ParallelContext` at construction; model files never call `torch.distributed`.
 `ParallelContext.single()` (world size 1) makes every collective a no-op, and is the default.
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import Backend, PrefixStore, ProcessGroupGloo, Store, Work
 
 _PIPELINE_TAG = 7  # p2p tag of stage-to-stage activations
+_RESULT_TAG = 8  # p2p tag of a step's sampled ids (and logprobs), last stage -> rank 0
 _NCCL_WATCHDOG_MIN_S = 600.0  # NCCL's watchdog aborts a hung collective after this at least
 
 
@@ -149,6 +151,28 @@ class ParallelContext:
             self._wait(group.recv([t], self.pp_rank - 1, _PIPELINE_TAG), "pipeline recv")
             out.append(t)
         return out
+
+    @property
+    def result_rank(self) -> int:
+        """The rank that sends each step's sampled ids to rank 0: the last stage's tp_rank 0
+        (every tensor rank of a stage samples the same ids)."""
+        return (self.pp_size - 1) * self.tp_size
+
+    def send_result(self, tensors: Sequence[torch.Tensor]) -> None:
+        """On `result_rank`: one step's sampled ids (and logprobs) to rank 0, in order."""
+        group = self._group(self.world_group, "world")
+        for t in tensors:
+            self._wait(group.send([t.contiguous()], 0, _RESULT_TAG), "send of sampled ids")
+
+    def recv_result(self, tensors: Sequence[torch.Tensor]) -> list[Work]:
+        """On rank 0: post the receives of one step's results into `tensors` and return at once
+        (steps' results arrive in launch order); `wait_result` waits for them."""
+        group = self._group(self.world_group, "world")
+        return [group.recv([t], self.result_rank, _RESULT_TAG) for t in tensors]
+
+    def wait_result(self, works: Sequence[Work]) -> None:
+        for work in works:
+            self._wait(work, "sampled ids from the last pipeline stage")
 
     def broadcast_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank gets the last stage's `tensor` (its tp_rank 0's), in place; returns it.

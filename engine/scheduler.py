@@ -23,8 +23,8 @@ requests never hold every block while nothing runs.
 
 Micro-batches (pipeline parallelism, `schedule(micro_batches=n)` with n > 1): a request whose
 sampled token is still in flight is skipped (it is in another micro-batch; a queued one blocks
-admission behind it, first come first served), and one step takes at most ceil(running / n)
-of the running requests, so n steps in flight split the batch between them.
+admission behind it, first come first served), and one step takes at most 1/n of the requests
+(running and queued), so n steps in flight split the batch between them.
 
 The scheduler is CPU bookkeeping only; it hands the runner a typed plan, `SchedulerOutput`.
 """
@@ -141,18 +141,20 @@ class Scheduler:
         """Plan one step; with `micro_batches` > 1, one of that many in flight (see above)."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        budget = self._schedule_running(out, budget, micro_batches)
+        total = len(self.running) + len(self.waiting) + len(self.prefilled)
+        limit = -(-total // micro_batches)  # sequences in this step
+        budget = self._schedule_running(out, budget, micro_batches > 1, limit)
         if not out.preempted_ids:
-            self._schedule_waiting(out, budget, micro_batches > 1)
+            self._schedule_waiting(out, budget, micro_batches > 1, limit)
         out.chunks.sort(key=lambda c: not c.is_decode)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int, micro_batches: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: int, micro: bool,
+                          limit: int) -> int:
         index = 0
-        limit = -(-len(self.running) // micro_batches)  # requests of the batch in this step
         while index < len(self.running) and budget > 0 and len(out.chunks) < limit:
             request = self.running[index]
-            if request.num_inflight_tokens and (request.length_capped or micro_batches > 1):
+            if request.num_inflight_tokens and (request.length_capped or micro):
                 index += 1  # its token is in flight; it finishes / continues when read back
                 continue
             num_new = min(request.num_pending_tokens, budget)
@@ -182,12 +184,13 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int, micro: bool) -> None:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, micro: bool,
+                          limit: int) -> None:
         if self.prefilled and not self.running:
             self._unblock_prefilled(out)
-        budget = self._admit_from(self.prefilled, out, budget, micro)
+        budget = self._admit_from(self.prefilled, out, budget, micro, limit)
         if not self.prefilled:  # FCFS: nothing is recomputed while transferred requests wait
-            self._admit_from(self.waiting, out, budget, micro)
+            self._admit_from(self.waiting, out, budget, micro, limit)
 
     def _unblock_prefilled(self, out: SchedulerOutput) -> None:
         """Nothing runs, so no block will be freed: preempt prefilled requests from the back
@@ -199,13 +202,13 @@ class Scheduler:
             out.preempted_ids.append(victim.request_id)
 
     def _admit_from(self, queue: deque[Request], out: SchedulerOutput, budget: int,
-                    micro: bool = False) -> int:
+                    micro: bool = False, limit: int | None = None) -> int:
         """Move requests from the front of `queue` into the running batch while budget, batch
         slots and blocks last; returns the budget left. With micro-batches, a request whose
         token is in flight (preempted meanwhile) waits at the front until it is read back."""
         while queue and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = queue[0]
-            if micro and request.num_inflight_tokens:
+            if micro and (request.num_inflight_tokens or len(out.chunks) >= limit):
                 break
             num_new = min(request.num_pending_tokens, budget)
             if num_new < request.num_pending_tokens and not self.config.enable_chunked_prefill:

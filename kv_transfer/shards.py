@@ -41,6 +41,16 @@ def kv_digest(kv_cache, block_ids: list[int]) -> str:
     return hashlib.sha256(blocks.contiguous().cpu().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
+def instance_kv_digests(engine, block_ids: list[int], timeout_s: float = 30.0) -> list[str]:
+    """`kv_digest` of every rank of an instance, rank 0 first (the others through their rank
+    services' `kv_digest` call): diagnostics, and how tests compare what moved."""
+    digests = [kv_digest(engine.kv_cache, block_ids)]
+    if engine.rank_caller is not None:
+        others = engine.rank_caller.call("kv_digest", (block_ids,), timeout_s=timeout_s)
+        digests += [others[rank] for rank in sorted(others)]
+    return digests
+
+
 def watch_ranks(ranks, outcomes: ShardOutcomes,
                 on_outcome: Callable[[str, worker_pb2.TransferResult], None],
                 on_lost: Callable[[int], None]) -> None:

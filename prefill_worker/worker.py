@@ -203,7 +203,7 @@ class PrefillWorker(LoopControls):
         """The step about to run completes these prompts: begin their transfers; the returned
         listener posts each layer's KV as soon as the forward pass has written it."""
         handoffs = [self._begin_transfer(request) for request in requests]
-        self._begun = {h.request.request_id: h for h in handoffs}
+        self._begun.update((h.request.request_id, h) for h in handoffs)  # pipelines: several
         self._begin_on_ranks([h for h in handoffs if h.transfer is not None])
         senders = {h.link.sender for h in handoffs if h.link is not None}
         if not senders:

@@ -16,6 +16,7 @@ names the rank at once, without waiting for the next collective to time out.
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import threading
@@ -46,16 +47,25 @@ class PlanSender:
         """Wait for `num_peers` ranks to connect; TimeoutError after `timeout_s`."""
         errors: list[BaseException] = []
 
+        by_rank: dict[int, Connection] = {}
+
         def accept_all() -> None:
             try:
-                while len(self._peers) < num_peers:
-                    self._peers.append(self._listener.accept())
+                while len(by_rank) < num_peers:
+                    peer = self._listener.accept()
+                    if not peer.poll(timeout_s):  # its first message names its rank
+                        raise TimeoutError("a rank connected but never said which it is")
+                    rank = int(json.loads(peer.recv_bytes())["rank"])
+                    if not 1 <= rank <= num_peers or rank in by_rank:
+                        raise ValueError(f"unexpected rank {rank} connected")
+                    by_rank[rank] = peer
             except BaseException as exc:  # closed listener or a failed handshake
                 errors.append(exc)
 
         thread = threading.Thread(target=accept_all, name="plan-accept", daemon=True)
         thread.start()
         thread.join(timeout_s)
+        self._peers = [by_rank[rank] for rank in sorted(by_rank)]  # peer i is rank i + 1
         if len(self._peers) < num_peers:
             self._listener.close()  # ends the accept thread
             detail = f": {errors[0]}" if errors else ""
@@ -120,12 +130,14 @@ class PlanSender:
 class PlanReceiver:
     """Another rank's end: one connection to rank 0."""
 
-    def __init__(self, address: tuple[str, int], authkey: bytes, timeout_s: float) -> None:
+    def __init__(self, address: tuple[str, int], authkey: bytes, timeout_s: float,
+                 rank: int) -> None:
         self._lock = threading.Lock()  # replies and events come from several threads
         deadline = time.monotonic() + timeout_s
         while True:  # rank 0 may not listen yet only if it was slow to start; retry briefly
             try:
                 self._conn = Client(address, authkey=authkey)
+                self._conn.send_bytes(json.dumps({"rank": rank}).encode())  # who we are
                 return
             except ConnectionRefusedError:
                 if time.monotonic() >= deadline:

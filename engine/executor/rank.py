@@ -9,6 +9,7 @@ what fits on each, so one block id names the same block everywhere), then run pl
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,9 @@ def build_rank(config: EngineConfig, store: TCPStore, rank: int, max_model_len: 
     par = config.parallel
     if config.device == "cuda":  # one GPU per rank of this node
         torch.cuda.set_device(rank % torch.cuda.device_count())
+    else:  # ranks computing at once must not oversubscribe the cores (spinning thread pools)
+        fair_share = max(1, (os.cpu_count() or 1) // par.world_size)
+        torch.set_num_threads(min(torch.get_num_threads(), fair_share))
     model_config = open_model(config.model).config
     parallel = init_parallel_context(store, rank, par.tensor_parallel_size,
                                      par.pipeline_parallel_size, model_config.num_layers,
@@ -105,7 +109,7 @@ def rank_main(spec: RankSpec) -> None:
     and fails the whole instance."""
     logging.basicConfig(level=logging.WARNING)
     timeout_s = spec.config.parallel.collective_timeout_s
-    receiver = PlanReceiver(spec.plan_address, spec.authkey, timeout_s)
+    receiver = PlanReceiver(spec.plan_address, spec.authkey, timeout_s, spec.rank)
     store = connect_store(spec.store_host, spec.store_port, False,
                           spec.config.parallel.world_size, timeout_s)
     rank = build_rank(spec.config, store, spec.rank, spec.max_model_len)

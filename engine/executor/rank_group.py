@@ -6,8 +6,11 @@ Rank 0 lives in this process, beside the engine core; ranks 1..N-1 are processes
 pools). Each step the plan goes to every other rank first (plan_channel.py), then
 rank 0 runs it too; all ranks run the same plan, so all meet in the same collectives in the same
 order, and no rank decides anything alone. Rank 0 always ends up with the sampled ids: with
-tensor parallelism every rank samples the same ids from the gathered logits, with pipeline
-parallelism the last stage broadcasts them (ModelRunner._share_sampled).
+tensor parallelism every rank samples the same ids (engine/tp_sampler.py); with pipeline
+parallelism the last stage sends them to rank 0, whose `launch` returns as soon as its own
+stage has run and posted the receive (ModelRunner._share_sampled): the engine core keeps up to
+`pipeline_depth` micro-batches in flight (engine/core.py), so stage 0 computes step N+1 while
+the later stages still run N.
 
 Rank services (rank_calls.py): features with per-rank state (the KV-transfer links of a
 disaggregated instance) are called on every rank through `self.ranks` (a RankCaller); a
@@ -30,12 +33,14 @@ from engine.config import EngineConfig
 from engine.executor.base import LayerListener
 from engine.executor.launchers import ProcessLauncher, RankLauncher
 from engine.executor.local import LocalStepHandle
+from engine.model_runner import PendingSample
+from engine.parallel import ParallelContext
 from engine.executor.plan_channel import PlanSender
 from engine.executor.rank import Rank, RankSpec, build_rank, connect_store
 from engine.executor.rank_caller import RankCaller
 from engine.executor.rank_calls import ServiceFactory, layout_name
 from engine.inflight import Readback
-from engine.plan import StepPlan
+from engine.plan import StepPlan, StepResult
 
 log = logging.getLogger(__name__)
 JOIN_TIMEOUT_S = 10.0  # a stopped rank process must exit within this, else it is killed
@@ -50,6 +55,24 @@ class PlanStats:
     send_s: float = 0.0
 
 
+@dataclass(slots=True)
+class PipelineStepHandle:
+    """Rank 0 of a pipeline: a launched step whose ids come from the last stage."""
+
+    step_id: int
+    num_sampled: int
+    pending: PendingSample | None
+    parallel: ParallelContext
+
+    def wait(self) -> StepResult:
+        if self.pending is None:
+            return StepResult(self.step_id, [])
+        self.parallel.wait_result(self.pending.works)  # bounded by the collective timeout
+        out, n = self.pending.out, self.num_sampled
+        logprobs = out.logprobs[:n].tolist() if out.logprobs is not None else None
+        return StepResult(self.step_id, out.token_ids[:n].tolist(), logprobs)
+
+
 class RankGroupExecutor:
     """N ranks in N processes, this one being rank 0."""
 
@@ -58,6 +81,7 @@ class RankGroupExecutor:
                  service: ServiceFactory | None = None) -> None:
         par = config.parallel
         self.world_size = par.world_size
+        self.pipeline_depth = par.pipeline_parallel_size  # micro-batches the core keeps in flight
         self.layout = layout_name(par.tensor_parallel_size, par.pipeline_parallel_size)
         timeout_s = par.collective_timeout_s
         self._authkey = secrets.token_bytes(32)  # only this instance's ranks may connect
@@ -85,7 +109,7 @@ class RankGroupExecutor:
         self._readback = Readback(self.runner.sampled_ids.shape[0], self.device)
 
     def launch(self, plan: StepPlan, layer_listener: LayerListener | None = None
-               ) -> LocalStepHandle:
+               ) -> LocalStepHandle | PipelineStepHandle:
         """Send the plan to every other rank, then run it here. `layer_listener` is rank 0's;
         the other ranks use their service's (set up by an inline call before this plan)."""
         started = time.perf_counter()
@@ -93,6 +117,9 @@ class RankGroupExecutor:
         self.plan_stats.send_s += time.perf_counter() - started
         self.plan_stats.num_plans += 1
         sampled = self.runner.execute(plan, layer_listener)
+        if self.pipeline_depth > 1:
+            return PipelineStepHandle(plan.step_id, plan.num_sampled, sampled,
+                                      self.rank.parallel)
         ids, logprobs, ready = self._readback.start(sampled)
         return LocalStepHandle(plan.step_id, plan.num_sampled, ids, logprobs, ready)
 

@@ -64,6 +64,20 @@ def _prompts(vocab_size: int) -> list[list[int]]:
     return [[(11 * i + 5 * j) % (vocab_size - 3) + 3 for j in range(6 + 9 * i)] for i in range(8)]
 
 
+def test_each_decode_rank_lands_its_prefill_ranks_kv_byte_for_byte(cluster, reference):
+    # first in this module: both pools are fresh, so the request's KV sits in blocks 0..n-1
+    prompt = _prompts(reference.model_config.vocab_size)[4][:40]  # 3 blocks of 16
+    got = cluster.run(cluster.client.generate(prompt_token_ids=prompt, max_tokens=1,
+                                              temperature=0.0), timeout_s=120)
+    assert got.finish_reason == "length"  # ends at the prefill: the decode side only lands KV
+    cluster.wait_until_idle(timeout_s=30)
+    blocks = [0, 1, 2]
+    prefill, decode = cluster.backend.pools.prefill[0], cluster.backend.pools.decode[0]
+    sent = ray.get(prefill.actor.kv_digests.remote(blocks), timeout=60)
+    landed = ray.get(decode.actor.kv_digests.remote(blocks), timeout=60)
+    assert len(sent) == TP and len(set(sent)) == TP and landed == sent
+
+
 def test_streams_equal_one_colocated_rank(cluster, reference):
     prompts = _prompts(reference.model_config.vocab_size)
     kwargs = [dict(temperature=0.0) if i % 2 else dict(temperature=0.8, top_p=0.9, seed=50 + i)

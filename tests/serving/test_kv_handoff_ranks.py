@@ -20,7 +20,7 @@ from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerCo
 from engine.kv_cache.block_table import num_blocks_for
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from kv_transfer.shards import kv_digest
+from kv_transfer.shards import instance_kv_digests
 from prefill_worker.rank_links import PrefillRankService
 from prefill_worker.worker import DecodePeer, PrefillWorker
 from protos.convert import sampling_to_proto
@@ -103,9 +103,7 @@ def _wait_idle(*workers, timeout_s: float = 30.0) -> None:
 
 def _digests(worker, block_ids: list[int]) -> list[str]:
     """Rank 0's digest, then every other rank's (through its rank service)."""
-    others = worker.ranks.call("kv_digest", (block_ids,), timeout_s=30)
-    return [kv_digest(worker.engine.kv_cache, block_ids),
-            *(others[r] for r in sorted(others))]
+    return instance_kv_digests(worker.engine, block_ids)
 
 
 def _prompts(vocab_size: int) -> list[list[int]]:
@@ -186,6 +184,27 @@ def test_killed_decode_rank_fails_its_instance_and_the_prefill_gets_its_blocks(m
         assert all(s[-1].error == "decode instance failed" for s in streams.values())
         assert not decode.health().alive
         _wait_idle(prefill)  # the prefill pool is full again, its links are untouched
+    finally:
+        prefill.stop()
+        decode.stop()
+
+
+def test_killed_prefill_rank_fails_its_prompts_and_the_decode_gets_its_blocks(model, reference):
+    prefill, decode, outputs = _pair(model, 2, 1, transfer_timeout_s=3.0)
+    try:
+        os.kill(prefill.engine.executor.rank_pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 25
+        while prefill.health().alive:  # the plan socket closes: the engine loop dies at once
+            assert time.monotonic() < deadline, "the prefill instance did not notice"
+            time.sleep(0.05)
+        results: queue.Queue = queue.Queue()
+        prompt = _prompts(reference.model_config.vocab_size)[2]
+        _submit(prefill, decode, "late", prompt, SamplingParams(max_tokens=4), results)
+        assert results.get(timeout=30).first_token.error == "prefill instance failed"
+        decode.abort(worker_pb2.AbortTask(protocol_version=PROTOCOL_VERSION,
+                                          request_id="late"))  # what the router does
+        _wait_idle(decode)
+        assert decode.health().alive  # the other instance is untouched
     finally:
         prefill.stop()
         decode.stop()
