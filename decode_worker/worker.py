@@ -49,7 +49,7 @@ from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import Request
 from kv_transfer import KVLayoutSpec, host_store
-from kv_transfer.shards import RankLostError, ShardOutcomes, watch_ranks
+from kv_transfer.shards import InstanceTransfers
 from protos.convert import sampling_from_proto, worker_stats
 from protos.pdserve.v1 import PROTOCOL_VERSION, generation_pb2, worker_pb2
 
@@ -100,7 +100,6 @@ class DecodeWorker(LoopControls):
         self.spec = KVLayoutSpec.for_cache(engine.kv_cache, engine.model_config.name,
                                            engine.parallel_layout)
         self.ranks = engine.rank_caller  # None for a one-rank instance
-        self._outcomes = ShardOutcomes(engine.config.parallel.world_size)
         self.store = host_store(host, 0)
         self.host = host
         self.links: dict[str, RecvLink] = {}
@@ -113,8 +112,9 @@ class DecodeWorker(LoopControls):
                                after_iteration=self._publish_metrics,
                                device=engine.kv_cache.device, on_error=self._fail_everything)
         self.loop.start()
-        if self.ranks is not None:
-            watch_ranks(self.ranks, self._outcomes, self._transfer_finished, self._rank_lost)
+        self._transfers = InstanceTransfers(self.ranks, engine.config.parallel.world_size,
+                                            self._transfer_finished, self.loop,
+                                            f"decode instance {instance_id}")
 
     # ---- control plane (any thread) -------------------------------------------------------
     def endpoint(self, prefill_id: str, generation: int) -> worker_pb2.PairEndpoint:
@@ -129,7 +129,8 @@ class DecodeWorker(LoopControls):
         with ThreadPoolExecutor(1) as ranks:  # the other ranks' links, concurrently
             others = ranks.submit(self._accept_ranks, prefill_id, generation, device)
             link = RecvLink(self.store, prefill_id, self.instance_id, generation, device,
-                            self.spec, self.engine.kv_cache, self._blocks_of, self._landed,
+                            self.spec, self.engine.kv_cache, self._blocks_of,
+                            self._transfers.rank0_done,
                             self.transfer_timeout_s, bind_host=self.host)
             others.result()
         self.metrics.transfer.handshake_time.observe(time.monotonic() - started)
@@ -157,12 +158,12 @@ class DecodeWorker(LoopControls):
             self.loop.submit(lambda: self._transfer_failed(desc.request_id, message))
             return
         if self.ranks is not None:  # every rank receives its shard into the same block ids
-            self._outcomes.begin(desc.request_id)
+            self._transfers.begin(desc.request_id)
             try:
                 self.ranks.post("expect", (prefill_id, desc.SerializeToString(),
                                            self._blocks_of(desc.request_id)), inline=True)
             except RankCallError as exc:  # a rank is gone: the instance is failing anyway
-                self._outcomes.forget(desc.request_id)
+                self._transfers.forget(desc.request_id)
                 self.loop.submit(lambda: self._transfer_failed(desc.request_id, str(exc)))
                 return
         link.expect(desc)
@@ -231,22 +232,9 @@ class DecodeWorker(LoopControls):
             log.warning("KV of %s did not land within %g s", incoming.request.request_id, limit_s)
             self._transfer_failed(incoming.request.request_id, f"no KV within {limit_s:g} s")
 
-    def _landed(self, request_id: str, result: worker_pb2.TransferResult) -> None:
-        """Receive thread: rank 0's shard landed (or failed)."""
-        if self.ranks is not None:
-            result = self._outcomes.report(request_id, 0, result)
-            if result is None:  # other ranks still to report
-                return
-        self._transfer_finished(request_id, result)
-
-    def _rank_lost(self, rank: int) -> None:
-        """Reader thread: a rank's process is gone; the instance dies as with a failed step."""
-        def fail() -> None:
-            raise RankLostError(f"rank {rank} of decode instance {self.instance_id} is gone")
-        self.loop.submit(fail)
-
     def _transfer_finished(self, request_id: str, result: worker_pb2.TransferResult) -> None:
-        """Every rank's shard landed (or one failed): hand the outcome to the engine thread."""
+        """Receive or reader thread: every rank's shard landed (or one failed): hand the
+        outcome to the engine thread."""
         self.metrics.transfer.observe(result)
         if result.status == worker_pb2.TRANSFER_STATUS_OK:
             self.loop.submit(lambda: self._arrive(request_id, Arrival.KV, None, result.duration_s))

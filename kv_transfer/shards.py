@@ -51,9 +51,49 @@ def instance_kv_digests(engine, block_ids: list[int], timeout_s: float = 30.0) -
     return digests
 
 
-def watch_ranks(ranks, outcomes: ShardOutcomes,
-                on_outcome: Callable[[str, worker_pb2.TransferResult], None],
-                on_lost: Callable[[int], None]) -> None:
+OutcomeCallback = Callable[[str, worker_pb2.TransferResult], None]
+
+
+class InstanceTransfers:
+    """One end of an instance's transfers: rank 0's own shard outcome (its link's callback,
+    `rank0_done`) and, for a multi-rank instance, every other rank's (events from `ranks`, a
+    RankCaller), combined into one `on_outcome` per transfer. A rank that is gone kills the
+    instance's engine loop (`loop.submit` of a raising command), as a failed step would."""
+
+    def __init__(self, ranks, world_size: int, on_outcome: OutcomeCallback, loop,
+                 instance: str) -> None:
+        self._ranks = ranks
+        self._outcomes = ShardOutcomes(world_size)
+        self._on_outcome = on_outcome
+        self._loop = loop
+        self._instance = instance
+        if ranks is not None:
+            _watch_ranks(ranks, self._outcomes, on_outcome, self._lost)
+
+    def begin(self, request_id: str) -> None:
+        if self._ranks is not None:
+            self._outcomes.begin(request_id)
+
+    def forget(self, request_id: str) -> None:
+        self._outcomes.forget(request_id)
+
+    def rank0_done(self, request_id: str, result: worker_pb2.TransferResult) -> None:
+        if self._ranks is not None:
+            result = self._outcomes.report(request_id, 0, result)
+            if result is None:  # other ranks still to report
+                return
+        self._on_outcome(request_id, result)
+
+    def _lost(self, rank: int) -> None:
+        message = f"rank {rank} of {self._instance} is gone"
+
+        def fail() -> None:
+            raise RankLostError(message)
+        self._loop.submit(fail)
+
+
+def _watch_ranks(ranks, outcomes: ShardOutcomes, on_outcome: OutcomeCallback,
+                 on_lost: Callable[[int], None]) -> None:
     """Route the other ranks' shard outcomes into `outcomes` (`on_outcome` gets each
     transfer's combined result) and a lost rank to `on_lost` (`ranks`: a RankCaller)."""
     def on_event(rank: int, name: str, value) -> None:

@@ -45,6 +45,18 @@ class LinkConfig:
     rank: int = 0  # of a multi-rank instance: this link joins rank `rank` of the decode side
 
 
+def layer_sender(senders) -> Callable[[int], None] | None:
+    """The layer listener that posts layer `i` of every transfer of `senders` (KVSenders)
+    as soon as the forward pass has written it; None when there is nothing to send."""
+    if not senders:
+        return None
+
+    def on_layer_done(layer: int) -> None:
+        for sender in senders:
+            sender.send_layers(layer, layer + 1)
+    return on_layer_done
+
+
 class SendLink:
     """One generation of the channel from this prefill instance to one decode instance."""
 

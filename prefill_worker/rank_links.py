@@ -17,7 +17,7 @@ from engine.executor.rank_calls import RankContext
 from kv_transfer import FaultInjection, KVLayoutSpec, KVTransferConnectionError, failure_result
 from kv_transfer.descriptors import shard_descriptor
 from kv_transfer.shards import SHARD_DONE, kv_digest, shard_event
-from prefill_worker.links import LinkConfig, SendLink
+from prefill_worker.links import LinkConfig, SendLink, layer_sender
 from protos.pdserve.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,7 @@ class PrefillRankService:
                 self._shard_done(desc.request_id, failure_result(desc, error))
 
     def layer_listener(self):
-        senders = {link.sender for link, _ in self._begun}
-        if not senders:
-            return None
-
-        def on_layer_done(layer: int) -> None:
-            for sender in senders:
-                sender.send_layers(layer, layer + 1)
-        return on_layer_done
+        return layer_sender({link.sender for link, _ in self._begun})
 
     def after_plan(self) -> None:
         begun, self._begun = self._begun, []

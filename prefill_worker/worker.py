@@ -41,8 +41,8 @@ from engine.outputs import RequestOutput
 from engine.request import Request
 from kv_transfer import (DEFAULT_MIN_MESSAGE_BYTES, FaultInjection, KVLayoutSpec,
                          OutgoingTransfer, layers_per_message_for, new_descriptor)
-from kv_transfer.shards import RankLostError, ShardOutcomes, watch_ranks
-from prefill_worker.links import LinkConfig, SendLink
+from kv_transfer.shards import InstanceTransfers
+from prefill_worker.links import LinkConfig, SendLink, layer_sender
 from prefill_worker.metrics import PrefillMetrics
 from protos.pdserve.v1 import PROTOCOL_VERSION, generation_pb2, worker_pb2
 from protos.convert import sampling_from_proto, worker_stats
@@ -98,7 +98,6 @@ class PrefillWorker(LoopControls):
         self.spec = KVLayoutSpec.for_cache(engine.kv_cache, engine.model_config.name,
                                            engine.parallel_layout)
         self.ranks = engine.rank_caller  # None for a one-rank instance
-        self._outcomes = ShardOutcomes(engine.config.parallel.world_size)
         self.links: dict[str, SendLink] = {}
         self.peers: dict[str, DecodePeer] = {}
         self._pending: dict[str, _Pending] = {}  # admitted, first token not yet handed off
@@ -111,8 +110,9 @@ class PrefillWorker(LoopControls):
                                after_iteration=self._publish_metrics,
                                device=engine.kv_cache.device, on_error=self._fail_pending)
         self.loop.start()
-        if self.ranks is not None:
-            watch_ranks(self.ranks, self._outcomes, self._transfer_finished, self._rank_lost)
+        self._transfers = InstanceTransfers(self.ranks, engine.config.parallel.world_size,
+                                            self._transfer_finished, self.loop,
+                                            f"prefill instance {instance_id}")
 
     # ---- control plane (any thread) -------------------------------------------------------
     def connect(self, decode_id: str, endpoint: worker_pb2.PairEndpoint, peer: DecodePeer,
@@ -123,7 +123,7 @@ class PrefillWorker(LoopControls):
         started = time.monotonic()
         with ThreadPoolExecutor(1) as ranks:  # the other ranks' links, concurrently
             others = ranks.submit(self._connect_ranks, decode_id, endpoint, device)
-            link = SendLink(cfg, endpoint, self.spec, self._transfer_done)
+            link = SendLink(cfg, endpoint, self.spec, self._transfers.rank0_done)
             others.result()
         self.metrics.transfer.handshake_time.observe(time.monotonic() - started)
         old = self.links.get(decode_id)
@@ -205,14 +205,7 @@ class PrefillWorker(LoopControls):
         handoffs = [self._begin_transfer(request) for request in requests]
         self._begun.update((h.request.request_id, h) for h in handoffs)  # pipelines: several
         self._begin_on_ranks([h for h in handoffs if h.transfer is not None])
-        senders = {h.link.sender for h in handoffs if h.link is not None}
-        if not senders:
-            return None
-
-        def on_layer_done(layer: int) -> None:
-            for sender in senders:
-                sender.send_layers(layer, layer + 1)
-        return on_layer_done
+        return layer_sender({h.link.sender for h in handoffs if h.link is not None})
 
     def _begin_on_ranks(self, handoffs: list[_Handoff]) -> None:
         """The other ranks begin their shards of these transfers before the plan runs (the
@@ -222,7 +215,7 @@ class PrefillWorker(LoopControls):
         orders = []
         for h in handoffs:
             rid = h.request.request_id
-            self._outcomes.begin(rid)
+            self._transfers.begin(rid)
             orders.append((h.task.decode_instance_id, h.transfer.desc.SerializeToString(),
                            self.engine.block_ids(rid)))
         self.ranks.post("begin", (orders,), inline=True)
@@ -261,7 +254,7 @@ class PrefillWorker(LoopControls):
             self._handed_off.add(rid)
             self.peers[h.task.decode_instance_id].first_token(delta)
         else:
-            self._outcomes.forget(rid)  # the other ranks' shards cannot complete alone
+            self._transfers.forget(rid)  # the other ranks' shards cannot complete alone
             self.engine.release_blocks(rid)
         result = worker_pb2.PrefillResult(protocol_version=PROTOCOL_VERSION, request_id=rid,
                                           first_token=delta, prefill_s=step_s)
@@ -273,22 +266,9 @@ class PrefillWorker(LoopControls):
             result.transfer.status = worker_pb2.TRANSFER_STATUS_OK  # begun; the ack is async
         self._pending.pop(rid).on_result(result)
 
-    def _transfer_done(self, request_id: str, result: worker_pb2.TransferResult) -> None:
-        """Finisher thread: the decode side acknowledged rank 0's shard (or it failed)."""
-        if self.ranks is not None:
-            result = self._outcomes.report(request_id, 0, result)
-            if result is None:  # other ranks still to report
-                return
-        self._transfer_finished(request_id, result)
-
-    def _rank_lost(self, rank: int) -> None:
-        """Reader thread: a rank's process is gone; the instance dies as with a failed step."""
-        def fail() -> None:
-            raise RankLostError(f"rank {rank} of prefill instance {self.instance_id} is gone")
-        self.loop.submit(fail)
-
     def _transfer_finished(self, request_id: str, result: worker_pb2.TransferResult) -> None:
-        """Every rank's shard acknowledged (or one failed): free the blocks."""
+        """Finisher or reader thread: every rank's shard was acknowledged (or one failed):
+        free the blocks."""
         self.metrics.transfer.observe(result)
         if result.status != worker_pb2.TRANSFER_STATUS_OK:
             self.num_transfers_failed += 1

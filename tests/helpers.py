@@ -80,3 +80,21 @@ def next_logits(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:
         engine.scheduler.on_step_done(plan)
     engine.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
     return logits[0]
+
+
+NEAR_TIE = 1e-4  # a greedy pick may differ from the reference only where its top two are this close
+
+
+def assert_tokens_or_near_tie(reference: LLMEngine, prompt: list[int], params: SamplingParams,
+                              got: list[int], want: list[int]) -> None:
+    """`got` == `want` (the one-rank reference's tokens), or the first difference is a greedy
+    pick whose top-two logits in the reference are a near-tie (nothing after it is compared:
+    the sequences diverged there). A sampled token must never differ."""
+    if got == want:
+        return
+    k = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    assert k < min(len(got), len(want)), f"lengths differ: {got} vs {want}"
+    assert params.temperature == 0.0, f"sampled token {k} differs: {got} vs {want}"
+    top2 = next_logits(reference, prompt + want[:k]).topk(2).values
+    gap = float(top2[0] - top2[1])
+    assert gap < NEAR_TIE, f"token {k}: {got[k]} vs {want[k]}, reference top-2 gap {gap}"

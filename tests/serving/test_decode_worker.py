@@ -34,7 +34,8 @@ def land(decode: DecodeWorker, request_id: str, kv: torch.Tensor | None, first_t
     """What a receive link and the prefill instance deliver: the KV, then the first token."""
     if kv is not None:
         decode.engine.kv_cache[:, decode._blocks_of(request_id)] = kv
-    decode._landed(request_id, worker_pb2.TransferResult(status=worker_pb2.TRANSFER_STATUS_OK))
+    decode._transfers.rank0_done(request_id,
+                                 worker_pb2.TransferResult(status=worker_pb2.TRANSFER_STATUS_OK))
     decode.first_token(worker_pb2.TokenDelta(protocol_version=PROTOCOL_VERSION,
                                              request_id=request_id, token_ids=[first_token]))
 

@@ -26,11 +26,10 @@ from prefill_worker.worker import DecodePeer, PrefillWorker
 from protos.convert import sampling_to_proto
 from protos.pdserve.v1 import PROTOCOL_VERSION, worker_pb2
 from tests.engine.factories import save_tiny_hf_model
-from tests.helpers import next_logits
+from tests.helpers import assert_tokens_or_near_tie
 
 pytestmark = pytest.mark.timeout(300)
 BLOCK = 4
-NEAR_TIE = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +140,7 @@ def test_multi_rank_handoff_is_exact_and_returns_every_block(model, reference, t
         for i, (p, sp) in enumerate(zip(prompts, params)):
             got = [t for d in streams[f"r{i}"] for t in d.token_ids]
             assert not streams[f"r{i}"][-1].error
-            _assert_same_or_near_tie(reference, p, sp, got, want[i].token_ids[-8:])
+            assert_tokens_or_near_tie(reference, p, sp, got, want[i].token_ids[-8:])
         _wait_idle(prefill, decode)
     finally:
         prefill.stop()
@@ -153,15 +152,6 @@ def _seeded(params: SamplingParams, seed: int) -> SamplingParams:
     from dataclasses import replace
 
     return replace(params, seed=seed)
-
-
-def _assert_same_or_near_tie(reference, prompt, params, got, want) -> None:
-    if got == want:
-        return
-    k = next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)
-    assert params.temperature == 0.0, f"sampled token {k} differs: {got} vs {want}"
-    top2 = next_logits(reference, prompt + want[:k]).topk(2).values
-    assert float(top2[0] - top2[1]) < NEAR_TIE, f"token {k}: {got} vs {want}"
 
 
 def test_killed_decode_rank_fails_its_instance_and_the_prefill_gets_its_blocks(model,
