@@ -118,8 +118,8 @@ class PoolConfig:
 class ServerConfig:
     """The router's client-facing endpoints, admission limits and security (README "Security").
 
-    Both endpoints listen on loopback unless `grpc_host` (`pdserve serve --host`) opts in to
-    other interfaces. Tokens are read from files or the environment, never from the config
+    Every endpoint listens on loopback unless `grpc_host` (`pdserve serve --host`) opts in to
+    other interfaces. The OpenAI-compatible HTTP API is off unless `http_port` is set. Tokens are read from files or the environment, never from the config
     itself (see router/security.py).
     """
 
@@ -127,6 +127,9 @@ class ServerConfig:
     grpc_port: int = 50051  # 0 = any free port (tests)
     metrics_host: str = ""  # interface of the router's /metrics; "" = the same as grpc_host
     metrics_port: int = 8000  # the router's Prometheus /metrics; 0 = any free port
+    # The OpenAI-compatible HTTP API (/v1/completions, ...): None = off, 0 = any free port.
+    http_port: int | None = None
+    http_host: str = ""  # interface of the HTTP API; "" = the same as grpc_host
     worker_metrics_port_base: int = 0  # worker i serves /metrics on base + i; 0 = free ports
     # Prometheus file_sd file listing every /metrics endpoint, kept current; "" = none.
     prometheus_sd_file: str = "/tmp/pdserve/prometheus_sd.json"
@@ -144,6 +147,8 @@ class ServerConfig:
             raise ValueError("server.grpc_host must not be empty")
         for name in ("grpc_port", "metrics_port", "worker_metrics_port_base"):
             check_port(f"server.{name}", getattr(self, name))
+        if self.http_port is not None:
+            check_port("server.http_port", self.http_port)
         at_least("server.max_queued_requests", self.max_queued_requests, 1)
         positive("server.request_timeout_s", self.request_timeout_s)
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -156,6 +161,11 @@ class ServerConfig:
     def metrics_bind_host(self) -> str:
         """The interface the router's /metrics listens on."""
         return self.metrics_host or self.grpc_host
+
+    @property
+    def http_bind_host(self) -> str:
+        """The interface the OpenAI-compatible HTTP API listens on."""
+        return self.http_host or self.grpc_host
 
     def router_security(self) -> RouterSecurity:
         """TLS files and tokens, read now from the token files or the environment."""
@@ -323,6 +333,8 @@ _OVERRIDES: dict[str, tuple[str, ...]] = {
     "grpc_host": ("server", "grpc_host"),
     "grpc_port": ("server", "grpc_port"),
     "metrics_port": ("server", "metrics_port"),
+    "http_port": ("server", "http_port"),
+    "http_host": ("server", "http_host"),
     "prometheus_sd_file": ("server", "prometheus_sd_file"),
     "ray_address": ("ray_address",),
     "name": ("name",),
@@ -331,7 +343,7 @@ _OVERRIDES: dict[str, tuple[str, ...]] = {
 
 def with_overrides(config: ClusterConfig, **overrides: Any) -> ClusterConfig:
     """Apply CLI flags (--model, --prefill-instances, --decode-instances, --host (grpc_host),
-    --grpc-port, --metrics-port, --prometheus-sd-file, --device) to a config; a None value
+    --grpc-port, --metrics-port, --http-port, --http-host, --prometheus-sd-file, --device) to a config; a None value
     means the flag was not given.
 
     `device` also fixes the pools' GPU counts when they contradict it, so `--device cuda` on a

@@ -30,7 +30,8 @@ _ANY_HOST = ("0.0.0.0", "::", "")
 
 @dataclass(slots=True)
 class ServingCluster:
-    """A running pdserve: Ray worker pools plus the gRPC router."""
+    """A running pdserve: Ray worker pools plus the router (gRPC, and the OpenAI-compatible
+    HTTP API when `server.http_port` is set)."""
 
     config: ClusterConfig
     backend: DisaggregatedBackend
@@ -53,7 +54,9 @@ class ServingCluster:
             router = await start_router(backend, server.grpc_host, server.grpc_port,
                                         server.metrics_port, metrics_host=server.metrics_bind_host,
                                         request_timeout_s=server.request_timeout_s,
-                                        security=server.router_security())
+                                        security=server.router_security(),
+                                        http_port=server.http_port,
+                                        http_host=server.http_bind_host)
         except BaseException:
             await backend.stop()
             raise
@@ -163,6 +166,8 @@ def _print_serving(cluster: ServingCluster) -> None:
     pools = cluster.backend.pools
     print(f"pdserve: serving {info.model_name} on {cluster.address} "
           f"({len(pools.prefill)} prefill + {len(pools.decode)} decode instances)", flush=True)
+    if cluster.router.http is not None:
+        print(f"pdserve: OpenAI-compatible API on {cluster.router.http.url}/v1", flush=True)
     sd_file = cluster.config.server.prometheus_sd_file or "(no file_sd file)"
     print(f"pdserve: metrics on http://{cluster.router.metrics_endpoint.address}/metrics; "
           f"Prometheus targets in {sd_file}", flush=True)

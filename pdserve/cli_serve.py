@@ -12,7 +12,8 @@ def add_parsers(sub) -> None:
 
 # ---- `pdserve serve` ------------------------------------------------------------------------------
 def _add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="start the prefill/decode pools on Ray and the gRPC router")
+    p = sub.add_parser("serve", help="start the prefill/decode pools on Ray and the router "
+                                           "(gRPC; OpenAI-compatible HTTP with --http-port)")
     p.add_argument("--config", default=None, help="cluster config YAML (see deploy/pdserve.yaml)")
     p.add_argument("--model", default=None, help="override the config's model")
     p.add_argument("--prefill-instances", type=int, default=None)
@@ -22,6 +23,12 @@ def _add_serve_parser(sub) -> None:
                         "router's /metrics) listens on (default 127.0.0.1; 0.0.0.0 = every "
                         "interface)")
     p.add_argument("--grpc-port", type=int, default=None, help="default 50051")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="serve the OpenAI-compatible HTTP API (/v1/completions, "
+                        "/v1/chat/completions, /v1/models, /health) on this port (0 = any free "
+                        "port; default: off)")
+    p.add_argument("--http-host", default=None,
+                   help="interface the HTTP API listens on (default: the same as --host)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="the router's Prometheus /metrics port (default 8000; 0 = any free port)")
     p.add_argument("--prometheus-sd-file", default=None, metavar="PATH",
@@ -54,7 +61,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     config = with_overrides(config, model=args.model, prefill_instances=args.prefill_instances,
                             decode_instances=args.decode_instances, grpc_host=args.host,
                             grpc_port=args.grpc_port,
-                            metrics_port=args.metrics_port,
+                            metrics_port=args.metrics_port, http_port=args.http_port,
+                            http_host=args.http_host,
                             prometheus_sd_file=args.prometheus_sd_file, device=args.device)
     _sigterm_interrupts()
     config = _start_ray(config, args)

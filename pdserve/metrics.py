@@ -66,15 +66,16 @@ class ByLabel(Generic[M]):
     so `rate()` sees their first increment; another value gets its series when first used.
     """
 
-    def __init__(self, parent: M, model_name: str, values: Iterable[str]) -> None:
+    def __init__(self, parent: M, model_name: str, values: Iterable[str],
+                 fixed: Sequence[str] = ()) -> None:
         self._parent = parent
-        self._model_name = model_name
-        self._children = {value: parent.labels(model_name, value) for value in values}
+        self._leading = (model_name, *fixed)  # the values of the labels before this one
+        self._children = {value: parent.labels(*self._leading, value) for value in values}
 
     def __getitem__(self, value: str) -> M:
         child = self._children.get(value)
         if child is None:
-            child = self._children[value] = self._parent.labels(self._model_name, value)
+            child = self._children[value] = self._parent.labels(*self._leading, value)
         return child
 
 
@@ -99,6 +100,15 @@ class MetricFactory:
                    values: Iterable[str]) -> ByLabel[Counter]:
         parent = self._new(Counter, name, documentation, label)
         return ByLabel(parent, self.model_name, values)
+
+    def counter_by_each(self, name: str, documentation: str, outer_label: str,
+                        outer_values: Iterable[str], label: str,
+                        values: Iterable[str]) -> dict[str, ByLabel[Counter]]:
+        """A counter with two labels: for each `outer_label` value, its children by `label`."""
+        parent = self._new(Counter, name, documentation, outer_label, label)
+        values = tuple(values)
+        return {outer: ByLabel(parent, self.model_name, values, (outer,))
+                for outer in outer_values}
 
     def histogram_by(self, name: str, documentation: str, label: str, values: Iterable[str],
                      buckets: Sequence[float]) -> ByLabel[Histogram]:

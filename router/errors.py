@@ -10,6 +10,11 @@ backends fail the same way and the gRPC layer stays the only place that knows st
     NoCapacityError       -> UNAVAILABLE         no instance could ever take it right now
     RequestFailedError    -> UNAVAILABLE when `retryable` (a worker died, a KV transfer failed),
                              INTERNAL otherwise (a bug: the engine raised)
+    DeadlineExceededError -> DEADLINE_EXCEEDED   the call's deadline passed; the request was aborted
+    InternalError         -> INTERNAL            a bug; its message holds only an error id
+
+The gRPC codes are also the router's transport-neutral vocabulary (metrics label `code`); the
+HTTP API maps the same errors to HTTP statuses (router/openai_errors.py).
 """
 
 from __future__ import annotations
@@ -56,12 +61,22 @@ class RequestFailedError(RouterError):
         self.retryable = retryable
 
 
+class DeadlineExceededError(RouterError):
+    """The call's deadline (the client's, else the server's request timeout) passed."""
+
+
+class InternalError(RouterError):
+    """A bug in the router or a backend; the message is client-safe (an error id only)."""
+
+
 # Most specific first: the first matching type wins.
 _STATUS_CODES: tuple[tuple[type[RouterError], grpc.StatusCode], ...] = (
     (DuplicateRequestError, grpc.StatusCode.ALREADY_EXISTS),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (InternalError, grpc.StatusCode.INTERNAL),
 )
 
 

@@ -23,7 +23,8 @@ from typing import NoReturn, TypeVar
 
 import grpc
 
-from router.errors import RequestFailedError, RouterError, status_code_for
+from router.errors import (InternalError, RequestFailedError, RouterError, UnavailableError,
+                           status_code_for)
 
 logger = logging.getLogger(__name__)
 
@@ -36,26 +37,38 @@ def new_error_id() -> str:
     return secrets.token_hex(6)
 
 
-def client_status(error: RouterError, rpc: str) -> tuple[grpc.StatusCode, str]:
-    """The code and message a client receives for `error` (logged first when it is a worker's)."""
-    code = status_code_for(error)
+def client_safe(error: RouterError, rpc: str) -> RouterError:
+    """`error` as a client may see it: a worker's `RequestFailedError` is logged under a new
+    error id and replaced by one of the same kind whose message holds only that id."""
     if not isinstance(error, RequestFailedError):
-        return code, str(error)
+        return error
     error_id = new_error_id()
     logger.error("%s failed (error id %s): %s", rpc, error_id, error)
-    if code == grpc.StatusCode.INTERNAL:
-        return code, f"internal error (id {error_id})"
-    return code, f"the request failed in a worker; retry it (error id {error_id})"
+    if not error.retryable:
+        return RequestFailedError(f"internal error (id {error_id})", retryable=False)
+    return RequestFailedError(f"the request failed in a worker; retry it (error id {error_id})",
+                              retryable=True)
+
+
+def client_status(error: RouterError, rpc: str) -> tuple[grpc.StatusCode, str]:
+    """The code and message a client receives for `error` (logged first when it is a worker's)."""
+    safe = client_safe(error, rpc)
+    return status_code_for(safe), str(safe)
+
+
+def unexpected_error(rpc: str, backend_ready: bool) -> RouterError:
+    """Log the exception being handled with a new error id; the error a client receives."""
+    error_id = new_error_id()
+    logger.exception("%s failed (error id %s)", rpc, error_id)
+    if not backend_ready:
+        return UnavailableError(f"the server is not ready; retry later (error id {error_id})")
+    return InternalError(f"internal error (id {error_id})")
 
 
 def unexpected_status(rpc: str, backend_ready: bool) -> tuple[grpc.StatusCode, str]:
     """Log the exception being handled with a new error id; the status a client receives."""
-    error_id = new_error_id()
-    logger.exception("%s failed (error id %s)", rpc, error_id)
-    if not backend_ready:
-        return (grpc.StatusCode.UNAVAILABLE,
-                f"the server is not ready; retry later (error id {error_id})")
-    return grpc.StatusCode.INTERNAL, f"internal error (id {error_id})"
+    error = unexpected_error(rpc, backend_ready)
+    return status_code_for(error), str(error)
 
 
 async def abort_with(context: grpc.aio.ServicerContext,

@@ -1,6 +1,7 @@
 """The router's Prometheus metrics: every Generate call as its client sees it, for any backend.
 
-One `RequestMetrics` follows one call, fed by the servicer in the call's own order:
+One `RequestMetrics` follows one call, fed by the front-end core (router/frontend.py) in the
+call's own order, whichever transport it came by (gRPC or the OpenAI-compatible HTTP API):
 
     begin ──> in flight, waiting (no token yet)
       │ first token ──> time_to_first_token; no longer waiting; prompt tokens counted
@@ -8,10 +9,13 @@ One `RequestMetrics` follows one call, fed by the servicer in the call's own ord
       │                 the first of them also request_phase{phase="first_decode_token"}
       │ finish reason > e2e latency, time per output token, request_success{finished_reason},
       │                 phases queue / prefill / kv_transfer from the backend's Timing
-      └ end ─────────> router_requests{code}; a non-OK call also router_request_errors{error_type}
+      └ end ─────────> router_requests{transport,code}; a non-OK call also
+                       router_request_errors{transport,error_type}
 
-A Generate call that the token check refuses never reaches the servicer; `refused(code)` counts
-it (code UNAUTHENTICATED or PERMISSION_DENIED, error_type "unauthenticated").
+`code` is the call's status in gRPC's names for either transport (router/errors.py maps both
+transports' errors to them); `transport` is "grpc" or "http". A call that the token check
+refuses never reaches the core; `refused(code, transport)` counts it (code UNAUTHENTICATED or
+PERMISSION_DENIED, error_type "unauthenticated").
 
 The per-token path is a clock read, a counter increment and a histogram observation, on
 children resolved once per router (no label lookups).
@@ -55,6 +59,9 @@ DEADLINE_EXCEEDED = "deadline_exceeded"
 CANCELLED = "cancelled"
 INTERNAL = "internal"
 UNAUTHENTICATED = "unauthenticated"
+GRPC = "grpc"
+HTTP = "http"
+TRANSPORTS = (GRPC, HTTP)
 
 
 def error_type(error: RouterError) -> str:
@@ -80,11 +87,12 @@ class RouterMetrics:
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         f = MetricFactory(model_name, self.registry)
-        self.requests = f.counter_by("router_requests", "Generate calls by final gRPC status code",
-                                     "code", STATUS_CODES)
-        self.errors = f.counter_by("router_request_errors",
-                                   "Failed Generate calls by the error that ended them",
-                                   "error_type", ERROR_TYPES)
+        self.requests = f.counter_by_each(
+            "router_requests", "Generation calls by transport and final status (gRPC's names)",
+            "transport", TRANSPORTS, "code", STATUS_CODES)
+        self.errors = f.counter_by_each(
+            "router_request_errors", "Failed generation calls by the error that ended them",
+            "transport", TRANSPORTS, "error_type", ERROR_TYPES)
         self.success = f.counter_by("request_success",
                                     "Requests that streamed to their finish, by finish reason",
                                     "finished_reason", FINISH_REASONS)
@@ -110,23 +118,25 @@ class RouterMetrics:
         self.queue_time, self.prefill_time, self.transfer_time, self.first_decode_time = (
             phases[phase] for phase in PHASES)
 
-    def begin(self, arrival_s: float) -> RequestMetrics:
-        """A Generate call arrived (at `time.monotonic()` `arrival_s`)."""
-        return RequestMetrics(self, arrival_s)
+    def begin(self, arrival_s: float, transport: str = GRPC) -> RequestMetrics:
+        """A generation call arrived (at `time.monotonic()` `arrival_s`) by `transport`."""
+        return RequestMetrics(self, arrival_s, transport)
 
-    def refused(self, code: grpc.StatusCode) -> None:
-        """A Generate call was refused by the token check with `code`."""
-        self.requests[code.name].inc()
-        self.errors[UNAUTHENTICATED].inc()
+    def refused(self, code: grpc.StatusCode, transport: str = GRPC) -> None:
+        """A generation call was refused by the token check with `code`."""
+        self.requests[transport][code.name].inc()
+        self.errors[transport][UNAUTHENTICATED].inc()
 
 
 class RequestMetrics:
-    """One Generate call's observations; `end()` exactly once, after everything else."""
+    """One generation call's observations; `end()` exactly once, after everything else."""
 
-    __slots__ = ("_m", "_arrival_s", "_first_s", "_last_s", "_num_tokens", "_code", "_error_type")
+    __slots__ = ("_m", "_transport", "_arrival_s", "_first_s", "_last_s", "_num_tokens", "_code",
+                 "_error_type")
 
-    def __init__(self, metrics: RouterMetrics, arrival_s: float) -> None:
+    def __init__(self, metrics: RouterMetrics, arrival_s: float, transport: str = GRPC) -> None:
         self._m = metrics
+        self._transport = transport
         self._arrival_s = arrival_s
         self._first_s: float | None = None
         self._last_s = 0.0
@@ -184,6 +194,6 @@ class RequestMetrics:
         m.in_flight.dec()
         if self._first_s is None:
             m.waiting.dec()
-        m.requests[self._code.name].inc()
+        m.requests[self._transport][self._code.name].inc()
         if self._error_type is not None:
-            m.errors[self._error_type].inc()
+            m.errors[self._transport][self._error_type].inc()

@@ -1,17 +1,12 @@
 """The router's gRPC front end: `pdserve.v1.Generation` over any `GenerationBackend`.
 
-One `Generate` call, end to end:
-
-    validate (RequestValidator) ─> register request_id ─> backend.generate() ─> one
-    GenerateResponse per TokenEvent (the last with finish_reason, usage, timing) ─> unregister
-
-and its three early endings, each of which closes the backend's iterator, which aborts the
-request in the backend and frees its KV blocks:
-- the client cancels: `asyncio.CancelledError` arrives in the handler; we clean up and re-raise;
-- the call's deadline passes: our own timer fires first or together with gRPC's; the client
-  gets DEADLINE_EXCEEDED. A call without a deadline gets the server's `request_timeout_s`;
-- the backend raises a `RouterError`: the client gets the code from `router.errors`; any other
-  exception is a bug: INTERNAL with an error id, the traceback in the log (router.guard).
+`Generate` is a thin transport over the transport-neutral `FrontEnd` (router/frontend.py),
+which the OpenAI-compatible HTTP app (router/openai_app.py) shares: validation, the in-flight
+ids, deadlines, cancellation and metrics live there. Here each `TokenEvent` becomes one
+GenerateResponse (the last with finish_reason, usage, timing) and each error the front end
+raises a status code (router.errors): a client cancel arrives as `asyncio.CancelledError` and
+aborts the request; a call without a deadline gets the server's `request_timeout_s`; our timer
+fires DEADLINE_MARGIN_S before gRPC's own, so the client reads our DEADLINE_EXCEEDED message.
 
 An `Abort` RPC ends the aborted request's stream normally (status OK) with finish_reason
 "abort", as the proto documents, rather than with CANCELLED: the stream did end as the
@@ -27,7 +22,6 @@ TLS (router.tls) and bearer tokens (router.auth) are optional, set by a `RouterS
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -39,19 +33,15 @@ from protos.pdserve.v1 import generation_pb2
 from router.auth import BearerTokenInterceptor
 from router.backend import GenerationBackend, GenerationInput, TokenEvent
 from pdserve.metrics import MetricsEndpoint, start_metrics_server
-from router.errors import RouterError, UnavailableError, status_code_for
-from router.guard import abort_with, client_status, guarded, unexpected_status
-from router.metrics import (
-    CANCELLED,
-    DEADLINE_EXCEEDED,
-    INTERNAL,
-    RequestMetrics,
-    RouterMetrics,
-    error_type,
-)
+from router.errors import RouterError, status_code_for
+from router.frontend import FrontEnd
+from router.guard import guarded
+from router.http_server import HttpServer, start_http_server
+from router.metrics import GRPC, RouterMetrics
+from router.openai_app import OpenAIApp
 from router.security import RouterSecurity
 from router.tls import server_credentials
-from router.validation import RequestValidator, validate_drain
+from router.validation import validate_drain
 from router.wire import MalformedRequest, add_generation_service
 
 logger = logging.getLogger(__name__)
@@ -67,80 +57,32 @@ DEADLINE_MARGIN_S = 0.02
 
 
 class RouterServicer:
-    """Validates calls, streams the backend's tokens, and owns the in-flight request ids."""
+    """The gRPC transport over the `FrontEnd`: Generate writes its events as GenerateResponse
+    messages and maps the front end's errors to status codes; the other RPCs are unary."""
 
     def __init__(self, backend: GenerationBackend, metrics: RouterMetrics | None = None,
-                 request_timeout_s: float | None = None) -> None:
-        if request_timeout_s is not None and not request_timeout_s > 0:
-            raise ValueError(f"request_timeout_s must be > 0 or None, got {request_timeout_s}")
-        self._backend = backend
-        self._request_timeout_s = request_timeout_s  # the deadline of calls that set none
-        self._validator = RequestValidator(backend.tokenizer, backend.model_info())
-        self.metrics = metrics or RouterMetrics(backend.model_info().model_name)
-        self._in_flight: set[str] = set()
-        self._draining = False
+                 request_timeout_s: float | None = None, front: FrontEnd | None = None) -> None:
+        self.front = front or FrontEnd(backend, metrics, request_timeout_s)
+        self._backend = self.front.backend
+
+    @property
+    def metrics(self) -> RouterMetrics:
+        return self.front.metrics
 
     def drain(self) -> None:
         """Refuse new Generate calls with UNAVAILABLE; calls in flight run to completion."""
-        self._draining = True
+        self.front.drain()
 
-    async def Generate(self, request: generation_pb2.GenerateRequest,
+    async def Generate(self, request: generation_pb2.GenerateRequest | MalformedRequest,
                        context: grpc.aio.ServicerContext) -> None:
-        arrival_s = time.monotonic()
-        remaining_s = _time_remaining_s(context)
-        if remaining_s is None:
-            remaining_s = self._request_timeout_s
-        deadline_s = None if remaining_s is None else arrival_s + remaining_s
-        timer = asyncio.timeout(remaining_s)
-        observed = self.metrics.begin(arrival_s)
+        async def write(inp: GenerationInput, event: TokenEvent) -> None:
+            await context.write(_response(inp.request_id, event))
+
         try:
-            async with timer:
-                await self._generate(request, context, arrival_s, deadline_s, observed)
-        except TimeoutError:
-            if not timer.expired():  # raised inside the backend, not by our deadline
-                await self._internal_error(context, observed)
-            observed.fail(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_EXCEEDED)
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"deadline of {remaining_s:.3f} s exceeded; the request was aborted")
-        except RouterError as error:
-            observed.fail(status_code_for(error), error_type(error))
-            await abort_with(context, client_status(error, "Generate"))
-        except asyncio.CancelledError:  # the client cancelled; the request is aborted already
-            observed.fail(grpc.StatusCode.CANCELLED, CANCELLED)
-            raise
-        except grpc.aio.BaseError:  # context.abort() and friends: already a status
-            observed.fail(grpc.StatusCode.UNKNOWN, INTERNAL)
-            raise
-        except Exception:  # a bug: INTERNAL with a logged traceback, not gRPC's bare UNKNOWN
-            await self._internal_error(context, observed)
-        finally:
-            observed.end()
-
-    async def _internal_error(self, context: grpc.aio.ServicerContext,
-                              observed: RequestMetrics) -> None:
-        code, message = unexpected_status("Generate", self._backend.is_ready())
-        observed.fail(code, INTERNAL)
-        await context.abort(code, message)
-
-    async def _generate(self, request: generation_pb2.GenerateRequest,
-                        context: grpc.aio.ServicerContext, arrival_s: float,
-                        deadline_s: float | None, observed: RequestMetrics) -> None:
-        if self._draining or not self._backend.is_ready():
-            raise UnavailableError("the server is draining or not ready; retry another replica")
-        inp = await self._validator.to_input(request, self._in_flight, arrival_s, deadline_s)
-        self._in_flight.add(inp.request_id)  # no await since the uniqueness check
-        try:
-            await self._stream(inp, context, observed)
-        finally:
-            self._in_flight.discard(inp.request_id)
-
-    async def _stream(self, inp: GenerationInput, context: grpc.aio.ServicerContext,
-                      observed: RequestMetrics) -> None:
-        # aclosing: an early exit (cancel, deadline) closes the iterator, which aborts the request.
-        async with contextlib.aclosing(self._backend.generate(inp)) as events:
-            async for event in events:
-                observed.on_event(event)
-                await context.write(_response(inp.request_id, event))
+            await self.front.generate(request, write, remaining_s=_time_remaining_s(context),
+                                      transport=GRPC)
+        except RouterError as error:  # client-safe already (router.frontend)
+            await context.abort(status_code_for(error), str(error))
 
     def _backend_ready(self) -> bool:
         return self._backend.is_ready()
@@ -149,7 +91,7 @@ class RouterServicer:
     async def Abort(self, request: generation_pb2.AbortRequest | MalformedRequest,
                     context: grpc.aio.ServicerContext) -> generation_pb2.AbortResponse:
         _check_parsed(request)
-        found = request.request_id in self._in_flight and await self._backend.abort(request.request_id)
+        found = request.request_id in self.front.in_flight and await self._backend.abort(request.request_id)
         return generation_pb2.AbortResponse(found=found)
 
     @guarded("GetModelInfo", _backend_ready)
@@ -206,7 +148,9 @@ class RouterServer:
 
     def __init__(self, server: grpc.aio.Server, servicer: RouterServicer,
                  health_servicer: health.aio.HealthServicer, backend: GenerationBackend,
-                 host: str, port: int, metrics_endpoint: MetricsEndpoint | None = None) -> None:
+                 host: str, port: int, metrics_endpoint: MetricsEndpoint | None = None,
+                 http: HttpServer | None = None) -> None:
+        self.http = http  # the OpenAI-compatible HTTP API; None: not served
         self._server = server
         self._servicer = servicer
         self._health = health_servicer
@@ -244,6 +188,8 @@ class RouterServer:
     async def stop(self, grace_s: float = 5.0) -> None:
         """Drain, give calls in flight `grace_s` to finish, cancel the rest, stop the backend."""
         await self.drain()
+        if self.http is not None:
+            await self.http.stop(grace_s)
         await self._server.stop(grace_s)
         await self._backend.stop()
         if self.metrics_endpoint is not None:
@@ -264,11 +210,14 @@ class RouterServer:
 async def start_router(backend: GenerationBackend, host: str = "127.0.0.1",
                        port: int = DEFAULT_PORT, metrics_port: int | None = None, *,
                        metrics_host: str | None = None, request_timeout_s: float | None = None,
-                       security: RouterSecurity | None = None) -> RouterServer:
+                       security: RouterSecurity | None = None, http_port: int | None = None,
+                       http_host: str | None = None) -> RouterServer:
     """Start `backend`, then serve it on host:port (0 = any free port; see `RouterServer.port`)
     and, unless `metrics_port` is None, its metrics on http://metrics_host:metrics_port/metrics
     (`metrics_host` None: `host`). `request_timeout_s` is the deadline of calls that set none
-    (None: no deadline); `security` sets TLS and tokens (None: plaintext, no tokens)."""
+    (None: no deadline); `security` sets TLS and tokens (None: plaintext, no tokens), for the
+    gRPC port and the HTTP one alike. Unless `http_port` is None, the OpenAI-compatible HTTP
+    API (router/openai_app.py) is served on http_host:http_port (`http_host` None: `host`)."""
     security = security or RouterSecurity()
     credentials = server_credentials(security.tls) if security.tls is not None else None
     await backend.start()
@@ -283,13 +232,17 @@ async def start_router(backend: GenerationBackend, host: str = "127.0.0.1",
     address = f"{host}:{port}"
     bound_port = (server.add_insecure_port(address) if credentials is None
                   else server.add_secure_port(address, credentials))
+    http = None
+    if http_port is not None:
+        app = OpenAIApp(servicer.front, security.auth_token).app
+        http = await start_http_server(app, http_host or host, http_port, security.tls)
     metrics_endpoint = None
     if metrics_port is not None:
         metrics_endpoint = start_metrics_server(servicer.metrics.registry, metrics_host or host,
                                                 metrics_port)
     await server.start()
     router = RouterServer(server, servicer, health_servicer, backend, host, bound_port,
-                          metrics_endpoint)
+                          metrics_endpoint, http)
     await router.start_health()
     logger.info("router serving %s on %s", backend.model_info().model_name, router.address)
     return router

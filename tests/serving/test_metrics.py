@@ -41,8 +41,8 @@ DS_PROMETHEUS = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
 # ---- the explicit list: exported name -> (type, labels) -----------------------------------------
 M = "model_name"
 ROUTER_METRICS = {
-    "pdserve:router_requests_total": ("counter", {M, "code"}),
-    "pdserve:router_request_errors_total": ("counter", {M, "error_type"}),
+    "pdserve:router_requests_total": ("counter", {M, "transport", "code"}),
+    "pdserve:router_request_errors_total": ("counter", {M, "transport", "error_type"}),
     "pdserve:request_success_total": ("counter", {M, "finished_reason"}),
     "pdserve:router_num_requests_in_flight": ("gauge", {M}),
     "pdserve:router_num_requests_waiting": ("gauge", {M}),
@@ -205,11 +205,12 @@ def test_router_metrics_follow_each_call(colocated):
     completions, invalid_code = colocated.run(load())
     assert invalid_code == grpc.StatusCode.INVALID_ARGUMENT
     colocated.wait_until_idle()
-    assert sample(colocated, "pdserve:router_requests_total", code="OK") == 3
-    assert sample(colocated, "pdserve:router_requests_total", code="INVALID_ARGUMENT") == 1
-    assert sample(colocated, "pdserve:router_requests_total", code="CANCELLED") == 1
+    for code, num_calls in (("OK", 3), ("INVALID_ARGUMENT", 1), ("CANCELLED", 1)):
+        assert sample(colocated, "pdserve:router_requests_total", transport="grpc",
+                      code=code) == num_calls
     for error_type in ("invalid_request", "cancelled"):
-        assert sample(colocated, "pdserve:router_request_errors_total", error_type=error_type) == 1
+        assert sample(colocated, "pdserve:router_request_errors_total", transport="grpc",
+                      error_type=error_type) == 1
     assert sample(colocated, "pdserve:request_success_total", finished_reason="length") == 3
     assert sample(colocated, "pdserve:router_num_requests_in_flight") == 0
     assert sample(colocated, "pdserve:router_num_requests_waiting") == 0

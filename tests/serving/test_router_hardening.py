@@ -104,8 +104,9 @@ def _chat(content: str) -> generation_pb2.GenerateRequest:
 ])
 def test_undecodable_requests_are_invalid_argument_naming_the_field_and_counted(router, wire,
                                                                               field):
-    before = count(router, "router_requests", code="INVALID_ARGUMENT")
-    before_errors = count(router, "router_request_errors", error_type="invalid_request")
+    before = count(router, "router_requests", transport="grpc", code="INVALID_ARGUMENT")
+    before_errors = count(router, "router_request_errors", transport="grpc",
+                                  error_type="invalid_request")
 
     async def send_raw():
         channel = grpc.aio.insecure_channel(router.address)
@@ -118,8 +119,9 @@ def test_undecodable_requests_are_invalid_argument_naming_the_field_and_counted(
     error = rpc_error(router, send_raw())
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details().startswith(field), error.details()
-    assert count(router, "router_requests", code="INVALID_ARGUMENT") == before + 1
-    assert count(router, "router_request_errors", error_type="invalid_request") == before_errors + 1
+    assert count(router, "router_requests", transport="grpc", code="INVALID_ARGUMENT") == before + 1
+    assert count(router, "router_request_errors", transport="grpc",
+                                  error_type="invalid_request") == before_errors + 1
 
 
 def test_an_undecodable_abort_is_invalid_argument(router):

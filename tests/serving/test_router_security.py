@@ -193,7 +193,8 @@ def test_a_token_is_required_and_checked(start):
     assert harness.run(harness.client.cluster_state()).instances  # the normal token suffices
     refused = harness.server.metrics.registry.get_sample_value(
         "pdserve:router_requests_total",
-        {"model_name": harness.backend.model_info().model_name, "code": "UNAUTHENTICATED"})
+        {"model_name": harness.backend.model_info().model_name, "transport": "grpc",
+         "code": "UNAUTHENTICATED"})
     assert refused == 2
 
 
