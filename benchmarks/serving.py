@@ -7,6 +7,11 @@ reports, so numbers read the same way.
     # standalone: an in-process router over one colocated engine with the default model
     .venv/bin/python benchmarks/serving.py --start-colocated --num-prompts 8 \\
         --random-input-len 64 --random-output-len 16
+    # the same load over the OpenAI-compatible HTTP API (SSE) instead of gRPC
+    .venv/bin/python benchmarks/serving.py --start-colocated --backend openai --num-prompts 8
+
+`--backend openai` streams `POST /v1/completions` (benchmarks/serving_openai.py); the model's
+vocabulary and context length still come from `GetModelInfo` at `--address` (the same router).
 
 Requests arrive as a Poisson process at `--request-rate` per second (`inf`: all at once), at
 most `--max-concurrency` in flight. Prompts are random token ids with lengths from `--dataset`:
@@ -54,6 +59,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.serving_colocated import colocated_router  # noqa: E402
+from benchmarks.serving_openai import OpenAIClient  # noqa: E402
 from router.client import PdserveClient  # noqa: E402
 
 SHAREGPT_LIKE_PATH = REPO_ROOT / "benchmarks" / "datasets" / "sharegpt_like_lengths.json"
@@ -131,9 +137,13 @@ def build_specs(args: argparse.Namespace, vocab_size: int,
 
 
 # ---- load --------------------------------------------------------------------------------------
-async def send(client: PdserveClient, spec: RequestSpec, args: argparse.Namespace) -> RequestResult:
+async def send(client: PdserveClient | OpenAIClient, spec: RequestSpec,
+               args: argparse.Namespace) -> RequestResult:
     """One streamed request, timed on the client."""
     result = RequestResult(len(spec.prompt_token_ids))
+    if isinstance(client, OpenAIClient):
+        await client.stream(spec, args.temperature, args.ignore_eos, result)
+        return result
     start_s = last_s = time.perf_counter()
     call = client.generate_stream(prompt_token_ids=spec.prompt_token_ids,
                                   max_tokens=spec.max_tokens, temperature=args.temperature,
@@ -261,24 +271,31 @@ def print_summary(summary: dict) -> None:
 async def benchmark(args: argparse.Namespace, loaded=None) -> dict:
     """Run the whole benchmark and return the summary (what --result-file holds)."""
     async with contextlib.AsyncExitStack() as stack:
-        address = args.address
+        address, base_url = args.address, args.base_url
         if args.start_colocated:
             queue_limit = max(256, args.num_prompts)  # let --request-rate inf queue everything
-            address = await stack.enter_async_context(colocated_router(
+            router = await stack.enter_async_context(colocated_router(
                 LOOPBACK_HOST, args.model, args.device, queue_limit, loaded, args.max_num_seqs,
-                args.async_scheduling))
+                args.async_scheduling, http=args.backend == "openai"))
+            address, base_url = router.address, router.http and router.http.url
         client = await stack.enter_async_context(PdserveClient(address))
         try:
             info = await asyncio.wait_for(client.model_info(), args.request_timeout_s)
         except grpc.aio.AioRpcError as error:
             raise RuntimeError(f"no pdserve router answers at {address} ({error.code().name}); "
                                "start one or pass --start-colocated") from None
+        if args.backend == "openai":
+            client = await stack.enter_async_context(OpenAIClient(base_url,
+                                                                  args.request_timeout_s))
+            await client.model_name()
         specs = build_specs(args, info.vocab_size, info.context_length)
         warmup = await send(client, RequestSpec(specs[0].prompt_token_ids, 2), args)
         if not warmup.ok:
             raise RuntimeError(f"the warm-up request to {address} failed: {warmup.error}")
         results, duration_s = await run_load(client, specs, args)
-    header = {"backend": "pdserve", "address": "colocated" if args.start_colocated else address,
+    where = base_url if args.backend == "openai" else address
+    header = {"backend": f"pdserve-{args.backend}",
+              "address": "colocated" if args.start_colocated else where,
               "model": info.model_name, "dataset": args.dataset, "num_prompts": args.num_prompts,
               "request_rate": str(args.request_rate), "max_concurrency": args.max_concurrency,
               "seed": args.seed, "ignore_eos": args.ignore_eos, "goodput_slos_ms": args.goodput,
@@ -313,6 +330,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--address", type=loopback_address, default=f"{LOOPBACK_HOST}:50051")
+    p.add_argument("--backend", choices=("grpc", "openai"), default="grpc",
+                   help="grpc: Generate calls; openai: POST /v1/completions over HTTP/SSE")
+    p.add_argument("--base-url", default=f"http://{LOOPBACK_HOST}:8080",
+                   help="with --backend openai: the router's HTTP API (pdserve serve --http-port)")
     p.add_argument("--start-colocated", action="store_true",
                    help="start an in-process router over one engine and ignore --address")
     p.add_argument("--model", default="default", help="with --start-colocated")

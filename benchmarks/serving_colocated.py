@@ -1,17 +1,24 @@
-"""`--start-colocated` of the serving benchmark: a gRPC router in this process over one
-colocated engine, so the load generator needs no cluster."""
+"""`--start-colocated` of the serving benchmark: a router in this process (gRPC, and with
+`--backend openai` the OpenAI-compatible HTTP API) over one colocated engine, so the load
+generator needs no cluster."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from router.server import RouterServer
 
 
 @contextlib.asynccontextmanager
 async def colocated_router(host: str, model: str, device: str, max_queued_requests: int,
                            loaded=None, max_num_seqs: int = 64,
-                           async_scheduling: str = "auto") -> AsyncIterator[str]:
-    """A router on `host` (a free port) over one ColocatedBackend; yields its address.
+                           async_scheduling: str = "auto", http: bool = False
+                           ) -> AsyncIterator[RouterServer]:
+    """A router on `host` (a free port) over one ColocatedBackend; yields it. `http` also
+    serves the OpenAI-compatible HTTP API (a free port: `router.http.url`).
     `loaded` (an `engine.builder.LoadedModel`) skips loading the model again;
     `async_scheduling` is auto | on | off. torch loads only here, not with the load generator."""
     from engine.config import ASYNC_SCHEDULING_CHOICES, EngineConfig, SchedulerConfig
@@ -24,8 +31,9 @@ async def colocated_router(host: str, model: str, device: str, max_queued_reques
                           scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                                     max_num_batched_tokens=max(2048, max_num_seqs)))
     engine = LLMEngine(config, loaded=loaded)
-    router = await start_router(ColocatedBackend(engine, max_queued_requests), host, 0)
+    router = await start_router(ColocatedBackend(engine, max_queued_requests), host, 0,
+                                http_port=0 if http else None)
     try:
-        yield router.address
+        yield router
     finally:
         await router.stop(grace_s=1.0)
