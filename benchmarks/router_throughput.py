@@ -8,14 +8,19 @@ number is a ceiling for the router's per-token path (gRPC + protobuf + asyncio),
 throughput.
 
     .venv/bin/python benchmarks/router_throughput.py --streams 1 16 64 --duration-s 3
+    .venv/bin/python benchmarks/router_throughput.py --transport http   # the OpenAI HTTP API
 
-Prints a JSON summary and writes it to benchmarks/results/router_throughput_cpu.json.
+`--transport http` streams `POST /v1/completions` (SSE, aiohttp) from the same router process
+instead of gRPC `Generate`; `ttft` is send to the first token-carrying message either way.
+Prints a JSON summary and writes it to benchmarks/results/router_throughput_cpu.json
+(`router_throughput_http_cpu.json` with `--transport http`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -118,8 +123,9 @@ class SyntheticBackend:
 # ---- server process ---------------------------------------------------------------------------
 def _serve(port_pipe, stop_event, tokens_per_event: int) -> None:
     async def main() -> None:
-        router = await start_router(SyntheticBackend(tokens_per_event), "127.0.0.1", 0)
-        port_pipe.send(router.port)
+        router = await start_router(SyntheticBackend(tokens_per_event), "127.0.0.1", 0,
+                                    http_port=0)
+        port_pipe.send((router.port, router.http.port))
         while not stop_event.is_set():
             await asyncio.sleep(0.1)
         await router.stop(grace_s=1.0)
@@ -129,15 +135,17 @@ def _serve(port_pipe, stop_event, tokens_per_event: int) -> None:
 
 # ---- client -------------------------------------------------------------------------------------
 async def _stream_worker(client: PdserveClient, end_s: float, max_tokens: int,
-                         gaps_s: list[float]) -> tuple[int, int, int]:
+                         gaps_s: list[float], ttfts_s: list[float]) -> tuple[int, int, int]:
     """Requests back to back until end_s; returns (tokens, messages, completed requests)."""
     num_tokens = num_messages = num_requests = 0
     while time.monotonic() < end_s:
         last_s = time.monotonic()
+        first = True
         async for response in client.generate_stream(prompt_token_ids=[1, 2, 3],
                                                      max_tokens=max_tokens, ignore_eos=True):
             now = time.monotonic()
-            gaps_s.append(now - last_s)
+            (ttfts_s if first else gaps_s).append(now - last_s)
+            first = False
             last_s = now
             num_tokens += len(response.token_ids)
             num_messages += 1
@@ -145,19 +153,60 @@ async def _stream_worker(client: PdserveClient, end_s: float, max_tokens: int,
     return num_tokens, num_messages, num_requests
 
 
-async def _measure(address: str, num_streams: int, duration_s: float, max_tokens: int) -> dict:
+async def _http_worker(session, url: str, end_s: float, max_tokens: int, gaps_s: list[float],
+                       ttfts_s: list[float]) -> tuple[int, int, int]:
+    """As _stream_worker, over POST /v1/completions with SSE."""
+    num_tokens = num_messages = num_requests = 0
+    body = {"model": "synthetic", "prompt": [1, 2, 3], "max_tokens": max_tokens,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    while time.monotonic() < end_s:
+        last_s = time.monotonic()
+        first = True
+        async with session.post(url, json=body) as response:
+            async for line in response.content:
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if not chunk["choices"]:
+                    num_tokens += chunk["usage"]["completion_tokens"]
+                    continue
+                now = time.monotonic()
+                (ttfts_s if first else gaps_s).append(now - last_s)
+                first = False
+                last_s = now
+                num_messages += 1
+        num_requests += 1
+    return num_tokens, num_messages, num_requests
+
+
+async def _measure(address: str, num_streams: int, duration_s: float, max_tokens: int,
+                   http_port: int | None = None) -> dict:
     gaps_s: list[float] = []
-    async with PdserveClient(address) as client:
-        await client.model_info()  # connect before the clock starts
+    ttfts_s: list[float] = []
+    async with contextlib.AsyncExitStack() as stack:
+        if http_port is None:
+            client = await stack.enter_async_context(PdserveClient(address))
+            await client.model_info()  # connect before the clock starts
+        else:
+            import aiohttp
+
+            client = await stack.enter_async_context(aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0)))
+            url = f"http://127.0.0.1:{http_port}/v1/completions"
         start = time.monotonic()
-        results = await asyncio.gather(*(_stream_worker(client, start + duration_s, max_tokens,
-                                                        gaps_s) for _ in range(num_streams)))
+        end_s = start + duration_s
+        workers = (_stream_worker(client, end_s, max_tokens, gaps_s, ttfts_s)
+                   if http_port is None else
+                   _http_worker(client, url, end_s, max_tokens, gaps_s, ttfts_s)
+                   for _ in range(num_streams))
+        results = await asyncio.gather(*workers)
         elapsed_s = time.monotonic() - start
     tokens, messages, requests = (sum(column) for column in zip(*results))
     gaps_s.sort()
     return {"streams": num_streams, "elapsed_s": round(elapsed_s, 3), "tokens": tokens,
             "tokens_per_s": round(tokens / elapsed_s, 1),
             "messages_per_s": round(messages / elapsed_s, 1), "requests": requests,
+            "mean_ttft_ms": round(1e3 * statistics.fmean(ttfts_s), 4),
             "mean_itl_ms": round(1e3 * statistics.fmean(gaps_s), 4),
             "p99_itl_ms": round(1e3 * gaps_s[int(0.99 * (len(gaps_s) - 1))], 4)}
 
@@ -170,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=512, help="tokens per request")
     parser.add_argument("--tokens-per-event", type=int, default=1,
                         help="tokens per GenerateResponse (1 = every token its own message)")
-    parser.add_argument("--output", type=Path, default=RESULT_PATH)
+    parser.add_argument("--transport", choices=("grpc", "http"), default="grpc",
+                        help="grpc: Generate; http: the OpenAI API's /v1/completions (SSE)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"default {RESULT_PATH.name} (router_throughput_http_cpu.json for "
+                             "--transport http) in benchmarks/results/")
     args = parser.parse_args(argv)
 
     context = multiprocessing.get_context("spawn")
@@ -182,19 +235,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not receive_port.poll(60):
             raise RuntimeError("the router process did not start within 60 s")
-        address = f"127.0.0.1:{receive_port.recv()}"
-        runs = [asyncio.run(_measure(address, n, args.duration_s, args.max_tokens))
+        grpc_port, http_port = receive_port.recv()
+        address = f"127.0.0.1:{grpc_port}"
+        http_port = http_port if args.transport == "http" else None
+        runs = [asyncio.run(_measure(address, n, args.duration_s, args.max_tokens, http_port))
                 for n in args.streams]
     finally:
         stop_event.set()
         server.join(10)
     summary = {"benchmark": "router_throughput", "backend": "SyntheticBackend (no model)",
+               "transport": args.transport,
                "tokens_per_event": args.tokens_per_event, "max_tokens": args.max_tokens,
                "duration_s": args.duration_s, "cpu_count": os.cpu_count(),
                "python": platform.python_version(), "grpcio": grpc.__version__, "runs": runs}
     print(json.dumps(summary, indent=2))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(summary, indent=2) + "\n")
+    output = args.output or (RESULT_PATH if args.transport == "grpc" else
+                             RESULT_PATH.with_name("router_throughput_http_cpu.json"))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 

@@ -37,3 +37,30 @@ async def colocated_router(host: str, model: str, device: str, max_queued_reques
         yield router
     finally:
         await router.stop(grace_s=1.0)
+
+
+async def _serve_forever(args) -> None:
+    async with colocated_router("127.0.0.1", args.model, args.device, args.max_queued_requests,
+                                max_num_seqs=args.max_num_seqs, http=True) as router:
+        print(f"gRPC on {router.address}, HTTP on {router.http.url}", flush=True)
+        await asyncio.Event().wait()  # until Ctrl-C / SIGTERM
+
+
+if __name__ == "__main__":
+    # One router process serving both transports over one engine, for comparing them with
+    # benchmarks/serving.py --address ... and --backend openai --base-url ... (same process):
+    #   .venv/bin/python -m benchmarks.serving_colocated   (from the repository root)
+    import argparse
+    import asyncio
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    parser = argparse.ArgumentParser(description="a colocated router with gRPC and HTTP")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-queued-requests", type=int, default=1024)
+    try:
+        asyncio.run(_serve_forever(parser.parse_args()))
+    except KeyboardInterrupt:
+        pass

@@ -81,10 +81,18 @@ async def start_http_server(app: FastAPI, host: str, port: int,
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket. Its protocol is named (IPPROTO_TCP) so that asyncio turns Nagle's
+    algorithm off on every accepted connection (it checks the protocol): else an SSE chunk
+    written right after the headers waits for the client's delayed ACK, 40 ms on Linux."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        sock = socket.create_server((host, port), family=family, backlog=2048)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
     except OSError as exc:
+        sock.close()
         raise OSError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}; choose "
                       "another port (0 = any free port)") from exc
     sock.setblocking(False)

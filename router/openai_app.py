@@ -178,6 +178,9 @@ class GenerationResponse(Response):
                 await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
                 started = True
             await _send_body(send, _sse(builder.chunk(event)), more=True)
+            # uvicorn's send returns without suspending unless the socket is full: yield, so
+            # that one stream whose events are ready cannot hold the loop until it ends.
+            await asyncio.sleep(0)
 
         try:
             await self._front.generate(self._request, write, remaining_s=None, transport=HTTP)
