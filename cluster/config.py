@@ -119,8 +119,8 @@ class ServerConfig:
     """The router's client-facing endpoints, admission limits and security (README "Security").
 
     Every endpoint listens on loopback unless `grpc_host` (`pdserve serve --host`) opts in to
-    other interfaces. The OpenAI-compatible HTTP API is off unless `http_port` is set. Tokens are read from files or the environment, never from the config
-    itself (see router/security.py).
+    other interfaces. The OpenAI-compatible HTTP API is off unless `http_port` is set. Tokens
+    are read from files or the environment, never from the config itself (router/security.py).
     """
 
     grpc_host: str = "127.0.0.1"  # interface the gRPC server binds; "0.0.0.0" = every interface
@@ -343,8 +343,8 @@ _OVERRIDES: dict[str, tuple[str, ...]] = {
 
 def with_overrides(config: ClusterConfig, **overrides: Any) -> ClusterConfig:
     """Apply CLI flags (--model, --prefill-instances, --decode-instances, --host (grpc_host),
-    --grpc-port, --metrics-port, --http-port, --http-host, --prometheus-sd-file, --device) to a config; a None value
-    means the flag was not given.
+    --grpc-port, --metrics-port, --http-port, --http-host, --prometheus-sd-file, --device) to a
+    config; a None value means the flag was not given.
 
     `device` also fixes the pools' GPU counts when they contradict it, so `--device cuda` on a
     CPU config gives each instance one GPU and `--device cpu` drops the GPUs.

@@ -91,7 +91,8 @@ class RouterServicer:
     async def Abort(self, request: generation_pb2.AbortRequest | MalformedRequest,
                     context: grpc.aio.ServicerContext) -> generation_pb2.AbortResponse:
         _check_parsed(request)
-        found = request.request_id in self.front.in_flight and await self._backend.abort(request.request_id)
+        request_id = request.request_id
+        found = request_id in self.front.in_flight and await self._backend.abort(request_id)
         return generation_pb2.AbortResponse(found=found)
 
     @guarded("GetModelInfo", _backend_ready)
