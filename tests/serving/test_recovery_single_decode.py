@@ -97,7 +97,8 @@ def test_only_decode_killed_during_backoff_ends_streams_before_their_deadline(cl
     streams, tasks = start_streams(cluster, "deadline", 4, MAX_TOKENS, wait_for_tokens=5,
                                    timeout_s=deadline_s)
     started = time.monotonic()
-    wait_progress(cluster, streams[0])
+    for stream in streams:  # every one streams when the decode dies (not only the first)
+        wait_progress(cluster, stream)
     sigkill(cluster.backend.pools.decode[0])
     reason = _wait_reason(cluster, "decode-0", "restart 3 in", timeout_s=5.0)
     assert f"restart 3 in {2 * BACKOFF_S:g} s" in reason
