@@ -1,10 +1,11 @@
 """The OpenAI-compatible HTTP API over the colocated backend (fast; the cluster is not the
-point here): tokens, health while draining, the server's deadline, logprobs, TLS-free token
-auth, and the metrics an HTTP call leaves. Every scenario ends with the leak check."""
+point here): token auth, health while draining, the server's deadline, logprobs, mutual TLS
+with the gRPC port's certificates, and the metrics an HTTP call leaves. Every scenario ends with the leak check."""
 
 from __future__ import annotations
 
 import math
+import ssl
 
 import httpx2 as httpx
 import openai
@@ -13,9 +14,11 @@ import pytest
 from router.client import PdserveClient
 from router.colocated import ColocatedBackend
 from router.security import RouterSecurity
+from router.tls import ServerTls
 from router.server import start_router
 from tests.helpers import build_engine
 from tests.serving.harness import ServerHarness
+from tests.serving.test_router_security import certs  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(120)
 TOKEN = "s3cret-token"
@@ -123,5 +126,24 @@ def test_draining_turns_health_off_and_refuses_new_calls_with_503(default_loaded
             harness.openai.completions.create(model=harness.model, prompt="Hi", max_tokens=2)
         assert info.value.status_code == 503
         assert info.value.body["type"] == "service_unavailable_error"
+    finally:
+        harness.close()
+
+
+def test_the_http_port_takes_the_grpc_ports_mutual_tls(default_loaded, certs):
+    tls = ServerTls(certs["server"].cert, certs["server"].key, client_ca_file=certs["ca"].cert)
+    harness = HttpHarness(ColocatedBackend(build_engine(default_loaded, num_blocks=32), 4),
+                          RouterSecurity(tls=tls))
+    try:
+        url = harness.server.http.url
+        assert url.startswith("https://")
+        context = ssl.create_default_context(cafile=certs["ca"].cert)
+        context.load_cert_chain(certs["client"].cert, certs["client"].key)
+        assert httpx.get(f"{url}/health", verify=context).status_code == 200
+        no_client_cert = ssl.create_default_context(cafile=certs["ca"].cert)
+        with pytest.raises(httpx.HTTPError):  # the handshake, or the first read, fails
+            httpx.get(f"{url}/health", verify=no_client_cert)
+        with pytest.raises(httpx.HTTPError):  # plaintext cannot talk to it
+            httpx.get(url.replace("https://", "http://") + "/health")
     finally:
         harness.close()
