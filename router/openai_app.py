@@ -31,7 +31,7 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from fastapi import FastAPI, Request
@@ -105,14 +105,15 @@ class OpenAIApp:
         try:
             body = model_cls.model_validate_json(await _read_body(request))
             self._check_model(body.model)
-            generate = body.to_generate_request(call_id)
+            requests = body.generate_requests(call_id)
             logprobs, stream, include_usage = body.wants_logprobs, body.stream, body.include_usage
         except ValidationError as error:
-            generate = MalformedRequest(from_validation_error(error))
+            requests = [MalformedRequest(from_validation_error(error))]
         except InvalidRequestError as error:
-            generate = MalformedRequest(error)
-        builder = builder_cls(call_id, self.model_name, self.front.backend.tokenizer, logprobs)
-        return GenerationResponse(self.front, generate, builder, stream, include_usage,
+            requests = [MalformedRequest(error)]
+        builder = builder_cls(call_id, self.model_name, self.front.backend.tokenizer, logprobs,
+                              len(requests))
+        return GenerationResponse(self.front, requests, builder, stream, include_usage,
                                   input_param)
 
     def _check_model(self, name: str) -> None:
@@ -139,17 +140,21 @@ class GenerationResponse(Response):
     """One generation call run as the ASGI response, beside a watch on the client's connection.
 
     Streamed: headers with the first chunk; non-streamed: one JSON body at the end. A client
-    that disconnects (either way) cancels the call: the front end aborts the request."""
+    that disconnects (either way) cancels the call: the front end aborts its requests. `n`
+    choices run as `n` concurrent requests; the first error ends them all."""
 
-    def __init__(self, front: FrontEnd, request: generation_pb2.GenerateRequest | MalformedRequest,
+    def __init__(self, front: FrontEnd,
+                 requests: list[generation_pb2.GenerateRequest | MalformedRequest],
                  builder: ResponseBuilder, stream: bool, include_usage: bool,
                  input_param: str) -> None:
         self._front = front
-        self._request = request
+        self._requests = requests
         self._builder = builder
         self._stream = stream
         self._include_usage = include_usage
         self._input_param = input_param
+        self._started = False  # the status line and headers went out
+        self._sending = asyncio.Lock()  # choices' chunks, one whole message at a time
         self.background = None
 
     async def __call__(self, scope, receive, send) -> None:
@@ -165,28 +170,12 @@ class GenerationResponse(Response):
                 await run
 
     async def _run(self, send: Callable) -> None:
-        started = False
         builder = self._builder
-
-        async def write(inp: GenerationInput, event: TokenEvent) -> None:
-            nonlocal started
-            if not self._stream:
-                builder.add(event)
-                return
-            builder.note(event)
-            if not started:
-                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-                started = True
-            await _send_body(send, _sse(builder.chunk(event)), more=True)
-            # uvicorn's send returns without suspending unless the socket is full: yield, so
-            # that one stream whose events are ready cannot hold the loop until it ends.
-            await asyncio.sleep(0)
-
         try:
-            await self._front.generate(self._request, write, remaining_s=None, transport=HTTP)
+            await self._generate_all(send)
         except RouterError as error:
             api_error = from_router_error(error, self._input_param)
-            if not started:
+            if not self._started:
                 await _send_json(send, api_error.status, error_body(api_error))
             else:
                 data = b"data: " + json.dumps(error_body(api_error)).encode() + b"\n\n"
@@ -197,6 +186,40 @@ class GenerationResponse(Response):
             await _send_body(send, tail + DONE, more=False)
         else:
             await _send_json(send, 200, builder.response().model_dump_json().encode())
+
+    async def _generate_all(self, send: Callable) -> None:
+        if len(self._requests) == 1:
+            await self._generate(self._requests[0], send, 0)
+            return
+        try:
+            async with asyncio.TaskGroup() as group:
+                for index, request in enumerate(self._requests):
+                    group.create_task(self._generate(request, send, index))
+        except ExceptionGroup as group:
+            errors = [e for e in group.exceptions if isinstance(e, RouterError)]
+            if len(errors) != len(group.exceptions):
+                raise
+            raise errors[0] from None
+
+    def _generate(self, request: generation_pb2.GenerateRequest | MalformedRequest,
+                  send: Callable, index: int) -> Awaitable[None]:
+        async def write(inp: GenerationInput, event: TokenEvent) -> None:
+            if not self._stream:
+                self._builder.add(event, index)
+                return
+            self._builder.note(event, index)
+            data = _sse(self._builder.chunk(event, index))
+            async with self._sending:
+                if not self._started:
+                    await send({"type": "http.response.start", "status": 200,
+                                "headers": SSE_HEADERS})
+                    self._started = True
+                await _send_body(send, data, more=True)
+            # uvicorn's send returns without suspending unless the socket is full: yield, so
+            # that one stream whose events are ready cannot hold the loop until it ends.
+            await asyncio.sleep(0)
+
+        return self._front.generate(request, write, remaining_s=None, transport=HTTP)
 
 
 async def _read_body(request: Request) -> bytes:

@@ -5,10 +5,13 @@ The HTTP app validates a body with these pydantic models (types: a 400 naming th
 transports share one validation (router/validation.py) from there on.
 
 Field policy, as the OpenAI API does it: unknown fields are ignored; fields we know but do not
-implement are refused with a message naming them when they ask for something (`n` > 1, `echo`,
+implement are refused with a message naming them when they ask for something (`echo`,
 `suffix`, `best_of` > 1, penalties other than 0, `logit_bias`, tools, JSON response formats,
 top-logprob alternatives: the engine returns the sampled token's logprob only), and accepted
-when they hold their no-op value (`n: 1`, `presence_penalty: 0`, `response_format: text`, ...).
+when they hold their no-op value (`presence_penalty: 0`, `response_format: text`, ...).
+
+`n` choices (at most MAX_CHOICES) are `n` requests of their own (`generate_requests`), ids
+`<call id>-<i>`, each with its own seed: the client's seed + i, else one drawn per request.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from typing import Any, NoReturn
 
 from pydantic import BaseModel, ConfigDict
 
+from engine.sampling_params import MAX_SEED
 from protos.pdserve.v1 import generation_pb2
 from router.errors import InvalidRequestError
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI completions API's default
+MAX_CHOICES = 16  # `n`: each choice is a request of its own
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
                     "ignore_eos")
 
@@ -63,14 +68,29 @@ class _SamplingRequest(BaseModel):
         """Refuse the known fields that ask for what the engine does not do."""
         if self.stream_options is not None and not self.stream:
             _refuse("stream_options", "is only allowed with stream: true")
-        if self.n is not None and self.n != 1:
-            _refuse("n", f"only n = 1 is supported (got {self.n}); send {self.n} requests "
-                         "(with different seeds) for several choices")
+        if self.n is not None and not 1 <= self.n <= MAX_CHOICES:
+            _refuse("n", f"must be in [1, {MAX_CHOICES}], got {self.n}")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 _refuse(name, "is not supported (only 0); use repetition_penalty")
         if self.logit_bias:
             _refuse("logit_bias", "is not supported")
+
+    def generate_requests(self, call_id: str) -> list[generation_pb2.GenerateRequest]:
+        """One GenerateRequest per choice (see the module docstring)."""
+        first = self.to_generate_request(call_id)
+        num_choices = self.n or 1
+        if num_choices == 1:
+            return [first]
+        requests = []
+        for index in range(num_choices):
+            request = generation_pb2.GenerateRequest()
+            request.CopyFrom(first)
+            request.request_id = f"{call_id}-{index}"
+            if self.seed is not None:
+                request.sampling.seed = (self.seed + index) % MAX_SEED
+            requests.append(request)
+        return requests
 
     def sampling(self, max_tokens: int | None, logprobs: bool) -> generation_pb2.SamplingParams:
         """The proto's sampling fields; a value the proto cannot hold is a 400 naming it."""

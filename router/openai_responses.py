@@ -1,10 +1,12 @@
 """The OpenAI-compatible API's response bodies, built from the front end's `TokenEvent`s.
 
-One `ResponseBuilder` per call, of the endpoint's kind: `chunk(event)` is one streamed chunk
-(the event's new text only: deltas, never the text so far), `add(event)` collects a
-non-streamed response, `response()` is that response, `usage_chunk()` the last chunk of a stream
-with `stream_options.include_usage` (no choices, only usage). `finish_reason` is set on the
-chunk of the event that finishes the request, and only there.
+One `ResponseBuilder` per call, of the endpoint's kind, for its `n` choices (one request each):
+`chunk(event, index)` is one streamed chunk of choice `index` (the event's new text only:
+deltas, never the text so far), `add(event, index)` collects a non-streamed response,
+`response()` is that response, `usage_chunk()` the last chunk of a stream with
+`stream_options.include_usage` (no choices, only usage: the prompt once, the completions of
+every choice). `finish_reason` is set on the chunk of the event that finishes its choice, and
+only there.
 """
 
 from __future__ import annotations
@@ -125,10 +127,13 @@ class _Collected:
             self.num_prompt_tokens = event.num_prompt_tokens
             self.num_output_tokens = event.num_output_tokens
 
-    def usage(self) -> Usage:
-        return Usage(prompt_tokens=self.num_prompt_tokens,
-                     completion_tokens=self.num_output_tokens,
-                     total_tokens=self.num_prompt_tokens + self.num_output_tokens)
+
+
+def _usage(choices: list[_Collected]) -> Usage:
+    num_prompt = choices[0].num_prompt_tokens  # every choice has the same prompt
+    num_output = sum(c.num_output_tokens for c in choices)
+    return Usage(prompt_tokens=num_prompt, completion_tokens=num_output,
+                 total_tokens=num_prompt + num_output)
 
 
 class ResponseBuilder:
@@ -137,23 +142,24 @@ class ResponseBuilder:
     OBJECT = ""
     CHUNK_OBJECT = ""
 
-    def __init__(self, call_id: str, model: str, tokenizer: Tokenizer, logprobs: bool) -> None:
+    def __init__(self, call_id: str, model: str, tokenizer: Tokenizer, logprobs: bool,
+                 num_choices: int = 1) -> None:
         self.call_id = call_id
         self.model = model
         self.created = int(time.time())
         self._tokenizer = tokenizer
         self._logprobs = logprobs
-        self.collected = _Collected()
+        self.choices = [_Collected() for _ in range(num_choices)]
 
-    def add(self, event: TokenEvent) -> None:
-        self.collected.add(event, self._logprobs)
+    def add(self, event: TokenEvent, index: int = 0) -> None:
+        self.choices[index].add(event, self._logprobs)
 
-    def note(self, event: TokenEvent) -> None:
+    def note(self, event: TokenEvent, index: int = 0) -> None:
         """A streamed event: only its finish reason and counts are kept."""
-        self.collected.note(event)
+        self.choices[index].note(event)
 
     def usage_chunk(self) -> ResponseBody:
-        return self._body(self.CHUNK_OBJECT, [], self.collected.usage())
+        return self._body(self.CHUNK_OBJECT, [], _usage(self.choices))
 
     def _body(self, obj: str, choices: list, usage: Usage | None = None) -> ResponseBody:
         return ResponseBody(id=self.call_id, object=obj, created=self.created, model=self.model,
@@ -166,30 +172,33 @@ class ResponseBuilder:
 class CompletionBuilder(ResponseBuilder):
     OBJECT = CHUNK_OBJECT = "text_completion"
 
-    def __init__(self, call_id: str, model: str, tokenizer: Tokenizer, logprobs: bool) -> None:
-        super().__init__(call_id, model, tokenizer, logprobs)
-        self._text_offset = 0  # characters of token text streamed so far (logprobs' offsets)
+    def __init__(self, call_id: str, model: str, tokenizer: Tokenizer, logprobs: bool,
+                 num_choices: int = 1) -> None:
+        super().__init__(call_id, model, tokenizer, logprobs, num_choices)
+        # per choice: characters of token text so far (the logprobs' text offsets)
+        self._text_offsets = [0] * num_choices
 
-    def chunk(self, event: TokenEvent) -> ResponseBody:
-        choice = CompletionChoice(text=event.text, finish_reason=event.finish_reason,
-                                  logprobs=self._logprobs_of(event.token_ids, event.logprobs))
+    def chunk(self, event: TokenEvent, index: int = 0) -> ResponseBody:
+        choice = CompletionChoice(
+            index=index, text=event.text, finish_reason=event.finish_reason,
+            logprobs=self._logprobs_of(event.token_ids, event.logprobs, index))
         return self._body(self.CHUNK_OBJECT, [choice])
 
     def response(self) -> ResponseBody:
-        c = self.collected
-        choice = CompletionChoice(text=c.text, finish_reason=c.finish_reason,
-                                  logprobs=self._logprobs_of(c.token_ids, c.logprobs))
-        return self._body(self.OBJECT, [choice], c.usage())
+        choices = [CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
+                                    logprobs=self._logprobs_of(c.token_ids, c.logprobs, i))
+                   for i, c in enumerate(self.choices)]
+        return self._body(self.OBJECT, choices, _usage(self.choices))
 
-    def _logprobs_of(self, token_ids: list[int], logprobs: list[float]
+    def _logprobs_of(self, token_ids: list[int], logprobs: list[float], index: int
                      ) -> CompletionLogprobs | None:
         if not self._logprobs:
             return None
         tokens = self._token_texts(token_ids)
         offsets = []
         for token in tokens:
-            offsets.append(self._text_offset)
-            self._text_offset += len(token)
+            offsets.append(self._text_offsets[index])
+            self._text_offsets[index] += len(token)
         return CompletionLogprobs(tokens=tokens, token_logprobs=logprobs, text_offset=offsets)
 
 
@@ -197,23 +206,25 @@ class ChatBuilder(ResponseBuilder):
     OBJECT = "chat.completion"
     CHUNK_OBJECT = "chat.completion.chunk"
 
-    def __init__(self, call_id: str, model: str, tokenizer: Tokenizer, logprobs: bool) -> None:
-        super().__init__(call_id, model, tokenizer, logprobs)
-        self._role_sent = False
+    def __init__(self, call_id: str, model: str, tokenizer: Tokenizer, logprobs: bool,
+                 num_choices: int = 1) -> None:
+        super().__init__(call_id, model, tokenizer, logprobs, num_choices)
+        self._role_sent = [False] * num_choices
 
-    def chunk(self, event: TokenEvent) -> ResponseBody:
+    def chunk(self, event: TokenEvent, index: int = 0) -> ResponseBody:
         delta = ChatDelta(content=event.text)
-        if not self._role_sent:
-            delta.role, self._role_sent = "assistant", True
-        choice = ChatChunkChoice(delta=delta, finish_reason=event.finish_reason,
+        if not self._role_sent[index]:
+            delta.role, self._role_sent[index] = "assistant", True
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=event.finish_reason,
                                  logprobs=self._logprobs_of(event.token_ids, event.logprobs))
         return self._body(self.CHUNK_OBJECT, [choice])
 
     def response(self) -> ResponseBody:
-        c = self.collected
-        choice = ChatChoice(message=ChatMessageOut(content=c.text), finish_reason=c.finish_reason,
-                            logprobs=self._logprobs_of(c.token_ids, c.logprobs))
-        return self._body(self.OBJECT, [choice], c.usage())
+        choices = [ChatChoice(index=i, message=ChatMessageOut(content=c.text),
+                              finish_reason=c.finish_reason,
+                              logprobs=self._logprobs_of(c.token_ids, c.logprobs))
+                   for i, c in enumerate(self.choices)]
+        return self._body(self.OBJECT, choices, _usage(self.choices))
 
     def _logprobs_of(self, token_ids: list[int], logprobs: list[float]) -> ChatLogprobs | None:
         if not self._logprobs:

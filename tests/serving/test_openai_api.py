@@ -191,7 +191,7 @@ BAD_FIELDS = [
     ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"seed": -1}, "seed"),
     ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 2 ** 33}, "max_tokens"),
     ({"stop": 7}, "stop"), ({"stop": ["x"] * 17}, "stop"), ({"stop": [""]}, "stop"),
-    ({"n": 2}, "n"), ({"logprobs": 2}, "logprobs"), ({"echo": True}, "echo"),
+    ({"n": 0}, "n"), ({"n": 17}, "n"), ({"logprobs": 2}, "logprobs"), ({"echo": True}, "echo"),
     ({"best_of": 3}, "best_of"), ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": 1.0}, "frequency_penalty"), ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"prompt": ""}, "prompt"), ({"prompt": [10 ** 6]}, "prompt"), ({"prompt": [-1]}, "prompt"),

@@ -147,3 +147,25 @@ def test_the_http_port_takes_the_grpc_ports_mutual_tls(default_loaded, certs):
             httpx.get(url.replace("https://", "http://") + "/health")
     finally:
         harness.close()
+
+
+def test_n_choices_are_requests_of_their_own_with_seeds_in_sequence(secured):
+    kwargs = {"model": secured.model, "prompt": "Once upon a time", "max_tokens": 8,
+              "temperature": 1.0, "seed": 40, "extra_body": {"ignore_eos": True}}
+    whole = secured.openai.completions.create(n=3, **kwargs)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert whole.usage.completion_tokens == 3 * 8 and whole.usage.prompt_tokens > 0
+    singles = [secured.openai.completions.create(**(kwargs | {"seed": 40 + i})).choices[0].text
+               for i in range(3)]
+    assert [c.text for c in whole.choices] == singles  # choice i: the seed + i
+    texts, reasons = ["", ""], [[], []]
+    for chunk in secured.openai.completions.create(n=2, stream=True, **kwargs):
+        choice = chunk.choices[0]
+        texts[choice.index] += choice.text
+        reasons[choice.index].append(choice.finish_reason)
+    assert texts == singles[:2]
+    assert all(r[-1] == "length" and set(r[:-1]) <= {None} for r in reasons)
+    chat = secured.openai.chat.completions.create(
+        model=secured.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, n=2,
+        temperature=0)
+    assert len(chat.choices) == 2 and chat.choices[0].message == chat.choices[1].message
