@@ -6,12 +6,7 @@ reports, so numbers read the same way.
         --request-rate 4 --dataset sharegpt-like --goodput ttft:500 tpot:50 --result-file r.json
     # standalone: an in-process router over one colocated engine with the default model
     .venv/bin/python benchmarks/serving.py --start-colocated --num-prompts 8 \\
-        --random-input-len 64 --random-output-len 16
-    # the same load over the OpenAI-compatible HTTP API (SSE) instead of gRPC
-    .venv/bin/python benchmarks/serving.py --start-colocated --backend openai --num-prompts 8
-
-`--backend openai` streams `POST /v1/completions` (benchmarks/serving_openai.py); the model's
-vocabulary and context length still come from `GetModelInfo` at `--address` (the same router).
+        --random-input-len 64 --random-output-len 16 [--backend openai: the OpenAI HTTP API]
 
 Requests arrive as a Poisson process at `--request-rate` per second (`inf`: all at once), at
 most `--max-concurrency` in flight. Prompts are random token ids with lengths from `--dataset`:
@@ -142,8 +137,7 @@ async def send(client: PdserveClient | OpenAIClient, spec: RequestSpec,
     """One streamed request, timed on the client."""
     result = RequestResult(len(spec.prompt_token_ids))
     if isinstance(client, OpenAIClient):
-        await client.stream(spec, args.temperature, args.ignore_eos, result)
-        return result
+        return await client.stream(spec, args.temperature, args.ignore_eos, result)
     start_s = last_s = time.perf_counter()
     call = client.generate_stream(prompt_token_ids=spec.prompt_token_ids,
                                   max_tokens=spec.max_tokens, temperature=args.temperature,
@@ -272,7 +266,7 @@ async def benchmark(args: argparse.Namespace, loaded=None) -> dict:
     """Run the whole benchmark and return the summary (what --result-file holds)."""
     async with contextlib.AsyncExitStack() as stack:
         address, base_url = args.address, args.base_url
-        if args.start_colocated:
+        if args.start_colocated:  # one router, both transports
             queue_limit = max(256, args.num_prompts)  # let --request-rate inf queue everything
             router = await stack.enter_async_context(colocated_router(
                 LOOPBACK_HOST, args.model, args.device, queue_limit, loaded, args.max_num_seqs,
@@ -285,17 +279,15 @@ async def benchmark(args: argparse.Namespace, loaded=None) -> dict:
             raise RuntimeError(f"no pdserve router answers at {address} ({error.code().name}); "
                                "start one or pass --start-colocated") from None
         if args.backend == "openai":
-            client = await stack.enter_async_context(OpenAIClient(base_url,
-                                                                  args.request_timeout_s))
-            await client.model_name()
+            address = base_url
+            client = await stack.enter_async_context(OpenAIClient(address, args.request_timeout_s))
         specs = build_specs(args, info.vocab_size, info.context_length)
         warmup = await send(client, RequestSpec(specs[0].prompt_token_ids, 2), args)
         if not warmup.ok:
             raise RuntimeError(f"the warm-up request to {address} failed: {warmup.error}")
         results, duration_s = await run_load(client, specs, args)
-    where = base_url if args.backend == "openai" else address
     header = {"backend": f"pdserve-{args.backend}",
-              "address": "colocated" if args.start_colocated else where,
+              "address": "colocated" if args.start_colocated else address,
               "model": info.model_name, "dataset": args.dataset, "num_prompts": args.num_prompts,
               "request_rate": str(args.request_rate), "max_concurrency": args.max_concurrency,
               "seed": args.seed, "ignore_eos": args.ignore_eos, "goodput_slos_ms": args.goodput,
@@ -331,7 +323,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--address", type=loopback_address, default=f"{LOOPBACK_HOST}:50051")
     p.add_argument("--backend", choices=("grpc", "openai"), default="grpc",
-                   help="grpc: Generate calls; openai: POST /v1/completions over HTTP/SSE")
+                   help="openai: POST /v1/completions, SSE (vocabulary still from --address)")
     p.add_argument("--base-url", default=f"http://{LOOPBACK_HOST}:8080",
                    help="with --backend openai: the router's HTTP API (pdserve serve --http-port)")
     p.add_argument("--start-colocated", action="store_true",

@@ -33,6 +33,7 @@ class OpenAIClient:
         self.model = ""
 
     async def __aenter__(self) -> OpenAIClient:
+        await self.model_name()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -44,12 +45,13 @@ class OpenAIClient:
             self.model = (await response.json())["data"][0]["id"]
         return self.model
 
-    async def stream(self, spec: Spec, temperature: float, ignore_eos: bool, result) -> None:
-        """Fill `result` (a serving.RequestResult) from one streamed completion."""
+    async def stream(self, spec: Spec, temperature: float, ignore_eos: bool, result):
+        """Fill `result` (a serving.RequestResult) from one streamed completion; return it."""
         try:
             await self._stream(spec, temperature, ignore_eos, result)
         except (aiohttp.ClientError, TimeoutError) as error:
             result.ok, result.error = False, f"{type(error).__name__}: {error}"[:200]
+        return result
 
     async def _stream(self, spec: Spec, temperature: float, ignore_eos: bool, result) -> None:
         body = {"model": self.model, "prompt": spec.prompt_token_ids,
