@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import with_overrides
-from tests.serving.disagg_cluster import cluster_config, local_ray, start_disagg_harness
+from tests.serving.test_openai_api import cluster  # noqa: F401 (the module's own 1P+1D cluster)
 
 AIPERF = os.environ.get("PDSERVE_AIPERF", "")
 NUM_REQUESTS = 12
@@ -37,14 +36,6 @@ pytestmark = [
     pytest.mark.skipif(not (AIPERF and Path(AIPERF).is_file()),
                        reason="set PDSERVE_AIPERF to an aiperf executable (see the docstring)"),
 ]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with local_ray():
-        harness = start_disagg_harness(with_overrides(cluster_config(1, 1), http_port=0))
-        yield harness
-        harness.close()
 
 
 def router_count(cluster, name: str, **labels: str) -> float:
