@@ -37,6 +37,9 @@ class CacheConfig:
     num_blocks: int | None = None  # fixed pool size; None -> from memory settings below
     cpu_kv_cache_bytes: int = 512 * 1024 * 1024  # pool size on CPU when num_blocks is None
     gpu_memory_utilization: float = 0.85  # fraction of free GPU memory the pool may take
+    # Reuse the KV of full blocks a request shares with earlier ones (engine/kv_cache/
+    # prefix_cache.py). Off until the hand-off and the router use it (issue 17).
+    enable_prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

@@ -76,7 +76,8 @@ class EngineCore:
         self.executor = executor
         self.max_model_len = resolve_max_model_len(config, model_config)
         block_size = config.cache.block_size
-        self.kv_manager = KVCacheManager(executor.num_blocks, block_size)
+        self.kv_manager = KVCacheManager(executor.num_blocks, block_size,
+                                         config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
         self._planner = PlanBuilder(num_blocks_for(self.max_model_len, block_size))
         self.async_scheduling = config.use_async_scheduling

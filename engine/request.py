@@ -70,6 +70,7 @@ class Request:
     first_token_time_s: float | None = None
     num_inflight_tokens: int = 0  # sampled on the device, not yet read back (0 or 1 when planning)
     inflight_row: int = -1  # row of the last launched step's sampled ids holding that token
+    cache_salt: str = ""  # prefix caching: only requests with the same salt share KV blocks
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -210,11 +210,14 @@ class Scheduler:
             request = queue[0]
             if micro and (request.num_inflight_tokens or len(out.chunks) >= limit):
                 break
+            matched = self._match_prefix(request)
             num_new = min(request.num_pending_tokens, budget)
-            if num_new < request.num_pending_tokens and not self.config.enable_chunked_prefill:
-                break
             end = request.num_computed_tokens + num_new
-            if not self.kv.can_fit(request.request_id, end):
+            if ((num_new < request.num_pending_tokens and not self.config.enable_chunked_prefill)
+                    or not self.kv.can_fit(request.request_id, end)):
+                if matched:  # it waits: hand the cached blocks back (they stay cached)
+                    self.kv.free(request.request_id)
+                    request.num_computed_tokens = 0
                 break
             self.kv.grow(request.request_id, end)
             queue.popleft()
@@ -226,6 +229,15 @@ class Scheduler:
             budget -= num_new
         return budget
 
+    def _match_prefix(self, request: Request) -> bool:
+        """A request computed from scratch starts after its longest cached prefix."""
+        if request.num_computed_tokens or self.kv.prefix_cache is None:
+            return False
+        cached = self.kv.match_prefix(request.request_id, request.all_token_ids,
+                                      request.cache_salt)
+        request.num_computed_tokens = cached
+        return cached > 0
+
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens
         return ScheduledChunk(request, start, num_new, self.kv.block_table(request.request_id),
@@ -234,4 +246,8 @@ class Scheduler:
     def on_step_done(self, out: SchedulerOutput) -> None:
         """Advance each scheduled request's progress once the runner has computed its KV."""
         for chunk in out.chunks:
-            chunk.request.num_computed_tokens = chunk.start + chunk.num_tokens
+            request = chunk.request
+            request.num_computed_tokens = chunk.start + chunk.num_tokens
+            if self.kv.prefix_cache is not None:  # name the full blocks it completed
+                known = min(request.num_computed_tokens, request.num_known_tokens)
+                self.kv.commit(request.request_id, known, request.new_token_ids)
