@@ -15,6 +15,7 @@ from engine.kv_cache.cache_tensor import allocate_kv_cache, num_blocks_to_alloca
 from engine.loader.source import open_model
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
+from engine.models.registry import model_entry
 from engine.models.weights import load_weights
 from engine.parallel import ParallelContext, check_parallel_sizes, kv_heads_of_rank
 
@@ -22,17 +23,19 @@ from engine.parallel import ParallelContext, check_parallel_sizes, kv_heads_of_r
 @dataclass(slots=True)
 class LoadedModel:
     config: ModelConfig
-    model: LlamaForCausalLM
+    model: LlamaForCausalLM  # or a subclass: the registry's class for the architecture
     tokenizer: object  # engine.tokenizer.Tokenizer
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype, device: str,
                 parallel: ParallelContext | None = None) -> LlamaForCausalLM:
-    """An uninitialised model (this rank's slice) with parameters on `device` in `dtype`."""
+    """An uninitialised model (this rank's slice) with parameters on `device` in `dtype`; its
+    class is the model registry's for `cfg.architecture`."""
     parallel = parallel or ParallelContext.single()
     check_parallel_sizes(cfg, parallel.tp_size, parallel.pp_size)
+    model_class = model_entry(cfg.architecture).model_class
     with torch.device(device):
-        model = LlamaForCausalLM(cfg, parallel)
+        model = model_class(cfg, parallel)
     for p in model.parameters():
         p.data = p.data.to(dtype)
     return model.eval()

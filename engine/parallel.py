@@ -252,6 +252,9 @@ def check_parallel_sizes(model_config, tp_size: int, pp_size: int) -> None:
     if pp_size > cfg.num_layers:
         raise ValueError(f"pipeline parallel size {pp_size} exceeds the model's "
                          f"{cfg.num_layers} layers")
+    if getattr(cfg, "moe", None) is not None and tp_size > 1:
+        raise ValueError(f"mixture-of-experts models run with tensor parallel size 1 only for "
+                         f"now, got {tp_size} (pipeline parallelism works)")
 
 
 def init_parallel_context(store: Store, rank: int, tp_size: int, pp_size: int, num_layers: int,

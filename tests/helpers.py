@@ -98,3 +98,25 @@ def assert_tokens_or_near_tie(reference: LLMEngine, prompt: list[int], params: S
     top2 = next_logits(reference, prompt + want[:k]).topk(2).values
     gap = float(top2[0] - top2[1])
     assert gap < NEAR_TIE, f"token {k}: {got[k]} vs {want[k]}, reference top-2 gap {gap}"
+
+
+def assert_greedy_matches_hf(engine: LLMEngine, hf_model, prompts: list[list[int]],
+                             max_tokens: int) -> None:
+    """The engine's greedy tokens for `prompts` (run together) equal HF's one by one."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    outputs = engine.generate(prompts, params)
+    for prompt, out in zip(prompts, outputs):
+        assert out.token_ids == hf_greedy(hf_model, prompt, max_tokens, eos_ids=[-1])
+    assert_no_leaks(engine)
+
+
+def assert_logits_close_to_hf(engine: LLMEngine, hf_model, prompts: list[list[int]],
+                              rel_tol: float = 1e-4) -> None:
+    """Next-token logits after each prompt within `rel_tol` of HF's (max abs error over the
+    largest logit)."""
+    for prompt in prompts:
+        ours = next_logits(engine, prompt)
+        ref = hf_next_logits(hf_model, prompt)
+        rel = (ours - ref).abs().max() / ref.abs().max()
+        assert rel < rel_tol, f"relative logit error {rel:.2e}"
+    assert_no_leaks(engine)

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from engine.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
+from engine.models.config import ModelConfig, RopeScaling
+from engine.models.registry import ModelEntry, hf_model_entry
 from engine.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
@@ -95,20 +96,16 @@ def open_hf_model(folder: Path) -> HFModelSource:
 def parse_hf_config(
     raw: dict[str, Any], name: str, extra_eos_token_ids: tuple[int, ...] = ()
 ) -> ModelConfig:
-    """Turn the contents of an HF `config.json` into a `ModelConfig`."""
-    architecture = raw.get("model_type")
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"unsupported model_type {architecture!r} in {CONFIG_FILE}; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    """Turn the contents of an HF `config.json` into a `ModelConfig`; the model registry's
+    entry adds the architecture's own fields (biases, q/k norm, experts)."""
+    entry = hf_model_entry(raw)
     _check_unsupported_options(raw)
     num_heads = _require(raw, "num_attention_heads")
     max_positions = _require(raw, "max_position_embeddings")
-    _check_sliding_window(raw, architecture, max_positions)
+    _check_sliding_window(raw, entry, max_positions)
     rope_theta, rope_scaling = _parse_rope(raw)
     return ModelConfig(
-        architecture=architecture,
+        architecture=entry.model_type,
         vocab_size=_require(raw, "vocab_size"),
         hidden_size=_require(raw, "hidden_size"),
         intermediate_size=_require(raw, "intermediate_size"),
@@ -121,13 +118,10 @@ def parse_hf_config(
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        # Qwen2 always has q/k/v biases; its config.json does not say so.
-        attention_bias=architecture == "qwen2" or bool(raw.get("attention_bias", False)),
-        o_proj_bias=architecture != "qwen2" and bool(raw.get("attention_bias", False)),
-        qk_norm=architecture == "qwen3",
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_unique(_token_ids(raw.get("eos_token_id")) + extra_eos_token_ids),
         name=name,
+        **entry.hf_options(raw),
     )
 
 
@@ -157,11 +151,11 @@ def _check_unsupported_options(raw: dict[str, Any]) -> None:
         raise ValueError(f"mlp_bias=true in {CONFIG_FILE} is not supported")
 
 
-def _check_sliding_window(raw: dict[str, Any], architecture: str, max_positions: int) -> None:
-    # Mistral has no switch: a window is in effect whenever one is set. Qwen2/3 ship a window
-    # that is off unless use_sliding_window is true.
+def _check_sliding_window(raw: dict[str, Any], entry: ModelEntry, max_positions: int) -> None:
+    # Mistral and Mixtral have no switch: a window is in effect whenever one is set. Qwen2/3
+    # (and their MoE variants) ship a window that is off unless use_sliding_window is true.
     window = raw.get("sliding_window")
-    enabled = raw.get("use_sliding_window", architecture == "mistral")
+    enabled = raw.get("use_sliding_window", entry.sliding_window_by_default)
     if enabled and window is not None and window < max_positions:
         raise ValueError(
             f"sliding-window attention (sliding_window={window} < max_position_embeddings="

@@ -1,14 +1,14 @@
 """Architecture description shared by the loaders, the model code and the KV cache.
 
-One `ModelConfig` describes every supported Llama-family model. Loaders fill it from an HF
-`config.json` or from GGUF metadata; nothing else parses those formats.
+One `ModelConfig` describes every supported model (the Llama family and its mixture-of-experts
+relatives, `moe`). Loaders fill it from an HF `config.json` or from GGUF metadata; nothing else
+parses those formats. Which architectures exist is the model registry's business
+(`engine.models.registry`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,10 +22,35 @@ class RopeScaling:
 
 
 @dataclass(frozen=True, slots=True)
+class MoEConfig:
+    """The sparse MLP of a mixture-of-experts model (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+
+    num_experts: int
+    top_k: int  # experts each token is routed to
+    intermediate_size: int  # of one expert
+    norm_topk_prob: bool  # renormalise the top-k routing weights to sum to 1
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert (Qwen2-MoE has a gated one)
+    decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and it is not listed here (dense MLP)
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "top_k", "intermediate_size", "decoder_sparse_step"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"moe {name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"moe top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
+
+    def is_sparse(self, layer_idx: int) -> bool:
+        """Whether decoder layer `layer_idx` (HF index) has experts rather than a dense MLP."""
+        return (layer_idx not in self.mlp_only_layers
+                and (layer_idx + 1) % self.decoder_sparse_step == 0)
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """Shapes and options of one Llama-family decoder-only model."""
 
-    architecture: str  # one of SUPPORTED_ARCHITECTURES
+    architecture: str  # a model_type of the registry (engine.models.registry)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -41,15 +66,19 @@ class ModelConfig:
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2; Llama/Qwen3 if configured)
     o_proj_bias: bool = False  # bias on the attention output (Llama/Qwen3 with attention_bias)
     qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
+    moe: MoEConfig | None = None  # experts in (some of) the MLPs; None: dense
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     name: str = "model"  # human-readable model name, reported by GetModelInfo
 
     def __post_init__(self) -> None:
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
+        # imported here: the registry imports the model classes, which import this module
+        from engine.models.registry import supported_architectures
+
+        if self.architecture not in supported_architectures():
             raise ValueError(
                 f"unsupported architecture {self.architecture!r}; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"supported: {', '.join(supported_architectures())}"
             )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                      "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):

@@ -1,4 +1,5 @@
-"""The Llama family: Llama 2/3/3.1, Mistral, SmolLM2, Qwen2/2.5 (QKV bias), Qwen3 (q/k norm).
+"""The Llama family: Llama 2/3/3.1, Mistral, SmolLM2, Qwen2/2.5 (QKV bias), Qwen3 (q/k norm);
+the base of the mixture-of-experts models (engine/models/sparse_moe.py).
 
 The model knows nothing about parallelism beyond using parallel-ready layers and running only
 its pipeline stage, and nothing about paging beyond handing its attention layers a
@@ -67,11 +68,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelContext) -> None:
+    """down(silu(gate(x)) * up(x)); `intermediate_size` defaults to the model's."""
+
+    def __init__(self, cfg: ModelConfig, parallel: ParallelContext,
+                 intermediate_size: int | None = None) -> None:
         super().__init__()
-        sizes = {"gate": cfg.intermediate_size, "up": cfg.intermediate_size}
+        size = intermediate_size or cfg.intermediate_size
+        sizes = {"gate": size, "up": size}
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, sizes, parallel)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, parallel)
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj.forward_silu_and_mul(self.gate_up_proj(x))
@@ -79,10 +84,10 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, kv_index: int, rope: RotaryEmbedding,
-                 parallel: ParallelContext) -> None:
+                 parallel: ParallelContext, mlp: nn.Module) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(cfg, layer_idx, kv_index, rope, parallel)
-        self.mlp = LlamaMLP(cfg, parallel)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -96,7 +101,8 @@ class LlamaForCausalLM(nn.Module):
     """This stage's part of decoder stack + LM head.
 
     `forward` returns the final hidden states on the last stage and None on the others (which
-    send their activations on); only the last stage has `compute_logits`.
+    send their activations on); only the last stage has `compute_logits`. Subclasses with
+    another MLP (mixture-of-experts) override `make_mlp`.
     """
 
     def __init__(self, cfg: ModelConfig, parallel: ParallelContext | None = None) -> None:
@@ -111,14 +117,20 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel)
                              if parallel.is_first_stage else None)
         # keyed by HF layer index: parameter names stay those of the checkpoint
-        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(cfg, i, i - start, rope, parallel)
-                                     for i in range(start, end)})
+        self.layers = nn.ModuleDict({
+            str(i): LlamaDecoderLayer(cfg, i, i - start, rope, parallel,
+                                      self.make_mlp(cfg, i, parallel))
+            for i in range(start, end)})
         self.num_kv_heads_per_rank = self.layers[str(start)].self_attn.num_kv_heads
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if parallel.is_last_stage else None
         self.lm_head = (ParallelLMHead(cfg.vocab_size, cfg.hidden_size, parallel)
                         if parallel.is_last_stage else None)
         if cfg.tie_word_embeddings and self.embed_tokens is not None and self.lm_head is not None:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def make_mlp(self, cfg: ModelConfig, layer_idx: int, parallel: ParallelContext) -> nn.Module:
+        """The MLP of decoder layer `layer_idx` (HF index)."""
+        return LlamaMLP(cfg, parallel)
 
     @property
     def num_stage_layers(self) -> int:
@@ -172,3 +184,18 @@ class LlamaForCausalLM(nn.Module):
         if name.startswith(("norm.", "lm_head.")):
             return (name,) if self.parallel.is_last_stage else ()
         return (name,)
+
+
+# Model-specific `ModelConfig` fields from an HF config.json (see engine.models.registry).
+def llama_hf_options(raw: dict) -> dict:
+    bias = bool(raw.get("attention_bias", False))
+    return {"attention_bias": bias, "o_proj_bias": bias}
+
+
+def qwen2_hf_options(raw: dict) -> dict:
+    # Qwen2 always has q/k/v biases (its config.json does not say so) and none on o_proj.
+    return {"attention_bias": True, "o_proj_bias": False}
+
+
+def qwen3_hf_options(raw: dict) -> dict:
+    return {**llama_hf_options(raw), "qk_norm": True}

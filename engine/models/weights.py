@@ -5,6 +5,11 @@ A checkpoint weight is a `torch.Tensor` or a lazy one: any object with `.shape` 
 `load_full` / `load_shard` narrow it to their rank's slice; plain parameters (norms) take it
 whole. A pipeline stage skips the tensors of what it does not own (`param_names_for`), so lazy
 weights of other stages are never read.
+
+Names map through the model's `WeightNames` (engine.models.weight_names), found in the model
+registry by the model's architecture. A layer whose parameters fill from several tensors has
+`load_shard` (returning the shard ids it covered, or None for the one it was given) and says
+which shards complete a parameter: `expected_shards(param_name)` or its `shard_offsets`.
 """
 
 from __future__ import annotations
@@ -14,27 +19,17 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-# HF name fragment -> (our fused module fragment, shard id)
-_FUSED = {
-    ".self_attn.q_proj.": (".self_attn.qkv_proj.", "q"),
-    ".self_attn.k_proj.": (".self_attn.qkv_proj.", "k"),
-    ".self_attn.v_proj.": (".self_attn.qkv_proj.", "v"),
-    ".mlp.gate_proj.": (".mlp.gate_up_proj.", "gate"),
-    ".mlp.up_proj.": (".mlp.gate_up_proj.", "up"),
-}
+from engine.models.registry import model_entry
+from engine.models.weight_names import WeightNames
 
 
-def _our_name(hf_name: str) -> tuple[str, str | None]:
-    name = hf_name.removeprefix("model.")
-    for hf_part, (ours, shard) in _FUSED.items():
-        if hf_part in name:
-            return name.replace(hf_part, ours), shard
-    return name, None
-
-
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, object]]) -> None:
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, object]],
+                 names: WeightNames | None = None) -> None:
     """Copy every checkpoint tensor this rank owns into its parameter; fail loudly on gaps
-    and on tensors that match no parameter of the whole model."""
+    and on tensors that match no parameter of the whole model. `names` defaults to the
+    registry's mapping for the model's architecture."""
+    if names is None:
+        names = model_entry(model.config.architecture).weight_names
     params = dict(model.named_parameters())
     owners = {name: mod for name, mod in _param_owners(model)}
     loaded: set[str] = set()
@@ -43,27 +38,28 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, object]]) -> Non
     for hf_name, tensor in weights:
         if "rotary_emb" in hf_name:
             continue
-        name, shard = _our_name(hf_name)
+        name, shard = names.our_name(hf_name)
         if name == "lm_head.weight" and tied:
             continue
         targets = targets_of(name)
         if targets and any(target not in params for target in targets):
             raise ValueError(f"checkpoint tensor {hf_name!r} has no matching parameter ({name})")
         for target in targets:
-            loaded.add(_load_one(params[target], owners[target], tensor, shard, target))
+            loaded.update(_load_one(params[target], owners[target], tensor, shard, target))
     _check_complete(model, loaded)
 
 
-def _load_one(param: nn.Parameter, owner: nn.Module, tensor, shard: str | None, name: str) -> str:
-    """Load `tensor` into `param`; returns the key `_check_complete` looks for."""
+def _load_one(param: nn.Parameter, owner: nn.Module, tensor, shard: str | None,
+              name: str) -> list[str]:
+    """Load `tensor` into `param`; returns the keys `_check_complete` looks for."""
     if shard is not None:
-        owner.load_shard(param, tensor, shard)
-        return f"{name}:{shard}"
+        covered = owner.load_shard(param, tensor, shard) or (shard,)
+        return [f"{name}:{s}" for s in covered]
     if hasattr(owner, "load_full"):
         owner.load_full(param, tensor)
     else:
         _copy(param, tensor)
-    return name
+    return [name]
 
 
 def _copy(param: nn.Parameter, tensor) -> None:
@@ -87,7 +83,10 @@ def _check_complete(model: nn.Module, loaded: set[str]) -> None:
     for name, module in _param_owners(model):
         if name not in params:
             continue
-        shards = getattr(module, "shard_offsets", None)
+        if hasattr(module, "expected_shards"):
+            shards = module.expected_shards(name.rsplit(".", 1)[-1])
+        else:
+            shards = getattr(module, "shard_offsets", None)
         keys = [f"{name}:{s}" for s in shards] if shards else [name]
         missing += [k for k in keys if k not in loaded]
     if missing:

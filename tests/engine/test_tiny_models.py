@@ -9,9 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
 from tests.engine.factories import save_tiny_hf_model
-from tests.helpers import assert_no_leaks, hf_greedy, hf_next_logits, next_logits
+from tests.helpers import assert_greedy_matches_hf, assert_logits_close_to_hf
 
 VARIANTS = {
     "llama": dict(arch="llama"),
@@ -36,18 +35,9 @@ def tiny(request, tmp_path_factory):
 
 def test_greedy_tokens_match_hf(tiny):
     hf, engine = tiny
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    outputs = engine.generate(PROMPTS, params)  # concurrent, chunked (budget 24 tokens)
-    for prompt, out in zip(PROMPTS, outputs):
-        assert out.token_ids == hf_greedy(hf, prompt, 24, eos_ids=[-1])
-    assert_no_leaks(engine)
+    assert_greedy_matches_hf(engine, hf, PROMPTS, 24)  # concurrent, chunked (budget 24)
 
 
 def test_next_token_logits_close_to_hf(tiny):
     hf, engine = tiny
-    for prompt in PROMPTS:
-        ours = next_logits(engine, prompt)
-        ref = hf_next_logits(hf, prompt)
-        rel = (ours - ref).abs().max() / ref.abs().max()
-        assert rel < 1e-4, f"relative logit error {rel:.2e}"
-    assert_no_leaks(engine)
+    assert_logits_close_to_hf(engine, hf, PROMPTS)
