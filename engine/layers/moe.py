@@ -119,7 +119,7 @@ class FusedMoE(nn.Module):
 
     # Checkpoint loading (engine.models.weights): per-expert tensors arrive as shards
     # "gate.{e}" / "up.{e}" / "down.{e}" ([I, H] or [H, I]), packed ones as "gate_up" / "down"
-    # ([E, 2I, H] / [E, H, I]).
+    # ([E, 2I, H] / [E, H, I]), GGUF's as "gate" / "up" ([E, I, H] each) and "down".
     def expected_shards(self, param_name: str) -> tuple[str, ...]:
         """Every shard `param_name` needs before it is fully loaded."""
         kinds = ("gate", "up") if param_name == "w13" else ("down",)
@@ -130,6 +130,10 @@ class FusedMoE(nn.Module):
         if shard in ("gate_up", "down"):
             _copy_whole(param.data, loaded)
             return self.expected_shards("w13" if param is self.w13 else "w2")
+        if shard in ("gate", "up"):
+            size = self.intermediate_size
+            _copy_whole(param.data.narrow(1, 0 if shard == "gate" else size, size), loaded)
+            return tuple(f"{shard}.{e}" for e in range(self.num_experts))
         match = _EXPERT_SHARD.fullmatch(shard)
         if match is None or int(match[2]) >= self.num_experts:
             raise ValueError(f"unknown expert shard {shard!r} (experts 0..{self.num_experts - 1})")

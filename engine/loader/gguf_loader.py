@@ -20,11 +20,16 @@ from gguf import GGUFReader
 from gguf.gguf_reader import ReaderTensor
 from gguf.quants import dequantize
 
-from engine.models.config import ModelConfig
+from engine.models.config import ModelConfig, MoEConfig
 from engine.tokenizer import Tokenizer
 
-# GGUF `general.architecture` -> ModelConfig.architecture (llama.cpp writes Mistral as llama).
-_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# GGUF `general.architecture` -> ModelConfig.architecture (llama.cpp writes Mistral as llama,
+# and Mixtral as llama with experts).
+_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe",
+                  "qwen3moe": "qwen3_moe"}
+# Whether the top-k routing weights are renormalised when the file does not say
+# (`{arch}.expert_weights_norm`): Mixtral always, Qwen2-MoE not, Qwen3-MoE checkpoints do.
+_EXPERT_WEIGHTS_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 # Only llama.cpp's llama converter permutes q/k rows.
 _PERMUTED_ARCHITECTURES = ("llama",)
 _GLOBAL_NAMES = {
@@ -42,6 +47,15 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    # experts: stacked [E, I, H] / [E, H, I], loaded by engine.layers.moe.FusedMoE
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)")
 _QUANT_SUFFIX = re.compile(r"[.-](I?Q\d\w*|BF16|F16|F32)$", re.IGNORECASE)
@@ -124,11 +138,14 @@ def gguf_model_config(reader: GGUFReader, name: str) -> ModelConfig:
     num_heads = _per_layer_constant(reader, f"{arch}.attention.head_count")
     head_dim = int(_metadata(reader, f"{arch}.attention.key_length", hidden_size // num_heads))
     _check_rotary_dims(reader, arch, head_dim)
+    moe = _moe_config(reader, arch)
+    architecture = "mixtral" if moe is not None and arch == "llama" else _ARCHITECTURES[arch]
     return ModelConfig(
-        architecture=_ARCHITECTURES[arch],
+        architecture=architecture,
         vocab_size=_vocab_size(reader, arch),
         hidden_size=hidden_size,
-        intermediate_size=int(_metadata(reader, f"{arch}.feed_forward_length")),
+        intermediate_size=int(_metadata(reader, f"{arch}.feed_forward_length",
+                                        moe.intermediate_size if moe else _REQUIRED)),
         num_layers=int(_metadata(reader, f"{arch}.block_count")),
         num_heads=num_heads,
         num_kv_heads=_per_layer_constant(reader, f"{arch}.attention.head_count_kv", num_heads),
@@ -139,9 +156,30 @@ def gguf_model_config(reader: GGUFReader, name: str) -> ModelConfig:
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+        moe=moe,
         bos_token_id=_metadata(reader, "tokenizer.ggml.bos_token_id", None),
         eos_token_ids=_eos_token_ids(reader),
         name=name,
+    )
+
+
+def _moe_config(reader: GGUFReader, arch: str) -> MoEConfig | None:
+    """The experts of a GGUF MoE model (every layer sparse: GGUF has no mlp_only_layers)."""
+    num_experts = int(_metadata(reader, f"{arch}.expert_count", 0))
+    if num_experts == 0:
+        return None
+    dense_size = _metadata(reader, f"{arch}.feed_forward_length", None)
+    expert_size = _metadata(reader, f"{arch}.expert_feed_forward_length", dense_size)
+    if expert_size is None:
+        raise ValueError(f"GGUF metadata key '{arch}.expert_feed_forward_length' is missing")
+    return MoEConfig(
+        num_experts=num_experts,
+        top_k=int(_metadata(reader, f"{arch}.expert_used_count")),
+        intermediate_size=int(expert_size),
+        norm_topk_prob=bool(_metadata(reader, f"{arch}.expert_weights_norm",
+                                      _EXPERT_WEIGHTS_NORM.get(arch, True))),
+        shared_expert_intermediate_size=int(
+            _metadata(reader, f"{arch}.expert_shared_feed_forward_length", 0)),
     )
 
 

@@ -63,7 +63,8 @@ LLAMA_WEIGHT_NAMES = WeightNames(fusions=(
 
 # Routed experts (engine.layers.moe.FusedMoE: `w13`, `w2`): transformers 4 names each expert
 # (Qwen: gate_proj/up_proj/down_proj; Mixtral: w1/w3/w2), transformers 5 may store them packed
-# (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]).
+# (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]); GGUF stacks gate, up
+# and down separately.
 MOE_WEIGHT_NAMES = LLAMA_WEIGHT_NAMES.extended(
     renames=(NameRule(r"\.block_sparse_moe\.", ".mlp."),),
     fusions=(
@@ -71,6 +72,10 @@ MOE_WEIGHT_NAMES = LLAMA_WEIGHT_NAMES.extended(
         NameRule(r"\.mlp\.experts\.(\d+)\.(?:up_proj|w3)\.weight$", ".mlp.w13", r"up.\1"),
         NameRule(r"\.mlp\.experts\.(\d+)\.(?:down_proj|w2)\.weight$", ".mlp.w2", r"down.\1"),
         NameRule(r"\.mlp\.experts\.gate_up_proj$", ".mlp.w13", "gate_up"),
+        # GGUF (engine.loader.gguf_loader): gate and up stacked separately, [E, I, H] each
+        NameRule(r"\.mlp\.experts\.gate_proj\.weight$", ".mlp.w13", "gate"),
+        NameRule(r"\.mlp\.experts\.up_proj\.weight$", ".mlp.w13", "up"),
+        NameRule(r"\.mlp\.experts\.down_proj\.weight$", ".mlp.w2", "down"),
         NameRule(r"\.mlp\.experts\.down_proj$", ".mlp.w2", "down"),
         NameRule(r"\.mlp\.shared_expert\.gate_proj\.", ".mlp.shared_expert.gate_up_proj.",
                  "gate"),
