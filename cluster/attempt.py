@@ -29,7 +29,7 @@ from cluster.routing import RoutingPolicy
 from protos.convert import sampling_to_proto
 from protos.pdserve.v1 import PROTOCOL_VERSION, worker_pb2
 from router.backend import GenerationInput, Timing, TokenEvent
-from router.errors import OverloadedError, RequestFailedError
+from router.errors import InvalidRequestError, OverloadedError, RequestFailedError
 
 log = logging.getLogger(__name__)
 ABORTED = worker_pb2.TokenDelta(finish_reason="abort")
@@ -114,6 +114,9 @@ class AttemptRunner:
             self._routing.reserved(worker, reply)
             if reply.accepted:
                 return worker
+            if reply.invalid:  # the pools are alike: no other decode instance would take it
+                field = "max_tokens" if "max_tokens" in reply.reason else "prompt"
+                raise InvalidRequestError(field, reply.reason)
             reasons.append(f"{worker.spec.instance_id}: {reply.reason}")
         if not reasons:  # every decode instance was lost since the request was admitted
             raise InstanceLost("decode", "no live decode instance")

@@ -197,8 +197,8 @@ class DecodeWorker(LoopControls):
                                                sampling_from_proto(req.sampling),
                                                req.request_id, seed=req.seed,
                                                output_token_ids=list(req.output_token_ids))
-        except ValueError as exc:
-            reply.reason = str(exc)
+        except ValueError as exc:  # can never be accepted as sent, here or elsewhere
+            reply.reason, reply.invalid = str(exc), True
             return reply
         # the KV to land covers every known token (prompt + resumed outputs), +1 for the next
         needed = self.engine.num_blocks_needed(req.request_id, request.num_tokens + 1)

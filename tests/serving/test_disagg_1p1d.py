@@ -175,6 +175,11 @@ def test_bad_requests_are_invalid_argument(cluster):
         error = cluster.run(call(**kwargs))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, kwargs
         assert field in error.details()
+    # more tokens than a decode instance's whole KV pool (256 blocks of 16): it can never be
+    # served, so it is invalid (not overload, which invites a retry) and names the bound
+    error = cluster.run(call(prompt="x", max_tokens=5000, ignore_eos=True))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "pool has only 256" in error.details() and "max_tokens" in error.details()
     cluster.wait_until_idle()
 
 

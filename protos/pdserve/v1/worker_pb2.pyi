@@ -125,20 +125,22 @@ class ReserveRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., prefill_instance_id: _Optional[str] = ..., transfer: _Optional[_Union[TransferDescriptor, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReserveReply(_message.Message):
-    __slots__ = ("protocol_version", "request_id", "accepted", "reason", "num_blocks", "num_free_blocks")
+    __slots__ = ("protocol_version", "request_id", "accepted", "reason", "num_blocks", "num_free_blocks", "invalid")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    INVALID_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     request_id: str
     accepted: bool
     reason: str
     num_blocks: int
     num_free_blocks: int
-    def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ...) -> None: ...
+    invalid: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., invalid: _Optional[bool] = ...) -> None: ...
 
 class PrefillTask(_message.Message):
     __slots__ = ("protocol_version", "request_id", "prompt_token_ids", "sampling", "seed", "decode_instance_id", "transfer", "arrival_time_unix_s", "deadline_unix_s", "output_token_ids")
