@@ -57,6 +57,8 @@ _LAYER_NAMES = {
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+# llama.cpp stores these [1, H] HF weights as vectors of H
+_ROW_VECTORS = ("mlp.shared_expert_gate.weight",)
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)")
 _QUANT_SUFFIX = re.compile(r"[.-](I?Q\d\w*|BF16|F16|F32)$", re.IGNORECASE)
 _REQUIRED = object()
@@ -98,10 +100,14 @@ class GGUFModelSource:
         for tensor in self.reader.tensors:
             name = hf_tensor_name(tensor.name)
             shape = tuple(int(dim) for dim in reversed(tensor.shape))
+            if name.endswith(_ROW_VECTORS):
+                shape = (1, *shape)
             yield name, DequantizedWeight(partial(self._load, tensor, name), shape)
 
     def _load(self, tensor: ReaderTensor, name: str) -> torch.Tensor:
         weight = torch.from_numpy(_dequantize(tensor))
+        if name.endswith(_ROW_VECTORS):
+            weight = weight.reshape(1, -1)
         if self.permute_qk and name.endswith("self_attn.q_proj.weight"):
             weight = unpermute_qk_rows(weight, self.config.num_heads)
         elif self.permute_qk and name.endswith("self_attn.k_proj.weight"):

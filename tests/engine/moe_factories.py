@@ -26,14 +26,15 @@ MOE_VARIANTS = {
 _ROUTER_SCALE = 40.0
 
 
-def save_tiny_moe_model(dir: Path, arch: str, seed: int = 0, *, packed: bool = False) -> Path:
+def save_tiny_moe_model(dir: Path, arch: str, seed: int = 0, *, packed: bool = False,
+                        extra_config: dict | None = None) -> Path:
     """Save a tiny random MoE `arch` model plus the default model's tokenizer into `dir`.
 
     transformers 5 writes per-expert tensors (transformers 4 names) by default; `packed` writes
     its in-memory layout instead (`experts.gate_up_proj` / `experts.down_proj` stacked).
     """
     config_class, options = MOE_VARIANTS[arch]
-    config = config_class(**{**_TINY_SHAPES, **_EXPERTS, **options})
+    config = config_class(**{**_TINY_SHAPES, **_EXPERTS, **options, **(extra_config or {})})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).float()
     with torch.no_grad():

@@ -1,5 +1,5 @@
-"""GGUF MoE files (llama.cpp's layout: Mixtral as `llama` with experts, `qwen3moe`; experts
-stacked as ffn_{gate,up,down}_exps) load into exactly the parameters the HF folder gives, so
+"""GGUF MoE files (llama.cpp's layout: Mixtral as `llama` with experts, `qwen2moe` with its
+shared expert, `qwen3moe`; experts stacked as ffn_{gate,up,down}_exps) load into exactly the parameters the HF folder gives, so
 they serve the tokens that tests/engine/test_moe_models.py checks against HF."""
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ _LAYER = {
     "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
     "self_attn.k_norm": "attn_k_norm", "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp",
-    "mlp.experts.down_proj": "ffn_down_exps",
+    "mlp.experts.down_proj": "ffn_down_exps", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
 }
-_GGUF_ARCH = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}
+_GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 
 
 def _tensors(state: dict[str, torch.Tensor], arch: str, heads: int, kv_heads: int):
@@ -45,6 +47,8 @@ def _tensors(state: dict[str, torch.Tensor], arch: str, heads: int, kv_heads: in
             num = heads if "q_proj" in suffix else kv_heads  # llama.cpp's RoPE row order
             values = values.reshape(num, 2, -1, values.shape[-1]).swapaxes(1, 2)
             values = values.reshape(tensor.shape)
+        if suffix == "mlp.shared_expert_gate":
+            values = values.reshape(-1)  # llama.cpp: a vector of H
         yield f"blk.{layer}.{_LAYER[suffix]}.{kind}", values
 
 
@@ -62,7 +66,9 @@ def write_moe_gguf(folder, path, model_type: str) -> None:
                        ("expert_count", cfg.num_experts if model_type != "mixtral"
                         else cfg.num_local_experts),
                        ("expert_used_count", cfg.num_experts_per_tok),
-                       ("expert_feed_forward_length", expert_size)]:
+                       ("expert_feed_forward_length", expert_size),
+                       ("expert_shared_feed_forward_length",
+                        getattr(cfg, "shared_expert_intermediate_size", 0))]:
         writer.add_uint32(f"{arch}.{key}", value)
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
     writer.add_float32(f"{arch}.rope.freq_base", cfg.rope_parameters["rope_theta"])
@@ -85,7 +91,9 @@ def _loaded(model_path) -> tuple[object, dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("model_type", list(_GGUF_ARCH))
 def test_gguf_moe_loads_the_parameters_of_the_hf_folder(tmp_path, model_type):
-    folder = save_tiny_moe_model(tmp_path / model_type, model_type)
+    # GGUF has no dense layers among sparse ones (Qwen2-MoE's mlp_only_layers)
+    folder = save_tiny_moe_model(tmp_path / model_type, model_type,
+                                 extra_config={"mlp_only_layers": []})
     path = tmp_path / f"{model_type}.F32.gguf"
     write_moe_gguf(folder, path, model_type)
     hf_config, hf_params = _loaded(folder)
