@@ -64,10 +64,12 @@ class ModelRunner:
         # captured graphs write into it.
         self.sampled_ids = torch.zeros(max(max_num_seqs, BATCH_BUCKETS[-1]), dtype=torch.int64,
                                        device=self.device)
-        # Decode-only steps replay captured CUDA graphs (CUDA + a graph-safe backend only).
+        # Decode-only steps replay captured CUDA graphs (CUDA + a graph-safe backend and model
+        # only: the MoE torch reference syncs with the host).
         self.decode_graphs: DecodeGraphRunner | None = None
         if (use_cuda_graphs and self.device.type == "cuda"
-                and getattr(backend, "supports_cuda_graphs", False)):
+                and getattr(backend, "supports_cuda_graphs", False)
+                and getattr(model, "supports_cuda_graphs", True)):
             self.decode_graphs = DecodeGraphRunner(
                 model, kv_cache, backend, block_size,
                 max_model_len or model.config.max_position_embeddings, self.sampled_ids)

@@ -19,6 +19,10 @@ from engine.parallel import ParallelContext
 class SparseMoeForCausalLM(LlamaForCausalLM):
     """A Llama-block decoder whose sparse layers route each token to its top-k experts."""
 
+    # The torch reference of the experts reads expert counts on the host; decode steps run
+    # eagerly until a graph-safe fused kernel replaces it.
+    supports_cuda_graphs = False
+
     def make_mlp(self, cfg: ModelConfig, layer_idx: int, parallel: ParallelContext) -> nn.Module:
         moe = cfg.moe
         if moe is None or not moe.is_sparse(layer_idx):
