@@ -54,6 +54,10 @@ class CoreStats:
     num_free_blocks: int
     num_blocks: int
     num_pending_tokens: int = 0  # tokens of queued and running requests not yet computed
+    # prefix caching, since start (all 0 when it is off)
+    prefix_queried_tokens: int = 0  # tokens of requests looked up at admission
+    prefix_hit_tokens: int = 0  # of those, found cached
+    prefix_evictions: int = 0  # cached blocks reused for other content
 
     @property
     def kv_usage(self) -> float:
@@ -179,8 +183,11 @@ class EngineCore:
     def stats(self) -> CoreStats:
         kv, scheduler = self.kv_manager, self.scheduler
         pending = sum(r.num_pending_tokens for r in chain(scheduler.waiting, scheduler.running))
+        cache = kv.prefix_cache.stats if kv.prefix_cache is not None else None
         return CoreStats(len(scheduler.running), scheduler.num_waiting,
-                         scheduler.num_preemptions, kv.num_free_blocks, kv.num_blocks, pending)
+                         scheduler.num_preemptions, kv.num_free_blocks, kv.num_blocks, pending,
+                         *((cache.queried_tokens, cache.hit_tokens, cache.evictions)
+                           if cache is not None else ()))
 
     # ---- stepping ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -28,7 +28,13 @@ class EngineMetrics:
                                             "Fraction of KV cache blocks in use, 0..1")
         self.num_preemptions = factory.counter("num_preemptions",
                                                "Requests preempted (to be recomputed)")
-        self._num_preemptions_seen = 0
+        self.prefix_cache_queries = factory.counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache at admission")
+        self.prefix_cache_hits = factory.counter(
+            "prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed again)")
+        self.prefix_cache_evictions = factory.counter(
+            "prefix_cache_evictions", "Cached KV blocks reused for other content")
+        self._seen: dict[str, int] = {}  # counters' totals already published
 
     def publish(self, engine: LLMEngine, num_waiting_outside: int = 0) -> None:
         """Engine thread: copy the engine's state; `num_waiting_outside` counts requests the
@@ -37,7 +43,14 @@ class EngineMetrics:
         self.num_running.set(stats.num_running)
         self.num_waiting.set(stats.num_waiting + num_waiting_outside)
         self.kv_cache_usage.set(stats.kv_usage)
-        new_preemptions = stats.num_preemptions - self._num_preemptions_seen
-        if new_preemptions:
-            self.num_preemptions.inc(new_preemptions)
-            self._num_preemptions_seen += new_preemptions
+        self._add(self.num_preemptions, "preemptions", stats.num_preemptions)
+        self._add(self.prefix_cache_queries, "queries", stats.prefix_queried_tokens)
+        self._add(self.prefix_cache_hits, "hits", stats.prefix_hit_tokens)
+        self._add(self.prefix_cache_evictions, "evictions", stats.prefix_evictions)
+
+    def _add(self, counter, key: str, total: int) -> None:
+        """Advance `counter` to the engine's running `total`."""
+        new = total - self._seen.get(key, 0)
+        if new:
+            counter.inc(new)
+            self._seen[key] = total

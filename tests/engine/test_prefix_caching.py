@@ -132,3 +132,27 @@ def test_abort_one_of_two_requests_sharing_a_prefix(model):
             break
     assert tokens == want
     assert_no_leaks(engine)
+
+
+def test_hits_misses_and_evictions_are_published_as_counters(model):
+    from prometheus_client import CollectorRegistry
+
+    from engine.metrics import EngineMetrics
+    from pdserve.metrics import MetricFactory
+
+    registry = CollectorRegistry()
+    metrics = EngineMetrics(MetricFactory("tiny", registry))
+    engine = _engine(model, True, num_blocks=18)
+    prompts, params = _workload()
+    _run_in_waves(engine, prompts[:4], params[:4])
+    metrics.publish(engine)
+    _run_in_waves(engine, prompts[4:], params[4:])
+    metrics.publish(engine)
+    metrics.publish(engine)  # nothing new: no double counting
+    stats = engine.kv_manager.prefix_cache.stats
+
+    def value(name: str) -> float:
+        return registry.get_sample_value(f"pdserve:{name}_total", {"model_name": "tiny"})
+    assert value("prefix_cache_queries") == stats.queried_tokens > 0
+    assert value("prefix_cache_hits") == stats.hit_tokens > 0
+    assert value("prefix_cache_evictions") == stats.evictions > 0

@@ -59,6 +59,9 @@ ENGINE_METRICS = {
     "pdserve:num_requests_waiting": ("gauge", {M}),
     "pdserve:kv_cache_usage_perc": ("gauge", {M}),
     "pdserve:num_preemptions_total": ("counter", {M}),
+    "pdserve:prefix_cache_queries_total": ("counter", {M}),
+    "pdserve:prefix_cache_hits_total": ("counter", {M}),
+    "pdserve:prefix_cache_evictions_total": ("counter", {M}),
 }
 TRANSFER_METRICS = {
     "pdserve:kv_transfer_time_seconds": ("histogram", {M}),
