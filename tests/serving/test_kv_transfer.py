@@ -266,21 +266,6 @@ def test_compat_hash_and_check_name_every_difference():
         check_compatible(spec, other)
 
 
-def test_handshake_names_both_parallel_layouts_and_ranks():
-    from dataclasses import replace
-
-    from kv_transfer.handshake import build_handshake, handshake_problems
-
-    prefill = replace(make_spec(), parallel_layout="tp=2 pp=1", rank=1)
-    decode = replace(make_spec(), parallel_layout="tp=1 pp=2", rank=1)
-    problems = handshake_problems(build_handshake(prefill, "prefill-0", "k"),
-                                  build_handshake(decode, "decode-0", "k"))
-    assert problems == ["parallel_layout: local='tp=2 pp=1' remote='tp=1 pp=2'"]
-    other_rank = replace(prefill, rank=0)
-    assert handshake_problems(build_handshake(prefill, "p", "k"),
-                              build_handshake(other_rank, "d", "k")) == ["rank: local=1 remote=0"]
-
-
 def test_nccl_channels_require_eager_module_loading(monkeypatch):
     monkeypatch.delenv("CUDA_MODULE_LOADING", raising=False)
     with pytest.raises(ValueError, match="CUDA_MODULE_LOADING=EAGER"):
