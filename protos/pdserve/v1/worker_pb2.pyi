@@ -101,7 +101,7 @@ class PairEndpoint(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., prefill_instance_id: _Optional[str] = ..., decode_instance_id: _Optional[str] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., generation: _Optional[int] = ..., pair_key: _Optional[str] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("protocol_version", "request_id", "num_prompt_tokens", "max_tokens", "prefill_instance_id", "transfer", "prompt_token_ids", "sampling", "seed", "output_token_ids")
+    __slots__ = ("protocol_version", "request_id", "num_prompt_tokens", "max_tokens", "prefill_instance_id", "transfer", "prompt_token_ids", "sampling", "seed", "output_token_ids", "cache_salt", "prefill_here_below_tokens")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,8 @@ class ReserveRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_HERE_BELOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     request_id: str
     num_prompt_tokens: int
@@ -122,10 +124,12 @@ class ReserveRequest(_message.Message):
     sampling: _generation_pb2.SamplingParams
     seed: int
     output_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., prefill_instance_id: _Optional[str] = ..., transfer: _Optional[_Union[TransferDescriptor, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    cache_salt: str
+    prefill_here_below_tokens: int
+    def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., prefill_instance_id: _Optional[str] = ..., transfer: _Optional[_Union[TransferDescriptor, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ..., prefill_here_below_tokens: _Optional[int] = ...) -> None: ...
 
 class ReserveReply(_message.Message):
-    __slots__ = ("protocol_version", "request_id", "accepted", "reason", "num_blocks", "num_free_blocks", "invalid")
+    __slots__ = ("protocol_version", "request_id", "accepted", "reason", "num_blocks", "num_free_blocks", "invalid", "num_cached_tokens", "prefill_here")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +137,8 @@ class ReserveReply(_message.Message):
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     INVALID_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_HERE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     request_id: str
     accepted: bool
@@ -140,10 +146,12 @@ class ReserveReply(_message.Message):
     num_blocks: int
     num_free_blocks: int
     invalid: bool
-    def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., invalid: _Optional[bool] = ...) -> None: ...
+    num_cached_tokens: int
+    prefill_here: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., invalid: _Optional[bool] = ..., num_cached_tokens: _Optional[int] = ..., prefill_here: _Optional[bool] = ...) -> None: ...
 
 class PrefillTask(_message.Message):
-    __slots__ = ("protocol_version", "request_id", "prompt_token_ids", "sampling", "seed", "decode_instance_id", "transfer", "arrival_time_unix_s", "deadline_unix_s", "output_token_ids")
+    __slots__ = ("protocol_version", "request_id", "prompt_token_ids", "sampling", "seed", "decode_instance_id", "transfer", "arrival_time_unix_s", "deadline_unix_s", "output_token_ids", "cache_salt", "num_decode_cached_tokens")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +162,8 @@ class PrefillTask(_message.Message):
     ARRIVAL_TIME_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    NUM_DECODE_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -164,7 +174,9 @@ class PrefillTask(_message.Message):
     arrival_time_unix_s: float
     deadline_unix_s: float
     output_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., decode_instance_id: _Optional[str] = ..., transfer: _Optional[_Union[TransferDescriptor, _Mapping]] = ..., arrival_time_unix_s: _Optional[float] = ..., deadline_unix_s: _Optional[float] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    cache_salt: str
+    num_decode_cached_tokens: int
+    def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., decode_instance_id: _Optional[str] = ..., transfer: _Optional[_Union[TransferDescriptor, _Mapping]] = ..., arrival_time_unix_s: _Optional[float] = ..., deadline_unix_s: _Optional[float] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ..., num_decode_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class TokenDelta(_message.Message):
     __slots__ = ("protocol_version", "request_id", "token_ids", "logprobs", "finish_reason", "timing", "usage", "text", "error")
