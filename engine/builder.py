@@ -32,7 +32,7 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: str,
     """An uninitialised model (this rank's slice) with parameters on `device` in `dtype`; its
     class is the model registry's for `cfg.architecture`."""
     parallel = parallel or ParallelContext.single()
-    check_parallel_sizes(cfg, parallel.tp_size, parallel.pp_size)
+    check_parallel_sizes(cfg, parallel.tp_size, parallel.pp_size, parallel.ep_size)
     model_class = model_entry(cfg.architecture).model_class
     with torch.device(device):
         model = model_class(cfg, parallel)

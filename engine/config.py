@@ -38,8 +38,8 @@ class CacheConfig:
     cpu_kv_cache_bytes: int = 512 * 1024 * 1024  # pool size on CPU when num_blocks is None
     gpu_memory_utilization: float = 0.85  # fraction of free GPU memory the pool may take
     # Reuse the KV of full blocks a request shares with earlier ones (engine/kv_cache/
-    # prefix_cache.py). Off until the hand-off and the router use it (issue 17).
-    enable_prefix_caching: bool = False
+    # prefix_cache.py); a decode instance also skips receiving the blocks it holds.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -76,13 +76,16 @@ class ParallelConfig:
 
     tensor_parallel_size: int = 1  # ranks that split every layer (heads, MLP, vocabulary)
     pipeline_parallel_size: int = 1  # stages that each own a contiguous range of layers
+    # MoE only: 1, or tensor_parallel_size to split whole experts over the tensor ranks
+    # (attention stays tensor parallel; engine/layers/moe.py)
+    expert_parallel_size: int = 1
     # Layers per stage, first to last; None -> an even split (earlier stages take the extra).
     pipeline_layers: tuple[int, ...] | None = None
     # A plan, collective or rank start-up not done within this fails the instance.
     collective_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -93,6 +96,10 @@ class ParallelConfig:
                 raise ValueError(f"pipeline_layers must give >= 1 layer to each of the "
                                  f"{self.pipeline_parallel_size} stages, got "
                                  f"{list(self.pipeline_layers)}")
+        if self.expert_parallel_size not in (1, self.tensor_parallel_size):
+            raise ValueError(f"expert_parallel_size must be 1 or tensor_parallel_size "
+                             f"({self.tensor_parallel_size}): experts split over the tensor "
+                             f"ranks, got {self.expert_parallel_size}")
         if not self.collective_timeout_s > 0:
             raise ValueError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
 

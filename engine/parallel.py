@@ -48,6 +48,9 @@ class ParallelContext:
     world_group: Backend | None = None  # every rank of the instance, rank = `rank`
     timeout_s: float = 60.0  # bound of every Gloo wait
     is_nccl: bool = False  # groups carry CUDA tensors through NCCL
+    # Expert parallelism runs over the tensor group: 1 (experts' intermediate dimension split
+    # tp ways) or tp_size (each rank holds num_experts / tp whole experts; engine/layers/moe.py)
+    ep_size: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.tp_rank < self.tp_size:
@@ -56,6 +59,9 @@ class ParallelContext:
             raise ValueError(f"pp_rank {self.pp_rank} outside pipeline size {self.pp_size}")
         if self.layer_end is None and self.pp_size > 1:
             raise ValueError("a pipeline stage needs its layer range (layer_end is None)")
+        if self.ep_size not in (1, self.tp_size):
+            raise ValueError(f"expert parallel size {self.ep_size} must be 1 or the tensor "
+                             f"parallel size {self.tp_size} (experts split over the tensor ranks)")
 
     @classmethod
     def single(cls, num_layers: int | None = None) -> ParallelContext:
@@ -231,8 +237,9 @@ def split_layers(num_layers: int, pp_size: int,
     return [(start, start + n) for start, n in zip(starts, counts)]
 
 
-def check_parallel_sizes(model_config, tp_size: int, pp_size: int) -> None:
-    """Raise a ValueError naming the sizes when the model cannot be split tp x pp ways.
+def check_parallel_sizes(model_config, tp_size: int, pp_size: int, ep_size: int = 1) -> None:
+    """Raise a ValueError naming the sizes when the model cannot be split tp x pp ways (with
+    experts split ep ways: `check_expert_parallel`).
 
     KV heads split when tp divides them and replicate when they divide tp (each rank then holds
     one KV head, shared by tp / num_kv_heads ranks).
@@ -243,24 +250,54 @@ def check_parallel_sizes(model_config, tp_size: int, pp_size: int) -> None:
     if cfg.num_heads % tp_size:
         raise ValueError(f"num_heads ({cfg.num_heads}) is not divisible by tensor parallel "
                          f"size {tp_size}")
-    if cfg.intermediate_size % tp_size:
+    moe = getattr(cfg, "moe", None)
+    has_dense = moe is None or not all(moe.is_sparse(i) for i in range(cfg.num_layers))
+    if has_dense and cfg.intermediate_size % tp_size:
         raise ValueError(f"intermediate_size ({cfg.intermediate_size}) is not divisible by "
                          f"tensor parallel size {tp_size}")
+    if moe is not None and moe.shared_expert_intermediate_size % tp_size:
+        raise ValueError(f"moe shared_expert_intermediate_size "
+                         f"({moe.shared_expert_intermediate_size}) is not divisible by tensor "
+                         f"parallel size {tp_size}")
     if cfg.num_kv_heads % tp_size and tp_size % cfg.num_kv_heads:
         raise ValueError(f"num_kv_heads ({cfg.num_kv_heads}) and tensor parallel size {tp_size} "
                          "must divide one another")
     if pp_size > cfg.num_layers:
         raise ValueError(f"pipeline parallel size {pp_size} exceeds the model's "
                          f"{cfg.num_layers} layers")
-    if getattr(cfg, "moe", None) is not None and tp_size > 1:
-        raise ValueError(f"mixture-of-experts models run with tensor parallel size 1 only for "
-                         f"now, got {tp_size} (pipeline parallelism works)")
+    check_expert_parallel(cfg, tp_size, ep_size)
+
+
+def check_expert_parallel(cfg, tp_size: int, ep_size: int) -> None:
+    """Expert parallelism splits the experts over the tensor-parallel ranks (attention stays
+    tensor parallel over the same ranks), so ep is 1 or tp; without it each expert's
+    intermediate dimension splits tp ways."""
+    moe = getattr(cfg, "moe", None)
+    if ep_size == 1:
+        if moe is not None and moe.intermediate_size % tp_size:
+            raise ValueError(f"moe intermediate_size ({moe.intermediate_size}) is not divisible "
+                             f"by tensor parallel size {tp_size}: each expert's intermediate "
+                             "dimension splits across the tensor ranks (or set "
+                             f"expert_parallel_size = {tp_size} to split whole experts)")
+        return
+    if moe is None:
+        raise ValueError(f"expert_parallel_size {ep_size} needs a mixture-of-experts model; "
+                         f"{cfg.architecture} is dense (set expert_parallel_size to 1)")
+    if ep_size != tp_size:
+        raise ValueError(f"expert_parallel_size ({ep_size}) must equal tensor_parallel_size "
+                         f"({tp_size}): experts split over the instance's tensor-parallel ranks, "
+                         "whose attention stays tensor parallel (1 turns expert parallelism off)")
+    if moe.num_experts % ep_size:
+        raise ValueError(f"moe num_experts ({moe.num_experts}) is not divisible by "
+                         f"expert_parallel_size {ep_size}: each rank holds an equal range of "
+                         "whole experts")
 
 
 def init_parallel_context(store: Store, rank: int, tp_size: int, pp_size: int, num_layers: int,
                           device: torch.device | str, timeout_s: float,
                           pipeline_layers: Sequence[int] | None = None,
-                          bind_host: str | None = "127.0.0.1") -> ParallelContext:
+                          bind_host: str | None = "127.0.0.1",
+                          ep_size: int = 1) -> ParallelContext:
     """Build this rank's groups; every rank of the instance calls it with the same sizes.
 
     Blocks until the peers of each group have joined or `timeout_s` passes. `store` is the
@@ -289,7 +326,7 @@ def init_parallel_context(store: Store, rank: int, tp_size: int, pp_size: int, n
         tp_group=group(f"tp{pp_rank}", tp_rank, tp_size),
         pp_group=group(f"pp{tp_rank}", pp_rank, pp_size),
         world_group=group("world", rank, world_size),
-        timeout_s=timeout_s, is_nccl=is_nccl)
+        timeout_s=timeout_s, is_nccl=is_nccl, ep_size=ep_size)
 
 
 def new_gloo_group(store: Store, rank: int, size: int, timeout_s: float,
@@ -336,7 +373,8 @@ def check_layout(config, model_config) -> None:
     """An engine config's parallel layout fits the model and the machine (clear ValueErrors
     before any rank starts): head and layer divisibility, the pipeline split, GPUs per node."""
     par = config.parallel
-    check_parallel_sizes(model_config, par.tensor_parallel_size, par.pipeline_parallel_size)
+    check_parallel_sizes(model_config, par.tensor_parallel_size, par.pipeline_parallel_size,
+                         par.expert_parallel_size)
     split_layers(model_config.num_layers, par.pipeline_parallel_size, par.pipeline_layers)
     if config.device == "cuda" and par.world_size > torch.cuda.device_count():
         raise ValueError(f"tensor x pipeline parallel = {par.world_size} ranks, one GPU each, "

@@ -73,7 +73,8 @@ def build_rank(config: EngineConfig, store: TCPStore, rank: int, max_model_len: 
     model_config = open_model(config.model).config
     parallel = init_parallel_context(store, rank, par.tensor_parallel_size,
                                      par.pipeline_parallel_size, model_config.num_layers,
-                                     config.device, par.collective_timeout_s, par.pipeline_layers)
+                                     config.device, par.collective_timeout_s, par.pipeline_layers,
+                                     ep_size=par.expert_parallel_size)
     loaded = load_model(config, parallel)
     fits = num_kv_blocks_that_fit(loaded.config, config, parallel)
     num_blocks = agree_min(parallel, fits, config.device)
