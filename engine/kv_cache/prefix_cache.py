@@ -19,6 +19,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
+from engine.kv_cache.kv_events import KVEventBuffer
+
 ROOT_HASH = 0  # the parent of a sequence's first block
 
 
@@ -57,6 +59,7 @@ class PrefixCache:
         self._by_hash: dict[int, int] = {}
         self._blocks: dict[int, CachedBlock] = {}
         self.stats = PrefixCacheStats()
+        self.events = KVEventBuffer()  # stored / evicted hashes, for the router (kv_events.py)
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -66,6 +69,10 @@ class PrefixCache:
 
     def hash_of(self, block_id: int) -> int:
         return self._blocks[block_id].block_hash
+
+    def cached_hashes(self) -> list[int]:
+        """Every block hash cached now (a snapshot for the router)."""
+        return list(self._by_hash)
 
     def lookup(self, token_ids: Sequence[int], salt: int, max_blocks: int) -> list[int]:
         """The cached blocks holding the longest prefix of `token_ids` (at most `max_blocks`)."""
@@ -90,6 +97,7 @@ class PrefixCache:
         if name not in self._by_hash and block_id not in self._blocks:
             self._by_hash[name] = block_id
             self._blocks[block_id] = CachedBlock(name, parent, token_ids, salt)
+            self.events.stored(name)
         return name
 
     def evict(self, block_id: int) -> None:
@@ -98,3 +106,4 @@ class PrefixCache:
         if cached is not None:
             self._by_hash.pop(cached.block_hash, None)
             self.stats.evictions += 1
+            self.events.evicted(cached.block_hash)
