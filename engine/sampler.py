@@ -288,7 +288,9 @@ def _sample(logits: Tensor, tensors: SamplingTensors) -> Tensor:
     """Random draw for every row by the exponential race: argmax(p / E) with E ~ Exp(1)
     picks token v with probability p[v] (the same law as Gumbel-max)."""
     logits = logits / tensors.temperatures[:, None]
-    if tensors.any_top_k or tensors.any_top_p:
+    if tensors.any_top_p and not tensors.any_top_k:
+        logits = dispatch.apply_top_p(logits, tensors.top_ps)  # sort-free on CUDA
+    elif tensors.any_top_k or tensors.any_top_p:
         logits = apply_top_k_top_p(
             logits,
             tensors.top_ks if tensors.any_top_k else None,

@@ -91,6 +91,18 @@ def sample_race(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) 
     return sample_race_ref(logits, seeds, steps)
 
 
+def apply_top_p(logits: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    """The nucleus mask: on CUDA a sort-free Triton search for each row's boundary
+    (`engine/kernels/top_p.py`), elsewhere the sorting reference `engine.sampler.apply_top_p`."""
+    if _triton_enabled and logits.is_cuda:
+        from engine.kernels.top_p import apply_top_p as fused
+
+        return fused(logits, top_ps)
+    from engine.sampler import apply_top_p as reference
+
+    return reference(logits, top_ps)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     ops = _triton_ops(x)
     if ops is not None:
