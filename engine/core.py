@@ -34,6 +34,7 @@ from engine.executor.base import Executor
 from engine.hooks import KVHandoff
 from engine.inflight import InFlightStep
 from engine.kv_cache.block_table import KVCacheManager, num_blocks_for
+from engine.kv_cache.kv_events import KVEventBatch
 from engine.models.config import ModelConfig
 from engine.output_processor import RequestStream
 from engine.outputs import RequestOutput
@@ -188,6 +189,14 @@ class EngineCore:
                          scheduler.num_preemptions, kv.num_free_blocks, kv.num_blocks, pending,
                          *((cache.queried_tokens, cache.hit_tokens, cache.evictions)
                            if cache is not None else ()))
+
+    def kv_events(self, snapshot: bool = False) -> KVEventBatch | None:
+        """The prefix cache's block-hash changes since the last call, or (`snapshot`) every
+        hash it holds now (engine/kv_cache/kv_events.py); None without prefix caching."""
+        cache = self.kv_manager.prefix_cache
+        if cache is None:
+            return None
+        return cache.events.snapshot(cache.cached_hashes()) if snapshot else cache.events.drain()
 
     # ---- stepping ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
