@@ -66,6 +66,10 @@ class PrefillActor(ActorLoopControls):
     async def stats(self) -> worker_pb2.WorkerStats:
         return await asyncio.to_thread(self.worker.stats)
 
+    async def kv_snapshot(self) -> worker_pb2.KVEvents:
+        """Every block hash its prefix cache holds now (the router's resync)."""
+        return await asyncio.to_thread(self.worker.kv_snapshot)
+
 
     async def kv_digests(self, block_ids: list[int]) -> list[str]:
         """sha256 of these blocks' KV on each rank, rank 0 first (diagnostics and tests)."""

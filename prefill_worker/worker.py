@@ -171,6 +171,13 @@ class PrefillWorker(LoopControls):
     def stats(self) -> worker_pb2.WorkerStats:
         return self.loop.call(self._stats).result(timeout=30)
 
+    def kv_snapshot(self) -> worker_pb2.KVEvents:
+        """Every block hash the prefix cache holds now (the router resyncs its view)."""
+        events = worker_pb2.KVEvents()
+        _set_kv_events(events, self.loop.call(lambda: self.engine.kv_events(snapshot=True))
+                       .result(timeout=30))
+        return events
+
     def stop(self) -> None:
         self.loop.stop()
         for link in self.links.values():
@@ -264,6 +271,7 @@ class PrefillWorker(LoopControls):
             result.transfer.message = f"no ready KV channel to {h.task.decode_instance_id}"
         else:
             result.transfer.status = worker_pb2.TRANSFER_STATUS_OK  # begun; the ack is async
+        _set_kv_events(result.kv_events, self.engine.kv_events())  # piggybacked, for routing
         self._pending.pop(rid).on_result(result)
 
     def _transfer_finished(self, request_id: str, result: worker_pb2.TransferResult) -> None:
@@ -325,6 +333,15 @@ def _token_delta(request: Request, out, step_s: float) -> worker_pb2.TokenDelta:
     delta.usage.prompt_tokens = request.num_prompt_tokens
     delta.usage.completion_tokens = len(request.output_token_ids)
     return delta
+
+
+def _set_kv_events(message: worker_pb2.KVEvents, batch) -> None:
+    """An engine `KVEventBatch` (None: no prefix cache) into its message."""
+    if batch is not None:
+        message.epoch, message.seq, message.num_dropped = batch.epoch, batch.seq, batch.num_dropped
+        message.stored.extend(batch.stored)
+        message.evicted.extend(batch.evicted)
+        message.is_snapshot = batch.is_snapshot
 
 
 def _failed_result(request_id: str, message: str) -> worker_pb2.PrefillResult:
