@@ -5,27 +5,46 @@ activation dtype, softmax in fp32, top-k, optionally renormalised over the k (Mi
 Qwen only with `norm_topk_prob`). Each chosen expert computes down(silu(gate(x)) * up(x)); the
 outputs are weighted by the routing weights and summed (in fp32).
 
-Expert weights are stacked: `w13` [E, 2*I, H] (expert e's gate rows, then its up rows: HF's
-packed `gate_up_proj`) and `w2` [E, H, I]. `fused_experts_ref` is the torch reference (CPU, and
-the oracle for a fused GPU kernel): tokens sorted by expert, each expert that received tokens
-runs once on its contiguous slice, so experts without tokens cost nothing. It loops over those
-experts in Python; a grouped-GEMM kernel replaces the loop on CUDA.
+Expert weights are stacked: `w13` [E_local, 2*I_local, H] (expert e's gate rows, then its up
+rows: HF's packed `gate_up_proj`) and `w2` [E_local, H, I_local]. `fused_experts_ref` is the
+torch reference (CPU, and the oracle for the fused GPU kernel): tokens sorted by expert, each
+expert that received tokens runs once on its contiguous slice, so experts without tokens cost
+nothing. `_experts` is the one call site of the experts' computation.
 
-Parallelism: the layer takes the instance's `ParallelContext` like the linear layers; only one
-tensor rank is supported for now (expert and tensor parallel MoE come later).
+Parallelism, over the stage's tensor-parallel ranks (engine/layers/moe_shards.py places the
+weights). Attention is tensor parallel and ends in an all-reduce, so every rank enters this
+layer with every token's hidden state; the router is replicated, so every rank computes the
+same top-k. Each rank then produces a *partial* output and one all-reduce sums them (as the
+dense MLP's row-parallel down projection does):
+
+- tensor parallel (ep_size 1): every rank holds every expert, each expert's intermediate
+  dimension split tp ways (gate and up rows sliced alike, down's columns); exact, since
+  down(silu(g) * u) is a sum over the intermediate dimension.
+- expert parallel (ep_size = tp_size, like vLLM's enable-expert-parallel): rank r holds the
+  E / ep whole experts [r E/ep, (r+1) E/ep) and computes, for all tokens, only the (token, slot)
+  pairs routed to them (`expert_map`: global id -> local index, -1 elsewhere). Because the
+  hidden states are already replicated, no all-to-all dispatch is needed: this is the
+  all-gather (done by attention's all-reduce) + reduce-scatter family, with the reduce-scatter
+  an all-reduce because the next layer's attention wants every token on every rank.
+
+The shared expert (Qwen2-MoE) is a tensor-parallel dense MLP: each rank computes its slice of
+it once per token, adds it to the routed partial *before* the all-reduce, so it is counted once
+per token, never once per rank. Its sigmoid gate is replicated and scales every rank's partial
+alike (sum_r s p_r = s sum_r p_r).
+
+Expert load: every rank counts, on device, the tokens routed to each (global) expert from the
+replicated top-k ids (`expert_counts`, no extra communication; rank 0's are read for metrics).
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels import dispatch
+from engine.layers.moe_shards import ExpertShards
 from engine.parallel import ParallelContext
-
-_EXPERT_SHARD = re.compile(r"(gate|up|down)\.(\d+)")
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
@@ -39,29 +58,42 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
 
 
 def fused_experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                      topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+                      topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                      expert_map: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]) for every token t.
 
-    The (token, slot) pairs are sorted by expert; each expert that received tokens runs on its
-    contiguous slice (a Python loop over those experts only), and the weighted outputs are
-    scatter-added in fp32.
+    `expert_map` (int32 [E_global]) maps a global expert id to its index in `w13` / `w2`, or
+    -1 for an expert held elsewhere: such pairs contribute zero. The (token, slot) pairs are
+    sorted by local expert (the -1 pairs first, skipped); each expert that received tokens runs
+    on its contiguous slice (a Python loop over those experts only), and the weighted outputs
+    are scatter-added in fp32.
     """
     num_tokens, top_k = topk_ids.shape
+    num_local = w13.shape[0]
     flat_ids = topk_ids.reshape(-1)
+    if expert_map is not None:
+        flat_ids = expert_map[flat_ids].long()
     order = torch.argsort(flat_ids, stable=True)
     token_ids = order // top_k  # the token of each sorted pair
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0])
-    ends = torch.cumsum(counts, 0)
-    bounds = list(zip((ends - counts).tolist(), ends.tolist()))  # each expert's slice
+    counts = torch.bincount(flat_ids + 1, minlength=num_local + 1)  # bucket 0: remote pairs
+    ends = torch.cumsum(counts, 0)[1:]
+    bounds = list(zip((ends - counts[1:]).tolist(), ends.tolist()))  # each expert's slice
     sorted_x = x[token_ids]
-    outputs = torch.empty(order.numel(), w2.shape[1], dtype=x.dtype, device=x.device)
-    for expert in counts.nonzero().flatten().tolist():
+    outputs = torch.zeros(order.numel(), w2.shape[1], dtype=x.dtype, device=x.device)
+    for expert in counts[1:].nonzero().flatten().tolist():
         start, end = bounds[expert]
         gate, up = F.linear(sorted_x[start:end], w13[expert]).chunk(2, dim=-1)
         outputs[start:end] = F.linear(F.silu(gate) * up, w2[expert])
     weighted = outputs.float() * topk_weights.reshape(-1)[order, None]
     out = torch.zeros(num_tokens, w2.shape[1], dtype=torch.float32, device=x.device)
     return out.index_add_(0, token_ids, weighted).to(x.dtype)
+
+
+def _experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+             topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
+    """The routed experts' (partial) output. CUDA switches to the fused Triton kernel
+    (engine.kernels.fused_moe.fused_experts, the same contract) here, in one line."""
+    return fused_experts_ref(x, w13, w2, topk_weights, topk_ids, expert_map)
 
 
 class TopKRouter(nn.Module):
@@ -80,75 +112,55 @@ class TopKRouter(nn.Module):
         return select_experts(F.linear(x, self.weight), self.top_k, self.renormalize)
 
 
-class FusedMoE(nn.Module):
+class FusedMoE(ExpertShards, nn.Module):
     """A sparse MoE block: router, experts and, optionally, a shared expert every token runs.
 
-    `shared_expert` (e.g. a dense MLP) is added to the routed output; with
-    `shared_expert_gate` it is first scaled by sigmoid(x w_gate) (Qwen2-MoE).
+    `shared_expert` is a tensor-parallel dense MLP (LlamaMLP: `gate_up_proj`, `down_proj`) over
+    the same ranks; with `shared_expert_gate` it is first scaled by sigmoid(x w_gate)
+    (Qwen2-MoE). The block's output is all-reduced once over the tensor group. Checkpoint
+    loading (this rank's experts and slices only) is `ExpertShards`'.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
                  parallel: ParallelContext, *, renormalize: bool,
                  shared_expert: nn.Module | None = None, shared_expert_gate: bool = False) -> None:
-        super().__init__()
-        if parallel.tp_size != 1:
-            raise ValueError(f"mixture-of-experts layers support tensor parallel size 1 only "
-                             f"for now, got {parallel.tp_size}")
+        nn.Module.__init__(self)
         if shared_expert_gate and shared_expert is None:
             raise ValueError("shared_expert_gate needs a shared_expert")
-        self.num_experts = num_experts
-        self.intermediate_size = intermediate_size
+        ExpertShards.__init__(self, num_experts, intermediate_size, parallel)
+        self.parallel = parallel
         self.gate = TopKRouter(hidden_size, num_experts, top_k, renormalize)
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size),
-                                requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size),
-                               requires_grad=False)
+        self.w13 = nn.Parameter(torch.empty(self.num_local_experts, 2 * self.local_intermediate,
+                                            hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(self.num_local_experts, hidden_size,
+                                           self.local_intermediate), requires_grad=False)
+        self.register_buffer("expert_map", self.make_expert_map(), persistent=False)
+        # tokens routed to each global expert since start (or the last reset), on device
+        self.register_buffer("expert_counts", torch.zeros(num_experts, dtype=torch.int64),
+                             persistent=False)
         self.shared_expert = shared_expert
         self.shared_expert_gate = (nn.Linear(hidden_size, 1, bias=False).requires_grad_(False)
                                    if shared_expert_gate else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)
-        out = fused_experts_ref(x, self.w13, self.w2, topk_weights, topk_ids)
-        if self.shared_expert is None:
-            return out
-        shared = self.shared_expert(x)
+        self._count(topk_ids)
+        out = _experts(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_map)
+        if self.shared_expert is not None:
+            out = out + self._shared_partial(x)
+        return self.parallel.all_reduce(out)
+
+    def _count(self, topk_ids: torch.Tensor) -> None:
+        """Add this step's routed pairs to `expert_counts` on device (no host sync: index_add_,
+        not bincount, whose output size needs the max on the host on CUDA)."""
+        flat = topk_ids.reshape(-1)
+        self.expert_counts.index_add_(0, flat, torch.ones_like(flat))
+
+    def _shared_partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the (gated) shared expert, not yet all-reduced: it joins the
+        routed partial in the block's one all-reduce."""
+        mlp = self.shared_expert
+        shared = dispatch.silu_and_mul_linear(mlp.gate_up_proj(x), mlp.down_proj.weight)
         if self.shared_expert_gate is not None:
             shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-        return out + shared
-
-    # Checkpoint loading (engine.models.weights): per-expert tensors arrive as shards
-    # "gate.{e}" / "up.{e}" / "down.{e}" ([I, H] or [H, I]), packed ones as "gate_up" / "down"
-    # ([E, 2I, H] / [E, H, I]), GGUF's as "gate" / "up" ([E, I, H] each) and "down".
-    def expected_shards(self, param_name: str) -> tuple[str, ...]:
-        """Every shard `param_name` needs before it is fully loaded."""
-        kinds = ("gate", "up") if param_name == "w13" else ("down",)
-        return tuple(f"{kind}.{e}" for e in range(self.num_experts) for kind in kinds)
-
-    def load_shard(self, param: nn.Parameter, loaded, shard: str) -> tuple[str, ...]:
-        """Copy one checkpoint tensor into `param`; returns the shards it covered."""
-        if shard in ("gate_up", "down"):
-            _copy_whole(param.data, loaded)
-            return self.expected_shards("w13" if param is self.w13 else "w2")
-        if shard in ("gate", "up"):
-            size = self.intermediate_size
-            _copy_whole(param.data.narrow(1, 0 if shard == "gate" else size, size), loaded)
-            return tuple(f"{shard}.{e}" for e in range(self.num_experts))
-        match = _EXPERT_SHARD.fullmatch(shard)
-        if match is None or int(match[2]) >= self.num_experts:
-            raise ValueError(f"unknown expert shard {shard!r} (experts 0..{self.num_experts - 1})")
-        kind, expert = match[1], int(match[2])
-        size = self.intermediate_size
-        target = param.data[expert]
-        if kind != "down":
-            target = target.narrow(0, 0 if kind == "gate" else size, size)
-        _copy_whole(target, loaded)
-        return (shard,)
-
-
-def _copy_whole(target: torch.Tensor, loaded) -> None:
-    if tuple(target.shape) != tuple(loaded.shape):
-        raise ValueError(f"expert weight shape mismatch: parameter {tuple(target.shape)} vs "
-                         f"checkpoint {tuple(loaded.shape)}")
-    target.copy_(loaded if isinstance(loaded, torch.Tensor) else
-                 loaded.narrow(0, 0, loaded.shape[0]))
+        return shared

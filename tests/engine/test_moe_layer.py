@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from engine.layers.moe import FusedMoE, fused_experts_ref, select_experts
 from engine.parallel import ParallelContext
 
@@ -71,8 +72,24 @@ def _layer(**kwargs) -> FusedMoE:
                     **kwargs)
 
 
+class _SharedMLP(torch.nn.Module):
+    """A shared expert shaped as FusedMoE expects (LlamaMLP's gate_up_proj / down_proj)."""
+
+    def __init__(self, size: int = 16) -> None:
+        super().__init__()
+        single = ParallelContext.single()
+        self.gate_up_proj = MergedColumnParallelLinear(HIDDEN, {"gate": size, "up": size}, single)
+        self.down_proj = RowParallelLinear(size, HIDDEN, single)
+        for linear in (self.gate_up_proj, self.down_proj):
+            linear.weight.data.normal_(0.0, 0.2)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
 def test_layer_forward_matches_dense_with_gated_shared_expert():
-    shared = torch.nn.Linear(HIDDEN, HIDDEN, bias=False)
+    shared = _SharedMLP()
     layer = _layer(shared_expert=shared, shared_expert_gate=True)
     w13, w2 = random_experts()
     layer.w13.data.copy_(w13)
@@ -110,9 +127,14 @@ def test_bad_shards_and_shapes_are_named():
         layer.load_shard(layer.w2, torch.zeros(HIDDEN, INTER + 1), "down.0")
 
 
-def test_tensor_parallel_moe_is_refused_clearly():
-    with pytest.raises(ValueError, match="tensor parallel size 1 only"):
+def test_unsplittable_moe_is_refused_clearly():
+    with pytest.raises(ValueError, match=r"intermediate_size \(19\) is not divisible by tensor "
+                                         "parallel size 2 \\(not padded"):
         FusedMoE(HIDDEN, INTER, EXPERTS, 2, ParallelContext(tp_rank=0, tp_size=2),
+                 renormalize=False)
+    with pytest.raises(ValueError, match=r"num_experts \(8\) is not divisible by expert "
+                                         "parallel size 3"):
+        FusedMoE(HIDDEN, INTER, EXPERTS, 2, ParallelContext(tp_rank=0, tp_size=3, ep_size=3),
                  renormalize=False)
     with pytest.raises(ValueError, match="top_k must be between 1 and num_experts"):
         FusedMoE(HIDDEN, INTER, EXPERTS, 9, ParallelContext.single(), renormalize=False)
