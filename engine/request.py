@@ -71,6 +71,7 @@ class Request:
     num_inflight_tokens: int = 0  # sampled on the device, not yet read back (0 or 1 when planning)
     inflight_row: int = -1  # row of the last launched step's sampled ids holding that token
     cache_salt: str = ""  # prefix caching: only requests with the same salt share KV blocks
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -236,6 +236,8 @@ class Scheduler:
         cached = self.kv.match_prefix(request.request_id, request.all_token_ids,
                                       request.cache_salt)
         request.num_computed_tokens = cached
+        if request.first_scheduled_time_s is None:  # reported once, as its first admission saw it
+            request.num_cached_tokens = min(cached, request.num_prompt_tokens)
         return cached > 0
 
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:

@@ -45,6 +45,7 @@ class GenerationInput:
     seed: int  # the client's seed, or a random one drawn by the router
     arrival_time_s: float  # time.monotonic() when the router received the call
     deadline_s: float | None = None  # time.monotonic() after which the client no longer waits
+    cache_salt: str = ""  # prefix caching: only requests with the same salt share KV blocks
 
 
 @dataclass(slots=True)
@@ -74,6 +75,7 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop" | "length" | "abort" on the last event only
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # output tokens so far, this event's included
+    num_cached_tokens: int = 0  # prompt tokens served from a prefix cache (last event only)
     timing: Timing | None = None  # set on the last event
 
 

@@ -62,6 +62,7 @@ class Completion:
 
 def build_request(prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
                   prompt_token_ids: Sequence[int] | None = None, request_id: str | None = None,
+                  cache_salt: str | None = None,
                   **sampling: object) -> generation_pb2.GenerateRequest:
     """A GenerateRequest from at most one input; sampling fields set to None stay absent."""
     request = generation_pb2.GenerateRequest(
@@ -69,6 +70,8 @@ def build_request(prompt: str | None = None, *, messages: Sequence[dict[str, str
             **{name: value for name, value in sampling.items() if value is not None}))
     if request_id is not None:
         request.request_id = request_id
+    if cache_salt is not None:
+        request.cache_salt = cache_salt
     if prompt is not None:
         request.prompt = prompt
     if messages is not None:

@@ -67,6 +67,7 @@ class _Delivery:
     error: RouterError | None = None
     queue_s: float = 0.0  # set with the finishing output
     prefill_s: float = 0.0
+    num_cached_tokens: int = 0  # set with the finishing output: its prefix-cache hit
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +240,7 @@ class ColocatedBackend:
             if inp.request_id in self._engine.requests:  # its abort has not been applied yet
                 raise DuplicateRequestError(inp.request_id)
             self._engine.add_request(inp.prompt_token_ids, inp.params, inp.request_id)
+            self._engine.requests[inp.request_id].cache_salt = inp.cache_salt  # before its step
         except QueueFullError as error:
             return _Delivery(inp.request_id, error=OverloadedError(str(error)))
         except DuplicateRequestError as error:
@@ -266,6 +268,7 @@ class ColocatedBackend:
             if output.finished:
                 request = self._tracked.pop(output.request_id)
                 delivery.queue_s, delivery.prefill_s = _engine_times(request)
+                delivery.num_cached_tokens = request.num_cached_tokens
             deliveries.append(delivery)
         return deliveries
 
@@ -307,12 +310,14 @@ def _merge(deliveries: list[_Delivery]) -> TokenEvent:
     if len(deliveries) == 1:
         out = last.output
         return TokenEvent(out.new_token_ids, out.text_delta, out.new_logprobs, out.finish_reason,
-                          out.num_prompt_tokens, out.num_output_tokens)
+                          out.num_prompt_tokens, out.num_output_tokens,
+                          num_cached_tokens=last.num_cached_tokens)
     outputs = [d.output for d in deliveries]
     return TokenEvent([t for o in outputs for t in o.new_token_ids],
                       "".join(o.text_delta for o in outputs),
                       [lp for o in outputs for lp in o.new_logprobs], last.output.finish_reason,
-                      last.output.num_prompt_tokens, last.output.num_output_tokens)
+                      last.output.num_prompt_tokens, last.output.num_output_tokens,
+                      num_cached_tokens=last.num_cached_tokens)
 
 
 def _engine_times(request: Request) -> tuple[float, float]:

@@ -59,6 +59,7 @@ class _SamplingRequest(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    cache_salt: str | None = None  # vLLM's extension: a prefix-cache namespace (validation.py)
 
     @property
     def include_usage(self) -> bool:
@@ -79,6 +80,8 @@ class _SamplingRequest(BaseModel):
     def generate_requests(self, call_id: str) -> list[generation_pb2.GenerateRequest]:
         """One GenerateRequest per choice (see the module docstring)."""
         first = self.to_generate_request(call_id)
+        if self.cache_salt is not None:
+            first.cache_salt = self.cache_salt
         num_choices = self.n or 1
         if num_choices == 1:
             return [first]

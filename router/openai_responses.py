@@ -23,10 +23,15 @@ from router.backend import TokenEvent
 SYSTEM_FINGERPRINT = f"pdserve-{__version__}"
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose KV came from a prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ModelCard(BaseModel):
@@ -113,6 +118,7 @@ class _Collected:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
 
     def add(self, event: TokenEvent, keep_tokens: bool) -> None:
         self.text += event.text
@@ -126,14 +132,15 @@ class _Collected:
             self.finish_reason = event.finish_reason
             self.num_prompt_tokens = event.num_prompt_tokens
             self.num_output_tokens = event.num_output_tokens
-
+            self.num_cached_tokens = event.num_cached_tokens
 
 
 def _usage(choices: list[_Collected]) -> Usage:
     num_prompt = choices[0].num_prompt_tokens  # every choice has the same prompt
     num_output = sum(c.num_output_tokens for c in choices)
+    cached = PromptTokensDetails(cached_tokens=max(c.num_cached_tokens for c in choices))
     return Usage(prompt_tokens=num_prompt, completion_tokens=num_output,
-                 total_tokens=num_prompt + num_output)
+                 total_tokens=num_prompt + num_output, prompt_tokens_details=cached)
 
 
 class ResponseBuilder:

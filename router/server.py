@@ -132,6 +132,7 @@ def _response(request_id: str, event: TokenEvent) -> generation_pb2.GenerateResp
         response.finish_reason = event.finish_reason
         response.usage.prompt_tokens = event.num_prompt_tokens
         response.usage.completion_tokens = event.num_output_tokens
+        response.usage.cached_tokens = event.num_cached_tokens
         if event.timing is not None:
             response.timing.CopyFrom(event.timing.to_proto())
     return response

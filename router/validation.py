@@ -13,6 +13,8 @@ The API's bounds (README "Limits"), each checked before any costly work:
   (message contents summed), checked before tokenizing: a prompt that long could not fit the
   context anyway unless its tokens average more than 8 bytes, and tokenizing megabytes first
   would cost seconds;
+- `cache_salt`: 1 to MAX_CACHE_SALT_CHARS printable ASCII characters when set (it names a
+  prefix-cache namespace: requests share cached KV blocks only with requests of the same salt);
 - chat roles: CHAT_ROLES only. `tool` is not accepted: the API has no tool-call fields, so an
   assistant's tool call, which a tool message answers, cannot be expressed.
 
@@ -50,8 +52,10 @@ MAX_STOP_BYTES = 4096  # all stop strings together, UTF-8
 PROMPT_BYTES_PER_TOKEN = 8  # prompt text bound: this many bytes per token of context
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_DRAIN_TIMEOUT_S = 3600.0  # DrainInstance's timeout_s
+MAX_CACHE_SALT_CHARS = 256
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]+")
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
 
 _SAMPLING_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 _LEADING_NAME = re.compile(r"[a-z_]+")
@@ -82,13 +86,14 @@ class RequestValidator:
         if isinstance(request, MalformedRequest):
             raise request.error
         request_id = _request_id(request)
+        cache_salt = _cache_salt(request)
         _check_stop_strings(request.sampling.stop)
         params = sampling_params(request.sampling)
         prompt_ids = await self._prompt_token_ids(request)
         if request_id in in_flight:
             raise DuplicateRequestError(request_id)
         return GenerationInput(request_id, prompt_ids, params, params.seed, arrival_time_s,
-                               deadline_s)
+                               deadline_s, cache_salt)
 
     async def _prompt_token_ids(self, request: generation_pb2.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("input")
@@ -185,6 +190,20 @@ def _request_id(request: generation_pb2.GenerateRequest) -> str:
     if not _REQUEST_ID.fullmatch(request_id):
         raise InvalidRequestError("request_id", "may contain only letters, digits and . _ : -")
     return request_id
+
+
+def _cache_salt(request: generation_pb2.GenerateRequest) -> str:
+    if not request.HasField("cache_salt"):
+        return ""
+    salt = request.cache_salt
+    if not salt:
+        raise InvalidRequestError("cache_salt", "must not be empty when set")
+    if len(salt) > MAX_CACHE_SALT_CHARS:
+        raise InvalidRequestError("cache_salt", f"must be at most {MAX_CACHE_SALT_CHARS} "
+                                                f"characters, got {len(salt)}")
+    if not _PRINTABLE_ASCII.fullmatch(salt):
+        raise InvalidRequestError("cache_salt", "may contain only printable ASCII characters")
+    return salt
 
 
 async def _off_loop_if_long(fn: Callable[[object], _T], argument: object, num_chars: int) -> _T:

@@ -32,10 +32,13 @@ PROMPTS = [
 def build_engine(loaded, block_size: int = 16, num_blocks: int | None = 512,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
                  enable_chunked_prefill: bool = True,
-                 async_scheduling: bool | None = None) -> LLMEngine:
+                 async_scheduling: bool | None = None,
+                 enable_prefix_caching: bool | None = None) -> LLMEngine:
+    caching = {} if enable_prefix_caching is None else {
+        "enable_prefix_caching": enable_prefix_caching}  # None: CacheConfig's default
     config = EngineConfig(
         model="default", device="cpu", dtype="float32", async_scheduling=async_scheduling,
-        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, **caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens,
                                   enable_chunked_prefill=enable_chunked_prefill))
