@@ -1,9 +1,12 @@
 """One attempt of a request on one (prefill, decode) pair (cluster/flight.py names the states):
 
-    reserve   blocks on the least loaded READY decode instance (prompt + the tokens already
-              streamed, + 1); a refusal tries the next, all refusing is RESOURCE_EXHAUSTED
-    prefill   on the least loaded READY prefill instance: its PrefillResult carries the first
-              token, sampled after the KV was streamed layer by layer to the decode instance
+    route     the routing policy (cluster/routing.py) picks the prefill instance and ranks the
+              decode instances, from their load and the prefill instances' cached prefixes
+    reserve   blocks on the first READY decode instance of that order (prompt + the tokens
+              already streamed, + 1); a refusal tries the next, all refusing is RESOURCE_EXHAUSTED
+    prefill   on the chosen prefill instance: its PrefillResult carries the first token,
+              sampled after the KV was streamed layer by layer to the decode instance, and the
+              instance's block-hash events
     decode    the decode instance's deltas, relayed by the backend's pump, until a finish reason
 
 Whenever an instance the attempt needs is lost (the supervisor says so through the attempt's
@@ -25,7 +28,7 @@ from cluster.channels import PairChannels
 from cluster.flight import ABORT_REASON, Aborted, Attempt, Flight, InstanceDown, InstanceLost
 from cluster.lifecycle import Supervisor
 from cluster.pools import Worker, await_ref
-from cluster.routing import RoutingPolicy
+from cluster.routing import Route, Routing
 from protos.convert import sampling_to_proto
 from protos.pdserve.v1 import PROTOCOL_VERSION, worker_pb2
 from router.backend import GenerationInput, Timing, TokenEvent
@@ -40,7 +43,7 @@ _TRANSFER_FAILED = "KV transfer failed"  # how a decode worker's transfer error 
 class AttemptRunner:
     """Runs attempts: the calls to the workers, and what their failures mean."""
 
-    def __init__(self, routing: RoutingPolicy, supervisor: Supervisor,
+    def __init__(self, routing: Routing, supervisor: Supervisor,
                  channels: PairChannels) -> None:
         self._routing = routing
         self._supervisor = supervisor
@@ -50,11 +53,9 @@ class AttemptRunner:
         """The current attempt's events; raises InstanceLost when it cannot finish."""
         inp, attempt = flight.inp, flight.attempt
         try:
-            attempt.decode = await self._reserve(flight)
-            attempt.prefill = self._routing.pick_prefill()
-            if attempt.prefill is None:
-                raise InstanceLost("prefill", "no live prefill instance")
-            result = await self._prefill(flight)
+            with self._routing.route(inp.prompt_token_ids + flight.streamed,
+                                     inp.cache_salt) as route:
+                result = await self._reserve_and_prefill(flight, route)
         except Aborted:
             yield token_event(ABORTED, None, inp, len(flight.streamed))
             return
@@ -96,7 +97,21 @@ class AttemptRunner:
             raise InstanceLost("transfer" if transfer else "decode", delta.error)
         return delta
 
-    async def _reserve(self, flight: Flight) -> Worker:
+    async def _reserve_and_prefill(self, flight: Flight,
+                                   route: Route | None) -> worker_pb2.PrefillResult:
+        attempt = flight.attempt
+        if route is None:
+            role = "decode" if self._supervisor.ready(self._routing.pools.prefill) else "prefill"
+            raise InstanceLost(role, f"no live {role} instance")
+        attempt.decode = await self._reserve(flight, route.decode_order)
+        if not self._supervisor.is_ready(route.prefill):  # lost while the decode side reserved
+            raise InstanceLost("prefill", f"instance {route.prefill.spec.instance_id} is gone")
+        attempt.prefill = route.prefill
+        result = await self._prefill(flight)
+        self._routing.prefilled(attempt.prefill, result)
+        return result
+
+    async def _reserve(self, flight: Flight, order: list[Worker]) -> Worker:
         inp, attempt = flight.inp, flight.attempt
         request = worker_pb2.ReserveRequest(
             protocol_version=PROTOCOL_VERSION, request_id=attempt.worker_id,
@@ -105,13 +120,13 @@ class AttemptRunner:
             seed=inp.seed, output_token_ids=flight.streamed)
         reasons = []
         num_tokens = len(inp.prompt_token_ids) + len(flight.streamed) + 1
-        for worker in self._routing.decode_order():
+        for worker in order:
             ref = worker.actor.reserve.remote(request)
             attempt.reserving = (worker, ref)  # an abort from now on awaits it, then frees it
             with self._routing.reserving(worker, num_tokens):
                 reply = await self._unless_failed(attempt, worker, ref)
             attempt.reserving = None
-            self._routing.reserved(worker, reply)
+            self._routing.reserved(worker, reply, attempt.worker_id)
             if reply.accepted:
                 return worker
             if reply.invalid:  # the pools are alike: no other decode instance would take it
@@ -130,8 +145,7 @@ class AttemptRunner:
             prompt_token_ids=inp.prompt_token_ids, sampling=sampling_to_proto(inp.params),
             seed=inp.seed, decode_instance_id=attempt.decode.spec.instance_id,
             output_token_ids=flight.streamed)
-        with self._routing.prefilling(worker, len(inp.prompt_token_ids) + len(flight.streamed)):
-            return await self._unless_failed(attempt, worker, worker.actor.prefill.remote(task))
+        return await self._unless_failed(attempt, worker, worker.actor.prefill.remote(task))
 
     async def _unless_failed(self, attempt: Attempt, worker: Worker, ref):
         """Await an actor call, unless an instance the attempt needs is lost first."""
@@ -164,6 +178,7 @@ class AttemptRunner:
         attempt.released = True
         request_id = attempt.worker_id
         await self._settle_reserve(attempt)
+        self._routing.decode_done(attempt.decode, request_id)
         begun = False
         live = self._supervisor.is_live
         if attempt.prefill is not None and live(attempt.prefill):

@@ -9,6 +9,7 @@ built, whether from YAML, from CLI overrides or from code:
     server: {...}           # ServerConfig: the router's gRPC and metrics endpoints
     transfer: {...}         # TransferConfig: prefill -> decode KV transfer
     supervision: {...}      # SupervisionConfig: health polling and the step watchdog
+    routing: {...}          # RoutingConfig: which instances a request goes to (router/policy.py)
 
 Only `cluster_config_from_dict` (and `load_cluster_config` around it) knows the YAML shape;
 the rest of pdserve receives a `ClusterConfig`. Every error names the key by its path
@@ -31,6 +32,7 @@ import yaml
 from cluster.config_checks import (at_least, check_parallelism, check_port, check_same_layout,
                                    check_types, join_path, one_of, positive)
 from cluster.server_config import ServerConfig
+from router.policy import RoutingConfig
 from kv_transfer.descriptors import DEFAULT_MIN_MESSAGE_BYTES
 
 ROLES = ("prefill", "decode")
@@ -184,6 +186,7 @@ class ClusterConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)  # policy: kv_aware, ...
     placement_timeout_s: float = 60.0  # wait this long for an instance's GPUs/CPUs, then fail
     # "local": a private Ray instance for this deployment alone (cluster/ray_runtime.py);
     # "auto": the cluster running on this node (`ray start`); else host:port of its GCS.
@@ -255,7 +258,7 @@ def cluster_config_from_dict(data: Mapping[str, Any]) -> ClusterConfig:
     """Build a ClusterConfig from parsed YAML; missing keys take their defaults."""
     kwargs = _section(data, "", ClusterConfig)
     for name, cls in (("server", ServerConfig), ("transfer", TransferConfig),
-                      ("supervision", SupervisionConfig)):
+                      ("supervision", SupervisionConfig), ("routing", RoutingConfig)):
         if name in kwargs:
             kwargs[name] = cls(**_section(kwargs[name], name, cls))
     for role in ROLES:

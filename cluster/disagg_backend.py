@@ -35,9 +35,11 @@ from cluster.flight import (ABORT_REASON, Aborted, Attempt, Flight, InstanceDown
                             client_request_id, new_flight)
 from cluster.lifecycle import Recovery, Supervisor
 from cluster.pools import Pools, Worker, await_ref
-from cluster.routing import RoutingPolicy
+from cluster.routing import Routing
 from protos.pdserve.v1 import generation_pb2, worker_pb2
+from pdserve.metrics import MetricFactory
 from router.backend import GenerationInput, TokenEvent
+from router.policy import RoutingConfig
 from router.errors import (
     DuplicateRequestError,
     InvalidRequestError,
@@ -60,7 +62,8 @@ class DisaggregatedBackend:
     def __init__(self, pools: Pools, tokenizer, model_config, max_inflight: int = 1024,
                  model_name: str | None = None,
                  supervision: SupervisionConfig | None = None,
-                 recovery: Recovery | None = None) -> None:
+                 recovery: Recovery | None = None,
+                 routing: RoutingConfig | None = None) -> None:
         self.pools = pools
         self._tokenizer = tokenizer
         self.model_config = model_config
@@ -71,10 +74,11 @@ class DisaggregatedBackend:
         self._pumps: set[asyncio.Task] = set()  # one per live decode instance
         self._background: set[asyncio.Task] = set()
         self.supervisor = Supervisor(pools.all, self._on_dead, self.config, recovery)
-        self.routing = RoutingPolicy(pools, self.supervisor)
+        self.metrics = ClusterMetrics(self.model_name)
+        self.routing = Routing(pools, self.supervisor, routing,
+                               MetricFactory(self.model_name, self.metrics.registry), self._spawn)
         self.channels = PairChannels(pools, self.supervisor, self._spawn)
         self._attempts = AttemptRunner(self.routing, self.supervisor, self.channels)
-        self.metrics = ClusterMetrics(self.model_name)
         self._ready = False
         self.draining = False
 
@@ -240,6 +244,7 @@ class DisaggregatedBackend:
                 yield event
         finally:
             self._flights.pop(inp.request_id, None)
+            self.routing.decode_done(flight.attempt.decode, flight.attempt.worker_id)
             if not flight.finished or flight.aborted:
                 self._spawn(self._attempts.release(flight.attempt))
 

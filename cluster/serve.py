@@ -48,7 +48,8 @@ class ServingCluster:
         server = config.server
         recovery = PoolRecovery(config)
         backend = DisaggregatedBackend(pools, tokenizer, source.config, server.max_queued_requests,
-                                       supervision=config.supervision, recovery=recovery)
+                                       supervision=config.supervision, recovery=recovery,
+                                       routing=config.routing)
         recovery.backend = backend
         try:
             router = await start_router(backend, server.grpc_host, server.grpc_port,
