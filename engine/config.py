@@ -129,6 +129,9 @@ class EngineConfig:
     # None -> on CUDA (it hides the host's per-step work behind the GPU's), off on CPU (where
     # nothing runs ahead of the host, so it would only add a wasted step per stop).
     async_scheduling: bool | None = None
+    # Run every kernel variant once before serving (engine/warmup.py). None -> on CUDA (first
+    # requests would pay Triton compiles), off on CPU (nothing compiles there).
+    warmup: bool | None = None
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
@@ -143,6 +146,10 @@ class EngineConfig:
     @property
     def use_async_scheduling(self) -> bool:
         return self.device == "cuda" if self.async_scheduling is None else self.async_scheduling
+
+    @property
+    def use_warmup(self) -> bool:
+        return self.device == "cuda" if self.warmup is None else self.warmup
 
     @property
     def torch_dtype(self) -> torch.dtype:

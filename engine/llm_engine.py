@@ -20,6 +20,7 @@ from engine.loader.source import open_model
 from engine.parallel import check_layout
 from engine.outputs import CompletionOutput
 from engine.sampling_params import SamplingParams
+from engine.warmup import warm_up
 
 
 class LLMEngine(EngineCore):
@@ -38,10 +39,12 @@ class LLMEngine(EngineCore):
             executor = RankGroupExecutor(config, resolve_max_model_len(config, model_config),
                                          launcher=launcher, service=rank_service)
             super().__init__(config, executor.model_config, executor.tokenizer, executor)
-            return
-        loaded = loaded or load_model(config)
-        executor = LocalExecutor(config, loaded, resolve_max_model_len(config, loaded.config))
-        super().__init__(config, loaded.config, loaded.tokenizer, executor)
+        else:
+            loaded = loaded or load_model(config)
+            executor = LocalExecutor(config, loaded, resolve_max_model_len(config, loaded.config))
+            super().__init__(config, loaded.config, loaded.tokenizer, executor)
+        # seconds the start-up warm-up took (engine/warmup.py); 0 when it is off
+        self.warmup_s = warm_up(self) if config.use_warmup else 0.0
 
     @property
     def runner(self):

@@ -1,0 +1,51 @@
+"""The start-up warm-up (engine/warmup.py) runs the engine's own step path over every sampling
+path, a chunked prompt and a mixed step, then leaves the engine as it found it: every block
+free, no request, no cached block, hash or counter; outputs afterwards equal a cold engine's."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from tests.engine.factories import save_tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return str(save_tiny_hf_model(tmp_path_factory.mktemp("warm") / "llama", "llama", seed=5,
+                                  extra_config={"num_hidden_layers": 2}))
+
+
+def _engine(model: str, warmup: bool) -> LLMEngine:
+    return LLMEngine(EngineConfig(
+        model=model, device="cpu", attention_backend="torch", warmup=warmup, max_model_len=256,
+        cache=CacheConfig(block_size=4, num_blocks=400, enable_prefix_caching=True),
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64)))
+
+
+def test_warmup_leaves_a_clean_engine_with_the_same_outputs(model):
+    warm, cold = _engine(model, True), _engine(model, False)
+    assert warm.warmup_s > 0 and cold.warmup_s == 0
+    stats = warm.stats()
+    assert stats.num_free_blocks == stats.num_blocks
+    assert (stats.num_running, stats.num_waiting, stats.num_preemptions) == (0, 0, 0)
+    assert (stats.prefix_queried_tokens, stats.prefix_hit_tokens) == (0, 0)
+    assert not warm.kv_manager.prefix_cache.cached_hashes()
+    assert not warm.requests and not warm.has_unfinished()
+    prompts = [[5 + (3 * i + j) % 300 for i in range(90)] for j in range(3)]
+    params = [SamplingParams(max_tokens=8, temperature=0.0),
+              SamplingParams(max_tokens=8, temperature=0.9, top_p=0.8, seed=3),
+              SamplingParams(max_tokens=8, temperature=0.7, top_k=5, seed=4)]
+    got = [o.token_ids for o in warm.generate(prompts, params)]
+    assert got == [o.token_ids for o in cold.generate(prompts, params)]
+
+
+def test_warmup_refuses_a_busy_engine(model):
+    from engine.warmup import warm_up
+
+    engine = _engine(model, False)
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match="idle"):
+        warm_up(engine)
