@@ -59,7 +59,9 @@ class PoolConfig:
     # A CPU instance's ranks are Gloo processes sharing cpus_per_instance.
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    expert_parallel_size: int = 1  # reserved for later; only 1 is supported yet
+    # MoE models only: 1, or tensor_parallel_size to split whole experts over the tensor ranks
+    # (attention stays tensor parallel; engine/layers/moe.py). A dense model refuses > 1.
+    expert_parallel_size: int = 1
     # A rank's plan, collective or start-up not done within this fails the whole instance.
     collective_timeout_s: float = 60.0
     # Per-instance engine limits; defaults as in engine/config.py.

@@ -70,13 +70,16 @@ def one_of(path: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def check_parallelism(pool: Any, section: str) -> None:
-    """A pool's parallel sizes: each >= 1, expert parallelism only 1 yet, and a GPU instance owns
+    """A pool's parallel sizes: each >= 1, expert parallelism 1 or the tensor parallel size (it
+    splits a MoE model's experts over the tensor ranks, adding no rank), and a GPU instance owns
     one GPU per rank (tensor x pipeline)."""
     for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
         at_least(join_path(section, name), getattr(pool, name), 1)
-    if pool.expert_parallel_size > 1:
-        raise ValueError(f"{join_path(section, 'expert_parallel_size')} > 1 is not supported "
-                         f"yet, got {pool.expert_parallel_size}")
+    if pool.expert_parallel_size not in (1, pool.tensor_parallel_size):
+        raise ValueError(
+            f"{join_path(section, 'expert_parallel_size')} must be 1 or tensor_parallel_size "
+            f"({pool.tensor_parallel_size}): experts split over the instance's tensor-parallel "
+            f"ranks, whose attention stays tensor parallel; got {pool.expert_parallel_size}")
     ranks = pool.tensor_parallel_size * pool.pipeline_parallel_size
     if pool.gpus_per_instance > 0 and pool.gpus_per_instance != ranks:
         raise ValueError(

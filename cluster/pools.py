@@ -83,6 +83,7 @@ def worker_specs(cfg: ClusterConfig, host: str) -> tuple[list[WorkerSpec], list[
                                    use_cuda_graphs=pool.role == "decode",
                                    parallel=ParallelConfig(
                                        pool.tensor_parallel_size, pool.pipeline_parallel_size,
+                                       expert_parallel_size=pool.expert_parallel_size,
                                        collective_timeout_s=pool.collective_timeout_s))
         ranks = pool.tensor_parallel_size * pool.pipeline_parallel_size
         faults = cfg.supervision

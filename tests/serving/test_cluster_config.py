@@ -181,8 +181,10 @@ def test_parallel_pools_and_their_limits():
                       pipeline_parallel_size=2)
     assert (pool.tensor_parallel_size, pool.pipeline_parallel_size) == (2, 2)
     assert PoolConfig("prefill", tensor_parallel_size=3).device == "cpu"  # Gloo ranks
-    with pytest.raises(ValueError, match="prefill.expert_parallel_size > 1 is not supported yet"):
-        PoolConfig("prefill", expert_parallel_size=4)
+    assert PoolConfig("prefill", tensor_parallel_size=4, expert_parallel_size=4)
+    with pytest.raises(ValueError, match=r"prefill.expert_parallel_size must be 1 or "
+                                         r"tensor_parallel_size \(2\).*got 4"):
+        PoolConfig("prefill", tensor_parallel_size=2, expert_parallel_size=4)
     with pytest.raises(ValueError, match="decode.collective_timeout_s must be > 0"):
         PoolConfig("decode", collective_timeout_s=0)
 
