@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
                    help="ranks that split every layer (CPU ranks over Gloo with --device cpu)")
     p.add_argument("--pipeline-parallel-size", type=int, default=1, metavar="M",
                    help="pipeline stages, each a contiguous range of layers")
+    p.add_argument("--expert-parallel-size", type=int, default=1, metavar="N",
+                   help="MoE models: 1, or the tensor parallel size to split whole experts "
+                        "over the tensor ranks (attention stays tensor parallel)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.set_defaults(handler=run)
 
@@ -46,7 +49,7 @@ def validated_inputs(args: argparse.Namespace) -> tuple[list[str], SamplingParam
     for number, prompt in enumerate(prompts, start=1):
         if not prompt:
             raise ValueError(f"prompt is empty: --prompt {number} of {len(prompts)} has no text")
-    for flag in ("tensor_parallel_size", "pipeline_parallel_size"):
+    for flag in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                           cache=CacheConfig(block_size=args.block_size),
                           parallel=ParallelConfig(args.tensor_parallel_size,
-                                                  args.pipeline_parallel_size),
+                                                  args.pipeline_parallel_size,
+                                                  expert_parallel_size=args.expert_parallel_size),
                           async_scheduling=ASYNC_SCHEDULING_CHOICES[args.async_scheduling])
     engine = LLMEngine(config)
     try:

@@ -21,6 +21,7 @@ BAD_INPUTS = [
     (["--top-k", "-5"], "top_k must be an int >= -1"),
     (["--tensor-parallel-size", "0"], "--tensor-parallel-size must be >= 1, got 0"),
     (["--pipeline-parallel-size", "-1"], "--pipeline-parallel-size must be >= 1, got -1"),
+    (["--expert-parallel-size", "0"], "--expert-parallel-size must be >= 1, got 0"),
 ]
 
 
