@@ -287,6 +287,12 @@ class Sampler:
 def _sample(logits: Tensor, tensors: SamplingTensors) -> Tensor:
     """Random draw for every row by the exponential race: argmax(p / E) with E ~ Exp(1)
     picks token v with probability p[v] (the same law as Gumbel-max)."""
+    return dispatch.sample_race(sampling_logits(logits, tensors), tensors.seeds, tensors.steps)
+
+
+def sampling_logits(logits: Tensor, tensors: SamplingTensors) -> Tensor:
+    """The logits whose softmax is the distribution a sampled row draws from: (penalized)
+    logits / temperature, then top-k, top-p and min-p masks (-inf outside)."""
     logits = logits / tensors.temperatures[:, None]
     if tensors.any_top_p and not tensors.any_top_k:
         logits = dispatch.apply_top_p(logits, tensors.top_ps)  # sort-free on CUDA
@@ -298,7 +304,7 @@ def _sample(logits: Tensor, tensors: SamplingTensors) -> Tensor:
         )
     if tensors.any_min_p:
         logits = apply_min_p(logits, tensors.min_ps)
-    return dispatch.sample_race(logits, tensors.seeds, tensors.steps)
+    return logits
 
 
 def sample_race_ref(logits: Tensor, seeds: Tensor, steps: Tensor) -> Tensor:

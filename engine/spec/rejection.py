@@ -1,0 +1,125 @@
+"""Speculative decoding's verification: which drafted tokens to keep, keeping the target's
+distribution exactly.
+
+A request verified with k drafted tokens d_0..d_{k-1} has k + 1 consecutive rows of target
+logits: row j is the target's next-token distribution at output position n + j given the prefix
+and d_0..d_{j-1}; row k (the *bonus* row) follows all drafts. Every row carries its own sampling
+row (the request's options and seed, step = that output index, a token history that includes
+the drafts before it), so p_j, the distribution row j's options give, is exactly what plain
+decoding would draw from at that position had it drawn d_0..d_{j-1}.
+
+- Greedy rows: d_j is kept while it equals argmax p_j; the token after the kept prefix is the
+  argmax at the first mismatch, or of the bonus row. The output is plain greedy's, token for
+  token.
+- Sampled rows (speculative sampling): d_j is kept with probability min(1, p_j(d_j) / q_j(d_j)),
+  q_j being the proposer's distribution (a point mass for n-gram drafts: p_j(d_j)). At the first
+  rejection the token is drawn from the residual max(p_j - q_j, 0), renormalized (for a point
+  mass: p_j without d_j); with every draft kept, the bonus token is drawn from p_k. Each emitted
+  token is then distributed exactly as p at its position.
+
+Randomness stays counter-based (engine/sampler.py): the acceptance uniform of a row is a pure
+function of (seed ^ salt, step), independent of the race noise the residual draw uses, so a
+verification is reproducible in any batch. Everything is batched over rows; the host builds only
+the small row index from the per-request draft counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from engine.kernels import dispatch
+from engine.sampler import (SamplingTensors, apply_repetition_penalty, sampling_logits,
+                            uniform_noise)
+
+_ACCEPT_SALT = 0x5DEECE66D  # separates the acceptance uniforms from the race noise
+
+
+@dataclass(slots=True)
+class VerifyOutput:
+    """Per request: the emitted tokens (kept drafts, then one more), padded with -1."""
+
+    token_ids: Tensor  # [B, max_k + 1] int64
+    num_emitted: Tensor  # [B] int64, kept drafts + 1
+    logprobs: Tensor | None  # [B, max_k + 1] float32 under the raw logits, when asked
+
+
+def row_layout(num_drafts: Sequence[int], device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """(index [B, max_k + 1] of each request's rows in the flat batch, 0 where padded;
+    is_draft [B, max_k + 1]: the position holds a drafted token)."""
+    if not num_drafts or min(num_drafts) < 0:
+        raise ValueError(f"num_drafts must be non-negative counts, got {list(num_drafts)}")
+    counts = torch.tensor(num_drafts, dtype=torch.int64)
+    starts = torch.cumsum(counts + 1, 0) - (counts + 1)
+    positions = torch.arange(int(counts.max()) + 1)
+    rows = starts[:, None] + positions[None, :]
+    index = torch.where(positions[None, :] <= counts[:, None], rows, 0)
+    is_draft = positions[None, :] < counts[:, None]
+    return index.to(device), is_draft.to(device)
+
+
+def verify(logits: Tensor, tensors: SamplingTensors, draft_ids: Tensor,
+           num_drafts: Sequence[int], draft_probs: Tensor | None = None) -> VerifyOutput:
+    """Keep each request's longest accepted draft prefix and emit one more token.
+
+    `logits` [R, V] and `tensors` (R rows) hold every request's k_i + 1 rows back to back;
+    `draft_ids` [R] is the drafted token each row scores (-1 on bonus rows); `draft_probs`
+    [R, V] is q for a proposer that samples its drafts (None: point-mass drafts)."""
+    rows, vocab = logits.shape
+    if sum(k + 1 for k in num_drafts) != rows or draft_ids.shape != (rows,):
+        raise ValueError(f"{rows} rows do not match drafts {list(num_drafts)} "
+                         f"and draft_ids {list(draft_ids.shape)}")
+    raw = logits.float()
+    scored = raw
+    if tensors.any_penalty:
+        scored = apply_repetition_penalty(raw, tensors.seen_mask, tensors.repetition_penalties)
+    greedy_pick = scored.argmax(dim=-1)
+    is_draft_row = draft_ids >= 0
+    accept = (draft_ids == greedy_pick) & is_draft_row
+    emit = greedy_pick
+    if not tensors.all_greedy:
+        sampled_accept, sampled_emit = _speculative_sample(scored, tensors, draft_ids,
+                                                           draft_probs)
+        accept = torch.where(tensors.greedy_rows, accept, sampled_accept & is_draft_row)
+        emit = torch.where(tensors.greedy_rows, greedy_pick, sampled_emit)
+    index, is_draft = row_layout(num_drafts, logits.device)
+    kept = torch.cumprod((accept[index] & is_draft).long(), dim=1).sum(dim=1)  # [B]
+    positions = torch.arange(index.shape[1], device=logits.device)[None, :]
+    tokens = torch.where(positions < kept[:, None], draft_ids[index], emit[index])
+    tokens = tokens.masked_fill(positions > kept[:, None], -1)
+    logprobs = None
+    if tensors.need_logprobs:
+        flat = raw.log_softmax(dim=-1).gather(1, _row_tokens(tokens, index, rows)).squeeze(1)
+        logprobs = flat[index].masked_fill(tokens < 0, 0.0)
+    return VerifyOutput(tokens, kept + 1, logprobs)
+
+
+def _row_tokens(tokens: Tensor, index: Tensor, rows: int) -> Tensor:
+    """[R, 1]: the emitted token of each flat row (0 where the row emits nothing)."""
+    flat = torch.zeros(rows, dtype=torch.int64, device=tokens.device)
+    valid = tokens >= 0
+    return flat.index_put_((index[valid],), tokens[valid])[:, None]
+
+
+def _speculative_sample(scored: Tensor, tensors: SamplingTensors, draft_ids: Tensor,
+                        draft_probs: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(accepted [R], token to emit at a row that is not accepted [R]) for sampled rows."""
+    target = sampling_logits(scored, tensors)
+    probs = target.softmax(dim=-1)
+    drafted = draft_ids.clamp(min=0)[:, None]
+    ratio = probs.gather(1, drafted).squeeze(1)
+    if draft_probs is not None:
+        ratio = ratio / draft_probs.float().gather(1, drafted).squeeze(1).clamp(min=1e-30)
+        residual = (probs - draft_probs.float()).clamp(min=0.0).log()
+    else:
+        residual = target.scatter(1, drafted, float("-inf"))
+    is_draft_row = (draft_ids >= 0)[:, None]
+    residual = torch.where(is_draft_row, residual, target)  # bonus rows draw from p itself
+    uniforms = uniform_noise(tensors.seeds ^ _ACCEPT_SALT, tensors.steps, 1)[:, 0]
+    # a residual with no mass left (p was all on the draft, up to rounding) keeps the draft
+    nothing_left = torch.isneginf(residual).all(dim=-1)
+    accepted = (uniforms < ratio) | nothing_left
+    return accepted, dispatch.sample_race(residual, tensors.seeds, tensors.steps)
