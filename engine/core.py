@@ -31,6 +31,7 @@ from itertools import chain
 
 from engine.config import EngineConfig
 from engine.executor.base import Executor
+from engine.expert_load import ExpertLoad
 from engine.hooks import KVHandoff
 from engine.inflight import InFlightStep
 from engine.kv_cache.block_table import KVCacheManager, num_blocks_for
@@ -59,6 +60,9 @@ class CoreStats:
     prefix_queried_tokens: int = 0  # tokens of requests looked up at admission
     prefix_hit_tokens: int = 0  # of those, found cached
     prefix_evictions: int = 0  # cached blocks reused for other content
+    # MoE: tokens routed to each expert since start, summed over layers (engine/expert_load.py;
+    # refreshed from the device at most once a second); () for a dense model
+    expert_token_counts: tuple[int, ...] = ()
 
     @property
     def kv_usage(self) -> float:
@@ -94,6 +98,7 @@ class EngineCore:
         self.last_step_num_tokens = 0  # tokens the last launched step computes (metrics)
         self.requests: dict[str, Request] = {}
         self.streams: dict[str, RequestStream] = {}
+        self.expert_load = ExpertLoad(getattr(getattr(executor, "runner", None), "model", None))
 
     # ---- requests -------------------------------------------------------------------------
     def make_request(self, prompt_token_ids: Sequence[int], params: SamplingParams,
@@ -188,7 +193,8 @@ class EngineCore:
         return CoreStats(len(scheduler.running), scheduler.num_waiting,
                          scheduler.num_preemptions, kv.num_free_blocks, kv.num_blocks, pending,
                          *((cache.queried_tokens, cache.hit_tokens, cache.evictions)
-                           if cache is not None else ()))
+                           if cache is not None else (0, 0, 0)),
+                         expert_token_counts=self.expert_load.totals())
 
     def kv_events(self, snapshot: bool = False) -> KVEventBatch | None:
         """The prefix cache's block-hash changes since the last call, or (`snapshot`) every

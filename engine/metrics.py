@@ -1,4 +1,5 @@
-"""The metrics every engine instance exports, whatever its role: queues, KV cache, preemptions.
+"""The metrics every engine instance exports, whatever its role: queues, KV cache, preemptions,
+and, for a MoE model, the tokens routed to each expert and how imbalanced they are.
 
 The engine thread publishes them (`EngineMetrics.publish`) after each loop iteration, from its
 own state; no other thread reads the engine for them. vLLM's names, so its dashboards' queries
@@ -35,6 +36,10 @@ class EngineMetrics:
         self.prefix_cache_evictions = factory.counter(
             "prefix_cache_evictions", "Cached KV blocks reused for other content")
         self._seen: dict[str, int] = {}  # counters' totals already published
+        self._factory = factory
+        self.moe_expert_tokens = None  # pdserve:moe_expert_tokens_total by expert, MoE only
+        self.moe_expert_load_imbalance = None
+        self._experts_seen: tuple[int, ...] = ()  # per-expert totals already published
 
     def publish(self, engine: LLMEngine, num_waiting_outside: int = 0) -> None:
         """Engine thread: copy the engine's state; `num_waiting_outside` counts requests the
@@ -47,6 +52,32 @@ class EngineMetrics:
         self._add(self.prefix_cache_queries, "queries", stats.prefix_queried_tokens)
         self._add(self.prefix_cache_hits, "hits", stats.prefix_hit_tokens)
         self._add(self.prefix_cache_evictions, "evictions", stats.prefix_evictions)
+        if stats.expert_token_counts:
+            self._add_expert_load(stats.expert_token_counts)
+
+    def _add_expert_load(self, totals: tuple[int, ...]) -> None:
+        """Advance each expert's counter to its total (summed over the MoE layers); the gauge
+        is max / mean of the window since the last publish that saw new tokens."""
+        if self.moe_expert_tokens is None:
+            self._create_expert_metrics(len(totals))
+        window = [now - before for now, before in zip(totals, self._experts_seen)]
+        if not any(window):
+            return
+        for expert, count in enumerate(window):
+            if count:
+                self.moe_expert_tokens[str(expert)].inc(count)
+        self.moe_expert_load_imbalance.set(imbalance(window))
+        self._experts_seen = totals
+
+    def _create_expert_metrics(self, num_experts: int) -> None:
+        self.moe_expert_tokens = self._factory.counter_by(
+            "moe_expert_tokens", "Tokens routed to each expert (token-slot pairs of the top-k), "
+            "summed over the MoE layers this process runs", "expert",
+            [str(e) for e in range(num_experts)])
+        self.moe_expert_load_imbalance = self._factory.gauge(
+            "moe_expert_load_imbalance", "Busiest expert's tokens over the mean expert's, in "
+            "the tokens routed since the previous update (1 = balanced)")
+        self._experts_seen = (0,) * num_experts
 
     def _add(self, counter, key: str, total: int) -> None:
         """Advance `counter` to the engine's running `total`."""
@@ -54,3 +85,9 @@ class EngineMetrics:
         if new:
             counter.inc(new)
             self._seen[key] = total
+
+
+def imbalance(window: list[int]) -> float:
+    """max / mean of per-expert counts (1.0 = perfectly balanced; 0.0 for an empty window)."""
+    total = sum(window)
+    return max(window) * len(window) / total if total else 0.0

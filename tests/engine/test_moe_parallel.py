@@ -18,13 +18,16 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.multiprocessing as mp
+from prometheus_client import CollectorRegistry
 
 from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
-from engine.layers.moe import fused_experts_ref, select_experts
+from engine.layers.moe import FusedMoE, fused_experts_ref, select_experts
 from engine.llm_engine import LLMEngine
+from engine.metrics import EngineMetrics
 from engine.loader.source import open_model
 from engine.parallel import ParallelContext, check_parallel_sizes
 from engine.sampling_params import SamplingParams
+from pdserve.metrics import MetricFactory
 from tests.engine.model_parallel_worker import load_stage
 from tests.engine.moe_factories import MOE_VARIANTS, save_tiny_moe_model
 from tests.engine.moe_parallel_worker import MoEScenario, probe_model, rank_main
@@ -186,5 +189,32 @@ def test_engine_at_ep2_generates_the_tokens_of_one_rank(model_paths):
     try:
         assert [out.token_ids for out in two.generate(prompts, params)] == want
         assert_no_leaks(two)
+        counts = two.expert_load.totals(max_age_s=0)
     finally:
         two.shutdown()
+    # rank 0 counts every expert once: tokens computed x top-2 x 2 MoE layers (layer 1 dense)
+    num_tokens = sum(len(p) for p in prompts) + len(prompts) * (params.max_tokens - 1)
+    assert sum(counts) == num_tokens * 2 * 2
+    assert counts == one.expert_load.totals(max_age_s=0)
+
+
+def test_expert_load_is_published_summed_over_layers(model_paths):
+    registry = CollectorRegistry()
+    metrics = EngineMetrics(MetricFactory("tiny-moe", registry))
+    engine = LLMEngine(EngineConfig(model=model_paths["mixtral"], device="cpu", dtype="float32",
+                                    cache=CacheConfig(block_size=8, num_blocks=32)))
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    engine.generate([list(range(3, 40))], params)
+    metrics.publish(engine)  # the snapshot is at most a second old: read it fresh below
+    totals = engine.expert_load.totals(max_age_s=0)
+    metrics.publish(engine)
+    metrics.publish(engine)  # nothing new: nothing added, the gauge keeps its window
+    layers = [m for m in engine.runner.model.modules() if isinstance(m, FusedMoE)]
+    assert totals == tuple(sum(layer.expert_counts for layer in layers).tolist())
+    assert sum(totals) == (37 + 3) * 2 * len(layers)  # top-2, every Mixtral layer sparse
+
+    def sample(name: str, **labels) -> float:
+        return registry.get_sample_value(f"pdserve:{name}", {"model_name": "tiny-moe", **labels})
+    assert [sample("moe_expert_tokens_total", expert=str(e)) for e in range(8)] == list(totals)
+    assert sample("moe_expert_load_imbalance") == pytest.approx(max(totals) * 8 / sum(totals))
+    assert engine.stats().expert_token_counts == totals
