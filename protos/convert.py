@@ -39,7 +39,8 @@ def worker_stats(engine, instance_id: str, role: int, num_inflight_transfers: in
         instance_id=instance_id, role=role, address=address, device=device or engine.config.device,
         total_kv_blocks=stats.num_blocks, free_kv_blocks=stats.num_free_blocks,
         num_running_requests=stats.num_running, num_waiting_requests=stats.num_waiting,
-        num_inflight_transfers=num_inflight_transfers)
+        num_inflight_transfers=num_inflight_transfers,
+        expert_token_counts=stats.expert_token_counts)
     return worker_pb2.WorkerStats(protocol_version=PROTOCOL_VERSION, state=state,
                                   kv_cache_usage=stats.kv_usage,
                                   num_preemptions=stats.num_preemptions,

@@ -178,7 +178,7 @@ class GetClusterStateRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceState(_message.Message):
-    __slots__ = ("instance_id", "role", "address", "device", "total_kv_blocks", "free_kv_blocks", "num_running_requests", "num_waiting_requests", "num_inflight_transfers", "status", "status_reason")
+    __slots__ = ("instance_id", "role", "address", "device", "total_kv_blocks", "free_kv_blocks", "num_running_requests", "num_waiting_requests", "num_inflight_transfers", "status", "status_reason", "expert_token_counts")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +190,7 @@ class InstanceState(_message.Message):
     NUM_INFLIGHT_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     STATUS_REASON_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: InstanceRole
     address: str
@@ -201,7 +202,8 @@ class InstanceState(_message.Message):
     num_inflight_transfers: int
     status: InstanceStatus
     status_reason: str
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[InstanceRole, str]] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., total_kv_blocks: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., num_waiting_requests: _Optional[int] = ..., num_inflight_transfers: _Optional[int] = ..., status: _Optional[_Union[InstanceStatus, str]] = ..., status_reason: _Optional[str] = ...) -> None: ...
+    expert_token_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[InstanceRole, str]] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., total_kv_blocks: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., num_waiting_requests: _Optional[int] = ..., num_inflight_transfers: _Optional[int] = ..., status: _Optional[_Union[InstanceStatus, str]] = ..., status_reason: _Optional[str] = ..., expert_token_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ClusterState(_message.Message):
     __slots__ = ("instances",)
