@@ -28,8 +28,10 @@ with `EngineDeadError`; `health()` reports it without the engine thread.
 
 A multi-rank instance (tensor x pipeline): this worker is rank 0; ranks 1..N-1 keep their
 receive links in a rank service (decode_worker/rank_links.py) that every `accept` and `expect`
-reaches too. A request's KV has landed once every rank's shard has (kv_transfer/shards.py). A
-rank that dies kills the engine thread, as a failed step does.
+reaches too. The prefill instance's layout may differ from this one's: each rank receives the
+KV shards the transfer plan names (kv_transfer/planner.py), and a request's KV has landed once
+every shard of the plan has (kv_transfer/shards.py). A rank that dies kills the engine thread,
+as a failed step does.
 """
 
 from __future__ import annotations
@@ -38,10 +40,9 @@ import enum
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from decode_worker.links import RecvLink
+from decode_worker.links import PrefillLinks, RecvLink, accept_prefill
 from decode_worker.metrics import DecodeMetrics
 from engine.engine_loop import EngineLoop, LoopControls
 from engine.executor.rank_calls import RankCallError
@@ -97,12 +98,12 @@ class DecodeWorker(LoopControls):
         self.emit = emit
         self.transfer_timeout_s = transfer_timeout_s
         self.watermark_blocks = int(reserve_watermark * engine.stats().num_blocks)
-        self.spec = KVLayoutSpec.for_cache(engine.kv_cache, engine.model_config.name,
-                                           engine.parallel_layout)
+        self.spec = KVLayoutSpec.for_engine_rank(engine.kv_cache, engine.model_config,
+                                                 engine.config.parallel)
         self.ranks = engine.rank_caller  # None for a one-rank instance
         self.store = host_store(host, 0)
         self.host = host
-        self.links: dict[str, RecvLink] = {}
+        self.links: dict[str, PrefillLinks] = {}
         self.incoming: dict[str, Incoming] = {}
         self.transfer_s: dict[str, float] = {}  # per admitted request, reported on its last delta
         self.admitted_at_s: dict[str, float] = {}  # per admitted request, for its decode time
@@ -126,25 +127,30 @@ class DecodeWorker(LoopControls):
     def accept(self, prefill_id: str, generation: int, device: str) -> None:
         """Build this end of the pair channel (blocking; the prefill side connects meanwhile)."""
         started = time.monotonic()
-        with ThreadPoolExecutor(1) as ranks:  # the other ranks' links, concurrently
-            others = ranks.submit(self._accept_ranks, prefill_id, generation, device)
-            link = RecvLink(self.store, prefill_id, self.instance_id, generation, device,
+
+        def new_link(prefill_rank: int) -> RecvLink:
+            return RecvLink(self.store, prefill_id, self.instance_id, generation, device,
                             self.spec, self.engine.kv_cache, self._blocks_of,
-                            self._transfers.rank0_done,
-                            self.transfer_timeout_s, bind_host=self.host)
-            others.result()
+                            self._transfers.rank0_done, self.transfer_timeout_s,
+                            bind_host=self.host, prefill_rank=prefill_rank)
+        link = accept_prefill(0, new_link, self.spec.parallel_layout, self.spec.model,
+                              accept_other_ranks=lambda prefill_layout: self._accept_ranks(
+                                  prefill_id, generation, device, prefill_layout))
         self.metrics.transfer.handshake_time.observe(time.monotonic() - started)
         old = self.links.get(prefill_id)
         self.links[prefill_id] = link
         if old is not None:
             old.close()
 
-    def _accept_ranks(self, prefill_id: str, generation: int, device: str) -> None:
+    def _accept_ranks(self, prefill_id: str, generation: int, device: str,
+                      prefill_layout: str) -> None:
         if self.ranks is None:
             return
+        layouts = (self.spec.parallel_layout, prefill_layout)
+        model = (self.spec.num_layers, self.spec.num_kv_heads)
         self.ranks.call("accept", (prefill_id, self.instance_id, generation, self.host,
-                                   self.store.port, device, self.transfer_timeout_s, self.host),
-                        timeout_s=RANK_ACCEPT_TIMEOUT_S)
+                                   self.store.port, device, self.transfer_timeout_s, self.host,
+                                   layouts, model), timeout_s=RANK_ACCEPT_TIMEOUT_S)
 
     def reserve(self, req: worker_pb2.ReserveRequest) -> worker_pb2.ReserveReply:
         return self.loop.call(lambda: self._reserve(req)).result(timeout=30)
@@ -157,11 +163,13 @@ class DecodeWorker(LoopControls):
             message = f"no channel {desc.pair_key} here (replaced or never built)"
             self.loop.submit(lambda: self._transfer_failed(desc.request_id, message))
             return
-        if self.ranks is not None:  # every rank receives its shard into the same block ids
-            self._transfers.begin(desc.request_id)
+        expected = link.expected_outcomes()  # every shard of the plan reports
+        self._transfers.begin(desc.request_id, expected)
+        if self.ranks is not None:  # every rank receives its shards into the same block ids
             try:
                 self.ranks.post("expect", (prefill_id, desc.SerializeToString(),
-                                           self._blocks_of(desc.request_id)), inline=True)
+                                           self._blocks_of(desc.request_id), expected),
+                                inline=True)
             except RankCallError as exc:  # a rank is gone: the instance is failing anyway
                 self._transfers.forget(desc.request_id)
                 self.loop.submit(lambda: self._transfer_failed(desc.request_id, str(exc)))

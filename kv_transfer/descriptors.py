@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from kv_transfer.compat import KVLayoutSpec
 from kv_transfer.errors import KVTransferError
+from kv_transfer.planner import KVShard
 from protos.pdserve.v1 import PROTOCOL_VERSION, worker_pb2
 
 
@@ -35,18 +37,28 @@ def new_descriptor(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ShardDescriptor:
+    """The part of one transfer that one rank pair carries on its own channel: `desc` is the
+    transfer's descriptor with that channel's pair_key and the shard's layer range (model
+    coordinates), `heads` the shard's KV heads [start, end) (model coordinates)."""
+
+    desc: worker_pb2.TransferDescriptor
+    heads: tuple[int, int]
+
+
 def shard_descriptor(desc: worker_pb2.TransferDescriptor, pair_key: str,
-                     num_layers: int) -> worker_pb2.TransferDescriptor:
-    """The part of transfer `desc` that one rank pair carries on its own channel `pair_key`:
-    the same request, blocks and sequence number, all `num_layers` layers of that rank's cache
-    (its pipeline stage's), at most `desc.layers_per_message` per message. Both ends derive it
-    the same way from the one descriptor of the transfer."""
-    shard = worker_pb2.TransferDescriptor()
-    shard.CopyFrom(desc)
-    shard.pair_key = pair_key
-    shard.layer_start, shard.layer_end = 0, num_layers
-    shard.layers_per_message = max(1, min(desc.layers_per_message, num_layers))
-    return shard
+                     shard: KVShard) -> ShardDescriptor:
+    """The part `shard` (planner.ShardMessage.shard) of transfer `desc` on channel `pair_key`:
+    the same request, blocks and sequence number, the shard's layers and heads, at most
+    `desc.layers_per_message` layers per message. Both ends derive it the same way from the
+    one descriptor of the transfer and the plan."""
+    part = worker_pb2.TransferDescriptor()
+    part.CopyFrom(desc)
+    part.pair_key = pair_key
+    part.layer_start, part.layer_end = shard.layers
+    part.layers_per_message = max(1, min(desc.layers_per_message, shard.num_layers))
+    return ShardDescriptor(part, shard.heads)
 
 
 DEFAULT_MIN_MESSAGE_BYTES = 32 << 20  # 32 MiB: ~300 GB/s per NCCL message on NVLink
@@ -67,9 +79,11 @@ def layers_per_message_for(num_layers: int, layer_bytes: int, min_layers: int = 
 
 
 def validate_descriptor(
-    desc: worker_pb2.TransferDescriptor, spec: KVLayoutSpec, pair_key: str
+    desc: worker_pb2.TransferDescriptor, spec: KVLayoutSpec, pair_key: str,
+    heads: tuple[int, int] | None = None,
 ) -> None:
-    """Raise ValueError naming the field when `desc` cannot run on this channel."""
+    """Raise ValueError naming the field when `desc` (with KV `heads`, None: every head of
+    this rank) cannot run on this channel: its layers and heads must be this rank's."""
     if desc.protocol_version != PROTOCOL_VERSION:
         raise ValueError(f"TransferDescriptor.protocol_version {desc.protocol_version} "
                          f"is not {PROTOCOL_VERSION}")
@@ -83,9 +97,14 @@ def validate_descriptor(
     if desc.num_tokens > desc.num_blocks * spec.block_size:
         raise ValueError(f"TransferDescriptor.num_tokens {desc.num_tokens} does not fit in "
                          f"{desc.num_blocks} blocks of {spec.block_size}")
-    if not desc.layer_start < desc.layer_end <= spec.num_layers:
+    held = spec.shard
+    if not held.layers[0] <= desc.layer_start < desc.layer_end <= held.layers[1]:
         raise ValueError(f"TransferDescriptor layers [{desc.layer_start}, {desc.layer_end}) "
-                         f"are not a non-empty range within {spec.num_layers} layers")
+                         f"are not a non-empty range within this rank's layers "
+                         f"[{held.layers[0]}, {held.layers[1]})")
+    if heads is not None and not held.heads[0] <= heads[0] < heads[1] <= held.heads[1]:
+        raise ValueError(f"shard KV heads [{heads[0]}, {heads[1]}) are not a non-empty range "
+                         f"within this rank's heads [{held.heads[0]}, {held.heads[1]})")
     if desc.layers_per_message < 1:
         raise ValueError("TransferDescriptor.layers_per_message must be >= 1, "
                          f"got {desc.layers_per_message}")

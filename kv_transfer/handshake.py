@@ -5,7 +5,8 @@
       wait "handshake/reply"             <-    set "handshake/reply" = HandshakeReply
       compare reply.handshake with own
 
-Both ends compare, so a mismatch raises KVTransferIncompatibleError on both, before either
+Both ends compare (every layout field but the parallel layout and rank, which must map onto
+each other: planner.py), so a mismatch raises KVTransferIncompatibleError on both, before either
 builds a process group. A peer that never answers raises KVTransferTimeoutError.
 """
 
@@ -16,7 +17,7 @@ from typing import NoReturn
 
 from torch._C._distributed_c10d import Store
 
-from kv_transfer.compat import KVLayoutSpec, compat_hash, differing_fields
+from kv_transfer.compat import KVLayoutSpec, compat_hash, differing_fields, mapping_problems
 from kv_transfer.errors import KVTransferIncompatibleError, KVTransferTimeoutError
 from kv_transfer.wire import WIRE_VERSION
 from protos.pdserve.v1 import kv_transfer_pb2
@@ -47,9 +48,11 @@ def spec_from_handshake(handshake: kv_transfer_pb2.Handshake) -> KVLayoutSpec:
 
 
 def handshake_problems(
-    local: kv_transfer_pb2.Handshake, remote: kv_transfer_pb2.Handshake
+    local: kv_transfer_pb2.Handshake, remote: kv_transfer_pb2.Handshake,
+    local_is_prefill: bool = True,
 ) -> list[str]:
-    """Every reason the two ends cannot exchange KV; empty when they can."""
+    """Every reason the two ends cannot exchange KV; empty when they can. Every field but the
+    parallel layout and rank must be equal; those two must map (the plan pairs these ranks)."""
     problems = []
     if local.protocol_version != remote.protocol_version:
         problems.append(f"protocol_version: local={local.protocol_version} "
@@ -61,7 +64,12 @@ def handshake_problems(
     if remote.compat_hash != compat_hash(remote_spec):
         problems.append("compat_hash: the remote hash does not match its own fields "
                         "(different hashing; upgrade both ends to the same pdserve)")
-    return problems + differing_fields(spec_from_handshake(local), remote_spec)
+    local_spec = spec_from_handshake(local)
+    diffs = differing_fields(local_spec, remote_spec)
+    if diffs:  # mapping layouts of different models means nothing
+        return problems + diffs
+    prefill, decode = (local_spec, remote_spec) if local_is_prefill else (remote_spec, local_spec)
+    return problems + mapping_problems(prefill, decode)
 
 
 def exchange_as_prefill(
@@ -70,7 +78,7 @@ def exchange_as_prefill(
     """Rank 0's side: send ours, await the decode side's verdict; returns its Handshake."""
     store.set(HELLO_KEY, local.SerializeToString())
     reply = kv_transfer_pb2.HandshakeReply.FromString(_await(store, REPLY_KEY, timeout_s))
-    problems = handshake_problems(local, reply.handshake)
+    problems = handshake_problems(local, reply.handshake, local_is_prefill=True)
     if problems or not reply.accepted:
         _refuse(local, reply.handshake, problems or [reply.reason])
     return reply.handshake
@@ -81,7 +89,7 @@ def exchange_as_decode(
 ) -> kv_transfer_pb2.Handshake:
     """Rank 1's side: await the prefill's Handshake, answer it; returns the prefill's."""
     remote = kv_transfer_pb2.Handshake.FromString(_await(store, HELLO_KEY, timeout_s))
-    problems = handshake_problems(local, remote)
+    problems = handshake_problems(local, remote, local_is_prefill=False)
     reply = kv_transfer_pb2.HandshakeReply(
         protocol_version=WIRE_VERSION, accepted=not problems, reason="; ".join(problems),
         mismatched_fields=[problem.split(":", 1)[0] for problem in problems], handshake=local,

@@ -2,8 +2,11 @@
 
 A request's KV for layers [l0, l1) is `kv_cache[l0:l1, block_ids]`: one index_select along the
 block dimension packs it as [l1 - l0, len(block_ids), 2, block_size, num_kv_heads, head_dim],
-and one index_copy_ writes such a buffer into (other) block ids of another cache. Never one copy
-or one message per block. Both work on CPU and CUDA (on the caller's current stream).
+and one index_copy_ writes such a buffer into (other) block ids of another cache. A KV shard
+(heads [h0, h1) of those layers) is the same single gather on the strided view
+`kv_cache[l0:l1, ..., h0:h1, :]` into a contiguous [.., h1 - h0, head_dim] buffer, and the same
+single scatter back into such a view of the receiver's cache. Never one copy or one message per
+block or per head. Both work on CPU and CUDA (on the caller's current stream).
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from __future__ import annotations
 import torch
 
 
-def packed_shape(kv_cache: torch.Tensor, num_blocks: int, layers: slice) -> tuple[int, ...]:
-    """Shape of the buffer holding `num_blocks` blocks of `layers`."""
-    start, stop = _layer_bounds(kv_cache, layers)
-    return (stop - start, num_blocks, *kv_cache.shape[2:])
+def packed_shape(kv_cache: torch.Tensor, num_blocks: int, layers: slice,
+                 heads: slice | None = None) -> tuple[int, ...]:
+    """Shape of the buffer holding `num_blocks` blocks of `layers` (and `heads`; all: None)."""
+    view = _view(kv_cache, layers, heads)
+    return (view.shape[0], num_blocks, *view.shape[2:])
 
 
 def pack_blocks(
@@ -22,14 +26,15 @@ def pack_blocks(
     block_ids: torch.Tensor,
     layers: slice,
     out: torch.Tensor | None = None,
+    heads: slice | None = None,
 ) -> torch.Tensor:
-    """Gather blocks `block_ids` of `layers` into a contiguous buffer (or into `out`)."""
+    """Gather blocks `block_ids` of `layers` (and KV `heads`) into a contiguous buffer (or
+    into `out`): one index_select."""
     _check_block_ids(kv_cache, block_ids)
-    start, stop = _layer_bounds(kv_cache, layers)
-    source = kv_cache[start:stop]
+    source = _view(kv_cache, layers, heads)
     if out is None:
         return torch.index_select(source, 1, block_ids)
-    _check_buffer(out, packed_shape(kv_cache, block_ids.numel(), layers), kv_cache, "out")
+    _check_buffer(out, packed_shape(kv_cache, block_ids.numel(), layers, heads), kv_cache, "out")
     return torch.index_select(source, 1, block_ids, out=out)
 
 
@@ -38,12 +43,29 @@ def unpack_blocks(
     block_ids: torch.Tensor,
     layers: slice,
     buffer: torch.Tensor,
+    heads: slice | None = None,
 ) -> None:
-    """Scatter a packed `buffer` into blocks `block_ids` of `layers`, in place."""
+    """Scatter a packed `buffer` into blocks `block_ids` of `layers` (and KV `heads`), in place:
+    one index_copy_ (through a strided view when `heads` is a part of the cache's)."""
     _check_block_ids(kv_cache, block_ids)
-    _check_buffer(buffer, packed_shape(kv_cache, block_ids.numel(), layers), kv_cache, "buffer")
+    _check_buffer(buffer, packed_shape(kv_cache, block_ids.numel(), layers, heads), kv_cache,
+                  "buffer")
+    _view(kv_cache, layers, heads).index_copy_(1, block_ids, buffer)
+
+
+def _view(kv_cache: torch.Tensor, layers: slice, heads: slice | None) -> torch.Tensor:
+    """kv_cache[layers, :, :, :, heads] without a copy."""
     start, stop = _layer_bounds(kv_cache, layers)
-    kv_cache[start:stop].index_copy_(1, block_ids, buffer)
+    view = kv_cache[start:stop]
+    if heads is None:
+        return view
+    if heads.step not in (None, 1):
+        raise ValueError(f"heads must be a contiguous slice, got step {heads.step}")
+    first, end, _ = heads.indices(kv_cache.shape[4])
+    if end <= first:
+        raise ValueError(f"heads {heads} selects no head of a cache of {kv_cache.shape[4]} "
+                         "KV heads")
+    return view[:, :, :, :, first:end]
 
 
 def _layer_bounds(kv_cache: torch.Tensor, layers: slice) -> tuple[int, int]:

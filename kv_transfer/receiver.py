@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -63,23 +64,29 @@ class KVReceiver:
         kv_cache: torch.Tensor,
         block_ids: Sequence[int],
         timeout_s: float,
+        heads: tuple[int, int] | None = None,
     ) -> worker_pb2.TransferResult:
-        """Receive transfer `desc` into blocks `block_ids` of `kv_cache` within `timeout_s`."""
+        """Receive transfer `desc` (its layers, and KV `heads`: None = every head of this rank,
+        model coordinates) into blocks `block_ids` of `kv_cache` within `timeout_s`."""
         if self._channel.state is not ChannelState.READY:
             raise KVTransferConnectionError(
                 f"pair {self._channel.pair_key} is {self._channel.state.value}; rebuild it "
                 "under a new generation key")
-        validate_descriptor(desc, self._channel.spec, self._channel.pair_key)
+        held = self._channel.spec.shard
+        heads = heads or held.heads
+        validate_descriptor(desc, self._channel.spec, self._channel.pair_key, heads)
         self._channel.spec.check_cache(kv_cache)
         ids = block_ids_tensor(block_ids, desc, kv_cache)
+        into = _CacheShard(kv_cache, ids, held.layers[0],
+                           slice(heads[0] - held.heads[0], heads[1] - held.heads[0]))
         with self._lock:
             self._take_seq(desc)
             deadline = time.monotonic() + timeout_s
             stream = self._stream_for(kv_cache.device)
             with stream.use():
-                self._receive_header(desc, deadline)
+                self._receive_header(desc, heads, deadline)
                 header_at = time.monotonic()
-                num_bytes = self._receive_groups(desc, kv_cache, ids, deadline)
+                num_bytes = self._receive_groups(desc, into, deadline)
                 stream.synchronize()  # the blocks are in place before we say so
                 self._send_ack(desc, worker_pb2.TRANSFER_STATUS_OK, num_bytes, deadline)
         return transfer_result(desc, worker_pb2.TRANSFER_STATUS_OK, num_bytes=num_bytes,
@@ -99,39 +106,40 @@ class KVReceiver:
                              f"got one on {device}")
         return self._stream
 
-    def _receive_header(self, desc: worker_pb2.TransferDescriptor, deadline: float) -> None:
+    def _receive_header(self, desc: worker_pb2.TransferDescriptor, heads: tuple[int, int],
+                        deadline: float) -> None:
         header = empty_header().to(self._channel.device)
         self._channel.wait(self._channel.recv(header), _remaining(deadline))
-        problems = header_mismatches(header.cpu(), desc)
+        problems = header_mismatches(header.cpu(), desc, heads)
         if problems:
             self._reject(desc, problems, deadline)
 
     def _receive_groups(
         self,
         desc: worker_pb2.TransferDescriptor,
-        kv_cache: torch.Tensor,
-        ids: torch.Tensor,
+        into: _CacheShard,
         deadline: float,
     ) -> int:
         """Receive every layer group and scatter it; returns the payload bytes."""
         pending = deque(layer_groups(desc))
         posted: deque[tuple[slice, torch.Tensor, PendingOp]] = deque()
         num_bytes = 0
+        kv_cache = into.kv_cache
         while pending or posted:
             while pending and len(posted) < self._window:
-                posted.append(self._post_group(kv_cache, desc.num_blocks, *pending.popleft()))
+                posted.append(self._post_group(into, *pending.popleft()))
             layers, staging, op = posted.popleft()
             self._channel.wait(op, _remaining(deadline))
-            unpack_blocks(kv_cache, ids, layers, staging.to(kv_cache.device))
+            unpack_blocks(kv_cache, into.block_ids, layers, staging.to(kv_cache.device),
+                          heads=into.heads)
             num_bytes += staging.numel() * staging.element_size()
         return num_bytes
 
-    def _post_group(
-        self, kv_cache: torch.Tensor, num_blocks: int, start: int, end: int
-    ) -> tuple[slice, torch.Tensor, PendingOp]:
-        layers = slice(start, end)
-        staging = torch.empty(packed_shape(kv_cache, num_blocks, layers), dtype=kv_cache.dtype,
-                              device=self._channel.device)
+    def _post_group(self, into: _CacheShard, start: int,
+                    end: int) -> tuple[slice, torch.Tensor, PendingOp]:
+        layers = slice(start - into.layer_offset, end - into.layer_offset)  # stage-local
+        shape = packed_shape(into.kv_cache, into.block_ids.numel(), layers, into.heads)
+        staging = torch.empty(shape, dtype=into.kv_cache.dtype, device=self._channel.device)
         return layers, staging, self._channel.recv(staging)
 
     def _send_ack(
@@ -153,6 +161,16 @@ class KVReceiver:
             pass  # best effort: the abort below fails the sender anyway
         self._channel.abort(message)
         raise KVTransferProtocolError(message)
+
+
+@dataclass(frozen=True, slots=True)
+class _CacheShard:
+    """Where one transfer's shard lands in this rank's cache."""
+
+    kv_cache: torch.Tensor
+    block_ids: torch.Tensor
+    layer_offset: int  # this rank's first layer (model coordinates)
+    heads: slice  # the shard's heads in this rank's cache
 
 
 def _remaining(deadline: float) -> float:

@@ -72,12 +72,16 @@ def pair_key(prefill_instance_id: str, decode_instance_id: str, generation: int)
     return f"{prefill_instance_id}->{decode_instance_id}@g{generation}"
 
 
-def rank_pair_key(key: str, rank: int) -> str:
-    """The channel of rank `rank`'s pair within instance pair `key` (rank i -> rank i); rank 0's
-    is the pair's own key, so one-rank instances keep theirs."""
-    if rank < 0:
-        raise ValueError(f"rank must be >= 0, got {rank}")
-    return key if rank == 0 else f"{key}/rank{rank}"
+def rank_pair_key(key: str, rank: int, decode_rank: int | None = None) -> str:
+    """The channel from prefill rank `rank` to decode rank `decode_rank` (default: the same
+    rank) within instance pair `key`: rank 0 -> rank 0 is the pair's own key (one-rank
+    instances keep theirs), rank i -> rank i appends "/rank{i}", other pairs "/p{i}-d{j}"."""
+    decode_rank = rank if decode_rank is None else decode_rank
+    if rank < 0 or decode_rank < 0:
+        raise ValueError(f"ranks must be >= 0, got prefill {rank}, decode {decode_rank}")
+    if rank == decode_rank:
+        return key if rank == 0 else f"{key}/rank{rank}"
+    return f"{key}/p{rank}-d{decode_rank}"
 
 
 def pair_store(store: Store, key: str) -> PrefixStore:

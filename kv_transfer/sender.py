@@ -50,9 +50,11 @@ class OutgoingTransfer:
     desc: worker_pb2.TransferDescriptor
     kv_cache: torch.Tensor
     block_ids: torch.Tensor
-    groups: list[tuple[int, int]]  # layer range of each KV message
+    groups: list[tuple[int, int]]  # layer range of each KV message (model coordinates)
     started_at: float  # time.monotonic() at begin()
     ready_until: int  # layers [desc.layer_start, ready_until) are written
+    heads: tuple[int, int] = (0, 0)  # the shard's KV heads (model coordinates)
+    cache_heads: slice = field(default_factory=lambda: slice(None))  # those heads in the cache
     state: SendState = SendState.STREAMING
     sent_at: float = 0.0  # time.monotonic() when the last message was posted
     next_group: int = 0  # first group not yet posted (or dropped)
@@ -81,11 +83,15 @@ class KVSender:
         return self._next_seq
 
     def begin(
-        self, desc: worker_pb2.TransferDescriptor, kv_cache: torch.Tensor, block_ids: Sequence[int]
+        self, desc: worker_pb2.TransferDescriptor, kv_cache: torch.Tensor,
+        block_ids: Sequence[int], heads: tuple[int, int] | None = None,
     ) -> OutgoingTransfer:
-        """Open the transfer `desc` of blocks `block_ids`; its KV is sent by send_layers()."""
+        """Open the transfer `desc` of blocks `block_ids` (its layers, and KV `heads`: None =
+        every head of this rank, in model coordinates); its KV is sent by send_layers()."""
         self._require_ready()
-        validate_descriptor(desc, self._channel.spec, self._channel.pair_key)
+        held = self._channel.spec.shard
+        heads = heads or held.heads
+        validate_descriptor(desc, self._channel.spec, self._channel.pair_key, heads)
         self._channel.spec.check_cache(kv_cache)
         ids = block_ids_tensor(block_ids, desc, kv_cache)
         with self._lock:
@@ -93,17 +99,22 @@ class KVSender:
                 raise ValueError(f"pair {self._channel.pair_key}: transfer pair_seq "
                                  f"{desc.pair_seq} is out of order; expected {self._next_seq}")
             self._use_stream_for(kv_cache.device)
+            cache_heads = slice(heads[0] - held.heads[0], heads[1] - held.heads[0])
             transfer = OutgoingTransfer(desc, kv_cache, ids, layer_groups(desc), time.monotonic(),
-                                        ready_until=desc.layer_start)
+                                        ready_until=desc.layer_start, heads=heads,
+                                        cache_heads=cache_heads)
             self._next_seq += 1
             self._open.append(transfer)
             self._pump()
         return transfer
 
     def send_layers(self, layer_start: int, layer_end: int) -> None:
-        """Layers [layer_start, layer_end) are written for every open transfer: send them."""
+        """Layers [layer_start, layer_end) of this rank's cache (stage-local, as the forward
+        pass reports them) are written for every open transfer: send them."""
         if not 0 <= layer_start < layer_end:
             raise ValueError(f"layer range [{layer_start}, {layer_end}) is empty or negative")
+        offset = self._channel.spec.shard.layers[0]  # stage-local -> model coordinates
+        layer_start, layer_end = layer_start + offset, layer_end + offset
         with self._lock:
             streaming = [t for t in self._open if t.state is SendState.STREAMING]
             for transfer in streaming:
@@ -168,7 +179,8 @@ class KVSender:
     def _post_ready(self, transfer: OutgoingTransfer) -> bool:
         """Post the header and every ready group; True once the transfer is fully posted."""
         if not transfer.header_posted:
-            header = encode_header(transfer.desc, corrupt=self._faults.corrupt_header)
+            header = encode_header(transfer.desc, transfer.heads,
+                                   corrupt=self._faults.corrupt_header)
             transfer.ops.append(self._channel.send(header.to(self._channel.device)))
             transfer.header_posted = True
         while transfer.next_group < len(transfer.groups):
@@ -190,7 +202,9 @@ class KVSender:
             return
         if self._faults.delay_s:
             time.sleep(self._faults.delay_s)
-        packed = pack_blocks(transfer.kv_cache, transfer.block_ids, slice(start, end))
+        offset = self._channel.spec.shard.layers[0]
+        packed = pack_blocks(transfer.kv_cache, transfer.block_ids,
+                             slice(start - offset, end - offset), heads=transfer.cache_heads)
         if packed.device != self._channel.device:
             packed = packed.to(self._channel.device)  # Gloo with a CUDA cache: via the host
         transfer.ops.append(self._channel.send(packed))

@@ -1,11 +1,11 @@
-"""One transfer of a multi-rank instance: a shard per rank pair, one outcome for the whole.
+"""One transfer between two instances: a shard per rank pair of the plan, one outcome for all.
 
-With the same layout on both sides, rank i of the prefill instance sends its KV shard (its
-stage's layers, its KV heads) to rank i of the decode instance over their own pair channel
-(`rendezvous.rank_pair_key`), each shard described by `descriptors.shard_descriptor` of the one
-descriptor of the transfer. Each end reports one outcome per transfer to its control plane only
-when every rank has reported: OK when every shard landed (bytes summed, the slowest shard's
-time), else the first failure. `ShardOutcomes` collects the per-rank results until then.
+The transfer plan (planner.py) of the two layouts names every (prefill rank, decode rank, KV
+shard) message; each goes over that rank pair's own channel (`rendezvous.rank_pair_key`),
+described by `descriptors.shard_descriptor` of the one descriptor of the transfer. Each end
+reports one outcome per transfer to its control plane only when every shard of the plan on its
+side has reported (a rank may carry several shards, or none): OK when every shard landed (bytes
+summed, the slowest shard's time), else the first failure. `ShardOutcomes` counts them.
 """
 
 from __future__ import annotations
@@ -55,10 +55,11 @@ OutcomeCallback = Callable[[str, worker_pb2.TransferResult], None]
 
 
 class InstanceTransfers:
-    """One end of an instance's transfers: rank 0's own shard outcome (its link's callback,
+    """One end of an instance's transfers: rank 0's own shard outcomes (its links' callback,
     `rank0_done`) and, for a multi-rank instance, every other rank's (events from `ranks`, a
-    RankCaller), combined into one `on_outcome` per transfer. A rank that is gone kills the
-    instance's engine loop (`loop.submit` of a raising command), as a failed step would."""
+    RankCaller), combined into one `on_outcome` per transfer once every shard the plan expects
+    has reported. A rank that is gone kills the instance's engine loop (`loop.submit` of a
+    raising command), as a failed step would."""
 
     def __init__(self, ranks, world_size: int, on_outcome: OutcomeCallback, loop,
                  instance: str) -> None:
@@ -70,19 +71,17 @@ class InstanceTransfers:
         if ranks is not None:
             _watch_ranks(ranks, self._outcomes, on_outcome, self._lost)
 
-    def begin(self, request_id: str) -> None:
-        if self._ranks is not None:
-            self._outcomes.begin(request_id)
+    def begin(self, request_id: str, expected: dict[int, int] | None = None) -> None:
+        """Await `expected[rank]` shard outcomes from each rank (default: one per rank)."""
+        self._outcomes.begin(request_id, expected)
 
     def forget(self, request_id: str) -> None:
         self._outcomes.forget(request_id)
 
     def rank0_done(self, request_id: str, result: worker_pb2.TransferResult) -> None:
-        if self._ranks is not None:
-            result = self._outcomes.report(request_id, 0, result)
-            if result is None:  # other ranks still to report
-                return
-        self._on_outcome(request_id, result)
+        combined = self._outcomes.report(request_id, 0, result)
+        if combined is not None:  # else other shards still to report
+            self._on_outcome(request_id, combined)
 
     def _lost(self, rank: int) -> None:
         message = f"rank {rank} of {self._instance} is gone"
@@ -111,31 +110,40 @@ def _watch_ranks(ranks, outcomes: ShardOutcomes, on_outcome: OutcomeCallback,
 
 @dataclass(slots=True)
 class _Collecting:
-    waiting: set[int]
+    waiting: dict[int, int]  # rank -> shard outcomes still to come from it
     results: list[worker_pb2.TransferResult] = field(default_factory=list)
 
 
 class ShardOutcomes:
-    """Per-rank transfer results of one end of one instance, combined per request."""
+    """Per-shard transfer results of one end of one instance, combined per request."""
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
         self._lock = threading.Lock()
         self._collecting: dict[str, _Collecting] = {}
 
-    def begin(self, request_id: str) -> None:
-        """Every rank will report on `request_id`'s transfer."""
+    def begin(self, request_id: str, expected: dict[int, int] | None = None) -> None:
+        """`expected[rank]` shards of `request_id`'s transfer will report from each rank
+        (default: one from every rank)."""
+        expected = expected or {rank: 1 for rank in range(self.world_size)}
+        bad = {r: n for r, n in expected.items() if not 0 <= r < self.world_size or n < 1}
+        if bad or not expected:
+            raise ValueError(f"expected shard outcomes {expected} must name ranks of "
+                             f"0..{self.world_size - 1}, each >= 1")
         with self._lock:
-            self._collecting[request_id] = _Collecting(set(range(self.world_size)))
+            self._collecting[request_id] = _Collecting(dict(expected))
 
     def report(self, request_id: str, rank: int,
                result: worker_pb2.TransferResult) -> worker_pb2.TransferResult | None:
-        """Rank `rank`'s result; the combined result once it was the last one, else None."""
+        """One of rank `rank`'s shard results; the combined result once it was the last one,
+        else None."""
         with self._lock:
             collecting = self._collecting.get(request_id)
-            if collecting is None or rank not in collecting.waiting:
-                return None  # not begun here, or a duplicate
-            collecting.waiting.discard(rank)
+            if collecting is None or not collecting.waiting.get(rank):
+                return None  # not begun here, or more than the plan expects
+            collecting.waiting[rank] -= 1
+            if not collecting.waiting[rank]:
+                del collecting.waiting[rank]
             collecting.results.append(result)
             if collecting.waiting:
                 return None
@@ -158,3 +166,25 @@ def combine(results: list[worker_pb2.TransferResult]) -> worker_pb2.TransferResu
     combined.duration_s = max(r.duration_s for r in results)
     combined.tail_s = max(r.tail_s for r in results)
     return combined
+
+
+def collect_links(built: dict, others=None) -> dict:
+    """Every future's link ({key: link}; `others`: a future of the other ranks' side), after all
+    of them finished; the first error is raised only then, with the links that were built
+    closed (nothing is left half-paired)."""
+    results, errors = {}, []
+    for key, future in built.items():
+        try:
+            results[key] = future.result()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+    if others is not None:
+        try:
+            others.result()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+    if errors:
+        for link in results.values():
+            link.close()
+        raise errors[0]
+    return results

@@ -1,11 +1,13 @@
 """What travels on a pair channel for one transfer, and how each end checks it.
 
 Per transfer, in pair_seq order, prefill -> decode:
-    1. header: int64[8] = HEADER_FIELDS (magic, wire version, pair_seq, num_blocks, layer range,
-       layers_per_message, a 64-bit hash of the request id). The receiver compares it with the
-       TransferDescriptor it was given; any difference is a KVTransferProtocolError.
-    2. one message per layer group [l, l + layers_per_message) (the last may be shorter): the
-       packed blocks, shape [layers, num_blocks, 2, block_size, num_kv_heads, head_dim].
+    1. header: int64[10] = HEADER_FIELDS (magic, wire version, pair_seq, num_blocks, the KV
+       shard: layer range and KV-head range in model coordinates, layers_per_message, a 64-bit
+       hash of the request id). The receiver compares it with the shard it was given; any
+       difference is a KVTransferProtocolError.
+    2. one message per layer group [l, l + layers_per_message) of the shard (the last may be
+       shorter): the packed blocks, shape [layers, num_blocks, 2, block_size, shard heads,
+       head_dim].
 then decode -> prefill:
     3. ack: int64[4] = ACK_FIELDS (magic, pair_seq, TransferStatus, payload bytes received).
        OK once the blocks are in place; PROTOCOL_ERROR when the header was refused.
@@ -23,11 +25,11 @@ import torch
 
 from protos.pdserve.v1 import worker_pb2
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: the header names the shard's KV heads
 HEADER_MAGIC = 0x7064_6B76_6864_7231  # "pdkvhdr1"
 ACK_MAGIC = 0x7064_6B76_6163_6B31  # "pdkvack1"
 HEADER_FIELDS = ("magic", "wire_version", "pair_seq", "num_blocks", "layer_start", "layer_end",
-                 "layers_per_message", "request_hash")
+                 "head_start", "head_end", "layers_per_message", "request_hash")
 ACK_FIELDS = ("magic", "pair_seq", "status", "num_bytes")
 
 
@@ -36,14 +38,16 @@ def request_hash(request_id: str) -> int:
     return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "little", signed=True)
 
 
-def expected_header(desc: worker_pb2.TransferDescriptor) -> list[int]:
+def expected_header(desc: worker_pb2.TransferDescriptor, heads: tuple[int, int]) -> list[int]:
     return [HEADER_MAGIC, WIRE_VERSION, desc.pair_seq, desc.num_blocks, desc.layer_start,
-            desc.layer_end, desc.layers_per_message, request_hash(desc.request_id)]
+            desc.layer_end, heads[0], heads[1], desc.layers_per_message,
+            request_hash(desc.request_id)]
 
 
-def encode_header(desc: worker_pb2.TransferDescriptor, corrupt: bool = False) -> torch.Tensor:
+def encode_header(desc: worker_pb2.TransferDescriptor, heads: tuple[int, int],
+                  corrupt: bool = False) -> torch.Tensor:
     """The header tensor (CPU); `corrupt` flips the request hash, for fault injection."""
-    values = expected_header(desc)
+    values = expected_header(desc, heads)
     if corrupt:
         values[-1] ^= 1
     return torch.tensor(values, dtype=torch.int64)
@@ -53,11 +57,12 @@ def empty_header() -> torch.Tensor:
     return torch.zeros(len(HEADER_FIELDS), dtype=torch.int64)
 
 
-def header_mismatches(header: torch.Tensor, desc: worker_pb2.TransferDescriptor) -> list[str]:
-    """'field: expected=... got=...' for every header field that disagrees with `desc`."""
+def header_mismatches(header: torch.Tensor, desc: worker_pb2.TransferDescriptor,
+                      heads: tuple[int, int]) -> list[str]:
+    """'field: expected=... got=...' for every header field that disagrees with the shard."""
     got = header.tolist()
     return [f"{name}: expected={want} got={have}"
-            for name, want, have in zip(HEADER_FIELDS, expected_header(desc), got)
+            for name, want, have in zip(HEADER_FIELDS, expected_header(desc, heads), got)
             if want != have]
 
 

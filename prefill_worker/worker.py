@@ -21,9 +21,10 @@ reports the death without the engine thread.
 
 A multi-rank instance (tensor x pipeline): this worker is rank 0 and keeps its own links; ranks
 1..N-1 keep theirs in a rank service (prefill_worker/rank_links.py) that every `connect` and
-every step's `begin` reaches too. Each rank sends its shard of a transfer to the same rank of
-the decode instance; the blocks are freed once every rank reported (kv_transfer/shards.py). A
-rank that dies kills the engine thread, as a failed step does.
+every step's `begin` reaches too. The two instances' layouts may differ: the transfer plan
+(kv_transfer/planner.py) names which prefill rank sends which KV shard (layers x KV heads) to
+which decode rank; the blocks are freed once every shard of the plan reported
+(kv_transfer/shards.py). A rank that dies kills the engine thread, as a failed step does.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from engine.engine_loop import EngineDeadError, EngineLoop, LoopControls
@@ -42,7 +43,7 @@ from engine.request import Request
 from kv_transfer import (DEFAULT_MIN_MESSAGE_BYTES, FaultInjection, KVLayoutSpec,
                          OutgoingTransfer, layers_per_message_for, new_descriptor)
 from kv_transfer.shards import InstanceTransfers
-from prefill_worker.links import LinkConfig, SendLink, layer_sender
+from prefill_worker.links import DecodeLinks, LinkConfig, connect_decode, layer_sender
 from prefill_worker.metrics import PrefillMetrics
 from protos.pdserve.v1 import PROTOCOL_VERSION, generation_pb2, worker_pb2
 from protos.convert import sampling_from_proto, worker_stats
@@ -74,8 +75,9 @@ class _Pending:
 class _Handoff:
     request: Request
     task: worker_pb2.PrefillTask
-    link: SendLink | None = None  # None: no transfer could begin (channel down)
-    transfer: OutgoingTransfer | None = None
+    link: DecodeLinks | None = None  # None: no transfer could begin (channel down)
+    transfer: list[tuple[object, OutgoingTransfer]] | None = None  # rank 0's shards
+    desc: worker_pb2.TransferDescriptor | None = None  # the transfer's, when begun
 
 
 class PrefillWorker(LoopControls):
@@ -93,12 +95,12 @@ class PrefillWorker(LoopControls):
         self.layers_per_message = layers_per_message
         self.min_message_bytes = min_message_bytes
         kv = engine.kv_cache  # [layers, blocks, 2, block_size, kv_heads, head_dim]
-        self._block_layer_bytes = kv[0, 0].numel() * kv.element_size()
+        self._block_head_bytes = kv[0, 0, :, :, 0].numel() * kv.element_size()  # 1 layer, 1 head
         self.transfer_timeout_s = transfer_timeout_s
-        self.spec = KVLayoutSpec.for_cache(engine.kv_cache, engine.model_config.name,
-                                           engine.parallel_layout)
+        self.spec = KVLayoutSpec.for_engine_rank(engine.kv_cache, engine.model_config,
+                                                 engine.config.parallel)
         self.ranks = engine.rank_caller  # None for a one-rank instance
-        self.links: dict[str, SendLink] = {}
+        self.links: dict[str, DecodeLinks] = {}
         self.peers: dict[str, DecodePeer] = {}
         self._pending: dict[str, _Pending] = {}  # admitted, first token not yet handed off
         self._handed_off: set[str] = set()  # request ids whose blocks the transfer holds
@@ -121,10 +123,9 @@ class PrefillWorker(LoopControls):
         cfg = LinkConfig(self.instance_id, decode_id, device, self.transfer_timeout_s,
                          faults=self.faults, bind_host=self.host)
         started = time.monotonic()
-        with ThreadPoolExecutor(1) as ranks:  # the other ranks' links, concurrently
-            others = ranks.submit(self._connect_ranks, decode_id, endpoint, device)
-            link = SendLink(cfg, endpoint, self.spec, self._transfers.rank0_done)
-            others.result()
+        link = connect_decode(cfg, endpoint, self.spec, self._transfers.rank0_done,
+                              connect_other_ranks=lambda decode_layout: self._connect_ranks(
+                                  decode_id, endpoint, device, decode_layout))
         self.metrics.transfer.handshake_time.observe(time.monotonic() - started)
         old = self.links.get(decode_id)
         self.links[decode_id], self.peers[decode_id] = link, peer
@@ -132,13 +133,15 @@ class PrefillWorker(LoopControls):
             old.close()
 
     def _connect_ranks(self, decode_id: str, endpoint: worker_pb2.PairEndpoint,
-                       device: str) -> None:
+                       device: str, decode_layout: str) -> None:
         if self.ranks is None:
             return
         faults = {f: getattr(self.faults, f) for f in self.faults.__dataclass_fields__}
+        layouts = (self.spec.parallel_layout, decode_layout)
+        model = (self.spec.num_layers, self.spec.num_kv_heads)
         self.ranks.call("connect", (self.instance_id, decode_id, endpoint.SerializeToString(),
-                                    device, self.transfer_timeout_s, self.host, faults),
-                        timeout_s=RANK_CONNECT_TIMEOUT_S)
+                                    device, self.transfer_timeout_s, self.host, faults, layouts,
+                                    model), timeout_s=RANK_CONNECT_TIMEOUT_S)
 
     def set_faults(self, faults: FaultInjection, future_links: bool = False) -> None:
         """Fault injection (tests, chaos runs) on every current link: a fault of this channel
@@ -147,7 +150,7 @@ class PrefillWorker(LoopControls):
         if future_links:
             self.faults = faults
         for link in self.links.values():
-            link.sender._faults = faults
+            link.set_faults(faults)
 
     def submit(self, task: worker_pb2.PrefillTask, on_result: ResultCallback,
                on_error: ErrorCallback | None = None) -> None:
@@ -212,7 +215,8 @@ class PrefillWorker(LoopControls):
         handoffs = [self._begin_transfer(request) for request in requests]
         self._begun.update((h.request.request_id, h) for h in handoffs)  # pipelines: several
         self._begin_on_ranks([h for h in handoffs if h.transfer is not None])
-        return layer_sender({h.link.sender for h in handoffs if h.link is not None})
+        return layer_sender({sender for h in handoffs if h.link is not None
+                             for sender in h.link.senders})
 
     def _begin_on_ranks(self, handoffs: list[_Handoff]) -> None:
         """The other ranks begin their shards of these transfers before the plan runs (the
@@ -222,9 +226,8 @@ class PrefillWorker(LoopControls):
         orders = []
         for h in handoffs:
             rid = h.request.request_id
-            self._transfers.begin(rid)
-            orders.append((h.task.decode_instance_id, h.transfer.desc.SerializeToString(),
-                           self.engine.block_ids(rid)))
+            orders.append((h.task.decode_instance_id, h.desc.SerializeToString(),
+                           self.engine.block_ids(rid), h.link.expected_outcomes()))
         self.ranks.post("begin", (orders,), inline=True)
 
     def _begin_transfer(self, request: Request) -> _Handoff:
@@ -233,19 +236,22 @@ class PrefillWorker(LoopControls):
         if link is None or not link.is_ready:
             return _Handoff(request, task, None)
         table = self.engine.block_ids(request.request_id)  # allocated for this step
-        num_layers = self.engine.kv_cache.shape[0]  # this rank's: its pipeline stage's layers
-        per_message = layers_per_message_for(num_layers, len(table) * self._block_layer_bytes,
+        num_layers = self.spec.num_layers  # the model's: each shard takes its part
+        shard_layer_bytes = len(table) * self._block_head_bytes * link.min_shard_heads()
+        per_message = layers_per_message_for(num_layers, shard_layer_bytes,
                                              self.layers_per_message, self.min_message_bytes)
         # this step completes the KV of every token known so far: prompt + resumed outputs
-        desc = new_descriptor(link.key, link.sender.next_seq, request.request_id,
+        desc = new_descriptor(link.key, link.next_seq, request.request_id,
                               request.num_tokens, len(table), (0, num_layers), per_message)
         self.peers[task.decode_instance_id].expect_transfer(desc)
         try:
-            transfer = link.sender.begin(desc, self.engine.kv_cache, table)
+            transfer = link.begin(desc, self.engine.kv_cache, table)
         except Exception as exc:  # a broken channel: the decode side times out on its own
             log.warning("cannot begin KV transfer for %s: %s", request.request_id, exc)
             return _Handoff(request, task, None)
-        return _Handoff(request, task, link, transfer)
+        # every shard of the plan reports, rank 0's (its links) and the other ranks' (events)
+        self._transfers.begin(request.request_id, link.expected_outcomes())
+        return _Handoff(request, task, link, transfer, desc)
 
     def handed_off(self, request: Request, out: RequestOutput, step_s: float) -> None:
         """The first token exists and the request left the core; its blocks are held by its

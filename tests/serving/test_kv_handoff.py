@@ -207,7 +207,7 @@ def test_an_expected_transfer_whose_channel_goes_fails_and_frees_its_reservation
     reply = _reserve_only(decode, "orphan", prompt)
     link = decode.links["prefill-t"]
     key = "prefill-t->decode-t@g99" if stale else link.key
-    desc = new_descriptor(key, link.receiver.next_seq + 5, "orphan", len(prompt),
+    desc = new_descriptor(key, link.next_seq + 5, "orphan", len(prompt),
                           reply.num_blocks, (0, default_loaded.config.num_layers), 4)
     decode.expect_transfer("prefill-t", desc)
     if not stale:
