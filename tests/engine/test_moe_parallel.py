@@ -11,6 +11,7 @@ equal one rank's, which fails if it were computed whole on every rank and summed
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import replace
 from datetime import timedelta
@@ -20,11 +21,13 @@ import torch
 import torch.multiprocessing as mp
 from prometheus_client import CollectorRegistry
 
+from engine.builder import build_model
 from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from engine.layers.moe import FusedMoE, fused_experts_ref, select_experts
 from engine.llm_engine import LLMEngine
 from engine.metrics import EngineMetrics
 from engine.loader.source import open_model
+from engine.models.weights import load_weights
 from engine.parallel import ParallelContext, check_parallel_sizes
 from engine.sampling_params import SamplingParams
 from pdserve.metrics import MetricFactory
@@ -218,3 +221,44 @@ def test_expert_load_is_published_summed_over_layers(model_paths):
     assert [sample("moe_expert_tokens_total", expert=str(e)) for e in range(8)] == list(totals)
     assert sample("moe_expert_load_imbalance") == pytest.approx(max(totals) * 8 / sum(totals))
     assert engine.stats().expert_token_counts == totals
+
+
+class _RecordingWeight:
+    """A lazy checkpoint weight that records which slices the loader read from disk."""
+
+    def __init__(self, name, lazy, reads):
+        self.name, self.lazy, self.reads, self.shape = name, lazy, reads, lazy.shape
+
+    def narrow(self, dim, start, length):
+        self.reads.append((self.name, dim, start, length))
+        return self.lazy.narrow(dim, start, length)
+
+
+def _moe_layer(path: str, parallel: ParallelContext) -> tuple[FusedMoE, list[tuple]]:
+    source = open_model(path)
+    model = build_model(source.config, torch.float32, "cpu", parallel)
+    reads: list[tuple] = []
+    load_weights(model, ((n, _RecordingWeight(n, w, reads)) for n, w in source.iter_lazy_weights()))
+    return next(m for m in model.modules() if isinstance(m, FusedMoE)), reads
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["per-expert", "packed"])
+def test_expert_parallel_rank_reads_only_its_experts(tmp_path, packed):
+    path = str(save_tiny_moe_model(tmp_path / "mixtral", "mixtral", packed=packed))
+    whole, _ = _moe_layer(path, ParallelContext.single())
+    layer, reads = _moe_layer(path, ParallelContext(tp_rank=1, tp_size=2, ep_size=2))
+    assert torch.equal(layer.w13, whole.w13[4:]) and torch.equal(layer.w2, whole.w2[4:])
+    expert_reads = [r for r in reads if ".experts." in r[0]]
+    if packed:  # each stacked tensor narrowed to experts 4..7 before it is read
+        assert expert_reads and all(r[1:] == (0, 4, 4) for r in expert_reads)
+    else:  # experts 0..3 never read
+        read_experts = {int(re.search(r"\.experts\.(\d+)\.", r[0])[1]) for r in expert_reads}
+        assert read_experts == {4, 5, 6, 7}
+
+
+def test_tensor_parallel_rank_holds_its_intermediate_slice(model_paths):
+    whole, _ = _moe_layer(model_paths["mixtral-even"], ParallelContext.single())
+    layer, _ = _moe_layer(model_paths["mixtral-even"], ParallelContext(tp_rank=1, tp_size=2))
+    gate, up = whole.w13[:, 19:38], whole.w13[:, 38 + 19:]  # expert size 38, rank 1's half
+    assert torch.equal(layer.w13, torch.cat([gate, up], dim=1))
+    assert torch.equal(layer.w2, whole.w2[:, :, 19:])
