@@ -2,6 +2,11 @@
 LM head; the MLP of each sparse layer is a `FusedMoE` (engine/layers/moe.py), of the others the
 dense Llama MLP. Mixtral, Qwen2-MoE and Qwen3-MoE differ only in their `MoEConfig` (and
 attention options), which their files read from the HF config.json.
+
+Parallelism stays in the layers: with tensor parallelism the attention and dense MLPs split as
+for Llama and each `FusedMoE` splits its experts' intermediate dimension, or, with
+expert_parallel_size = tp, holds a range of whole experts; the shared expert is a
+tensor-parallel `LlamaMLP` whose partial output `FusedMoE` adds before its one all-reduce.
 """
 
 from __future__ import annotations
