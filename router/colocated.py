@@ -78,6 +78,7 @@ class _EngineStats:
     free_kv_blocks: int
     num_running: int
     num_waiting: int
+    expert_token_counts: tuple[int, ...] = ()  # MoE: tokens routed to each expert
 
 
 class ColocatedBackend:
@@ -176,7 +177,8 @@ class ColocatedBackend:
             instance_id=INSTANCE_ID, role=generation_pb2.INSTANCE_ROLE_UNSPECIFIED,
             address=socket.gethostname(), device=str(self._engine.config.device),
             total_kv_blocks=stats.total_kv_blocks, free_kv_blocks=stats.free_kv_blocks,
-            num_running_requests=stats.num_running, num_waiting_requests=stats.num_waiting)]
+            num_running_requests=stats.num_running, num_waiting_requests=stats.num_waiting,
+            expert_token_counts=stats.expert_token_counts)]
 
     def _admit(self, request_id: str) -> asyncio.Queue[_Delivery]:
         if not self.is_ready():
@@ -290,7 +292,7 @@ class ColocatedBackend:
     def _snapshot(self) -> _EngineStats:
         stats = self._engine.stats()
         return _EngineStats(stats.num_blocks, stats.num_free_blocks, stats.num_running,
-                            stats.num_waiting)
+                            stats.num_waiting, stats.expert_token_counts)
 
     def _make_model_info(self) -> generation_pb2.ModelInfo:
         config = self._engine.model_config

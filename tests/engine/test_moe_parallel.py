@@ -11,6 +11,7 @@ equal one rank's, which fails if it were computed whole on every rank and summed
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from dataclasses import replace
@@ -31,6 +32,7 @@ from engine.models.weights import load_weights
 from engine.parallel import ParallelContext, check_parallel_sizes
 from engine.sampling_params import SamplingParams
 from pdserve.metrics import MetricFactory
+from router.colocated import ColocatedBackend
 from tests.engine.model_parallel_worker import load_stage
 from tests.engine.moe_factories import MOE_VARIANTS, save_tiny_moe_model
 from tests.engine.moe_parallel_worker import MoEScenario, probe_model, rank_main
@@ -201,7 +203,7 @@ def test_engine_at_ep2_generates_the_tokens_of_one_rank(model_paths):
     assert counts == one.expert_load.totals(max_age_s=0)
 
 
-def test_expert_load_is_published_summed_over_layers(model_paths):
+def test_expert_load_is_published_and_in_cluster_state(model_paths):
     registry = CollectorRegistry()
     metrics = EngineMetrics(MetricFactory("tiny-moe", registry))
     engine = LLMEngine(EngineConfig(model=model_paths["mixtral"], device="cpu", dtype="float32",
@@ -221,6 +223,8 @@ def test_expert_load_is_published_summed_over_layers(model_paths):
     assert [sample("moe_expert_tokens_total", expert=str(e)) for e in range(8)] == list(totals)
     assert sample("moe_expert_load_imbalance") == pytest.approx(max(totals) * 8 / sum(totals))
     assert engine.stats().expert_token_counts == totals
+    (state,) = asyncio.run(ColocatedBackend(engine).cluster_state())  # GetClusterState's
+    assert tuple(state.expert_token_counts) == totals
 
 
 class _RecordingWeight:
