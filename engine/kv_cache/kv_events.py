@@ -7,8 +7,8 @@ buffer into a `KVEventBatch` when it answers the router anyway (a prefill instan
 
     epoch    a random id of this buffer, i.e. of this incarnation of the instance: a router that
              sees a new epoch throws its old view of the instance away
-    seq      batches are numbered 1, 2, ... (0 = nothing drained yet); a router that sees a gap
-             (a batch lost with a cancelled call, or reordered) asks for a snapshot
+    seq      batches (empty ones too) and snapshots are numbered 1, 2, ...; a router that sees
+             a gap (a batch lost with a cancelled call, or reordered) asks for a snapshot
     dropped  the buffer is bounded: past `capacity` pending changes the oldest is dropped and
              counted; a batch with `num_dropped > 0` cannot be applied and the router resyncs
     snapshot every block hash cached now, taken on the engine thread together with the batch
@@ -71,9 +71,8 @@ class KVEventBuffer:
             self.num_dropped_total += 1
 
     def drain(self) -> KVEventBatch:
-        """The pending changes as the next batch; with none, the last number again (empty)."""
-        if not self._pending and not self._num_dropped:
-            return KVEventBatch(self.epoch, self._seq)
+        """The pending changes as the next batch. An empty one is numbered too: a router that
+        missed a snapshot (which takes a number) must see the gap."""
         self._seq += 1
         batch = KVEventBatch(self.epoch, self._seq,
                              tuple(h for h, s in self._pending.items() if s),

@@ -78,7 +78,7 @@ def test_the_index_follows_batches_in_order_and_counts_leading_blocks():
     index = PrefixIndex()
     assert not index.apply("p0", _batch(1, stored=(1, 2, 3)))
     assert not index.apply("p0", _batch(2, evicted=(2,)))
-    assert not index.apply("p0", _batch(2))  # an empty repeat
+    assert not index.apply("p0", _batch(2))  # a duplicate: ignored
     assert index.num_cached_blocks("p0", (1, 2, 3)) == 1  # block 2 gone: the chain stops
     assert index.num_cached_blocks("p1", (1,)) == 0
 
