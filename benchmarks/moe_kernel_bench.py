@@ -20,6 +20,7 @@ import argparse
 import itertools
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -138,10 +139,15 @@ def _time_gemm(x, w, out, blocks, weights, top_k, tile, gate_up) -> float:
         return float("inf")
 
 
-def sweep_shape(shape) -> dict[str, dict]:
+def sweep_shape(shape, deadline: float) -> dict[str, dict]:
+    """Best tiles per token bucket; buckets left when `deadline` (monotonic) passes are not
+    swept (lookups fall back to the nearest swept bucket)."""
     num_experts, hidden, inter, top_k = shape
     best_by_tokens = {}
     for num_tokens in TOKENS:
+        if time.monotonic() > deadline:
+            print(f"sweep {shape}: out of time before T={num_tokens}", flush=True)
+            break
         x, w13, w2, weights, ids = _problem(shape, num_tokens)
         best = None
         for block_m in _block_m_candidates(num_tokens, num_experts, top_k):
@@ -176,6 +182,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="sweep tiles, write the JSON first")
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--sweep-budget-s", type=float, default=600.0,
+                        help="seconds of sweeping per shape")
     args = parser.parse_args()
     names = args.shapes.split(",")
     info = device_info()
@@ -183,7 +191,8 @@ def main() -> None:
         for name in names:
             num_experts, hidden, inter, top_k = SHAPES[name]
             key = shape_key(num_experts, hidden, inter, top_k, DT)
-            write_configs({key: sweep_shape(SHAPES[name])}, info["gpu"])
+            deadline = time.monotonic() + args.sweep_budget_s
+            write_configs({key: sweep_shape(SHAPES[name], deadline)}, info["gpu"])
     bw = copy_bandwidth_gbs()
     rows = [row for name in names for row in bench_shape(name, SHAPES[name], bw)]
     payload = {"device": info, "copy_bandwidth_gbs": bw, "hbm_spec_gbs": HBM_SPEC_GBS,

@@ -35,16 +35,16 @@ for p in $parts; do
                python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
                  --upgrade --target /tmp/site .whl/*.whl || echo "install failed" >> "$summary"
              fi ;;
-    tests) run moe_tests 170 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
+    tests) run moe_tests 150 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
              tests/kernels/test_fused_moe.py
            grep -E "passed|failed|error" "$OUT/moe_tests.log" | tail -n 3 >> "$summary"
            grep -E "^(FAILED|ERROR)" "$OUT/moe_tests.log" | head -n 20 >> "$summary" ;;
-    sweep) run moe_sweep 400 python3 benchmarks/moe_kernel_bench.py --sweep
+    sweep) run moe_sweep 330 python3 benchmarks/moe_kernel_bench.py --sweep --sweep-budget-s ${SWEEP_BUDGET_S:-90}
            cp engine/kernels/fused_moe_configs.json "$OUT/" 2>/dev/null
            tail -n 16 "$OUT/moe_sweep.log" >> "$summary" ;;
     kernel) run moe_kernel 240 python3 benchmarks/moe_kernel_bench.py
             tail -n 16 "$OUT/moe_kernel.log" >> "$summary" ;;
-    latency) run moe_latency 560 python3 benchmarks/moe_latency.py
+    latency) run moe_latency ${LATENCY_LIMIT_S:-560} python3 benchmarks/moe_latency.py ${LATENCY_ARGS:-}
              tail -n 24 "$OUT/moe_latency.log" >> "$summary" ;;
   esac
 done
