@@ -29,8 +29,8 @@ from typing import Any
 
 import yaml
 
-from cluster.config_checks import (at_least, check_parallelism, check_port, check_same_layout,
-                                   check_types, join_path, one_of, positive)
+from cluster.config_checks import (at_least, check_parallelism, check_port, check_types,
+                                   join_path, one_of, positive)
 from cluster.server_config import ServerConfig
 from router.policy import RoutingConfig
 from kv_transfer.descriptors import DEFAULT_MIN_MESSAGE_BYTES
@@ -213,8 +213,6 @@ class ClusterConfig:
             if pool.role != role:
                 raise ValueError(f"{role}.role must be {role!r}, got {pool.role!r}")
             self._check_pool_device(pool)
-        if self.decode.num_instances:
-            check_same_layout(self.prefill, self.decode)
         if self.transfer.backend == "nccl":
             for pool in self.pools:
                 if pool.device != "cuda":

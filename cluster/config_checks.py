@@ -89,14 +89,21 @@ def check_parallelism(pool: Any, section: str) -> None:
         )
 
 
-def check_same_layout(prefill: Any, decode: Any) -> None:
-    """KV moves rank i -> rank i, so both pools need the same tensor x pipeline layout (a
-    re-sharding transfer between different layouts is not built yet)."""
-    def layout(pool: Any) -> str:
-        return f"tp={pool.tensor_parallel_size} pp={pool.pipeline_parallel_size}"
-    if layout(prefill) != layout(decode):
-        raise ValueError(
-            f"prefill and decode pools must have the same parallel layout for now (KV moves "
-            f"from each prefill rank to the same decode rank): prefill is {layout(prefill)}, "
-            f"decode is {layout(decode)}; set the same tensor_parallel_size and "
-            f"pipeline_parallel_size in both sections")
+def check_layouts_map(prefill: Any, decode: Any, model_config: Any) -> None:
+    """KV moves from prefill ranks to decode ranks by the transfer plan of the two pools'
+    layouts (kv_transfer/planner.py: re-sharded by layer range and KV-head range), so the pools
+    may differ; each must be able to hold the model (`model_config`: its layers and KV heads),
+    else the startup is refused naming the pool's keys (before any instance is placed)."""
+    from kv_transfer.planner import ModelShape, ParallelLayout, layout_problems, plan_transfer
+
+    model = ModelShape(model_config.num_layers, model_config.num_kv_heads)
+    layouts = []
+    for pool in (prefill, decode):
+        layout = ParallelLayout(pool.tensor_parallel_size, pool.pipeline_parallel_size)
+        for problem in layout_problems(layout, model, pool.role):
+            raise ValueError(
+                f"{pool.role}.tensor_parallel_size / {pool.role}.pipeline_parallel_size cannot "
+                f"split the model ({model.num_kv_heads} KV heads, {model.num_layers} layers), "
+                f"so no KV transfer plan maps the pools: {problem}")
+        layouts.append(layout)
+    plan_transfer(*layouts, model)  # both layouts hold the model: a plan always exists

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import ray
 
 from cluster.config import ClusterConfig, PoolConfig
+from cluster.config_checks import check_layouts_map
 from cluster.placement import (
     InstancePlacement,
     actor_name,
@@ -24,6 +25,7 @@ from cluster.placement import (
 )
 from cluster.worker_spec import GPU_SAFE_ENV, WorkerSpec, engine_config_for
 from engine.config import ParallelConfig
+from engine.loader.source import open_model
 from decode_worker.actor import DecodeActor
 from prefill_worker.actor import PrefillActor
 
@@ -215,7 +217,10 @@ def _cause(exc: Exception) -> str:
 
 
 async def start_cluster(cfg: ClusterConfig, host: str = "127.0.0.1") -> Pools:
-    """Reserve placement groups for every instance and launch the pools on them."""
+    """Reserve placement groups for every instance and launch the pools on them (first: the
+    pools' layouts must each hold the model, so that KV can be re-sharded between them)."""
+    model_config = (await asyncio.to_thread(open_model, cfg.model)).config
+    check_layouts_map(cfg.prefill, cfg.decode, model_config)
     placements = await asyncio.to_thread(create_cluster_placements, cfg)
     by_id = {f"{p.role}-{p.instance_index}": p for p in placements}
     prefill_specs, decode_specs = worker_specs(cfg, host)

@@ -18,7 +18,7 @@ from decode_worker.links import PrefillLinks, RecvLink, accept_prefill
 from engine.executor.rank_calls import RankContext
 from kv_transfer import KVLayoutSpec, KVTransferConnectionError, failure_result, join_store
 from kv_transfer.planner import ModelShape
-from kv_transfer.shards import SHARD_DONE, kv_digest, shard_event
+from kv_transfer.shards import SHARD_DONE, kv_blocks_hex, kv_digest, shard_event
 from protos.pdserve.v1 import worker_pb2
 
 
@@ -39,6 +39,10 @@ class DecodeRankService:
     def _kv_digest(self, block_ids: list[int]) -> str:
         """Diagnostics: a hash of this rank's KV in these blocks (kv_transfer.shards)."""
         return kv_digest(self._ctx.kv_cache, block_ids)
+
+    def _kv_blocks(self, block_ids: list[int]) -> dict:
+        """Diagnostics: this rank's KV in these blocks (kv_transfer.shards, tiny models)."""
+        return kv_blocks_hex(self._ctx.kv_cache, block_ids)
 
     def _accept(self, prefill_id: str, decode_id: str, generation: int, store_host: str,
                 store_port: int, device: str, transfer_timeout_s: float,

@@ -51,6 +51,35 @@ def instance_kv_digests(engine, block_ids: list[int], timeout_s: float = 30.0) -
     return digests
 
 
+def kv_blocks_hex(kv_cache, block_ids: list[int]) -> dict:
+    """Blocks `block_ids` of a rank's cache as JSON (dtype, shape, bytes in hex): how a test
+    reads what a rank holds to compare it with a slice of another instance's KV. Diagnostics
+    only: meant for tiny models."""
+    import torch
+
+    blocks = kv_cache[:, torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)]
+    raw = blocks.contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    return {"dtype": str(blocks.dtype).removeprefix("torch."), "shape": list(blocks.shape),
+            "hex": raw.hex()}
+
+
+def kv_blocks_from_hex(value: dict):
+    import torch
+
+    raw = bytearray(bytes.fromhex(value["hex"]))
+    flat = torch.frombuffer(raw, dtype=torch.uint8).view(getattr(torch, value["dtype"]))
+    return flat.reshape(value["shape"])
+
+
+def instance_kv_blocks(engine, block_ids: list[int], timeout_s: float = 30.0) -> list:
+    """The blocks `block_ids` of every rank of an instance (tensors, rank 0 first)."""
+    values = [kv_blocks_hex(engine.kv_cache, block_ids)]
+    if engine.rank_caller is not None:
+        others = engine.rank_caller.call("kv_blocks", (block_ids,), timeout_s=timeout_s)
+        values += [others[rank] for rank in sorted(others)]
+    return [kv_blocks_from_hex(value) for value in values]
+
+
 OutcomeCallback = Callable[[str, worker_pb2.TransferResult], None]
 
 

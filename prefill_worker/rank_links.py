@@ -18,7 +18,7 @@ import logging
 from engine.executor.rank_calls import RankContext
 from kv_transfer import FaultInjection, KVLayoutSpec, KVTransferConnectionError, failure_result
 from kv_transfer.planner import ModelShape
-from kv_transfer.shards import SHARD_DONE, kv_digest, shard_event
+from kv_transfer.shards import SHARD_DONE, kv_blocks_hex, kv_digest, shard_event
 from prefill_worker.links import DecodeLinks, LinkConfig, connect_decode, layer_sender
 from protos.pdserve.v1 import worker_pb2
 
@@ -39,6 +39,10 @@ class PrefillRankService:
     def _kv_digest(self, block_ids: list[int]) -> str:
         """Diagnostics: a hash of this rank's KV in these blocks (kv_transfer.shards)."""
         return kv_digest(self._ctx.kv_cache, block_ids)
+
+    def _kv_blocks(self, block_ids: list[int]) -> dict:
+        """Diagnostics: this rank's KV in these blocks (kv_transfer.shards, tiny models)."""
+        return kv_blocks_hex(self._ctx.kv_cache, block_ids)
 
     def _connect(self, prefill_id: str, decode_id: str, endpoint: bytes, device: str,
                  transfer_timeout_s: float, bind_host: str | None, faults: dict,
