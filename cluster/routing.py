@@ -30,8 +30,8 @@ from cluster.lifecycle import Supervisor
 from cluster.pools import Pools, Worker, await_ref
 from pdserve.metrics import MetricFactory
 from protos.pdserve.v1 import generation_pb2, worker_pb2
-from router.policy import (DecodeCandidate, PrefillCandidate, RequestView, RoutingConfig,
-                           make_policy)
+from router.policy import (POLICIES, DecodeCandidate, PrefillCandidate, RequestView,
+                           RoutingConfig, make_policy)
 from router.prefix_index import PrefixIndex, request_block_hashes
 
 log = logging.getLogger(__name__)
@@ -58,18 +58,23 @@ class RoutingMetrics:
     pdserve:router_kv_resyncs_total                             snapshots asked after a new
                                                                   epoch, a gap or dropped events"""
 
-    def __init__(self, factory: MetricFactory, policy: str) -> None:
+    def __init__(self, factory: MetricFactory) -> None:
         self.routed = factory.counter_by_each(
             "router_routed_requests", "Attempts routed to each prefill instance, by policy",
-            "policy", (policy,), "instance_id", ())[policy]
+            "policy", POLICIES, "instance_id", ())
         self.query_tokens = factory.counter_by(
-            "router_prefix_query_tokens", "Tokens of routed requests", "policy", (policy,))[policy]
+            "router_prefix_query_tokens", "Tokens of routed requests", "policy", POLICIES)
         self.hit_tokens = factory.counter_by(
             "router_prefix_hit_tokens",
             "Tokens of routed requests predicted cached on the chosen prefill instance",
-            "policy", (policy,))[policy]
+            "policy", POLICIES)
         self.resyncs = factory.counter(
             "router_kv_resyncs", "Snapshots of an instance's cached block hashes asked")
+
+    def count(self, policy: str, route: Route) -> None:
+        self.routed[policy][route.prefill.spec.instance_id].inc()
+        self.query_tokens[policy].inc(route.num_tokens)
+        self.hit_tokens[policy].inc(route.num_cached_tokens)
 
 
 class Routing:
@@ -80,10 +85,9 @@ class Routing:
                  spawn: Callable[[object], None] | None = None) -> None:
         self.pools = pools
         self._supervisor = supervisor
-        self.config = config or RoutingConfig()
-        self.policy = make_policy(self.config)
+        self.use_policy(config or RoutingConfig())
         self.index = PrefixIndex()
-        self.metrics = RoutingMetrics(metrics, self.config.policy) if metrics else None
+        self.metrics = RoutingMetrics(metrics) if metrics else None
         self._spawn = spawn
         self._prefill_tokens = {w.spec.instance_id: 0 for w in pools.prefill}
         self._decode_state: dict[str, generation_pb2.InstanceState] = {}
@@ -102,6 +106,11 @@ class Routing:
             self._decode_requests[wid] = set()
         if state is not None:
             self._decode_state[wid] = state
+
+    def use_policy(self, config: RoutingConfig) -> None:
+        """Route from now on by `config` (the load counts and cache views carry over)."""
+        self.config = config
+        self.policy = make_policy(config)
 
     def observe(self, outputs: worker_pb2.DecodeOutputs) -> None:
         """A decode instance's step outputs carry its state (free blocks, running requests)."""
@@ -151,11 +160,8 @@ class Routing:
         return DecodeCandidate(wid, free, total, len(self._decode_requests.get(wid, ())), needed)
 
     def _count_route(self, route: Route) -> None:
-        if self.metrics is None:
-            return
-        self.metrics.routed[route.prefill.spec.instance_id].inc()
-        self.metrics.query_tokens.inc(route.num_tokens)
-        self.metrics.hit_tokens.inc(route.num_cached_tokens)
+        if self.metrics is not None:
+            self.metrics.count(self.config.policy, route)
 
     # ---- decode ---------------------------------------------------------------------------
     @contextmanager
