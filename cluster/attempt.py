@@ -48,6 +48,9 @@ class AttemptRunner:
         self._routing = routing
         self._supervisor = supervisor
         self._channels = channels
+        # conditional disaggregation (0 = off): a decode instance missing fewer than this many
+        # tokens of the request in its prefix cache computes them itself (no prefill, no KV hand-off)
+        self.prefill_here_below_tokens = 0
 
     async def run(self, flight: Flight) -> AsyncIterator[TokenEvent]:
         """The current attempt's events; raises InstanceLost when it cannot finish."""
@@ -60,6 +63,10 @@ class AttemptRunner:
             yield token_event(ABORTED, None, inp, len(flight.streamed))
             return
         attempt.prefilled = True
+        if result is None:  # the decode instance prefills it: every event comes from its stream
+            async for event in self._decoded_here(flight):
+                yield event
+            return
         first = result.first_token
         if first.error:
             raise RequestFailedError(first.error, retryable=False)
@@ -81,6 +88,18 @@ class AttemptRunner:
                 flight.timing.kv_transfer_s = delta.timing.kv_transfer_s
             yield token_event(delta, flight.timing if flight.finished else None, inp, num_output)
 
+    async def _decoded_here(self, flight: Flight) -> AsyncIterator[TokenEvent]:
+        """Conditional disaggregation: the decode instance computes the uncached rest of the
+        prompt and streams every token, the first included."""
+        inp, num_output = flight.inp, len(flight.streamed)
+        while not flight.finished:
+            delta = await self._next_delta(flight.attempt)
+            if flight.timing is None:
+                flight.timing = Timing(ttft_s=time.monotonic() - inp.arrival_time_s)
+            num_output += len(delta.token_ids)
+            flight.finished = bool(delta.finish_reason)
+            yield token_event(delta, flight.timing if flight.finished else None, inp, num_output)
+
     async def _next_delta(self, attempt: Attempt) -> worker_pb2.TokenDelta:
         """The decode instance's next delta for the attempt; InstanceLost if it cannot come."""
         delta = await attempt.queue.get()
@@ -98,26 +117,31 @@ class AttemptRunner:
         return delta
 
     async def _reserve_and_prefill(self, flight: Flight,
-                                   route: Route | None) -> worker_pb2.PrefillResult:
+                                   route: Route | None) -> worker_pb2.PrefillResult | None:
+        """The prefill's result; None when the decode instance prefills the request itself."""
         attempt = flight.attempt
         if route is None:
             role = "decode" if self._supervisor.ready(self._routing.pools.prefill) else "prefill"
             raise InstanceLost(role, f"no live {role} instance")
-        attempt.decode = await self._reserve(flight, route.decode_order)
+        attempt.decode, reserved = await self._reserve(flight, route.decode_order)
+        if reserved.prefill_here:
+            return None
         if not self._supervisor.is_ready(route.prefill):  # lost while the decode side reserved
             raise InstanceLost("prefill", f"instance {route.prefill.spec.instance_id} is gone")
         attempt.prefill = route.prefill
-        result = await self._prefill(flight)
+        result = await self._prefill(flight, reserved.num_cached_tokens)
         self._routing.prefilled(attempt.prefill, result)
         return result
 
-    async def _reserve(self, flight: Flight, order: list[Worker]) -> Worker:
+    async def _reserve(self, flight: Flight,
+                       order: list[Worker]) -> tuple[Worker, worker_pb2.ReserveReply]:
         inp, attempt = flight.inp, flight.attempt
         request = worker_pb2.ReserveRequest(
             protocol_version=PROTOCOL_VERSION, request_id=attempt.worker_id,
             num_prompt_tokens=len(inp.prompt_token_ids), max_tokens=inp.params.max_tokens,
             prompt_token_ids=inp.prompt_token_ids, sampling=sampling_to_proto(inp.params),
-            seed=inp.seed, output_token_ids=flight.streamed)
+            seed=inp.seed, output_token_ids=flight.streamed, cache_salt=inp.cache_salt,
+            prefill_here_below_tokens=self.prefill_here_below_tokens)
         reasons = []
         num_tokens = len(inp.prompt_token_ids) + len(flight.streamed) + 1
         for worker in order:
@@ -128,7 +152,7 @@ class AttemptRunner:
             attempt.reserving = None
             self._routing.reserved(worker, reply, attempt.worker_id)
             if reply.accepted:
-                return worker
+                return worker, reply
             if reply.invalid:  # the pools are alike: no other decode instance would take it
                 field = "max_tokens" if "max_tokens" in reply.reason else "prompt"
                 raise InvalidRequestError(field, reply.reason)
@@ -137,14 +161,15 @@ class AttemptRunner:
             raise InstanceLost("decode", "no live decode instance")
         raise OverloadedError("no decode instance can take the request: " + "; ".join(reasons))
 
-    async def _prefill(self, flight: Flight) -> worker_pb2.PrefillResult:
+    async def _prefill(self, flight: Flight, decode_cached_tokens: int) -> worker_pb2.PrefillResult:
         inp, attempt = flight.inp, flight.attempt
         worker = attempt.prefill
         task = worker_pb2.PrefillTask(
             protocol_version=PROTOCOL_VERSION, request_id=attempt.worker_id,
             prompt_token_ids=inp.prompt_token_ids, sampling=sampling_to_proto(inp.params),
             seed=inp.seed, decode_instance_id=attempt.decode.spec.instance_id,
-            output_token_ids=flight.streamed)
+            output_token_ids=flight.streamed, cache_salt=inp.cache_salt,
+            num_decode_cached_tokens=decode_cached_tokens)  # those blocks stay unsent
         return await self._unless_failed(attempt, worker, worker.actor.prefill.remote(task))
 
     async def _unless_failed(self, attempt: Attempt, worker: Worker, ref):
@@ -222,4 +247,4 @@ def token_event(delta: worker_pb2.TokenDelta, timing: Timing | None, inp: Genera
     return TokenEvent(token_ids=list(delta.token_ids), text=delta.text,
                       logprobs=list(delta.logprobs), finish_reason=delta.finish_reason or None,
                       num_prompt_tokens=len(inp.prompt_token_ids), num_output_tokens=num_output,
-                      timing=timing)
+                      num_cached_tokens=delta.usage.cached_tokens, timing=timing)

@@ -76,6 +76,9 @@ class PoolConfig:
     # reservation is refused, and RESOURCE_EXHAUSTED when every decode instance refuses.
     # 0 = 4 x max_num_seqs (decode_worker/worker.py). A prefill pool has no such queue: must be 0.
     max_waiting_requests: int = 0
+    # Reuse cached KV of shared prompt prefixes (engine/kv_cache/prefix_cache.py); on a decode
+    # pool it also means a hand-off sends only the blocks the instance does not hold.
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         one_of("role", self.role, ROLES)
@@ -196,6 +199,10 @@ class ClusterConfig:
     # This deployment's Ray namespace and the prefix of its actor and placement group names:
     # deployments sharing one Ray cluster need different names.
     name: str = "pdserve"
+    # Conditional disaggregation (0 = off): a request whose prompt the chosen decode instance
+    # already caches but for fewer than this many tokens is prefilled there, skipping the
+    # prefill pool and the transfer (needs decode.prefix_caching).
+    conditional_disagg_max_uncached_tokens: int = 0
 
     def __post_init__(self) -> None:
         check_types(self, "")
@@ -204,6 +211,8 @@ class ClusterConfig:
         one_of("device", self.device, DEVICES)
         one_of("dtype", self.dtype, DTYPES)
         at_least("block_size", self.block_size, 1)
+        at_least("conditional_disagg_max_uncached_tokens",
+                 self.conditional_disagg_max_uncached_tokens, 0)
         positive("placement_timeout_s", self.placement_timeout_s)
         if not self.ray_address:
             raise ValueError('ray_address must not be empty; use "local" (a private Ray), '
@@ -285,13 +294,14 @@ _OVERRIDES: dict[str, tuple[str, ...]] = {
 
 def with_overrides(config: ClusterConfig, **overrides: Any) -> ClusterConfig:
     """Apply CLI flags (--model, --prefill-instances, --decode-instances, --host (grpc_host),
-    --grpc-port, --metrics-port, --http-port, --http-host, --prometheus-sd-file, --device) to a
+    --grpc-port, --metrics-port, --http-port, --http-host, --prometheus-sd-file, --device,
+    --no-prefix-caching as prefix_caching=False) to a
     config; a None value means the flag was not given.
 
     `device` also fixes the pools' GPU counts when they contradict it, so `--device cuda` on a
     CPU config gives each instance one GPU and `--device cpu` drops the GPUs.
     """
-    known = sorted([*_OVERRIDES, "device"])
+    known = sorted([*_OVERRIDES, "device", "prefix_caching"])
     for name, value in overrides.items():
         if name not in known:
             raise ValueError(f"unknown override {name!r}; known: {', '.join(known)}")
@@ -299,6 +309,9 @@ def with_overrides(config: ClusterConfig, **overrides: Any) -> ClusterConfig:
             continue
         if name == "device":
             config = _with_device(config, value)
+        elif name == "prefix_caching":  # --no-prefix-caching: both pools
+            config = replace(config, **{p.role: replace(p, prefix_caching=value)
+                                        for p in config.pools})
         else:
             config = _replace_at(config, _OVERRIDES[name], value)
     return config

@@ -63,7 +63,8 @@ class DisaggregatedBackend:
                  model_name: str | None = None,
                  supervision: SupervisionConfig | None = None,
                  recovery: Recovery | None = None,
-                 routing: RoutingConfig | None = None) -> None:
+                 routing: RoutingConfig | None = None,
+                 conditional_disagg_max_uncached_tokens: int = 0) -> None:
         self.pools = pools
         self._tokenizer = tokenizer
         self.model_config = model_config
@@ -79,6 +80,7 @@ class DisaggregatedBackend:
                                MetricFactory(self.model_name, self.metrics.registry), self._spawn)
         self.channels = PairChannels(pools, self.supervisor, self._spawn)
         self._attempts = AttemptRunner(self.routing, self.supervisor, self.channels)
+        self._attempts.prefill_here_below_tokens = conditional_disagg_max_uncached_tokens
         self._ready = False
         self.draining = False
 

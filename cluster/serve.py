@@ -49,7 +49,9 @@ class ServingCluster:
         recovery = PoolRecovery(config)
         backend = DisaggregatedBackend(pools, tokenizer, source.config, server.max_queued_requests,
                                        supervision=config.supervision, recovery=recovery,
-                                       routing=config.routing)
+                                       routing=config.routing,
+                                       conditional_disagg_max_uncached_tokens=(
+                                           config.conditional_disagg_max_uncached_tokens))
         recovery.backend = backend
         try:
             router = await start_router(backend, server.grpc_host, server.grpc_port,

@@ -104,10 +104,12 @@ def engine_config_for(model: str, device: str, dtype: str, block_size: int, num_
                       gpu_memory_utilization: float,
                       async_scheduling: bool | None = None,
                       use_cuda_graphs: bool = True,
-                      parallel: ParallelConfig | None = None) -> EngineConfig:
+                      parallel: ParallelConfig | None = None,
+                      enable_prefix_caching: bool = True) -> EngineConfig:
     return EngineConfig(model=model, device=device, dtype=dtype, async_scheduling=async_scheduling,
                         use_cuda_graphs=use_cuda_graphs, parallel=parallel or ParallelConfig(),
                         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
-                                          gpu_memory_utilization=gpu_memory_utilization),
+                                          gpu_memory_utilization=gpu_memory_utilization,
+                                          enable_prefix_caching=enable_prefix_caching),
                         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                                   max_num_batched_tokens=max_num_batched_tokens))

@@ -17,6 +17,11 @@ Lifecycle of a request here (all transitions on the engine thread):
                               otherwise marked, and freed as soon as the transfer ends
 A preempted request is recomputed here from its prompt and output tokens, like any other.
 
+Prefix caching: a reservation starts with the blocks of the longest prefix cached here (same
+salt; e.g. a conversation's previous turn), reported in ReserveReply.num_cached_tokens: the
+prefill side sends only the blocks after them. Missing fewer than prefill_here_below_tokens
+tokens, it is queued here instead (conditional disaggregation: no transfer; `prefill_here`).
+
 Bounds: a reservation is refused (`ReserveReply.accepted` False, with the reason) when the KV
 cache cannot hold the prompt (+ resumed outputs), or when `max_waiting_requests` requests
 already wait here (reserved, queued or preempted); the router answers RESOURCE_EXHAUSTED when
@@ -49,6 +54,7 @@ from engine.executor.rank_calls import RankCallError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import Request
+from engine.scheduler import QueueFullError
 from kv_transfer import KVLayoutSpec, host_store
 from kv_transfer.shards import InstanceTransfers
 from protos.convert import sampling_from_proto, worker_stats
@@ -74,7 +80,7 @@ class Incoming:
     """A reserved request waiting for its KV and its first token."""
 
     request: Request
-    block_ids: list[int]
+    block_ids: list[int]  # the blocks a transfer fills: the table after the cached prefix
     reserved_at_s: float
     arrived: Arrival = Arrival.NONE
     first: worker_pb2.TokenDelta | None = None
@@ -107,6 +113,7 @@ class DecodeWorker(LoopControls):
         self.incoming: dict[str, Incoming] = {}
         self.transfer_s: dict[str, float] = {}  # per admitted request, reported on its last delta
         self.admitted_at_s: dict[str, float] = {}  # per admitted request, for its decode time
+        self.cached_tokens: dict[str, int] = {}  # per admitted request, reported on its last delta
         self.num_transfers_failed = 0
         self.metrics = metrics or DecodeMetrics(engine.model_config.name)
         self.loop = EngineLoop(self._step, engine.has_unfinished, f"decode-{instance_id}",
@@ -208,15 +215,40 @@ class DecodeWorker(LoopControls):
         except ValueError as exc:  # can never be accepted as sent, here or elsewhere
             reply.reason, reply.invalid = str(exc), True
             return reply
+        request.cache_salt = req.cache_salt  # the table starts with the cached prefix's blocks
+        cached = self.engine.kv_manager.match_prefix(req.request_id, request.all_token_ids,
+                                                     req.cache_salt)
         # the KV to land covers every known token (prompt + resumed outputs), +1 for the next
         needed = self.engine.num_blocks_needed(req.request_id, request.num_tokens + 1)
-        free = stats.num_free_blocks
-        if needed + self.watermark_blocks > free or req.request_id in self.incoming:
+        if needed + self.watermark_blocks > (free := self.engine.stats().num_free_blocks):
+            self.engine.release_blocks(req.request_id)
             reply.reason = f"KV cache full: {free} of {stats.num_blocks} blocks free, {needed} needed"
             return reply
+        reply.num_cached_tokens = cached
+        if cached and request.num_tokens - cached < req.prefill_here_below_tokens:
+            return self._prefill_here(request, reply)
         blocks = self.engine.reserve_blocks(req.request_id, request.num_tokens)
-        self.incoming[req.request_id] = Incoming(request, blocks, time.monotonic())
-        reply.accepted, reply.num_blocks = True, len(blocks)
+        skip = cached // self.engine.kv_manager.block_size
+        self.incoming[req.request_id] = Incoming(request, blocks[skip:], time.monotonic())
+        reply.accepted, reply.num_blocks = True, len(blocks) - skip
+        reply.num_free_blocks = self.engine.stats().num_free_blocks
+        return reply
+
+    def _prefill_here(self, request: Request, reply: worker_pb2.ReserveReply) -> worker_pb2.ReserveReply:
+        """Conditional disaggregation: queue the request to be computed here (its held blocks
+        go back, still cached: the scheduler's own match takes them again on admission)."""
+        rid = request.request_id
+        self.engine.release_blocks(rid)
+        try:
+            self.engine.track(request)  # replays resumed outputs: their stop strings raise
+            self.engine.enqueue(request)
+        except (ValueError, QueueFullError) as exc:
+            self.engine.forget(request)
+            reply.reason, reply.invalid = str(exc), isinstance(exc, ValueError)
+            return reply
+        request.arrival_time_s = time.monotonic()
+        self.cached_tokens[rid] = reply.num_cached_tokens
+        reply.accepted, reply.prefill_here = True, True
         reply.num_free_blocks = self.engine.stats().num_free_blocks
         return reply
 
@@ -282,6 +314,7 @@ class DecodeWorker(LoopControls):
             return
         request.first_token_time_s = time.monotonic()
         self.transfer_s[request.request_id] = incoming.transfer_s
+        self.cached_tokens[request.request_id] = first.usage.cached_tokens  # the prefill's hit
         self.admitted_at_s[request.request_id] = request.first_token_time_s
         self.engine.admit_prefilled(request)  # prompt + resumed outputs landed
 
@@ -308,6 +341,7 @@ class DecodeWorker(LoopControls):
             reply.found = True
             self.transfer_s.pop(rid, None)
             self.admitted_at_s.pop(rid, None)
+            self.cached_tokens.pop(rid, None)
         elif (incoming := self.incoming.get(rid)) is not None:
             reply.found = True
             incoming.aborted = True
@@ -328,6 +362,7 @@ class DecodeWorker(LoopControls):
         self.incoming.clear()
         self.transfer_s.clear()
         self.admitted_at_s.clear()
+        self.cached_tokens.clear()
         if request_ids:
             self.emit(self._outputs([
                 worker_pb2.TokenDelta(protocol_version=PROTOCOL_VERSION, request_id=rid,
@@ -346,6 +381,7 @@ class DecodeWorker(LoopControls):
         if out.finished:
             delta.usage.prompt_tokens = out.num_prompt_tokens
             delta.usage.completion_tokens = out.num_output_tokens
+            delta.usage.cached_tokens = self.cached_tokens.pop(out.request_id, 0)
             delta.timing.kv_transfer_s = self.transfer_s.pop(out.request_id, 0.0)
             admitted_at_s = self.admitted_at_s.pop(out.request_id, None)
             if admitted_at_s is not None:

@@ -200,6 +200,7 @@ class PrefillWorker(LoopControls):
             pending.on_result(_failed_result(task.request_id, str(exc)))
             return
         request.arrival_time_s = time.monotonic()
+        request.cache_salt = task.cache_salt  # prefix caching: this salt's blocks only
         self.engine.enqueue(request)
         self._pending[task.request_id] = pending
 
@@ -227,22 +228,31 @@ class PrefillWorker(LoopControls):
         for h in handoffs:
             rid = h.request.request_id
             orders.append((h.task.decode_instance_id, h.desc.SerializeToString(),
-                           self.engine.block_ids(rid), h.link.expected_outcomes()))
+                           self._blocks_to_send(h.request, h.task), h.link.expected_outcomes()))
         self.ranks.post("begin", (orders,), inline=True)
+
+    def _blocks_to_send(self, request: Request, task: worker_pb2.PrefillTask) -> list[int]:
+        """The request's blocks after those the decode instance already holds (its cached
+        prefix, PrefillTask.num_decode_cached_tokens): only these cross the wire."""
+        table = self.engine.block_ids(request.request_id)
+        held = task.num_decode_cached_tokens // self.engine.kv_manager.block_size
+        return table[min(held, len(table) - 1):]  # never the last block: it holds new KV
 
     def _begin_transfer(self, request: Request) -> _Handoff:
         task = self._pending[request.request_id].task
         link = self.links.get(task.decode_instance_id)
         if link is None or not link.is_ready:
             return _Handoff(request, task, None)
-        table = self.engine.block_ids(request.request_id)  # allocated for this step
+        table = self._blocks_to_send(request, task)  # allocated for this step
+        num_unsent = len(self.engine.block_ids(request.request_id)) - len(table)
         num_layers = self.spec.num_layers  # the model's: each shard takes its part
         shard_layer_bytes = len(table) * self._block_head_bytes * link.min_shard_heads()
         per_message = layers_per_message_for(num_layers, shard_layer_bytes,
                                              self.layers_per_message, self.min_message_bytes)
         # this step completes the KV of every token known so far: prompt + resumed outputs
+        num_tokens = request.num_tokens - num_unsent * self.engine.kv_manager.block_size
         desc = new_descriptor(link.key, link.next_seq, request.request_id,
-                              request.num_tokens, len(table), (0, num_layers), per_message)
+                              num_tokens, len(table), (0, num_layers), per_message)
         self.peers[task.decode_instance_id].expect_transfer(desc)
         try:
             transfer = link.begin(desc, self.engine.kv_cache, table)
@@ -338,6 +348,7 @@ def _token_delta(request: Request, out, step_s: float) -> worker_pb2.TokenDelta:
     delta.timing.prefill_s = time.monotonic() - (request.first_scheduled_time_s or time.monotonic())
     delta.usage.prompt_tokens = request.num_prompt_tokens
     delta.usage.completion_tokens = len(request.output_token_ids)
+    delta.usage.cached_tokens = request.num_cached_tokens  # this instance's prefix-cache hit
     return delta
 
 
