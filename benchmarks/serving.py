@@ -7,6 +7,8 @@ reports, so numbers read the same way.
     # standalone: an in-process router over one colocated engine with the default model
     .venv/bin/python benchmarks/serving.py --start-colocated --num-prompts 8 \\
         --random-input-len 64 --random-output-len 16 [--backend openai: the OpenAI HTTP API]
+    # a chat file (benchmarks/multiturn_workload.py): routing policies x caching on/off, 2P+2D
+    .venv/bin/python benchmarks/serving.py --multiturn FILE --result-file r.json
 
 Requests arrive as a Poisson process at `--request-rate` per second (`inf`: all at once), at
 most `--max-concurrency` in flight. Prompts are random token ids with lengths from `--dataset`:
@@ -54,6 +56,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.serving_colocated import colocated_router  # noqa: E402
+from benchmarks.serving_multiturn import run as run_multiturn  # noqa: E402
 from benchmarks.serving_openai import OpenAIClient  # noqa: E402
 from router.client import PdserveClient  # noqa: E402
 
@@ -85,9 +88,8 @@ class RequestResult:
 
     @property
     def tpot_s(self) -> float | None:
-        if self.num_output_tokens < 2:
-            return None
-        return (self.e2e_s - self.ttft_s) / (self.num_output_tokens - 1)
+        n = self.num_output_tokens
+        return None if n < 2 else (self.e2e_s - self.ttft_s) / (n - 1)
 
     def latency_ms(self, name: str) -> float | None:
         seconds = {"ttft": self.ttft_s, "tpot": self.tpot_s, "e2el": self.e2e_s}[name]
@@ -252,8 +254,7 @@ def print_summary(summary: dict) -> None:
     print("{:=^60}".format(" Serving Benchmark Result "))
     print(f"{summary['model']} | {summary['dataset']} | {summary['num_prompts']} prompts | "
           f"rate {summary['request_rate']} | max concurrency {summary['max_concurrency']}")
-    metrics = list(summary)[list(summary).index("successful_requests"):]
-    for key in metrics:
+    for key in list(summary)[list(summary).index("successful_requests"):]:
         if isinstance(summary[key], (int, float)):
             print(f"{key:<44}{summary[key]:>16}")
     if summary["errors"]:
@@ -355,6 +356,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-timeout-s", type=float, default=600.0, help="gRPC deadline each")
     p.add_argument("--max-duration-s", type=float, default=3600.0, help="bound on the whole run")
     p.add_argument("--result-file", type=Path, default=None, help="write the summary as JSON")
+    p.add_argument("--multiturn", type=Path, default=None, help="replay this chat workload")
     args = p.parse_args(argv)
     _check(p, args)
     args.goodput = dict(args.goodput)
@@ -363,14 +365,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     positive = {"--num-prompts": args.num_prompts, "--random-input-len": args.random_input_len,
-                "--max-num-seqs": args.max_num_seqs,
-                "--random-output-len": args.random_output_len,
+                "--max-num-seqs": args.max_num_seqs, "--random-output-len": args.random_output_len,
                 "--request-rate": args.request_rate, "--request-timeout-s": args.request_timeout_s,
                 "--max-duration-s": args.max_duration_s}
-    if args.max_concurrency is not None:
-        positive["--max-concurrency"] = args.max_concurrency
-    if args.sharegpt_output_len is not None:
-        positive["--sharegpt-output-len"] = args.sharegpt_output_len
+    positive |= {flag: value for flag, value in (("--max-concurrency", args.max_concurrency), (
+        "--sharegpt-output-len", args.sharegpt_output_len)) if value is not None}
     for flag, value in positive.items():
         if not value > 0:
             parser.error(f"{flag} must be > 0, got {value}")
@@ -381,6 +380,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None, loaded=None) -> int:
     """The command line; `loaded` is `benchmark`'s (a test's already loaded model)."""
     args = parse_args(argv)
+    if args.multiturn is not None:  # its own CPU cluster and report (serving_multiturn.py)
+        return 0 if run_multiturn(args.multiturn, args.result_file, args.request_timeout_s) else 1
     try:
         summary = asyncio.run(benchmark(args, loaded))
     except RuntimeError as error:

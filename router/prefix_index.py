@@ -29,7 +29,8 @@ from protos.pdserve.v1 import worker_pb2
 MAX_HELD_BATCHES = 64  # out-of-order batches held per instance while waiting for a snapshot
 
 
-def request_block_hashes(token_ids: Sequence[int], block_size: int, cache_salt: str = "") -> tuple[int, ...]:
+def request_block_hashes(token_ids: Sequence[int], block_size: int,
+                         cache_salt: str = "") -> tuple[int, ...]:
     """The names of the request's full blocks that a cache hit may cover: every full block
     before its last token (the engine never serves the last token from its cache)."""
     salt, parent, hashes = salt_key(cache_salt), ROOT_HASH, []
