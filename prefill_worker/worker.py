@@ -355,6 +355,7 @@ def _token_delta(request: Request, out, step_s: float) -> worker_pb2.TokenDelta:
 def _set_kv_events(message: worker_pb2.KVEvents, batch) -> None:
     """An engine `KVEventBatch` (None: no prefix cache) into its message."""
     if batch is not None:
+        message.protocol_version = PROTOCOL_VERSION
         message.epoch, message.seq, message.num_dropped = batch.epoch, batch.seq, batch.num_dropped
         message.stored.extend(batch.stored)
         message.evicted.extend(batch.evicted)

@@ -241,20 +241,22 @@ class PrefillResult(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., request_id: _Optional[str] = ..., first_token: _Optional[_Union[TokenDelta, _Mapping]] = ..., transfer: _Optional[_Union[TransferResult, _Mapping]] = ..., prefill_s: _Optional[float] = ..., kv_events: _Optional[_Union[KVEvents, _Mapping]] = ...) -> None: ...
 
 class KVEvents(_message.Message):
-    __slots__ = ("epoch", "seq", "stored", "evicted", "num_dropped", "is_snapshot")
+    __slots__ = ("protocol_version", "epoch", "seq", "stored", "evicted", "num_dropped", "is_snapshot")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
     EVICTED_FIELD_NUMBER: _ClassVar[int]
     NUM_DROPPED_FIELD_NUMBER: _ClassVar[int]
     IS_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
     epoch: str
     seq: int
     stored: _containers.RepeatedScalarFieldContainer[int]
     evicted: _containers.RepeatedScalarFieldContainer[int]
     num_dropped: int
     is_snapshot: bool
-    def __init__(self, epoch: _Optional[str] = ..., seq: _Optional[int] = ..., stored: _Optional[_Iterable[int]] = ..., evicted: _Optional[_Iterable[int]] = ..., num_dropped: _Optional[int] = ..., is_snapshot: _Optional[bool] = ...) -> None: ...
+    def __init__(self, protocol_version: _Optional[int] = ..., epoch: _Optional[str] = ..., seq: _Optional[int] = ..., stored: _Optional[_Iterable[int]] = ..., evicted: _Optional[_Iterable[int]] = ..., num_dropped: _Optional[int] = ..., is_snapshot: _Optional[bool] = ...) -> None: ...
 
 class DecodeTask(_message.Message):
     __slots__ = ("protocol_version", "request_id", "prompt_token_ids", "output_token_ids", "output_logprobs", "sampling", "seed", "transfer_id", "timing")
