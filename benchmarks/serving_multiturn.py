@@ -17,9 +17,11 @@ router's predicted hit tokens, plus how the requests spread over the prefill ins
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +30,7 @@ from router.client import PdserveClient
 from router.policy import RoutingConfig
 
 SHIFT = 7919  # token id offset between runs (prime: shifted prompts share nothing)
+BENCHMARKS_DIR = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +191,9 @@ def run(workload_path, result_file, timeout_s: float, num_kv_blocks: int = 1024)
 
     from cluster.ray_runtime import init_ray
 
+    # run as a script, benchmarks/ is on sys.path, and its kernels.py would shadow the `kernels`
+    # package that transformers imports while the router loads the tokenizer
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCHMARKS_DIR]
     init_ray("local", "pdserve-multiturn-bench")
     summary = asyncio.run(compare(Workload.load(workload_path), num_kv_blocks, timeout_s))
     summary |= {"workload_file": str(workload_path), "python": platform.python_version(),
