@@ -89,6 +89,17 @@ def check_parallelism(pool: Any, section: str) -> None:
         )
 
 
+def check_expert_parallel_fits(pool: Any, model_config: Any) -> None:
+    """A pool's expert_parallel_size suits the model (a MoE model whose experts divide by it),
+    refused naming the pool's key before any instance is placed."""
+    from engine.parallel import check_expert_parallel
+
+    try:
+        check_expert_parallel(model_config, pool.tensor_parallel_size, pool.expert_parallel_size)
+    except ValueError as exc:
+        raise ValueError(f"{pool.role}.expert_parallel_size / tensor_parallel_size: {exc}") from None
+
+
 def check_layouts_map(prefill: Any, decode: Any, model_config: Any) -> None:
     """KV moves from prefill ranks to decode ranks by the transfer plan of the two pools'
     layouts (kv_transfer/planner.py: re-sharded by layer range and KV-head range), so the pools

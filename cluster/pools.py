@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import ray
 
 from cluster.config import ClusterConfig, PoolConfig
-from cluster.config_checks import check_layouts_map
+from cluster.config_checks import check_expert_parallel_fits, check_layouts_map
 from cluster.placement import (
     InstancePlacement,
     actor_name,
@@ -222,6 +222,8 @@ async def start_cluster(cfg: ClusterConfig, host: str = "127.0.0.1") -> Pools:
     pools' layouts must each hold the model, so that KV can be re-sharded between them)."""
     model_config = (await asyncio.to_thread(open_model, cfg.model)).config
     check_layouts_map(cfg.prefill, cfg.decode, model_config)
+    for pool in cfg.pools:
+        check_expert_parallel_fits(pool, model_config)
     placements = await asyncio.to_thread(create_cluster_placements, cfg)
     by_id = {f"{p.role}-{p.instance_index}": p for p in placements}
     prefill_specs, decode_specs = worker_specs(cfg, host)

@@ -22,6 +22,8 @@ import torch
 import torch.multiprocessing as mp
 from prometheus_client import CollectorRegistry
 
+from cluster.config import PoolConfig
+from cluster.config_checks import check_expert_parallel_fits
 from engine.builder import build_model
 from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from engine.layers.moe import FusedMoE, fused_experts_ref, select_experts
@@ -174,6 +176,11 @@ def test_parallel_moe_refusals_name_the_sizes(model_paths):
         ParallelConfig(tensor_parallel_size=2, expert_parallel_size=4)
     with pytest.raises(ValueError, match="expert parallel size 2 must be 1 or the tensor"):
         ParallelContext(tp_size=1, ep_size=2)
+    pool = PoolConfig("decode", tensor_parallel_size=2, expert_parallel_size=2)
+    check_expert_parallel_fits(pool, mixtral)  # what a cluster checks before placing instances
+    with pytest.raises(ValueError, match="decode.expert_parallel_size / tensor_parallel_size: "
+                                         "expert_parallel_size 2 needs a mixture-of-experts"):
+        check_expert_parallel_fits(pool, dense)
 
 
 def test_engine_at_ep2_generates_the_tokens_of_one_rank(model_paths):
