@@ -9,7 +9,8 @@ from dataclasses import dataclass
 class FaultInjection:
     """Ways a KVSender can misbehave on purpose; the default injects nothing."""
 
-    drop_after_layers: int | None = None  # go silent after this many layers of each transfer
+    # go silent after this many layers of a transfer: nothing more is sent on that link
+    drop_after_layers: int | None = None
     delay_s: float = 0.0  # sleep before each KV message (a slow or stalled link)
     corrupt_header: bool = False  # send headers whose request hash is wrong
 

@@ -77,6 +77,7 @@ class KVSender:
         self._open: list[OutgoingTransfer] = []  # begun, not finished; in pair_seq order
         self._next_seq = 0
         self._stream: TransferStream | None = None
+        self._silent = False  # a fault dropped a message: nothing more goes out (a dead link)
 
     @property
     def next_seq(self) -> int:
@@ -179,9 +180,10 @@ class KVSender:
     def _post_ready(self, transfer: OutgoingTransfer) -> bool:
         """Post the header and every ready group; True once the transfer is fully posted."""
         if not transfer.header_posted:
-            header = encode_header(transfer.desc, transfer.heads,
-                                   corrupt=self._faults.corrupt_header)
-            transfer.ops.append(self._channel.send(header.to(self._channel.device)))
+            if not self._silent:
+                header = encode_header(transfer.desc, transfer.heads,
+                                       corrupt=self._faults.corrupt_header)
+                transfer.ops.append(self._channel.send(header.to(self._channel.device)))
             transfer.header_posted = True
         while transfer.next_group < len(transfer.groups):
             start, end = transfer.groups[transfer.next_group]
@@ -198,7 +200,10 @@ class KVSender:
         return True
 
     def _post_group(self, transfer: OutgoingTransfer, start: int, end: int) -> None:
-        if self._faults.drops(transfer.num_layers_posted, end - start):
+        if self._silent or self._faults.drops(transfer.num_layers_posted, end - start):
+            # A link that drops a message stays silent: a later transfer's messages must not
+            # fill the receive buffers the dropped ones left posted (Gloo would match them).
+            self._silent = True
             return
         if self._faults.delay_s:
             time.sleep(self._faults.delay_s)
