@@ -52,7 +52,7 @@ def cluster_config(num_kv_blocks: int, prefix_caching: bool):
     """2 prefill + 2 decode CPU instances of the default model, loopback, free ports."""
     from cluster.config import cluster_config_from_dict
 
-    pool = {"num_instances": 2, "cpus_per_instance": 1, "num_kv_blocks": num_kv_blocks,
+    pool = {"num_instances": 2, "cpus_per_instance": 0.5, "num_kv_blocks": num_kv_blocks,
             "max_num_batched_tokens": 2048, "prefix_caching": prefix_caching}
     return cluster_config_from_dict({
         "model": "default", "device": "cpu", "dtype": "float32", "block_size": 16,
@@ -177,8 +177,8 @@ async def compare(workload: Workload, num_kv_blocks: int = 1024,
                          "turns": len(workload.conversations[0].turns),
                          "system_tokens": len(workload.system_token_ids),
                          "requests": workload.num_requests},
-            "cluster": "2 prefill + 2 decode CPU instances (1 core each), default model "
-                       "(SmolLM2-135M, fp32), block_size 16, "
+            "cluster": "2 prefill + 2 decode CPU instances, default model (SmolLM2-135M, "
+                       "fp32), block_size 16, 0.5 Ray CPU and 1 torch thread each, "
                        f"{num_kv_blocks} KV blocks per instance",
             "results": results}
 
