@@ -87,4 +87,5 @@ def make_kv_cache(model_cfg: ModelConfig, config: EngineConfig,
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
     num_layers, num_kv_heads = rank_kv_shape(model_cfg, parallel)
     return allocate_kv_cache(model_cfg, num_blocks, config.cache.block_size, config.torch_dtype,
-                             config.device, num_kv_heads=num_kv_heads, num_layers=num_layers)
+                             config.device, num_kv_heads=num_kv_heads, num_layers=num_layers,
+                             kv_cache_dtype=config.cache.kv_cache_dtype)

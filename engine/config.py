@@ -40,8 +40,14 @@ class CacheConfig:
     # Reuse the KV of full blocks a request shares with earlier ones (engine/kv_cache/
     # prefix_cache.py); a decode instance also skips receiving the blocks it holds.
     enable_prefix_caching: bool = True
+    # "auto": the model's dtype; "fp8_e4m3": e4m3 K/V with a scale per (token, head), about
+    # half the bytes in memory and on the wire (engine/kv_cache/fp8.py)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in ("auto", "fp8_e4m3"):
+            raise ValueError(f"kv_cache_dtype must be auto or fp8_e4m3, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:

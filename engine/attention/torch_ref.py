@@ -4,7 +4,8 @@ Each sequence's keys and values are gathered from the paged cache through its bl
 padded [B, max_context, H, D] view, queries are scattered into [B, max_query, Hq, D] (decodes,
 one query each, skip the scatter), and one masked `scaled_dot_product_attention` call handles
 every sequence of the group, causal with respect to the cached context (so chunked prefill
-attends to earlier chunks).
+attends to earlier chunks). An fp8 cache (engine/kv_cache/fp8.py) is quantized per (token,
+head) row on write and dequantized to the queries' dtype after the gather.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.metadata import AttentionMetadata, SeqGroup
+from engine.kv_cache.fp8 import dequantize_rows, is_fp8, quantize_rows
 
 
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -21,6 +23,8 @@ def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     block_size = kv_layer.shape[2]
     blocks = slot_mapping // block_size
     offsets = slot_mapping % block_size
+    if is_fp8(kv_layer):
+        k, v = quantize_rows(k), quantize_rows(v)
     kv_layer[blocks, 0, offsets] = k
     kv_layer[blocks, 1, offsets] = v
 
@@ -43,13 +47,16 @@ def _padded_indices(group: SeqGroup, num_tokens: int, device) -> dict:
     return group.cache
 
 
-def _gather_kv(kv_layer: torch.Tensor, group: SeqGroup) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather_kv(kv_layer: torch.Tensor, group: SeqGroup, dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sequence's K and V as [B, max_context, H, D]: one gather each, the reshape a view."""
     tables = group.block_tables.long()
     b, max_blocks = tables.shape
     _, _, bs, h, d = kv_layer.shape
     k = kv_layer[:, 0][tables].view(b, max_blocks * bs, h, d)[:, : group.max_context_len]
     v = kv_layer[:, 1][tables].view(b, max_blocks * bs, h, d)[:, : group.max_context_len]
+    if is_fp8(kv_layer):
+        return dequantize_rows(k, dtype), dequantize_rows(v, dtype)
     return k, v
 
 
@@ -57,7 +64,7 @@ def attend(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, scale: floa
     """q: [T, Hq, D] packed new-token queries of the group -> [T, Hq, D]."""
     num_tokens, hq, d = q.shape
     idx = _padded_indices(group, num_tokens, q.device)
-    k, v = _gather_kv(kv_layer, group)
+    k, v = _gather_kv(kv_layer, group, q.dtype)
     if group.max_query_len == 1 and num_tokens == group.num_seqs:  # decode: no q scatter
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),

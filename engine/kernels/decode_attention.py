@@ -9,6 +9,9 @@ batch size only, so the launch never depends on host-side lengths and can be cap
 graph that serves any context length. Splits that get no tokens exit early. With one split the
 program writes the output directly; otherwise each split writes its partial output and
 log-sum-exp and a second kernel combines them (flash-decoding).
+
+An fp8 cache (engine/kv_cache/fp8.py) is read as e4m3 converted to the queries' dtype; each
+key's scale multiplies its column of scores and each value's scale the probabilities (kv_tiles).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import triton.language as tl
 
 from engine.attention.metadata import SeqGroup
 from engine.kernels.device import sm_count
+from engine.kernels.kv_tiles import load_kv_tile
 from engine.kernels.pdl import launch_options, pdl_wait_and_release
+from engine.kv_cache.fp8 import is_fp8
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32
@@ -31,7 +36,7 @@ def _decode_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_out_pt
                    kv_stride_block, kv_stride_kv, kv_stride_tok, kv_stride_h,
                    group, head_dim, BLOCK_SIZE: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
                    USE_PDL: tl.constexpr):
     pdl_wait_and_release(USE_PDL)
     kv_head = tl.program_id(0)
@@ -62,15 +67,21 @@ def _decode_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_out_pt
         block = tl.load(table_row + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
         tok = block * kv_stride_block + (n % BLOCK_SIZE) * kv_stride_tok + head_off
         kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(kv_ptr + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(kv_ptr + kv_stride_kv + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+        k, k_scale = load_kv_tile(kv_ptr + tok, d, kv_mask, nmask, head_dim, q.dtype, FP8)
+        v, v_scale = load_kv_tile(kv_ptr + kv_stride_kv + tok, d, kv_mask, nmask, head_dim,
+                                  q.dtype, FP8)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if FP8:
+            s = s * (k_scale * scale_log2e)[None, :]
+        else:
+            s = s * scale_log2e
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        pv = (p * v_scale[None, :]).to(v.dtype) if FP8 else p.to(v.dtype)
+        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out_mask = gmask[:, None] & dmask[None, :]
@@ -139,7 +150,7 @@ def decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, s
         BLOCK_SIZE=kv_layer.shape[2], NUM_SPLITS=splits,
         GROUP_PAD=max(16, triton.next_power_of_2(gsize)), BLOCK_D=block_d,
         BLOCK_N=32 if is_fp32 else 64, DOT_PRECISION="ieee" if is_fp32 else "tf32",
-        num_warps=4, num_stages=2 if is_fp32 else 3,
+        FP8=is_fp8(kv_layer), num_warps=4, num_stages=2 if is_fp32 else 3,
         **launch)
     if splits > 1:
         _combine_kernel[(batch, num_heads)](

@@ -7,7 +7,8 @@ local index i sits at position `context_len - query_len + i` and sees keys up to
 
 Flash-attention tiling with an online softmax: one program owns BLOCK_M queries of one head and
 streams BLOCK_N keys at a time; key tiles wholly below the diagonal skip the mask. The heaviest
-query tiles (last in the sequence) are launched first.
+query tiles (last in the sequence) are launched first. An fp8 cache is read as in the decode
+kernel (engine/kernels/kv_tiles.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import triton
 import triton.language as tl
 
 from engine.attention.metadata import SeqGroup
+from engine.kernels.kv_tiles import load_kv_tile
+from engine.kv_cache.fp8 import is_fp8
 
 _LOG2E = 1.4426950408889634
 
@@ -24,22 +27,29 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _attend_tile(acc, m_i, l_i, q, kv_ptr, table_row, n_begin, ctx_len, q_pos, head_off, d,
                  dmask, kv_stride_block, kv_stride_kv, kv_stride_tok, block_size, scale_log2e,
-                 MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 head_dim, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
     n = n_begin + tl.arange(0, BLOCK_N)
     nmask = n < ctx_len
     block = tl.load(table_row + n // block_size, mask=nmask, other=0).to(tl.int64)
     tok = block * kv_stride_block + (n % block_size) * kv_stride_tok + head_off
     kv_mask = nmask[:, None] & dmask[None, :]
-    k = tl.load(kv_ptr + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(kv_ptr + kv_stride_kv + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+    k, k_scale = load_kv_tile(kv_ptr + tok, d, kv_mask, nmask, head_dim, q.dtype, FP8)
+    v, v_scale = load_kv_tile(kv_ptr + kv_stride_kv + tok, d, kv_mask, nmask, head_dim, q.dtype,
+                              FP8)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if FP8:
+        s = s * (k_scale * scale_log2e)[None, :]
+    else:
+        s = s * scale_log2e
     if MASKED:
         s = tl.where((n[None, :] <= q_pos[:, None]) & nmask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    pv = (p * v_scale[None, :]).to(v.dtype) if FP8 else p.to(v.dtype)
+    acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -49,7 +59,7 @@ def _prefill_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, query_start_ptr, ou
                     kv_stride_block, kv_stride_kv, kv_stride_tok, kv_stride_h,
                     group, head_dim, block_size,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
     m_tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest tiles first
     head = tl.program_id(1)
     seq = tl.program_id(2).to(tl.int64)
@@ -78,12 +88,12 @@ def _prefill_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, query_start_ptr, ou
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, kv_ptr, table_row, n_begin, ctx_len, q_pos, head_off, d, dmask,
                 kv_stride_block, kv_stride_kv, kv_stride_tok, block_size, scale_log2e,
-                False, BLOCK_N, DOT_PRECISION)
+                head_dim, False, BLOCK_N, DOT_PRECISION, FP8)
         for n_begin in range(unmasked_end, kv_end, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, kv_ptr, table_row, n_begin, ctx_len, q_pos, head_off, d, dmask,
                 kv_stride_block, kv_stride_kv, kv_stride_tok, block_size, scale_log2e,
-                True, BLOCK_N, DOT_PRECISION)
+                head_dim, True, BLOCK_N, DOT_PRECISION, FP8)
         o = acc / l_i[:, None]
         tl.store(out_ptr + rows[:, None] * o_stride_t + head * o_stride_h + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
@@ -110,5 +120,6 @@ def prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, 
         q, kv_layer, group.block_tables, group.context_lens, group.query_start, out,
         scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         group.block_tables.stride(0), *kv_layer.stride()[:4], num_heads // num_kv_heads,
-        head_dim, kv_layer.shape[2], BLOCK_D=triton.next_power_of_2(head_dim), **cfg)
+        head_dim, kv_layer.shape[2], BLOCK_D=triton.next_power_of_2(head_dim),
+        FP8=is_fp8(kv_layer), **cfg)
     return out

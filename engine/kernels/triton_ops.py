@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.kv_tiles import round_to_e4m3
 from engine.kernels.pdl import launch_options, pdl_wait_and_release
+from engine.kv_cache.fp8 import is_fp8
 
 
 def _row_warps(block: int) -> int:
@@ -125,6 +127,22 @@ def _rotate(x_ptr, row_stride, heads, num_heads, half, cos1, sin1, cos2, sin2,
 
 
 @triton.jit
+def _store_fp8_row(head_ptrs, d, x1, x2, mask, hmask, half):
+    """Store [heads, 2*half] float32 (two halves) as e4m3 rows scaled by 448 / amax at
+    `head_ptrs` (each head's row start), each head's scale (amax / 448, float32) in the 4 bytes
+    after its row (engine/kv_cache/fp8.py)."""
+    amax = tl.maximum(tl.max(tl.abs(x1), axis=1), tl.max(tl.abs(x2), axis=1))
+    amax = tl.where(amax > 0.0, amax, 448.0)  # an all-zero row: scale 1
+    inv = (448.0 / amax)[:, None]
+    rows = head_ptrs[:, None] + d[None, :]
+    e1 = round_to_e4m3(x1 * inv).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    e2 = round_to_e4m3(x2 * inv).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    tl.store(rows, e1, mask=mask)
+    tl.store(rows + half, e2, mask=mask)
+    tl.store((head_ptrs + 2 * half).to(tl.pointer_type(tl.float32)), amax / 448.0, mask=hmask)
+
+
+@triton.jit
 def _rope_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
                  kv_ptr, slot_ptr,
                  q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
@@ -132,7 +150,7 @@ def _rope_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, q_out_ptr, k_ou
                  kv_stride_block, kv_stride_kv, kv_stride_tok, kv_stride_h,
                  num_q_heads, num_kv_heads, half, block_size,
                  WRITE_CACHE: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                 BLOCK_HALF: tl.constexpr,
+                 BLOCK_HALF: tl.constexpr, FP8: tl.constexpr,
                  USE_PDL: tl.constexpr):
     pdl_wait_and_release(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -159,12 +177,22 @@ def _rope_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, q_out_ptr, k_ou
         if slot >= 0:
             base = kv_ptr + (slot // block_size) * kv_stride_block + (slot % block_size) * kv_stride_tok
             ko = base + hk[:, None] * kv_stride_h + d[None, :]
-            tl.store(ko, k1.to(kv_ptr.dtype.element_ty), mask=kmask)
-            tl.store(ko + half, k2.to(kv_ptr.dtype.element_ty), mask=kmask)
             vi = v_ptr + t * v_stride_t + hk[:, None] * v_stride_h + d[None, :]
             vo = base + kv_stride_kv + hk[:, None] * kv_stride_h + d[None, :]
-            tl.store(vo, tl.load(vi, mask=kmask), mask=kmask)
-            tl.store(vo + half, tl.load(vi + half, mask=kmask), mask=kmask)
+            if FP8:  # rows of e4m3 bytes + a float32 scale (engine/kv_cache/fp8.py)
+                dt = k_ptr.dtype.element_ty  # quantize what the reference stores: k in the model dtype
+                hmask = hk < num_kv_heads
+                _store_fp8_row(base + hk * kv_stride_h, d, k1.to(dt).to(tl.float32),
+                               k2.to(dt).to(tl.float32), kmask, hmask, half)
+                v1 = tl.load(vi, mask=kmask, other=0.0).to(tl.float32)
+                v2 = tl.load(vi + half, mask=kmask, other=0.0).to(tl.float32)
+                _store_fp8_row(base + kv_stride_kv + hk * kv_stride_h, d, v1, v2, kmask, hmask,
+                               half)
+            else:
+                tl.store(ko, k1.to(kv_ptr.dtype.element_ty), mask=kmask)
+                tl.store(ko + half, k2.to(kv_ptr.dtype.element_ty), mask=kmask)
+                tl.store(vo, tl.load(vi, mask=kmask), mask=kmask)
+                tl.store(vo + half, tl.load(vi + half, mask=kmask), mask=kmask)
     else:
         ko = k_out_ptr + t * ko_stride_t + hk[:, None] * ko_stride_h + d[None, :]
         tl.store(ko, k1.to(k_out_ptr.dtype.element_ty), mask=kmask)
@@ -195,7 +223,8 @@ def _launch_rope(q, k, v, cos, sin, positions, q_out, k_out, kv_layer, slot_mapp
         *kv_strides, num_q_heads, num_kv_heads, half, block_size,
         WRITE_CACHE=write_cache, BLOCK_HQ=triton.next_power_of_2(num_q_heads),
         BLOCK_HK=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+        BLOCK_HALF=triton.next_power_of_2(half), FP8=write_cache and is_fp8(kv_layer),
+        num_warps=4,
         **launch_options(q))
 
 
@@ -246,9 +275,16 @@ def _write_kv_kernel(k_ptr, v_ptr, kv_ptr, slot_ptr, k_stride_t, k_stride_h, v_s
 
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store k, v ([T, Hkv, D]) at `slot_mapping` in kv_layer; negative slots are skipped."""
+    """Store k, v ([T, Hkv, D]) at `slot_mapping` in kv_layer; negative slots are skipped.
+    An fp8 cache takes the torch reference write (the fused RoPE write is the fast path)."""
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
+        return
+    if is_fp8(kv_layer):
+        from engine.attention.torch_ref import write_kv as write_kv_ref
+
+        keep = slot_mapping >= 0
+        write_kv_ref(kv_layer, k[keep], v[keep], slot_mapping[keep])
         return
     _write_kv_kernel[(num_tokens,)](
         k, v, kv_layer, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -5,6 +5,9 @@ one layer holds its K then its V contiguously, and a request's KV for a layer (o
 layers) is `kv_cache[l0:l1, block_ids]` — a single gather packs it for transfer and a single
 indexed copy unpacks it into other block ids on the receiver.
 
+With `kv_cache_dtype: fp8_e4m3` the tensor is uint8 and its last dimension head_dim + 4: e4m3
+values and a float32 scale per (token, head) row (engine/kv_cache/fp8.py).
+
 With tensor/pipeline parallelism a rank's cache holds its pipeline stage's layers only (layer
 axis stage-local) and its tensor rank's KV heads only; `num_layers` / `num_kv_heads` say so.
 """
@@ -14,18 +17,25 @@ from __future__ import annotations
 import torch
 
 from engine.config import CacheConfig
+from engine.kv_cache.fp8 import stored_head_dim
 from engine.models.config import ModelConfig
 
 KV_LAYOUT = "LBKVHD"
 
 
+def storage_dtype(dtype: torch.dtype, kv_cache_dtype: str) -> torch.dtype:
+    """The cache tensor's dtype: the model's ("auto"), or uint8 bytes for fp8 rows."""
+    return dtype if kv_cache_dtype == "auto" else torch.uint8
+
+
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype,
-                    num_layers: int | None = None, num_kv_heads: int | None = None) -> int:
+                    num_layers: int | None = None, num_kv_heads: int | None = None,
+                    kv_cache_dtype: str = "auto") -> int:
     """Bytes of one block over `num_layers` layers of `num_kv_heads` heads (default: all)."""
-    elem = torch.tensor([], dtype=dtype).element_size()
+    elem = torch.tensor([], dtype=storage_dtype(dtype, kv_cache_dtype)).element_size()
     layers = num_layers or cfg.num_layers
     heads = num_kv_heads or cfg.num_kv_heads
-    return layers * 2 * block_size * heads * cfg.head_dim * elem
+    return layers * 2 * block_size * heads * stored_head_dim(cfg.head_dim, kv_cache_dtype) * elem
 
 
 def num_blocks_to_allocate(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype,
@@ -37,7 +47,8 @@ def num_blocks_to_allocate(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dt
     """
     if cache.num_blocks is not None:
         return cache.num_blocks
-    per_block = bytes_per_block(cfg, cache.block_size, dtype, num_layers, kv_heads_per_rank)
+    per_block = bytes_per_block(cfg, cache.block_size, dtype, num_layers, kv_heads_per_rank,
+                                cache.kv_cache_dtype)
     if device == "cuda":
         free_bytes, total_bytes = torch.cuda.mem_get_info()
         budget = free_bytes - (1 - cache.gpu_memory_utilization) * total_bytes
@@ -53,8 +64,11 @@ def num_blocks_to_allocate(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dt
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                       device: str, num_kv_heads: int | None = None,
-                      num_layers: int | None = None) -> torch.Tensor:
-    """Zero-filled, so padded reads of unused slots never see NaN bit patterns."""
+                      num_layers: int | None = None, kv_cache_dtype: str = "auto"
+                      ) -> torch.Tensor:
+    """Zero-filled, so padded reads of unused slots never see NaN bit patterns (an fp8 row of
+    zeros is value 0 with scale 0)."""
     heads = num_kv_heads or cfg.num_kv_heads
-    shape = (num_layers or cfg.num_layers, num_blocks, 2, block_size, heads, cfg.head_dim)
-    return torch.zeros(shape, dtype=dtype, device=device)
+    shape = (num_layers or cfg.num_layers, num_blocks, 2, block_size, heads,
+             stored_head_dim(cfg.head_dim, kv_cache_dtype))
+    return torch.zeros(shape, dtype=storage_dtype(dtype, kv_cache_dtype), device=device)
