@@ -73,7 +73,7 @@ def default_config(num_tokens: int, num_experts: int, top_k: int) -> MoETileConf
 
 
 @functools.lru_cache(maxsize=None)
-def _swept(path: Path = CONFIG_PATH) -> dict[str, dict[int, MoETileConfig]]:
+def _swept(path: Path) -> dict[str, dict[int, MoETileConfig]]:
     if not path.exists():
         return {}
     raw = json.loads(path.read_text())
@@ -82,9 +82,9 @@ def _swept(path: Path = CONFIG_PATH) -> dict[str, dict[int, MoETileConfig]]:
 
 
 def get_config(num_tokens: int, num_experts: int, hidden_size: int, intermediate_size: int,
-               top_k: int, dtype: torch.dtype) -> MoETileConfig:
+               top_k: int, dtype: torch.dtype, path: Path | None = None) -> MoETileConfig:
     """The swept configuration of the nearest token bucket (by ratio), else `default_config`."""
-    buckets = _swept().get(shape_key(num_experts, hidden_size, intermediate_size, top_k, dtype))
+    buckets = _swept(path or CONFIG_PATH).get(shape_key(num_experts, hidden_size, intermediate_size, top_k, dtype))
     if not buckets:
         return default_config(num_tokens, num_experts, top_k)
     return buckets[min(buckets, key=lambda m: abs(math.log2(m / max(num_tokens, 1))))]

@@ -198,3 +198,24 @@ def test_cuda_graph_replay_with_new_routing(cuda, num_tokens, top_k):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(out, _reference(x, w13, w2, weights, ids), dtype, f"replay hot={hot}")
+
+
+def test_tile_config_lookup(tmp_path):
+    """Swept shapes take the bucket nearest by ratio; unswept shapes the default; bad tiles
+    are refused by name."""
+    import json
+
+    from engine.kernels import moe_tile_configs as tiles
+
+    decode = tiles.MoETileConfig(16, tiles.GemmTile(32, 256), tiles.GemmTile(64, 128))
+    prefill = tiles.MoETileConfig(128, tiles.GemmTile(128, 64), tiles.GemmTile(128, 64))
+    key = tiles.shape_key(8, 64, 32, 2, torch.bfloat16)
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps({"configs": {key: {"1": decode.to_json(),
+                                                  "1024": prefill.to_json()}}}))
+    assert tiles.get_config(3, 8, 64, 32, 2, torch.bfloat16, path) == decode
+    assert tiles.get_config(600, 8, 64, 32, 2, torch.bfloat16, path) == prefill
+    assert (tiles.get_config(600, 8, 64, 32, 2, torch.float16, path)
+            == tiles.default_config(600, 8, 2))
+    with pytest.raises(ValueError, match="block_k"):
+        tiles.GemmTile(64, 48)
