@@ -100,9 +100,9 @@ class Routing:
         incarnation's cache view starts empty: its events rebuild it."""
         wid = worker.spec.instance_id
         self.index.forget(wid)
-        if worker.spec.role == "prefill":
-            self._prefill_tokens[wid] = 0
-        else:
+        if worker.spec.role == "prefill":  # routes to the old incarnation uncount themselves
+            self._prefill_tokens.setdefault(wid, 0)
+        else:  # the old incarnation's requests are not the new one's
             self._decode_requests[wid] = set()
         if state is not None:
             self._decode_state[wid] = state
