@@ -37,6 +37,7 @@ from pdserve.metrics import MetricFactory
 from router.colocated import ColocatedBackend
 from tests.engine.model_parallel_worker import load_stage
 from tests.engine.moe_factories import MOE_VARIANTS, save_tiny_moe_model
+from tests.engine.test_moe_gguf import write_moe_gguf
 from tests.engine.moe_parallel_worker import MoEScenario, probe_model, rank_main
 from tests.helpers import assert_no_leaks
 
@@ -273,3 +274,15 @@ def test_tensor_parallel_rank_holds_its_intermediate_slice(model_paths):
     gate, up = whole.w13[:, 19:38], whole.w13[:, 38 + 19:]  # expert size 38, rank 1's half
     assert torch.equal(layer.w13, torch.cat([gate, up], dim=1))
     assert torch.equal(layer.w2, whole.w2[:, :, 19:])
+
+
+def test_expert_parallel_rank_of_a_gguf_file_holds_its_experts(tmp_path):
+    folder = save_tiny_moe_model(tmp_path / "qwen2_moe", "qwen2_moe",
+                                 extra_config={"mlp_only_layers": []})  # GGUF: all sparse
+    path = tmp_path / "qwen2_moe.F32.gguf"
+    write_moe_gguf(folder, path, "qwen2_moe")
+    whole, _ = _moe_layer(str(folder), ParallelContext.single())
+    layer, reads = _moe_layer(str(path), ParallelContext(tp_rank=1, tp_size=2, ep_size=2))
+    assert torch.equal(layer.w13, whole.w13[4:]) and torch.equal(layer.w2, whole.w2[4:])
+    expert_reads = [r for r in reads if ".experts." in r[0]]  # ffn_{gate,up,down}_exps
+    assert len(expert_reads) == 3 * 3 and all(r[1:] == (0, 4, 4) for r in expert_reads)
