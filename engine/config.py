@@ -114,6 +114,35 @@ class ParallelConfig:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
+@dataclass(slots=True)
+class SpeculativeConfig:
+    """Speculative decoding (engine/spec/): a proposer drafts tokens, one target pass keeps the
+    longest prefix the target agrees with (exactly its distribution), plus one more token."""
+
+    method: str | None = None  # None (off) | "ngram" (prompt lookup, no extra model)
+    num_speculative_tokens: int = 4  # k drafted per request and step at most
+    max_ngram: int = 4
+    min_ngram: int = 1
+    # Drafting pauses while more requests than this run: a large batch is compute-bound, where
+    # verifying k extra tokens per request costs more than the accepted ones save.
+    max_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.method not in (None, "ngram"):
+            raise ValueError(f"speculative method must be None or 'ngram', got {self.method!r}")
+        if not 1 <= self.num_speculative_tokens <= 7:
+            raise ValueError(f"num_speculative_tokens must be in [1, 7], "
+                             f"got {self.num_speculative_tokens}")
+        if (self.num_speculative_tokens + 1) * self.max_batch_size > 256:
+            raise ValueError(f"(num_speculative_tokens + 1) * max_batch_size must be <= 256 "
+                             f"(rows one verification step samples), got "
+                             f"{(self.num_speculative_tokens + 1) * self.max_batch_size}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not None
+
+
 # Command-line spelling of `EngineConfig.async_scheduling` (pdserve generate, the benchmarks).
 ASYNC_SCHEDULING_CHOICES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
 
@@ -129,6 +158,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     attention_backend: str = "auto"  # auto | torch | triton
     use_cuda_graphs: bool = True  # capture decode steps on CUDA
     # Plan and launch step N+1 before reading step N's sampled ids back (engine/inflight.py).

@@ -38,11 +38,12 @@ from engine.kv_cache.block_table import KVCacheManager, num_blocks_for
 from engine.kv_cache.kv_events import KVEventBatch
 from engine.models.config import ModelConfig
 from engine.output_processor import RequestStream
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, merge_outputs
 from engine.plan import PlanBuilder
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
+from engine.spec.decoding import SpecDecoding
 from engine.validation import check_prompt, check_resumed_outputs
 
 
@@ -95,6 +96,10 @@ class EngineCore:
         # `pipeline_depth` micro-batches of different requests (pipeline parallelism)
         self._flights: deque[InFlightStep] = deque()
         self.pipeline_depth = getattr(executor, "pipeline_depth", 1)
+        self.spec = SpecDecoding(config.speculative) if config.speculative.enabled else None
+        if self.spec is not None and self.pipeline_depth > 1:
+            raise ValueError("speculative decoding needs pipeline_parallel_size 1 (a "
+                             "verification step's drafts need the previous step's tokens)")
         self.last_step_num_tokens = 0  # tokens the last launched step computes (metrics)
         self.requests: dict[str, Request] = {}
         self.streams: dict[str, RequestStream] = {}
@@ -216,6 +221,8 @@ class EngineCore:
         if previous is not None and not self._can_overlap(previous):
             outputs += self._read_back(previous)
             previous = None
+        if self.spec is not None:  # synchronous: nothing is in flight here
+            self.spec.propose(self.scheduler.running)
         scheduled = self.scheduler.schedule()
         self.last_step_num_tokens = scheduled.num_batched_tokens
         if not scheduled.is_empty:
@@ -241,7 +248,7 @@ class EngineCore:
     def _can_overlap(self, previous: InFlightStep) -> bool:
         """Whether the next step may launch before `previous` is read: not with a hand-off
         hook, nor when a repetition penalty needs every token id on the host."""
-        return (self.async_scheduling and self._handoff is None
+        return (self.async_scheduling and self._handoff is None and self.spec is None
                 and all(r.params.repetition_penalty == 1.0 for r in previous.sampling_requests))
 
     def _launch(self, scheduled: SchedulerOutput) -> InFlightStep:
@@ -258,13 +265,18 @@ class EngineCore:
             request.num_inflight_tokens += 1
             request.inflight_row = row
         return InFlightStep(sampling, frozenset(plan.request_ids), handle, launched_at_s,
-                            hands_off)
+                            hands_off, spec_lens=plan.spec_lens)
 
     def _read_back(self, step: InFlightStep) -> list[RequestOutput]:
         """Append each sampled token to its request, stream text, finish what is done. Tokens
         of requests that ended meanwhile (aborted, or stopped at the step before) are dropped."""
         result = step.wait()  # the step's only host sync
         step_s = time.monotonic() - step.launched_at_s
+        if step.spec_lens:
+            outputs = self._read_back_verified(step, result)
+            for request_id in step.deferred_frees:
+                self.kv_manager.free(request_id)
+            return outputs
         logprobs = result.logprobs or [None] * len(result.token_ids)
         outputs = []
         for request, token_id, logprob in zip(step.sampling_requests, result.token_ids, logprobs):
@@ -277,6 +289,29 @@ class EngineCore:
                 outputs.append(self.append_token(request, token_id, logprob))
         for request_id in step.deferred_frees:
             self.kv_manager.free(request_id)
+        return outputs
+
+    def _read_back_verified(self, step: InFlightStep, result) -> list[RequestOutput]:
+        """A speculative step: each request's kept drafts and one more token, appended one at
+        a time (stop checks apply to each); the kept drafts' KV now counts as computed and the
+        blocks past the sequence (rejected drafts' slots) go back to the pool."""
+        outputs = []
+        rows = self.spec.split(result.token_ids, result.logprobs, step.spec_lens)
+        for request, (tokens, logprobs) in zip(step.sampling_requests, rows):
+            request.num_inflight_tokens -= 1
+            if request.is_finished or request.request_id not in self.requests:
+                continue
+            parts = []
+            for i, token in enumerate(tokens):
+                parts.append(self.record_token(request, token, logprobs[i] if logprobs else None))
+                if parts[-1].finished:
+                    break
+            outputs.append(merge_outputs(parts))
+            if parts[-1].finished:
+                self.finish_request(request, parts[-1].finish_reason)
+            else:
+                request.num_computed_tokens += len(tokens) - 1
+                self.kv_manager.trim(request.request_id, request.num_tokens)
         return outputs
 
     def _hand_off(self, request: Request, token_id: int, logprob: float | None,

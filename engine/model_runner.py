@@ -20,6 +20,7 @@ from engine.models.context import ForwardContext
 from engine.parallel import ParallelContext
 from engine.plan import BATCH_BUCKETS, BlockTables, StepPlan
 from engine.sampler import Sampler, SamplerOutput, SamplingTensors
+from engine.spec.rejection import draft_rows, packed_positions, verify
 from engine.tp_sampler import sample_vocab_parallel
 
 
@@ -94,6 +95,8 @@ class ModelRunner:
         """Every tensor rank samples the same ids: one rank from the whole vocabulary's logits;
         a tensor-parallel stage from its vocab slice, gathering the slices only for a step
         whose options need the whole row (engine/tp_sampler.py)."""
+        if plan.spec_lens:
+            return self._verify(plan, logits)
         if self.parallel.tp_size > 1:
             out = sample_vocab_parallel(logits, plan.sampling, self.vocab_size, self.parallel)
         elif inputs.greedy_ids is not None and plan.all_plain_greedy:
@@ -103,6 +106,21 @@ class ModelRunner:
             out = self.sampler(logits, tensors)
         self.sampled_ids[: out.token_ids.shape[0]].copy_(out.token_ids)
         return out
+
+    def _verify(self, plan: StepPlan, logits: torch.Tensor) -> SamplerOutput:
+        """A speculative step (engine/spec/rejection.py): per sampling sequence, its kept drafts
+        and one more token, then -1 up to its k + 1 rows (one per sampling row of the plan, in
+        order). Tensor ranks gather the vocabulary first and all verify alike."""
+        if self.parallel.tp_size > 1:
+            logits = self.parallel.all_gather_last_dim(logits)[:, : self.vocab_size]
+        tensors = SamplingTensors.from_rows(plan.sampling, self.vocab_size, self.device)
+        drafts = torch.tensor(draft_rows(plan), dtype=torch.int64).to(self.device,
+                                                                       non_blocking=True)
+        out = verify(logits, tensors, drafts, plan.spec_lens)
+        seq, pos = (torch.tensor(x).to(self.device, non_blocking=True)
+                    for x in packed_positions(plan.spec_lens))
+        logprobs = out.logprobs[seq, pos] if out.logprobs is not None else None
+        return SamplerOutput(token_ids=out.token_ids[seq, pos], logprobs=logprobs)
 
     def _share_sampled(self, plan: StepPlan, out: SamplerOutput | None
                        ) -> SamplerOutput | PendingSample | None:
@@ -161,6 +179,9 @@ class ModelRunner:
         slots = self._slot_mapping(plan, tables, pos)
         meta = AttentionMetadata(slots.to(self.device, non_blocking=True), num_decode, decode, prefill)
         sampling = [i for i, samples in enumerate(plan.samples) if samples]
+        # a sequence with k drafts samples after each of its last k + 1 tokens
+        rows = ([r for i, k in zip(sampling, plan.spec_lens) for r in range(ends[i] - k, ends[i] + 1)]
+                if plan.spec_lens else [ends[i] for i in sampling])
         input_ids = torch.tensor(plan.token_ids, dtype=torch.int64).to(self.device, non_blocking=True)
         if fed:
             self._feed_inflight(input_ids, fed)
@@ -168,8 +189,8 @@ class ModelRunner:
             input_ids=input_ids,
             positions=pos.to(self.device, non_blocking=True),
             attn_meta=meta,
-            sample_rows=torch.tensor([ends[i] for i in sampling]).to(self.device, non_blocking=True),
-            num_sampled=len(sampling),
+            sample_rows=torch.tensor(rows).to(self.device, non_blocking=True),
+            num_sampled=len(rows),
         )
 
     def _feed_inflight(self, input_ids: torch.Tensor, fed: list[tuple[int, int]]) -> None:

@@ -19,6 +19,18 @@ class RequestOutput:
     num_output_tokens: int = 0
 
 
+def merge_outputs(parts: list[RequestOutput]) -> RequestOutput:
+    """One output for several tokens appended to one request in one step (speculative
+    decoding): tokens, text and logprobs in order; finish state and counts of the last."""
+    if len(parts) == 1:
+        return parts[0]
+    last = parts[-1]
+    return RequestOutput(last.request_id, [t for p in parts for t in p.new_token_ids],
+                         "".join(p.text_delta for p in parts), last.finished, last.finish_reason,
+                         [lp for p in parts for lp in p.new_logprobs], last.num_prompt_tokens,
+                         last.num_output_tokens)
+
+
 @dataclass(slots=True)
 class CompletionOutput:
     """A whole finished generation, as returned by `LLMEngine.generate`."""

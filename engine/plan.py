@@ -79,6 +79,9 @@ class StepPlan:
     block_updates: tuple[BlockTableUpdate, ...] = ()
     freed_request_ids: tuple[str, ...] = ()  # tables to drop before applying block_updates
     graph_bucket: int | None = None  # a decode-only step that a captured graph may run
+    # speculative decoding, per sampling sequence: drafts it verifies (its last tokens), each
+    # followed by its own sampling row; () when no sequence of the step has drafts
+    spec_lens: tuple[int, ...] = ()
 
     @property
     def num_seqs(self) -> int:
@@ -146,13 +149,16 @@ class PlanBuilder:
             self._sent.pop(request_id, None)
         chunks = out.chunks
         request_ids, starts, query_lens, samples, token_ids = [], [], [], [], []
-        inflight_rows, updates, sampling = [], [], []
+        inflight_rows, updates, sampling, spec_lens = [], [], [], []
         # with any repetition penalty in the batch, every row carries its history (seen mask)
         histories = any(c.samples and c.request.params.repetition_penalty != 1.0 for c in chunks)
         num_decodes = 0
         for c in chunks:  # one pass: a decode step of a large batch is host-bound here
             request, start, count = c.request, c.start, c.num_tokens
-            if count == 1:
+            if c.spec_token_ids:  # the last real token, then the drafts to verify
+                last = request.token_at(start)
+                token_ids += (last, *c.spec_token_ids)
+            elif count == 1:
                 last = request.token_at(start)
                 token_ids.append(last)
                 num_decodes += start > 0
@@ -168,7 +174,9 @@ class PlanBuilder:
             if (update := self._update(request.request_id, c.block_table)) is not None:
                 updates.append(update)
             if c.samples:
-                sampling.append(_sampling_row(request, histories))
+                sampling += [_sampling_row(request, histories, c.spec_token_ids[:j])
+                             for j in range(c.num_spec + 1)]
+                spec_lens.append(c.num_spec)
         plan = StepPlan(
             step_id=self._next_step_id,
             request_ids=tuple(request_ids),
@@ -181,7 +189,8 @@ class PlanBuilder:
             sampling=tuple(sampling),
             block_updates=tuple(updates),
             freed_request_ids=tuple(freed_request_ids),
-            graph_bucket=self._bucket(chunks, num_decodes, len(sampling)))
+            graph_bucket=self._bucket(chunks, num_decodes, len(sampling)),
+            spec_lens=tuple(spec_lens) if any(spec_lens) else ())
         self._next_step_id += 1
         return plan
 
@@ -206,9 +215,12 @@ class PlanBuilder:
         return next((b for b in self.buckets if b >= n), None)
 
 
-def _sampling_row(request, with_history: bool) -> SamplingRow:
+def _sampling_row(request, with_history: bool, drafts: tuple[int, ...] = ()) -> SamplingRow:
+    """The row that samples the request's next token, or (`drafts`) the token after those
+    drafted tokens: its output index and seen tokens count them as if sampled."""
     p = request.params
-    history = tuple(request.all_token_ids) if with_history else None
+    history = tuple(request.all_token_ids) + drafts if with_history else None
     return SamplingRow(p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
                        p.logprobs, request.seed,
-                       len(request.output_token_ids) + request.num_inflight_tokens, history)
+                       len(request.output_token_ids) + request.num_inflight_tokens + len(drafts),
+                       history)

@@ -72,6 +72,7 @@ class Request:
     inflight_row: int = -1  # row of the last launched step's sampled ids holding that token
     cache_salt: str = ""  # prefix caching: only requests with the same salt share KV blocks
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts the next step verifies
 
     @property
     def num_prompt_tokens(self) -> int:

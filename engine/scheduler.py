@@ -53,6 +53,13 @@ class ScheduledChunk:
     num_tokens: int
     block_table: list[int]
     samples: bool  # the chunk reaches the end of the sequence, so a token is sampled after it
+    # speculative decoding: drafted tokens computed after the last real one (the last
+    # `num_spec` of `num_tokens`), each verified by the sample after the token before it
+    spec_token_ids: tuple[int, ...] = ()
+
+    @property
+    def num_spec(self) -> int:
+        return len(self.spec_token_ids)
 
     @property
     def is_decode(self) -> bool:
@@ -158,12 +165,24 @@ class Scheduler:
                 index += 1  # its token is in flight; it finishes / continues when read back
                 continue
             num_new = min(request.num_pending_tokens, budget)
+            if request.spec_token_ids:
+                num_new += self._fit_drafts(request, budget - num_new)
             if not self._reserve_or_preempt(request, request.num_computed_tokens + num_new, out):
                 break  # the request itself was preempted; everything after it is gone too
             out.chunks.append(self._chunk(request, num_new))
             budget -= num_new
             index += 1
         return budget
+
+    def _fit_drafts(self, request: Request, budget: int) -> int:
+        """Keep as many of a decode's drafts as the budget and free blocks allow (drafts never
+        preempt anything); returns how many."""
+        drafts = request.spec_token_ids
+        del drafts[max(0, budget):]
+        while drafts and not self.kv.can_fit(request.request_id,
+                                             request.num_tokens + len(drafts)):
+            drafts.pop()
+        return len(drafts)
 
     def _reserve_or_preempt(self, request: Request, num_tokens: int, out: SchedulerOutput) -> bool:
         rid = request.request_id
@@ -180,6 +199,7 @@ class Scheduler:
         self.kv.free(request.request_id)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
+        request.spec_token_ids.clear()
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -242,14 +262,18 @@ class Scheduler:
 
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens
+        drafts = tuple(request.spec_token_ids)
+        request.spec_token_ids = []  # the chunk owns them now
         return ScheduledChunk(request, start, num_new, self.kv.block_table(request.request_id),
-                              samples=start + num_new == request.num_tokens)
+                              samples=start + num_new - len(drafts) == request.num_tokens,
+                              spec_token_ids=drafts)
 
     def on_step_done(self, out: SchedulerOutput) -> None:
         """Advance each scheduled request's progress once the runner has computed its KV."""
         for chunk in out.chunks:
             request = chunk.request
-            request.num_computed_tokens = chunk.start + chunk.num_tokens
+            # drafts' KV counts once verified (the core adds the accepted ones on read-back)
+            request.num_computed_tokens = chunk.start + chunk.num_tokens - chunk.num_spec
             if self.kv.prefix_cache is not None:  # name the full blocks it completed
                 known = min(request.num_computed_tokens, request.num_known_tokens)
                 self.kv.commit(request.request_id, known, request.new_token_ids)

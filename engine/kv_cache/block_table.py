@@ -93,6 +93,16 @@ class KVCacheManager:
             table.extend(self.pool.allocate(missing))
         return table
 
+    def trim(self, request_id: str, num_tokens: int) -> None:
+        """Return the blocks past what `num_tokens` tokens need (a speculative step's rejected
+        drafts). The table is replaced, not shortened in place, so the plan builder sends it
+        whole next time (a delta would miss a block that changed at an unchanged length)."""
+        table = self._tables.get(request_id)
+        keep = num_blocks_for(num_tokens, self.block_size)
+        if table is not None and len(table) > keep:
+            self._tables[request_id] = table[:keep]
+            self.pool.free(table[keep:])
+
     def free(self, request_id: str) -> None:
         """Return every block of the request to the pool (no-op if it holds none)."""
         table = self._tables.pop(request_id, None)

@@ -26,6 +26,7 @@ the small row index from the per-request draft counts.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 from dataclasses import dataclass
 
 import torch
@@ -123,3 +124,23 @@ def _speculative_sample(scored: Tensor, tensors: SamplingTensors, draft_ids: Ten
     nothing_left = torch.isneginf(residual).all(dim=-1)
     accepted = (uniforms < ratio) | nothing_left
     return accepted, dispatch.sample_race(residual, tensors.seeds, tensors.steps)
+
+
+def draft_rows(plan) -> list[int]:
+    """The drafted token each sampling row of a speculative `StepPlan` scores (-1 on each
+    sequence's bonus row): a sequence's drafts are its last `spec_lens[i]` tokens."""
+    ends = list(accumulate(plan.query_lens))
+    sampling = [i for i, samples in enumerate(plan.samples) if samples]
+    rows: list[int] = []
+    for i, k in zip(sampling, plan.spec_lens):
+        rows += plan.token_ids[ends[i] - k:ends[i]]
+        rows.append(-1)
+    return rows
+
+
+def packed_positions(spec_lens: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(request, position) of each sampling row of a speculative plan: request i owns
+    spec_lens[i] + 1 consecutive rows. Indexes `VerifyOutput` rows into the plan's rows."""
+    seqs = [i for i, k in enumerate(spec_lens) for _ in range(k + 1)]
+    positions = [j for k in spec_lens for j in range(k + 1)]
+    return seqs, positions

@@ -1,0 +1,80 @@
+"""Speculative decoding on the engine core's side: drafting before a step, and turning a
+verification step's rows back into per-request tokens.
+
+Before each step the core asks `propose` to draft for the running requests that decode next
+(their last token known on the host, nothing in flight). The scheduler schedules each request's
+last token plus its drafts as one chunk (engine/scheduler.py), the plan gives the chunk one
+sampling row per position (engine/plan.py), and the runner verifies them in the same forward
+pass (engine/spec/rejection.py), returning for each request its kept drafts and one more token,
+in its k + 1 rows padded with -1. The core appends those tokens one at a time
+(stop checks apply to each), counts the kept drafts' KV as computed, and returns the blocks past
+the sequence (rejected drafts' slots) to the pool.
+
+Verification steps run synchronously (the next step's drafts need this step's tokens), are not
+captured in CUDA graphs (k + 1 tokens per sequence use the prefill attention path), and need a
+single pipeline stage. Drafting pauses while more than `max_batch_size` requests run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from engine.config import SpeculativeConfig
+from engine.request import Request
+from engine.spec.ngram import NgramConfig, NgramProposer
+
+
+@dataclass(slots=True)
+class SpecStats:
+    """Since start: verification rows, drafted and accepted tokens (metrics)."""
+
+    num_verified_requests: int = 0  # request-steps that verified at least one draft
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+
+class SpecDecoding:
+    """The proposer and the bookkeeping of one engine core's speculative decoding."""
+
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.config = config
+        self.proposer = NgramProposer(NgramConfig(
+            num_speculative_tokens=config.num_speculative_tokens, max_ngram=config.max_ngram,
+            min_ngram=config.min_ngram))
+        self.stats = SpecStats()
+
+    def propose(self, running: Sequence[Request]) -> None:
+        """Set `spec_token_ids` of each running request that decodes next, within its
+        max_tokens and context (every kept draft and the extra token must fit)."""
+        if len(running) > self.config.max_batch_size:
+            return
+        for request in running:
+            if request.num_inflight_tokens or request.num_pending_tokens != 1:
+                continue
+            room = min(request.params.max_tokens - len(request.output_token_ids),
+                       request.max_model_len - request.num_tokens) - 1
+            if room > 0:
+                request.spec_token_ids = self.proposer.propose(request.all_token_ids, room)
+
+    def split(self, token_ids: list[int], logprobs: list[float] | None,
+              spec_lens: Sequence[int]) -> list[tuple[list[int], list[float] | None]]:
+        """Per request of a verification step: its emitted tokens (and logprobs). Request i
+        owns spec_lens[i] + 1 rows: its tokens, then -1."""
+        out = []
+        start = 0
+        for k in spec_lens:
+            row = token_ids[start:start + k + 1]
+            n = next((j for j, t in enumerate(row) if t < 0), k + 1)
+            lps = logprobs[start:start + n] if logprobs is not None else None
+            out.append((row[:n], lps))
+            start += k + 1
+            if k:
+                self.stats.num_verified_requests += 1
+                self.stats.num_draft_tokens += k
+                self.stats.num_accepted_tokens += n - 1
+        return out

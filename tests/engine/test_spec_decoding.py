@@ -1,0 +1,177 @@
+"""Speculative decoding in the engine core (n-gram drafts): greedy outputs are exactly plain
+greedy's on every prompt, alone and batched, under preemption and chunked prefill, with
+penalties and logprobs; drafts are actually made and accepted (stats), every block comes back,
+and seeded sampling stays valid. The distribution itself is tested in test_spec_verify.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from tests.engine.factories import save_tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return str(save_tiny_hf_model(tmp_path_factory.mktemp("spec") / "llama", "llama", seed=8,
+                                  extra_config={"num_hidden_layers": 2}))
+
+
+def _engine(model: str, spec: bool, num_blocks: int = 256, budget: int = 512,
+            k: int = 4) -> LLMEngine:
+    return LLMEngine(EngineConfig(
+        model=model, device="cpu", attention_backend="torch",
+        cache=CacheConfig(block_size=4, num_blocks=num_blocks, enable_prefix_caching=True),
+        scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=budget),
+        speculative=SpeculativeConfig(method="ngram" if spec else None,
+                                      num_speculative_tokens=k, max_batch_size=16)))
+
+
+def _prompts(n: int) -> list[list[int]]:
+    """Prompts that repeat themselves, so n-gram drafts often match what greedy continues."""
+    out = []
+    for j in range(n):
+        motif = [3 + (11 * j + 5 * i) % 200 for i in range(6 + j % 5)]
+        out.append((motif * 6)[: 20 + 3 * j])
+    return out
+
+
+class OracleProposer:
+    """Drafts the plain-greedy continuation (known from a reference run) with every third
+    draft wrong: both acceptance and rejection happen at known places, whatever the model."""
+
+    def __init__(self, prompts, outputs, k: int = 4, corrupt: bool = True) -> None:
+        self.refs = [(list(p), list(o)) for p, o in zip(prompts, outputs)]
+        self.k = k
+        self.corrupt = corrupt
+        self.calls = 0
+
+    def propose(self, token_ids, max_tokens=None):
+        for prompt, output in self.refs:
+            done = len(token_ids) - len(prompt)
+            if token_ids[:len(prompt)] == prompt and output[:done] == token_ids[len(prompt):]:
+                self.calls += 1
+                drafts = output[done:done + min(self.k, max_tokens or self.k)]
+                if not self.corrupt:
+                    return drafts
+                return [t if (i + self.calls) % 3 else (t + 1) % 500 for i, t in enumerate(drafts)]
+        return []
+
+
+def _run(engine: LLMEngine, prompts, params):
+    outs = engine.generate(prompts, params)
+    assert engine.kv_manager.is_idle() or engine.kv_manager.num_free_blocks == engine.kv_manager.num_blocks
+    return [(o.token_ids, o.finish_reason) for o in outs]
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_greedy_is_exactly_plain_greedy(model, batch):
+    """Drafts that are right, partly right and wrong: the output never changes."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    prompts = _prompts(batch)
+    want = _run(_engine(model, False), prompts, params)
+    spec = _engine(model, True)
+    spec.spec.proposer = OracleProposer(prompts, [w[0] for w in want])
+    assert _run(spec, prompts, params) == want
+    stats = spec.spec.stats
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    print(f"batch {batch}: drafted {stats.num_draft_tokens}, accepted "
+          f"{stats.num_accepted_tokens} ({stats.acceptance_rate:.0%})")
+
+
+def _steps(engine: LLMEngine, prompt, params) -> int:
+    engine.add_request(prompt, params)
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    return steps
+
+
+def test_accepted_drafts_save_steps(model):
+    """All-correct drafts of k = 4: about a fifth of plain decoding's steps. This fails if kept
+    drafts' KV were not counted as computed (it would be recomputed in extra steps)."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    prompt = _prompts(1)[0]
+    plain = _engine(model, False)
+    want = plain.generate([prompt], params)[0].token_ids
+    spec = _engine(model, True)
+    spec.spec.proposer = OracleProposer([prompt], [want], corrupt=False)
+    steps, plain_steps = _steps(spec, prompt, params), _steps(plain, prompt, params)
+    ideal = 1 + -(-(params.max_tokens - 1) // 5)  # the prefill's token, then 5 per step
+    assert steps == ideal, (
+        f"{steps} speculative steps (ideal {ideal}) vs {plain_steps} plain")
+    assert spec.spec.stats.acceptance_rate == 1.0
+
+
+def test_rejected_drafts_return_their_blocks(model):
+    """After every step, a running request holds no block past its sequence: the slots of
+    rejected drafts went back to the pool (block size 4, drafts of 6 span blocks)."""
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    prompts = _prompts(3)
+    want = [o.token_ids for o in _engine(model, False).generate(prompts, params)]
+    spec = _engine(model, True, k=6)
+    spec.spec.proposer = OracleProposer(prompts, want, k=6)
+    for prompt in prompts:
+        spec.add_request(prompt, params)
+    while spec.has_unfinished():
+        spec.step()
+        for r in spec.scheduler.running:
+            held = len(spec.kv_manager.block_table(r.request_id))
+            assert held <= -(-r.num_tokens // 4), f"{held} blocks for {r.num_tokens} tokens"
+    assert spec.spec.stats.num_accepted_tokens < spec.spec.stats.num_draft_tokens
+
+
+def test_ngram_drafts_keep_greedy(model):
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    prompts = _prompts(4)
+    spec = _engine(model, True)
+    assert _run(spec, prompts, params) == _run(_engine(model, False), prompts, params)
+    assert spec.spec.stats.num_draft_tokens > 0
+
+
+def test_greedy_under_preemption_and_chunked_prefill(model):
+    """18 blocks of 4 for 8 requests: preemptions drop drafts and recompute; a 16-token budget
+    chunks the prompts and trims drafts to what fits."""
+    params = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=20, temperature=0.0, repetition_penalty=1.2,
+                             logprobs=True, ignore_eos=True)] * 4
+    prompts = _prompts(8)
+    want = _run(_engine(model, False, num_blocks=18, budget=16), prompts, params)
+    spec = _engine(model, True, num_blocks=18, budget=16)
+    spec.spec.proposer = OracleProposer(prompts, [w[0] for w in want])
+    assert _run(spec, prompts, params) == want
+    assert spec.scheduler.num_preemptions > 0
+    assert spec.spec.stats.num_accepted_tokens > 0
+
+
+def test_stops_inside_accepted_drafts_and_max_tokens(model):
+    """A stop token or max_tokens reached inside a run of accepted drafts ends the request
+    there, as plain decoding does."""
+    plain = _engine(model, False)
+    prompts = _prompts(4)
+    full = plain.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0,
+                                                  ignore_eos=True))
+    spec = _engine(model, True)
+    spec.spec.proposer = OracleProposer(prompts, [o.token_ids for o in full], k=6)
+    for prompt, out in zip(prompts, full):
+        stop = out.token_ids[9]
+        params = SamplingParams(max_tokens=13, temperature=0.0, ignore_eos=True,
+                                stop_token_ids=(stop,))
+        assert _run(spec, [prompt], params) == _run(plain, [prompt], params)
+
+
+def test_seeded_sampling_is_reproducible_and_blocks_return(model):
+    params = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
+    prompts = _prompts(6)
+    first = _run(_engine(model, True), prompts, params)
+    assert first == _run(_engine(model, True), prompts, params)
+
+
+def test_config_refusals():
+    with pytest.raises(ValueError, match="method"):
+        SpeculativeConfig(method="eagle")
+    with pytest.raises(ValueError, match="256"):
+        SpeculativeConfig(method="ngram", num_speculative_tokens=7, max_batch_size=64)
