@@ -178,12 +178,15 @@ def run_request(prefill, bridge, rid: str, prompt: list[int], max_tokens: int):
     bridge.to_decode.put(("reserve", w.ReserveRequest(
         protocol_version=PROTOCOL_VERSION, request_id=rid, num_prompt_tokens=len(prompt),
         prompt_token_ids=prompt, sampling=sampling, seed=0).SerializeToString()))
-    assert w.ReserveReply.FromString(bridge.reply("reserved")).accepted
+    reserved = w.ReserveReply.FromString(bridge.reply("reserved"))
+    assert reserved.accepted
     results: queue.Queue = queue.Queue()
     t_submit = time.monotonic()
     prefill.submit(w.PrefillTask(protocol_version=PROTOCOL_VERSION, request_id=rid,
                                  prompt_token_ids=prompt, sampling=sampling, seed=0,
-                                 decode_instance_id="decode-0"), results.put)
+                                 decode_instance_id="decode-0",
+                                 num_decode_cached_tokens=reserved.num_cached_tokens),
+                   results.put)
     first = results.get(timeout=300)
     t_first = time.monotonic()
     deltas = bridge.wait_done(rid)

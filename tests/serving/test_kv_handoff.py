@@ -52,7 +52,8 @@ def _hand_off(prefill, decode, request_id: str, prompt: list[int], params: Sampl
     prefill.submit(worker_pb2.PrefillTask(
         protocol_version=PROTOCOL_VERSION, request_id=request_id, prompt_token_ids=prompt,
         sampling=sampling, seed=7, decode_instance_id="decode-t",
-        output_token_ids=output_token_ids), results.put)
+        output_token_ids=output_token_ids,
+        num_decode_cached_tokens=reply.num_cached_tokens), results.put)  # as the router does
     return results.get(timeout=60)
 
 

@@ -75,7 +75,8 @@ def _submit(prefill, decode, request_id: str, prompt: list[int], params: Samplin
     assert reply.accepted, reply.reason
     prefill.submit(worker_pb2.PrefillTask(
         protocol_version=PROTOCOL_VERSION, request_id=request_id, prompt_token_ids=prompt,
-        sampling=sampling, seed=11, decode_instance_id="decode-r"), results.put)
+        sampling=sampling, seed=11, decode_instance_id="decode-r",
+        num_decode_cached_tokens=reply.num_cached_tokens), results.put)  # as the router does
 
 
 def _collect(outputs: queue.Queue, firsts: dict[str, worker_pb2.TokenDelta],
