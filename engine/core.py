@@ -64,6 +64,11 @@ class CoreStats:
     # MoE: tokens routed to each expert since start, summed over layers (engine/expert_load.py;
     # refreshed from the device at most once a second); () for a dense model
     expert_token_counts: tuple[int, ...] = ()
+    # speculative decoding, since start (all 0 when it is off): request-steps that verified
+    # drafts, drafted tokens, and drafts kept
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -199,7 +204,8 @@ class EngineCore:
                          scheduler.num_preemptions, kv.num_free_blocks, kv.num_blocks, pending,
                          *((cache.queried_tokens, cache.hit_tokens, cache.evictions)
                            if cache is not None else (0, 0, 0)),
-                         expert_token_counts=self.expert_load.totals())
+                         expert_token_counts=self.expert_load.totals(),
+                         **(self.spec.stats.as_core_stats() if self.spec is not None else {}))
 
     def kv_events(self, snapshot: bool = False) -> KVEventBatch | None:
         """The prefix cache's block-hash changes since the last call, or (`snapshot`) every

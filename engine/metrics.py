@@ -1,5 +1,6 @@
 """The metrics every engine instance exports, whatever its role: queues, KV cache, preemptions,
-and, for a MoE model, the tokens routed to each expert and how imbalanced they are.
+prefix-cache and speculative-decoding counters, and, for a MoE model, the tokens routed to
+each expert and how imbalanced they are.
 
 The engine thread publishes them (`EngineMetrics.publish`) after each loop iteration, from its
 own state; no other thread reads the engine for them. vLLM's names, so its dashboards' queries
@@ -35,6 +36,14 @@ class EngineMetrics:
             "prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed again)")
         self.prefix_cache_evictions = factory.counter(
             "prefix_cache_evictions", "Cached KV blocks reused for other content")
+        # vLLM's spec_decode_* counters: acceptance rate = accepted / draft tokens, mean
+        # accepted length = 1 + accepted / drafts
+        self.spec_drafts = factory.counter(
+            "spec_decode_num_drafts", "Request-steps that verified drafted tokens")
+        self.spec_draft_tokens = factory.counter(
+            "spec_decode_num_draft_tokens", "Tokens drafted for speculative decoding")
+        self.spec_accepted_tokens = factory.counter(
+            "spec_decode_num_accepted_tokens", "Drafted tokens the target model kept")
         self._seen: dict[str, int] = {}  # counters' totals already published
         self._factory = factory
         self.moe_expert_tokens = None  # pdserve:moe_expert_tokens_total by expert, MoE only
@@ -52,6 +61,9 @@ class EngineMetrics:
         self._add(self.prefix_cache_queries, "queries", stats.prefix_queried_tokens)
         self._add(self.prefix_cache_hits, "hits", stats.prefix_hit_tokens)
         self._add(self.prefix_cache_evictions, "evictions", stats.prefix_evictions)
+        self._add(self.spec_drafts, "spec_drafts", stats.spec_drafts)
+        self._add(self.spec_draft_tokens, "spec_draft_tokens", stats.spec_draft_tokens)
+        self._add(self.spec_accepted_tokens, "spec_accepted_tokens", stats.spec_accepted_tokens)
         if stats.expert_token_counts:
             self._add_expert_load(stats.expert_token_counts)
 

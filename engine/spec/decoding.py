@@ -33,6 +33,11 @@ class SpecStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
 
+    def as_core_stats(self) -> dict[str, int]:
+        return {"spec_drafts": self.num_verified_requests,
+                "spec_draft_tokens": self.num_draft_tokens,
+                "spec_accepted_tokens": self.num_accepted_tokens}
+
     @property
     def acceptance_rate(self) -> float:
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0

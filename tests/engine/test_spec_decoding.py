@@ -175,3 +175,29 @@ def test_config_refusals():
         SpeculativeConfig(method="eagle")
     with pytest.raises(ValueError, match="256"):
         SpeculativeConfig(method="ngram", num_speculative_tokens=7, max_batch_size=64)
+
+
+def test_spec_counters_on_metrics(model):
+    from prometheus_client import CollectorRegistry
+
+    from engine.metrics import EngineMetrics
+    from pdserve.metrics import MetricFactory
+
+    registry = CollectorRegistry()
+    metrics = EngineMetrics(MetricFactory("tiny", registry))
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = _prompts(3)
+    want = [o.token_ids for o in _engine(model, False).generate(prompts, params)]
+    spec = _engine(model, True)
+    spec.spec.proposer = OracleProposer(prompts, want)
+    spec.generate(prompts, params)
+    metrics.publish(spec)
+    metrics.publish(spec)  # nothing new: no double counting
+    stats = spec.spec.stats
+
+    def value(name: str) -> float:
+        return registry.get_sample_value(f"pdserve:spec_decode_{name}_total",
+                                         {"model_name": "tiny"})
+    assert value("num_drafts") == stats.num_verified_requests > 0
+    assert value("num_draft_tokens") == stats.num_draft_tokens > 0
+    assert value("num_accepted_tokens") == stats.num_accepted_tokens > 0

@@ -62,6 +62,9 @@ ENGINE_METRICS = {
     "pdserve:prefix_cache_queries_total": ("counter", {M}),
     "pdserve:prefix_cache_hits_total": ("counter", {M}),
     "pdserve:prefix_cache_evictions_total": ("counter", {M}),
+    "pdserve:spec_decode_num_drafts_total": ("counter", {M}),
+    "pdserve:spec_decode_num_draft_tokens_total": ("counter", {M}),
+    "pdserve:spec_decode_num_accepted_tokens_total": ("counter", {M}),
 }
 TRANSFER_METRICS = {
     "pdserve:kv_transfer_time_seconds": ("histogram", {M}),
