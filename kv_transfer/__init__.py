@@ -10,7 +10,13 @@
                                         send_layers(l0, l1) ...  ---> header, layer groups
                                         finish() -> TransferResult <-- ack -> TransferResult
 
-Modules: compat (layout spec and hash), packing (one gather / one scatter per layer group),
+Between multi-rank instances the transfer is one shard (layer range x KV-head range) per
+(prefill rank, decode rank) pair of the transfer plan (planner.py), each over that pair's own
+channel, all under the one descriptor of the transfer (shards.py counts their outcomes); the two
+instances' layouts may differ (the KV is re-sharded on the way).
+
+Modules: planner (which prefill rank sends which shard to which decode rank), compat (layout
+spec and hash), packing (one gather / one scatter per layer group, heads sliced inside),
 rendezvous (store and pair keys), handshake, process_group (standalone 2-rank Gloo/NCCL),
 channel (PairChannel and its states), wire (header and ack), descriptors, sender, receiver,
 faults (FaultInjection), errors (one exception type per TransferStatus).
