@@ -39,6 +39,8 @@ def add_parser(sub) -> None:
     p.add_argument("--expert-parallel-size", type=int, default=1, metavar="N",
                    help="MoE models: 1, or the tensor parallel size to split whole experts "
                         "over the tensor ranks (attention stays tensor parallel)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="recompute every prompt (prefix caching reuses shared prefixes' KV)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.set_defaults(handler=run)
 
@@ -63,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from engine.llm_engine import LLMEngine
 
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                          cache=CacheConfig(block_size=args.block_size),
+                          cache=CacheConfig(block_size=args.block_size,
+                                            enable_prefix_caching=args.prefix_caching),
                           parallel=ParallelConfig(args.tensor_parallel_size,
                                                   args.pipeline_parallel_size,
                                                   expert_parallel_size=args.expert_parallel_size),

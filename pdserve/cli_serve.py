@@ -35,6 +35,9 @@ def _add_serve_parser(sub) -> None:
                    help="Prometheus file_sd JSON listing every /metrics endpoint, kept current "
                         "(default /tmp/pdserve/prometheus_sd.json; '' = none)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_const",
+                   const=False, default=None,
+                   help="turn prefix caching off in both pools (config: <pool>.prefix_caching)")
     p.add_argument("--ray-address", default=None, metavar="ADDRESS",
                    help="the Ray cluster to join: 'auto' (the one `ray start` runs on this node) "
                         "or host:port; default: $RAY_ADDRESS, else the config's ray_address "
@@ -63,7 +66,8 @@ def _run_serve(args: argparse.Namespace) -> int:
                             grpc_port=args.grpc_port,
                             metrics_port=args.metrics_port, http_port=args.http_port,
                             http_host=args.http_host,
-                            prometheus_sd_file=args.prometheus_sd_file, device=args.device)
+                            prometheus_sd_file=args.prometheus_sd_file, device=args.device,
+                            prefix_caching=args.prefix_caching)
     _sigterm_interrupts()
     config = _start_ray(config, args)
     host = args.worker_host or ("127.0.0.1" if _is_local_ray() else ray.util.get_node_ip_address())

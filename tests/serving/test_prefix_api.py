@@ -83,3 +83,28 @@ def test_openai_usage_reports_prompt_tokens_details(served):
     with pytest.raises(openai.BadRequestError) as info:
         complete("\x00")
     assert "cache_salt" in str(info.value.body)
+
+
+def test_prefix_caching_is_a_per_pool_key_and_a_cli_flag():
+    from cluster.config import cluster_config_from_dict, with_overrides
+    from cluster.pools import worker_specs
+    from pdserve.cli import build_parser
+
+    config = cluster_config_from_dict({"device": "cpu", "decode": {"prefix_caching": False},
+                                       "conditional_disagg_max_uncached_tokens": 32})
+    prefill, decode = worker_specs(config, "127.0.0.1")
+    assert prefill[0].engine.cache.enable_prefix_caching  # on by default
+    assert not decode[0].engine.cache.enable_prefix_caching
+    assert config.conditional_disagg_max_uncached_tokens == 32
+    off = with_overrides(cluster_config_from_dict({"device": "cpu"}), prefix_caching=False)
+    assert not off.prefill.prefix_caching and not off.decode.prefix_caching
+    with pytest.raises(ValueError, match="conditional_disagg_max_uncached_tokens"):
+        cluster_config_from_dict({"conditional_disagg_max_uncached_tokens": -1})
+    with pytest.raises(ValueError, match="prefill.prefix_caching"):
+        cluster_config_from_dict({"prefill": {"prefix_caching": "yes"}})
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--no-prefix-caching"]).prefix_caching is False
+    assert parser.parse_args(["serve"]).prefix_caching is None  # the config decides
+    assert parser.parse_args(["generate", "--prompt", "x"]).prefix_caching is True
+    assert not parser.parse_args(["generate", "--prompt", "x",
+                                  "--no-prefix-caching"]).prefix_caching
