@@ -132,7 +132,7 @@ async def run_variant(cluster, client, workload: Workload, variant: Variant, run
     ttfts_ms = np.array([t * 1e3 for t, _ in turns])
     prompt_tokens = sum(n for _, n in turns)
     hits = sum(hits_after.values()) - sum(hits_before.values())
-    return {"variant": variant.name, "policy": variant.policy,
+    return {"variant": variant.name, "policy": variant.policy, "ttfts_ms": ttfts_ms.tolist(),
             "prefix_caching": variant.prefix_caching, "requests": len(turns),
             "duration_s": round(duration_s, 2),
             "ttft_p50_ms": round(float(np.median(ttfts_ms)), 1),
@@ -158,21 +158,43 @@ async def run_cluster(workload: Workload, variants: list[Variant], prefix_cachin
         results = []
         for run, variant in enumerate(variants, start=first_run):
             results.append(await run_variant(cluster, client, workload, variant, run, timeout_s))
-            print(results[-1], flush=True)
+            print({k: v for k, v in results[-1].items() if k != "ttfts_ms"}, flush=True)
         return results
     finally:
         await client.close()
         await cluster.stop(grace_s=1.0)
 
 
-async def compare(workload: Workload, num_kv_blocks: int = 1024,
-                  timeout_s: float = 600.0) -> dict:
-    """Every variant of VARIANTS; one cluster with prefix caching on, one with it off."""
+def by_variant(results: list[dict]) -> dict[str, dict]:
+    """Each variant over its runs: TTFT percentiles of every turn pooled, token counts summed."""
+    out = {}
+    for name in dict.fromkeys(r["variant"] for r in results):
+        runs = [r for r in results if r["variant"] == name]
+        ttfts = np.array([t for r in runs for t in r["ttfts_ms"]])
+        tokens = {key: sum(r[key] for r in runs) for key in
+                  ("prompt_tokens", "prefill_tokens_computed", "prefix_hit_tokens",
+                   "router_predicted_hit_tokens")}
+        out[name] = {"runs": len(runs), "ttft_p50_ms": round(float(np.median(ttfts)), 1),
+                     "ttft_p99_ms": round(float(np.percentile(ttfts, 99)), 1), **tokens,
+                     "hit_rate": round(tokens["prefix_hit_tokens"] / tokens["prompt_tokens"], 4)}
+    return out
+
+
+async def compare(workload: Workload, num_kv_blocks: int = 1024, timeout_s: float = 600.0,
+                  repeats: int = 2) -> dict:
+    """Every variant of VARIANTS; one cluster with prefix caching on, one with it off. With
+    caching on, the policies run `repeats` times in alternating order (then reversed, ...), so
+    that a drift of the machine's load does not favour the one that runs first."""
     results = []
     for caching in (True, False):
         chosen = [v for v in VARIANTS if v.prefix_caching == caching]
+        if caching:
+            chosen = [v for r in range(repeats) for v in (chosen if r % 2 == 0 else chosen[::-1])]
         results += await run_cluster(workload, chosen, caching, num_kv_blocks, timeout_s,
                                      first_run=len(results) + 1)
+    summary = by_variant(results)
+    for r in results:
+        del r["ttfts_ms"]
     return {"workload": {"conversations": len(workload.conversations),
                          "turns": len(workload.conversations[0].turns),
                          "system_tokens": len(workload.system_token_ids),
@@ -180,7 +202,7 @@ async def compare(workload: Workload, num_kv_blocks: int = 1024,
             "cluster": "2 prefill + 2 decode CPU instances, default model (SmolLM2-135M, "
                        "fp32), block_size 16, 0.5 Ray CPU and 1 torch thread each, "
                        f"{num_kv_blocks} KV blocks per instance",
-            "results": results}
+            "by_variant": summary, "results": results}
 
 
 def run(workload_path, result_file, timeout_s: float, num_kv_blocks: int = 1024) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.multiturn_workload import FIRST_TOKEN_ID, Workload, generate
-from benchmarks.serving_multiturn import VARIANTS, shifted
+from benchmarks.serving_multiturn import VARIANTS, by_variant, shifted
 from router.prefix_index import request_block_hashes
 
 VOCAB = 1000
@@ -44,3 +44,15 @@ def test_the_comparison_covers_every_policy_and_caching_both_ways():
     assert {v.policy for v in VARIANTS if v.prefix_caching} == {"kv_aware", "least_loaded",
                                                                 "round_robin"}
     assert any(not v.prefix_caching for v in VARIANTS)
+
+
+def test_variants_pool_their_runs():
+    runs = [{"variant": "kv_aware/cache_on", "ttfts_ms": [1.0, 2.0, 3.0], "prompt_tokens": 10,
+             "prefill_tokens_computed": 4, "prefix_hit_tokens": 6,
+             "router_predicted_hit_tokens": 5},
+            {"variant": "kv_aware/cache_on", "ttfts_ms": [4.0], "prompt_tokens": 10,
+             "prefill_tokens_computed": 2, "prefix_hit_tokens": 8,
+             "router_predicted_hit_tokens": 8}]
+    pooled = by_variant(runs)["kv_aware/cache_on"]
+    assert pooled["runs"] == 2 and pooled["ttft_p50_ms"] == 2.5 and pooled["hit_rate"] == 0.7
+    assert pooled["prefill_tokens_computed"] == 6 and pooled["router_predicted_hit_tokens"] == 13
