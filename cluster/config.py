@@ -32,6 +32,8 @@ import yaml
 from cluster.config_checks import (at_least, check_parallelism, check_port, check_types,
                                    join_path, one_of, positive)
 from cluster.server_config import ServerConfig
+from engine.config import SpeculativeConfig
+from engine.kv_cache.fp8 import KV_CACHE_DTYPES
 from router.policy import RoutingConfig
 from kv_transfer.descriptors import DEFAULT_MIN_MESSAGE_BYTES
 
@@ -79,9 +81,19 @@ class PoolConfig:
     # Reuse cached KV of shared prompt prefixes (engine/kv_cache/prefix_cache.py); on a decode
     # pool it also means a hand-off sends only the blocks the instance does not hold.
     prefix_caching: bool = True
+    # "auto" (the model's dtype) or "fp8_e4m3" (engine/kv_cache/fp8.py); both pools alike
+    kv_cache_dtype: str = "auto"
+    # Decode only: speculative decoding (engine/spec/), null or "ngram"; k drafted per step
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 4
 
     def __post_init__(self) -> None:
         one_of("role", self.role, ROLES)
+        one_of(self._path("kv_cache_dtype"), self.kv_cache_dtype, KV_CACHE_DTYPES)
+        if self.speculative_method is not None and self.role != "decode":
+            raise ValueError(f"{self._path('speculative_method')} must be null: only decode "
+                             f"instances decode, got {self.speculative_method!r}")
+        self.speculative_config()  # validates the method and k
         check_types(self, self.role)
         min_instances = 1 if self.role == "prefill" else 0
         at_least(self._path("num_instances"), self.num_instances, min_instances)
@@ -111,6 +123,13 @@ class PoolConfig:
                 f"{self._path('gpu_memory_utilization')} must be in (0, 1], "
                 f"got {self.gpu_memory_utilization}"
             )
+
+    def speculative_config(self) -> SpeculativeConfig:
+        try:
+            return SpeculativeConfig(self.speculative_method, self.num_speculative_tokens,
+                                     max_batch_size=min(32, 256 // (self.num_speculative_tokens + 1)))
+        except ValueError as exc:
+            raise ValueError(f"{self.role} speculative decoding: {exc}") from None
 
     @property
     def device(self) -> str:
@@ -222,6 +241,10 @@ class ClusterConfig:
             if pool.role != role:
                 raise ValueError(f"{role}.role must be {role!r}, got {pool.role!r}")
             self._check_pool_device(pool)
+        if self.prefill.kv_cache_dtype != self.decode.kv_cache_dtype:
+            raise ValueError(f"prefill.kv_cache_dtype and decode.kv_cache_dtype must match (KV "
+                             f"moves between them as stored): prefill is "
+                             f"{self.prefill.kv_cache_dtype}, decode is {self.decode.kv_cache_dtype}")
         if self.transfer.backend == "nccl":
             for pool in self.pools:
                 if pool.device != "cuda":

@@ -84,6 +84,8 @@ def worker_specs(cfg: ClusterConfig, host: str) -> tuple[list[WorkerSpec], list[
                                    # prefill instances never run decode steps: no graphs to capture
                                    use_cuda_graphs=pool.role == "decode",
                                    enable_prefix_caching=pool.prefix_caching,
+                                   kv_cache_dtype=pool.kv_cache_dtype,
+                                   speculative=pool.speculative_config(),
                                    parallel=ParallelConfig(
                                        pool.tensor_parallel_size, pool.pipeline_parallel_size,
                                        expert_parallel_size=pool.expert_parallel_size,

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
-from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from engine.config import (CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig,
+                           SpeculativeConfig)
 from kv_transfer import DEFAULT_MIN_MESSAGE_BYTES, FaultInjection
 from pdserve.metrics import MetricsEndpoint, start_metrics_server
 
@@ -105,11 +106,14 @@ def engine_config_for(model: str, device: str, dtype: str, block_size: int, num_
                       async_scheduling: bool | None = None,
                       use_cuda_graphs: bool = True,
                       parallel: ParallelConfig | None = None,
-                      enable_prefix_caching: bool = True) -> EngineConfig:
+                      enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto",
+                      speculative: SpeculativeConfig | None = None) -> EngineConfig:
     return EngineConfig(model=model, device=device, dtype=dtype, async_scheduling=async_scheduling,
                         use_cuda_graphs=use_cuda_graphs, parallel=parallel or ParallelConfig(),
+                        speculative=speculative or SpeculativeConfig(),
                         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                                           gpu_memory_utilization=gpu_memory_utilization,
-                                          enable_prefix_caching=enable_prefix_caching),
+                                          enable_prefix_caching=enable_prefix_caching,
+                                          kv_cache_dtype=kv_cache_dtype),
                         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                                   max_num_batched_tokens=max_num_batched_tokens))
