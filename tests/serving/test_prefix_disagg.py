@@ -45,10 +45,10 @@ class Pair:
     """A prefill and a decode worker joined by a Gloo channel; `decode_caching` sets whether
     the decode instance has a prefix cache (the prefill instance always has one)."""
 
-    def __init__(self, loaded, name: str, decode_caching: bool) -> None:
+    def __init__(self, loaded, name: str, decode_caching: bool, decode_blocks: int = 128) -> None:
         self.name = name
         self.outputs: queue.Queue = queue.Queue()
-        self.decode = DecodeWorker(build_engine(loaded, num_blocks=128,
+        self.decode = DecodeWorker(build_engine(loaded, num_blocks=decode_blocks,
                                                 enable_prefix_caching=decode_caching),
                                    f"decode-{name}", emit=self.outputs.put)
         self.prefill = PrefillWorker(build_engine(loaded, num_blocks=128,
@@ -72,9 +72,9 @@ class Pair:
         assert reply.accepted, reply.reason
         return reply
 
-    def prefill_and_stream(self, rid: str, prompt: list[int], params: SamplingParams,
-                           reply: worker_pb2.ReserveReply, salt: str = "") -> list[int]:
-        """The prefill step after `reserve`, then every token of the request."""
+    def prefill_only(self, rid: str, prompt: list[int], params: SamplingParams,
+                     reply: worker_pb2.ReserveReply, salt: str = "") -> worker_pb2.TokenDelta:
+        """The prefill step after `reserve`, as the router asks for it; its first token."""
         results: queue.Queue = queue.Queue()
         self.prefill.submit(worker_pb2.PrefillTask(
             protocol_version=PROTOCOL_VERSION, request_id=rid, prompt_token_ids=prompt,
@@ -83,6 +83,12 @@ class Pair:
             cache_salt=salt, num_decode_cached_tokens=reply.num_cached_tokens), results.put)
         first = results.get(timeout=60).first_token
         assert not first.error, first.error
+        return first
+
+    def prefill_and_stream(self, rid: str, prompt: list[int], params: SamplingParams,
+                           reply: worker_pb2.ReserveReply, salt: str = "") -> list[int]:
+        """The prefill step after `reserve`, then every token of the request."""
+        first = self.prefill_only(rid, prompt, params, reply, salt)
         return list(first.token_ids) + (self.stream(rid) if not first.finish_reason else [])
 
     def stream(self, rid: str) -> list[int]:
@@ -200,6 +206,35 @@ def test_conditional_disaggregation_prefills_on_the_decode_instance(pairs, defau
     assert not reply.prefill_here  # nothing cached: the usual hand-off
     assert partial.prefill_and_stream("cd-3", far, GREEDY, reply) == reference(far, GREEDY)
     partial.wait_idle()
+
+
+def test_preempting_a_request_that_shares_blocks_recomputes_it_alike(default_loaded, reference):
+    # 12 blocks: two 9-block sequences sharing 3 cached blocks cannot both finish at once
+    pair = Pair(default_loaded, "small", True, decode_blocks=12)
+    params = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
+    shared = _text_ids(default_loaded, "Blocks shared by two sequences on one instance. " * 9)
+    prompts = {"a": shared[:3 * BS] + [11, 12, 13, 14, 15, 16, 17, 18],
+               "b": shared[:3 * BS] + [21, 22, 23, 24, 25, 26, 27, 28]}
+    try:
+        tokens = {"a": list(pair.prefill_only("a", prompts["a"], params, pair.reserve(
+            "a", prompts["a"], params)).token_ids)}
+        tokens["a"] += pair.outputs.get(timeout=60).deltas[0].token_ids  # a's blocks named
+        reply = pair.reserve("b", prompts["b"], params)
+        assert reply.num_cached_tokens == 3 * BS  # held by a as well
+        tokens["b"] = list(pair.prefill_only("b", prompts["b"], params, reply).token_ids)
+        ended: set[str] = set()
+        while ended != {"a", "b"}:
+            for delta in pair.outputs.get(timeout=60).deltas:
+                assert not delta.error, delta.error
+                tokens[delta.request_id] += delta.token_ids
+                if delta.finish_reason:
+                    ended.add(delta.request_id)
+        assert pair.decode.engine.scheduler.num_preemptions > 0
+        for rid, prompt in prompts.items():
+            assert tokens[rid] == reference(prompt, params), rid
+        pair.wait_idle()
+    finally:
+        pair.stop()
 
 
 # ---- the cluster: router, Ray actors, gRPC ----------------------------------------------------
