@@ -30,7 +30,7 @@ def served(default_loaded):
 @pytest.fixture(autouse=True)
 def leak_check(served):
     yield
-    states = served.wait_until_idle()  # free counts cached-free blocks as free
+    served.wait_until_idle()  # free_kv_blocks counts cached-free blocks as free
     kv = served.backend._engine.kv_manager
     assert kv.is_idle() and kv.num_free_blocks == kv.num_blocks
 

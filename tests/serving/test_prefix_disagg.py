@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 import urllib.request
+from dataclasses import replace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -247,9 +248,8 @@ def _scrape(address: str, name: str) -> float:
 
 @pytest.fixture(scope="module")
 def cluster():
-    config = cluster_config(1, 1, num_blocks=96)
-    from dataclasses import replace
-    config = replace(config, conditional_disagg_max_uncached_tokens=BS)
+    config = replace(cluster_config(1, 1, num_blocks=96),
+                     conditional_disagg_max_uncached_tokens=BS)
     with local_ray():
         harness = start_disagg_harness(config)
         yield harness
