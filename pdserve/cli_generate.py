@@ -41,6 +41,11 @@ def add_parser(sub) -> None:
                         "over the tensor ranks (attention stays tensor parallel)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="recompute every prompt (prefix caching reuses shared prefixes' KV)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"],
+                   help="fp8_e4m3: K/V as e4m3 with a scale per token and head (half the bytes)")
+    p.add_argument("--speculative-method", default=None, choices=["ngram"],
+                   help="draft tokens from the sequence itself and verify them in one pass")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.set_defaults(handler=run)
 
@@ -56,7 +61,17 @@ def validated_inputs(args: argparse.Namespace) -> tuple[list[str], SamplingParam
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    _speculative(args)  # validates
     return prompts, params
+
+
+def _speculative(args: argparse.Namespace):
+    if args.speculative_method is None:
+        return None  # EngineConfig's default: off
+    from engine.config import SpeculativeConfig
+
+    return SpeculativeConfig(args.speculative_method, args.num_speculative_tokens,
+                             max_batch_size=min(32, 256 // (args.num_speculative_tokens + 1)))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
 
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                           cache=CacheConfig(block_size=args.block_size,
-                                            enable_prefix_caching=args.prefix_caching),
+                                            enable_prefix_caching=args.prefix_caching,
+                                            kv_cache_dtype=args.kv_cache_dtype),
+                          **({"speculative": spec} if (spec := _speculative(args)) else {}),
                           parallel=ParallelConfig(args.tensor_parallel_size,
                                                   args.pipeline_parallel_size,
                                                   expert_parallel_size=args.expert_parallel_size),
