@@ -119,19 +119,19 @@ def prefill_side(p_tp: int, d_tp: int, port: int, key: str) -> dict:
     return {"transfer_ms": 1e3 * statistics.median(times), "transfer_ms_all": [
         round(1e3 * t, 2) for t in times], "bytes": num_bytes, "channels": len(plan),
         "layers_per_message": descriptor(key, 0, plan).layers_per_message,
-        "pack_ms": pack_ms(plan, caches, rank_of)}
+        "pack_ms": pack_ms(prefill, plan, caches)}
 
 
-def pack_ms(plan, caches, rank_of) -> float:
+def pack_ms(prefill: ParallelLayout, plan, caches) -> float:
     """The gathers alone (one per message), median over REPS: what slicing heads costs."""
     ids = torch.arange(NUM_BLOCKS)
     times = []
     for _ in range(REPS):
         started = time.perf_counter()
         for m in plan:
-            held = rank_shard(ParallelLayout(1 if len(caches) == 1 else 2), MODEL, rank_of(m))
+            held = rank_shard(prefill, MODEL, m.prefill_rank)
             heads = slice(m.shard.heads[0] - held.heads[0], m.shard.heads[1] - held.heads[0])
-            pack_blocks(caches[rank_of(m)], ids, slice(0, MODEL.num_layers), heads=heads)
+            pack_blocks(caches[m.prefill_rank], ids, slice(0, MODEL.num_layers), heads=heads)
         times.append(time.perf_counter() - started)
     return 1e3 * statistics.median(times)
 
