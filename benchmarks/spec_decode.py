@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[0] = str(ROOT)  # not benchmarks/: its kernels.py would shadow the `kernels` package
 
 from engine.config import EngineConfig, SpeculativeConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
