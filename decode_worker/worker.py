@@ -296,7 +296,8 @@ class DecodeWorker(LoopControls):
 
     def _admit(self, incoming: Incoming) -> None:
         del self.incoming[incoming.request.request_id]
-        first = incoming.first
+        first, landed = incoming.first, incoming.request  # name its landed full blocks: cached
+        self.engine.kv_manager.commit(landed.request_id, landed.num_tokens, landed.new_token_ids)
         if first.finish_reason or first.error:  # finished at the prefill: nothing to decode
             self.engine.release_blocks(incoming.request.request_id)
             return

@@ -149,7 +149,8 @@ def _text_ids(loaded, text: str) -> list[int]:
 def test_decode_receives_only_missing_blocks_and_the_kv_is_byte_identical(pairs, default_loaded):
     shared = _text_ids(default_loaded, "Paged KV blocks travel between instances. " * 12)[:5 * BS]
     first = shared + _text_ids(default_loaded, " First question about blocks?")
-    second = shared + _text_ids(default_loaded, " A second, different question here.")
+    second = shared + _text_ids(default_loaded, " A second, different question here, with "
+                                "enough words to fill one more block of sixteen tokens.")
     tables, received, replies = {}, {}, {}
     for pair in pairs:
         pair.generate("first", first, GREEDY)  # decoded: the decode side caches its blocks
@@ -168,6 +169,12 @@ def test_decode_receives_only_missing_blocks_and_the_kv_is_byte_identical(pairs,
     digests = {name: kv_digest(pair.decode.engine.kv_cache, tables[name])
                for name, pair in zip("pf", pairs)}
     assert digests["p"] == digests["f"]
+    partial = pairs[0]  # landed blocks are named on landing, though it never decoded
+    third = partial.reserve("third", second + [5, 6], GREEDY)
+    assert third.num_cached_tokens == len(second) // BS * BS > 5 * BS
+    partial.decode.abort(worker_pb2.AbortTask(protocol_version=PROTOCOL_VERSION,
+                                              request_id="third"))
+    partial.wait_idle()
 
 
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
