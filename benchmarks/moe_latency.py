@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/ (kernels.py)
 
 from benchmarks.gpu_common import (copy_bandwidth_gbs, device_info, print_table,  # noqa: E402
                                    replay_ms, wall_ms, write_results)
