@@ -91,8 +91,13 @@ def fused_experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 
 def _experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
              topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
-    """The routed experts' (partial) output. CUDA switches to the fused Triton kernel
-    (engine.kernels.fused_moe.fused_experts, the same contract) here, in one line."""
+    """The routed experts' (partial) output: the fused Triton kernel on CUDA
+    (engine/kernels/fused_moe.py, the same contract, no host sync), the torch reference
+    elsewhere or with the kernels switched off (`dispatch.use_triton(False)`)."""
+    if x.is_cuda and dispatch.triton_enabled():
+        from engine.kernels.fused_moe import fused_experts
+
+        return fused_experts(x, w13, w2, topk_weights, topk_ids, expert_map)
     return fused_experts_ref(x, w13, w2, topk_weights, topk_ids, expert_map)
 
 

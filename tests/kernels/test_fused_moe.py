@@ -220,3 +220,25 @@ def test_tile_config_lookup(tmp_path):
             == tiles.default_config(600, 8, 2))
     with pytest.raises(ValueError, match="block_k"):
         tiles.GemmTile(64, 48)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_moe_engine_on_cuda_gives_the_reference_tokens(cuda, tmp_path, arch):
+    """A tiny MoE model through LLMEngine on CUDA (fp32: the fused kernel in the layer) gives
+    the greedy tokens of the same engine on the CPU (the torch reference)."""
+    from engine.config import CacheConfig, EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+    from tests.engine.moe_factories import save_tiny_moe_model
+    from tests.helpers import assert_equal_or_near_tie
+
+    model = str(save_tiny_moe_model(tmp_path / arch, arch, seed=3))
+    prompts = [[5 + (7 * i + 3 * j) % 300 for i in range(9 + 13 * j)] for j in range(5)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    outs, engines = {}, {}
+    for device in ("cpu", "cuda"):
+        engines[device] = LLMEngine(EngineConfig(model=model, device=device, dtype="float32",
+                                                 cache=CacheConfig(block_size=16, num_blocks=64)))
+        outs[device] = [o.token_ids for o in engines[device].generate(prompts, params)]
+    for prompt, got, want in zip(prompts, outs["cuda"], outs["cpu"]):
+        assert_equal_or_near_tie(engines["cpu"], prompt, got, want)

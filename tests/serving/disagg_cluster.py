@@ -10,7 +10,7 @@ import ray
 
 from cluster.config import cluster_config_from_dict
 from engine.sampling_params import SamplingParams
-from tests.helpers import next_logits
+from tests.helpers import assert_equal_or_near_tie, next_logits  # noqa: F401 (re-exported)
 from tests.serving.harness import ServerHarness
 from tests.serving.ray_nodes import local_cluster
 
@@ -74,13 +74,3 @@ def token_prompts(tokenizer) -> list[list[int]]:
 
 GREEDY_16 = SamplingParams(max_tokens=16, temperature=0.0)
 
-
-def assert_equal_or_near_tie(engine, prompt: list[int], got: list[int], want: list[int]) -> None:
-    """Token-identical, or the first difference is a near-tie in the reference logits."""
-    if got == want:
-        return
-    i = next(k for k, (a, b) in enumerate(zip(got, want)) if a != b)
-    logits = next_logits(engine, prompt + want[:i])
-    gap = (logits[want[i]] - logits[got[i]]).abs().item()
-    assert gap < 1e-3 * logits.abs().max().item(), (
-        f"token {i} differs ({got[i]} vs {want[i]}) and is not a near-tie (gap {gap:.4f})")
