@@ -34,6 +34,7 @@ def land(decode: DecodeWorker, request_id: str, kv: torch.Tensor | None, first_t
     """What a receive link and the prefill instance deliver: the KV, then the first token."""
     if kv is not None:
         decode.engine.kv_cache[:, decode._blocks_of(request_id)] = kv
+    decode._transfers.begin(request_id)  # as `expect` does: one shard, from rank 0
     decode._transfers.rank0_done(request_id,
                                  worker_pb2.TransferResult(status=worker_pb2.TRANSFER_STATUS_OK))
     decode.first_token(worker_pb2.TokenDelta(protocol_version=PROTOCOL_VERSION,
