@@ -126,6 +126,9 @@ class SpeculativeConfig:
     # Drafting pauses while more requests than this run: a large batch is compute-bound, where
     # verifying k extra tokens per request costs more than the accepted ones save.
     max_batch_size: int = 32
+    # Draft only at batch sizes where verification steps measured more tokens per second than
+    # plain decode steps (re-probed now and then: engine/spec/decoding.py Payoff).
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in (None, "ngram"):

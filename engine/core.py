@@ -224,10 +224,11 @@ class EngineCore:
             return self._step_pipelined()
         previous = self._flights.popleft() if self._flights else None
         outputs: list[RequestOutput] = []
-        if previous is not None and not self._can_overlap(previous):
-            outputs += self._read_back(previous)
+        drafting = self.spec is not None and self.spec.wants_drafts(self.scheduler.running)
+        if previous is not None and (drafting or not self._can_overlap(previous)):
+            outputs += self._read_back(previous)  # drafts need every token on the host
             previous = None
-        if self.spec is not None:  # synchronous: nothing is in flight here
+        if drafting:
             self.spec.propose(self.scheduler.running)
         scheduled = self.scheduler.schedule()
         self.last_step_num_tokens = scheduled.num_batched_tokens
@@ -254,7 +255,7 @@ class EngineCore:
     def _can_overlap(self, previous: InFlightStep) -> bool:
         """Whether the next step may launch before `previous` is read: not with a hand-off
         hook, nor when a repetition penalty needs every token id on the host."""
-        return (self.async_scheduling and self._handoff is None and self.spec is None
+        return (self.async_scheduling and self._handoff is None and not previous.spec_lens
                 and all(r.params.repetition_penalty == 1.0 for r in previous.sampling_requests))
 
     def _launch(self, scheduled: SchedulerOutput) -> InFlightStep:
@@ -270,14 +271,20 @@ class EngineCore:
         for row, request in enumerate(sampling):  # the next step is fed from these rows
             request.num_inflight_tokens += 1
             request.inflight_row = row
+        decode_only = all(c.is_decode or c.num_spec for c in scheduled.chunks)
         return InFlightStep(sampling, frozenset(plan.request_ids), handle, launched_at_s,
-                            hands_off, spec_lens=plan.spec_lens)
+                            hands_off, spec_lens=plan.spec_lens, decode_only=decode_only)
 
     def _read_back(self, step: InFlightStep) -> list[RequestOutput]:
         """Append each sampled token to its request, stream text, finish what is done. Tokens
         of requests that ended meanwhile (aborted, or stopped at the step before) are dropped."""
         result = step.wait()  # the step's only host sync
         step_s = time.monotonic() - step.launched_at_s
+        if self.spec is not None and step.decode_only:  # what each mode yields, for Payoff
+            tokens = (sum(t >= 0 for t in result.token_ids) if step.spec_lens
+                      else len(result.token_ids))
+            self.spec.payoff.record(len(step.sampling_requests), bool(step.spec_lens), tokens,
+                                    step_s)
         if step.spec_lens:
             outputs = self._read_back_verified(step, result)
             for request_id in step.deferred_frees:

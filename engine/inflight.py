@@ -44,6 +44,7 @@ class InFlightStep:
     hands_off: bool = False  # the step completes prompts whose KV a hand-off hook streams
     deferred_frees: list[str] = field(default_factory=list)  # freed once this step is read
     spec_lens: tuple[int, ...] = ()  # a speculative step: drafts each sampling request verifies
+    decode_only: bool = False  # every sequence decodes (or verifies drafts): no prompt chunk
 
     def wait(self) -> StepResult:
         """Block until the sampled ids are on the host (the step's only host sync)."""

@@ -12,7 +12,9 @@ the sequence (rejected drafts' slots) to the pool.
 
 Verification steps run synchronously (the next step's drafts need this step's tokens), are not
 captured in CUDA graphs (k + 1 tokens per sequence use the prefill attention path), and need a
-single pipeline stage. Drafting pauses while more than `max_batch_size` requests run.
+single pipeline stage. Drafting pauses while more than `max_batch_size` requests run, and
+wherever it measured slower than plain decoding at that batch size (`Payoff`): verification
+costs k + 1 tokens of compute per request, which is free only while decoding is bandwidth-bound.
 """
 
 from __future__ import annotations
@@ -43,6 +45,42 @@ class SpecStats:
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
 
+class Payoff:
+    """Whether drafting pays at a batch size: output tokens per second of verification steps
+    against plain decode steps, as moving averages per batch-size bucket (powers of two), each
+    mode tried first, then the loser re-probed one step in `probe_every`. A verification costs
+    k + 1 tokens of compute per request: free while decoding is bandwidth-bound (small batches
+    on a GPU), not once it is compute-bound (large batches, or a CPU)."""
+
+    def __init__(self, probe_every: int = 16, weight: float = 0.25) -> None:
+        self.probe_every = probe_every
+        self.weight = weight
+        self._rates: dict[int, dict[bool, float]] = {}  # bucket -> {speculative: tokens/s}
+        self._steps: dict[int, int] = {}
+
+    def wants_drafts(self, batch: int) -> bool:
+        bucket = batch.bit_length()
+        rates = self._rates.setdefault(bucket, {})
+        self._steps[bucket] = step = self._steps.get(bucket, 0) + 1
+        if True not in rates:  # drafting first (every step until some drafts verify, then
+            return step <= self.probe_every or step % self.probe_every == 1  # now and then)
+        if False not in rates:
+            return False  # then plain decoding
+        best = rates[True] >= rates[False]
+        return best if step % self.probe_every else not best
+
+    def record(self, batch: int, speculative: bool, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        rates = self._rates.setdefault(batch.bit_length(), {})
+        rate = tokens / seconds
+        old = rates.get(speculative)
+        rates[speculative] = rate if old is None else old + self.weight * (rate - old)
+
+    def rates(self, batch: int) -> dict[bool, float]:
+        return dict(self._rates.get(batch.bit_length(), {}))
+
+
 class SpecDecoding:
     """The proposer and the bookkeeping of one engine core's speculative decoding."""
 
@@ -52,12 +90,18 @@ class SpecDecoding:
             num_speculative_tokens=config.num_speculative_tokens, max_ngram=config.max_ngram,
             min_ngram=config.min_ngram))
         self.stats = SpecStats()
+        self.payoff = Payoff()
+
+    def wants_drafts(self, running: Sequence[Request]) -> bool:
+        """Whether this step drafts: a batch within `max_batch_size` where drafting measured
+        faster (or is being probed). Called once per step."""
+        if not 0 < len(running) <= self.config.max_batch_size:
+            return False
+        return self.payoff.wants_drafts(len(running)) if self.config.adaptive else True
 
     def propose(self, running: Sequence[Request]) -> None:
         """Set `spec_token_ids` of each running request that decodes next, within its
         max_tokens and context (every kept draft and the extra token must fit)."""
-        if len(running) > self.config.max_batch_size:
-            return
         for request in running:
             if request.num_inflight_tokens or request.num_pending_tokens != 1:
                 continue

@@ -8,14 +8,17 @@ row (the request's options and seed, step = that output index, a token history t
 the drafts before it), so p_j, the distribution row j's options give, is exactly what plain
 decoding would draw from at that position had it drawn d_0..d_{j-1}.
 
-- Greedy rows: d_j is kept while it equals argmax p_j; the token after the kept prefix is the
-  argmax at the first mismatch, or of the bonus row. The output is plain greedy's, token for
-  token.
-- Sampled rows (speculative sampling): d_j is kept with probability min(1, p_j(d_j) / q_j(d_j)),
-  q_j being the proposer's distribution (a point mass for n-gram drafts: p_j(d_j)). At the first
-  rejection the token is drawn from the residual max(p_j - q_j, 0), renormalized (for a point
-  mass: p_j without d_j); with every draft kept, the bonus token is drawn from p_k. Each emitted
-  token is then distributed exactly as p at its position.
+- Point-mass drafts (n-gram): row j draws its token exactly as plain decoding would (the
+  same sampler, options, seed and output index, so the same counter-based noise), and d_j is
+  kept while it equals that draw; the token after the kept prefix is the draw at the first
+  mismatch, or the bonus row's. The output is therefore plain decoding's, token for token,
+  greedy or seeded — whatever was drafted, and whether a step drafted at all. (This keeps d_j
+  with probability p_j(d_j), as rejection sampling with a point-mass q would.)
+- Drafts sampled from a distribution q (a draft model): d_j is kept with probability
+  min(1, p_j(d_j) / q_j(d_j)); at the first rejection the token is drawn from the residual
+  max(p_j - q_j, 0), renormalized; with every draft kept, the bonus token is drawn from p_k.
+  Each emitted token is distributed exactly as p at its position (greedy rows: accept while
+  the draft is the argmax).
 
 Randomness stays counter-based (engine/sampler.py): the acceptance uniform of a row is a pure
 function of (seed ^ salt, step), independent of the race noise the residual draw uses, so a
@@ -33,8 +36,8 @@ import torch
 from torch import Tensor
 
 from engine.kernels import dispatch
-from engine.sampler import (SamplingTensors, apply_repetition_penalty, sampling_logits,
-                            uniform_noise)
+from engine.sampler import (Sampler, SamplingTensors, apply_repetition_penalty,
+                            sampling_logits, uniform_noise)
 
 _ACCEPT_SALT = 0x5DEECE66D  # separates the acceptance uniforms from the race noise
 
@@ -74,49 +77,49 @@ def verify(logits: Tensor, tensors: SamplingTensors, draft_ids: Tensor,
         raise ValueError(f"{rows} rows do not match drafts {list(num_drafts)} "
                          f"and draft_ids {list(draft_ids.shape)}")
     raw = logits.float()
-    scored = raw
-    if tensors.any_penalty:
-        scored = apply_repetition_penalty(raw, tensors.seen_mask, tensors.repetition_penalties)
-    greedy_pick = scored.argmax(dim=-1)
     is_draft_row = draft_ids >= 0
-    accept = (draft_ids == greedy_pick) & is_draft_row
-    emit = greedy_pick
-    if not tensors.all_greedy:
-        sampled_accept, sampled_emit = _speculative_sample(scored, tensors, draft_ids,
-                                                           draft_probs)
-        accept = torch.where(tensors.greedy_rows, accept, sampled_accept & is_draft_row)
-        emit = torch.where(tensors.greedy_rows, greedy_pick, sampled_emit)
+    if draft_probs is None:  # point-mass drafts: the plain sampler's own draw at every row
+        emit = Sampler()(raw, tensors).token_ids
+        accept = (draft_ids == emit) & is_draft_row
+    else:
+        accept, emit = _rejection_sample(raw, tensors, draft_ids, draft_probs)
     index, is_draft = row_layout(num_drafts, logits.device)
     kept = torch.cumprod((accept[index] & is_draft).long(), dim=1).sum(dim=1)  # [B]
     positions = torch.arange(index.shape[1], device=logits.device)[None, :]
     tokens = torch.where(positions < kept[:, None], draft_ids[index], emit[index])
     tokens = tokens.masked_fill(positions > kept[:, None], -1)
     logprobs = None
-    if tensors.need_logprobs:
-        flat = raw.log_softmax(dim=-1).gather(1, _row_tokens(tokens, index, rows)).squeeze(1)
+    if tensors.need_logprobs:  # each row's token: its draft where kept, else what it emits
+        row_token = torch.where(accept, draft_ids, emit)[:, None]
+        flat = raw.log_softmax(dim=-1).gather(1, row_token).squeeze(1)
         logprobs = flat[index].masked_fill(tokens < 0, 0.0)
     return VerifyOutput(tokens, kept + 1, logprobs)
 
 
-def _row_tokens(tokens: Tensor, index: Tensor, rows: int) -> Tensor:
-    """[R, 1]: the emitted token of each flat row (0 where the row emits nothing)."""
-    flat = torch.zeros(rows, dtype=torch.int64, device=tokens.device)
-    valid = tokens >= 0
-    return flat.index_put_((index[valid],), tokens[valid])[:, None]
+def _rejection_sample(raw: Tensor, tensors: SamplingTensors, draft_ids: Tensor,
+                      draft_probs: Tensor) -> tuple[Tensor, Tensor]:
+    """Drafts sampled from q (a draft model): (accepted [R], token a row emits when its draft
+    is not accepted [R]). Greedy rows accept while the draft is the argmax."""
+    scored = raw
+    if tensors.any_penalty:
+        scored = apply_repetition_penalty(raw, tensors.seen_mask, tensors.repetition_penalties)
+    greedy_pick = scored.argmax(dim=-1)
+    if tensors.all_greedy:
+        return draft_ids == greedy_pick, greedy_pick
+    accept, emit = _speculative_sample(scored, tensors, draft_ids, draft_probs)
+    return (torch.where(tensors.greedy_rows, draft_ids == greedy_pick, accept),
+            torch.where(tensors.greedy_rows, greedy_pick, emit))
 
 
 def _speculative_sample(scored: Tensor, tensors: SamplingTensors, draft_ids: Tensor,
-                        draft_probs: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(accepted [R], token to emit at a row that is not accepted [R]) for sampled rows."""
+                        draft_probs: Tensor) -> tuple[Tensor, Tensor]:
+    """min(1, p/q) acceptance and the residual draw, for sampled rows."""
     target = sampling_logits(scored, tensors)
     probs = target.softmax(dim=-1)
     drafted = draft_ids.clamp(min=0)[:, None]
     ratio = probs.gather(1, drafted).squeeze(1)
-    if draft_probs is not None:
-        ratio = ratio / draft_probs.float().gather(1, drafted).squeeze(1).clamp(min=1e-30)
-        residual = (probs - draft_probs.float()).clamp(min=0.0).log()
-    else:
-        residual = target.scatter(1, drafted, float("-inf"))
+    ratio = ratio / draft_probs.float().gather(1, drafted).squeeze(1).clamp(min=1e-30)
+    residual = (probs - draft_probs.float()).clamp(min=0.0).log()
     is_draft_row = (draft_ids >= 0)[:, None]
     residual = torch.where(is_draft_row, residual, target)  # bonus rows draw from p itself
     uniforms = uniform_noise(tensors.seeds ^ _ACCEPT_SALT, tensors.steps, 1)[:, 0]

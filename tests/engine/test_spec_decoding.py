@@ -26,7 +26,8 @@ def _engine(model: str, spec: bool, num_blocks: int = 256, budget: int = 512,
         cache=CacheConfig(block_size=4, num_blocks=num_blocks, enable_prefix_caching=True),
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=budget),
         speculative=SpeculativeConfig(method="ngram" if spec else None,
-                                      num_speculative_tokens=k, max_batch_size=16)))
+                                      num_speculative_tokens=k, max_batch_size=16,
+                                      adaptive=False)))  # draft every step: deterministic
 
 
 def _prompts(n: int) -> list[list[int]]:
@@ -163,11 +164,24 @@ def test_stops_inside_accepted_drafts_and_max_tokens(model):
         assert _run(spec, [prompt], params) == _run(plain, [prompt], params)
 
 
-def test_seeded_sampling_is_reproducible_and_blocks_return(model):
-    params = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
-    prompts = _prompts(6)
-    first = _run(_engine(model, True), prompts, params)
-    assert first == _run(_engine(model, True), prompts, params)
+@pytest.mark.parametrize("batch", [1, 16])
+def test_seeded_sampling_is_exactly_plain_sampling(model, batch):
+    """n-gram-style (point-mass) drafts are verified against the plain sampler's own draw at
+    each position, so seeded sampled output is plain decoding's token for token: here with
+    drafts that are mostly the plain run's own tokens (accepted) and partly wrong."""
+    params = [SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=11 + i,
+                             ignore_eos=True, logprobs=i % 2 == 0) for i in range(batch)]
+    prompts = _prompts(batch)
+    plain = _engine(model, False).generate(prompts, params)
+    spec = _engine(model, True)
+    spec.spec.proposer = OracleProposer(prompts, [o.token_ids for o in plain])
+    got = spec.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    for g, p in zip(got, plain):
+        assert g.logprobs == pytest.approx(p.logprobs, rel=1e-5)
+    stats = spec.spec.stats
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    assert spec.kv_manager.num_free_blocks == spec.kv_manager.num_blocks
 
 
 def test_config_refusals():
@@ -201,3 +215,24 @@ def test_spec_counters_on_metrics(model):
     assert value("num_drafts") == stats.num_verified_requests > 0
     assert value("num_draft_tokens") == stats.num_draft_tokens > 0
     assert value("num_accepted_tokens") == stats.num_accepted_tokens > 0
+
+
+def test_payoff_drafts_where_it_measured_faster():
+    """Drafting is tried first, then plain decoding; afterwards the faster mode wins at each
+    batch-size bucket, and the other is re-probed one step in `probe_every`."""
+    from engine.spec.decoding import Payoff
+
+    payoff = Payoff(probe_every=4)
+    assert payoff.wants_drafts(8)  # nothing measured: draft
+    payoff.record(8, True, 30, 1.0)
+    assert not payoff.wants_drafts(8)  # now measure plain decoding
+    payoff.record(8, False, 20, 1.0)
+    choices = [payoff.wants_drafts(8) for _ in range(8)]
+    assert choices.count(True) == 6 and choices.count(False) == 2  # drafting won; 2 probes
+    payoff.record(8, True, 5, 1.0)
+    payoff.record(8, True, 5, 1.0)
+    payoff.record(8, True, 5, 1.0)  # drafting got slow (moving average now below 20)
+    assert payoff.rates(8)[True] < 20
+    choices = [payoff.wants_drafts(8) for _ in range(8)]
+    assert choices.count(False) == 6
+    assert payoff.wants_drafts(64)  # another bucket starts over

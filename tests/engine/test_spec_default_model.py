@@ -26,7 +26,8 @@ PROMPTS = [
 def engines():
     plain = LLMEngine(EngineConfig(model="default", device="cpu"))
     spec = LLMEngine(EngineConfig(model="default", device="cpu",
-                                  speculative=SpeculativeConfig(method="ngram")))
+                                  speculative=SpeculativeConfig(method="ngram",
+                                                                adaptive=False)))
     return plain, spec
 
 
