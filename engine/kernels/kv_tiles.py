@@ -1,11 +1,9 @@
 """Loading a tile of keys or values from the paged cache, in either cache format; rounding to
 e4m3 for the fp8 writes.
 
-`row_ptrs` point at each token's row of one KV head ([N] pointers). A plain cache row is
-head_dim values of the model dtype; an fp8 row (engine/kv_cache/fp8.py) is head_dim e4m3 bytes
-then a float32 scale. The tile comes back in `dtype` (e4m3 converts to bf16/fp16/fp32 exactly)
-with a per-token scale (ones for a plain cache) that the attention kernels fold into the scores
-(keys) or the probabilities (values), so the tile itself is never rescaled.
+`row_ptrs` point at each token's row of one KV head ([N] pointers). An fp8 row
+(engine/kv_cache/fp8.py) is head_dim e4m3 bytes then a float32 scale; a plain cache row is read
+by the attention kernels directly, so their plain path is unchanged.
 """
 
 from __future__ import annotations
@@ -15,18 +13,14 @@ import triton.language as tl
 
 
 @triton.jit
-def load_kv_tile(row_ptrs, d, mask, nmask, head_dim, dtype: tl.constexpr, FP8: tl.constexpr):
-    """([N, BLOCK_D] tile in `dtype`, [N] float32 scales) of the rows at `row_ptrs`."""
-    ptrs = row_ptrs[:, None] + d[None, :]
-    if FP8:
-        raw = tl.load(ptrs, mask=mask, other=0)
-        tile = raw.to(tl.float8e4nv, bitcast=True).to(dtype)
-        scale = tl.load((row_ptrs + head_dim).to(tl.pointer_type(tl.float32)), mask=nmask,
-                        other=0.0)
-    else:
-        tile = tl.load(ptrs, mask=mask, other=0.0)
-        scale = tl.full(nmask.shape, 1.0, tl.float32)
-    return tile, scale
+def load_fp8_tile(row_ptrs, d, mask, nmask, head_dim):
+    """([N, BLOCK_D] e4m3 tile, [N] float32 scales) of the fp8 rows at `row_ptrs`; the caller
+    converts the tile to its query dtype (exact) and folds the scales into its scores (keys) or
+    probabilities (values), so the tile itself is never rescaled."""
+    raw = tl.load(row_ptrs[:, None] + d[None, :], mask=mask, other=0)
+    scale = tl.load((row_ptrs + head_dim).to(tl.pointer_type(tl.float32)), mask=nmask,
+                    other=0.0)
+    return raw.to(tl.float8e4nv, bitcast=True), scale
 
 
 @triton.jit

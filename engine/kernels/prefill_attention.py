@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from engine.attention.metadata import SeqGroup
-from engine.kernels.kv_tiles import load_kv_tile
+from engine.kernels.kv_tiles import load_fp8_tile
 from engine.kv_cache.fp8 import is_fp8
 
 _LOG2E = 1.4426950408889634
@@ -34,21 +34,28 @@ def _attend_tile(acc, m_i, l_i, q, kv_ptr, table_row, n_begin, ctx_len, q_pos, h
     block = tl.load(table_row + n // block_size, mask=nmask, other=0).to(tl.int64)
     tok = block * kv_stride_block + (n % block_size) * kv_stride_tok + head_off
     kv_mask = nmask[:, None] & dmask[None, :]
-    k, k_scale = load_kv_tile(kv_ptr + tok, d, kv_mask, nmask, head_dim, q.dtype, FP8)
-    v, v_scale = load_kv_tile(kv_ptr + kv_stride_kv + tok, d, kv_mask, nmask, head_dim, q.dtype,
-                              FP8)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if FP8:
+    if FP8:  # e4m3 rows + per-row scales (engine/kernels/kv_tiles.py)
+        k8, k_scale = load_fp8_tile(kv_ptr + tok, d, kv_mask, nmask, head_dim)
+        v8, v_scale = load_fp8_tile(kv_ptr + kv_stride_kv + tok, d, kv_mask, nmask,
+                                    head_dim)
+        k = k8.to(q.dtype)
+        v = v8.to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = s * (k_scale * scale_log2e)[None, :]
     else:
-        s = s * scale_log2e
+        k = tl.load(kv_ptr + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(kv_ptr + kv_stride_kv + tok[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
     if MASKED:
         s = tl.where((n[None, :] <= q_pos[:, None]) & nmask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    pv = (p * v_scale[None, :]).to(v.dtype) if FP8 else p.to(v.dtype)
+    if FP8:
+        pv = (p * v_scale[None, :]).to(v.dtype)
+    else:
+        pv = p.to(v.dtype)
     acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
