@@ -41,12 +41,11 @@ as a failed step does.
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from decode_worker.incoming import Arrival, Incoming
 from decode_worker.links import PrefillLinks, RecvLink, accept_prefill
 from decode_worker.metrics import DecodeMetrics
 from engine.engine_loop import EngineLoop, LoopControls
@@ -66,28 +65,6 @@ INSTANCE_FAILED = "decode instance failed"  # what clients see; the cause goes t
 WAITING_PER_BATCH_SLOT = 4  # default max_waiting_requests = this x max_num_seqs
 RANK_ACCEPT_TIMEOUT_S = 120.0  # the other ranks' pair channels, built while rank 0 builds its
 LANDING_TIMEOUTS = 3  # a begun transfer's KV lands within this many transfer timeouts, or fails
-
-
-class Arrival(enum.Flag):
-    NONE = 0
-    KV = enum.auto()
-    FIRST_TOKEN = enum.auto()
-    BOTH = KV | FIRST_TOKEN
-
-
-@dataclass(eq=False)
-class Incoming:
-    """A reserved request waiting for its KV and its first token."""
-
-    request: Request
-    block_ids: list[int]  # the blocks a transfer fills: the table after the cached prefix
-    reserved_at_s: float
-    arrived: Arrival = Arrival.NONE
-    first: worker_pb2.TokenDelta | None = None
-    transfer_s: float = 0.0
-    transfer_begun: bool = False  # a descriptor for it has arrived
-    begun_at_s: float = 0.0  # when; its KV must land within LANDING_TIMEOUTS x transfer timeout
-    aborted: bool = False
 
 
 class DecodeWorker(LoopControls):
@@ -393,6 +370,7 @@ class DecodeWorker(LoopControls):
         out = worker_pb2.DecodeOutputs(protocol_version=PROTOCOL_VERSION,
                                        instance_id=self.instance_id, deltas=deltas)
         out.state.CopyFrom(self._stats().state)
+        out.state.ClearField("expert_token_counts")  # per-expert totals: GetClusterState only
         return out
 
     def _publish_metrics(self) -> None:
