@@ -126,8 +126,7 @@ class PoolConfig:
 
     def speculative_config(self) -> SpeculativeConfig:
         try:
-            return SpeculativeConfig(self.speculative_method, self.num_speculative_tokens,
-                                     max_batch_size=min(32, 256 // (self.num_speculative_tokens + 1)))
+            return SpeculativeConfig(self.speculative_method, self.num_speculative_tokens)
         except ValueError as exc:
             raise ValueError(f"{self.role} speculative decoding: {exc}") from None
 

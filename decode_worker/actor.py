@@ -86,12 +86,9 @@ class DecodeActor(ActorLoopControls):
     async def kv_blocks(self, block_ids: list[int]) -> list[dict]:
         """These blocks' KV on each rank as JSON (kv_transfer.shards.kv_blocks_hex), rank 0
         first: how tests compare re-sharded KV (tiny models only)."""
-        from kv_transfer.shards import instance_kv_blocks, kv_blocks_hex
+        from kv_transfer.shards import instance_kv_blocks_hex
 
-        def read() -> list[dict]:
-            return [kv_blocks_hex(t, list(range(t.shape[1])))
-                    for t in instance_kv_blocks(self.worker.engine, block_ids)]
-        return await asyncio.to_thread(read)
+        return await asyncio.to_thread(instance_kv_blocks_hex, self.worker.engine, block_ids)
 
     async def rank_pids(self) -> list[int]:
         """Process ids of ranks 1..N-1 of a multi-rank instance (tests kill them)."""

@@ -124,8 +124,9 @@ class SpeculativeConfig:
     max_ngram: int = 4
     min_ngram: int = 1
     # Drafting pauses while more requests than this run: a large batch is compute-bound, where
-    # verifying k extra tokens per request costs more than the accepted ones save.
-    max_batch_size: int = 32
+    # verifying k extra tokens per request costs more than the accepted ones save. None ->
+    # min(32, 256 // (k + 1)): the most a verification step's sampled rows allow.
+    max_batch_size: int | None = None
     # Draft only at batch sizes where verification steps measured more tokens per second than
     # plain decode steps (re-probed now and then: engine/spec/decoding.py Payoff).
     adaptive: bool = True
@@ -136,6 +137,8 @@ class SpeculativeConfig:
         if not 1 <= self.num_speculative_tokens <= 7:
             raise ValueError(f"num_speculative_tokens must be in [1, 7], "
                              f"got {self.num_speculative_tokens}")
+        if self.max_batch_size is None:
+            self.max_batch_size = min(32, 256 // (self.num_speculative_tokens + 1))
         if (self.num_speculative_tokens + 1) * self.max_batch_size > 256:
             raise ValueError(f"(num_speculative_tokens + 1) * max_batch_size must be <= 256 "
                              f"(rows one verification step samples), got "

@@ -71,13 +71,19 @@ def kv_blocks_from_hex(value: dict):
     return flat.reshape(value["shape"])
 
 
-def instance_kv_blocks(engine, block_ids: list[int], timeout_s: float = 30.0) -> list:
-    """The blocks `block_ids` of every rank of an instance (tensors, rank 0 first)."""
+def instance_kv_blocks_hex(engine, block_ids: list[int], timeout_s: float = 30.0) -> list[dict]:
+    """`kv_blocks_hex` of every rank of an instance, rank 0 first (the others through their
+    rank services' `kv_blocks` call)."""
     values = [kv_blocks_hex(engine.kv_cache, block_ids)]
     if engine.rank_caller is not None:
         others = engine.rank_caller.call("kv_blocks", (block_ids,), timeout_s=timeout_s)
         values += [others[rank] for rank in sorted(others)]
-    return [kv_blocks_from_hex(value) for value in values]
+    return values
+
+
+def instance_kv_blocks(engine, block_ids: list[int], timeout_s: float = 30.0) -> list:
+    """The blocks `block_ids` of every rank of an instance (tensors, rank 0 first)."""
+    return [kv_blocks_from_hex(v) for v in instance_kv_blocks_hex(engine, block_ids, timeout_s)]
 
 
 OutcomeCallback = Callable[[str, worker_pb2.TransferResult], None]

@@ -70,8 +70,7 @@ def _speculative(args: argparse.Namespace):
         return None  # EngineConfig's default: off
     from engine.config import SpeculativeConfig
 
-    return SpeculativeConfig(args.speculative_method, args.num_speculative_tokens,
-                             max_batch_size=min(32, 256 // (args.num_speculative_tokens + 1)))
+    return SpeculativeConfig(args.speculative_method, args.num_speculative_tokens)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -179,31 +179,30 @@ def _utf8_len(texts: Sequence[str]) -> int:
 
 
 def _request_id(request: generation_pb2.GenerateRequest) -> str:
-    if not request.HasField("request_id"):
-        return uuid.uuid4().hex
-    request_id = request.request_id
-    if not request_id:
-        raise InvalidRequestError("request_id", "must not be empty when set")
-    if len(request_id) > MAX_REQUEST_ID_CHARS:
-        raise InvalidRequestError("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} "
-                                                f"characters, got {len(request_id)}")
-    if not _REQUEST_ID.fullmatch(request_id):
-        raise InvalidRequestError("request_id", "may contain only letters, digits and . _ : -")
-    return request_id
+    return _optional_text(request, "request_id", MAX_REQUEST_ID_CHARS, _REQUEST_ID,
+                          "may contain only letters, digits and . _ : -") or uuid.uuid4().hex
 
 
 def _cache_salt(request: generation_pb2.GenerateRequest) -> str:
-    if not request.HasField("cache_salt"):
+    return _optional_text(request, "cache_salt", MAX_CACHE_SALT_CHARS, _PRINTABLE_ASCII,
+                          "may contain only printable ASCII characters")
+
+
+def _optional_text(request: generation_pb2.GenerateRequest, field: str, max_chars: int,
+                   allowed: re.Pattern, rule: str) -> str:
+    """An optional string field: "" when unset; set, it must be non-empty, at most
+    `max_chars` long and match `allowed` (else `rule` names what it may hold)."""
+    if not request.HasField(field):
         return ""
-    salt = request.cache_salt
-    if not salt:
-        raise InvalidRequestError("cache_salt", "must not be empty when set")
-    if len(salt) > MAX_CACHE_SALT_CHARS:
-        raise InvalidRequestError("cache_salt", f"must be at most {MAX_CACHE_SALT_CHARS} "
-                                                f"characters, got {len(salt)}")
-    if not _PRINTABLE_ASCII.fullmatch(salt):
-        raise InvalidRequestError("cache_salt", "may contain only printable ASCII characters")
-    return salt
+    value = getattr(request, field)
+    if not value:
+        raise InvalidRequestError(field, "must not be empty when set")
+    if len(value) > max_chars:
+        raise InvalidRequestError(field, f"must be at most {max_chars} characters, "
+                                         f"got {len(value)}")
+    if not allowed.fullmatch(value):
+        raise InvalidRequestError(field, rule)
+    return value
 
 
 async def _off_loop_if_long(fn: Callable[[object], _T], argument: object, num_chars: int) -> _T:
