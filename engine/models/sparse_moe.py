@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from engine.kernels import dispatch
 from engine.layers.moe import FusedMoE
 from engine.models.config import ModelConfig, MoEConfig
 from engine.models.llama import LlamaForCausalLM, LlamaMLP
@@ -24,9 +25,11 @@ from engine.parallel import ParallelContext
 class SparseMoeForCausalLM(LlamaForCausalLM):
     """A Llama-block decoder whose sparse layers route each token to its top-k experts."""
 
-    # The torch reference of the experts reads expert counts on the host; decode steps run
-    # eagerly until a graph-safe fused kernel replaces it.
-    supports_cuda_graphs = False
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """Decode steps replay CUDA graphs when the experts run the fused Triton kernel (no host
+        sync); the torch reference (kernels switched off) reads expert counts on the host."""
+        return dispatch.triton_enabled()
 
     def make_mlp(self, cfg: ModelConfig, layer_idx: int, parallel: ParallelContext) -> nn.Module:
         moe = cfg.moe
