@@ -2,12 +2,13 @@
 compared in one run (`benchmarks/serving.py --multiturn FILE`; the file comes from
 benchmarks/multiturn_workload.py).
 
-For each variant the same workload is replayed: every conversation runs its turns in order
-(each prompt = system + the earlier turns and the answers the server gave + the new user turn),
-all conversations at once. Variants on one cluster (prefix caching on) switch the router's
-policy between runs (`Routing.use_policy`); each run's token ids are shifted by a run-specific
-offset, so no run finds the previous run's blocks in a cache (same lengths, same sharing). The
-"cache off" variant runs on a second cluster started with `prefix_caching: false` in both pools.
+For each variant the same workload is replayed (benchmarks/multiturn_replay.py, shared with the
+GPU run multiturn_gpu.py): every conversation runs its turns in order (each prompt = system + the
+earlier turns and the answers the server gave + the new user turn), all conversations at once.
+Variants on one cluster (prefix caching on) switch the router's policy between runs
+(`Routing.use_policy`); each run's token ids are shifted by a run-specific offset, so no run
+finds the previous run's blocks in a cache (same lengths, same sharing). The "cache off"
+variant runs on a second cluster started with `prefix_caching: false` in both pools.
 
 Reported per variant: TTFT p50/p99 (client side), prefill tokens computed (prompt tokens sent
 minus the prefill instances' prefix-cache hits, from their /metrics), the hit rate, and the
@@ -20,16 +21,18 @@ import asyncio
 import sys
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.multiturn_replay import StreamFn, replay, summarize
+from benchmarks.multiturn_replay import shifted  # noqa: F401  (tests import it from here)
 from benchmarks.multiturn_workload import FIRST_TOKEN_ID, Workload
 from router.client import PdserveClient
 from router.policy import RoutingConfig
 
-SHIFT = 7919  # token id offset between runs (prime: shifted prompts share nothing)
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 
 
@@ -63,33 +66,16 @@ def cluster_config(num_kv_blocks: int, prefix_caching: bool):
     })
 
 
-def shifted(ids: list[int], run: int, vocab_size: int) -> list[int]:
-    span = vocab_size - FIRST_TOKEN_ID
-    return [FIRST_TOKEN_ID + (t - FIRST_TOKEN_ID + run * SHIFT) % span for t in ids]
+def client_stream(client: PdserveClient, timeout_s: float) -> StreamFn:
+    """The replay's token stream over the router's gRPC API (greedy, ignore_eos)."""
 
+    async def stream(prompt: list[int], max_tokens: int) -> AsyncIterator[list[int]]:
+        async for response in client.generate_stream(
+                prompt_token_ids=prompt, max_tokens=max_tokens, temperature=0.0,
+                ignore_eos=True, timeout_s=timeout_s):
+            yield list(response.token_ids)
 
-async def replay(client: PdserveClient, workload: Workload, run: int,
-                 timeout_s: float) -> list[tuple[float, int]]:
-    """(TTFT s, prompt tokens) of every turn; raises if one fails."""
-    system = shifted(workload.system_token_ids, run, workload.vocab_size)
-
-    async def conversation(conv) -> list[tuple[float, int]]:
-        history, out = list(system), []
-        for turn in conv.turns:
-            prompt = history + shifted(turn.user_token_ids, run, workload.vocab_size)
-            start_s, ttft_s, answer = time.perf_counter(), None, []
-            async for response in client.generate_stream(
-                    prompt_token_ids=prompt, max_tokens=turn.max_tokens, temperature=0.0,
-                    ignore_eos=True, timeout_s=timeout_s):
-                if response.token_ids and ttft_s is None:
-                    ttft_s = time.perf_counter() - start_s
-                answer += response.token_ids
-            out.append((ttft_s, len(prompt)))
-            history = prompt + answer
-        return out
-
-    results = await asyncio.gather(*(conversation(c) for c in workload.conversations))
-    return [r for conv in results for r in conv]
+    return stream
 
 
 def _scrape(address: str, name: str) -> float:
@@ -124,22 +110,16 @@ async def run_variant(cluster, client, workload: Workload, variant: Variant, run
     hits_before = prefill_hits(cluster)
     routed_before, predicted_before = router_counts(cluster, variant.policy)
     started = time.perf_counter()
-    turns = await replay(client, workload, run, timeout_s)
+    turns = await replay(client_stream(client, timeout_s), workload, run)
     duration_s = time.perf_counter() - started
     await asyncio.sleep(1.5)  # the workers publish their counters after each engine iteration
     hits_after = prefill_hits(cluster)
     routed_after, predicted_after = router_counts(cluster, variant.policy)
-    ttfts_ms = np.array([t * 1e3 for t, _ in turns])
-    prompt_tokens = sum(n for _, n in turns)
     hits = sum(hits_after.values()) - sum(hits_before.values())
-    return {"variant": variant.name, "policy": variant.policy, "ttfts_ms": ttfts_ms.tolist(),
-            "prefix_caching": variant.prefix_caching, "requests": len(turns),
-            "duration_s": round(duration_s, 2),
-            "ttft_p50_ms": round(float(np.median(ttfts_ms)), 1),
-            "ttft_p99_ms": round(float(np.percentile(ttfts_ms, 99)), 1),
-            "ttft_mean_ms": round(float(ttfts_ms.mean()), 1),
-            "prompt_tokens": prompt_tokens, "prefill_tokens_computed": int(prompt_tokens - hits),
-            "prefix_hit_tokens": int(hits), "hit_rate": round(hits / prompt_tokens, 4),
+    return {"variant": variant.name, "policy": variant.policy,
+            "ttfts_ms": [t.ttft_s * 1e3 for t in turns],
+            "prefix_caching": variant.prefix_caching, "duration_s": round(duration_s, 2),
+            **summarize(turns, int(hits)),
             "router_predicted_hit_tokens": int(predicted_after - predicted_before),
             "routed_per_prefill_instance": {k: int(v - routed_before.get(k, 0.0))
                                             for k, v in sorted(routed_after.items())}}
