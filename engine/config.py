@@ -119,7 +119,7 @@ class SpeculativeConfig:
     """Speculative decoding (engine/spec/): a proposer drafts tokens, one target pass keeps the
     longest prefix the target agrees with (exactly its distribution), plus one more token."""
 
-    method: str | None = None  # None (off) | "ngram" (prompt lookup, no extra model)
+    method: str | None = None  # None (off) | "ngram" (prompt lookup) | "draft_model"
     num_speculative_tokens: int = 4  # k drafted per request and step at most
     max_ngram: int = 4
     min_ngram: int = 1
@@ -130,10 +130,18 @@ class SpeculativeConfig:
     # Draft only at batch sizes where verification steps measured more tokens per second than
     # plain decode steps (re-probed now and then: engine/spec/decoding.py Payoff).
     adaptive: bool = True
+    # method "draft_model": a small model of the target's vocabulary ("default", an HF
+    # directory or a .gguf), run on the target's device in its dtype (engine/spec/draft_model.py)
+    draft_model: str | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in (None, "ngram"):
-            raise ValueError(f"speculative method must be None or 'ngram', got {self.method!r}")
+        if self.method not in (None, "ngram", "draft_model"):
+            raise ValueError(f"speculative method must be None, 'ngram' or 'draft_model', "
+                             f"got {self.method!r}")
+        if (self.method == "draft_model") != bool(self.draft_model):
+            raise ValueError(f"draft_model must name a model exactly when method is "
+                             f"'draft_model'; got method {self.method!r}, "
+                             f"draft_model {self.draft_model!r}")
         if not 1 <= self.num_speculative_tokens <= 7:
             raise ValueError(f"num_speculative_tokens must be in [1, 7], "
                              f"got {self.num_speculative_tokens}")
