@@ -40,9 +40,10 @@ def _cache(kv_dtype: str, num_blocks: int) -> torch.Tensor:
     shape = (CFG.num_layers, num_blocks, 2, BS, CFG.num_kv_heads, CFG.head_dim)
     if kv_dtype == "auto":
         return torch.randn(shape, dtype=torch.bfloat16, device="cuda")
-    cache = torch.randint(0, 0x70, (*shape[:-1], CFG.head_dim + 4), dtype=torch.uint8,
+    cache = torch.randint(0, 0x70, (*shape[:-1], CFG.head_dim + 16), dtype=torch.uint8,
                           device="cuda")  # finite e4m3 values
-    cache[..., CFG.head_dim:] = torch.tensor([0.01]).view(torch.uint8).cuda()
+    cache[..., CFG.head_dim:] = 0
+    cache[..., CFG.head_dim:CFG.head_dim + 4] = torch.tensor([0.01]).view(torch.uint8).cuda()
     return cache
 
 

@@ -5,8 +5,8 @@ one layer holds its K then its V contiguously, and a request's KV for a layer (o
 layers) is `kv_cache[l0:l1, block_ids]` — a single gather packs it for transfer and a single
 indexed copy unpacks it into other block ids on the receiver.
 
-With `kv_cache_dtype: fp8_e4m3` the tensor is uint8 and its last dimension head_dim + 4: e4m3
-values and a float32 scale per (token, head) row (engine/kv_cache/fp8.py).
+With `kv_cache_dtype: fp8_e4m3` the tensor is uint8 and its last dimension head_dim + 16: e4m3
+values and a float32 scale (padded to 16 bytes) per (token, head) row (engine/kv_cache/fp8.py).
 
 With tensor/pipeline parallelism a rank's cache holds its pipeline stage's layers only (layer
 axis stage-local) and its tensor rank's KV heads only; `num_layers` / `num_kv_heads` say so.

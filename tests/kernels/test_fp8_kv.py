@@ -28,7 +28,7 @@ def test_quantized_rows_round_trip_within_e4m3_precision():
     x = torch.randn(64, 4, 128) * torch.logspace(-3, 3, 64)[:, None, None]
     x[0] = 0.0
     rows = quantize_rows(x)
-    assert rows.dtype == torch.uint8 and rows.shape == (64, 4, 132)
+    assert rows.dtype == torch.uint8 and rows.shape == (64, 4, 144)
     back = dequantize_rows(rows, torch.float32)
     assert torch.equal(back[0], x[0])
     rel = ((back - x).abs() / x.abs().amax(-1, keepdim=True).clamp_min(1e-30)).amax()
@@ -53,7 +53,7 @@ def test_rope_write_stores_the_reference_bytes(device, dtype):
     positions = torch.randint(0, 4000, (tokens,), device=device)
     slots = torch.randperm(8 * bs, device=device)[:tokens]
     slots[3] = -1  # a padded row writes nothing
-    layer = torch.zeros(8, 2, bs, hkv, d + 4, dtype=torch.uint8, device=device)
+    layer = torch.zeros(8, 2, bs, hkv, d + 16, dtype=torch.uint8, device=device)
     rope_and_write_kv(q, k, v, cos, sin, positions, layer, slots)
     _, k_rot = apply_rope(q, k, cos, sin, positions)
     want = torch.zeros_like(layer)
