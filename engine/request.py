@@ -73,6 +73,9 @@ class Request:
     cache_salt: str = ""  # prefix caching: only requests with the same salt share KV blocks
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
     spec_token_ids: list[int] = field(default_factory=list)  # drafts the next step verifies
+    # draft-model speculative decoding: tokens whose KV the draft model computed (valid up to
+    # num_computed_tokens; 0 again after preemption: engine/spec/draft_model.py)
+    num_draft_computed_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

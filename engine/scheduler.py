@@ -199,6 +199,7 @@ class Scheduler:
         self.kv.free(request.request_id)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
+        request.num_draft_computed_tokens = 0
         request.spec_token_ids.clear()
         request.num_preemptions += 1
         self.num_preemptions += 1
