@@ -43,7 +43,7 @@ from engine.plan import PlanBuilder
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.spec.decoding import SpecDecoding
+from engine.spec.decoding import build_spec_decoding
 from engine.validation import check_prompt, check_resumed_outputs
 
 
@@ -101,7 +101,9 @@ class EngineCore:
         # `pipeline_depth` micro-batches of different requests (pipeline parallelism)
         self._flights: deque[InFlightStep] = deque()
         self.pipeline_depth = getattr(executor, "pipeline_depth", 1)
-        self.spec = SpecDecoding(config.speculative) if config.speculative.enabled else None
+        self.spec = (build_spec_decoding(config.speculative, executor, self.kv_manager,
+                                         num_blocks_for(self.max_model_len, block_size))
+                     if config.speculative.enabled else None)
         if self.spec is not None and self.pipeline_depth > 1:
             raise ValueError("speculative decoding needs pipeline_parallel_size 1 (a "
                              "verification step's drafts need the previous step's tokens)")
@@ -231,9 +233,10 @@ class EngineCore:
         if drafting:
             self.spec.propose(self.scheduler.running)
         scheduled = self.scheduler.schedule()
+        draft_s = self.spec.fill(scheduled, self.scheduler.running) if drafting else 0.0
         self.last_step_num_tokens = scheduled.num_batched_tokens
         if not scheduled.is_empty:
-            self._flights.append(self._launch(scheduled))
+            self._flights.append(self._launch(scheduled, draft_s))
         if previous is not None:
             outputs += self._read_back(previous)
         if not self.async_scheduling and self._flights:
@@ -258,14 +261,15 @@ class EngineCore:
         return (self.async_scheduling and self._handoff is None and not previous.spec_lens
                 and all(r.params.repetition_penalty == 1.0 for r in previous.sampling_requests))
 
-    def _launch(self, scheduled: SchedulerOutput) -> InFlightStep:
+    def _launch(self, scheduled: SchedulerOutput, draft_s: float = 0.0) -> InFlightStep:
+        """`draft_s`: a draft model's time for this step's drafts (counted as the step's)."""
         plan = self._planner.build(scheduled, self.kv_manager.take_freed())
         sampling = [c.request for c in scheduled.chunks if c.samples]
         listener = None
         hands_off = self._handoff is not None and bool(sampling)
         if hands_off:
             listener = self._handoff.begin(sampling)
-        launched_at_s = time.monotonic()
+        launched_at_s = time.monotonic() - draft_s
         handle = self.executor.launch(plan, listener)
         self.scheduler.on_step_done(scheduled)
         for row, request in enumerate(sampling):  # the next step is fed from these rows

@@ -18,6 +18,7 @@ from engine.executor.base import LayerListener
 from engine.inflight import Readback
 from engine.model_runner import ModelRunner
 from engine.plan import StepPlan, StepResult
+from engine.spec.draft_runner import DraftRunner, load_draft_model, shared_num_blocks
 
 
 @dataclass(slots=True)
@@ -41,11 +42,21 @@ class LocalStepHandle:
 
 
 class LocalExecutor:
-    """One rank, in process: owns the model, the KV cache tensor and the model runner."""
+    """One rank, in process: owns the model, the KV cache tensor and the model runner (and,
+    for draft-model speculative decoding, the draft's `DraftRunner`)."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel, max_model_len: int) -> None:
-        self.kv_cache = make_kv_cache(loaded.config, config)
+        # speculative decoding with a draft model: its weights load first, and its cache has
+        # the target cache's block ids (engine/spec/draft_runner.py)
+        draft = None
+        num_blocks = None
+        if config.speculative.method == "draft_model":
+            draft = load_draft_model(config, loaded.config)
+            num_blocks = shared_num_blocks(config, loaded.config, draft[0])
+        self.kv_cache = make_kv_cache(loaded.config, config, num_blocks=num_blocks)
         self.num_blocks = self.kv_cache.shape[1]
+        self.drafter = (DraftRunner(config, *draft, self.num_blocks, max_model_len)
+                        if draft is not None else None)
         backend = get_backend(config.attention_backend, config.device)
         self.runner = ModelRunner(loaded.model, self.kv_cache, backend, config.cache.block_size,
                                   loaded.config.vocab_size, config.device,

@@ -2,7 +2,9 @@
 verification step's rows back into per-request tokens.
 
 Before each step the core asks `propose` to draft for the running requests that decode next
-(their last token known on the host, nothing in flight). The scheduler schedules each request's
+(their last token known on the host, nothing in flight), through the proposer (proposer.py:
+n-gram, or a draft model, whose drafts are placeholders until `fill` runs it after scheduling).
+The scheduler schedules each request's
 last token plus its drafts as one chunk (engine/scheduler.py), the plan gives the chunk one
 sampling row per position (engine/plan.py), and the runner verifies them in the same forward
 pass (engine/spec/rejection.py), returning for each request its kept drafts and one more token,
@@ -19,12 +21,15 @@ costs k + 1 tokens of compute per request, which is free only while decoding is 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.config import SpeculativeConfig
 from engine.request import Request
+from engine.scheduler import SchedulerOutput
 from engine.spec.ngram import NgramConfig, NgramProposer
+from engine.spec.proposer import PENDING, Proposer, has_pending
 
 
 @dataclass(slots=True)
@@ -84,9 +89,11 @@ class Payoff:
 class SpecDecoding:
     """The proposer and the bookkeeping of one engine core's speculative decoding."""
 
-    def __init__(self, config: SpeculativeConfig) -> None:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None) -> None:
+        """`proposer`: None -> n-gram (the one a "draft_model" config needs is built with the
+        executor's draft runner: engine/core.py)."""
         self.config = config
-        self.proposer = NgramProposer(NgramConfig(
+        self.proposer: Proposer = proposer or NgramProposer(NgramConfig(
             num_speculative_tokens=config.num_speculative_tokens, max_ngram=config.max_ngram,
             min_ngram=config.min_ngram))
         self.stats = SpecStats()
@@ -110,6 +117,20 @@ class SpecDecoding:
             if room > 0:
                 request.spec_token_ids = self.proposer.propose(request.all_token_ids, room)
 
+    def fill(self, scheduled: SchedulerOutput, running: Sequence[Request]) -> float:
+        """After scheduling: the proposer turns scheduled placeholder drafts into tokens, and
+        unscheduled requests drop theirs (a placeholder never outlives its step). Returns
+        the seconds it took (a verification step's cost includes its drafting)."""
+        for request in running:
+            if request.spec_token_ids and request.spec_token_ids[0] == PENDING:
+                request.spec_token_ids = []
+        pending = [c for c in scheduled.chunks if has_pending(c)]
+        if not pending:
+            return 0.0
+        started_s = time.monotonic()
+        self.proposer.fill(pending)
+        return time.monotonic() - started_s
+
     def split(self, token_ids: list[int], logprobs: list[float] | None,
               spec_lens: Sequence[int]) -> list[tuple[list[int], list[float] | None]]:
         """Per request of a verification step: its emitted tokens (and logprobs). Request i
@@ -127,3 +148,20 @@ class SpecDecoding:
                 self.stats.num_draft_tokens += k
                 self.stats.num_accepted_tokens += n - 1
         return out
+
+
+def build_spec_decoding(config: SpeculativeConfig, executor, kv_manager,
+                        max_blocks_per_seq: int) -> SpecDecoding:
+    """The engine core's speculative decoding for `config`: n-gram, or the draft model the
+    executor loaded (one-rank executors only: engine/executor/local.py)."""
+    if config.method != "draft_model":
+        return SpecDecoding(config)
+    from engine.spec.draft_model import DraftModelProposer
+
+    drafter = getattr(executor, "drafter", None)
+    if drafter is None:
+        raise ValueError("speculative method 'draft_model' needs a one-rank instance "
+                         "(tensor_parallel_size and pipeline_parallel_size 1)")
+    return SpecDecoding(config, DraftModelProposer(
+        config.num_speculative_tokens, drafter.run, drafter.max_model_len, kv_manager,
+        max_blocks_per_seq))

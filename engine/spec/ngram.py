@@ -59,3 +59,6 @@ class NgramProposer:
                 start = int(hits[-1]) + n
                 return tokens[start:start + limit].tolist()
         return []
+
+    def fill(self, chunks) -> None:
+        """Nothing to fill: `propose` returned the tokens themselves."""
