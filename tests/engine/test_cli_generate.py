@@ -55,10 +55,19 @@ def _generate_json(*flags: str) -> str:
     return res.stdout
 
 
-def test_parallel_flags_give_the_one_rank_tokens():
-    """The default model (30 layers, 9 query / 3 KV heads) over 2 pipeline stages, and over
-    3 tensor ranks x 2 stages: six rank processes over Gloo, the same greedy tokens."""
-    one_rank = _generate_json()
-    assert one_rank.count("\"token_ids\"") == 3
-    assert _generate_json("--pipeline-parallel-size", "2") == one_rank
+@pytest.fixture(scope="module")
+def one_rank() -> str:
+    out = _generate_json()
+    assert out.count("\"token_ids\"") == 3
+    return out
+
+
+def test_parallel_flags_give_the_one_rank_tokens(one_rank):
+    """The default model (30 layers, 9 query / 3 KV heads) over 3 tensor ranks x 2 pipeline
+    stages: six rank processes over Gloo, the same greedy tokens."""
     assert _generate_json("--tensor-parallel-size", "3", "--pipeline-parallel-size", "2") == one_rank
+
+
+@pytest.mark.slow  # the flag combination above covers --pipeline-parallel-size too
+def test_pipeline_flag_alone_gives_the_one_rank_tokens(one_rank):
+    assert _generate_json("--pipeline-parallel-size", "2") == one_rank

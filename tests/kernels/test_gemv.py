@@ -4,6 +4,8 @@ that decide where it replaces cuBLAS."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,10 +13,15 @@ import torch.nn.functional as F
 from tests.kernels.helpers import assert_close
 
 pytestmark = pytest.mark.gpu
+# In Triton's interpreter the cost grows with the number of programs (BLOCK_N rows each), not with
+# what the kernel does differently: the model-sized row counts run on CUDA only; the interpreter
+# takes fewer rows at the same K (the same number of BLOCK_K strips, the same prologue).
+MODEL_ROWS = os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", [(1536, 4096), (37, 100), (5, 1030), (513, 576)])
+@pytest.mark.parametrize("shape", [(1536 if MODEL_ROWS else 96, 4096), (37, 100), (5, 1030),
+                                   (513, 576)])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 def test_gemv_matches_linear(device, dtype, shape, bias):
     from engine.kernels.gemv import gemv
@@ -41,7 +48,7 @@ def test_silu_and_mul_gemv(device, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", [(388, 4096), (37, 100), (513, 576)])
+@pytest.mark.parametrize("shape", [(388 if MODEL_ROWS else 68, 4096), (37, 100), (513, 576)])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "add_norm"])
 def test_rms_norm_gemv(device, dtype, shape, with_residual):
     from engine.kernels.gemv import rms_norm_gemv

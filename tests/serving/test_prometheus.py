@@ -32,7 +32,7 @@ from tests.serving.prometheus_server import Prometheus, free_port, wait_for
 from tests.serving.prometheus_server import prometheus_binary  # noqa: F401 (a fixture)
 from tests.serving.test_metrics import DASHBOARD, dashboard_exprs
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+pytestmark = pytest.mark.timeout(300)
 
 NUM_FINISHED = 8  # requests that run to max_tokens
 MAX_TOKENS = 10
