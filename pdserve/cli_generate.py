@@ -43,9 +43,12 @@ def add_parser(sub) -> None:
                    help="recompute every prompt (prefix caching reuses shared prefixes' KV)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"],
                    help="fp8_e4m3: K/V as e4m3 with a scale per token and head (half the bytes)")
-    p.add_argument("--speculative-method", default=None, choices=["ngram"],
-                   help="draft tokens from the sequence itself and verify them in one pass")
+    p.add_argument("--speculative-method", default=None, choices=["ngram", "draft_model"],
+                   help="draft tokens (from the sequence itself, or a small model of the same "
+                        "tokenizer) and verify them in one pass")
     p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K")
+    p.add_argument("--draft-model", default=None, metavar="MODEL",
+                   help="with --speculative-method draft_model: 'default', an HF dir or a .gguf")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.set_defaults(handler=run)
 
@@ -66,11 +69,12 @@ def validated_inputs(args: argparse.Namespace) -> tuple[list[str], SamplingParam
 
 
 def _speculative(args: argparse.Namespace):
-    if args.speculative_method is None:
+    if args.speculative_method is None and args.draft_model is None:
         return None  # EngineConfig's default: off
     from engine.config import SpeculativeConfig
 
-    return SpeculativeConfig(args.speculative_method, args.num_speculative_tokens)
+    return SpeculativeConfig(args.speculative_method, args.num_speculative_tokens,
+                             draft_model=args.draft_model)
 
 
 def run(args: argparse.Namespace) -> int:
