@@ -33,8 +33,9 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if Path(sys.path[0] or ".").resolve() == REPO_ROOT / "benchmarks":  # run as a script: its
-    sys.path[0] = str(REPO_ROOT)  # kernels.py would shadow the `kernels` package transformers imports
+if Path(sys.path[0] or ".").resolve() == REPO_ROOT / "benchmarks":
+    # run as a script: benchmarks/kernels.py would shadow the `kernels` package transformers uses
+    sys.path[0] = str(REPO_ROOT)
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402

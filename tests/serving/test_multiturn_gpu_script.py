@@ -27,7 +27,7 @@ def test_each_prompt_is_the_history_with_the_answers_the_server_gave():
         yield answer[1:]
 
     turns = asyncio.run(replay(stream, workload, run=2))
-    assert [(t.conversation, t.turn) for t in turns] == [(c, i) for c in range(2) for i in range(3)]
+    assert [(t.conversation, t.turn) for t in turns] == [(c, i) for c in (0, 1) for i in (0, 1, 2)]
     for conv_index, conv in enumerate(workload.conversations):
         expected = shifted(workload.system_token_ids, 2, VOCAB)
         for turn, result in zip(conv.turns, turns[conv_index * 3:conv_index * 3 + 3]):
