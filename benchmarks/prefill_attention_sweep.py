@@ -44,7 +44,8 @@ PLAIN = [Cfg(128, 64, 8, 3), Cfg(128, 128, 8, 2), Cfg(128, 128, 8, 3), Cfg(128, 
          Cfg(128, 64, 4, 3), Cfg(128, 128, 4, 2), Cfg(64, 64, 4, 3), Cfg(64, 128, 4, 3),
          Cfg(128, 32, 8, 4), Cfg(128, 64, 8, 2), Cfg(64, 64, 4, 4), Cfg(128, 128, 8, 4),
          Cfg(64, 32, 4, 4), Cfg(64, 128, 4, 2), Cfg(128, 32, 4, 3)]
-SWITCHES = [dict(table_vec=True), dict(pack_gqa=True), dict(pack_gqa=True, table_vec=True)]
+SWITCHES = [dict(table_vec=True), dict(heads_first=True), dict(pack_gqa=True),
+            dict(pack_gqa=True, table_vec=True)]
 WARP_SPEC = [dict(warp_specialize=True), dict(warp_specialize=True, table_vec=True)]
 
 

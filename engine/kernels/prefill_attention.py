@@ -10,7 +10,8 @@ BLOCK_N keys at a time; key tiles wholly below the diagonal skip every mask (and
 unpredicated). The heaviest query tiles (last in the sequence) are launched first. A row is one
 (query token, head) pair: without GQA packing a program serves BLOCK_M tokens of one head; with
 it (PACK = group) BLOCK_M // group tokens of every query head of one KV head, so each K/V tile
-is loaded once per group. The launch configuration comes from
+is loaded once per group. The grid walks one head's tiles then the next head's, or (heads_first)
+every head's heaviest tile before any lighter one. The launch configuration comes from
 engine/kernels/prefill_attention_configs.py (swept per GPU). An fp8 cache is read as in the
 decode kernel (engine/kernels/kv_tiles.py).
 """
@@ -105,11 +106,15 @@ def _prefill_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, query_start_ptr, ou
                     kv_stride_block, kv_stride_kv, kv_stride_tok, kv_stride_h, group,
                     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PACK: tl.constexpr,
-                    TABLE_VEC: tl.constexpr, WARP_SPEC: tl.constexpr,
+                    TABLE_VEC: tl.constexpr, WARP_SPEC: tl.constexpr, HEADS_FIRST: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # query tokens per tile
-    m_tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest tiles first
-    head0 = tl.program_id(1) * PACK  # first query head of the tile (all of a KV head's if packed)
+    if HEADS_FIRST:  # every head's heaviest tile, then every head's next (for the tail)
+        m_tile = tl.num_programs(1) - 1 - tl.program_id(1)
+        head0 = tl.program_id(0) * PACK
+    else:  # one head's tiles, heaviest first, then the next head's
+        m_tile = tl.num_programs(0) - 1 - tl.program_id(0)
+        head0 = tl.program_id(1) * PACK  # first query head (all of a KV head's if packed)
     seq = tl.program_id(2).to(tl.int64)
     q_begin = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_begin
@@ -168,6 +173,7 @@ def launch_options(cfg: PrefillTileConfig, group: int, block_size: int,
     table_vec = (cfg.table_vec and block_size & (block_size - 1) == 0
                  and cfg.block_n % block_size == 0)
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PACK=pack, TABLE_VEC=table_vec,
+                HEADS_FIRST=cfg.heads_first,
                 WARP_SPEC=cfg.warp_specialize and _HAS_WARP_SPEC and not interpret,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -183,9 +189,10 @@ def prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, 
     gqa = num_heads // num_kv_heads
     cfg = config or get_config(q.device, q.dtype, head_dim, gqa)
     opts = launch_options(cfg, gqa, block_size)
-    tokens_per_tile = opts["BLOCK_M"] // opts["PACK"]
-    grid = (triton.cdiv(group.max_query_len, tokens_per_tile), num_heads // opts["PACK"],
-            group.num_seqs)
+    grid = (triton.cdiv(group.max_query_len, opts["BLOCK_M"] // opts["PACK"]),
+            num_heads // opts["PACK"])
+    opts["HEADS_FIRST"] &= grid[0] < 65536  # grid axes 1 and 2 stop at 65535
+    grid = (grid[::-1] if opts["HEADS_FIRST"] else grid) + (group.num_seqs,)
     _prefill_kernel[grid](
         q, kv_layer, group.block_tables, group.context_lens, group.query_start, out,
         scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),

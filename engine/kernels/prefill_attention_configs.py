@@ -29,7 +29,10 @@ class PrefillTileConfig:
     table_vec: each key tile reads its block_n // block_size block ids as one vector and builds
     the row addresses from them (instead of one table lookup per key);
     warp_specialize: producer/consumer warp specialization of the key loop (Triton >= 3.4,
-    compiled GPUs only; ignored where unsupported)."""
+    compiled GPUs only; ignored where unsupported);
+    heads_first: the grid's fastest axis walks heads, so every head's heaviest query tile is
+    launched before any lighter one (without it: one head's tiles heaviest first, then the
+    next head's)."""
 
     block_m: int = 128
     block_n: int = 64
@@ -38,6 +41,7 @@ class PrefillTileConfig:
     pack_gqa: bool = False
     table_vec: bool = False
     warp_specialize: bool = False
+    heads_first: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -63,7 +67,8 @@ class PrefillTileConfig:
     def label(self) -> str:
         flags = "".join(f"+{name}" for name, on in (("pack", self.pack_gqa),
                                                      ("tvec", self.table_vec),
-                                                     ("ws", self.warp_specialize)) if on)
+                                                     ("ws", self.warp_specialize),
+                                                     ("hf", self.heads_first)) if on)
         return (f"M{self.block_m}N{self.block_n}w{self.num_warps}s{self.num_stages}{flags}")
 
 
@@ -99,10 +104,16 @@ def device_name(device: torch.device) -> str:
 def get_config(device: torch.device, dtype: torch.dtype, head_dim: int, group: int,
                path: Path | None = None) -> PrefillTileConfig:
     """The swept configuration of this GPU and shape, else `default_config`."""
+    return _lookup(device, dtype, head_dim, group, path or CONFIG_PATH)
+
+
+@functools.lru_cache(maxsize=None)
+def _lookup(device: torch.device, dtype: torch.dtype, head_dim: int, group: int,
+            path: Path) -> PrefillTileConfig:
     if dtype == torch.float32:
         return default_config(dtype, head_dim)
     key = shape_key(device_name(device), dtype, head_dim, group)
-    return _swept(path or CONFIG_PATH).get(key) or default_config(dtype, head_dim)
+    return _swept(path).get(key) or default_config(dtype, head_dim)
 
 
 def write_config(key: str, config: PrefillTileConfig, path: Path | None = None) -> None:
@@ -118,3 +129,4 @@ def write_config(key: str, config: PrefillTileConfig, path: Path | None = None) 
 def clear_cache() -> None:
     """Forget the loaded JSON (after a sweep rewrote it)."""
     _swept.cache_clear()
+    _lookup.cache_clear()

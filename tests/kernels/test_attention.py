@@ -68,13 +68,14 @@ def test_prefill_with_cached_context_matches_reference(device, dtype, heads, blo
 
 
 # every switch of the tiled kernel: each BLOCK_N, GQA packing, the vector block-table read,
-# warp specialization (off in the interpreter), small and large row tiles
+# warp specialization (off in the interpreter), heads-first grid order, small and large tiles
 SWITCHES = [
     PrefillTileConfig(64, 32, 4, 2),
     PrefillTileConfig(64, 64, 4, 3, pack_gqa=True),
     PrefillTileConfig(128, 128, 8, 3, table_vec=True),
     PrefillTileConfig(64, 32, 4, 4, pack_gqa=True, table_vec=True),
     PrefillTileConfig(128, 64, 8, 3, pack_gqa=True, table_vec=True, warp_specialize=True),
+    PrefillTileConfig(64, 64, 4, 3, heads_first=True),
 ]
 
 
