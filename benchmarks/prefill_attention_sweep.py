@@ -40,10 +40,11 @@ from engine.kernels.prefill_attention_configs import PrefillTileConfig as Cfg  #
 HQ, HKV, D, BS = 32, 8, 128, 16
 SWEEP_TOKENS = 8192
 DEVICE, SWEEP_DTYPE = "cuda", torch.bfloat16  # a CPU smoke test swaps them (interpreter)
-PLAIN = [Cfg(128, 64, 8, 3), Cfg(128, 128, 8, 2), Cfg(128, 128, 8, 3), Cfg(128, 64, 8, 4),
-         Cfg(128, 64, 4, 3), Cfg(128, 128, 4, 2), Cfg(64, 64, 4, 3), Cfg(64, 128, 4, 3),
-         Cfg(128, 32, 8, 4), Cfg(128, 64, 8, 2), Cfg(64, 64, 4, 4), Cfg(128, 128, 8, 4),
-         Cfg(64, 32, 4, 4), Cfg(64, 128, 4, 2), Cfg(128, 32, 4, 3)]
+PLAIN = [Cfg(128, 64, 8, 3),  # the pre-sweep default first: the baseline
+         Cfg(128, 128, 8, 2), Cfg(128, 128, 8, 3), Cfg(128, 64, 8, 4), Cfg(64, 128, 4, 3),
+         Cfg(64, 64, 4, 3), Cfg(128, 64, 8, 2), Cfg(128, 128, 8, 4), Cfg(128, 64, 4, 3),
+         Cfg(128, 32, 8, 4), Cfg(64, 64, 4, 4), Cfg(64, 128, 4, 2), Cfg(128, 128, 4, 2),
+         Cfg(64, 32, 4, 4)]
 SWITCHES = [dict(table_vec=True), dict(heads_first=True), dict(pack_gqa=True),
             dict(pack_gqa=True, table_vec=True)]
 WARP_SPEC = [dict(warp_specialize=True), dict(warp_specialize=True, table_vec=True)]
