@@ -62,12 +62,33 @@ def one_rank() -> str:
     return out
 
 
-def test_parallel_flags_give_the_one_rank_tokens(one_rank):
-    """The default model (30 layers, 9 query / 3 KV heads) over 3 tensor ranks x 2 pipeline
-    stages: six rank processes over Gloo, the same greedy tokens."""
-    assert _generate_json("--tensor-parallel-size", "3", "--pipeline-parallel-size", "2") == one_rank
+def test_parallel_flags_reach_the_engine(monkeypatch):
+    captured = []
+
+    def capture(self, config):
+        captured.append(config.parallel)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(engine.llm_engine.LLMEngine, "__init__", capture)
+    with pytest.raises(RuntimeError, match="captured"):
+        main(["generate", "--tensor-parallel-size", "3", "--pipeline-parallel-size", "2"])
+    (parallel,) = captured
+    assert (parallel.tensor_parallel_size, parallel.pipeline_parallel_size) == (3, 2)
 
 
-@pytest.mark.slow  # the flag combination above covers --pipeline-parallel-size too
-def test_pipeline_flag_alone_gives_the_one_rank_tokens(one_rank):
-    assert _generate_json("--pipeline-parallel-size", "2") == one_rank
+def test_tensor_parallel_flag_gives_the_one_rank_tokens(one_rank):
+    """The default model's 9 query / 3 KV heads over 3 tensor ranks (rank processes over Gloo):
+    the same greedy tokens."""
+    assert _generate_json("--tensor-parallel-size", "3") == one_rank
+
+
+# make test runs the one above; pipeline stages on their own and TP x PP run in
+# tests/engine/test_rank_group.py on tiny models.
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [("--pipeline-parallel-size", "2"),
+                                   ("--tensor-parallel-size", "3", "--pipeline-parallel-size", "2")],
+                         ids=["pp2", "tp3-pp2"])
+def test_parallel_flags_give_the_one_rank_tokens(one_rank, flags):
+    """The default model (30 layers) over 2 pipeline stages, and over 3 tensor ranks x 2 stages:
+    six rank processes over Gloo, the same greedy tokens."""
+    assert _generate_json(*flags) == one_rank

@@ -102,7 +102,7 @@ def test_tiny_models_match_one_rank(tiny_models, references, arch, tp, pp):
     assert not [pid for pid in engine.executor.rank_pids if _alive(pid)]
 
 
-@pytest.mark.slow  # make test: the same split, with PP=2, in test_cli_generate.py
+@pytest.mark.slow  # make test: the same split through `pdserve generate` (test_cli_generate.py)
 def test_default_model_tp3_matches_one_rank():
     """The default model's 9 query / 3 KV heads split three ways."""
     reference = LLMEngine(_config("default"))
