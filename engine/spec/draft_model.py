@@ -21,7 +21,7 @@ verifier's draw at that position uses (without repetition penalty, whose history
 the drafts on the host) — so a draft close to the target drafts what the target will sample,
 greedy or not; drafts are point masses and the output stays plain decoding's (proposer.py).
 
-Progress: `Request.num_draft_computed_tokens`, the tokens whose draft KV is valid. A
+Progress: `Request.num_draft_computed_tokens`, the tokens whose draft KV was computed. A
 verification keeps only the target's accepted prefix, so the valid part is
 min(num_draft_computed_tokens, num_computed_tokens) (rejected drafts' slots are overwritten
 later); preemption resets it to 0 with the target's progress (engine/scheduler.py).
@@ -116,9 +116,10 @@ class DraftModelProposer:
 
 
 def _catch_up_chunk(chunk: ScheduledChunk) -> ScheduledChunk:
-    """What the draft has not seen of the chunk's sequence, through its last real token."""
+    """What the draft has not seen of the chunk's sequence, through its last real token. Its
+    KV is valid up to the target's: `start` (n - 1) counts the accepted drafts only."""
     request = chunk.request
-    start = min(request.num_draft_computed_tokens, request.num_computed_tokens, chunk.start)
+    start = min(request.num_draft_computed_tokens, chunk.start)
     return ScheduledChunk(request, start, chunk.start + 1 - start, chunk.block_table,
                           samples=True)
 
