@@ -5,9 +5,9 @@ torch's flash SDPA.
    paged case (a whole prompt and a chunk after cached blocks) against float32 math attention;
    a wrong or failing candidate (compile error, out of shared memory) is rejected.
 2. Each correct candidate is timed at 8k tokens, bf16, Llama-3-8B heads (32 q / 8 kv, head_dim
-   128), causal, K/V in shuffled 16-token blocks. Candidates run in order of promise (plain
-   tiles, then switches on the two best tiles, warp specialization last) until --budget-s
-   (compile time included) is spent.
+   128), causal, K/V in shuffled 16-token blocks. Candidates run in order of promise (six plain
+   tiles, switches on the two fastest, other tiles, warp specialization last) until --budget-s
+   (compile time included) is spent; see `phases`.
 3. The best goes into engine/kernels/prefill_attention_configs.json for this GPU, bf16 and fp16
    (tensor-core rates are the same), group 4 / head_dim 128.
 4. The swept kernel (through the JSON, as the engine calls it) and the pre-sweep default against
@@ -100,14 +100,16 @@ def causal_tflops(ms: float, q_len: int, cached: int) -> float:
     return 4 * pairs * HQ * D / ms / 1e9
 
 
-def candidates_after(results: list[dict], use_ws: bool) -> list[Cfg]:
-    """Switches (then warp specialization) on the two fastest plain tiles."""
+def on_fastest(results: list[dict], switches: list[dict]) -> list[Cfg]:
+    """`switches` on the two fastest plain tiles timed so far."""
     plain = sorted((r for r in results if r.get("ms") and r["cfg"] in PLAIN), key=lambda r: r["ms"])
-    tops = [r["cfg"] for r in plain[:2]]
-    extra = [Cfg(**{**t.to_json(), **s}) for s in SWITCHES for t in tops]
-    if use_ws:
-        extra += [Cfg(**{**t.to_json(), **s}) for s in WARP_SPEC for t in tops]
-    return extra
+    return [Cfg(**{**r["cfg"].to_json(), **s}) for s in switches for r in plain[:2]]
+
+
+def phases(use_ws: bool) -> list:
+    """The most promising plain tiles, switches on the two fastest, the other tiles, then warp
+    specialization (last: the least certain to compile) on the two fastest."""
+    return [PLAIN[:6], SWITCHES, PLAIN[6:]] + ([WARP_SPEC] if use_ws else [])
 
 
 def sweep(budget_s: float, use_ws: bool, progress) -> list[dict]:
@@ -119,10 +121,11 @@ def sweep(budget_s: float, use_ws: bool, progress) -> list[dict]:
     bkv, bgroup, _ = paged([SWEEP_TOKENS], [0], SWEEP_DTYPE, gen)
     bq = torch.randn(SWEEP_TOKENS, HQ, D, device=DEVICE, generator=gen).to(SWEEP_DTYPE)
     bout = torch.empty_like(bq)
-    start, results, queue, extended = time.perf_counter(), [], list(PLAIN), False
+    start, results, queue, todo = time.perf_counter(), [], [], phases(use_ws)
     while True:
-        if not queue and not extended:
-            queue, extended = candidates_after(results, use_ws), True
+        while not queue and todo:
+            phase = todo.pop(0)
+            queue = list(phase) if isinstance(phase[0], Cfg) else on_fastest(results, phase)
         if not queue or time.perf_counter() - start > budget_s:
             return results
         cfg = queue.pop(0)
@@ -222,7 +225,8 @@ def main() -> None:
     if args.budget_s <= 0:
         raise ValueError(f"--budget-s must be positive, got {args.budget_s}")
     print("plain tiles:", ", ".join(c.label() for c in PLAIN))
-    print("then on the two fastest:", SWITCHES + ([] if args.no_ws else WARP_SPEC))
+    print("phases:", [[c.label() for c in p] if isinstance(p[0], Cfg) else p
+                      for p in phases(not args.no_ws)])
     if args.dry_run or not torch.cuda.is_available():
         print("dry run" if args.dry_run else "no CUDA device: nothing timed")
         return
