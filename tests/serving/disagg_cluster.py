@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
-from contextlib import contextmanager
+import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import ray
@@ -21,15 +23,68 @@ MAX_INFLIGHT = 24
 @contextmanager
 def local_ray(num_cpus: int = 8):
     """A one-node local Ray (started by a clean spawned process: tests/serving/ray_nodes.py),
-    with this process connected to it as the driver until the block ends."""
-    with local_cluster(1, num_cpus=num_cpus) as address:
-        ray.init(address=address, logging_level="WARNING",
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT),
-                                           "TOKENIZERS_PARALLELISM": "false"}})
-        try:
-            yield
-        finally:
+    with this process connected to it as the driver until the block ends.
+
+    The node is shared by the test modules of the session (starting one takes 10-20 s on a
+    2-core machine): each block is a Ray job of its own, and when it ends, Ray removes the job's
+    actors and placement groups. The next block starts only once the node is whole again (every
+    CPU free, no placement group left); a node that does not get there in time is replaced by a
+    fresh one. PDSERVE_TEST_FRESH_RAY=1 starts a node per block instead."""
+    address = _shared_node(num_cpus)
+    _connect(address)
+    try:
+        if not _node_is_whole(num_cpus, NODE_RECOVERY_TIMEOUT_S):
             ray.shutdown()
+            stop_shared_ray()
+            _connect(_shared_node(num_cpus))
+            assert _node_is_whole(num_cpus, NODE_RECOVERY_TIMEOUT_S), ray.available_resources()
+        yield
+    finally:
+        ray.shutdown()
+        if os.environ.get("PDSERVE_TEST_FRESH_RAY") == "1":
+            stop_shared_ray()
+
+
+NODE_RECOVERY_TIMEOUT_S = 60.0  # the last job's workers exit and its groups go
+_shared: dict[int, tuple[ExitStack, str]] = {}  # num_cpus -> (its owner, its address)
+
+
+def _shared_node(num_cpus: int) -> str:
+    if num_cpus not in _shared:
+        stop_shared_ray()  # one node at a time
+        owner = ExitStack()
+        address = owner.enter_context(local_cluster(1, num_cpus=num_cpus))
+        _shared[num_cpus] = (owner, address)
+    return _shared[num_cpus][1]
+
+
+def stop_shared_ray() -> None:
+    """Stop the shared node (tests/serving/conftest.py at the session's end; also at exit)."""
+    while _shared:
+        _, (owner, _) = _shared.popitem()
+        owner.close()
+
+
+atexit.register(stop_shared_ray)  # before multiprocessing's exit handler kills the owner
+
+
+def _connect(address: str) -> None:
+    ray.init(address=address, logging_level="WARNING",
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT),
+                                       "TOKENIZERS_PARALLELISM": "false"}})
+
+
+def _node_is_whole(num_cpus: int, timeout_s: float) -> bool:
+    """Every CPU of the node free and no placement group's resources left, within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        if (total.get("CPU") == free.get("CPU") == num_cpus
+                and not any("_group_" in key for key in total)):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
 
 
 def cluster_config(num_prefill: int, num_decode: int, num_blocks: int = 256,
