@@ -83,9 +83,13 @@ class PoolConfig:
     prefix_caching: bool = True
     # "auto" (the model's dtype) or "fp8_e4m3" (engine/kv_cache/fp8.py); both pools alike
     kv_cache_dtype: str = "auto"
-    # Decode only: speculative decoding (engine/spec/), null or "ngram"; k drafted per step
+    # Decode only: speculative decoding (engine/spec/), null, "ngram" or "draft_model"; k
+    # drafted per step
     speculative_method: str | None = None
     num_speculative_tokens: int = 4
+    # With "draft_model": the draft ("default", an HF dir or a .gguf) of the model's vocabulary;
+    # it runs on each instance's device beside the target (one-rank instances only)
+    draft_model: str | None = None
 
     def __post_init__(self) -> None:
         one_of("role", self.role, ROLES)
@@ -93,7 +97,10 @@ class PoolConfig:
         if self.speculative_method is not None and self.role != "decode":
             raise ValueError(f"{self._path('speculative_method')} must be null: only decode "
                              f"instances decode, got {self.speculative_method!r}")
-        self.speculative_config()  # validates the method and k
+        self.speculative_config()  # validates the method, k and draft_model
+        if self.draft_model and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            raise ValueError(f"{self._path('draft_model')} needs one-rank instances "
+                             f"(tensor_parallel_size and pipeline_parallel_size 1)")
         check_types(self, self.role)
         min_instances = 1 if self.role == "prefill" else 0
         at_least(self._path("num_instances"), self.num_instances, min_instances)
@@ -126,7 +133,8 @@ class PoolConfig:
 
     def speculative_config(self) -> SpeculativeConfig:
         try:
-            return SpeculativeConfig(self.speculative_method, self.num_speculative_tokens)
+            return SpeculativeConfig(self.speculative_method, self.num_speculative_tokens,
+                                     draft_model=self.draft_model)
         except ValueError as exc:
             raise ValueError(f"{self.role} speculative decoding: {exc}") from None
 

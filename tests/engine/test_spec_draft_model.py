@@ -316,3 +316,20 @@ def test_cli_default_model_drafting_for_itself(models):
         assert res.returncode == 0, res.stderr[-2000:]
         outs[bool(flags)] = json.loads(res.stdout)["token_ids"]
     assert outs[True] == outs[False] and len(outs[True]) == 16
+
+
+def test_decode_pool_draft_model_reaches_the_engine(models):
+    from cluster.config import cluster_config_from_dict
+    from cluster.pools import worker_specs
+
+    cfg = cluster_config_from_dict({"model": "tiny", "decode": {
+        "speculative_method": "draft_model", "draft_model": models["small"],
+        "num_speculative_tokens": 3}})
+    _, decode = worker_specs(cfg, "127.0.0.1")
+    spec = decode[0].engine.speculative
+    assert (spec.method, spec.draft_model, spec.num_speculative_tokens) == (
+        "draft_model", models["small"], 3)
+    with pytest.raises(ValueError, match="draft_model"):
+        cluster_config_from_dict({"model": "tiny", "prefill": {"draft_model": "default"}})
+    with pytest.raises(ValueError, match="draft_model"):
+        cluster_config_from_dict({"model": "tiny", "decode": {"speculative_method": "draft_model"}})
