@@ -34,6 +34,9 @@ alike (sum_r s p_r = s sum_r p_r).
 
 Expert load: every rank counts, on device, the tokens routed to each (global) expert from the
 replicated top-k ids (`expert_counts`, no extra communication; rank 0's are read for metrics).
+
+Launches at decode on CUDA: the router's GEMM, one routing kernel (softmax, top-k, renormalise,
+count: engine/kernels/moe_route.py) and fused_experts' three or four.
 """
 
 from __future__ import annotations
@@ -54,6 +57,30 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def count_experts(expert_counts: torch.Tensor, topk_ids: torch.Tensor) -> None:
+    """Add a step's routed pairs to `expert_counts` on device (no host sync: index_add_, not
+    bincount, whose output size needs the max on the host on CUDA)."""
+    flat = topk_ids.reshape(-1)
+    expert_counts.index_add_(0, flat, torch.ones_like(flat))
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+          expert_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_experts`, and the pairs added to `expert_counts` when given: one Triton launch on
+    CUDA (engine/kernels/moe_route.py; equal probabilities go to the lower expert id), the torch
+    reference elsewhere or with the kernels switched off, as `_experts` chooses."""
+    num_experts = router_logits.shape[-1]
+    if router_logits.is_cuda and dispatch.triton_enabled():
+        from engine.kernels import moe_route
+
+        if moe_route.supports(num_experts, top_k):
+            return moe_route.route(router_logits, top_k, renormalize, expert_counts)
+    weights, ids = select_experts(router_logits, top_k, renormalize)
+    if expert_counts is not None:
+        count_experts(expert_counts, ids)
     return weights, ids
 
 
@@ -102,7 +129,8 @@ def _experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
 
 
 class TopKRouter(nn.Module):
-    """The router ("gate"): returns (fp32 routing weights [T, k], expert ids [T, k])."""
+    """The router ("gate"): returns (fp32 routing weights [T, k], expert ids [T, k]); with
+    `expert_counts` it also adds the pairs to that on-device counter (see `route`)."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, renormalize: bool) -> None:
         super().__init__()
@@ -113,8 +141,9 @@ class TopKRouter(nn.Module):
         self.renormalize = renormalize
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return select_experts(F.linear(x, self.weight), self.top_k, self.renormalize)
+    def forward(self, x: torch.Tensor, expert_counts: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return route(F.linear(x, self.weight), self.top_k, self.renormalize, expert_counts)
 
 
 class FusedMoE(ExpertShards, nn.Module):
@@ -148,18 +177,11 @@ class FusedMoE(ExpertShards, nn.Module):
                                    if shared_expert_gate else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        topk_weights, topk_ids = self.gate(x)
-        self._count(topk_ids)
+        topk_weights, topk_ids = self.gate(x, self.expert_counts)
         out = _experts(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_map)
         if self.shared_expert is not None:
             out = out + self._shared_partial(x)
         return self.parallel.all_reduce(out)
-
-    def _count(self, topk_ids: torch.Tensor) -> None:
-        """Add this step's routed pairs to `expert_counts` on device (no host sync: index_add_,
-        not bincount, whose output size needs the max on the host on CUDA)."""
-        flat = topk_ids.reshape(-1)
-        self.expert_counts.index_add_(0, flat, torch.ones_like(flat))
 
     def _shared_partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the (gated) shared expert, not yet all-reduced: it joins the
