@@ -11,7 +11,8 @@ here=$PWD
 dest=/tmp/pdserve-head
 rm -rf "$dest" && mkdir -p "$dest"
 tar xzf "$here/.head.tgz" -C "$dest" || { echo "no .head.tgz: make it with git archive"; exit 2; }
-[ -d "$here/.tok" ] && cp -r "$here/.tok" "$dest/" && export PDSERVE_TEST_TOKENIZER_DIR=$dest/.tok
+[ -d "$here/.tok" ] && cp -r "$here/.tok" "$dest/" && export PDSERVE_TEST_TOKENIZER_DIR=$dest/.tok \
+  PDSERVE_BENCH_TOKENIZER=$dest/.tok
 if ls "$here"/.whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$here"/.whl/*.whl || echo "wheel install failed"
