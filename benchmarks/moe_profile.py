@@ -114,12 +114,12 @@ def graph_per_layer(graph_kernels: list[dict], layers: list[dict]) -> list[dict]
     if start is None or not flat:
         return None
     rows, i = [], start
+    last = graph_kernels[-1]
     for layer in per_layer:
-        run = graph_kernels[i:i + len(layer)]
-        end = i + len(layer)
-        stop = graph_kernels[end]["ts"] if end < len(graph_kernels) else run[-1]["ts"] + run[-1]["us"]
+        run, end = graph_kernels[i:i + len(layer)], i + len(layer)
+        stop = graph_kernels[end]["ts"] if end < len(graph_kernels) else last["ts"] + last["us"]
         rows.append({"count": len(run), "busy_us": sum(k["us"] for k in run),
-                     "span_us": stop - run[0]["ts"]})
+                     "span_us": stop - run[0]["ts"] if run else 0.0})
         i = end
     return rows
 
