@@ -11,6 +11,8 @@ carried by multiprocessing queues instead of Ray calls. Measured in one run:
      (the hand-off's addition to the critical path; the client's first token comes from the
      prefill instance either way).
 Writes benchmarks/results/disagg_gpu_<device>.json.   Usage: python benchmarks/disagg_gpu.py
+Dry run on CPU (tiny model, Gloo, two processes):
+    python benchmarks/disagg_gpu.py --device cpu --tiny [--out-dir DIR]   (JSON in DIR or a temp dir)
 """
 
 from __future__ import annotations
@@ -31,14 +33,21 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/: its kernels.py would shadow a package
 
 LLAMA3_8B = dict(architecture="llama", vocab_size=128256, hidden_size=4096,
                  intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
                  head_dim=128, max_position_embeddings=8192 + 64, rope_theta=500000.0,
                  name="llama-3-8b-shape-random")
 TOKENS = (512, 2048, 8192)
-# PDSERVE_BENCH_DEVICE=cpu runs the same script with a tiny model over Gloo (a dry run on CPU).
+# --device cpu --tiny (or PDSERVE_BENCH_DEVICE=cpu, which the spawned decode process inherits)
+# runs the same script with a tiny model over Gloo (a dry run on CPU).
+if "--device" in sys.argv[:-1] and sys.argv[sys.argv.index("--device") + 1] == "cpu":
+    if "--tiny" not in sys.argv:
+        raise SystemExit("--device cpu needs --tiny (the Llama-3-8B shape is for GPUs)")
+    os.environ["PDSERVE_BENCH_DEVICE"] = "cpu"
+    if "--out-dir" in sys.argv[:-1]:
+        os.environ["PDSERVE_BENCH_OUT_DIR"] = sys.argv[sys.argv.index("--out-dir") + 1]
 CPU_DRY_RUN = os.environ.get("PDSERVE_BENCH_DEVICE") == "cpu"
 if CPU_DRY_RUN:
     LLAMA3_8B = dict(LLAMA3_8B, vocab_size=49152, hidden_size=64, intermediate_size=128,
@@ -327,13 +336,20 @@ def main() -> None:
     decode_proc.join(30)
     _save(out)
     print(json.dumps({k: v for k, v in out.items() if k != "output_checks"}, indent=1))
-    os._exit(0)
+    os._exit(0 if out["outputs_equal"] else 1)  # a suite sees a wrong output as a failure
 
 
 def _save(out: dict) -> None:
     """Write what is measured so far (each phase adds to it): results/ and $OUT if set."""
     name = out["device"].replace(" ", "_")
-    path = Path(__file__).parent / "results" / f"disagg_gpu_{name}.json"
+    results = Path(__file__).parent / "results"
+    if CPU_DRY_RUN:  # never beside the GPU results
+        import tempfile
+
+        os.environ.setdefault("PDSERVE_BENCH_OUT_DIR", tempfile.mkdtemp(prefix="pdserve-dry-run-"))
+        results = Path(os.environ["PDSERVE_BENCH_OUT_DIR"])
+        results.mkdir(parents=True, exist_ok=True)
+    path = results / f"disagg_gpu_{name}.json"
     path.write_text(json.dumps(out, indent=2))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], path.name).write_text(json.dumps(out, indent=2))
