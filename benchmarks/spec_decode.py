@@ -1,4 +1,4 @@
-"""Speculative decoding (n-gram drafts) against plain decoding, same engine, same run.
+"""Speculative decoding (n-gram or draft-model drafts) against plain decoding, same run.
 
 A repetitive workload (prompts that ask to repeat or continue what they contain: lists, code,
 sentences) decoded greedily at batch 1, 8 and 32, with and without `speculative.method=ngram`,
@@ -6,7 +6,12 @@ interleaved so load drift on a shared machine favours neither: output tokens per
 acceptance rate (kept / drafted) and the mean tokens per verification (1 + kept / drafts).
 Outputs are checked identical. Default: the default model on CPU; `--device cuda --model ...`
 for a GPU (random-weight shapes draft nothing useful: use a real checkpoint there).
+`--method draft_model --draft-model default`: a draft model instead of n-gram.
 Run: python benchmarks/spec_decode.py [--batches 1,8,32] -> benchmarks/results/spec_decode_<device>.json
+
+`--draft-costs`: what acceptance does not change, on random weights (benchmarks/spec_costs.py):
+plain decode, verification at k = 1..4 and drafting-round milliseconds, and the tokens/s they
+project at acceptance rates 0.5 / 0.7 / 0.9 (a projection, not a measured speed-up).
 """
 
 from __future__ import annotations
@@ -51,10 +56,21 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--method", default="ngram", choices=["ngram", "draft_model"])
+    parser.add_argument("--draft-model", default=None, help="with --method draft_model")
+    parser.add_argument("--draft-costs", action="store_true",
+                        help="costs and projected tokens/s on random weights (spec_costs.py)")
+    parser.add_argument("--tiny", action="store_true", help="--draft-costs on tiny shapes")
     args = parser.parse_args()
+    if args.draft_costs:
+        from benchmarks.spec_costs import main as costs_main
+
+        costs_main(args.device, [int(b) for b in args.batches.split(",")], args.tiny)
+        return
     plain = LLMEngine(EngineConfig(model=args.model, device=args.device))
     spec = LLMEngine(EngineConfig(model=args.model, device=args.device,
-                                  speculative=SpeculativeConfig("ngram", args.k)))
+                                  speculative=SpeculativeConfig(
+                                      args.method, args.k, draft_model=args.draft_model)))
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(batch)]
@@ -79,8 +95,10 @@ def main() -> None:
                "drafting": "paused (batch > max_batch_size)" if not drafts else "on"}
         rows.append(row)
         print(row, flush=True)
-    out = ROOT / "benchmarks" / "results" / f"spec_decode_{args.device}.json"
+    suffix = "" if args.method == "ngram" else "_draft_model"
+    out = ROOT / "benchmarks" / "results" / f"spec_decode{suffix}_{args.device}.json"
     out.write_text(json.dumps({"model": args.model, "device": args.device,
+                               "method": args.method, "draft_model": args.draft_model,
                                "host": platform.processor() or platform.machine(),
                                "k": args.k, "max_tokens": args.max_tokens, "rows": rows},
                               indent=2) + "\n")

