@@ -2,7 +2,8 @@
 
 Each `FusedMoE` layer accumulates, on its device, how many (token, slot) pairs the router sent
 to each global expert (`expert_counts`, added on device each step by the routing kernel or
-`index_add_`: no host sync). `ExpertLoad` reads them on the engine thread, summed over this process's MoE layers, at most once every
+`index_add_`: no host sync). `ExpertLoad` reads them on the engine thread, summed over this
+process's MoE layers, at most once every
 `interval_s` (one small device-to-host copy then; never per step), and serves that snapshot in
 between. Under tensor or expert parallelism every rank routes every token (hidden states are
 replicated), so rank 0 - the engine core's process - counts every expert exactly once without
