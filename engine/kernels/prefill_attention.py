@@ -85,12 +85,16 @@ def _attend_tile(acc, m_i, l_i, q, kv_ptr, table_row, n_begin, ctx_len, q_pos, h
         else:  # every key of the tile is below ctx_len: unpredicated, vectorized loads
             k = tl.load(k_ptrs)
             v = tl.load(k_ptrs + kv_stride_kv)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # scaled below
     if MASKED:
         s = tl.where((n[None, :] <= q_pos[:, None]) & nmask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if FP8:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+    else:  # the scale (> 0) applied to the row max, then fused into s * scale - max
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale_log2e)
+        p = tl.exp2(s * scale_log2e - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if FP8:
         pv = (p * v_scale[None, :]).to(v.dtype)
