@@ -135,10 +135,14 @@ def gpu_facts() -> dict:
             "torch": torch.__version__, "topology": topo.splitlines()[:6]}
 
 
-def model_folder(shape: str, mode: RunMode, root: Path, seed: int = 0) -> Path:
-    """A folder holding `shape` (HF_SHAPES) with random weights; the tiny stand-in on CPU."""
-    folder = root / (shape + ("-tiny" if mode.tiny else ""))
-    if (folder / "config.json").exists():
+def model_folder(shape: str, mode: RunMode, root: Path, seed: int = 0,
+                 num_layers: int | None = None) -> Path:
+    """A folder holding `shape` (HF_SHAPES) with random weights, or the first `num_layers` of
+    it; the tiny stand-in on CPU. A folder written before (its tokenizer is written last) is
+    reused."""
+    suffix = "-tiny" if mode.tiny else (f"-{num_layers}l" if num_layers else "")
+    folder = root / (shape + suffix)
+    if (folder / "tokenizer_config.json").exists():
         return folder
     if mode.tiny:
         from tests.engine.factories import save_tiny_hf_model
@@ -147,7 +151,8 @@ def model_folder(shape: str, mode: RunMode, root: Path, seed: int = 0) -> Path:
         kind, arch, extra = TINY_STAND_INS[shape]
         save = save_tiny_moe_model if kind == "moe" else save_tiny_hf_model
         return save(folder, arch, seed=seed, extra_config=extra)
-    return save_random_hf_folder(HF_SHAPES[shape], folder, seed)
+    fields = dict(HF_SHAPES[shape], **({"num_hidden_layers": num_layers} if num_layers else {}))
+    return save_random_hf_folder(fields, folder, seed)
 
 
 def save_random_hf_folder(fields: dict, folder: Path, seed: int = 0, std: float = 0.02) -> Path:

@@ -214,6 +214,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--prefill", type=int, default=4096)
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="only this many of the shape's layers (a quicker, smaller folder)")
     p.add_argument("--model-dir", type=Path, default=None,
                    help="where the random-weight folder is written (default: a temp dir)")
     add_mode_args(p)
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.steps, args.prefill, num_prompts=8, max_tokens=32)
     root = args.model_dir or Path(tempfile.mkdtemp(prefix="pdserve-models-"))
     started = time.perf_counter()
-    folder = model_folder(args.shape, mode, root)
+    folder = model_folder(args.shape, mode, root, num_layers=args.num_layers)
     save_s = time.perf_counter() - started
     ep = args.tp if args.ep else 1
     parallel = Layout(f"tp{args.tp}" + (f"-ep{ep}" if args.ep else ""), args.tp, ep, False)
@@ -274,7 +276,7 @@ def summarize(args, mode: RunMode, folder: Path, save_s: float, work: Workload,
                 d["fraction_of_roofline"] = d["roofline_ms"] / d["ms_per_step"]
         del row["prompts"]
     b1 = next((d for d in parallel["decode"] if d["batch"] == 1), None)
-    return {"shape": args.shape, "tiny": mode.tiny, "device": mode.device, "facts": gpu_facts(),
+    return {"shape": args.shape, "num_layers": args.num_layers, "tiny": mode.tiny, "device": mode.device, "facts": gpu_facts(),
             "copy_bandwidth_gbs": bw, "folder_write_s": save_s, "workload": asdict(work),
             "outputs_match": all(c["equal"] or c.get("near_tie") for c in checks),
             "output_checks": checks, "layouts": rows,
