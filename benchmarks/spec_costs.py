@@ -168,7 +168,7 @@ def measure(setup: Setup, batch: int) -> dict:
 
 
 def main(device: str, batches: list[int], tiny: bool, context: int = 512) -> None:
-    from benchmarks.gpu_common import write_results
+    from benchmarks.gpu_common import device_info, write_results
 
     setup = Setup(device, tiny, max(batches), context)
     rows = []
@@ -180,16 +180,16 @@ def main(device: str, batches: list[int], tiny: bool, context: int = 512) -> Non
         print(f"batch {batch}: plain {row['plain_tok_s']:.0f} tok/s "
               f"({row['plain_step_ms']:.2f} ms); verify ms {_fmt(row['verify_step_ms'])}; "
               f"draft ms {_fmt(row['draft_round_ms'])}; best projected {best}", flush=True)
-    name = f"spec_costs_{'tiny_' if tiny else ''}{device}"
+    name = f"spec_costs{'_tiny' if tiny else ''}"  # + _<gpu>, or _cpu
     path = write_results(name, {
         "what": "acceptance-independent costs of speculative decoding and tokens/s PROJECTED "
                 "from them at assumed acceptance rates (not a measured speed-up: random "
                 "weights accept nothing)",
         "target": "tiny" if tiny else "Llama-3-8B shape", "draft": "tiny" if tiny else
         "SmolLM2-135M shape with the target's vocabulary", "dtype": str(setup.config.torch_dtype),
-        "context_tokens": context, "block_size": BLOCK_SIZE, "device": device,
-        "host": platform.processor() or platform.machine(),
-        "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "rows": rows})
+        "context_tokens": context, "block_size": BLOCK_SIZE,
+        "device": device_info() if device == "cuda" else {"gpu": "cpu"},
+        "host": platform.processor() or platform.machine(), "rows": rows})
     print(f"wrote {path}")
 
 
