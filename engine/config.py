@@ -188,6 +188,9 @@ class EngineConfig:
         resolve_dtype(self.dtype, self.device)  # validates
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.speculative.method == "draft_model" and self.parallel.world_size > 1:
+            raise ValueError("speculative draft_model needs a one-rank instance "
+                             "(tensor_parallel_size and pipeline_parallel_size 1)")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(
                 f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"

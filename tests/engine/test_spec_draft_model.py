@@ -15,7 +15,8 @@ import sys
 import pytest
 import torch
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from engine.config import (CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig,
+                           SpeculativeConfig)
 from engine.llm_engine import LLMEngine
 from engine.loader import default_gguf_path
 from engine.plan import PlanBuilder
@@ -301,6 +302,9 @@ def test_config_refusals(models):
         SpeculativeConfig(method="ngram", draft_model=models["small"])
     with pytest.raises(ValueError, match=r"draft_model .*vocab_size 49160"):
         _engine(models, "other_vocab")
+    with pytest.raises(ValueError, match="draft_model needs a one-rank instance"):
+        EngineConfig(device="cpu", parallel=ParallelConfig(tensor_parallel_size=2),
+                     speculative=SpeculativeConfig("draft_model", draft_model=models["small"]))
 
 
 @pytest.mark.slow
