@@ -6,8 +6,10 @@ torch's flash SDPA.
    a wrong or failing candidate (compile error, out of shared memory) is rejected.
 2. Each correct candidate is timed at 8k tokens, bf16, Llama-3-8B heads (32 q / 8 kv, head_dim
    128), causal, K/V in shuffled 16-token blocks. Candidates run in order of promise (six plain
-   tiles, switches on the two fastest, other tiles, warp specialization last) until --budget-s
-   (compile time included) is spent; see `phases`.
+   tiles, switches on the two fastest, the other tiles) until --budget-s less --ws-s (compile
+   time included) is spent. Warp-specialized variants of the two fastest run after step 4 in
+   the --ws-s left (the least certain to compile or run: the results so far are saved first);
+   if one wins, the JSON and the swept kernel's numbers are updated.
 3. The best goes into engine/kernels/prefill_attention_configs.json for this GPU, bf16 and fp16
    (tensor-core rates are the same), group 4 / head_dim 128.
 4. The swept kernel (through the JSON, as the engine calls it) and the pre-sweep default against
@@ -106,13 +108,9 @@ def on_fastest(results: list[dict], switches: list[dict]) -> list[Cfg]:
     return [Cfg(**{**r["cfg"].to_json(), **s}) for s in switches for r in plain[:2]]
 
 
-def phases(use_ws: bool) -> list:
-    """The most promising plain tiles, switches on the two fastest, the other tiles, then warp
-    specialization (last: the least certain to compile) on the two fastest."""
-    return [PLAIN[:6], SWITCHES, PLAIN[6:]] + ([WARP_SPEC] if use_ws else [])
-
-
-def sweep(budget_s: float, use_ws: bool, progress) -> list[dict]:
+def problems():
+    """The small correctness case (a prompt, a chunk after cached blocks) with its float32
+    reference, and the 8k timing case."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     q_lens, cached = [300, 77], [0, 200]
     kv, group, dense = paged(q_lens, cached, SWEEP_DTYPE, gen)
@@ -120,39 +118,50 @@ def sweep(budget_s: float, use_ws: bool, progress) -> list[dict]:
     case = (q, kv, group, reference(q, [tuple(x) for x in dense], q_lens))
     bkv, bgroup, _ = paged([SWEEP_TOKENS], [0], SWEEP_DTYPE, gen)
     bq = torch.randn(SWEEP_TOKENS, HQ, D, device=DEVICE, generator=gen).to(SWEEP_DTYPE)
-    bout = torch.empty_like(bq)
-    start, results, queue, todo = time.perf_counter(), [], [], phases(use_ws)
+    return case, (bq, bkv, bgroup, torch.empty_like(bq))
+
+
+def try_config(cfg: Cfg, case, timing) -> dict:
+    row = {"cfg": cfg, "config": cfg.label()}
+    t0 = time.perf_counter()
+    try:
+        row["rel_err"] = check(cfg, case)
+        row["compile_s"] = time.perf_counter() - t0
+        if not row["rel_err"] < 2e-2:
+            row["status"] = "wrong"
+            return row
+        bq, bkv, bgroup, bout = timing
+        row["ms"] = bench_ms(lambda: prefill_attention(bq, bkv, bgroup, D ** -0.5, bout,
+                                                       config=cfg), 10, 40)
+        row["TFLOP/s"] = causal_tflops(row["ms"], SWEEP_TOKENS, 0)
+        row["status"] = "ok"
+    except Exception as exc:  # compile errors, out of resources: rejected, sweep goes on
+        row["status"] = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
+    return row
+
+
+def sweep(phase_list: list, deadline: float, problem, results: list[dict], progress) -> bool:
+    """Runs the phases' candidates (a list of configs, or switches for `on_fastest`) into
+    `results` until `deadline` (perf_counter); False when a launch fault lost the context."""
+    case, timing = problem
+    queue, todo = [], list(phase_list)
     while True:
         while not queue and todo:
             phase = todo.pop(0)
             queue = list(phase) if isinstance(phase[0], Cfg) else on_fastest(results, phase)
-        if not queue or time.perf_counter() - start > budget_s:
-            return results
+        if not queue or time.perf_counter() > deadline:
+            return True
         cfg = queue.pop(0)
         if any(r["cfg"] == cfg for r in results):
             continue
-        row = {"cfg": cfg, "config": cfg.label()}
-        t0 = time.perf_counter()
-        try:
-            row["rel_err"] = check(cfg, case)
-            row["compile_s"] = time.perf_counter() - t0
-            if not row["rel_err"] < 2e-2:
-                row["status"] = "wrong"
-            else:
-                row["ms"] = bench_ms(lambda: prefill_attention(bq, bkv, bgroup, D ** -0.5, bout,
-                                                               config=cfg), 10, 40)
-                row["TFLOP/s"] = causal_tflops(row["ms"], SWEEP_TOKENS, 0)
-                row["status"] = "ok"
-        except Exception as exc:  # compile errors, out of resources: rejected, sweep goes on
-            row["status"] = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
-        results.append(row)
+        results.append(try_config(cfg, case, timing))
         progress(results)
         try:
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
         except RuntimeError:  # a launch fault poisons the context: nothing more can run
             results[-1]["status"] += " (CUDA context lost)"
-            return results
+            return False
 
 
 def sdpa_flash(q_len: int, cached: int, dtype: torch.dtype, gen: torch.Generator):
@@ -188,30 +197,51 @@ def sdpa_flash(q_len: int, cached: int, dtype: torch.dtype, gen: torch.Generator
         return (lambda: flash(kr, vr, False)), "sdpa flash (K/V repeated)"
 
 
-def compare(default: Cfg) -> list[dict]:
-    """The swept kernel (JSON lookup) and the default tiles vs flash SDPA."""
+CASES = [(dtype, q_len, cached) for dtype in (torch.bfloat16, torch.float16)
+         for q_len, cached in [(4096, 0), (8192, 0), (32768, 0), (4096, 4096)]]
+
+
+def compare(default: Cfg, earlier: list[dict] | None = None) -> list[dict]:
+    """The swept kernel (JSON lookup, as the engine calls it) and the default tiles vs flash
+    SDPA; with `earlier` rows, only the swept kernel is measured again."""
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     rows = []
-    for dtype in (torch.bfloat16, torch.float16):
-        for q_len, cached in [(4096, 0), (8192, 0), (32768, 0), (4096, 4096)]:
-            kv, group, _ = paged([q_len], [cached], dtype, gen)
-            q = torch.randn(q_len, HQ, D, device=DEVICE, generator=gen).to(dtype)
-            out = torch.empty_like(q)
-            swept = tiles.get_config(q.device, dtype, D, HQ // HKV)
-            ms = bench_ms(lambda: prefill_attention(q, kv, group, D ** -0.5, out))
+    for i, (dtype, q_len, cached) in enumerate(CASES):
+        kv, group, _ = paged([q_len], [cached], dtype, gen)
+        q = torch.randn(q_len, HQ, D, device=DEVICE, generator=gen).to(dtype)
+        out = torch.empty_like(q)
+        swept = tiles.get_config(q.device, dtype, D, HQ // HKV)
+        ms = bench_ms(lambda: prefill_attention(q, kv, group, D ** -0.5, out))
+        if earlier:
+            row = dict(earlier[i])
+        else:
             base_ms = bench_ms(lambda: prefill_attention(q, kv, group, D ** -0.5, out,
                                                          config=default))
             ref, backend = sdpa_flash(q_len, cached, dtype, gen)
             ref_ms = bench_ms(ref)
-            rows.append({"dtype": str(dtype).removeprefix("torch."), "q_len": q_len,
-                         "cached": cached, "config": swept.label(), "ms": ms,
-                         "TFLOP/s": causal_tflops(ms, q_len, cached),
-                         "default_TFLOP/s": causal_tflops(base_ms, q_len, cached),
-                         "sdpa_ms": ref_ms, "sdpa_TFLOP/s": causal_tflops(ref_ms, q_len, cached),
-                         "ratio": ref_ms / ms, "sdpa": backend})
-            del kv, q, out, ref
-            torch.cuda.empty_cache()
+            row = {"dtype": str(dtype).removeprefix("torch."), "q_len": q_len, "cached": cached,
+                   "default_TFLOP/s": causal_tflops(base_ms, q_len, cached), "sdpa_ms": ref_ms,
+                   "sdpa_TFLOP/s": causal_tflops(ref_ms, q_len, cached), "sdpa": backend}
+            del ref
+        row.update({"config": swept.label(), "ms": ms, "TFLOP/s": causal_tflops(ms, q_len, cached),
+                    "ratio": row["sdpa_ms"] / ms})
+        rows.append(row)
+        del kv, q, out
+        torch.cuda.empty_cache()
     return rows
+
+
+def store_best(results: list[dict], gpu: str, payload: dict, write: bool) -> dict:
+    """The fastest correct row; written into the configs JSON for bf16 and fp16."""
+    ok = [r for r in results if r.get("ms")]
+    if not ok:
+        raise SystemExit("no candidate passed the correctness check")
+    best = min(ok, key=lambda r: r["ms"])
+    payload["best"] = best["config"]
+    if write:
+        for dtype in (torch.bfloat16, torch.float16):
+            tiles.write_config(tiles.shape_key(gpu, dtype, D, HQ // HKV), best["cfg"])
+    return best
 
 
 def main() -> None:
@@ -219,14 +249,18 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=150.0,
                     help="seconds for the sweep, compile time included")
     ap.add_argument("--no-ws", action="store_true", help="skip warp-specialized candidates")
+    ap.add_argument("--ws-s", type=float, default=25.0,
+                    help="seconds of the budget kept for the warp-specialized candidates, "
+                         "tried after the comparison")
     ap.add_argument("--no-write", action="store_true", help="leave the configs JSON alone")
     ap.add_argument("--dry-run", action="store_true", help="list the candidates and exit")
     args = ap.parse_args()
     if args.budget_s <= 0:
         raise ValueError(f"--budget-s must be positive, got {args.budget_s}")
-    print("plain tiles:", ", ".join(c.label() for c in PLAIN))
-    print("phases:", [[c.label() for c in p] if isinstance(p[0], Cfg) else p
-                      for p in phases(not args.no_ws)])
+    print("plain tiles:", ", ".join(c.label() for c in PLAIN[:6]))
+    print("then on the two fastest:", SWITCHES, "; other tiles:",
+          ", ".join(c.label() for c in PLAIN[6:]))
+    print("after the comparison:", [] if args.no_ws else WARP_SPEC)
     if args.dry_run or not torch.cuda.is_available():
         print("dry run" if args.dry_run else "no CUDA device: nothing timed")
         return
@@ -241,20 +275,23 @@ def main() -> None:
         payload["sweep"] = [{k: v for k, v in r.items() if k != "cfg"} for r in results]
         write_results("prefill_attention", payload)  # kept if a later candidate hangs
 
-    results = sweep(args.budget_s, not args.no_ws, progress)
-    ok = [r for r in results if r.get("ms")]
-    if not ok:
-        raise SystemExit("no candidate passed the correctness check")
-    best = min(ok, key=lambda r: r["ms"])
-    payload["best"] = best["config"]
+    problem, results = problems(), []
     gpu = tiles.device_name(torch.device("cuda", torch.cuda.current_device()))
-    if not args.no_write:
-        for dtype in (torch.bfloat16, torch.float16):
-            tiles.write_config(tiles.shape_key(gpu, dtype, D, HQ // HKV), best["cfg"])
-    if "context lost" in results[-1]["status"]:
+    ws_s = 0.0 if args.no_ws else min(args.ws_s, args.budget_s / 3)
+    alive = sweep([PLAIN[:6], SWITCHES, PLAIN[6:]], t0 + args.budget_s - ws_s, problem, results,
+                  progress)
+    best = store_best(results, gpu, payload, not args.no_write)
+    if not alive:
         raise SystemExit(f"CUDA context lost at {results[-1]['config']}; best so far "
                          f"{best['config']} written; rerun with --no-ws to compare")
-    payload["compare"] = compare(tiles.default_config(torch.bfloat16, D))
+    default = tiles.default_config(torch.bfloat16, D)
+    payload["compare"] = compare(default)
+    write_results("prefill_attention", payload)
+    if ws_s:  # last: the candidates least certain to compile (or to run) on this Triton
+        print("warp specialization:", flush=True)
+        sweep([WARP_SPEC], time.perf_counter() + ws_s, problem, results, progress)
+        if store_best(results, gpu, payload, not args.no_write) is not best:
+            payload["compare"] = compare(default, payload["compare"])
     payload["total_s"] = time.perf_counter() - t0
     path = write_results("prefill_attention", payload)
     print_table(sorted(payload["sweep"], key=lambda r: r.get("ms") or 1e9)[:10],
@@ -262,7 +299,7 @@ def main() -> None:
     print()
     print_table(payload["compare"], ["dtype", "q_len", "cached", "config", "ms", "TFLOP/s",
                                      "default_TFLOP/s", "sdpa_TFLOP/s", "ratio", "sdpa"])
-    print(f"best {best['config']} on {gpu}; {payload['total_s']:.0f} s; wrote {path}")
+    print(f"best {payload['best']} on {gpu}; {payload['total_s']:.0f} s; wrote {path}")
 
 
 if __name__ == "__main__":
