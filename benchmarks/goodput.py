@@ -50,6 +50,7 @@ class ColocatedPair:
     def __init__(self, backends: list) -> None:
         self.backends = backends
         self.in_flight = [0] * len(backends)
+        self.num_routed = [0] * len(backends)  # requests sent to each, for the results
 
     async def start(self) -> None:
         for backend in self.backends:
@@ -72,6 +73,7 @@ class ColocatedPair:
     async def generate(self, inp) -> AsyncIterator:
         i = min(range(len(self.backends)), key=self.in_flight.__getitem__)
         self.in_flight[i] += 1
+        self.num_routed[i] += 1
         try:
             async for event in self.backends[i].generate(inp):
                 yield event
@@ -123,7 +125,7 @@ async def colocated_router(folder: Path, mode: RunMode, max_queued: int = 4096):
     pair = ColocatedPair([colocated_backend(folder, mode, gpu, max_queued) for gpu in (0, 1)])
     router = await start_router(pair, "127.0.0.1", 0)
     try:
-        yield router.address
+        yield router.address, pair
     finally:
         await router.stop(grace_s=1.0)
 
@@ -158,9 +160,9 @@ async def run_disaggregated(folder: Path, mode: RunMode, rates, flags, max_promp
         return await sweep(cluster.router.address, rates, flags)
 
 
-async def run_colocated(folder: Path, mode: RunMode, rates, flags):
-    async with colocated_router(folder, mode) as address:
-        return await sweep(address, rates, flags)
+async def run_colocated(folder: Path, mode: RunMode, rates, flags) -> tuple[list[dict], list]:
+    async with colocated_router(folder, mode) as (address, pair):
+        return await sweep(address, rates, flags), pair.num_routed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         max_prompt = 8192
     folder = model_folder(args.shape, mode,
                           args.model_dir or Path(tempfile.mkdtemp(prefix="pdserve-models-")))
-    colocated = asyncio.run(run_colocated(folder, mode, rates, flags))
+    colocated, routed = asyncio.run(run_colocated(folder, mode, rates, flags))
     gc.collect()  # the two colocated engines' weights and KV, before the cluster takes the GPUs
     if mode.device == "cuda":
         torch.cuda.empty_cache()
@@ -202,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"shape": args.shape, "tiny": mode.tiny, "facts": gpu_facts(),
                "slos_ms": SLOS, "attainment": ATTAINMENT, "load": flags,
                "disaggregated_1p1d": {"goodput_rate": rate_a, "rates": disagg},
-               "colocated_x2": {"goodput_rate": rate_b, "rates": colocated},
+               "colocated_x2": {"goodput_rate": rate_b, "rates": colocated,
+                                "requests_per_instance": routed},
                "ratio": rate_a / rate_b if rate_a and rate_b else None, "target_ratio": 1.5}
     path = write_json(mode, "goodput", payload)
     print(f"goodput rate: 1P+1D {rate_a}, 2 colocated {rate_b}, ratio {payload['ratio']}; "

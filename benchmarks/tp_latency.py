@@ -105,18 +105,20 @@ def decode_step_ms(engine: LLMEngine, mode: RunMode, batch: int, work: Workload)
         engine.step()
     mode.sync()
     ms = (time.perf_counter() - started) * 1e3 / work.steps
-    comm_ms = collective_ms_per_step(engine, mode, work.steps)
+    comm = collective_ms_per_step(engine, mode, work.steps)
     for rid in list(engine.requests):
         engine.abort(rid)
     while engine.has_unfinished():
         engine.step()
-    return {"batch": batch, "ms_per_step": ms, "collective_ms_per_step": comm_ms,
-            "collective_share": None if comm_ms is None else comm_ms / ms}
+    return {"batch": batch, "ms_per_step": ms,
+            "collective_ms_per_step": comm and comm[0], "collective_share": comm and comm[1]}
 
 
-def collective_ms_per_step(engine: LLMEngine, mode: RunMode, steps: int) -> float | None:
-    """Rank 0's time in the tensor group's collectives per step: NCCL kernels' device time
-    (profiler) on CUDA; on CPU the wall time of the Gloo calls (they block)."""
+def collective_ms_per_step(engine: LLMEngine, mode: RunMode,
+                           steps: int) -> tuple[float, float] | None:
+    """Rank 0's time in the tensor group's collectives per step, and its share of those same
+    steps' wall time: NCCL kernels' device time (profiler) on CUDA; on CPU the wall time of the
+    Gloo calls (they block). None for one rank."""
     if engine.config.parallel.world_size == 1:
         return None
     if mode.device == "cpu":
@@ -124,15 +126,17 @@ def collective_ms_per_step(engine: LLMEngine, mode: RunMode, steps: int) -> floa
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
+        wall_s = time.perf_counter() - started
     device_us = sum(e.self_device_time_total for e in prof.key_averages()
                     if "nccl" in e.key.lower())
-    return device_us / 1e3 / steps
+    return device_us / 1e3 / steps, device_us / 1e6 / wall_s
 
 
-def _timed_collectives(engine: LLMEngine, steps: int) -> float:
+def _timed_collectives(engine: LLMEngine, steps: int) -> tuple[float, float]:
     spent = [0.0]
     originals = {}
     for name in ("all_reduce", "all_gather_last_dim", "all_gather_stacked", "all_reduce_max"):
@@ -145,13 +149,15 @@ def _timed_collectives(engine: LLMEngine, steps: int) -> float:
             finally:
                 spent[0] += time.perf_counter() - started
         setattr(ParallelContext, name, timed)
+    started = time.perf_counter()
     try:
         for _ in range(steps):
             engine.step()
     finally:
+        wall_s = time.perf_counter() - started
         for name, method in originals.items():
             setattr(ParallelContext, name, method)
-    return spent[0] * 1e3 / steps
+    return spent[0] * 1e3 / steps, spent[0] / wall_s
 
 
 def prefill_ms(engine: LLMEngine, mode: RunMode, work: Workload) -> float:

@@ -82,6 +82,9 @@ def test_goodput_sweeps_both_setups(tmp_path):
         rates = result[setup]["rates"]
         assert [r["rate"] for r in rates] == [2.0, 8.0]
         assert all(r["failed_requests"] == 0 and r["p99_itl_ms"] > 0 for r in rates)
+    assert min(result["colocated_x2"]["requests_per_instance"]) > 0  # both instances served
+    assert all(r["server_timing_mean_ms"]["kv_transfer"] > 0
+               for r in result["disaggregated_1p1d"]["rates"])
 
 
 @pytest.mark.slow
