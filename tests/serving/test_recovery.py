@@ -1,7 +1,7 @@
 """Recovery on a real 1 prefill + 2 decode cluster on a local Ray (issue 12): a decode worker
 process SIGKILLed at a random token, an engine-thread crash injected into a decode instance, and
 a decode instance drained while it streams. Each time, 8 concurrent streams (greedy and seeded
-top-p at temperature 0.8, half with a repetition penalty) of 120 tokens complete with status OK
+top-p at temperature 0.8, half with a repetition penalty) of 64 tokens complete with status OK
 and their tokens equal the uninterrupted run of the same requests, token for token; the pools
 are full again (the dead slot refilled by a new incarnation) and nothing leaks.
 
@@ -30,7 +30,7 @@ from tests.serving.recovery_helpers import (assert_same_as_reference, gather, re
 
 pytestmark = pytest.mark.timeout(420)
 N_STREAMS = 8
-MAX_TOKENS = 120
+MAX_TOKENS = 64  # benchmarks/RESULTS.md's recovery figures of 2026-12-06 ran 120
 RECOVERY_BOUND_S = 120.0  # kill -> replacement READY on a loaded 2-core CPU machine
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "recovery_cpu.json"
 _figures: dict[str, float | str] = {}
