@@ -155,13 +155,14 @@ def model_folder(shape: str, mode: RunMode, root: Path, seed: int = 0,
     return save_random_hf_folder(fields, folder, seed)
 
 
-def save_random_hf_folder(fields: dict, folder: Path, seed: int = 0, std: float = 0.02) -> Path:
+def save_random_hf_folder(fields: dict, folder: Path, seed: int = 0, std: float = 0.02,
+                          device: str = "cuda") -> Path:
     """An HF model folder of this shape with random bf16 weights, written layer by layer.
 
     The tensor names are whatever `save_pretrained` writes for the architecture: a one-layer
     model of the same width is saved first and its layer-0 names are repeated for every layer.
-    Each tensor is drawn on the GPU (norms = 1), so a 70B-shaped folder is bounded by the
-    disk's write speed, not by host RAM."""
+    Each tensor is drawn on `device` (norms = 1), so a 70B-shaped folder is bounded by the
+    disk's write speed, not by host RAM or a CPU random generator."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -171,18 +172,18 @@ def save_random_hf_folder(fields: dict, folder: Path, seed: int = 0, std: float 
     folder.mkdir(parents=True, exist_ok=True)
     probe_dir = folder / "probe"
     probe_config = AutoConfig.for_model(config.model_type, **{**fields, "num_hidden_layers": 1})
-    with torch.device("cuda"):
+    with torch.device(device):
         AutoModelForCausalLM.from_config(probe_config, dtype=torch.bfloat16).save_pretrained(
             probe_dir, safe_serialization=True, max_shard_size="100GB")
     names: dict[str, tuple] = {}
     for file in probe_dir.glob("*.safetensors"):
         with safe_open(str(file), "pt") as f:
             names |= {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     weight_map: dict[str, str] = {}
 
     def write(file_name: str, shapes: dict[str, tuple]) -> None:
-        tensors = {name: _random(name, shape, gen, std) for name, shape in shapes.items()}
+        tensors = {name: _random(name, shape, gen, std, device) for name, shape in shapes.items()}
         save_file(tensors, str(folder / file_name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file_name))
 
@@ -201,10 +202,11 @@ def save_random_hf_folder(fields: dict, folder: Path, seed: int = 0, std: float 
     return folder
 
 
-def _random(name: str, shape: tuple, gen: torch.Generator, std: float) -> torch.Tensor:
+def _random(name: str, shape: tuple, gen: torch.Generator, std: float,
+            device: str) -> torch.Tensor:
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=torch.bfloat16)
-    x = torch.empty(shape, dtype=torch.bfloat16, device="cuda").normal_(0.0, std, generator=gen)
+    x = torch.empty(shape, dtype=torch.bfloat16, device=device).normal_(0.0, std, generator=gen)
     return x.cpu()
 
 
