@@ -29,6 +29,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # token ids that end the output, besides EOS
     ignore_eos: bool = False  # keep generating past EOS until max_tokens
     logprobs: bool = False  # report the log-probability of each chosen token
+    # False: never draft for this request, on a pool with speculative decoding (its output is
+    # the same either way; drafting only changes the speed and the pool's compute per token)
+    speculative: bool = True
 
     def __post_init__(self) -> None:
         self.stop = _as_tuple("stop", self.stop)
@@ -68,6 +71,9 @@ class SamplingParams:
             )
         if self.seed is not None and (_not_int(self.seed) or not 0 <= self.seed < MAX_SEED):
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        for name in ("ignore_eos", "logprobs", "speculative"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     def _check_stops(self) -> None:
         for text in self.stop:

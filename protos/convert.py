@@ -12,7 +12,7 @@ def sampling_from_proto(p: generation_pb2.SamplingParams,
     engine's own defaults. Raises ValueError (naming the field) on bad values."""
     kwargs = dict(defaults or {})
     for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                 "seed", "ignore_eos", "logprobs"):
+                 "seed", "ignore_eos", "logprobs", "speculative"):
         if p.HasField(name):
             kwargs[name] = getattr(p, name)
     if kwargs.get("top_k", 0) < 0:
@@ -25,7 +25,8 @@ def sampling_to_proto(s: SamplingParams) -> generation_pb2.SamplingParams:
     p = generation_pb2.SamplingParams(
         max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
         min_p=s.min_p, repetition_penalty=s.repetition_penalty, stop=list(s.stop),
-        stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, logprobs=s.logprobs)
+        stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, logprobs=s.logprobs,
+        speculative=s.speculative)
     if s.seed is not None:
         p.seed = s.seed
     return p

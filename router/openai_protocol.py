@@ -27,7 +27,7 @@ from router.errors import InvalidRequestError
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI completions API's default
 MAX_CHOICES = 16  # `n`: each choice is a request of its own
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
-                    "ignore_eos")
+                    "ignore_eos", "speculative")
 
 
 class StreamOptions(BaseModel):
@@ -39,7 +39,8 @@ class StreamOptions(BaseModel):
 
 class _SamplingRequest(BaseModel):
     """The fields both endpoints share (vLLM's extensions `top_k`, `min_p`,
-    `repetition_penalty` and `ignore_eos` included)."""
+    `repetition_penalty` and `ignore_eos` included, and pdserve's `speculative`: false opts the
+    request out of its decode pool's speculative decoding)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -52,6 +53,7 @@ class _SamplingRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     ignore_eos: bool | None = None
+    speculative: bool | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = None

@@ -110,7 +110,8 @@ class SpecDecoding:
         """Set `spec_token_ids` of each running request that decodes next, within its
         max_tokens and context (every kept draft and the extra token must fit)."""
         for request in running:
-            if request.num_inflight_tokens or request.num_pending_tokens != 1:
+            if (request.num_inflight_tokens or request.num_pending_tokens != 1
+                    or not request.params.speculative):
                 continue
             room = min(request.params.max_tokens - len(request.output_token_ids),
                        request.max_model_len - request.num_tokens) - 1

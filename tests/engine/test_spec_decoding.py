@@ -236,3 +236,34 @@ def test_payoff_drafts_where_it_measured_faster():
     choices = [payoff.wants_drafts(8) for _ in range(8)]
     assert choices.count(False) == 6
     assert payoff.wants_drafts(64)  # another bucket starts over
+
+
+def test_requests_can_opt_out_of_drafting(model):
+    """`SamplingParams.speculative=False`: the pool drafts for the other requests only, and
+    every output is still plain greedy's."""
+    prompts = _prompts(4)
+    on = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    off = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, speculative=False)
+    want = _run(_engine(model, False), prompts, on)
+    only_off = _engine(model, True)
+    assert _run(only_off, prompts, off) == want
+    assert only_off.spec.stats.num_draft_tokens == 0  # nobody drafted
+    mixed = _engine(model, True)
+    assert _run(mixed, prompts, [off, on, off, on]) == want  # prompt 1 drafts
+    assert mixed.spec.stats.num_draft_tokens > 0
+    with pytest.raises(ValueError, match="speculative"):
+        SamplingParams(speculative="no")
+
+
+def test_opt_out_crosses_the_wire():
+    """gRPC and the OpenAI API carry the flag to the workers' SamplingParams."""
+    from protos.convert import sampling_from_proto, sampling_to_proto
+    from protos.pdserve.v1 import generation_pb2
+    from router.openai_protocol import CompletionRequest
+
+    assert sampling_from_proto(generation_pb2.SamplingParams()).speculative is True
+    proto = generation_pb2.SamplingParams(speculative=False)
+    assert sampling_from_proto(proto).speculative is False
+    assert sampling_to_proto(SamplingParams(speculative=False)).speculative is False
+    request = CompletionRequest(model="m", prompt="x", speculative=False)
+    assert sampling_from_proto(request.sampling(8, False)).speculative is False

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/pdserve/v1/generation.proto\x12\npdserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x82\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x17\n\nignore_eos\x18\n \x01(\x08H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0b \x01(\x08H\x08\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobs\"\x8a\x02\n\x0fGenerateRequest\x12\x17\n\nrequest_id\x18\x01 \x01(\tH\x01\x88\x01\x01\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12\x30\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x17\n\ncache_salt\x18\x06 \x01(\tH\x02\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_request_idB\r\n\x0b_cache_salt\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"t\n\x06Timing\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x05 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x06 \x01(\x01\"\xb6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\"\n\x06timing\x18\x07 \x01(\x0b\x32\x12.pdserve.v1.Timing\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"W\n\x08PoolInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04role\x18\x02 \x01(\x0e\x32\x18.pdserve.v1.InstanceRole\x12\x15\n\rnum_instances\x18\x03 \x01(\r\"p\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12#\n\x05pools\x18\x04 \x03(\x0b\x32\x14.pdserve.v1.PoolInfo\"\x18\n\x16GetClusterStateRequest\"\xda\x02\n\rInstanceState\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12&\n\x04role\x18\x02 \x01(\x0e\x32\x18.pdserve.v1.InstanceRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x17\n\x0ftotal_kv_blocks\x18\x05 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x06 \x01(\r\x12\x1c\n\x14num_running_requests\x18\x07 \x01(\r\x12\x1c\n\x14num_waiting_requests\x18\x08 \x01(\r\x12\x1e\n\x16num_inflight_transfers\x18\t \x01(\r\x12*\n\x06status\x18\n \x01(\x0e\x32\x1a.pdserve.v1.InstanceStatus\x12\x15\n\rstatus_reason\x18\x0b \x01(\t\x12\x1b\n\x13\x65xpert_token_counts\x18\x0c \x03(\x04\"<\n\x0c\x43lusterState\x12,\n\tinstances\x18\x01 \x03(\x0b\x32\x19.pdserve.v1.InstanceState\"Q\n\x14\x44rainInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x16\n\ttimeout_s\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_timeout_s\"G\n\x15\x44rainInstanceResponse\x12\x1a\n\x12num_requests_moved\x18\x01 \x01(\r\x12\x12\n\nduration_s\x18\x02 \x01(\x01*b\n\x0cInstanceRole\x12\x1d\n\x19INSTANCE_ROLE_UNSPECIFIED\x10\x00\x12\x19\n\x15INSTANCE_ROLE_PREFILL\x10\x01\x12\x18\n\x14INSTANCE_ROLE_DECODE\x10\x02*\xa2\x01\n\x0eInstanceStatus\x12\x1f\n\x1bINSTANCE_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18INSTANCE_STATUS_STARTING\x10\x01\x12\x19\n\x15INSTANCE_STATUS_READY\x10\x02\x12\x1c\n\x18INSTANCE_STATUS_DRAINING\x10\x03\x12\x18\n\x14INSTANCE_STATUS_DEAD\x10\x04\x32\x82\x03\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.pdserve.v1.GetModelInfoRequest\x1a\x15.pdserve.v1.ModelInfo\x12O\n\x0fGetClusterState\x12\".pdserve.v1.GetClusterStateRequest\x1a\x18.pdserve.v1.ClusterState\x12T\n\rDrainInstance\x12 .pdserve.v1.DrainInstanceRequest\x1a!.pdserve.v1.DrainInstanceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/pdserve/v1/generation.proto\x12\npdserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\xac\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x17\n\nignore_eos\x18\n \x01(\x08H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0b \x01(\x08H\x08\x88\x01\x01\x12\x18\n\x0bspeculative\x18\x0c \x01(\x08H\t\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x0e\n\x0c_speculative\"\x8a\x02\n\x0fGenerateRequest\x12\x17\n\nrequest_id\x18\x01 \x01(\tH\x01\x88\x01\x01\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12\x30\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x17\n\ncache_salt\x18\x06 \x01(\tH\x02\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_request_idB\r\n\x0b_cache_salt\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"t\n\x06Timing\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x05 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x06 \x01(\x01\"\xb6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\"\n\x06timing\x18\x07 \x01(\x0b\x32\x12.pdserve.v1.Timing\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"W\n\x08PoolInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04role\x18\x02 \x01(\x0e\x32\x18.pdserve.v1.InstanceRole\x12\x15\n\rnum_instances\x18\x03 \x01(\r\"p\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12#\n\x05pools\x18\x04 \x03(\x0b\x32\x14.pdserve.v1.PoolInfo\"\x18\n\x16GetClusterStateRequest\"\xda\x02\n\rInstanceState\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12&\n\x04role\x18\x02 \x01(\x0e\x32\x18.pdserve.v1.InstanceRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x17\n\x0ftotal_kv_blocks\x18\x05 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x06 \x01(\r\x12\x1c\n\x14num_running_requests\x18\x07 \x01(\r\x12\x1c\n\x14num_waiting_requests\x18\x08 \x01(\r\x12\x1e\n\x16num_inflight_transfers\x18\t \x01(\r\x12*\n\x06status\x18\n \x01(\x0e\x32\x1a.pdserve.v1.InstanceStatus\x12\x15\n\rstatus_reason\x18\x0b \x01(\t\x12\x1b\n\x13\x65xpert_token_counts\x18\x0c \x03(\x04\"<\n\x0c\x43lusterState\x12,\n\tinstances\x18\x01 \x03(\x0b\x32\x19.pdserve.v1.InstanceState\"Q\n\x14\x44rainInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x16\n\ttimeout_s\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_timeout_s\"G\n\x15\x44rainInstanceResponse\x12\x1a\n\x12num_requests_moved\x18\x01 \x01(\r\x12\x12\n\nduration_s\x18\x02 \x01(\x01*b\n\x0cInstanceRole\x12\x1d\n\x19INSTANCE_ROLE_UNSPECIFIED\x10\x00\x12\x19\n\x15INSTANCE_ROLE_PREFILL\x10\x01\x12\x18\n\x14INSTANCE_ROLE_DECODE\x10\x02*\xa2\x01\n\x0eInstanceStatus\x12\x1f\n\x1bINSTANCE_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18INSTANCE_STATUS_STARTING\x10\x01\x12\x19\n\x15INSTANCE_STATUS_READY\x10\x02\x12\x1c\n\x18INSTANCE_STATUS_DRAINING\x10\x03\x12\x18\n\x14INSTANCE_STATUS_DEAD\x10\x04\x32\x82\x03\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.pdserve.v1.GetModelInfoRequest\x1a\x15.pdserve.v1.ModelInfo\x12O\n\x0fGetClusterState\x12\".pdserve.v1.GetClusterStateRequest\x1a\x18.pdserve.v1.ClusterState\x12T\n\rDrainInstance\x12 .pdserve.v1.DrainInstanceRequest\x1a!.pdserve.v1.DrainInstanceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.pdserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INSTANCEROLE']._serialized_start=2116
-  _globals['_INSTANCEROLE']._serialized_end=2214
-  _globals['_INSTANCESTATUS']._serialized_start=2217
-  _globals['_INSTANCESTATUS']._serialized_end=2379
+  _globals['_INSTANCEROLE']._serialized_start=2158
+  _globals['_INSTANCEROLE']._serialized_end=2256
+  _globals['_INSTANCESTATUS']._serialized_start=2259
+  _globals['_INSTANCESTATUS']._serialized_end=2421
   _globals['_CHATMESSAGE']._serialized_start=50
   _globals['_CHATMESSAGE']._serialized_end=94
   _globals['_CHATMESSAGES']._serialized_start=96
@@ -42,35 +42,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=155
   _globals['_TOKENIDS']._serialized_end=184
   _globals['_SAMPLINGPARAMS']._serialized_start=187
-  _globals['_SAMPLINGPARAMS']._serialized_end=573
-  _globals['_GENERATEREQUEST']._serialized_start=576
-  _globals['_GENERATEREQUEST']._serialized_end=842
-  _globals['_USAGE']._serialized_start=844
-  _globals['_USAGE']._serialized_end=924
-  _globals['_TIMING']._serialized_start=926
-  _globals['_TIMING']._serialized_end=1042
-  _globals['_GENERATERESPONSE']._serialized_start=1045
-  _globals['_GENERATERESPONSE']._serialized_end=1227
-  _globals['_ABORTREQUEST']._serialized_start=1229
-  _globals['_ABORTREQUEST']._serialized_end=1263
-  _globals['_ABORTRESPONSE']._serialized_start=1265
-  _globals['_ABORTRESPONSE']._serialized_end=1295
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1297
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1318
-  _globals['_POOLINFO']._serialized_start=1320
-  _globals['_POOLINFO']._serialized_end=1407
-  _globals['_MODELINFO']._serialized_start=1409
-  _globals['_MODELINFO']._serialized_end=1521
-  _globals['_GETCLUSTERSTATEREQUEST']._serialized_start=1523
-  _globals['_GETCLUSTERSTATEREQUEST']._serialized_end=1547
-  _globals['_INSTANCESTATE']._serialized_start=1550
-  _globals['_INSTANCESTATE']._serialized_end=1896
-  _globals['_CLUSTERSTATE']._serialized_start=1898
-  _globals['_CLUSTERSTATE']._serialized_end=1958
-  _globals['_DRAININSTANCEREQUEST']._serialized_start=1960
-  _globals['_DRAININSTANCEREQUEST']._serialized_end=2041
-  _globals['_DRAININSTANCERESPONSE']._serialized_start=2043
-  _globals['_DRAININSTANCERESPONSE']._serialized_end=2114
-  _globals['_GENERATION']._serialized_start=2382
-  _globals['_GENERATION']._serialized_end=2768
+  _globals['_SAMPLINGPARAMS']._serialized_end=615
+  _globals['_GENERATEREQUEST']._serialized_start=618
+  _globals['_GENERATEREQUEST']._serialized_end=884
+  _globals['_USAGE']._serialized_start=886
+  _globals['_USAGE']._serialized_end=966
+  _globals['_TIMING']._serialized_start=968
+  _globals['_TIMING']._serialized_end=1084
+  _globals['_GENERATERESPONSE']._serialized_start=1087
+  _globals['_GENERATERESPONSE']._serialized_end=1269
+  _globals['_ABORTREQUEST']._serialized_start=1271
+  _globals['_ABORTREQUEST']._serialized_end=1305
+  _globals['_ABORTRESPONSE']._serialized_start=1307
+  _globals['_ABORTRESPONSE']._serialized_end=1337
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1339
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1360
+  _globals['_POOLINFO']._serialized_start=1362
+  _globals['_POOLINFO']._serialized_end=1449
+  _globals['_MODELINFO']._serialized_start=1451
+  _globals['_MODELINFO']._serialized_end=1563
+  _globals['_GETCLUSTERSTATEREQUEST']._serialized_start=1565
+  _globals['_GETCLUSTERSTATEREQUEST']._serialized_end=1589
+  _globals['_INSTANCESTATE']._serialized_start=1592
+  _globals['_INSTANCESTATE']._serialized_end=1938
+  _globals['_CLUSTERSTATE']._serialized_start=1940
+  _globals['_CLUSTERSTATE']._serialized_end=2000
+  _globals['_DRAININSTANCEREQUEST']._serialized_start=2002
+  _globals['_DRAININSTANCEREQUEST']._serialized_end=2083
+  _globals['_DRAININSTANCERESPONSE']._serialized_start=2085
+  _globals['_DRAININSTANCERESPONSE']._serialized_end=2156
+  _globals['_GENERATION']._serialized_start=2424
+  _globals['_GENERATION']._serialized_end=2810
 # @@protoc_insertion_point(module_scope)
