@@ -6,7 +6,8 @@ same PrefillWorker / DecodeWorker classes the Ray actors wrap, with their contro
 carried by multiprocessing queues instead of Ray calls. Measured in one run:
   1. outputs: disaggregated greedy tokens equal the colocated engine's on the same weights;
   2. KV transfer of 512 / 2k / 8k-token requests (pack, send, scatter, ack) next to raw NCCL
-     send/recv of the same byte count with the same ack round trip;
+     send/recv of the same byte count with the same ack round trip, and where the time goes
+     (the gather and the scatter timed alone, the wire = raw NCCL, the rest = waits);
   3. time until the decode instance emits token 2, disaggregated vs colocated, at 2k tokens
      (the hand-off's addition to the critical path; the client's first token comes from the
      prefill instance either way).
@@ -307,6 +308,10 @@ def main() -> None:
             row[f"handoff_lpm{lpm}_s"] = s_
             row[f"handoff_lpm{lpm}_GBps"] = num_bytes / s_ / 1e9
             row[f"handoff_lpm{lpm}_fraction_of_raw"] = raw_s / s_
+        # where the default hand-off's time goes: the gather and the scatter timed alone, the
+        # wire = raw NCCL of the same bytes, the rest = waits (handshake, ack, stream syncs)
+        row["pack_s"], row["unpack_s"] = _pack_unpack_s(engine.kv_cache, -(-n // 16))
+        row["waits_s"] = row[f"handoff_lpm{grouped}_s"] - row["pack_s"] - raw_s - row["unpack_s"]
         hand = []
         for k in range(3):
             prefill_s = _prefill_only_s(reference, prompt_of(n))
@@ -374,6 +379,26 @@ def _prefill_only_s(engine, prompt: list[int]) -> float:
     start = time.monotonic()
     engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
     return time.monotonic() - start
+
+
+def _pack_unpack_s(kv_cache, num_blocks: int, iters: int = 5) -> tuple[float, float]:
+    """Median seconds to gather `num_blocks` blocks of every layer into one buffer, and to
+    scatter it back (the same bytes: the cache is unchanged)."""
+    from kv_transfer.packing import pack_blocks, unpack_blocks
+
+    ids = torch.arange(num_blocks, device=kv_cache.device)
+    layers = slice(0, kv_cache.shape[0])
+    buf = pack_blocks(kv_cache, ids, layers)
+    times = {"pack": [], "unpack": []}
+    for _ in range(iters + 1):
+        for name, fn in (("pack", lambda: pack_blocks(kv_cache, ids, layers, out=buf)),
+                         ("unpack", lambda: unpack_blocks(kv_cache, ids, layers, buf))):
+            _sync()
+            start = time.monotonic()
+            fn()
+            _sync()
+            times[name].append(time.monotonic() - start)
+    return statistics.median(times["pack"][1:]), statistics.median(times["unpack"][1:])
 
 
 def _raw_round_trips(raw, to_decode, num_bytes: int, iters: int = 5) -> float:

@@ -71,7 +71,7 @@ def test_cluster_layouts_equal_colocated(tmp_path, layouts):
     result = _dry_run("layout_handoff.py", tmp_path, "--layouts", layouts, timeout_s=900)
     assert result["outputs_match"]
     for row in result["rows"]:
-        assert row["kv_transfer_s"] > 0 and row["raw_pair_s"] > 0
+        assert row["transfer_window_s"] > 0 and row["raw_pair_s"] > 0
         assert all(check["equal"] for check in row["output_checks"])
 
 
