@@ -149,18 +149,22 @@ def _assemble(blocks_per_rank: list[torch.Tensor], layout: ParallelLayout,
     return whole
 
 
-CASES = [  # (KV heads, prefill layout, decode layout)
-    (2, ParallelLayout(1), ParallelLayout(2)),
+# Slow (make test-slow): TP=1 -> TP=2 runs through the whole stack in test_reshard_cluster.py,
+# and the read from one of 4 prefill replicas at the channel level in test_reshard_matrix.py.
+SLOW = pytest.mark.slow
+CASES = [  # (KV heads, prefill layout, decode layout[, marks])
+    (2, ParallelLayout(1), ParallelLayout(2), SLOW),
     (2, ParallelLayout(2), ParallelLayout(1)),
     (1, ParallelLayout(1), ParallelLayout(4)),  # decode replicates the head on 4 ranks
-    (1, ParallelLayout(4), ParallelLayout(1)),  # read from one of 4 prefill replicas
+    (1, ParallelLayout(4), ParallelLayout(1), SLOW),  # read from one of 4 prefill replicas
     (2, ParallelLayout(1, 2), ParallelLayout(2)),
     (2, ParallelLayout(2), ParallelLayout(1, 2)),
 ]
 
 
-@pytest.mark.parametrize("heads,prefill,decode", CASES,
-                         ids=[f"{h}kv-p{p.tp}x{p.pp}-d{d.tp}x{d.pp}" for h, p, d in CASES])
+@pytest.mark.parametrize("heads,prefill,decode", [
+    pytest.param(h, p, d, marks=marks, id=f"{h}kv-p{p.tp}x{p.pp}-d{d.tp}x{d.pp}")
+    for h, p, d, *marks in CASES])
 def test_resharded_handoff_is_exact_and_streams_equal_one_rank(models, heads, prefill, decode):
     model = ModelShape(NUM_LAYERS, heads)
     reference = LLMEngine(_config(models[heads], ParallelLayout()))
