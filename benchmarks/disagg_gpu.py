@@ -30,6 +30,7 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from tempfile import mkdtemp  # noqa: E402
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
@@ -47,8 +48,8 @@ if "--device" in sys.argv[:-1] and sys.argv[sys.argv.index("--device") + 1] == "
     if "--tiny" not in sys.argv:
         raise SystemExit("--device cpu needs --tiny (the Llama-3-8B shape is for GPUs)")
     os.environ["PDSERVE_BENCH_DEVICE"] = "cpu"
-    if "--out-dir" in sys.argv[:-1]:
-        os.environ["PDSERVE_BENCH_OUT_DIR"] = sys.argv[sys.argv.index("--out-dir") + 1]
+if "--out-dir" in sys.argv[:-1]:  # a dry run's JSON goes there (a temp dir by default)
+    os.environ["PDSERVE_BENCH_OUT_DIR"] = sys.argv[sys.argv.index("--out-dir") + 1]
 CPU_DRY_RUN = os.environ.get("PDSERVE_BENCH_DEVICE") == "cpu"
 if CPU_DRY_RUN:
     LLAMA3_8B = dict(LLAMA3_8B, vocab_size=49152, hidden_size=64, intermediate_size=128,
@@ -242,6 +243,7 @@ def sender_key(sender) -> str:
 
 
 def main() -> None:
+    from benchmarks.multigpu_common import pack_unpack_s
     from engine.kernels import dispatch
     from kv_transfer import (ChannelConfig, KVLayoutSpec, KVSender, PairChannel, PairRole,
                              layers_per_message_for, pair_key)
@@ -310,7 +312,7 @@ def main() -> None:
             row[f"handoff_lpm{lpm}_fraction_of_raw"] = raw_s / s_
         # where the default hand-off's time goes: the gather and the scatter timed alone, the
         # wire = raw NCCL of the same bytes, the rest = waits (handshake, ack, stream syncs)
-        row["pack_s"], row["unpack_s"] = _pack_unpack_s(engine.kv_cache, -(-n // 16))
+        row["pack_s"], row["unpack_s"] = pack_unpack_s(engine.kv_cache, -(-n // 16), _sync)
         row["waits_s"] = row[f"handoff_lpm{grouped}_s"] - row["pack_s"] - raw_s - row["unpack_s"]
         hand = []
         for k in range(3):
@@ -349,10 +351,7 @@ def _save(out: dict) -> None:
     name = out["device"].replace(" ", "_")
     results = Path(__file__).parent / "results"
     if CPU_DRY_RUN:  # never beside the GPU results
-        import tempfile
-
-        os.environ.setdefault("PDSERVE_BENCH_OUT_DIR", tempfile.mkdtemp(prefix="pdserve-dry-run-"))
-        results = Path(os.environ["PDSERVE_BENCH_OUT_DIR"])
+        results = Path(os.environ.setdefault("PDSERVE_BENCH_OUT_DIR", mkdtemp()))
         results.mkdir(parents=True, exist_ok=True)
     path = results / f"disagg_gpu_{name}.json"
     path.write_text(json.dumps(out, indent=2))
@@ -379,26 +378,6 @@ def _prefill_only_s(engine, prompt: list[int]) -> float:
     start = time.monotonic()
     engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
     return time.monotonic() - start
-
-
-def _pack_unpack_s(kv_cache, num_blocks: int, iters: int = 5) -> tuple[float, float]:
-    """Median seconds to gather `num_blocks` blocks of every layer into one buffer, and to
-    scatter it back (the same bytes: the cache is unchanged)."""
-    from kv_transfer.packing import pack_blocks, unpack_blocks
-
-    ids = torch.arange(num_blocks, device=kv_cache.device)
-    layers = slice(0, kv_cache.shape[0])
-    buf = pack_blocks(kv_cache, ids, layers)
-    times = {"pack": [], "unpack": []}
-    for _ in range(iters + 1):
-        for name, fn in (("pack", lambda: pack_blocks(kv_cache, ids, layers, out=buf)),
-                         ("unpack", lambda: unpack_blocks(kv_cache, ids, layers, buf))):
-            _sync()
-            start = time.monotonic()
-            fn()
-            _sync()
-            times[name].append(time.monotonic() - start)
-    return statistics.median(times["pack"][1:]), statistics.median(times["unpack"][1:])
 
 
 def _raw_round_trips(raw, to_decode, num_bytes: int, iters: int = 5) -> float:

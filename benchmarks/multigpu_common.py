@@ -242,3 +242,27 @@ def first_difference(reference, prompt: list[int], got: list[int], want: list[in
     tolerance = 1e-3 if reference.config.dtype == "float32" else 2e-2
     return {"equal": False, "first_difference": k, "logit_gap": gap, "relative_gap": rel,
             "near_tie": rel < tolerance, "tolerance": tolerance}
+
+
+def pack_unpack_s(kv_cache: torch.Tensor, num_blocks: int, sync, iters: int = 5
+                  ) -> tuple[float, float]:
+    """Median seconds to gather `num_blocks` blocks of every layer into one buffer, and to
+    scatter it back (the same bytes: the cache is unchanged); `sync` waits for the device."""
+    import statistics
+    import time
+
+    from kv_transfer.packing import pack_blocks, unpack_blocks
+
+    ids = torch.arange(num_blocks, device=kv_cache.device)
+    layers = slice(0, kv_cache.shape[0])
+    buf = pack_blocks(kv_cache, ids, layers)
+    times: dict[str, list[float]] = {"pack": [], "unpack": []}
+    for _ in range(iters + 1):
+        for name, run in (("pack", lambda: pack_blocks(kv_cache, ids, layers, out=buf)),
+                          ("unpack", lambda: unpack_blocks(kv_cache, ids, layers, buf))):
+            sync()
+            started = time.perf_counter()
+            run()
+            sync()
+            times[name].append(time.perf_counter() - started)
+    return statistics.median(times["pack"][1:]), statistics.median(times["unpack"][1:])
