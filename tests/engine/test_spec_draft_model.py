@@ -162,8 +162,7 @@ def test_draft_kv_is_the_drafts_prefill_kv(models):
 def _scribble_free_blocks(engine: LLMEngine) -> None:
     """Noise into the draft cache of every block no request holds, as reuse by other requests
     would leave it (prefix caching off: a free block holds nothing anyone may read)."""
-    held = {b for r in engine.scheduler.running + list(engine.scheduler.waiting)
-            for b in engine.kv_manager.block_table(r.request_id)}
+    held = _held_blocks(engine)
     free = [b for b in range(engine.kv_manager.num_blocks) if b not in held]
     cache = engine.executor.drafter.kv_cache
     cache[:, free] = torch.randn_like(cache[:, free])
@@ -188,6 +187,39 @@ def test_preemption_recomputes_the_draft_too(models, plain):
     assert spec.scheduler.num_preemptions > 0
     stats = spec.spec.stats
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
+    assert_no_leaks(spec)
+
+
+def _held_blocks(engine: LLMEngine) -> set[int]:
+    return {b for r in engine.scheduler.running + list(engine.scheduler.waiting)
+            for b in engine.kv_manager.block_table(r.request_id)}
+
+
+@pytest.mark.parametrize("draft", ["target", "small"])
+def test_drafting_writes_only_blocks_the_request_holds(models, plain, draft):
+    """Before every step the draft cache of every free block is set to a sentinel; a block
+    free before and after the step still holds it: the drafts' KV (positions up to n + k - 2,
+    across block boundaries at block size 4) went only into blocks their request held — a
+    position past its table would land in the table's zero padding, block 0. Async on."""
+    prompts = _prompts(4)
+    params = _params(False, 4)
+    want = [o.token_ids for o in _generate(plain, prompts, params)]
+    spec = _engine(models, draft, num_blocks=64, prefix_caching=False, async_scheduling=True)
+    cache = spec.executor.drafter.kv_cache
+    ids = [spec.add_request(p, sp) for p, sp in zip(prompts, params)]
+    tokens = {rid: [] for rid in ids}
+    while spec.has_unfinished():
+        free_before = set(range(spec.kv_manager.num_blocks)) - _held_blocks(spec)
+        cache[:, sorted(free_before)] = 7.0
+        for out in spec.step():
+            tokens[out.request_id] += out.new_token_ids
+        untouched = sorted(free_before - _held_blocks(spec))
+        assert bool((cache[:, untouched] == 7.0).all())
+    assert [tokens[rid] for rid in ids] == want
+    stats = spec.spec.stats
+    assert stats.num_draft_tokens > 0
+    if draft == "target":  # async scheduling changes nothing the draft sees
+        assert stats.num_accepted_tokens == stats.num_draft_tokens
     assert_no_leaks(spec)
 
 
