@@ -53,7 +53,8 @@ def _engine(models, draft: str | None, num_blocks: int = 256, budget: int = 512,
     return LLMEngine(EngineConfig(
         model=models["target"], device="cpu", attention_backend="torch",
         async_scheduling=async_scheduling,
-        cache=CacheConfig(block_size=4, num_blocks=num_blocks, enable_prefix_caching=prefix_caching),
+        cache=CacheConfig(block_size=4, num_blocks=num_blocks,
+                          enable_prefix_caching=prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=budget),
         speculative=spec))
 
@@ -89,12 +90,8 @@ def _generate(engine: LLMEngine, prompts, params):
     return outs
 
 
-def _stats_delta(engine: LLMEngine, before) -> tuple[int, int]:
-    stats = engine.spec.stats
-    return (stats.num_draft_tokens - before[0], stats.num_accepted_tokens - before[1])
-
-
 def _snapshot(engine: LLMEngine) -> tuple[int, int]:
+    """(drafted, accepted) so far."""
     return engine.spec.stats.num_draft_tokens, engine.spec.stats.num_accepted_tokens
 
 
@@ -109,7 +106,7 @@ def test_self_draft_is_plain_and_always_accepted(plain, self_draft, sampled):
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     for g, w in zip(got, want):
         assert g.logprobs == pytest.approx(w.logprobs, rel=1e-4, abs=1e-5)
-    drafted, accepted = _stats_delta(self_draft, before)
+    drafted, accepted = (a - b for a, b in zip(_snapshot(self_draft), before))
     assert drafted > 0 and accepted == drafted
 
 
@@ -260,7 +257,7 @@ def test_handed_off_request_drafts_right_from_the_first_step(models, plain, samp
     the target as its own draft every draft is accepted from the first verification on."""
     prompt = _prompts(6)[5]
     params = _params(sampled, 1)[0]
-    full = _run_request(plain, prompt, params)
+    full = _run(plain, plain.make_request(prompt, params, seed=SEED))
     prefill = _engine(models, None)
     kv, first = _prefill(prefill, "r", prompt, params)
     decode = _engine(models, "target")
@@ -284,8 +281,8 @@ def test_handed_off_request_drafts_right_from_the_first_step(models, plain, samp
     assert_no_leaks(prefill)
 
 
-def _run_request(engine: LLMEngine, prompt, params) -> list[int]:
-    request = engine.make_request(prompt, params, seed=SEED)
+def _run(engine: LLMEngine, request) -> list[int]:
+    """A request built by `make_request`, alone to the end: its new tokens."""
     engine.track(request)
     engine.enqueue(request)
     tokens = []
@@ -300,24 +297,17 @@ def test_resumed_request_drafts_after_its_recompute(self_draft, plain):
     """A migrated request (outputs already streamed): recomputed, then drafted as usual."""
     prompt = _prompts(3)[2]
     params = _params(True, 1)[0]
-    full = _run_request(plain, prompt, params)
-    request = self_draft.make_request(prompt, params, seed=SEED, output_token_ids=full[:5])
-    self_draft.track(request)
-    self_draft.enqueue(request)
+    full = _run(plain, plain.make_request(prompt, params, seed=SEED))
     before = _snapshot(self_draft)
-    tokens = []
-    while self_draft.has_unfinished():
-        for out in self_draft.step():
-            tokens += out.new_token_ids
-    assert tokens == full[5:]
-    drafted, accepted = _stats_delta(self_draft, before)
+    resumed = self_draft.make_request(prompt, params, seed=SEED, output_token_ids=full[:5])
+    assert _run(self_draft, resumed) == full[5:]
+    drafted, accepted = (a - b for a, b in zip(_snapshot(self_draft), before))
     assert drafted > 0 and accepted == drafted
-    assert_no_leaks(self_draft)
 
 
 def test_drafting_stops_past_the_drafts_context(models, plain):
-    """A draft with a 40-token context: no draft input lands past position 39, the requests go
-    on (plain decoding) up to the target's context; outputs unchanged."""
+    """A draft with a 40-token context (its rotary table ends there: an input past position 39
+    would raise): drafting stops short of it, the requests go on; outputs unchanged."""
     prompts = [_prompts(8)[7], _prompts(2)[1]]  # 33 and 9 tokens
     params = _params(False, 2)
     want = [o.token_ids for o in _generate(plain, prompts, params)]
