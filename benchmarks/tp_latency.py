@@ -172,15 +172,22 @@ def prefill_ms(engine: LLMEngine, mode: RunMode, work: Workload) -> float:
 
 
 def roofline(folder: Path, layout: Layout, work: Workload, batch: int, bw_gbs: float) -> float:
-    """ms per step at each GPU's copy bandwidth: its share of the weights (every weight read
-    once per step; experts: all of them at large batch, a fair upper bound) plus its KV."""
+    """ms per step at each GPU's copy bandwidth: its share of the weights a step reads plus
+    its share of the KV (bf16). A step reads every weight once except the embedding table
+    (`batch` rows) and, in a MoE model, the experts no token picked (expected distinct experts
+    per layer: E * (1 - (1 - k/E)^batch))."""
     from engine.loader.source import open_model
 
     cfg = open_model(str(folder)).config
-    weight_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / layout.tp
+    read = (sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+            - (cfg.vocab_size - batch) * cfg.hidden_size * 2)
+    if cfg.moe is not None:
+        moe = cfg.moe
+        experts = cfg.num_layers * moe.num_experts * 3 * cfg.hidden_size * moe.intermediate_size * 2
+        read -= experts * (1 - moe.top_k / moe.num_experts) ** batch
     kv_heads = max(1, cfg.num_kv_heads // layout.tp)
-    kv_bytes = batch * (work.context + work.steps) * cfg.num_layers * 2 * kv_heads * cfg.head_dim * 2
-    return (weight_bytes + kv_bytes) / bw_gbs / 1e6
+    kv = batch * (work.context + work.steps) * cfg.num_layers * 2 * kv_heads * cfg.head_dim * 2
+    return (read / layout.tp + kv) / bw_gbs / 1e6
 
 
 def measure(folder: Path, layout: Layout, mode: RunMode, work: Workload,
@@ -266,28 +273,39 @@ def main(argv: list[str] | None = None) -> int:
 
 def summarize(args, mode: RunMode, folder: Path, save_s: float, work: Workload,
               rows: list[dict], checks: list[dict]) -> dict:
-    bw = None
     if mode.device == "cuda":
         from benchmarks.gpu_common import copy_bandwidth_gbs
 
         bw = copy_bandwidth_gbs()
+    else:  # the dry run takes the same path with the host's copy rate
+        bw = _host_copy_gbs()
     parallel, base = rows[0], rows[-1]
     for row in rows:
         for d in row["decode"]:
             d["vs_baseline"] = d["ms_per_step"] / next(
                 b["ms_per_step"] for b in base["decode"] if b["batch"] == d["batch"])
-            if bw:
-                d["roofline_ms"] = roofline(folder, Layout(row["layout"], row["tp"]), work,
-                                            d["batch"], bw)
-                d["fraction_of_roofline"] = d["roofline_ms"] / d["ms_per_step"]
+            d["roofline_ms"] = roofline(folder, Layout(row["layout"], row["tp"]), work,
+                                        d["batch"], bw)
+            d["fraction_of_roofline"] = d["roofline_ms"] / d["ms_per_step"]
         del row["prompts"]
     b1 = next((d for d in parallel["decode"] if d["batch"] == 1), None)
-    return {"shape": args.shape, "num_layers": args.num_layers, "tiny": mode.tiny, "device": mode.device, "facts": gpu_facts(),
+    return {"shape": args.shape, "num_layers": args.num_layers, "tiny": mode.tiny,
+            "device": mode.device, "facts": gpu_facts(),
             "copy_bandwidth_gbs": bw, "folder_write_s": save_s, "workload": asdict(work),
             "outputs_match": all(c["equal"] or c.get("near_tie") for c in checks),
             "output_checks": checks, "layouts": rows,
             "b1_decode_vs_baseline": b1 and b1["vs_baseline"],
             "target": "b1 decode at TP=N <= 0.6x the baseline (issue 20)"}
+
+
+def _host_copy_gbs(num_bytes: int = 64 << 20) -> float:
+    """Host memory copy rate, bytes read plus written (the dry run's stand-in for HBM)."""
+    src = torch.ones(num_bytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    started = time.perf_counter()
+    dst.copy_(src)
+    return 2 * num_bytes / (time.perf_counter() - started) / 1e9
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def _assert_timed(layouts: list[dict], batches: tuple[int, ...]) -> None:
     for row in layouts:
         assert [d["batch"] for d in row["decode"]] == list(batches)
         assert all(d["ms_per_step"] > 0 for d in row["decode"]) and row["prefill_ms"] > 0
+        assert all(d["roofline_ms"] > 0 and d["fraction_of_roofline"] > 0 for d in row["decode"])
 
 
 def test_tp2_matches_tp1_and_is_timed(tmp_path):
