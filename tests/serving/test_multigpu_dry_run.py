@@ -104,3 +104,29 @@ def test_suites_dry_run_a_part_and_skip_without_gpus(tmp_path, suite, part, need
     done = subprocess.run(["bash", str(BENCH / suite), part], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert f"== {part}: SKIPPED: needs {need} GPUs" in done.stdout, done.stdout[-3000:]
+
+
+def test_a_difference_is_reported_with_the_reference_gap(tmp_path):
+    """What the benchmarks record where a parallel layout's greedy tokens part from the
+    baseline's: the position and the baseline's logit gap between the two picks there."""
+    from benchmarks.multigpu_common import first_difference
+    from engine.config import CacheConfig, EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+    from tests.engine.factories import save_tiny_hf_model
+    from tests.helpers import next_logits
+
+    folder = save_tiny_hf_model(tmp_path / "llama", "llama", seed=5)
+    engine = LLMEngine(EngineConfig(model=str(folder), device="cpu", dtype="float32",
+                                    cache=CacheConfig(block_size=16, num_blocks=32)))
+    prompt = [100 + 7 * i for i in range(12)]
+    want = engine.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0,
+                                                    ignore_eos=True))[0].token_ids
+    logits = next_logits(engine, prompt + want[:2])
+    runner_up = int(logits.topk(2).indices[1])
+    got = want[:2] + [runner_up, want[3]]
+    assert first_difference(engine, prompt, want, want) == {"equal": True}
+    report = first_difference(engine, prompt, got, want)
+    assert report["first_difference"] == 2 and not report["equal"]
+    assert report["logit_gap"] == pytest.approx(float(logits[want[2]] - logits[runner_up]))
+    assert report["near_tie"] == (report["relative_gap"] < report["tolerance"])
