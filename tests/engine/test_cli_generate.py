@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -9,7 +10,9 @@ import time
 import pytest
 
 import engine.llm_engine
-from pdserve.cli import main
+from pdserve.cli import build_parser, main
+from pdserve.cli_generate import validated_inputs
+from tests.helpers import build_engine
 
 BAD_INPUTS = [
     (["--prompt", ""], "prompt is empty: --prompt 1 of 1 has no text"),
@@ -46,20 +49,26 @@ def test_bad_input_exits_before_torch_is_imported():
     assert elapsed_s < 5  # interpreter start included; without torch it is well under a second
 
 
+GENERATE = ["generate", "--json", "--max-tokens", "8", "--prompt", "The capital of France is",
+            "--prompt", "def fib(n):", "--prompt", "Once upon a time"]
+
+
 def _generate_json(*flags: str) -> str:
-    args = ["generate", "--json", "--max-tokens", "8", "--prompt", "The capital of France is",
-            "--prompt", "def fib(n):", "--prompt", "Once upon a time", *flags]
-    res = subprocess.run([sys.executable, "-m", "pdserve", *args], capture_output=True,
-                         text=True, timeout=240)
+    res = subprocess.run([sys.executable, "-m", "pdserve", *GENERATE, *flags],
+                         capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stdout
 
 
 @pytest.fixture(scope="module")
-def one_rank() -> str:
-    out = _generate_json()
-    assert out.count("\"token_ids\"") == 3
-    return out
+def one_rank(default_loaded) -> str:
+    """What `pdserve generate` prints for GENERATE on one rank: its own parser and sampling
+    defaults, one engine over the session's copy of the default model, in this process."""
+    prompts, params = validated_inputs(build_parser().parse_args(GENERATE))
+    outputs = build_engine(default_loaded).generate(
+        [default_loaded.tokenizer.encode(p) for p in prompts], params)
+    assert len(outputs) == 3 and all(o.token_ids for o in outputs)
+    return "".join(json.dumps(o.to_json_dict(), ensure_ascii=False) + "\n" for o in outputs)
 
 
 def test_parallel_flags_reach_the_engine(monkeypatch):
