@@ -45,13 +45,19 @@ def _same(a, b):
         assert x.logprobs == pytest.approx(y.logprobs, rel=1e-5, abs=1e-5)
 
 
-def test_mixed_requests_identical_to_synchronous(make_engine, prompts):
+@pytest.fixture(scope="module")
+def synchronous(make_engine, prompts):
     sync = _run(make_engine(async_scheduling=False), prompts, MIXED)
     assert {o.finish_reason for o in sync} == {"stop", "length"}
-    # a small token budget mixes chunked prefills with decodes whose tokens are in flight
-    for budget in (2048, 64):
-        engine = make_engine(async_scheduling=True, max_num_batched_tokens=budget)
-        _same(_run(engine, prompts, MIXED), sync)
+    return sync
+
+
+# The small token budget mixes chunked prefills with decodes whose tokens are in flight, and
+# its later steps are the large budget's (every prompt prefilled): the large one is slow.
+@pytest.mark.parametrize("budget", [pytest.param(2048, marks=pytest.mark.slow), 64])
+def test_mixed_requests_identical_to_synchronous(make_engine, prompts, synchronous, budget):
+    engine = make_engine(async_scheduling=True, max_num_batched_tokens=budget)
+    _same(_run(engine, prompts, MIXED), synchronous)
 
 
 def test_preemption_under_a_small_cache_identical(make_engine, default_loaded):
