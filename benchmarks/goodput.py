@@ -104,16 +104,8 @@ def colocated_backend(folder: Path, mode: RunMode, gpu: int, max_queued: int):
         cache=CacheConfig(block_size=16, num_blocks=1024 if mode.tiny else None,
                           enable_prefix_caching=False),
         scheduler=SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192)))
-    backend = ColocatedBackend(engine, max_queued)
+    backend = ColocatedBackend(engine, max_queued)  # its engine thread sets the engine's GPU
     if mode.device == "cuda":
-        # The backend steps its engine on a thread it starts, whose current CUDA device is 0;
-        # tensors the engine makes with device="cuda" must land on this engine's GPU.
-        run = backend._run
-
-        def run_on_gpu() -> None:
-            torch.cuda.set_device(gpu)
-            run()
-        backend._run = run_on_gpu
         torch.cuda.set_device(0)
     return backend
 

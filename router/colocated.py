@@ -209,6 +209,11 @@ class ColocatedBackend:
     # ---- engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            device = self._engine.kv_cache.device
+            if device.type == "cuda":  # CUDA's current device is per thread: the engine's
+                import torch
+
+                torch.cuda.set_device(device)
             while (commands := self._wait_for_work()) is not None:
                 deliveries = [d for command in commands if (d := self._apply(command))]
                 if self._engine.has_unfinished():
