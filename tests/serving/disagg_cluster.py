@@ -25,7 +25,7 @@ def local_ray(num_cpus: int = 8):
     """A one-node local Ray (started by a clean spawned process: tests/serving/ray_nodes.py),
     with this process connected to it as the driver until the block ends.
 
-    The node is shared by the test modules of the session (starting one takes 10-20 s on a
+    The node is shared by the test modules of the session (starting one takes 5-15 s on a
     2-core machine): each block is a Ray job of its own, and when it ends, Ray removes the job's
     actors and placement groups. The next block starts only once the node is whole again (every
     CPU free, no placement group left); a node that does not get there in time is replaced by a
