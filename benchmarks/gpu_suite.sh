@@ -18,13 +18,7 @@ summary="$OUT/summary.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm \
   --format=csv | tee -a "$summary"
 
-run() {  # run NAME TIMEOUT_S CMD...
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$summary"
-}
+source "$(dirname "$0")/suite_run.sh"
 
 for p in $parts; do
   case $p in

@@ -16,13 +16,7 @@ else
   nvidia-smi topo -m 2>&1 | head -n $((GPUS + 2)) >> "$summary"
 fi
 
-run() {  # run NAME TIMEOUT_S CMD...
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$summary"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/suite_run.sh"
 
 enough_gpus() {  # enough_gpus PART KIND: true if this machine has $NEED GPUs, else says so
   local have
