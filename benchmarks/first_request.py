@@ -23,7 +23,9 @@ sys.path[0] = str(ROOT)  # not benchmarks/: its kernels.py would shadow the `ker
 LENGTHS = (100, 1024, 4096)
 
 
-def _ttft_ms(engine, length: int) -> float:
+def ttft_ms(engine, length: int) -> float:
+    """Milliseconds from add_request to the step that returns the first token of a random
+    `length`-token prompt (greedy, 2 tokens), then the request runs out."""
     import torch
 
     from engine.sampling_params import SamplingParams
@@ -61,8 +63,8 @@ def child(warmup: bool) -> dict:
     torch.cuda.synchronize()
     row = {"warmup": warmup, "startup_s": time.perf_counter() - start,
            "warmup_s": engine.warmup_s}
-    row["first_ms"] = {n: _ttft_ms(engine, n) for n in LENGTHS}
-    row["steady_ms"] = {n: min(_ttft_ms(engine, n) for _ in range(3)) for n in LENGTHS}
+    row["first_ms"] = {n: ttft_ms(engine, n) for n in LENGTHS}
+    row["steady_ms"] = {n: min(ttft_ms(engine, n) for _ in range(3)) for n in LENGTHS}
     return row
 
 

@@ -25,27 +25,12 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/ (kerne
 
 import torch  # noqa: E402
 
+from benchmarks.first_request import ttft_ms  # noqa: E402
 from benchmarks.gpu_common import bench_tokenizer, device_info, write_results  # noqa: E402
 from benchmarks.latency import BS, CFG  # noqa: E402
 from engine.builder import LoadedModel, build_model, init_random_weights  # noqa: E402
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
-
-PARAMS = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-
-
-def ttft_ms(engine: LLMEngine, length: int) -> float:
-    prompt = torch.randint(0, CFG.vocab_size, (length,)).tolist()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    rid = engine.add_request(prompt, PARAMS)
-    while not any(o.request_id == rid and o.new_token_ids for o in engine.step()):
-        pass
-    ms = (time.perf_counter() - start) * 1e3
-    while engine.has_unfinished():
-        engine.step()
-    return ms
 
 
 def forward_ms(engine: LLMEngine, length: int) -> dict:
