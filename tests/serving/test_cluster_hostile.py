@@ -95,19 +95,26 @@ def test_undecodable_bytes_are_invalid_argument_naming_the_field(cluster, wire: 
 
 def test_a_burst_past_the_bounds_is_partly_served_and_the_rest_refused_at_once(cluster):
     """3 x max_queued_requests at once: the router admits 8, the decode instance reserves for
-    its queue's 2 of them; every other request gets RESOURCE_EXHAUSTED without waiting."""
+    its queue's 2 of them; every other request gets RESOURCE_EXHAUSTED without waiting. A
+    decode refusal frees its router slot within milliseconds, so which bound refuses a given
+    request is a race: bursts repeat (at most 4) until each bound has refused at least one."""
     async def burst():
         calls = [cluster.client.generate_stream(f"Count to {i}:", max_tokens=4, temperature=0.0,
                                                 timeout_s=60)
                  for i in range(3 * MAX_QUEUED_REQUESTS)]
         return await asyncio.gather(*(_outcome(call) for call in calls))
 
-    outcomes = cluster.run(burst(), timeout_s=120)
-    codes = [code for code, _, _ in outcomes]
-    assert set(codes) <= {C.OK, C.RESOURCE_EXHAUSTED}, outcomes
-    assert C.OK in codes, codes
-    refused = [(details, elapsed_s) for code, details, elapsed_s in outcomes
-               if code == C.RESOURCE_EXHAUSTED]
+    refused: list[tuple[str, float]] = []
+    for _ in range(4):
+        outcomes = cluster.run(burst(), timeout_s=120)
+        codes = [code for code, _, _ in outcomes]
+        assert set(codes) <= {C.OK, C.RESOURCE_EXHAUSTED}, outcomes
+        assert C.OK in codes, codes
+        refused += [(details, elapsed_s) for code, details, elapsed_s in outcomes
+                    if code == C.RESOURCE_EXHAUSTED]
+        if (any("in flight" in details for details, _ in refused)
+                and any("decode queue full" in details for details, _ in refused)):
+            break
     # both bounds refused some: the router's, and the decode queue the config set
     assert any("in flight" in details for details, _ in refused), refused
     assert any(f"decode queue full: {DECODE_MAX_WAITING} requests waiting" in details
