@@ -57,8 +57,7 @@ class PoolConfig:
     num_instances: int = 1  # prefill >= 1; decode may be 0, the router then answers UNAVAILABLE
     gpus_per_instance: int = 0  # 0 = CPU instance; otherwise tensor * pipeline parallel size
     cpus_per_instance: float = 1.0  # CPU cores reserved per instance, split over its GPU ranks
-    # Ranks per instance: tensor x pipeline parallel (the same layout in both pools for now).
-    # A CPU instance's ranks are Gloo processes sharing cpus_per_instance.
+    # Ranks per instance, tensor x pipeline (pools may differ: the hand-off re-shards the KV)
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     # MoE models only: 1, or tensor_parallel_size to split whole experts over the tensor ranks
@@ -83,12 +82,10 @@ class PoolConfig:
     prefix_caching: bool = True
     # "auto" (the model's dtype) or "fp8_e4m3" (engine/kv_cache/fp8.py); both pools alike
     kv_cache_dtype: str = "auto"
-    # Decode only: speculative decoding (engine/spec/), null, "ngram" or "draft_model"; k
-    # drafted per step
+    # Decode only: speculative decoding (engine/spec/): null, "ngram" or "draft_model"; k drafts;
+    # "draft_model": the draft ("default", HF dir, .gguf) of the model's vocabulary; one rank
     speculative_method: str | None = None
     num_speculative_tokens: int = 4
-    # With "draft_model": the draft ("default", an HF dir or a .gguf) of the model's vocabulary;
-    # it runs on each instance's device beside the target (one-rank instances only)
     draft_model: str | None = None
 
     def __post_init__(self) -> None:
