@@ -1,7 +1,8 @@
-"""A disaggregated 1P+1D cluster on a local Ray with an fp8 KV cache in both pools and n-gram
-speculative decoding on the decode pool: the hand-off moves fp8 blocks (scales inline) and the
-decode instance verifies drafts over them. Greedy and seeded streams equal a colocated engine
-with the same fp8 cache and speculative config; every block is back in both pools."""
+"""A disaggregated 1P+1D cluster on a local Ray with an fp8 KV cache in both pools and
+speculative decoding on the decode pool (n-gram drafts, or a draft model): the hand-off moves
+fp8 blocks (scales inline) and the decode instance verifies drafts over them. Greedy and seeded
+streams equal a colocated engine with the same fp8 cache and speculative config; every block is
+back in both pools."""
 
 from __future__ import annotations
 
@@ -27,12 +28,20 @@ def model(tmp_path_factory) -> str:
                                   seed=9, extra_config={"num_hidden_layers": 2}))
 
 
+@pytest.fixture(scope="module", params=["ngram", "draft_model"])
+def method(request) -> str:
+    """The decode pool's proposer: n-gram drafts, or a draft model (the target itself, so
+    every draft is right: the hand-off's first verification must accept, as SGLang's did not)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def cluster(model):
+def cluster(model, method):
     config = cluster_config(1, 1, num_blocks=128, transfer_timeout_s=10.0)
     prefill = dataclasses.replace(config.prefill, kv_cache_dtype="fp8_e4m3")
     decode = dataclasses.replace(config.decode, kv_cache_dtype="fp8_e4m3",
-                                 speculative_method="ngram", num_speculative_tokens=3)
+                                 speculative_method=method, num_speculative_tokens=3,
+                                 draft_model=model if method == "draft_model" else None)
     with local_ray():
         harness = start_disagg_harness(dataclasses.replace(config, model=model, prefill=prefill,
                                                            decode=decode))
@@ -46,16 +55,17 @@ def _prompts() -> list[list[int]]:
             for i in range(6)]
 
 
-def _colocated(model: str) -> LLMEngine:
+def _colocated(model: str, method: str) -> LLMEngine:
     return LLMEngine(EngineConfig(
         model=model, device="cpu", dtype="float32",
         cache=CacheConfig(block_size=16, num_blocks=128, kv_cache_dtype="fp8_e4m3"),
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=2048),
-        speculative=SpeculativeConfig(method="ngram", num_speculative_tokens=3)))
+        speculative=SpeculativeConfig(method=method, num_speculative_tokens=3,
+                                      draft_model=model if method == "draft_model" else None)))
 
 
 @pytest.mark.parametrize("temperature, top_k", [(0.0, 0), (1.0, 2)])
-def test_streams_equal_colocated_fp8_spec(cluster, model, temperature, top_k):
+def test_streams_equal_colocated_fp8_spec(cluster, model, method, temperature, top_k):
     """Greedy (whose outputs repeat enough for n-gram drafts), and seeded sampling from each
     position's two likeliest tokens (which rarely repeats: drafts are checked for greedy; the
     sampled verification itself is tested in tests/engine/test_spec_*.py)."""
@@ -67,7 +77,7 @@ def test_streams_equal_colocated_fp8_spec(cluster, model, temperature, top_k):
             seed=7 + i, ignore_eos=True) for i, p in enumerate(prompts)))
 
     completions = cluster.run(run_all(), timeout_s=300)
-    colocated = _colocated(model)
+    colocated = _colocated(model, method)
     expected = colocated.generate(prompts, [
         SamplingParams(max_tokens=MAX_TOKENS, temperature=temperature, top_k=top_k,
                        seed=7 + i, ignore_eos=True) for i in range(len(prompts))])
