@@ -67,7 +67,7 @@ class DraftModelProposer:
         """Draft the placeholders of scheduled decode chunks (each at its last real token,
         position `start`, with `num_spec` slots after it)."""
         catch_up = [_catch_up_chunk(c) for c in chunks]
-        order = sorted(range(len(chunks)), key=lambda i: not _is_decode(catch_up[i]))
+        order = sorted(range(len(chunks)), key=lambda i: not catch_up[i].is_decode)
         chunks = [chunks[i] for i in order]  # single-token catch-ups first, as plans need
         plans, owners = self._plans([catch_up[i] for i in order], [c.num_spec for c in chunks])
         drafts: list[list[int]] = [[] for _ in chunks]
@@ -122,10 +122,6 @@ def _catch_up_chunk(chunk: ScheduledChunk) -> ScheduledChunk:
     start = min(request.num_draft_computed_tokens, chunk.start)
     return ScheduledChunk(request, start, chunk.start + 1 - start, chunk.block_table,
                           samples=True)
-
-
-def _is_decode(chunk: ScheduledChunk) -> bool:
-    return chunk.num_tokens == 1 and chunk.start > 0  # as PlanBuilder counts num_decodes
 
 
 def _draft_rows(requests: list[Request], seqs, j: int) -> tuple[SamplingRow, ...]:
