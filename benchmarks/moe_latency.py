@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -51,25 +50,6 @@ MIXTRAL_8X7B = ModelConfig(
     num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=32768,
     rope_theta=1e6, name="Mixtral-8x7B shape",
     moe=MoEConfig(num_experts=8, top_k=2, intermediate_size=14336, norm_topk_prob=True))
-
-
-def hook_fused_kernel() -> str:
-    """Route the MoE layers' experts to the fused kernel on CUDA (unless the layer already
-    does): `engine.layers.moe._experts` is the layer's one call site for it."""
-    import engine.layers.moe as moe
-    from engine.kernels.fused_moe import fused_experts
-
-    if "fused_experts(" in inspect.getsource(moe._experts).replace("fused_experts_ref(", ""):
-        return "engine.layers.moe._experts (as committed)"
-    reference = moe._experts
-
-    def experts(x, w13, w2, topk_weights, topk_ids, expert_map):
-        if x.is_cuda:
-            return fused_experts(x, w13, w2, topk_weights, topk_ids, expert_map)
-        return reference(x, w13, w2, topk_weights, topk_ids, expert_map)
-
-    moe._experts = experts
-    return "engine.layers.moe._experts patched by this benchmark to call fused_experts"
 
 
 class Driver:
@@ -257,12 +237,11 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,64,256")
     args = parser.parse_args()
     torch.manual_seed(0)
-    hook = hook_fused_kernel()
     bw = copy_bandwidth_gbs()
     batches = [int(b) for b in args.batches.split(",")]
     base = {"qwen3": (QWEN3_30B_A3B, args.qwen_layers), "mixtral": (MIXTRAL_8X7B, args.mixtral_layers)}
     payload = {"device": device_info(), "copy_bandwidth_gbs": bw, "context": args.context,
-               "kernel_hook": hook, "models": [],
+               "models": [],
                "hf": "transformers eager generate (SDPA), same config, bf16, same run",
                "roofline": "bytes of experts touched in the step + all other weights (embedding "
                            "rows only) + KV of the context, over the copy bandwidth"}

@@ -32,7 +32,7 @@ import triton.language as tl
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/ (kernels.py)
 
 from benchmarks.gpu_common import device_info, replay_ms, write_results  # noqa: E402
-from benchmarks.moe_latency import BS, QWEN3_30B_A3B, Driver, hook_fused_kernel  # noqa: E402
+from benchmarks.moe_latency import BS, QWEN3_30B_A3B, Driver  # noqa: E402
 
 MARKERS = ("_mark_layer_start", "_mark_mlp_start", "_mark_layer_end")
 
@@ -193,7 +193,6 @@ def main() -> None:
     from engine.model_runner import ModelRunner
 
     torch.manual_seed(0)
-    hook = hook_fused_kernel()
     model = build_model(cfg, torch.bfloat16, "cuda")
     init_random_weights(model, seed=0)
     num_blocks = sum(b * -(-(args.context + 64 + 8) // BS) for b in batches) + 64
@@ -203,7 +202,7 @@ def main() -> None:
     assert runner.decode_graphs is not None, "decode graphs are off: nothing to compare"
     driver = Driver(runner, cfg)
     payload = {"device": device_info(), "model": cfg.name, "num_layers": args.layers,
-               "context": args.context, "kernel_hook": hook, "batches": []}
+               "context": args.context, "batches": []}
     for batch in batches:
         row = profile_batch(runner, driver, model, batch, args.context)
         payload["batches"].append(row)
