@@ -20,6 +20,9 @@ the sum is deterministic (same bits for the same batch), no memset launch is nee
 extra traffic, T * k * H * 2 bytes twice, is small next to the expert weights at decode. With
 top_k == 1 and no expert map the down GEMM writes the output directly and step 4 is skipped.
 Tile configurations: engine/kernels/moe_tile_configs.py.
+
+At decode sizes (at most `GEMV_MAX_PAIRS` (token, slot) pairs) `fused_experts` takes the GEMV
+path instead (engine/kernels/moe_gemv.py): two launches, no alignment and no combine.
 """
 
 from __future__ import annotations
@@ -29,8 +32,13 @@ import triton
 import triton.language as tl
 
 from engine.kernels.moe_align import ExpertBlocks, align_by_expert
+from engine.kernels.moe_gemv import moe_gemv_experts
 from engine.kernels.moe_tile_configs import GemmTile, MoETileConfig, get_config
 from engine.kernels.pdl import launch_options, pdl_wait_and_release
+
+# Batches of at most this many (token, slot) pairs take the two-launch GEMV path: decode up to
+# 8 tokens at top-8. Above it the grouped GEMMs share each expert's weight tile across its rows.
+GEMV_MAX_PAIRS = 64
 
 
 @triton.jit
@@ -107,9 +115,16 @@ def _combine_kernel(slots_ptr, ids_ptr, map_ptr, out_ptr, H, top_k, HAS_MAP: tl.
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                   expert_map: torch.Tensor | None = None,
-                  config: MoETileConfig | None = None) -> torch.Tensor:
-    """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]) for every token t; [T, H]."""
+                  config: MoETileConfig | None = None,
+                  use_gemv: bool | None = None) -> torch.Tensor:
+    """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]) for every token t; [T, H].
+    `use_gemv`: force the GEMV path (True) or the grouped GEMMs (False); None picks by
+    `GEMV_MAX_PAIRS`. `config` tiles the grouped GEMMs only."""
     _check_inputs(x, w13, w2, topk_weights, topk_ids, expert_map)
+    if use_gemv is None:
+        use_gemv = topk_ids.numel() <= GEMV_MAX_PAIRS
+    if use_gemv:
+        return moe_gemv_experts(x, w13, w2, topk_weights, topk_ids, expert_map)
     num_tokens, top_k = topk_ids.shape
     num_experts, two_i, hidden = w13.shape
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)

@@ -1,0 +1,169 @@
+"""The MoE experts at decode sizes: two GEMV-style launches, no alignment, no combine.
+
+Same contract as `engine.kernels.fused_moe.fused_experts` (which calls `moe_gemv_experts` when a
+batch has at most `fused_moe.GEMV_MAX_PAIRS` (token, slot) pairs). At decode a pair is one row
+against one expert, so the grouped GEMMs' machinery (sorting pairs into BLOCK_M-row blocks,
+padding, a combine) costs more launches than the work it organises; here each program finds its
+expert by reading `topk_ids` itself:
+
+1. gate/up, grid (pair, I tile): h[pair, n] = silu(x[t] . w13[e, n]) * (x[t] . w13[e, I + n])
+   with e the pair's (local) expert, two fp32 [BLOCK_N, BLOCK_K] partial sums reduced once at
+   the end (as engine/kernels/gemv.py), rounded once into the activation dtype. A pair whose
+   expert the map sends to -1 writes nothing (its row is never read).
+2. down + combine, grid (token, H tile): for the token's slots j in order,
+   acc += w[t, j] * (w2[e_j, n tile, :] . h[t * k + j, :]) in fp32, dropped pairs skipped;
+   out[t] is written once, rounded once. Deterministic (fixed order, no atomics), no memset.
+
+Both kernels read the routing written by the kernel before them, so they wait (PDL) before
+their first load; every buffer is sized by the shapes alone (CUDA-graph capturable, no host
+sync). Loads are strips of BLOCK_K contiguous elements per weight row (16-byte vectors), the
+next strip in flight while the current one is summed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels.pdl import launch_options, pdl_wait_and_release
+
+
+@dataclass(frozen=True, slots=True)
+class GemvTile:
+    """One GEMV kernel's tile: BLOCK_N output rows per program, BLOCK_K-wide strips of K."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class MoEGemvConfig:
+    """Tiles of the two launches. The defaults keep enough programs for ~132 SMs at one token
+    (Qwen3-30B-A3B: 8 pairs x 768 / 8 = 768 gate/up programs, 2048 / 4 = 512 down programs)
+    while each load is still a [BLOCK_N, BLOCK_K] strip of 16-byte vectors."""
+
+    gate_up: GemvTile = GemvTile(8, 256)
+    down: GemvTile = GemvTile(4, 256)
+
+
+DEFAULT_CONFIG = MoEGemvConfig()
+
+
+@triton.jit
+def _local_expert(ids_ptr, map_ptr, pair, HAS_MAP: tl.constexpr):
+    """The pair's index into w13 / w2 (int64), or -1 when the expert map drops it."""
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    if HAS_MAP:
+        expert = tl.load(map_ptr + expert).to(tl.int64)
+    return expert
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, ids_ptr, map_ptr, h_ptr, inter, hidden, top_k, stride_xt,
+                    stride_we, stride_wn, stride_ht, HAS_MAP: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    pair = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < inter
+    pdl_wait_and_release(USE_PDL)  # the expert id comes from the routing kernel
+    expert = _local_expert(ids_ptr, map_ptr, pair, HAS_MAP)
+    if expert < 0:
+        return
+    x_row = x_ptr + (pair // top_k) * stride_xt
+    gate_rows = w_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
+    up_rows = gate_rows + inter * stride_wn
+    strip = tl.arange(0, BLOCK_K)
+    mask = row_mask[:, None] & (strip < hidden)[None, :]
+    gate_next = tl.load(gate_rows + strip[None, :], mask=mask, other=0.0)
+    up_next = tl.load(up_rows + strip[None, :], mask=mask, other=0.0)
+    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        gate_w, up_w = gate_next, up_next
+        kn = k0 + BLOCK_K + strip
+        mask = row_mask[:, None] & (kn < hidden)[None, :]
+        gate_next = tl.load(gate_rows + kn[None, :], mask=mask, other=0.0)
+        up_next = tl.load(up_rows + kn[None, :], mask=mask, other=0.0)
+        k = k0 + strip
+        xk = tl.load(x_row + k, mask=k < hidden, other=0.0).to(tl.float32)[None, :]
+        acc_gate += gate_w.to(tl.float32) * xk
+        acc_up += up_w.to(tl.float32) * xk
+    gate = tl.sum(acc_gate, axis=1)
+    up = tl.sum(acc_up, axis=1)
+    h = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(h_ptr + pair * stride_ht + rows, h.to(h_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _slot_dot(w_rows, h_row, row_mask, inter, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """w_rows[:, :inter] . h_row[:inter] in fp32: [BLOCK_N]."""
+    strip = tl.arange(0, BLOCK_K)
+    w_next = tl.load(w_rows + strip[None, :], mask=row_mask[:, None] & (strip < inter)[None, :],
+                     other=0.0)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        w = w_next
+        kn = k0 + BLOCK_K + strip
+        w_next = tl.load(w_rows + kn[None, :], mask=row_mask[:, None] & (kn < inter)[None, :],
+                         other=0.0)
+        k = k0 + strip
+        hk = tl.load(h_row + k, mask=k < inter, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * hk[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _down_combine_kernel(h_ptr, w_ptr, ids_ptr, map_ptr, weights_ptr, out_ptr, hidden, inter,
+                         top_k, stride_ht, stride_we, stride_wn, stride_ot,
+                         HAS_MAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < hidden
+    w_cols = rows.to(tl.int64)[:, None] * stride_wn
+    pdl_wait_and_release(USE_PDL)  # h comes from the gate/up kernel
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for j in range(top_k):  # slot order: the same sum as the combine of the grouped path
+        pair = token * top_k + j
+        expert = _local_expert(ids_ptr, map_ptr, pair, HAS_MAP)
+        if expert >= 0:  # a dropped pair has no h row: it adds nothing
+            y = _slot_dot(w_ptr + expert * stride_we + w_cols, h_ptr + pair * stride_ht,
+                          row_mask, inter, BLOCK_N, BLOCK_K)
+            acc += tl.load(weights_ptr + pair) * y
+    tl.store(out_ptr + token * stride_ot + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+def moe_gemv_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                     topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     expert_map: torch.Tensor | None = None,
+                     config: MoEGemvConfig = DEFAULT_CONFIG) -> torch.Tensor:
+    """`fused_experts` in two launches (inputs already checked by it); [T, H]."""
+    num_tokens, top_k = topk_ids.shape
+    hidden, inter = w2.shape[1], w2.shape[2]
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+    if num_tokens == 0:
+        return out
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    id_map = expert_map if expert_map is not None else ids  # unread without a map
+    h = torch.empty(ids.numel(), inter, dtype=x.dtype, device=x.device)
+    up, down = config.gate_up, config.down
+    _gate_up_kernel[(ids.numel(), triton.cdiv(inter, up.block_n))](
+        x, w13, ids, id_map, h, inter, hidden, top_k, x.stride(0), w13.stride(0),
+        w13.stride(1), h.stride(0), HAS_MAP=expert_map is not None, BLOCK_N=up.block_n,
+        BLOCK_K=up.block_k, num_warps=up.num_warps, num_stages=1, **launch_options(x))
+    _down_combine_kernel[(num_tokens, triton.cdiv(hidden, down.block_n))](
+        h, w2, ids, id_map, topk_weights, out, hidden, inter, top_k, h.stride(0),
+        w2.stride(0), w2.stride(1), out.stride(0), HAS_MAP=expert_map is not None,
+        BLOCK_N=down.block_n, BLOCK_K=down.block_k, num_warps=down.num_warps, num_stages=1,
+        **launch_options(x))
+    return out
