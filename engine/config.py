@@ -175,6 +175,10 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     attention_backend: str = "auto"  # auto | torch | triton
     use_cuda_graphs: bool = True  # capture decode steps on CUDA
+    # A step whose prompt chunks all end at or before this position runs in the decode graphs,
+    # one row per token (engine/cuda_graphs.py), so a short prompt's prefill is one replay
+    # instead of ~10 launches per layer. 0 disables.
+    graph_prefill_max_context: int = 512
     # Plan and launch step N+1 before reading step N's sampled ids back (engine/inflight.py).
     # None -> on CUDA (it hides the host's per-step work behind the GPU's), off on CPU (where
     # nothing runs ahead of the host, so it would only add a wasted step per stop).
@@ -191,6 +195,9 @@ class EngineConfig:
         if self.speculative.method == "draft_model" and self.parallel.world_size > 1:
             raise ValueError("speculative draft_model needs a one-rank instance "
                              "(tensor_parallel_size and pipeline_parallel_size 1)")
+        if self.graph_prefill_max_context < 0:
+            raise ValueError(f"graph_prefill_max_context must be >= 0 (0 disables), "
+                             f"got {self.graph_prefill_max_context}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(
                 f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"
