@@ -94,7 +94,8 @@ class EngineCore:
         self.kv_manager = KVCacheManager(executor.num_blocks, block_size,
                                          config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
-        self._planner = PlanBuilder(num_blocks_for(self.max_model_len, block_size))
+        self._planner = PlanBuilder.for_engine(config,
+                                               num_blocks_for(self.max_model_len, block_size))
         self.async_scheduling = config.use_async_scheduling
         self._handoff: KVHandoff | None = None
         # launched, not yet read back, oldest first: at most 2 (asynchronous scheduling), or

@@ -19,14 +19,35 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import NamedTuple
 
 from engine.sampling_params import GREEDY_TEMPERATURE
 from engine.scheduler import SchedulerOutput
 
-# Batch sizes of the captured decode graphs (engine/cuda_graphs.py); a decode-only step runs the
-# smallest bucket that holds it.
+# Row counts of the captured decode graphs (engine/cuda_graphs.py); a graph step runs the
+# smallest bucket that holds its rows (one per token).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def graph_rows(config) -> int:
+    """Rows the decode graphs an engine captures at start must hold (`EngineConfig`): a decode
+    step's sequences, a speculative step's drafting requests times their k + 1 verified tokens,
+    and, with graph prefill on, a step of short prompt chunks (up to the cap or the step's token
+    budget, whichever is smaller)."""
+    rows = config.scheduler.max_num_seqs
+    spec = config.speculative
+    if spec.method is not None:
+        rows = max(rows, min(rows, spec.max_batch_size) * (spec.num_speculative_tokens + 1))
+    if config.graph_prefill_max_context:
+        rows = max(rows, min(config.graph_prefill_max_context,
+                             config.scheduler.max_num_batched_tokens, BATCH_BUCKETS[-1]))
+    return rows
+
+
+def bucket_for(num_rows: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int | None:
+    """The smallest bucket that holds `num_rows` rows; None past the largest."""
+    return next((b for b in buckets if b >= num_rows), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +99,7 @@ class StepPlan:
     sampling: tuple[SamplingRow, ...]  # one per sampling sequence, in order
     block_updates: tuple[BlockTableUpdate, ...] = ()
     freed_request_ids: tuple[str, ...] = ()  # tables to drop before applying block_updates
-    graph_bucket: int | None = None  # a decode (+ verification) step a captured graph may run
+    graph_bucket: int | None = None  # rows of the captured graph that may run the step
     # speculative decoding, per sampling sequence: drafts it verifies (its last tokens), each
     # followed by its own sampling row; () when no sequence of the step has drafts
     spec_lens: tuple[int, ...] = ()
@@ -102,6 +123,17 @@ class StepPlan:
     @property
     def is_empty(self) -> bool:
         return not self.request_ids
+
+    def sample_rows(self) -> list[int]:
+        """The token index (= graph row) each sampling row reads its logits from, in sampling
+        order: a sequence's last token, or with k drafts its last k + 1 tokens. A prompt chunk
+        that ends mid-prompt samples nothing, and neither do the other tokens of a chunk."""
+        ends = list(accumulate(self.query_lens))
+        sampling = [i for i, samples in enumerate(self.samples) if samples]
+        if not self.spec_lens:
+            return [ends[i] - 1 for i in sampling]
+        return [r for i, k in zip(sampling, self.spec_lens)
+                for r in range(ends[i] - 1 - k, ends[i])]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,14 +169,30 @@ class BlockTables:
 
 class PlanBuilder:
     """Turns the scheduler's output into a `StepPlan` (core side): remembers which blocks each
-    request's table had when it was last sent, so a plan carries only what changed."""
+    request's table had when it was last sent, so a plan carries only what changed.
+
+    `graph_prefill_max_context` (0: off) lets steps with prompt chunks ending at or before it run
+    in the decode graphs, if their rows fit `graph_prefill_max_rows` (the largest bucket the
+    executor captured at start: no request pays for a capture)."""
 
     def __init__(self, max_blocks_per_seq: int | None = None,
-                 buckets: Sequence[int] = BATCH_BUCKETS) -> None:
+                 buckets: Sequence[int] = BATCH_BUCKETS, graph_prefill_max_context: int = 0,
+                 graph_prefill_max_rows: int | None = None) -> None:
         self.max_blocks_per_seq = max_blocks_per_seq
         self.buckets = tuple(sorted(buckets))
+        self.graph_prefill_max_context = graph_prefill_max_context
+        self.graph_prefill_max_rows = min(graph_prefill_max_rows or self.buckets[-1],
+                                          self.buckets[-1])
         self._sent: dict[str, tuple[list[int], int]] = {}  # table object, its length when sent
         self._next_step_id = 0
+
+    @classmethod
+    def for_engine(cls, config, max_blocks_per_seq: int) -> PlanBuilder:
+        """The engine core's builder for an `EngineConfig`: graph prefill as configured (off
+        without CUDA graphs), up to the buckets its executor captures (`graph_rows`)."""
+        cap = config.graph_prefill_max_context if config.use_cuda_graphs else 0
+        return cls(max_blocks_per_seq, graph_prefill_max_context=cap,
+                   graph_prefill_max_rows=bucket_for(graph_rows(config)))
 
     def build(self, out: SchedulerOutput, freed_request_ids: Sequence[str] = ()) -> StepPlan:
         """Plan one step. `freed_request_ids`: requests whose blocks went back to the pool
@@ -193,7 +241,7 @@ class PlanBuilder:
             sampling=tuple(sampling),
             block_updates=tuple(updates),
             freed_request_ids=tuple(freed_request_ids),
-            graph_bucket=self._bucket(chunks, num_decodes, len(sampling)),
+            graph_bucket=self._bucket(chunks, len(token_ids)),
             spec_lens=tuple(spec_lens) if any(spec_lens) else ())
         self._next_step_id += 1
         return plan
@@ -209,22 +257,33 @@ class PlanBuilder:
         self._sent[request_id] = (table, len(table))
         return BlockTableUpdate(request_id, first, tuple(table[first:]))
 
-    def _bucket(self, chunks, num_decodes: int, num_sampled: int) -> int | None:
-        """A decode graph's batch bucket for a step of decodes only, or of decodes and
-        verifications (a request's last token + its drafts): every token is then a row that
-        samples, and a verification's k + 1 rows run as k + 1 decode rows of growing context
-        (engine/cuda_graphs.py). None for a step with any prompt chunk."""
-        n = len(chunks)
-        num_verifying = sum(1 for c in chunks if c.spec_token_ids)
-        if not n or num_decodes + num_verifying != n:
+    def _bucket(self, chunks, num_rows: int) -> int | None:
+        """The decode-graph bucket of a step, or None to run it eagerly. In a graph every token
+        is a decode row attending to the context up to itself (engine/cuda_graphs.py): a decode
+        is one row, a verification (last token + k drafts) and a prompt chunk are rows of
+        growing context, and only rows that sample are sampled.
+
+        Prompt chunks qualify only up to `graph_prefill_max_context`, on their context end
+        (start + length), not their length: the decode kernel serves each row on its own, so
+        every row of a chunk re-reads the whole context before it, quadratic in the chunk's
+        context end. For short contexts those reads are cheap (and hit L2), and one replay
+        replaces an eager prefill's ~10 launches per layer; for long ones the prefill kernel,
+        which reads each KV block once per query tile, wins."""
+        if not chunks:
             return None
-        num_rows = sum(c.num_tokens for c in chunks)
-        if num_sampled != num_rows:
+        limit = self.buckets[-1]
+        prompt_ends = [c.start + c.num_tokens for c in chunks if not c.spec_token_ids
+                       and not (c.num_tokens == 1 and c.start > 0 and c.samples)]
+        if prompt_ends:
+            if max(prompt_ends) > self.graph_prefill_max_context:  # also: 0 = off
+                return None
+            limit = self.graph_prefill_max_rows
+        if num_rows > limit:
             return None
         if self.max_blocks_per_seq is not None and max(
                 len(c.block_table) for c in chunks) > self.max_blocks_per_seq:
             return None
-        return next((b for b in self.buckets if b >= num_rows), None)
+        return bucket_for(num_rows, self.buckets)
 
 
 def _sampling_row(request, with_history: bool, drafts: tuple[int, ...] = ()) -> SamplingRow:

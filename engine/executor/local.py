@@ -17,7 +17,7 @@ from engine.config import EngineConfig
 from engine.executor.base import LayerListener
 from engine.inflight import Readback
 from engine.model_runner import ModelRunner
-from engine.plan import StepPlan, StepResult
+from engine.plan import StepPlan, StepResult, graph_rows
 from engine.spec.draft_runner import DraftRunner, load_draft_model, shared_num_blocks
 
 
@@ -65,6 +65,7 @@ class LocalExecutor:
                                   max_num_seqs=config.scheduler.max_num_seqs)
         self.device = self.runner.device
         if self.runner.decode_graphs is not None:  # at start, not at a request's first step
+            # (graph_rows: decodes, verifications, and prompts up to graph_prefill_max_context)
             self.runner.decode_graphs.capture_up_to(graph_rows(config))
         self._readback = Readback(self.runner.sampled_ids.shape[0], self.device)
 
@@ -77,12 +78,3 @@ class LocalExecutor:
     def shutdown(self) -> None:
         """Nothing to stop: the runner lives and dies with this process."""
 
-
-def graph_rows(config) -> int:
-    """Rows the decode graphs must hold: a decode step's sequences, or a speculative step's
-    drafting requests times their k + 1 verified tokens (engine/cuda_graphs.py)."""
-    rows = config.scheduler.max_num_seqs
-    spec = config.speculative
-    if spec.method is not None:
-        rows = max(rows, min(rows, spec.max_batch_size) * (spec.num_speculative_tokens + 1))
-    return rows
