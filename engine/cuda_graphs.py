@@ -1,6 +1,8 @@
-"""CUDA graphs for decode-only steps: one captured forward (model + LM head) per batch bucket.
-Speculative verification steps run in the same graphs: a request's last token and its k drafts
-become k + 1 decode rows of growing context (`_rows`), so a bucket counts rows, not requests.
+"""CUDA graphs for decode steps: one captured forward (model + LM head) per row bucket.
+Speculative verification steps and short prompt chunks run in the same graphs: a sequence's q
+tokens (a request's last token and its k drafts, or q tokens of a prompt) become q decode rows
+of growing context (`_rows`), so a bucket counts rows, not requests. Every row gets logits;
+the model runner samples only the rows the plan samples (`StepPlan.sample_rows`).
 
 A decode step of B sequences runs the graph of the smallest bucket >= B (1, 2, 4, ... 256;
 eager above). Graphs read static input buffers that each step overwrites: token ids, positions,
@@ -24,7 +26,7 @@ one memory pool.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,13 +73,15 @@ class DecodeGraphRunner:
         self._host_tables: list[list[int] | None] = [None] * n  # what block_tables rows hold
         self.graphs: dict[int, _Captured] = {}
         self._pool = None
+        self.num_replays = 0  # steps run by a graph since start (tests, benchmarks)
 
     def bucket_for(self, batch_size: int) -> int | None:
         return next((b for b in self.buckets if b >= batch_size), None)
 
     def can_run(self, plan: StepPlan) -> bool:
-        """Decode-only steps the core gave a bucket (all within max_blocks_per_seq), while the
-        Triton kernels are enabled."""
+        """Steps the core gave a bucket (engine/plan.py `PlanBuilder._bucket`: decodes,
+        verifications, short prompt chunks; all within max_blocks_per_seq), while the Triton
+        kernels are enabled."""
         return (plan.graph_bucket is not None and plan.graph_bucket in self.buckets
                 and dispatch.triton_enabled())
 
@@ -85,11 +89,12 @@ class DecodeGraphRunner:
     def run(self, plan: StepPlan, tables: Sequence[list[int]]
             ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Load the step's inputs, replay its bucket's graph; returns (logits [B, V], greedy
-        ids [B], metadata), views of static buffers valid until the next replay."""
+        ids [B], metadata) of every row, views of static buffers valid until the next replay."""
         bucket = plan.graph_bucket
         self.load_inputs(plan, tables, bucket)
         captured = self.graphs.get(bucket) or self._capture(bucket)
         captured.graph.replay()
+        self.num_replays += 1
         n = plan.num_tokens
         return captured.logits[:n], captured.greedy_ids[:n], captured.meta
 
@@ -120,7 +125,7 @@ class DecodeGraphRunner:
             self._copied.synchronize()  # the previous copy has left the staging buffer
         st = self._staging_np
         inflight_rows, positions = (plan.inflight_rows, plan.starts) if plan else ((), ())
-        if plan is not None and plan.spec_lens:  # one row per token (see _rows)
+        if plan is not None and plan.num_tokens != plan.num_seqs:  # one row per token (_rows)
             tables, positions, inflight_rows = _rows(plan, tables)
         n = len(tables)
         if n:
@@ -154,7 +159,11 @@ class DecodeGraphRunner:
                                                           non_blocking=True)
         self.block_tables[packed[:, 0].long(), :width] = packed[:, 1:]
 
-    def _capture(self, bucket: int) -> _Captured:
+    def forward_fn(self, bucket: int) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                                                AttentionMetadata]:
+        """The step a bucket's graph captures, over the static buffers: (logits [bucket, V],
+        greedy ids [bucket]) of the rows `load_inputs` loaded. Eagerly callable too (tests run
+        it on the CPU against an eager prefill)."""
         decode = SeqGroup(block_tables=self.block_tables[:bucket],
                           context_lens=self.context_lens[:bucket],
                           query_start=self.query_start[: bucket + 1], max_query_len=1,
@@ -171,7 +180,10 @@ class DecodeGraphRunner:
             logits = self.model.compute_logits(hidden).float()
             torch.argmax(logits, dim=-1, out=greedy_ids)  # the sampler's greedy pick, bit for bit
             return logits, greedy_ids
+        return step, meta
 
+    def _capture(self, bucket: int) -> _Captured:
+        step, meta = self.forward_fn(bucket)
         saved = self.sampled_ids.clone()  # the warm-up overwrites ids a step in flight may need
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -189,11 +201,13 @@ class DecodeGraphRunner:
 
 def _rows(plan: StepPlan, tables: Sequence[list[int]]
           ) -> tuple[list[list[int]], list[int], list[int]]:
-    """A step with verifications as decode rows: a sequence's q tokens (its last token and
-    q - 1 drafts) become q rows sharing its block table, at positions start .. start + q - 1,
-    each attending to the context up to itself: the KV of every row is written before any
-    row's attention reads the cache, so row j sees the drafts before it, as a causal prefill
-    chunk would. (block table, position, sampled-ids row of a token in flight) per row."""
+    """A step with multi-token sequences as decode rows: a sequence's q tokens (a verification's
+    last token and q - 1 drafts, or a prompt chunk, whose ids the plan carries) become q rows
+    sharing its block table, at positions start .. start + q - 1, each attending to the context
+    up to itself: the KV of every row is written before any row's attention reads the cache,
+    so row j sees the tokens before it, as a causal prefill chunk would. A token in flight is
+    always a sequence's last (engine/plan.py). (block table, position, sampled-ids row of a
+    token in flight) per row."""
     row_tables, positions, inflight = [], [], []
     for table, start, q, fed in zip(tables, plan.starts, plan.query_lens, plan.inflight_rows):
         row_tables += [table] * q

@@ -149,8 +149,11 @@ class ModelRunner:
         Logits of a replayed decode graph live in its static buffer until the next step."""
         self.tables.apply(plan)
         graphs = self.decode_graphs
-        if graphs is not None and on_layer_done is None and graphs.can_run(plan):
-            return self._replay_decode(graphs, plan)
+        if graphs is not None and graphs.can_run(plan):
+            out = self._replay_decode(graphs, plan)
+            if on_layer_done is not None:
+                self._report_layers_done(on_layer_done)
+            return out
         inputs = self.prepare(plan)
         ctx = ForwardContext(self.kv_cache, inputs.attn_meta, self.backend, on_layer_done)
         hidden = self.model(inputs.input_ids, inputs.positions, ctx)
@@ -159,12 +162,31 @@ class ModelRunner:
         return self.model.compute_logits(hidden[inputs.sample_rows]).float(), inputs
 
     def _replay_decode(self, graphs: DecodeGraphRunner, plan: StepPlan):
-        tables = self.tables.of(plan)
-        logits, greedy_ids, meta = graphs.run(plan, tables)
-        num_rows = plan.num_tokens  # a sequence per row, or a verifying one's k + 1 rows
-        input_ids, positions = graphs.input_views(num_rows)
-        rows = graphs.query_start[:num_rows]  # every row samples
-        return logits, StepInputs(input_ids, positions, meta, rows, num_rows, greedy_ids)
+        """Replay the step's graph: one row per token. In a decode or verification step every
+        row samples and the graph's argmax already sits in `sampled_ids` row for row; a step
+        with prompt rows samples only each completed prompt's last row, so its logits and greedy
+        ids are gathered to sampling order (device-side, no sync), as the sampler expects."""
+        logits, greedy_ids, meta = graphs.run(plan, self.tables.of(plan))
+        input_ids, positions = graphs.input_views(plan.num_tokens)
+        num_sampled = plan.num_sampled
+        if num_sampled == plan.num_tokens:
+            rows = graphs.query_start[:num_sampled]
+        else:
+            rows = torch.tensor(plan.sample_rows(), dtype=torch.int64).to(self.device,
+                                                                           non_blocking=True)
+            logits = logits[rows]
+            self.sampled_ids[:num_sampled].copy_(greedy_ids[rows])
+            greedy_ids = self.sampled_ids[:num_sampled]
+        return logits, StepInputs(input_ids, positions, meta, rows, num_sampled, greedy_ids)
+
+    def _report_layers_done(self, on_layer_done: Callable[[int], None]) -> None:
+        """A replayed step reports every layer at once, in order, after the replay: a listener
+        (a prefill instance streaming KV, kv_transfer/sender.py `send_layers`) orders its reads
+        after the work queued on the current stream, where the replay wrote every layer's KV.
+        The per-layer overlap of an eager prefill is lost, but a step small enough for a graph
+        is one replay of a few ms, while staying eager would cost its ~10 launches per layer."""
+        for layer in range(self.kv_cache.shape[0]):  # stage-local, like the eager forward's
+            on_layer_done(layer)
 
     def prepare(self, plan: StepPlan) -> StepInputs:
         num_decode, n = plan.num_decodes, plan.num_seqs
@@ -178,10 +200,7 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.int64)
         slots = self._slot_mapping(plan, tables, pos)
         meta = AttentionMetadata(slots.to(self.device, non_blocking=True), num_decode, decode, prefill)
-        sampling = [i for i, samples in enumerate(plan.samples) if samples]
-        # a sequence with k drafts samples after each of its last k + 1 tokens
-        rows = ([r for i, k in zip(sampling, plan.spec_lens) for r in range(ends[i] - k, ends[i] + 1)]
-                if plan.spec_lens else [ends[i] for i in sampling])
+        rows = plan.sample_rows()  # with k drafts, each of a sequence's last k + 1 tokens
         input_ids = torch.tensor(plan.token_ids, dtype=torch.int64).to(self.device, non_blocking=True)
         if fed:
             self._feed_inflight(input_ids, fed)
