@@ -8,6 +8,10 @@ weights, one GPU, the engine warmed up.
    tokens, median of 10, asynchronous and synchronous scheduling.
 3. where: the engine path under cProfile (host functions, cumulative) and under the torch
    profiler (kernel count, GPU busy time, first-to-last kernel span) for 10 TTFTs.
+4. graph prefill on and off: (2) runs with the default `graph_prefill_max_context` (a short
+   prompt's prefill is one decode-graph replay, engine/cuda_graphs.py); `*_eager_prefill` rows
+   repeat it with the cap 0 (the eager prefill forward), and `graph_replays_*` count the
+   replays per request (2 tokens: prefill + one decode step) to show which path ran.
 Run: python benchmarks/ttft_profile.py -> benchmarks/results/ttft_profile_<gpu>.json
 """
 
@@ -86,21 +90,52 @@ def device_profile(engine: LLMEngine, length: int) -> dict:
                             for n, v in top]}
 
 
-def engine(async_scheduling: bool) -> LLMEngine:
+def engine(async_scheduling: bool, graph_prefill: bool = True) -> LLMEngine:
     model = build_model(CFG, torch.bfloat16, "cuda")
     init_random_weights(model)
+    off = {} if graph_prefill else {"graph_prefill_max_context": 0}  # else the default cap
     config = EngineConfig(model="llama-3-8b-shape", device="cuda", dtype="bfloat16",
                           async_scheduling=async_scheduling,
+                          **off,
                           cache=CacheConfig(block_size=BS, num_blocks=4096),
                           scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=8192))
     return LLMEngine(config, LoadedModel(CFG, model, bench_tokenizer()))
+
+
+def replays(eng: LLMEngine) -> int:
+    graphs = eng.runner.decode_graphs
+    return graphs.num_replays if graphs is not None else 0
+
+
+def ttft_rows(eng: LLMEngine, key: str) -> dict:
+    """Median TTFT of 100- and 128-token prompts (`key` formats the length in), and the graph
+    replays per request."""
+    rows = {}
+    for n in (100, 128):
+        ttft_ms(eng, n)
+        before = replays(eng)
+        rows[key.format(n)] = statistics.median(ttft_ms(eng, n) for _ in range(10))
+        rows["graph_replays_" + key.format(n)] = (replays(eng) - before) / 10
+    return rows
+
+
+def eager_prefill_rows() -> dict:
+    """TTFT with graph prefill off (cap 0), both scheduling modes, one engine at a time."""
+    rows = {}
+    for mode in ("async", "sync"):
+        eng = engine(async_scheduling=mode == "async", graph_prefill=False)
+        rows.update(ttft_rows(eng, f"ttft_{mode}_{{}}_eager_prefill"))
+        print(mode, "eager prefill", rows, flush=True)
+        del eng
+        torch.cuda.empty_cache()
+    return rows
 
 
 def main() -> None:
     if "--dry-run" in sys.argv:
         print("ttft_profile: imports fine")
         return
-    rows = {}
+    rows = eager_prefill_rows()
     eng = engine(async_scheduling=True)
     rows["forward_128"] = forward_ms(eng, 128)
     for mode in ("async", "sync"):
@@ -108,11 +143,14 @@ def main() -> None:
             del eng
             torch.cuda.empty_cache()
             eng = engine(async_scheduling=False)
-        for n in (100, 128):
-            ttft_ms(eng, n)
-            rows[f"ttft_{mode}_{n}"] = statistics.median(ttft_ms(eng, n) for _ in range(10))
+        rows.update(ttft_rows(eng, f"ttft_{mode}_{{}}"))  # graph prefill on (the default)
         print(mode, {k: v for k, v in rows.items() if mode in k}, flush=True)
     rows["ratio_ttft_sync_128_over_forward"] = rows["ttft_sync_128"] / rows["forward_128"]["wall_ms"]
+    for mode in ("async", "sync"):  # issue 18's bar: <= 1.2x the 128-token forward's GPU time
+        for n in (100, 128):
+            for tag in ("", "_eager_prefill"):
+                rows[f"ratio_ttft_{mode}_{n}{tag}_over_forward_gpu"] = (
+                    rows[f"ttft_{mode}_{n}{tag}"] / rows["forward_128"]["gpu_ms"])
     rows["device_profile_sync_128"] = device_profile(eng, 128)
     host = host_profile(eng, 128)
     print(host)
