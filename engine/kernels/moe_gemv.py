@@ -18,17 +18,28 @@ Both kernels read the routing written by the kernel before them, so they wait (P
 their first load; every buffer is sized by the shapes alone (CUDA-graph capturable, no host
 sync). Loads are strips of BLOCK_K contiguous elements per weight row (16-byte vectors), the
 next strip in flight while the current one is summed.
+
+Tiles: `moe_gemv_configs.json` (beside this file), written by `benchmarks/moe_kernel_bench.py
+--gemv-sweep`, keyed like fused_moe_configs.json (`moe_tile_configs.shape_key`) with token
+buckets inside; the nearest bucket by ratio is used, `DEFAULT_CONFIG` for shapes never swept.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.moe_tile_configs import shape_key
 from engine.kernels.pdl import launch_options, pdl_wait_and_release
+
+CONFIG_PATH = Path(__file__).with_name("moe_gemv_configs.json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +66,39 @@ class MoEGemvConfig:
     gate_up: GemvTile = GemvTile(8, 256)
     down: GemvTile = GemvTile(4, 256)
 
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> MoEGemvConfig:
+        return cls(GemvTile(**raw["gate_up"]), GemvTile(**raw["down"]))
+
 
 DEFAULT_CONFIG = MoEGemvConfig()
+
+
+@functools.lru_cache(maxsize=None)
+def _swept(path: Path) -> dict[str, dict[int, MoEGemvConfig]]:
+    if not path.exists():
+        return {}
+    raw = json.loads(path.read_text())
+    return {key: {int(m): MoEGemvConfig.from_json(cfg) for m, cfg in buckets.items()}
+            for key, buckets in raw.get("configs", {}).items()}
+
+
+def get_config(num_tokens: int, num_experts: int, hidden_size: int, intermediate_size: int,
+               top_k: int, dtype: torch.dtype, path: Path | None = None) -> MoEGemvConfig:
+    """The swept tiles of the nearest token bucket (by ratio), else `DEFAULT_CONFIG`."""
+    key = shape_key(num_experts, hidden_size, intermediate_size, top_k, dtype)
+    buckets = _swept(path or CONFIG_PATH).get(key)
+    if not buckets:
+        return DEFAULT_CONFIG
+    return buckets[min(buckets, key=lambda m: abs(math.log2(m / max(num_tokens, 1))))]
+
+
+def clear_cache() -> None:
+    """Forget the loaded JSON (after a sweep rewrote it)."""
+    _swept.cache_clear()
 
 
 @triton.jit
@@ -146,13 +188,16 @@ def _down_combine_kernel(h_ptr, w_ptr, ids_ptr, map_ptr, weights_ptr, out_ptr, h
 def moe_gemv_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                      topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                      expert_map: torch.Tensor | None = None,
-                     config: MoEGemvConfig = DEFAULT_CONFIG) -> torch.Tensor:
-    """`fused_experts` in two launches (inputs already checked by it); [T, H]."""
+                     config: MoEGemvConfig | None = None) -> torch.Tensor:
+    """`fused_experts` in two launches (inputs already checked by it); [T, H]. `config`
+    defaults to `get_config`'s."""
     num_tokens, top_k = topk_ids.shape
     hidden, inter = w2.shape[1], w2.shape[2]
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return out
+    if config is None:
+        config = get_config(num_tokens, w13.shape[0], hidden, inter, top_k, x.dtype)
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
     id_map = expert_map if expert_map is not None else ids  # unread without a map
     h = torch.empty(ids.numel(), inter, dtype=x.dtype, device=x.device)

@@ -125,13 +125,27 @@ def test_deterministic_and_empty(device):
     assert empty.shape == (0, 64)
 
 
-def test_rejects_bad_tiles():
-    from engine.kernels.moe_gemv import GemvTile
+def test_tile_config_lookup(tmp_path):
+    """Swept shapes take the bucket nearest by ratio; unswept shapes the default; bad tiles
+    are refused by name."""
+    import json
 
+    from engine.kernels import moe_gemv
+    from engine.kernels.moe_tile_configs import shape_key
+
+    one = moe_gemv.MoEGemvConfig(moe_gemv.GemvTile(4, 512), moe_gemv.GemvTile(2, 512, 8))
+    eight = moe_gemv.MoEGemvConfig(moe_gemv.GemvTile(16, 128), moe_gemv.GemvTile(8, 256))
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps({"configs": {shape_key(8, 64, 32, 2, torch.bfloat16): {
+        "1": one.to_json(), "8": eight.to_json()}}}))
+    assert moe_gemv.get_config(2, 8, 64, 32, 2, torch.bfloat16, path) == one
+    assert moe_gemv.get_config(5, 8, 64, 32, 2, torch.bfloat16, path) == eight
+    assert (moe_gemv.get_config(5, 8, 64, 32, 2, torch.float16, path)
+            == moe_gemv.DEFAULT_CONFIG)
     with pytest.raises(ValueError, match="block_n"):
-        GemvTile(6, 32)
+        moe_gemv.GemvTile(6, 32)
     with pytest.raises(ValueError, match="num_warps"):
-        GemvTile(8, 32, num_warps=3)
+        moe_gemv.GemvTile(8, 32, num_warps=3)
 
 
 # --- fused_experts' dispatch -----------------------------------------------------------------
