@@ -133,6 +133,10 @@ class SpeculativeConfig:
     # method "draft_model": a small model of the target's vocabulary ("default", an HF
     # directory or a .gguf), run on the target's device in its dtype (engine/spec/draft_model.py)
     draft_model: str | None = None
+    # method "draft_model": tokens the draft catches up on per step (what it has not seen of
+    # each sequence: a whole prompt on first use); a sequence whose catch-up does not fit
+    # decodes plainly and continues next step. None -> scheduler.max_num_batched_tokens
+    max_catch_up_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in (None, "ngram", "draft_model"):
@@ -145,6 +149,10 @@ class SpeculativeConfig:
         if not 1 <= self.num_speculative_tokens <= 7:
             raise ValueError(f"num_speculative_tokens must be in [1, 7], "
                              f"got {self.num_speculative_tokens}")
+        if self.max_catch_up_tokens is not None and self.max_catch_up_tokens < 2:
+            raise ValueError(f"max_catch_up_tokens must be >= 2 (a sequence that decodes "
+                             f"plainly grows by one token per step), got "
+                             f"{self.max_catch_up_tokens}")
         if self.max_batch_size is None:
             self.max_batch_size = min(32, 256 // (self.num_speculative_tokens + 1))
         if (self.num_speculative_tokens + 1) * self.max_batch_size > 256:

@@ -130,6 +130,8 @@ class SpecDecoding:
             return 0.0
         started_s = time.monotonic()
         self.proposer.fill(pending)
+        # a chunk the proposer left without drafts is a decode now: decodes first (SchedulerOutput)
+        scheduled.chunks.sort(key=lambda c: not c.is_decode)
         return time.monotonic() - started_s
 
     def split(self, token_ids: list[int], logprobs: list[float] | None,
@@ -165,4 +167,4 @@ def build_spec_decoding(config: SpeculativeConfig, executor, kv_manager,
                          "(tensor_parallel_size and pipeline_parallel_size 1)")
     return SpecDecoding(config, DraftModelProposer(
         config.num_speculative_tokens, drafter.run, drafter.max_model_len, kv_manager,
-        max_blocks_per_seq))
+        max_blocks_per_seq, max_catch_up_tokens=drafter.max_catch_up_tokens))

@@ -21,6 +21,14 @@ verifier's draw at that position uses (without repetition penalty, whose history
 the drafts on the host) — so a draft close to the target drafts what the target will sample,
 greedy or not; drafts are point masses and the output stays plain decoding's (proposer.py).
 
+Catch-up is bounded: at most `max_catch_up_tokens` per round (the scheduler's
+max_num_batched_tokens unless SpeculativeConfig.max_catch_up_tokens says otherwise), granted
+smallest need first, so requests already caught up (1 or 2 tokens after a verification) keep
+drafting while a long prompt waits its turn. A chunk whose catch-up does not fit whole drafts
+nothing this step: it becomes a plain decode (its placeholders dropped, the blocks past its
+last token returned) and the draft computes the part of its catch-up that fits, without
+sampling; it drafts once its catch-up completes. `CatchUpStats` counts the tokens per round.
+
 Progress: `Request.num_draft_computed_tokens`, the tokens whose draft KV was computed. A
 verification keeps only the target's accepted prefix, so the valid part is
 min(num_draft_computed_tokens, num_computed_tokens) (rejected drafts' slots are overwritten
@@ -30,7 +38,7 @@ later); preemption resets it to 0 with the target's progress (engine/scheduler.p
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from engine.kv_cache.block_table import KVCacheManager
 from engine.plan import PlanBuilder, SamplingRow, StepPlan
@@ -41,17 +49,39 @@ from engine.spec.proposer import PENDING
 RunDraft = Callable[[Sequence[StepPlan]], list[int]]  # DraftRunner.run: plans -> flat ids
 
 
+@dataclass(slots=True)
+class CatchUpStats:
+    """The draft's catch-up forwards since start."""
+
+    num_tokens: int = 0  # catch-up tokens computed
+    last_step_tokens: int = 0  # in the latest drafting round
+    max_step_tokens: int = 0  # in any one round (at most max_catch_up_tokens)
+    num_deferred: int = 0  # request-steps that decoded plainly: catch-up not complete
+
+    def record(self, num_tokens: int, num_deferred: int) -> None:
+        self.num_tokens += num_tokens
+        self.last_step_tokens = num_tokens
+        self.max_step_tokens = max(self.max_step_tokens, num_tokens)
+        self.num_deferred += num_deferred
+
+
 class DraftModelProposer:
     """Drafting rounds for a `DraftRunner`; block tables reach it as plan deltas, like the
     target's runner (its own `PlanBuilder`: the two runners hold separate copies)."""
 
     def __init__(self, num_speculative_tokens: int, run: RunDraft, max_model_len: int,
-                 kv_manager: KVCacheManager, max_blocks_per_seq: int) -> None:
+                 kv_manager: KVCacheManager, max_blocks_per_seq: int,
+                 max_catch_up_tokens: int | None = None) -> None:
+        """`max_catch_up_tokens`: catch-up tokens per round (None: unbounded)."""
+        if max_catch_up_tokens is not None and max_catch_up_tokens < 2:
+            raise ValueError(f"max_catch_up_tokens must be >= 2, got {max_catch_up_tokens}")
         self.k = num_speculative_tokens
         self.run = run
         self.max_model_len = max_model_len  # the draft's context (within the target's)
         self.kv = kv_manager
         self.max_blocks_per_seq = max_blocks_per_seq
+        self.max_catch_up_tokens = max_catch_up_tokens
+        self.stats = CatchUpStats()
         self._planner = PlanBuilder(max_blocks_per_seq)
         self._known: set[str] = set()  # requests whose table the draft runner holds
 
@@ -65,17 +95,44 @@ class DraftModelProposer:
 
     def fill(self, chunks: Sequence[ScheduledChunk]) -> None:
         """Draft the placeholders of scheduled decode chunks (each at its last real token,
-        position `start`, with `num_spec` slots after it)."""
+        position `start`, with `num_spec` slots after it) whose catch-up fits this round's
+        budget; the others decode plainly and catch up as far as the budget goes."""
         catch_up = [_catch_up_chunk(c) for c in chunks]
-        order = sorted(range(len(chunks)), key=lambda i: not catch_up[i].is_decode)
-        chunks = [chunks[i] for i in order]  # single-token catch-ups first, as plans need
-        plans, owners = self._plans([catch_up[i] for i in order], [c.num_spec for c in chunks])
-        drafts: list[list[int]] = [[] for _ in chunks]
+        grants = _grant(self.max_catch_up_tokens, [c.num_tokens for c in catch_up])
+        rounds: list[tuple[ScheduledChunk | None, ScheduledChunk]] = []  # (drafting, catch-up)
+        for chunk, full, granted in zip(chunks, catch_up, grants):
+            if granted == full.num_tokens:
+                rounds.append((chunk, full))
+                continue
+            self._decode_plainly(chunk)
+            if granted:  # part of the catch-up, nothing sampled
+                rounds.append((None, replace(full, num_tokens=granted, samples=False,
+                                             block_table=chunk.block_table)))
+        num_drafting = sum(chunk is not None for chunk, _ in rounds)
+        self.stats.record(sum(grants), len(chunks) - num_drafting)
+        if not rounds:
+            return
+        rounds.sort(key=lambda r: not r[1].is_decode)  # single-token catch-ups first (plans)
+        plans, owners = self._plans([c for _, c in rounds],
+                                    [d.num_spec if d is not None else 0 for d, _ in rounds])
+        drafts: list[list[int]] = [[] for _ in rounds]
         for owner, token_id in zip(owners, self.run(plans)):
             drafts[owner].append(token_id)
-        for chunk, tokens in zip(chunks, drafts):
-            chunk.spec_token_ids = tuple(tokens)
-            chunk.request.num_draft_computed_tokens = chunk.start + chunk.num_spec
+        for (chunk, part), tokens in zip(rounds, drafts):
+            if chunk is None:
+                part.request.num_draft_computed_tokens = part.start + part.num_tokens
+            else:
+                chunk.spec_token_ids = tuple(tokens)
+                chunk.request.num_draft_computed_tokens = chunk.start + chunk.num_spec
+
+    def _decode_plainly(self, chunk: ScheduledChunk) -> None:
+        """No drafts for this chunk this step: its last token alone, and the verification
+        slots the scheduler allocated for the drafts back to the pool."""
+        request_id = chunk.request.request_id
+        chunk.spec_token_ids = ()
+        chunk.num_tokens = 1
+        self.kv.trim(request_id, chunk.start + 1)
+        chunk.block_table = self.kv.block_table(request_id)
 
     def _plans(self, catch_up: list[ScheduledChunk], num_drafts: list[int]
                ) -> tuple[list[StepPlan], list[int]]:
@@ -85,11 +142,12 @@ class DraftModelProposer:
         self._known.update(c.request.request_id for c in catch_up)
         first = self._planner.build(SchedulerOutput(catch_up), gone)
         requests = [c.request for c in catch_up]
-        first = replace(first, sampling=_draft_rows(requests, range(len(catch_up)), 0))
-        plans, owners = [first], list(range(len(catch_up)))
+        sampled = [i for i, c in enumerate(catch_up) if c.samples]  # drafting sequences
+        first = replace(first, sampling=_draft_rows(requests, sampled, 0))
+        plans, owners = [first], list(sampled)
         ends = [c.start + c.num_tokens for c in catch_up]  # n: the first draft's position
         widest = max(len(c.block_table) for c in catch_up)
-        previous = list(owners)
+        previous = list(sampled)
         for j in range(1, max(num_drafts)):
             seqs = [i for i in previous if num_drafts[i] > j]
             row_of = {i: row for row, i in enumerate(previous)}
@@ -122,6 +180,18 @@ def _catch_up_chunk(chunk: ScheduledChunk) -> ScheduledChunk:
     start = min(request.num_draft_computed_tokens, chunk.start)
     return ScheduledChunk(request, start, chunk.start + 1 - start, chunk.block_table,
                           samples=True)
+
+
+def _grant(budget: int | None, needs: list[int]) -> list[int]:
+    """Catch-up tokens granted to each need within `budget` (None: all), smallest need first
+    (caught-up sequences keep drafting; a long prompt takes what is left)."""
+    if budget is None:
+        return list(needs)
+    grants = [0] * len(needs)
+    for i in sorted(range(len(needs)), key=needs.__getitem__):
+        grants[i] = min(needs[i], budget)
+        budget -= grants[i]
+    return grants
 
 
 def _draft_rows(requests: list[Request], seqs, j: int) -> tuple[SamplingRow, ...]:

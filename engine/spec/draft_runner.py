@@ -66,6 +66,9 @@ class DraftRunner:
         self.model = model
         # drafting stops for a request past the draft's own context
         self.max_model_len = min(max_model_len, draft_config.max_position_embeddings)
+        # catch-up tokens per step (engine/spec/draft_model.py), at least 2 (config.py says why)
+        self.max_catch_up_tokens = (config.speculative.max_catch_up_tokens
+                                    or max(2, config.scheduler.max_num_batched_tokens))
         self.kv_cache = make_kv_cache(draft_config, config, num_blocks=num_blocks)
         self.runner = ModelRunner(model, self.kv_cache,
                                   get_backend(config.attention_backend, config.device),
@@ -80,6 +83,7 @@ class DraftRunner:
         """Run a drafting round's plans in order; every plan's sampled ids, flat, in order."""
         columns = []
         for plan in plans:
-            out = self.runner.execute(plan)
-            columns.append(out.token_ids.clone())  # a graph's next replay overwrites its ids
-        return torch.cat(columns).tolist()  # the round's one host sync
+            out = self.runner.execute(plan)  # None: nothing sampled (catch-up only)
+            if out is not None:
+                columns.append(out.token_ids.clone())  # a graph's next replay overwrites them
+        return torch.cat(columns).tolist() if columns else []  # the round's one host sync

@@ -45,10 +45,11 @@ def models(tmp_path_factory) -> dict[str, str]:
 
 
 def _engine(models, draft: str | None, num_blocks: int = 256, budget: int = 512,
-            k: int = 4, async_scheduling: bool = False, prefix_caching: bool = True
-            ) -> LLMEngine:
+            k: int = 4, async_scheduling: bool = False, prefix_caching: bool = True,
+            catch_up: int | None = None) -> LLMEngine:
     spec = (SpeculativeConfig(method="draft_model", draft_model=models[draft],
-                              num_speculative_tokens=k, max_batch_size=16, adaptive=False)
+                              num_speculative_tokens=k, max_batch_size=16, adaptive=False,
+                              max_catch_up_tokens=catch_up)
             if draft else SpeculativeConfig())
     return LLMEngine(EngineConfig(
         model=models["target"], device="cpu", attention_backend="torch",
@@ -327,6 +328,47 @@ def test_config_refusals(models):
     with pytest.raises(ValueError, match="draft_model needs a one-rank instance"):
         EngineConfig(device="cpu", parallel=ParallelConfig(tensor_parallel_size=2),
                      speculative=SpeculativeConfig("draft_model", draft_model=models["small"]))
+
+
+def test_catch_up_is_bounded_per_step(models, plain):
+    """A 45-token prompt and a 5-token one, 8 catch-up tokens per step: the short one drafts
+    from its first decode step on; the long one decodes plainly while its catch-up advances
+    (at most what the short one leaves of the 8), and drafts once the rest fits. Every round
+    within the budget; plain's tokens, every draft of the target drafting itself accepted
+    (so the draft KV computed in pieces is right)."""
+    prompts = [_prompts(11)[10], _prompts(1)[0]]
+    params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)] * 2
+    want = [o.token_ids for o in _generate(plain, prompts, params)]
+    spec = _engine(models, "target", catch_up=8)
+    catch_up = spec.spec.proposer.stats
+    long, short = (spec.make_request(p, sp, seed=SEED) for p, sp in zip(prompts, params))
+    for request in (long, short):
+        spec.track(request)
+        spec.enqueue(request)
+    growth: dict[str, list[int]] = {long.request_id: [], short.request_id: []}
+    long_progress = []  # the long one's draft KV before each of its decode steps
+    while spec.has_unfinished():
+        before = {r.request_id: len(r.output_token_ids) for r in (long, short)}
+        if long.output_token_ids:
+            long_progress.append(long.num_draft_computed_tokens)
+        spec.step()
+        assert catch_up.last_step_tokens <= 8
+        for r in (long, short):
+            if before[r.request_id]:  # decode steps only (the first token is the prefill's)
+                growth[r.request_id].append(len(r.output_token_ids) - before[r.request_id])
+    assert [long.output_token_ids, short.output_token_ids] == want
+    assert growth[short.request_id][0] > 1  # drafted (and all kept) at once
+    first_draft = next(i for i, g in enumerate(growth[long.request_id]) if g > 1)
+    assert first_draft >= 45 // 8 - 1  # it could not catch up sooner
+    assert all(g == 1 for g in growth[long.request_id][:first_draft])
+    assert long_progress[:first_draft + 1] == sorted(long_progress[:first_draft + 1])
+    assert long_progress[first_draft] + 8 >= 45 + first_draft + 1  # the rest fit that round
+    assert catch_up.max_step_tokens <= 8 and catch_up.num_deferred >= first_draft
+    stats = spec.spec.stats
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
+    assert_no_leaks(spec)
+    with pytest.raises(ValueError, match=r"max_catch_up_tokens must be >= 2 .*got 1"):
+        SpeculativeConfig("draft_model", draft_model=models["small"], max_catch_up_tokens=1)
 
 
 def _skip_without_default_model() -> None:

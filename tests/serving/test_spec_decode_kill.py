@@ -57,7 +57,8 @@ def _sampling(i: int) -> dict:
     return dict(temperature=0.0) if i % 2 == 0 else dict(temperature=1.0, top_k=2)
 
 
-def _expected(model: str, prompts: list[list[int]], seeds: list[int]) -> list[list[int]]:  # noqa: F811
+def _expected(model: str, prompts: list[list[int]],  # noqa: F811
+              seeds: list[int]) -> list[list[int]]:
     colocated = _colocated(model, "draft_model")
     outputs = colocated.generate(prompts, [
         SamplingParams(max_tokens=MAX_TOKENS, seed=seed, ignore_eos=True, **_sampling(i))
