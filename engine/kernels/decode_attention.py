@@ -6,9 +6,24 @@ once; the group's queries form the rows of a small matrix product with each tile
 The context of every sequence is cut into `num_splits` equal parts *on the device*, from its own
 `context_lens[b]`: the grid is (kv_heads, batch, num_splits) with `num_splits` a function of the
 batch size only, so the launch never depends on host-side lengths and can be captured in a CUDA
-graph that serves any context length. Splits that get no tokens exit early. With one split the
-program writes the output directly; otherwise each split writes its partial output and
-log-sum-exp and a second kernel combines them (flash-decoding).
+graph that serves any context length. With one split the program writes the output directly;
+otherwise each split writes its partial output and log-sum-exp (flash-decoding), and either a
+second kernel combines them, or (`fused_combine`) the last split to finish does:
+
+Last split reduces. Split s of a sequence has tokens iff s * tiles_per_split < num_tiles, so
+`num_active` = cdiv(num_tiles, tiles_per_split) splits have work (at least split 0, which
+serves an empty context alone). Only those write partials. After its stores each takes a ticket
+from its (sequence, KV head) counter: a CTA barrier (every thread's stores precede it), then an
+acq_rel, gpu-scope atomic increment. The program that draws ticket num_active - 1 has acquired
+every other split's release, combines (reading the partials past L1), writes the output and
+puts the counter back to 0, so the next launch or graph replay finds it clean. The counters
+(`_SplitCounters`) are zeroed once per device and never memset per step; launches that share
+them must be ordered on one stream, as the engine's steps are.
+
+Both paths combine with one helper, `_combine_splits`, in a fixed split order (no `tl.sum`,
+whose order follows the layout the compiler picks), so their outputs are bitwise equal: the
+partial an empty split stores (lse -inf, zeros) is exactly what the fused path's masked loads
+read in its place.
 
 An fp8 cache (engine/kv_cache/fp8.py) is read as e4m3 converted to the queries' dtype; each
 key's scale multiplies its column of scores and each value's scale the probabilities (kv_tiles).
@@ -21,6 +36,7 @@ import triton
 import triton.language as tl
 
 from engine.attention.metadata import SeqGroup
+from engine.kernels import dispatch
 from engine.kernels.device import sm_count
 from engine.kernels.kv_tiles import load_fp8_tile
 from engine.kernels.pdl import launch_options, pdl_wait_and_release
@@ -32,21 +48,18 @@ _MAX_SPLITS = 32
 
 @triton.jit
 def _decode_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-                   scale_log2e, q_stride_t, q_stride_h, o_stride_t, o_stride_h, table_stride,
+                   counters_ptr, scale_log2e, q_stride_t, q_stride_h, o_stride_t, o_stride_h, table_stride,
                    kv_stride_block, kv_stride_kv, kv_stride_tok, kv_stride_h,
                    group, head_dim, BLOCK_SIZE: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
-                   USE_PDL: tl.constexpr):
+                   FUSED_COMBINE: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait_and_release(USE_PDL)
     kv_head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     ctx_len = tl.load(ctx_lens_ptr + seq).to(tl.int32)  # int32 index math (lengths may be int64)
-    num_tiles = tl.cdiv(ctx_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    tile_begin = split * tiles_per_split
-    tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
+    tile_begin, tile_end, num_active = _split_tiles(ctx_len, split, BLOCK_N, NUM_SPLITS)
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, BLOCK_D)
@@ -95,14 +108,71 @@ def _decode_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_out_pt
     if NUM_SPLITS == 1:
         o = out_ptr + seq * o_stride_t + heads[:, None] * o_stride_h + d[None, :]
         tl.store(o, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
+    elif not FUSED_COMBINE or split < num_active:
         # partial buffers: [B, Hq, NUM_SPLITS, BLOCK_D] and [B, Hq, NUM_SPLITS]
-        row = (seq * (tl.num_programs(0) * group) + heads) * NUM_SPLITS + split
-        empty = l_i == 0.0
-        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-        o = acc / tl.where(empty, 1.0, l_i)[:, None]
-        tl.store(part_out_ptr + row[:, None] * BLOCK_D + d[None, :], o, mask=out_mask)
-        tl.store(part_lse_ptr + row, lse, mask=gmask)
+        first_row = (seq * (tl.num_programs(0) * group) + heads) * NUM_SPLITS
+        _store_partial(part_out_ptr, part_lse_ptr, first_row + split, d, gmask, out_mask,
+                       acc, m_i, l_i, BLOCK_D)
+        if FUSED_COMBINE:
+            counter = counters_ptr + seq * tl.num_programs(0) + kv_head
+            tl.debug_barrier()  # all of this program's partial stores precede its release
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if ticket == num_active - 1:  # every other active split has released its partial
+                o = _combine_splits(part_out_ptr, part_lse_ptr, first_row, gmask, num_active,
+                                    d, dmask, NUM_SPLITS, BLOCK_D)
+                tl.store(out_ptr + seq * o_stride_t + heads[:, None] * o_stride_h + d[None, :],
+                         o.to(out_ptr.dtype.element_ty), mask=out_mask)
+                tl.store(counter, 0)  # clean for the next launch (kernel end orders it)
+
+
+@triton.jit
+def _split_tiles(ctx_len, split, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """(first tile, end tile) of this split and how many splits of the sequence have tiles."""
+    num_tiles = tl.cdiv(ctx_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_begin = split * tiles_per_split
+    tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
+    num_active = tl.maximum(tl.cdiv(num_tiles, tl.maximum(tiles_per_split, 1)), 1)
+    return tile_begin, tile_end, num_active
+
+
+@triton.jit
+def _store_partial(part_out_ptr, part_lse_ptr, rows, d, gmask, out_mask, acc, m_i, l_i,
+                   BLOCK_D: tl.constexpr):
+    """One split's normalized output and log2-sum-exp per head (lse -inf, zeros when empty)."""
+    empty = l_i == 0.0
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(part_out_ptr + rows[:, None] * BLOCK_D + d[None, :], o, mask=out_mask)
+    tl.store(part_lse_ptr + rows, lse, mask=gmask)
+
+
+@triton.jit
+def _combine_splits(part_out_ptr, part_lse_ptr, first_rows, rmask, num_active, d, dmask,
+                    NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[R, BLOCK_D] float32: the partials of rows first_rows + s (s < num_active) weighted by
+    exp2(lse - max lse), summed in split order. A split past num_active reads as an empty one
+    (lse -inf, zeros), so either path gives the same bits. Loads bypass L1 (`.cg`): in the
+    fused path other SMs wrote these lines during this launch."""
+    splits_of_row = tl.where(rmask, num_active, 0)  # [R]: masked rows read nothing
+    m = tl.full(first_rows.shape, float("-inf"), tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        live = splits_of_row > s
+        lse = tl.load(part_lse_ptr + first_rows + s, mask=live, other=float("-inf"),
+                      cache_modifier=".cg")
+        m = tl.maximum(m, lse)
+    num = tl.zeros([first_rows.shape[0], BLOCK_D], tl.float32)
+    den = tl.zeros(first_rows.shape, tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        live = splits_of_row > s
+        lse = tl.load(part_lse_ptr + first_rows + s, mask=live, other=float("-inf"),
+                      cache_modifier=".cg")
+        weight = tl.exp2(lse - m)
+        part = tl.load(part_out_ptr + (first_rows + s)[:, None] * BLOCK_D + d[None, :],
+                       mask=live[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")
+        num = num + part * weight[:, None]
+        den = den + weight
+    return num / den[:, None]
 
 
 @triton.jit
@@ -111,16 +181,14 @@ def _combine_kernel(part_out_ptr, part_lse_ptr, out_ptr, o_stride_t, o_stride_h,
                     USE_PDL: tl.constexpr):
     pdl_wait_and_release(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    row = (seq * num_heads + head) * NUM_SPLITS
-    s = tl.arange(0, NUM_SPLITS)
+    head = tl.program_id(1) + tl.arange(0, 1)  # one row, the shape `_combine_splits` takes
     d = tl.arange(0, BLOCK_D)
-    lse = tl.load(part_lse_ptr + row + s)
-    weight = tl.exp2(lse - tl.max(lse, axis=0))
-    parts = tl.load(part_out_ptr + (row + s)[:, None] * BLOCK_D + d[None, :])
-    o = tl.sum(parts * weight[:, None], axis=0) / tl.sum(weight, axis=0)
-    tl.store(out_ptr + seq * o_stride_t + head * o_stride_h + d, o.to(out_ptr.dtype.element_ty),
-             mask=d < head_dim)
+    dmask = d < head_dim
+    first_row = (seq * num_heads + head) * NUM_SPLITS
+    o = _combine_splits(part_out_ptr, part_lse_ptr, first_row, head < num_heads, NUM_SPLITS,
+                        d, dmask, NUM_SPLITS, BLOCK_D)
+    tl.store(out_ptr + seq * o_stride_t + head[:, None] * o_stride_h + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=dmask[None, :])
 
 
 def num_splits_for(batch_size: int, num_kv_heads: int) -> int:
@@ -134,32 +202,65 @@ def num_splits_for(batch_size: int, num_kv_heads: int) -> int:
     return min(_MAX_SPLITS, 1 << (per_sequence.bit_length() - 1))
 
 
+class _SplitCounters:
+    """The fused combine's arrival counters, one int32 per (sequence, KV head), per device:
+    zeroed when allocated, put back to 0 by each launch's reducing programs, never memset per
+    step. Sized for the largest batch x KV heads that splits at all (`num_splits_for` gives 1
+    split past 2 rows per SM), grown outside graph capture when an explicit `num_splits` asks
+    for more (a decode graph's eager warm-up runs the same shape first)."""
+
+    def __init__(self) -> None:
+        self._by_device: dict[torch.device, torch.Tensor] = {}
+
+    def get(self, device: torch.device, num_rows: int) -> torch.Tensor:
+        counters = self._by_device.get(device)
+        if counters is None or counters.numel() < num_rows:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"decode attention needs {num_rows} split counters on "
+                                   f"{device} during graph capture; run the shape eagerly first")
+            size = triton.next_power_of_2(max(num_rows, 2 * sm_count(device)))
+            counters = torch.zeros(size, dtype=torch.int32, device=device)
+            self._by_device[device] = counters
+        return counters
+
+
+_COUNTERS = _SplitCounters()  # process-wide, like the kernels' compile caches
+
+
 def decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, scale: float,
-                     out: torch.Tensor, num_splits: int | None = None) -> torch.Tensor:
-    """q: [B, Hq, D] (one token per sequence of `group`); writes and returns out [B, Hq, D]."""
+                     out: torch.Tensor, num_splits: int | None = None,
+                     fused_combine: bool | None = None) -> torch.Tensor:
+    """q: [B, Hq, D] (one token per sequence of `group`); writes and returns out [B, Hq, D].
+    fused_combine: the last split combines (True) or a second kernel does (False); None takes
+    `dispatch.fused_decode_combine_enabled()`. Both give the same bits."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = kv_layer.shape[3]
     gsize = num_heads // num_kv_heads
     if batch == 0:
         return out
     splits = num_splits or num_splits_for(batch, num_kv_heads)
+    if fused_combine is None:
+        fused_combine = dispatch.fused_decode_combine_enabled()
+    fused = fused_combine and splits > 1
     block_d = triton.next_power_of_2(head_dim)
-    part_out = part_lse = out  # placeholders when unused
+    part_out = part_lse = counters = out  # placeholders when unused
     if splits > 1:
         part_out = torch.empty(batch, num_heads, splits, block_d, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
+    if fused:
+        counters = _COUNTERS.get(q.device, batch * num_kv_heads)
     is_fp32 = q.dtype == torch.float32
     launch = launch_options(q)
     _decode_kernel[(num_kv_heads, batch, splits)](
-        q, kv_layer, group.block_tables, group.context_lens, out, part_out, part_lse,
+        q, kv_layer, group.block_tables, group.context_lens, out, part_out, part_lse, counters,
         scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         group.block_tables.stride(0), *kv_layer.stride()[:4], gsize, head_dim,
         BLOCK_SIZE=kv_layer.shape[2], NUM_SPLITS=splits,
         GROUP_PAD=max(16, triton.next_power_of_2(gsize)), BLOCK_D=block_d,
         BLOCK_N=32 if is_fp32 else 64, DOT_PRECISION="ieee" if is_fp32 else "tf32",
-        FP8=is_fp8(kv_layer), num_warps=4, num_stages=2 if is_fp32 else 3,
-        **launch)
-    if splits > 1:
+        FP8=is_fp8(kv_layer), FUSED_COMBINE=fused, num_warps=4,
+        num_stages=2 if is_fp32 else 3, **launch)
+    if splits > 1 and not fused:
         _combine_kernel[(batch, num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1), num_heads, head_dim,
             NUM_SPLITS=splits, BLOCK_D=block_d, num_warps=4,

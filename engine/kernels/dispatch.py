@@ -24,6 +24,21 @@ def triton_enabled() -> bool:
     return _triton_enabled
 
 
+_fused_decode_combine = False  # off until measured on a GPU (benchmarks/profile_decode.py)
+
+
+def use_fused_decode_combine(enabled: bool) -> None:
+    """Split-K decode attention: the last split to finish combines the partials (True) or a
+    second kernel does (False). Same bits either way; read at launch, so a captured CUDA graph
+    keeps the path it was captured with."""
+    global _fused_decode_combine  # process-wide switch, like use_triton
+    _fused_decode_combine = enabled
+
+
+def fused_decode_combine_enabled() -> bool:
+    return _fused_decode_combine
+
+
 def _triton_ops(x: torch.Tensor):
     if not (_triton_enabled and x.is_cuda):
         return None
