@@ -4,19 +4,38 @@ verification step's rows back into per-request tokens.
 Before each step the core asks `propose` to draft for the running requests that decode next
 (their last token known on the host, nothing in flight), through the proposer (proposer.py:
 n-gram, or a draft model, whose drafts are placeholders until `fill` runs it after scheduling).
-The scheduler schedules each request's
-last token plus its drafts as one chunk (engine/scheduler.py), the plan gives the chunk one
-sampling row per position (engine/plan.py), and the runner verifies them in the same forward
-pass (engine/spec/rejection.py), returning for each request its kept drafts and one more token,
-in its k + 1 rows padded with -1. The core appends those tokens one at a time
-(stop checks apply to each), counts the kept drafts' KV as computed, and returns the blocks past
-the sequence (rejected drafts' slots) to the pool.
+The scheduler schedules each request's last token plus its drafts as one chunk
+(engine/scheduler.py), the plan gives the chunk one sampling row per position (engine/plan.py),
+and the runner verifies them in the same forward pass (engine/spec/rejection.py), returning for
+each request its kept drafts and one more token, in its k + 1 rows padded with -1. The core
+appends those tokens one at a time (stop checks apply to each), counts the kept drafts' KV as
+computed, and returns the blocks past the sequence (rejected drafts' slots) to the pool.
 
-Verification steps run synchronously (the next step's drafts need this step's tokens), are not
-captured in CUDA graphs (k + 1 tokens per sequence use the prefill attention path), and need a
-single pipeline stage. Drafting pauses while more than `max_batch_size` requests run, and
-wherever it measured slower than plain decoding at that batch size (`Payoff`): verification
-costs k + 1 tokens of compute per request, which is free only while decoding is bandwidth-bound.
+Verification steps run synchronously, with asynchronous scheduling on too: a step in flight is
+read back before a drafting step is planned (drafts are made from every token on the host: the
+n-gram lookup searches the history, the draft model catches up on it), and a verification step
+is read back before the next step is planned (engine/core.py `EngineCore._can_overlap`), because
+how many drafts it keeps, 0 to k, decides the next step's positions, slots and the blocks
+trimmed. Plain decode steps in between (drafting paused) still overlap.
+
+On CUDA a verification step replays the decode CUDA graphs when the plan builder gives it a
+bucket (engine/plan.py `PlanBuilder._bucket`): each sequence's last token and k drafts become
+k + 1 decode rows sharing its block table at consecutive positions, each attending to the context
+up to itself (engine/cuda_graphs.py `_rows`); the executor captures, at start, buckets of up to
+`graph_rows(config)` rows, which counts max_batch_size * (k + 1) verification rows
+(engine/executor/local.py). Only the forward is replayed: rejection sampling
+(engine/spec/rejection.py) runs eagerly on the logits of every row. A step past the largest
+captured bucket, with a block table wider than the graphs' or a prompt chunk past
+`graph_prefill_max_context`, or without the Triton kernels runs eagerly (as every step on the
+CPU does), where a sequence's k + 1 tokens take the prefill attention path. A draft model's
+runner replays its own decode graphs for its single-token draft steps (and for a catch-up round
+of single tokens); a catch-up round with more than one token for some sequence runs eagerly
+(engine/spec/draft_model.py).
+
+Speculation needs a single pipeline stage. Drafting pauses while more than `max_batch_size`
+requests run, and wherever it measured slower than plain decoding at that batch size (`Payoff`):
+verification costs k + 1 tokens of compute per request, which is free only while decoding is
+bandwidth-bound.
 """
 
 from __future__ import annotations
