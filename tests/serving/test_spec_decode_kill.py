@@ -74,6 +74,15 @@ def _draft_tokens(worker) -> int:
         lambda actor: actor.worker.engine.spec.stats.num_draft_tokens), timeout=30)
 
 
+def _wait_drafting(worker, timeout_s: float) -> None:
+    """Until the instance drafts more tokens than it had: it is speculating right now."""
+    drafted = _draft_tokens(worker)
+    deadline = time.monotonic() + timeout_s
+    while _draft_tokens(worker) == drafted:
+        assert time.monotonic() < deadline, f"no drafts within {timeout_s} s"
+        time.sleep(0.005)
+
+
 def _start(cluster, prompts: list[list[int]], seeds: list[int]):
     streams = [Stream(f"spec-kill-{i}", wait_for_tokens=KILL_AFTER_TOKENS)
                for i in range(len(prompts))]
@@ -99,11 +108,10 @@ def _wait_down(cluster, instance_id: str, timeout_s: float) -> generation_pb2.In
 def test_decode_killed_while_drafting_streams_move_and_match(cluster, model):  # noqa: F811
     prompts, seeds = _prompts(), [7 + i for i in range(len(_prompts()))]
     decode = cluster.backend.pools.decode[0]
-    drafted_before = _draft_tokens(decode)
     streams, tasks = _start(cluster, prompts, seeds)
     for stream in streams:
         wait_progress(cluster, stream)
-    assert _draft_tokens(decode) > drafted_before  # it is speculating on these requests
+    _wait_drafting(decode, timeout_s=30)
     at_kill = [len(s.token_ids) for s in streams]
     sigkill(decode)
     assert all(0 < n < MAX_TOKENS for n in at_kill), at_kill  # mid-stream, every one
