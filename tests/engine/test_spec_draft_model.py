@@ -330,18 +330,21 @@ def test_config_refusals(models):
                      speculative=SpeculativeConfig("draft_model", draft_model=models["small"]))
 
 
-def test_catch_up_is_bounded_per_step(models, plain):
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+def test_catch_up_is_bounded_per_step(models, plain, sampled):
     """A 45-token prompt and a 5-token one, 8 catch-up tokens per step: the short one drafts
     from its first decode step on; the long one decodes plainly while its catch-up advances
     (at most what the short one leaves of the 8), and drafts once the rest fits. Every round
     within the budget; plain's tokens, every draft of the target drafting itself accepted
     (so the draft KV computed in pieces is right)."""
     prompts = [_prompts(11)[10], _prompts(1)[0]]
-    params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)] * 2
+    params = [SamplingParams(max_tokens=24, ignore_eos=True, **(
+        dict(temperature=0.05, top_k=20, seed=SEED + i) if sampled else dict(temperature=0.0)))
+        for i in range(2)]
     want = [o.token_ids for o in _generate(plain, prompts, params)]
     spec = _engine(models, "target", catch_up=8)
     catch_up = spec.spec.proposer.stats
-    long, short = (spec.make_request(p, sp, seed=SEED) for p, sp in zip(prompts, params))
+    long, short = (spec.make_request(p, sp) for p, sp in zip(prompts, params))
     for request in (long, short):
         spec.track(request)
         spec.enqueue(request)
