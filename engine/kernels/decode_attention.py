@@ -20,10 +20,8 @@ puts the counter back to 0, so the next launch or graph replay finds it clean. T
 (`_SplitCounters`) are zeroed once per device and never memset per step; launches that share
 them must be ordered on one stream, as the engine's steps are.
 
-Both paths combine with one helper, `_combine_splits`, in a fixed split order (no `tl.sum`,
-whose order follows the layout the compiler picks), so their outputs are bitwise equal: the
-partial an empty split stores (lse -inf, zeros) is exactly what the fused path's masked loads
-read in its place.
+Both paths combine with one helper, `_combine_splits`, in a fixed split order, so their outputs
+are bitwise equal (see there).
 
 An fp8 cache (engine/kv_cache/fp8.py) is read as e4m3 converted to the queries' dtype; each
 key's scale multiplies its column of scores and each value's scale the probabilities (kv_tiles).
@@ -44,6 +42,7 @@ from engine.kv_cache.fp8 import is_fp8
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32
+_CHUNK: tl.constexpr = tl.constexpr(4)  # splits whose partials one combine step loads together
 
 
 @triton.jit
@@ -148,30 +147,33 @@ def _store_partial(part_out_ptr, part_lse_ptr, rows, d, gmask, out_mask, acc, m_
 
 
 @triton.jit
-def _combine_splits(part_out_ptr, part_lse_ptr, first_rows, rmask, num_active, d, dmask,
+def _combine_splits(part_out_ptr, part_lse_ptr, first_rows, rmask, num_splits, d, dmask,
                     NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """[R, BLOCK_D] float32: the partials of rows first_rows + s (s < num_active) weighted by
-    exp2(lse - max lse), summed in split order. A split past num_active reads as an empty one
-    (lse -inf, zeros), so either path gives the same bits. Loads bypass L1 (`.cg`): in the
-    fused path other SMs wrote these lines during this launch."""
-    splits_of_row = tl.where(rmask, num_active, 0)  # [R]: masked rows read nothing
-    m = tl.full(first_rows.shape, float("-inf"), tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        live = splits_of_row > s
-        lse = tl.load(part_lse_ptr + first_rows + s, mask=live, other=float("-inf"),
+    """[R, BLOCK_D] float32: the partials of rows first_rows + s, s < num_splits, weighted by
+    exp2(lse - max lse). The max is exact in any order; the sums run one split after another
+    (no `tl.sum`, whose order follows the layout the compiler picks), so the two paths agree
+    bit for bit: the fused one stops at its active splits, the second kernel also adds the
+    empty ones, whose stored (lse -inf, zeros) add exactly nothing. Loads are issued _CHUNK
+    splits at a time (all at once spilled registers) and bypass L1 (`.cg`): in the fused path
+    other SMs wrote these lines during this launch."""
+    splits_of_row = tl.where(rmask, num_splits, 0)  # [R]: masked rows read nothing
+    s_all = tl.arange(0, NUM_SPLITS)
+    lse_all = tl.load(part_lse_ptr + first_rows[:, None] + s_all[None, :],
+                      mask=s_all[None, :] < splits_of_row[:, None], other=float("-inf"),
                       cache_modifier=".cg")
-        m = tl.maximum(m, lse)
+    m = tl.max(lse_all, axis=1)
     num = tl.zeros([first_rows.shape[0], BLOCK_D], tl.float32)
     den = tl.zeros(first_rows.shape, tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        live = splits_of_row > s
-        lse = tl.load(part_lse_ptr + first_rows + s, mask=live, other=float("-inf"),
-                      cache_modifier=".cg")
-        weight = tl.exp2(lse - m)
-        part = tl.load(part_out_ptr + (first_rows + s)[:, None] * BLOCK_D + d[None, :],
-                       mask=live[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")
-        num = num + part * weight[:, None]
-        den = den + weight
+    for first in range(0, num_splits, _CHUNK):
+        for j in tl.static_range(_CHUNK):
+            live = splits_of_row > first + j
+            lse = tl.load(part_lse_ptr + first_rows + first + j, mask=live, other=float("-inf"),
+                          cache_modifier=".cg")
+            part = tl.load(part_out_ptr + (first_rows + first + j)[:, None] * BLOCK_D + d[None, :],
+                           mask=live[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")
+            weight = tl.exp2(lse - m)
+            num = num + part * weight[:, None]
+            den = den + weight
     return num / den[:, None]
 
 
