@@ -10,9 +10,17 @@ of the expert weights actually touched (distinct experts routed to, 3 * H * I * 
 plus activations) against the copy bandwidth measured in the same run and the HBM spec
 (H200 4.8 TB/s, H100 SXM 3.35 TB/s).
 
+At decode sizes (pairs T * k <= fused_moe.GEMV_MAX_PAIRS) each row also times both experts
+paths forced (`gemv_ms`: engine/kernels/moe_gemv.py's two launches; `grouped_ms`: alignment,
+grouped GEMMs, combine), their ratio and each one's share of the copy bandwidth over the touched
+experts' bytes; `fused_ms` is whichever `fused_experts` picks by default.
+
 --sweep: for each shape and token bucket, time candidate tiles for each GEMM alone and write the
 best into engine/kernels/fused_moe_configs.json (which `fused_experts` then loads).
-Run: python benchmarks/moe_kernel_bench.py [--sweep]  -> benchmarks/results/moe_kernel_<gpu>.json
+--gemv-sweep: the same for the GEMV path's two kernels at decode buckets, into
+engine/kernels/moe_gemv_configs.json.
+Run: python benchmarks/moe_kernel_bench.py [--sweep] [--gemv-sweep]
+     -> benchmarks/results/moe_kernel_<gpu>.json
 """
 
 from __future__ import annotations
@@ -31,8 +39,9 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/ (kerne
 
 from benchmarks.gpu_common import (copy_bandwidth_gbs, device_info, graph_ms,  # noqa: E402
                                    print_table, write_results)
-from engine.kernels import fused_moe, moe_tile_configs  # noqa: E402
+from engine.kernels import fused_moe, moe_gemv, moe_tile_configs  # noqa: E402
 from engine.kernels.moe_align import align_by_expert  # noqa: E402
+from engine.kernels.moe_gemv import GemvTile, MoEGemvConfig  # noqa: E402
 from engine.kernels.moe_tile_configs import GemmTile, MoETileConfig, shape_key  # noqa: E402
 from engine.layers.moe import select_experts  # noqa: E402
 
@@ -40,6 +49,7 @@ DT = torch.bfloat16
 HBM_SPEC_GBS = {"H200": 4800.0, "H100": 3350.0}  # HBM spec by GPU (the roofline's spec figure)
 SHAPES = {"qwen3-30b-a3b": (128, 2048, 768, 8), "mixtral-8x7b": (8, 4096, 14336, 2)}
 TOKENS = (1, 8, 64, 256, 1024, 4096)
+GEMV_TOKENS = (1, 2, 4, 8, 16, 32)  # decode buckets of the GEMV sweep (those within the threshold)
 
 
 def _problem(shape, num_tokens: int):
@@ -104,10 +114,25 @@ def bench_shape(name: str, shape, bw: float, spec: float | None) -> list[dict]:
                      "loop_TFLOP/s": flops / loop / 1e9, "fused_GB/s": num_bytes / ours / 1e6,
                      "%copy_bw": 100 * num_bytes / ours / 1e6 / bw,
                      "%spec_bw": 100 * num_bytes / ours / 1e6 / spec if spec else None})
+        if ids.numel() <= fused_moe.GEMV_MAX_PAIRS:
+            rows[-1].update(_both_paths(x, w13, w2, weights, ids, num_bytes, loop, bw, spec))
         print(rows[-1], flush=True)
         del x, w13, w2
         torch.cuda.empty_cache()
     return rows
+
+
+def _both_paths(x, w13, w2, weights, ids, num_bytes, loop_ms, bw, spec) -> dict:
+    """The GEMV and grouped experts paths, each forced, at a decode size."""
+    ms = {name: graph_ms(lambda: fused_moe.fused_experts(x, w13, w2, weights, ids,
+                                                         use_gemv=use_gemv), reps=10)
+          for name, use_gemv in (("gemv", True), ("grouped", False))}
+    row = {"gemv_ms": ms["gemv"], "grouped_ms": ms["grouped"],
+           "grouped/gemv": ms["grouped"] / ms["gemv"], "loop/gemv": loop_ms / ms["gemv"]}
+    for name, t in ms.items():
+        row[f"{name}_%copy_bw"] = 100 * num_bytes / t / 1e6 / bw
+        row[f"{name}_%spec_bw"] = 100 * num_bytes / t / 1e6 / spec if spec else None
+    return row
 
 
 # --- tile sweep ---------------------------------------------------------------------------
@@ -173,14 +198,62 @@ def sweep_shape(shape, deadline: float) -> dict[str, dict]:
     return best_by_tokens
 
 
-def write_configs(configs: dict[str, dict], gpu: str) -> None:
-    path = moe_tile_configs.CONFIG_PATH
+def write_configs(configs: dict[str, dict], gpu: str, gemv: bool = False) -> None:
+    """Merge swept shapes into the grouped GEMMs' JSON, or with `gemv` the GEMV path's."""
+    path = moe_gemv.CONFIG_PATH if gemv else moe_tile_configs.CONFIG_PATH
     raw = json.loads(path.read_text()) if path.exists() else {}
     raw.setdefault("configs", {}).update(configs)
-    raw["note"] = (f"benchmarks/moe_kernel_bench.py --sweep on {gpu}: best tile per GEMM by "
+    raw["note"] = (f"benchmarks/moe_kernel_bench.py --gemv-sweep on {gpu}: best tile per kernel "
+                   "by CUDA-graph time; gemv_us is both launches" if gemv else
+                   f"benchmarks/moe_kernel_bench.py --sweep on {gpu}: best tile per GEMM by "
                    "CUDA-graph time; gemm_us is gate/up + down without alignment and combine")
     path.write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
-    moe_tile_configs.clear_cache()
+    (moe_gemv if gemv else moe_tile_configs).clear_cache()
+
+
+# --- GEMV path sweep ------------------------------------------------------------------------
+
+def _gemv_candidates(num_accumulators: int):
+    """Tiles whose fp32 partial sums take 8..64 registers a thread (gate/up keeps two sums)."""
+    for bn, bk, warps in itertools.product((2, 4, 8, 16, 32), (128, 256, 512, 1024), (2, 4, 8)):
+        if 8 <= num_accumulators * bn * bk // (32 * warps) <= 64:
+            yield GemvTile(bn, bk, warps)
+
+
+def _time_gemv(x, w13, w2, weights, ids, config: MoEGemvConfig) -> float:
+    try:
+        return graph_ms(lambda: moe_gemv.moe_gemv_experts(x, w13, w2, weights, ids,
+                                                          config=config), reps=10)
+    except Exception as exc:  # a tile that does not compile: skip it
+        print(f"  gemv tiles {config} failed: {type(exc).__name__}", flush=True)
+        torch.cuda.synchronize()
+        return float("inf")
+
+
+def sweep_gemv_shape(shape, deadline: float) -> dict[str, dict]:
+    """Best GEMV tiles per decode bucket: gate/up first (down at its default), then down."""
+    top_k = shape[3]
+    best_by_tokens = {}
+    for num_tokens in (t for t in GEMV_TOKENS if t * top_k <= fused_moe.GEMV_MAX_PAIRS):
+        if time.monotonic() > deadline:
+            print(f"gemv sweep {shape}: out of time before T={num_tokens}", flush=True)
+            break
+        x, w13, w2, weights, ids = _problem(shape, num_tokens)
+        default = moe_gemv.DEFAULT_CONFIG
+        default_ms = _time_gemv(x, w13, w2, weights, ids, default)
+        up = min(_gemv_candidates(2), key=lambda t: _time_gemv(
+            x, w13, w2, weights, ids, MoEGemvConfig(t, default.down)))
+        timed = [(_time_gemv(x, w13, w2, weights, ids, MoEGemvConfig(up, t)), t)
+                 for t in _gemv_candidates(1)]
+        best_ms, down = min(timed, key=lambda p: p[0])
+        best = MoEGemvConfig(up, down)
+        print(f"gemv sweep {shape} T={num_tokens}: {best_ms * 1e3:.1f} us (default "
+              f"{default_ms * 1e3:.1f} us) {best}", flush=True)
+        best_by_tokens[str(num_tokens)] = {**best.to_json(), "gemv_us": best_ms * 1e3,
+                                           "default_us": default_ms * 1e3}
+        del x, w13, w2
+        torch.cuda.empty_cache()
+    return best_by_tokens
 
 
 def main() -> None:
@@ -189,6 +262,10 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--sweep-budget-s", type=float, default=600.0,
                         help="seconds of sweeping per shape")
+    parser.add_argument("--gemv-sweep", action="store_true",
+                        help="sweep the GEMV path's tiles at decode sizes, write its JSON first")
+    parser.add_argument("--gemv-sweep-budget-s", type=float, default=240.0,
+                        help="seconds of GEMV sweeping per shape")
     args = parser.parse_args()
     names = args.shapes.split(",")
     info = device_info()
@@ -198,16 +275,30 @@ def main() -> None:
             key = shape_key(num_experts, hidden, inter, top_k, DT)
             deadline = time.monotonic() + args.sweep_budget_s
             write_configs({key: sweep_shape(SHAPES[name], deadline)}, info["gpu"])
+    if args.gemv_sweep:
+        for name in names:
+            num_experts, hidden, inter, top_k = SHAPES[name]
+            key = shape_key(num_experts, hidden, inter, top_k, DT)
+            deadline = time.monotonic() + args.gemv_sweep_budget_s
+            write_configs({key: sweep_gemv_shape(SHAPES[name], deadline)}, info["gpu"], True)
     bw = copy_bandwidth_gbs()
     spec = spec_gbs(info["gpu"])
     rows = [row for name in names for row in bench_shape(name, SHAPES[name], bw, spec)]
     payload = {"device": info, "copy_bandwidth_gbs": bw, "hbm_spec_gbs": spec,
                "dtype": "bfloat16", "timing": "CUDA graph replay (graph_ms), both sides",
                "configs": "swept" if args.sweep else "engine/kernels/fused_moe_configs.json",
+               "gemv_configs": ("swept" if args.gemv_sweep
+                                else "engine/kernels/moe_gemv_configs.json (or defaults)"),
+               "gemv_max_pairs": fused_moe.GEMV_MAX_PAIRS,
                "rows": rows}
     path = write_results("moe_kernel", payload)
     print_table(rows, ["shape", "tokens", "fused_ms", "cublas_loop_ms", "speedup",
                        "distinct_experts", "fused_TFLOP/s", "fused_GB/s", "%copy_bw"])
+    decode = [row for row in rows if "gemv_ms" in row]
+    if decode:
+        print_table(decode, ["shape", "tokens", "gemv_ms", "grouped_ms", "cublas_loop_ms",
+                             "grouped/gemv", "loop/gemv", "gemv_%copy_bw", "grouped_%copy_bw",
+                             "gemv_%spec_bw"])
     print(f"copy bandwidth {bw:.0f} GB/s; wrote {path}")
 
 

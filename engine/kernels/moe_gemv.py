@@ -13,6 +13,8 @@ expert by reading `topk_ids` itself:
 2. down + combine, grid (token, H tile): for the token's slots j in order,
    acc += w[t, j] * (w2[e_j, n tile, :] . h[t * k + j, :]) in fp32, dropped pairs skipped;
    out[t] is written once, rounded once. Deterministic (fixed order, no atomics), no memset.
+   The program walks (slot, strip) as one loop so that the prefetch of the next strip runs
+   across slot boundaries: with top-8 a per-slot loop would expose one memory latency per slot.
 
 Both kernels read the routing written by the kernel before them, so they wait (PDL) before
 their first load; every buffer is sized by the shapes alone (CUDA-graph capturable, no host
@@ -147,21 +149,19 @@ def _gate_up_kernel(x_ptr, w_ptr, ids_ptr, map_ptr, h_ptr, inter, hidden, top_k,
 
 
 @triton.jit
-def _slot_dot(w_rows, h_row, row_mask, inter, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """w_rows[:, :inter] . h_row[:inter] in fp32: [BLOCK_N]."""
-    strip = tl.arange(0, BLOCK_K)
-    w_next = tl.load(w_rows + strip[None, :], mask=row_mask[:, None] & (strip < inter)[None, :],
-                     other=0.0)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        w = w_next
-        kn = k0 + BLOCK_K + strip
-        w_next = tl.load(w_rows + kn[None, :], mask=row_mask[:, None] & (kn < inter)[None, :],
-                         other=0.0)
-        k = k0 + strip
-        hk = tl.load(h_row + k, mask=k < inter, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * hk[None, :]
-    return tl.sum(acc, axis=1)
+def _down_strip(w_ptr, ids_ptr, map_ptr, first_pair, top_k, it, num_strips, w_cols, row_mask,
+                inter, stride_we, HAS_MAP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Strip `it` of the token's (slot, strip) walk over w2 ([BLOCK_N, BLOCK_K], zeros past
+    the walk's end and for a dropped pair) and its pair's local expert."""
+    pair = first_pair + tl.minimum(it // num_strips, top_k - 1)  # ids stay in bounds
+    expert = _local_expert(ids_ptr, map_ptr, pair, HAS_MAP)
+    k = (it % num_strips) * BLOCK_K + tl.arange(0, BLOCK_K)
+    # scalar conditions folded into a bound (the interpreter cannot mask with tensor & scalar)
+    k_end = tl.where((it < top_k * num_strips) & (expert >= 0), inter, 0)
+    mask = row_mask[:, None] & (k < k_end)[None, :]
+    w = tl.load(w_ptr + tl.maximum(expert, 0) * stride_we + w_cols + k[None, :], mask=mask,
+                other=0.0)
+    return w, expert
 
 
 @triton.jit
@@ -169,19 +169,35 @@ def _down_combine_kernel(h_ptr, w_ptr, ids_ptr, map_ptr, weights_ptr, out_ptr, h
                          top_k, stride_ht, stride_we, stride_wn, stride_ot,
                          HAS_MAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          USE_PDL: tl.constexpr):
+    """One walk over the token's (slot, strip) pairs, the next strip (of the same or the next
+    slot) in flight while the current one is summed, so a slot boundary exposes no latency."""
     token = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < hidden
     w_cols = rows.to(tl.int64)[:, None] * stride_wn
-    pdl_wait_and_release(USE_PDL)  # h comes from the gate/up kernel
+    num_strips = tl.cdiv(inter, BLOCK_K)
+    first_pair = token * top_k
+    pdl_wait_and_release(USE_PDL)  # h comes from the gate/up kernel, ids from the router
+    w_next, expert_next = _down_strip(w_ptr, ids_ptr, map_ptr, first_pair, top_k, 0,
+                                      num_strips, w_cols, row_mask, inter, stride_we, HAS_MAP,
+                                      BLOCK_K)
+    part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # the current slot's dot, per K lane
     acc = tl.zeros([BLOCK_N], tl.float32)
-    for j in range(top_k):  # slot order: the same sum as the combine of the grouped path
-        pair = token * top_k + j
-        expert = _local_expert(ids_ptr, map_ptr, pair, HAS_MAP)
-        if expert >= 0:  # a dropped pair has no h row: it adds nothing
-            y = _slot_dot(w_ptr + expert * stride_we + w_cols, h_ptr + pair * stride_ht,
-                          row_mask, inter, BLOCK_N, BLOCK_K)
-            acc += tl.load(weights_ptr + pair) * y
+    for it in range(0, top_k * num_strips):
+        w, expert = w_next, expert_next
+        w_next, expert_next = _down_strip(w_ptr, ids_ptr, map_ptr, first_pair, top_k, it + 1,
+                                          num_strips, w_cols, row_mask, inter, stride_we,
+                                          HAS_MAP, BLOCK_K)
+        pair = first_pair + it // num_strips
+        k = (it % num_strips) * BLOCK_K + tl.arange(0, BLOCK_K)
+        # a dropped pair's h row was never written (may be NaN): not read
+        hk = tl.load(h_ptr + pair * stride_ht + k, mask=k < tl.where(expert >= 0, inter, 0),
+                     other=0.0)
+        part += w.to(tl.float32) * hk.to(tl.float32)[None, :]
+        if it % num_strips == num_strips - 1:  # the slot's dot is complete: add it, in order
+            if expert >= 0:
+                acc += tl.load(weights_ptr + pair) * tl.sum(part, axis=1)
+            part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     tl.store(out_ptr + token * stride_ot + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 

@@ -36,7 +36,8 @@ Expert load: every rank counts, on device, the tokens routed to each (global) ex
 replicated top-k ids (`expert_counts`, no extra communication; rank 0's are read for metrics).
 
 Launches at decode on CUDA: the router's GEMM, one routing kernel (softmax, top-k, renormalise,
-count: engine/kernels/moe_route.py) and fused_experts' three or four.
+count: engine/kernels/moe_route.py) and fused_experts' three or four, or two at decode sizes (at
+most 64 (token, slot) pairs: engine/kernels/moe_gemv.py).
 """
 
 from __future__ import annotations
