@@ -144,20 +144,32 @@ class DecodeGraphRunner:
     def _load_block_tables(self, tables: Sequence[list[int]]) -> None:
         """Upload only the rows whose table changed since the last step: a running batch gains
         a block per sequence every block_size steps, and converting every table each step
-        costs more host time than a small model's whole step. Stale entries past a row's
-        length are never read (the kernels stop at the context length)."""
+        costs more host time than a small model's whole step. A sequence's table goes over
+        once, however many rows share it (a prompt chunk's q rows), and is copied to its rows
+        on the device. Stale entries past a row's length are never read (the kernels stop at
+        the context length)."""
         changed = [i for i, t in enumerate(tables) if self._host_tables[i] != t]
         if not changed:
             return
         width = max(len(tables[i]) for i in changed)
-        rows = []  # [row index, table padded to width]: one copy for index and rows
+        positions: dict[int, int] = {}  # id of a changed table -> its row in `unique`
+        unique: list[list[int]] = []  # a prompt's or verification's rows share one table
+        sources = []
         for i in changed:
             table = tables[i]
-            self._host_tables[i] = list(table)
-            rows.append([i, *table] + [0] * (width - len(table)))
-        packed = torch.tensor(rows, dtype=torch.int32).to(self.block_tables.device,
-                                                          non_blocking=True)
-        self.block_tables[packed[:, 0].long(), :width] = packed[:, 1:]
+            k = positions.get(id(table))
+            if k is None:
+                k = positions[id(table)] = len(unique)
+                unique.append(list(table))
+            self._host_tables[i] = unique[k]
+            sources.append(k)
+        m = len(changed)
+        index = torch.tensor([changed, sources], dtype=torch.int32)
+        rows = torch.tensor([t + [0] * (width - len(t)) for t in unique], dtype=torch.int32)
+        packed = torch.cat([index.view(-1), rows.view(-1)]).to(self.block_tables.device,
+                                                               non_blocking=True)  # one copy
+        index, rows = packed[: 2 * m].long().view(2, m), packed[2 * m:].view(-1, width)
+        self.block_tables[:, :width].index_copy_(0, index[0], rows.index_select(0, index[1]))
 
     def forward_fn(self, bucket: int) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor]],
                                                 AttentionMetadata]:

@@ -174,8 +174,8 @@ class ModelRunner:
         else:
             rows = torch.tensor(plan.sample_rows(), dtype=torch.int64).to(self.device,
                                                                            non_blocking=True)
-            logits = logits[rows]
-            self.sampled_ids[:num_sampled].copy_(greedy_ids[rows])
+            logits = logits.index_select(0, rows)
+            self.sampled_ids[:num_sampled].copy_(greedy_ids.index_select(0, rows))
             greedy_ids = self.sampled_ids[:num_sampled]
         return logits, StepInputs(input_ids, positions, meta, rows, num_sampled, greedy_ids)
 
