@@ -189,5 +189,5 @@ def test_a_replayed_prefill_reports_every_layer_with_its_kv_written(model):
         snapshots[graphs] = (torch.stack(seen), out.token_ids.tolist())
     (rows_kv, rows_token), (eager_kv, eager_token) = snapshots[True], snapshots[False]
     assert rows_kv.abs().sum() > 0
-    torch.testing.assert_close(rows_kv, eager_kv, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rows_kv, eager_kv, rtol=1e-3, atol=1e-3)  # K, V ~ 1
     assert rows_token == eager_token
