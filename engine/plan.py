@@ -213,7 +213,10 @@ class PlanBuilder:
             elif count == 1:
                 last = request.token_at(start)
                 token_ids.append(last)
-                num_decodes += start > 0
+                # the leading run only: the eager runner's decode group is the plan's first
+                # num_decodes sequences, and a decode may follow a verification (a request
+                # without drafts this step); a later one runs as a 1-token chunk
+                num_decodes += start > 0 and num_decodes == len(request_ids)
             else:
                 ids = request.new_token_ids(start, count)
                 token_ids += ids

@@ -205,3 +205,22 @@ def _fill_context(model, backend, kv, chunks) -> None:
     prefixes = [ScheduledChunk(c.request, 0, c.start, c.block_table, False)
                 for c in chunks if c.start]
     runner.forward_logits(PlanBuilder().build(SchedulerOutput(prefixes)))
+
+
+def test_only_leading_decodes_form_the_decode_group():
+    """A decode after a verification (its request drafted nothing this step) is not counted
+    in num_decodes: the eager runner's decode group is the plan's first num_decodes
+    sequences, one token each."""
+    first, last = _request("first", 6, 1), _request("last", 7, 1)
+    spec = _request("spec", 5, 2)
+    chunks = [_decode(first, 0),
+              ScheduledChunk(spec, spec.num_tokens - 1, 3, _table(4, spec.num_tokens + 2),
+                             True, (91, 92)),
+              _decode(last, 8)]
+    plan = PlanBuilder().build(SchedulerOutput(chunks))
+    assert plan.num_decodes == 1 and plan.query_lens == (1, 3, 1)
+    runner = ModelRunner(None, torch.zeros(1), None, BS, CFG.vocab_size, "cpu")
+    runner.tables.apply(plan)
+    meta = runner.prepare(plan).attn_meta
+    assert meta.decode.query_start.tolist() == [0, 1]
+    assert meta.prefill.query_start.tolist() == [0, 3, 4]
