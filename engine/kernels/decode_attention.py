@@ -47,8 +47,8 @@ _CHUNK: tl.constexpr = tl.constexpr(4)  # splits whose partials one combine step
 
 @triton.jit
 def _decode_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-                   counters_ptr, scale_log2e, q_stride_t, q_stride_h, o_stride_t, o_stride_h, table_stride,
-                   kv_stride_block, kv_stride_kv, kv_stride_tok, kv_stride_h,
+                   counters_ptr, scale_log2e, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
+                   table_stride, kv_stride_block, kv_stride_kv, kv_stride_tok, kv_stride_h,
                    group, head_dim, BLOCK_SIZE: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
