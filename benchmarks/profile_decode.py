@@ -9,7 +9,12 @@ For each batch size:
   the replay time gives the gaps between kernels inside the graph;
 - weight GEMMs alone (`F.linear`, replayed in a graph) per shape, as a fraction of the copy
   bandwidth, and decode attention alone for every number of context splits.
-Run: python benchmarks/profile_decode.py [--batches 1,64]  -> results/profile_decode_<gpu>.json
+`--fused-combine off|on|both` (default both) runs the attention rows and the steps with the
+split-K combine as its own kernel, fused into the split kernel
+(`dispatch.use_fused_decode_combine`), or each in turn (a fresh runner per setting, so graphs are captured with it); `fused_combine`
+in every row and `fused_combine_summary` (kernels per step, replay ms per batch) compare them.
+Run: python benchmarks/profile_decode.py [--batches 1,64] [--fused-combine both]
+  -> results/profile_decode_<gpu>.json
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from benchmarks.gpu_common import (copy_bandwidth_gbs, device_info, graph_ms,  #
 from benchmarks.latency import BS, CFG, KV_BYTES_PER_TOKEN, Workload, weight_bytes_per_step  # noqa: E402
 from engine.attention.metadata import SeqGroup  # noqa: E402
 from engine.builder import build_model, init_random_weights  # noqa: E402
+from engine.kernels import dispatch  # noqa: E402
 from engine.kernels.attention_backend import TritonAttentionBackend  # noqa: E402
 from engine.kernels.decode_attention import decode_attention, num_splits_for  # noqa: E402
 from engine.model_runner import ModelRunner  # noqa: E402
@@ -159,7 +165,8 @@ def gemm_rows(bw: float, batches: list[int]) -> list[dict]:
     return rows
 
 
-def attention_rows(bw: float, cases: list[tuple[int, int]]) -> list[dict]:
+def attention_rows(bw: float, cases: list[tuple[int, int]],
+                   fused_settings: tuple[bool, ...] = (False,)) -> list[dict]:
     c = CFG
     rows = []
     for batch, context in cases:
@@ -174,40 +181,73 @@ def attention_rows(bw: float, cases: list[tuple[int, int]]) -> list[dict]:
         kv_bytes = batch * context * 2 * c.num_kv_heads * c.head_dim * 2
         default = num_splits_for(batch, c.num_kv_heads)
         for splits in (1, 2, 4, 8, 16, 32):
-            ms = graph_ms(lambda: decode_attention(q, kv, group, c.head_dim ** -0.5, out, splits))
-            rows.append({"batch": batch, "context": context, "splits": splits, "ms": ms,
-                         "%hbm": 100 * kv_bytes / ms / 1e6 / bw, "default": splits == default})
+            for fused in fused_settings if splits > 1 else fused_settings[:1]:
+                ms = graph_ms(lambda: decode_attention(q, kv, group, c.head_dim ** -0.5, out,
+                                                       splits, fused_combine=fused))
+                rows.append({"batch": batch, "context": context, "splits": splits, "ms": ms,
+                             "%hbm": 100 * kv_bytes / ms / 1e6 / bw,
+                             "default": splits == default, "fused_combine": fused})
         del kv
     return rows
+
+
+FUSED_SETTINGS = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
+def fused_summary(steps: list[dict]) -> dict:
+    """Per batch and combine setting: graph kernels per step, replay and attention GPU ms."""
+    summary: dict = defaultdict(dict)
+    for row in steps:
+        if "error" in row:
+            continue
+        kernels = row["graph_kernels"]
+        attention = kernels.get("kinds", {}).get("attention", {})
+        summary[f"batch {row['batch']}"]["on" if row["fused_combine"] else "off"] = {
+            "replay_ms": row["replay_ms"], "roofline_ms": row["roofline_ms"],
+            "kernels_per_step": kernels.get("kernels_per_step"),
+            "attention_kernels": attention.get("count"), "attention_ms": attention.get("ms")}
+    return dict(summary)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--fused-combine", choices=tuple(FUSED_SETTINGS), default="both",
+                        help="split-K decode combine: its own kernel (off), fused (on), both")
     args = parser.parse_args()
+    fused_settings = FUSED_SETTINGS[args.fused_combine]
     torch.manual_seed(0)
     bw = copy_bandwidth_gbs()
     batches = [int(b) for b in args.batches.split(",")]
     payload = {"device": device_info(), "copy_bandwidth_gbs": bw, "context": args.context}
     payload["gemms"] = gemm_rows(bw, batches)
     payload["attention"] = attention_rows(bw, [(1, 1024), (1, 4096), (8, 1024), (8, 4096),
-                                               (32, 1024), (64, 1024), (64, 4096)])
+                                               (32, 1024), (64, 1024), (64, 4096)],
+                                          fused_settings)
     write_results("profile_decode", payload)
     model = build_model(CFG, torch.bfloat16, "cuda")
     init_random_weights(model, seed=0)
     num_blocks = max(batches) * (-(-(args.context + 300) // BS)) + 64
     kv_cache = torch.randn(CFG.num_layers, num_blocks, 2, BS, CFG.num_kv_heads, CFG.head_dim,
                            dtype=torch.bfloat16, device="cuda")
-    runner = ModelRunner(model, kv_cache, TritonAttentionBackend(), BS, CFG.vocab_size, "cuda")
-    work = Workload(runner)
     payload["steps"] = []
-    for batch in batches:
-        try:
-            payload["steps"].append(profile_batch(runner, work, model, bw, batch, args.context))
-        except Exception as exc:  # keep what was measured
-            payload["steps"].append({"batch": batch, "error": repr(exc)[:400]})
-        write_results("profile_decode", payload)
+    for fused in fused_settings:
+        dispatch.use_fused_decode_combine(fused)  # graphs capture the path set at capture
+        runner = ModelRunner(model, kv_cache, TritonAttentionBackend(), BS, CFG.vocab_size,
+                             "cuda")
+        work = Workload(runner)
+        for batch in batches:
+            try:
+                row = profile_batch(runner, work, model, bw, batch, args.context)
+            except Exception as exc:  # keep what was measured
+                row = {"batch": batch, "error": repr(exc)[:400]}
+            payload["steps"].append({**row, "fused_combine": fused})
+            write_results("profile_decode", payload)
+        del runner, work
+        torch.cuda.empty_cache()
+    payload["fused_combine_summary"] = fused_summary(payload["steps"])
+    write_results("profile_decode", payload)
     print(json.dumps(payload, indent=1))
 
 
