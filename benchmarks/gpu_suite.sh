@@ -22,12 +22,14 @@ source "$(dirname "$0")/suite_run.sh"
 
 for p in $parts; do
   case $p in
-    tests) run tests 270 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
+    tests) run tests 400 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
              tests/kernels/test_end_to_end.py tests/kernels/test_fused_ops.py \
              tests/kernels/test_attention.py tests/kernels/test_graph_inputs.py tests/kernels/test_gemv.py tests/kernels/test_pdl.py \
              tests/kernels/test_async_engine.py tests/kernels/test_sampling_kernel.py \
              tests/kernels/test_top_p_kernel.py tests/kernels/test_fp8_kv.py \
-             tests/kernels/test_verify_graphs.py tests/kernels/test_fused_moe.py
+             tests/kernels/test_verify_graphs.py tests/kernels/test_fused_moe.py \
+             tests/kernels/test_moe_route.py tests/kernels/test_moe_gemv.py \
+             tests/kernels/test_decode_fused_combine.py tests/kernels/test_graph_prefill.py
            grep -E "RESULT|passed|failed|error" "$OUT/tests.log" | tail -n 8 >> "$summary"
            grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20 >> "$summary" ;;
     engine) run engine 300 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
