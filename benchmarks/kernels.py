@@ -23,7 +23,7 @@ from benchmarks.gpu_common import (bench_ms, copy_bandwidth_gbs, device_info,  #
 from engine.attention.metadata import AttentionMetadata, SeqGroup  # noqa: E402
 from engine.attention.torch_ref import TorchAttentionBackend, write_kv  # noqa: E402
 from engine.kernels import triton_ops  # noqa: E402
-from engine.kernels.decode_attention import decode_attention  # noqa: E402
+from engine.kernels.decode_attention import decode_attention, num_splits_for  # noqa: E402
 from engine.kernels.prefill_attention import prefill_attention  # noqa: E402
 from engine.layers.activation import silu_and_mul as silu_and_mul_ref  # noqa: E402
 from engine.layers.norm import rms_norm as rms_norm_ref  # noqa: E402
@@ -111,6 +111,26 @@ def decode(bw: float, batch: int, ctx: int) -> dict:
     return row
 
 
+def decode_combine(bw: float, batch: int, ctx: int) -> list[dict]:
+    """Split-K decode attention with its combine as a second kernel, then fused into the split
+    kernel (the last split reduces), each timed inside a CUDA graph as decode steps run it
+    (eager times would be the launches'). `vs_two_kernel` > 1: fused is faster. With one
+    split (batch 64 at 8 KV heads on 132 SMs) there is no combine, so both are one launch."""
+    kv, group = _paged(batch, ctx, 1)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+    out = torch.empty_like(q)
+    num_bytes = batch * ctx * HKV * D * 2 * kv.element_size()
+    shape = f"B={batch} ctx={ctx} splits={num_splits_for(batch, HKV)}"
+    ms = {fused: graph_ms(lambda: decode_attention(q, kv, group, D ** -0.5, out,
+                                                   fused_combine=fused))
+          for fused in (False, True)}
+    del kv
+    rows = [_row("decode_attention two-kernel (graph)", shape, num_bytes, ms[False], None, bw),
+            _row("decode_attention fused combine (graph)", shape, num_bytes, ms[True], None, bw)]
+    rows[1]["vs_two_kernel"] = ms[False] / ms[True]
+    return rows
+
+
 def prefill(bw: float, q_len: int, cached: int) -> dict:
     ctx = q_len + cached
     kv, group = _paged(1, ctx, q_len)
@@ -173,6 +193,8 @@ def main() -> None:
     for batch, ctx in [(1, 1024), (1, 8192), (8, 4096), (32, 1024), (64, 1024), (64, 4096),
                        (256, 1024)]:
         rows.append(decode(bw, batch, ctx))
+    for batch, ctx in [(1, 1024), (1, 8192), (64, 1024), (64, 4096)]:
+        rows += decode_combine(bw, batch, ctx)
     for q_len, cached in [(4096, 0), (1024, 3072), (8192, 0)]:
         rows.append(prefill(bw, q_len, cached))
     for batch in (1, 64):
@@ -181,7 +203,7 @@ def main() -> None:
     path = write_results("kernels", payload)
     print(f"\ncopy bandwidth (read+write): {bw:.0f} GB/s on {payload['device']['gpu']}")
     print_table(rows, ["kernel", "shape", "ours_ms", "torch_ms", "speedup", "GB/s", "%HBM",
-                       "TFLOP/s", "torch_TFLOP/s"])
+                       "TFLOP/s", "torch_TFLOP/s", "vs_two_kernel"])
     print(f"wrote {path}")
 
 
