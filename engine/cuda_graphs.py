@@ -2,10 +2,11 @@
 Speculative verification steps and short prompt chunks run in the same graphs: a sequence's q
 tokens (a request's last token and its k drafts, or q tokens of a prompt) become q decode rows
 of growing context (`_rows`), so a bucket counts rows, not requests. Every row gets logits;
-the model runner samples only the rows the plan samples (`StepPlan.sample_rows`).
+the model runner samples only the rows the plan samples (`StepPlan.sample_rows`). A short
+prompt's prefill is thus one replay instead of ~10 kernel launches per layer from Python; the
+plan builder decides which prompt chunks qualify (engine/plan.py `PlanBuilder._bucket`).
 
-A decode step of B sequences runs the graph of the smallest bucket >= B (1, 2, 4, ... 256;
-eager above). Graphs read static input buffers that each step overwrites: token ids, positions,
+A step of B rows runs the graph of the smallest bucket >= B (1, 2, 4, ... 256; eager above). Graphs read static input buffers that each step overwrites: token ids, positions,
 cache slots, context lengths and block tables padded to max_model_len / block_size columns. The
 padded rows of a bucket write no KV (slot -1) and attend to one token, and their logits are
 dropped. Nothing in the graph depends on host-side lengths (the decode kernel splits each
@@ -14,12 +15,13 @@ engine/inflight.py) has no id on the host: its row names the row of the runner's
 that holds it, and the graph reads it from there; the graph also writes its greedy picks there.
 
 Host cost per step is what the GPU waits for between two replays, so it is kept small: the four
-per-sequence inputs travel in one copy from a pinned staging buffer, block tables only when a
+per-row inputs travel in one copy from a pinned staging buffer, block tables only when a
 row changed, and the graph also computes the greedy argmax so that an all-greedy batch needs no
 sampling kernels after the replay.
 
-`LLMEngine` captures every bucket up to its `max_num_seqs` when it starts (`capture_up_to`), so
-no request pays for a capture; a bucket not captured yet is captured the first time a step needs
+`LLMEngine` captures every bucket up to `graph_rows(config)` (engine/plan.py: its
+`max_num_seqs`, verification rows, short prompts) when it starts (`capture_up_to`), so no
+request pays for a capture; a bucket not captured yet is captured the first time a step needs
 it. Each capture follows one eager warm-up run that compiles the Triton kernels; all graphs share
 one memory pool.
 """
