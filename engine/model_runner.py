@@ -65,8 +65,9 @@ class ModelRunner:
         # captured graphs write into it.
         self.sampled_ids = torch.zeros(max(max_num_seqs, BATCH_BUCKETS[-1]), dtype=torch.int64,
                                        device=self.device)
-        # Decode-only steps replay captured CUDA graphs (CUDA + a graph-safe backend and model
-        # only: the MoE torch reference syncs with the host).
+        # Steps the plan gave a bucket (decodes, verifications, short prompt chunks) replay
+        # captured CUDA graphs (CUDA + a graph-safe backend and model only: the MoE torch
+        # reference syncs with the host).
         self.decode_graphs: DecodeGraphRunner | None = None
         if (use_cuda_graphs and self.device.type == "cuda"
                 and getattr(backend, "supports_cuda_graphs", False)
@@ -146,7 +147,8 @@ class ModelRunner:
     def forward_logits(self, plan: StepPlan,
                        on_layer_done: Callable[[int], None] | None = None):
         """Write the step's KV and return (logits of the sampling rows or None, inputs).
-        Logits of a replayed decode graph live in its static buffer until the next step."""
+        Logits of a replayed decode graph live in its static buffer until the next step. A
+        replayed step reports its layers to `on_layer_done` after the replay."""
         self.tables.apply(plan)
         graphs = self.decode_graphs
         if graphs is not None and graphs.can_run(plan):
@@ -180,11 +182,13 @@ class ModelRunner:
         return logits, StepInputs(input_ids, positions, meta, rows, num_sampled, greedy_ids)
 
     def _report_layers_done(self, on_layer_done: Callable[[int], None]) -> None:
-        """A replayed step reports every layer at once, in order, after the replay: a listener
-        (a prefill instance streaming KV, kv_transfer/sender.py `send_layers`) orders its reads
-        after the work queued on the current stream, where the replay wrote every layer's KV.
-        The per-layer overlap of an eager prefill is lost, but a step small enough for a graph
-        is one replay of a few ms, while staying eager would cost its ~10 launches per layer."""
+        """A replayed step reports every layer at once, in order, after the replay. Correct: a
+        listener (a prefill instance streaming KV, kv_transfer/sender.py `send_layers`) orders
+        its reads after the work queued so far on the current stream (an event it records
+        there, kv_transfer/streams.py), and the replay queued there has written every layer's
+        KV. The per-layer overlap of an eager prefill is lost, but a step small enough for a
+        graph is one replay of a few ms, while running it eagerly for the overlap would bring
+        back the ~10 launches per layer that graph prefill removes from a short prompt's TTFT."""
         for layer in range(self.kv_cache.shape[0]):  # stage-local, like the eager forward's
             on_layer_done(layer)
 
