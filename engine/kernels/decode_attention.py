@@ -209,10 +209,12 @@ class _SplitCounters:
     zeroed when allocated, put back to 0 by each launch's reducing programs, never memset per
     step. Sized for the largest batch x KV heads that splits at all (`num_splits_for` gives 1
     split past 2 rows per SM), grown outside graph capture when an explicit `num_splits` asks
-    for more (a decode graph's eager warm-up runs the same shape first)."""
+    for more (a decode graph's eager warm-up runs the same shape first). A replaced buffer is
+    kept, never freed: graphs captured earlier still point at it."""
 
     def __init__(self) -> None:
         self._by_device: dict[torch.device, torch.Tensor] = {}
+        self._retired: list[torch.Tensor] = []
 
     def get(self, device: torch.device, num_rows: int) -> torch.Tensor:
         counters = self._by_device.get(device)
@@ -220,6 +222,8 @@ class _SplitCounters:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(f"decode attention needs {num_rows} split counters on "
                                    f"{device} during graph capture; run the shape eagerly first")
+            if counters is not None:
+                self._retired.append(counters)
             size = triton.next_power_of_2(max(num_rows, 2 * sm_count(device)))
             counters = torch.zeros(size, dtype=torch.int32, device=device)
             self._by_device[device] = counters
@@ -247,7 +251,8 @@ def decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, s
     block_d = triton.next_power_of_2(head_dim)
     part_out = part_lse = counters = out  # placeholders when unused
     if splits > 1:
-        part_out = torch.empty(batch, num_heads, splits, block_d, dtype=torch.float32, device=q.device)
+        part_out = torch.empty(batch, num_heads, splits, block_d, dtype=torch.float32,
+                               device=q.device)
         part_lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
     if fused:
         counters = _COUNTERS.get(q.device, batch * num_kv_heads)
