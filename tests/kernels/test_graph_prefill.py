@@ -19,6 +19,7 @@ from engine.config import CacheConfig, EngineConfig, SchedulerConfig, Speculativ
 from engine.kernels import dispatch
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
+from tests.gpu_tokenizer import default_tokenizer_or_skip
 from tests.kernels.test_async_engine import word_tokenizer
 from tests.kernels.test_end_to_end import TINY
 
@@ -39,7 +40,9 @@ def model():
 
 def _engine(model, graph_prefill: bool, async_scheduling: bool = False,
             speculative: SpeculativeConfig | None = None, reference: bool = False) -> LLMEngine:
-    config = EngineConfig(model="tiny", device="cuda", dtype="float32",
+    """`model`: the module-scoped TINY model, or a saved HF model's directory."""
+    saved = isinstance(model, str)
+    config = EngineConfig(model=model if saved else "tiny", device="cuda", dtype="float32",
                           attention_backend="torch" if reference else "auto",
                           use_cuda_graphs=not reference, warmup=False if reference else None,
                           graph_prefill_max_context=CAP if graph_prefill else 0,
@@ -49,6 +52,8 @@ def _engine(model, graph_prefill: bool, async_scheduling: bool = False,
                           # steps of running decodes
                           scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32),
                           async_scheduling=async_scheduling)
+    if saved:
+        return LLMEngine(config)
     return LLMEngine(config, LoadedModel(TINY, model, word_tokenizer(TINY.vocab_size)))
 
 
@@ -113,18 +118,23 @@ def test_graph_prefill_greedy_equals_the_torch_reference_path(model):
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_graph_prefill_with_speculative_verification(model, async_scheduling):
-    # repetitive prompts: the n-gram proposer drafts, and verifications share steps with
-    # prompt rows of the late requests
+def test_graph_prefill_with_speculative_verification(cuda, tmp_path, monkeypatch,
+                                                     async_scheduling):
+    # the target drafts for itself (draft_model): greedy keeps every draft, so verification
+    # steps of k + 1 rows run, and share steps with the late requests' prompt rows
+    default_tokenizer_or_skip(monkeypatch)
+    from tests.engine.factories import save_tiny_hf_model
+
+    path = str(save_tiny_hf_model(tmp_path / "llama", "llama", seed=5))
     prompts = [[7 + (i % period) for i in range(n)] for period, n in
                ((3, 40), (5, 30), (7, 12), (4, 44), (6, 70))]
     params = [GREEDY] * len(prompts)
-    spec = SpeculativeConfig("ngram", 3, adaptive=False)
-    want = _drive(_engine(model, graph_prefill=False, async_scheduling=async_scheduling,
+    spec = SpeculativeConfig("draft_model", 3, adaptive=False, draft_model=path)
+    want = _drive(_engine(path, graph_prefill=False, async_scheduling=async_scheduling,
                           speculative=spec), prompts, params, late=2)
-    on = _engine(model, graph_prefill=True, async_scheduling=async_scheduling, speculative=spec)
+    on = _engine(path, graph_prefill=True, async_scheduling=async_scheduling, speculative=spec)
     assert _drive(on, prompts, params, late=2) == want
-    plain = _drive(_engine(model, graph_prefill=True), prompts, params, late=2)
+    plain = _drive(_engine(path, graph_prefill=True), prompts, params, late=2)
     assert plain == want  # speculative greedy is plain greedy
     stats = on.stats()
     assert stats.spec_draft_tokens > 0 and stats.spec_accepted_tokens > 0, stats
