@@ -4,6 +4,7 @@ weights, one GPU, the engine warmed up.
 1. forward: one 128-token prefill step through `ModelRunner.execute` (host preparation, the
    forward's launches, LM head, sampling), wall time to the sampled id on the host; and the GPU
    time of the same step (CUDA events), so the host's launch cost shows as the difference.
+   `forward_graph_*`: 100 and 128 tokens as one replay of the decode graph of their rows.
 2. ttft: `LLMEngine.add_request` + `step()` until the first token, prompts of 100 and 128
    tokens, median of 10, asynchronous and synchronous scheduling.
 3. where: the engine path under cProfile (host functions, cumulative) and under the torch
@@ -37,11 +38,15 @@ from engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E4
 from engine.llm_engine import LLMEngine  # noqa: E402
 
 
-def forward_ms(engine: LLMEngine, length: int) -> dict:
-    """One prefill through the runner alone: wall to the id on the host, and GPU time."""
+def forward_ms(engine: LLMEngine, length: int, graph_prefill: bool = False) -> dict:
+    """One prefill through the runner alone: wall to the id on the host, and GPU time; eager,
+    or (`graph_prefill`) as one replay of the decode graph of its rows."""
     from benchmarks.latency import Workload
+    from engine.plan import PlanBuilder
 
     work = Workload(engine.runner)
+    if graph_prefill:
+        work.planner = PlanBuilder(graph_prefill_max_context=length)
     work.next_block = engine.runner.kv_cache.shape[1] // 2  # clear of the engine's blocks
     walls, gpus = [], []
     for _ in range(12):
@@ -138,6 +143,8 @@ def main() -> None:
     rows = eager_prefill_rows()
     eng = engine(async_scheduling=True)
     rows["forward_128"] = forward_ms(eng, 128)
+    for n in (100, 128):  # the same prefill as rows of a decode graph (what graph prefill runs)
+        rows[f"forward_graph_{n}"] = forward_ms(eng, n, graph_prefill=True)
     for mode in ("async", "sync"):
         if mode == "sync":
             del eng
