@@ -28,10 +28,20 @@ def _ep_map(num_experts: int, held: list[int], device) -> torch.Tensor:
     return expert_map
 
 
+def _interpreter_tiles():
+    """Tiles for the interpreter: half the programs of the defaults (it runs them one by one)
+    and several K strips at these small sizes, so that every test walks across strip and slot
+    boundaries (the defaults' 256-wide strips cover hidden 64 / intermediate 48 in one)."""
+    from engine.kernels.moe_gemv import GemvTile, MoEGemvConfig
+
+    return MoEGemvConfig(GemvTile(16, 32), GemvTile(16, 32))
+
+
 def _check_gemv(device, dtype, num_tokens, num_experts, top_k, hidden=64, inter=48, hot=None,
                 config=None, expert_map=None):
-    """The GEMV path (forced) equals the oracle; returns (out, inputs)."""
-    from engine.kernels.moe_gemv import DEFAULT_CONFIG, moe_gemv_experts
+    """The GEMV path (forced) equals the oracle; returns (out, inputs). Without `config`: the
+    interpreter's tiles on the CPU, the production lookup (`get_config`) on CUDA."""
+    from engine.kernels.moe_gemv import moe_gemv_experts
 
     w13, w2 = _experts(num_experts, hidden, inter, dtype, device)
     x = torch.randn(num_tokens, hidden, device=device).to(dtype)
@@ -40,8 +50,9 @@ def _check_gemv(device, dtype, num_tokens, num_experts, top_k, hidden=64, inter=
     if expert_map is not None:
         held = (expert_map >= 0).nonzero().flatten()
         local13, local2 = w13[held].contiguous(), w2[held].contiguous()
-    out = moe_gemv_experts(x, local13, local2, weights, ids, expert_map,
-                           config or DEFAULT_CONFIG)
+    if config is None and device == "cpu":
+        config = _interpreter_tiles()
+    out = moe_gemv_experts(x, local13, local2, weights, ids, expert_map, config)
     assert out.shape == x.shape and out.dtype == dtype
     what = f"T={num_tokens} E={num_experts} k={top_k} H={hidden} I={inter}"
     assert_close(out, _reference(x, w13, w2, weights, ids, expert_map), dtype, what)
@@ -61,10 +72,10 @@ def test_decode_batches(device, dtype, num_tokens, num_experts, top_k):
 def test_ragged_tiles(device, dtype, hidden, inter):
     """Sizes that are no multiple of the tiles: partial N tiles and partial K strips in both
     kernels (tiles of 16 x 32), and the default tiles."""
-    from engine.kernels.moe_gemv import GemvTile, MoEGemvConfig
+    from engine.kernels.moe_gemv import DEFAULT_CONFIG, GemvTile, MoEGemvConfig
 
     small = MoEGemvConfig(GemvTile(16, 32), GemvTile(16, 32, num_warps=2))
-    for config in (small, None):
+    for config in (small, DEFAULT_CONFIG):
         _check_gemv(device, dtype, 6, 8, 2, hidden, inter, config=config)
 
 
