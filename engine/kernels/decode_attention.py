@@ -42,7 +42,7 @@ from engine.kv_cache.fp8 import is_fp8
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 32
-_CHUNK: tl.constexpr = tl.constexpr(4)  # splits whose partials one combine step loads together
+_COMBINE_REGS = 64  # float32 registers per thread for the partials one combine step loads
 
 
 @triton.jit
@@ -52,7 +52,8 @@ def _decode_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_out_pt
                    group, head_dim, BLOCK_SIZE: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
-                   FUSED_COMBINE: tl.constexpr, USE_PDL: tl.constexpr):
+                   FUSED_COMBINE: tl.constexpr, GROUP_POW2: tl.constexpr,
+                   COMBINE_CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait_and_release(USE_PDL)
     kv_head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
@@ -117,10 +118,14 @@ def _decode_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_out_pt
             tl.debug_barrier()  # all of this program's partial stores precede its release
             ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
             if ticket == num_active - 1:  # every other active split has released its partial
-                o = _combine_splits(part_out_ptr, part_lse_ptr, first_row, gmask, num_active,
-                                    d, dmask, NUM_SPLITS, BLOCK_D)
-                tl.store(out_ptr + seq * o_stride_t + heads[:, None] * o_stride_h + d[None, :],
-                         o.to(out_ptr.dtype.element_ty), mask=out_mask)
+                r = tl.arange(0, GROUP_POW2)  # the group's heads only, not the dot's padding
+                rows = kv_head * group + r
+                o = _combine_splits(part_out_ptr, part_lse_ptr,
+                                    (seq * (tl.num_programs(0) * group) + rows) * NUM_SPLITS,
+                                    r < group, num_active, d, dmask, NUM_SPLITS, BLOCK_D,
+                                    COMBINE_CHUNK)
+                tl.store(out_ptr + seq * o_stride_t + rows[:, None] * o_stride_h + d[None, :],
+                         o.to(out_ptr.dtype.element_ty), mask=(r < group)[:, None] & dmask)
                 tl.store(counter, 0)  # clean for the next launch (kernel end orders it)
 
 
@@ -148,14 +153,14 @@ def _store_partial(part_out_ptr, part_lse_ptr, rows, d, gmask, out_mask, acc, m_
 
 @triton.jit
 def _combine_splits(part_out_ptr, part_lse_ptr, first_rows, rmask, num_splits, d, dmask,
-                    NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+                    NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
     """[R, BLOCK_D] float32: the partials of rows first_rows + s, s < num_splits, weighted by
     exp2(lse - max lse). The max is exact in any order; the sums run one split after another
     (no `tl.sum`, whose order follows the layout the compiler picks), so the two paths agree
     bit for bit: the fused one stops at its active splits, the second kernel also adds the
-    empty ones, whose stored (lse -inf, zeros) add exactly nothing. Loads are issued _CHUNK
-    splits at a time (all at once spilled registers) and bypass L1 (`.cg`): in the fused path
-    other SMs wrote these lines during this launch."""
+    empty ones, whose stored (lse -inf, zeros) add exactly nothing. Loads are issued CHUNK
+    splits at a time (`_combine_chunk`: all at once, the fused kernel spilled) and bypass L1
+    (`.cg`): in the fused path other SMs wrote these lines during this launch."""
     splits_of_row = tl.where(rmask, num_splits, 0)  # [R]: masked rows read nothing
     s_all = tl.arange(0, NUM_SPLITS)
     lse_all = tl.load(part_lse_ptr + first_rows[:, None] + s_all[None, :],
@@ -164,8 +169,8 @@ def _combine_splits(part_out_ptr, part_lse_ptr, first_rows, rmask, num_splits, d
     m = tl.max(lse_all, axis=1)
     num = tl.zeros([first_rows.shape[0], BLOCK_D], tl.float32)
     den = tl.zeros(first_rows.shape, tl.float32)
-    for first in range(0, num_splits, _CHUNK):
-        for j in tl.static_range(_CHUNK):
+    for first in range(0, num_splits, CHUNK):
+        for j in tl.static_range(CHUNK):
             live = splits_of_row > first + j
             lse = tl.load(part_lse_ptr + first_rows + first + j, mask=live, other=float("-inf"),
                           cache_modifier=".cg")
@@ -188,9 +193,16 @@ def _combine_kernel(part_out_ptr, part_lse_ptr, out_ptr, o_stride_t, o_stride_h,
     dmask = d < head_dim
     first_row = (seq * num_heads + head) * NUM_SPLITS
     o = _combine_splits(part_out_ptr, part_lse_ptr, first_row, head < num_heads, NUM_SPLITS,
-                        d, dmask, NUM_SPLITS, BLOCK_D)
+                        d, dmask, NUM_SPLITS, BLOCK_D, NUM_SPLITS)  # one row: every load at once
     tl.store(out_ptr + seq * o_stride_t + head[:, None] * o_stride_h + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=dmask[None, :])
+
+
+def _combine_chunk(group: int, block_d: int, num_splits: int, num_warps: int = 4) -> int:
+    """Splits whose partials the fused reducer loads together: as many as _COMBINE_REGS
+    registers per thread hold (16 for GQA 4 at head_dim 128: two rounds for 32 splits)."""
+    per_split = triton.next_power_of_2(group) * block_d // (32 * num_warps)
+    return max(1, min(num_splits, _COMBINE_REGS // max(per_split, 1)))
 
 
 def num_splits_for(batch_size: int, num_kv_heads: int) -> int:
@@ -265,7 +277,8 @@ def decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, s
         BLOCK_SIZE=kv_layer.shape[2], NUM_SPLITS=splits,
         GROUP_PAD=max(16, triton.next_power_of_2(gsize)), BLOCK_D=block_d,
         BLOCK_N=32 if is_fp32 else 64, DOT_PRECISION="ieee" if is_fp32 else "tf32",
-        FP8=is_fp8(kv_layer), FUSED_COMBINE=fused, num_warps=4,
+        FP8=is_fp8(kv_layer), FUSED_COMBINE=fused, GROUP_POW2=triton.next_power_of_2(gsize),
+        COMBINE_CHUNK=_combine_chunk(gsize, block_d, splits), num_warps=4,
         num_stages=2 if is_fp32 else 3, **launch)
     if splits > 1 and not fused:
         _combine_kernel[(batch, num_heads)](
