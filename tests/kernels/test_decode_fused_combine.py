@@ -17,8 +17,9 @@ from tests.kernels.test_fp8_kv import _fp8_layer
 
 pytestmark = pytest.mark.gpu
 
-# (query heads, kv heads, head_dim): GQA groups of 1, 3 and 4
-HEADS = [(4, 4, 32), (6, 2, 32), (8, 2, 64)]
+# (query heads, kv heads, head_dim): GQA groups of 1, 3 (head_dim 80: padded to 128), 4 and 7
+# (a group that is not a power of two reduces with masked rows)
+HEADS = [(4, 4, 32), (6, 2, 80), (8, 2, 64), (7, 1, 128)]
 SPLITS = 4
 
 
