@@ -22,7 +22,10 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export OUT=${OUT:-/tmp/pdserve-out}
 mkdir -p "$OUT"
 cd "$dest" && echo "commit: $(cat .head_commit 2>/dev/null || echo unknown)"
+touch /tmp/pdserve-head.start
 bash -c "$*"
 rc=$?
-cp benchmarks/results/*.json engine/kernels/*_configs.json "$OUT/" 2>/dev/null
+# only what this call wrote (the tree holds dozens of older results)
+find benchmarks/results engine/kernels -newer /tmp/pdserve-head.start \( -name "*.json" -o -name "*.log" \) \
+  -exec cp {} "$OUT/" \; 2>/dev/null
 exit $rc
