@@ -8,20 +8,24 @@ a prefix of the stable order, so it is fully described by two numbers per row:
     cut = the largest kept token id among the tokens whose logit equals t
     kept(v)  <=>  x_v > t  or  (x_v == t and v <= cut).
 
-This kernel finds (t, cut) with one program per row and no sort:
+This kernel finds (t, cut) with one program per row and no sort. It searches over *keys*: the
+float32 bits of a logit as an int32, with the low 31 bits flipped for negatives (and -0 mapped
+to +0), so that key order is float order and equal keys are equal floats.
 1. one pass for the row max m and S = sum exp(x - m) (online, as in softmax);
-2. one pass that compacts the *candidates* x >= m + log(S (1 - p) / V) into a small buffer (in
-   id order): the tokens below that bound together hold less than 1 - p of the mass, so the
-   nucleus lies among the candidates. Usually a few dozen to a few hundred tokens; when more
-   than `CAP` qualify (a flat row, or top_p very close to 1) the search runs over the whole row;
-3. a bisection over float32 values for t = max{t : mass(x >= t) >= p}, one pass over the
-   candidates per step, stopping when the interval is one ulp wide (64 steps at most);
-4. one pass that counts the ties at t and picks the last kept one by id: the r-th tie (0-based,
-   in id order) is kept while mass(x > t) + r * p_t < p.
+2. one pass that compacts the *candidates* x >= m + log(S (1 - p) / V) into a per-row buffer
+   (key, exp(x - m), id; in id order): the tokens below that bound together hold less than
+   1 - p of the mass, so the nucleus lies among the candidates. When more than `CAP` qualify
+   (a very flat row, or top_p very close to 1) the search runs over the whole row instead;
+3. a k-ary search for K = max{k : mass(key >= k) >= p S}: each pass evaluates the mass at/above
+   `_NT` thresholds at once ([NT, BLOCK] compare, each exp(x - m) loaded or computed once per
+   element), shrinking the key interval (NT + 1)-fold: at most 8 passes for 2^32 keys;
+4. t = the smallest logit with key >= K, then one pass that counts the ties at t and picks the
+   last kept one by id: the r-th tie (0-based, in id order) is kept while mass(x > t) + r p_t < p.
 
 Masses are summed in a different order than the reference's cumsum, so a token whose mass
 before it lies within float rounding (~1e-7 relative) of top_p may fall on the other side;
 everywhere else the kept set is the reference's exactly (tests check it on fresh random rows).
+Scratch: CAP * 12 bytes per row (int32 key, float32 exp, int32 id).
 """
 
 from __future__ import annotations
@@ -30,35 +34,109 @@ import torch
 import triton
 import triton.language as tl
 
-_BLOCK = 1024
-CAP = 2048  # candidates kept per row before the search falls back to the whole row
-_MAX_STEPS = 64
+_ROW_BLOCK = 1024  # block of the full-row passes (max/sum, compaction)
+_BLOCK = 256  # block of the search passes: an [NT, BLOCK] tile, 32 fp32 per thread at 4 warps
+_NT = 32  # thresholds per search pass: the key interval shrinks 33-fold per pass
+CAP = 16384  # candidates kept per row before the search falls back to the whole row
 _NEG_INF = float("-inf")
+_KEY_MIN = tl.constexpr(-2147483648)
+_KEY_MAX = tl.constexpr(2147483647)
 
 
 @triton.jit
-def _mass_at_least(val_ptr, count, thr, m, BLOCK: tl.constexpr):
-    """sum over the first `count` values of exp(x - m) where x >= thr."""
-    acc = tl.zeros([BLOCK], tl.float32)
+def _key(x):
+    """Order-preserving int32 key of float32 x (-0 and +0 share key 0)."""
+    b = x.to(tl.int32, bitcast=True)
+    k = b ^ ((b >> 31) & 0x7FFFFFFF)
+    return tl.where(x == 0.0, 0, k)
+
+
+@triton.jit
+def _value(k):
+    """The float32 whose key is k (the inverse of `_key`)."""
+    b = k ^ ((k >> 31) & 0x7FFFFFFF)
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _chunk(src_ptr, e_ptr, id_ptr, start, count, m, FROM_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """(key, exp(x - m), id, valid) of elements [start, start + BLOCK) of the searched set:
+    the row's logits (FROM_ROW) or the candidate buffer (src_ptr = keys)."""
+    i = start + tl.arange(0, BLOCK)
+    valid = i < count
+    if FROM_ROW:
+        x = tl.load(src_ptr + i, mask=valid, other=float("-inf"))
+        k = _key(x)
+        e = tl.exp(x - m)
+        ids = i
+    else:
+        k = tl.load(src_ptr + i, mask=valid, other=0)
+        e = tl.load(e_ptr + i, mask=valid, other=0.0)
+        ids = tl.load(id_ptr + i, mask=valid, other=0)
+    return tl.where(valid, k, _KEY_MIN), tl.where(valid, e, 0.0), ids, valid
+
+
+@triton.jit
+def _search(src_ptr, e_ptr, id_ptr, count, m, lo, hi, target, FROM_ROW: tl.constexpr,
+            NT: tl.constexpr, BLOCK: tl.constexpr):
+    """Narrow [lo, hi) (int64 keys; mass(>= lo) >= target > mass(>= hi)) to one key: lo."""
+    j = (tl.arange(0, NT) + 1).to(tl.int64)
+    while hi - lo > 1:
+        step = (hi - lo + NT) // (NT + 1)
+        thr = tl.minimum(lo + j * step, hi).to(tl.int32)
+        acc = tl.zeros([NT, BLOCK], tl.float32)
+        for start in range(0, count, BLOCK):
+            k, e, ids, valid = _chunk(src_ptr, e_ptr, id_ptr, start, count, m, FROM_ROW, BLOCK)
+            acc += tl.where(k[None, :] >= thr[:, None], e[None, :], 0.0)
+        # masses are monotone in the threshold (nested sums in one order): count the passing
+        above = tl.sum((tl.sum(acc, axis=1) >= target).to(tl.int64), axis=0)
+        lo = lo + above * step
+        hi = tl.minimum(hi, lo + step)
+    return lo
+
+
+@triton.jit
+def _cut(src_ptr, e_ptr, id_ptr, count, m, lo, target, FROM_ROW: tl.constexpr,
+         BLOCK: tl.constexpr):
+    """(t, cut) once the search stopped at key lo: t = smallest logit with key >= lo; the ties
+    at t are kept in id order while the mass before them stays below target."""
+    t_vec = tl.full([BLOCK], _KEY_MAX, tl.int32)
     for start in range(0, count, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        x = tl.load(val_ptr + i, mask=i < count, other=float("-inf"))
-        acc += tl.where(x >= thr, tl.exp(x - m), 0.0)
-    return tl.sum(acc, axis=0)
+        k, e, ids, valid = _chunk(src_ptr, e_ptr, id_ptr, start, count, m, FROM_ROW, BLOCK)
+        t_vec = tl.minimum(t_vec, tl.where(k >= lo, k, _KEY_MAX))
+    t_key = tl.min(t_vec, axis=0)
+    gt_vec = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, count, BLOCK):
+        k, e, ids, valid = _chunk(src_ptr, e_ptr, id_ptr, start, count, m, FROM_ROW, BLOCK)
+        gt_vec += tl.where(k > t_key, e, 0.0)
+    mass_gt = tl.sum(gt_vec, axis=0)
+    t = _value(t_key)
+    p_t = tl.exp(t - m)
+    # the r-th tie (0-based) is kept while mass_gt + r * p_t < target
+    need = tl.maximum(tl.ceil((target - mass_gt) / p_t), 1.0).to(tl.int32)
+    seen = 0
+    cut = -1
+    for start in range(0, count, BLOCK):
+        k, e, ids, valid = _chunk(src_ptr, e_ptr, id_ptr, start, count, m, FROM_ROW, BLOCK)
+        tie = valid & (k == t_key)
+        rank = seen + tl.cumsum(tie.to(tl.int32), axis=0)
+        cut = tl.maximum(cut, tl.max(tl.where(tie & (rank <= need), ids, -1), axis=0))
+        seen += tl.sum(tie.to(tl.int32), axis=0)
+    return t, cut
 
 
 @triton.jit
-def _top_p_cut_kernel(logits_ptr, top_ps_ptr, cand_val_ptr, cand_id_ptr, thr_ptr, cut_ptr,
-                      vocab, row_stride, CAP: tl.constexpr, BLOCK: tl.constexpr,
-                      MAX_STEPS: tl.constexpr):
+def _top_p_cut_kernel(logits_ptr, top_ps_ptr, cand_key_ptr, cand_e_ptr, cand_id_ptr, thr_ptr,
+                      cut_ptr, vocab, row_stride, cap, ROW_BLOCK: tl.constexpr,
+                      BLOCK: tl.constexpr, NT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     p = tl.load(top_ps_ptr + row)
     row_ptr = logits_ptr + row * row_stride
     # 1. row max and sum of exp, online
-    m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
-    s_vec = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, vocab, BLOCK):
-        v = start + tl.arange(0, BLOCK)
+    m_vec = tl.full([ROW_BLOCK], float("-inf"), tl.float32)
+    s_vec = tl.zeros([ROW_BLOCK], tl.float32)
+    for start in range(0, vocab, ROW_BLOCK):
+        v = start + tl.arange(0, ROW_BLOCK)
         x = tl.load(row_ptr + v, mask=v < vocab, other=float("-inf"))
         new_m = tl.maximum(m_vec, x)
         scale = tl.exp(tl.where(m_vec == float("-inf"), float("-inf"), m_vec - new_m))
@@ -68,73 +146,37 @@ def _top_p_cut_kernel(logits_ptr, top_ps_ptr, cand_val_ptr, cand_id_ptr, thr_ptr
     m = tl.max(m_vec, axis=0)
     s = tl.sum(s_vec * tl.exp(tl.where(m_vec == float("-inf"), float("-inf"), m_vec - m)), axis=0)
     target = p * s
-    # 2. compact the candidates (id order) into this row's scratch
-    bound = m + tl.log(s * (1.0 - p) / vocab) - 1e-3
-    cand_val = cand_val_ptr + row * CAP
-    cand_id = cand_id_ptr + row * CAP
-    n = 0
-    for start in range(0, vocab, BLOCK):
-        v = start + tl.arange(0, BLOCK)
-        x = tl.load(row_ptr + v, mask=v < vocab, other=float("-inf"))
-        keep = (v < vocab) & (x >= bound)
-        pos = n + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-        tl.store(cand_val + pos, x, mask=keep & (pos < CAP))
-        tl.store(cand_id + pos, v, mask=keep & (pos < CAP))
-        n += tl.sum(keep.to(tl.int32), axis=0)
-    # the search runs over the candidates, or over the whole row when they overflowed
-    use_ids = n <= CAP
-    if use_ids:
-        vals = cand_val
-        count = n
-    else:
-        vals = row_ptr
-        count = vocab
-    # 3. bisection: mass(x >= lo) >= target > mass(x >= hi)
-    lo = bound
-    hi = m
-    top_mass = _mass_at_least(vals, count, m, m, BLOCK)
-    if top_mass >= target:
-        lo = m
-    steps = 0
-    mid = lo + (hi - lo) * 0.5
-    while (steps < MAX_STEPS) & (mid > lo) & (mid < hi):
-        if _mass_at_least(vals, count, mid, m, BLOCK) >= target:
-            lo = mid
+    t = tl.full((), float("-inf"), tl.float32)  # top_p >= 1: keep the whole row
+    cut = vocab
+    if p < 1.0:
+        # 2. compact the candidates (id order) into this row's scratch
+        bound = m + tl.log(s * (1.0 - p) / vocab) - 1e-3
+        lo = _key(bound).to(tl.int64)
+        hi = _key(m).to(tl.int64) + 1
+        cand_key = cand_key_ptr + row * cap
+        cand_e = cand_e_ptr + row * cap
+        cand_id = cand_id_ptr + row * cap
+        n = 0
+        for start in range(0, vocab, ROW_BLOCK):
+            v = start + tl.arange(0, ROW_BLOCK)
+            x = tl.load(row_ptr + v, mask=v < vocab, other=float("-inf"))
+            k = _key(x)
+            keep = (v < vocab) & (k >= lo)
+            pos = n + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+            fits = keep & (pos < cap)
+            tl.store(cand_key + pos, k, mask=fits)
+            tl.store(cand_e + pos, tl.exp(x - m), mask=fits)
+            tl.store(cand_id + pos, v, mask=fits)
+            n += tl.sum(keep.to(tl.int32), axis=0)
+        # 3-4. over the candidates, or over the whole row when they overflowed
+        if n <= cap:
+            lo = _search(cand_key, cand_e, cand_id, n, m, lo, hi, target, False, NT, BLOCK)
+            t, cut = _cut(cand_key, cand_e, cand_id, n, m, lo, target, False, BLOCK)
         else:
-            hi = mid
-        mid = lo + (hi - lo) * 0.5
-        steps += 1
-    # 4. t = the smallest value >= lo; ties at t kept in id order while mass stays < p
-    t_vec = tl.full([BLOCK], float("inf"), tl.float32)
-    for start in range(0, count, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        x = tl.load(vals + i, mask=i < count, other=float("-inf"))
-        t_vec = tl.minimum(t_vec, tl.where(x >= lo, x, float("inf")))
-    t = tl.min(t_vec, axis=0)
-    gt_vec = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, count, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        x = tl.load(vals + i, mask=i < count, other=float("-inf"))
-        gt_vec += tl.where(x > t, tl.exp(x - m), 0.0)
-    mass_gt = tl.sum(gt_vec, axis=0)
-    p_t = tl.exp(t - m)
-    # the r-th tie (0-based) is kept while mass_gt + r * p_t < target
-    need = tl.maximum(tl.ceil((target - mass_gt) / p_t), 1.0).to(tl.int32)
-    seen = 0
-    cut = -1
-    id_count = tl.where(use_ids, count, 0)  # candidates carry their ids; the whole row is i
-    for start in range(0, count, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        x = tl.load(vals + i, mask=i < count, other=float("-inf"))
-        tie = (i < count) & (x == t)
-        ids = tl.load(cand_id + i, mask=i < id_count, other=0)
-        ids = tl.where(use_ids, ids, i)
-        rank = seen + tl.cumsum(tie.to(tl.int32), axis=0)
-        cut = tl.maximum(cut, tl.max(tl.where(tie & (rank <= need), ids, -1), axis=0))
-        seen += tl.sum(tie.to(tl.int32), axis=0)
-    keep_all = p >= 1.0
-    tl.store(thr_ptr + row, tl.where(keep_all, float("-inf"), t))
-    tl.store(cut_ptr + row, tl.where(keep_all, vocab, cut))
+            lo = _search(row_ptr, row_ptr, row_ptr, vocab, m, lo, hi, target, True, NT, BLOCK)
+            t, cut = _cut(row_ptr, row_ptr, row_ptr, vocab, m, lo, target, True, BLOCK)
+    tl.store(thr_ptr + row, t)
+    tl.store(cut_ptr + row, cut)
 
 
 def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,13 +185,16 @@ def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor) -> tuple[torch.Tensor,
     batch, vocab = logits.shape
     logits = logits.float().contiguous()
     top_ps = top_ps.float().contiguous()
-    cand_val = torch.empty(batch, CAP, dtype=torch.float32, device=logits.device)
-    cand_id = torch.empty(batch, CAP, dtype=torch.int32, device=logits.device)
-    thr = torch.empty(batch, dtype=torch.float32, device=logits.device)
-    cut = torch.empty(batch, dtype=torch.int32, device=logits.device)
-    _top_p_cut_kernel[(batch,)](logits, top_ps, cand_val, cand_id, thr, cut, vocab,
-                                logits.stride(0), CAP=CAP, BLOCK=_BLOCK, MAX_STEPS=_MAX_STEPS,
-                                num_warps=8)
+    cap = min(CAP, vocab)
+    dev = logits.device
+    cand_key = torch.empty(batch, cap, dtype=torch.int32, device=dev)
+    cand_e = torch.empty(batch, cap, dtype=torch.float32, device=dev)
+    cand_id = torch.empty(batch, cap, dtype=torch.int32, device=dev)
+    thr = torch.empty(batch, dtype=torch.float32, device=dev)
+    cut = torch.empty(batch, dtype=torch.int32, device=dev)
+    _top_p_cut_kernel[(batch,)](logits, top_ps, cand_key, cand_e, cand_id, thr, cut, vocab,
+                                logits.stride(0), cap, ROW_BLOCK=_ROW_BLOCK, BLOCK=_BLOCK,
+                                NT=_NT, num_warps=4)
     return thr, cut
 
 
