@@ -116,7 +116,8 @@ class Setup:
         """One drafting round: a 2-token catch-up (the last step's bonus token and one kept
         draft), then k - 1 single-token steps."""
         proposer = DraftModelProposer(k, self.drafter.run, self.max_len, self.kv,
-                                      num_blocks_for(self.max_len, BLOCK_SIZE))
+                                      num_blocks_for(self.max_len, BLOCK_SIZE),
+                                      graph_rows=self.drafter.graph_rows)
 
         def round_() -> None:
             chunks = []

@@ -177,10 +177,14 @@ class PlanBuilder:
 
     def __init__(self, max_blocks_per_seq: int | None = None,
                  buckets: Sequence[int] = BATCH_BUCKETS, graph_prefill_max_context: int = 0,
-                 graph_prefill_max_rows: int | None = None) -> None:
+                 graph_prefill_max_rows: int | None = None,
+                 graph_chunk_max_tokens: int = 0) -> None:
         self.max_blocks_per_seq = max_blocks_per_seq
         self.buckets = tuple(sorted(buckets))
         self.graph_prefill_max_context = graph_prefill_max_context
+        # chunks of at most this many tokens run as rows at any context, as a verification's
+        # k + 1 rows do (the draft model's catch-up: accepted drafts plus the bonus token)
+        self.graph_chunk_max_tokens = graph_chunk_max_tokens
         self.graph_prefill_max_rows = min(graph_prefill_max_rows or self.buckets[-1],
                                           self.buckets[-1])
         self._sent: dict[str, tuple[list[int], int]] = {}  # table object, its length when sent
@@ -275,10 +279,12 @@ class PlanBuilder:
         if not chunks:
             return None
         limit = self.buckets[-1]
-        prompt_ends = [c.start + c.num_tokens for c in chunks if not c.spec_token_ids
-                       and not (c.num_tokens == 1 and c.start > 0 and c.samples)]
-        if prompt_ends:
-            if max(prompt_ends) > self.graph_prefill_max_context:  # also: 0 = off
+        prompt = [c for c in chunks if not c.spec_token_ids
+                  and not (c.num_tokens == 1 and c.start > 0 and c.samples)]
+        if prompt:
+            ends = [c.start + c.num_tokens for c in prompt
+                    if c.num_tokens > self.graph_chunk_max_tokens]
+            if ends and max(ends) > self.graph_prefill_max_context:  # also: 0 = off
                 return None
             limit = self.graph_prefill_max_rows
         if num_rows > limit:

@@ -186,4 +186,5 @@ def build_spec_decoding(config: SpeculativeConfig, executor, kv_manager,
                          "(tensor_parallel_size and pipeline_parallel_size 1)")
     return SpecDecoding(config, DraftModelProposer(
         config.num_speculative_tokens, drafter.run, drafter.max_model_len, kv_manager,
-        max_blocks_per_seq, max_catch_up_tokens=drafter.max_catch_up_tokens))
+        max_blocks_per_seq, max_catch_up_tokens=drafter.max_catch_up_tokens,
+        graph_rows=drafter.graph_rows))

@@ -71,8 +71,10 @@ class DraftModelProposer:
 
     def __init__(self, num_speculative_tokens: int, run: RunDraft, max_model_len: int,
                  kv_manager: KVCacheManager, max_blocks_per_seq: int,
-                 max_catch_up_tokens: int | None = None) -> None:
-        """`max_catch_up_tokens`: catch-up tokens per round (None: unbounded)."""
+                 max_catch_up_tokens: int | None = None, graph_rows: int = 0) -> None:
+        """`max_catch_up_tokens`: catch-up tokens per round (None: unbounded). `graph_rows`: rows
+        the draft runner captured decode graphs for (0: none); catch-ups of at most k + 1 tokens
+        per sequence replay them as rows instead of running eagerly."""
         if max_catch_up_tokens is not None and max_catch_up_tokens < 2:
             raise ValueError(f"max_catch_up_tokens must be >= 2, got {max_catch_up_tokens}")
         self.k = num_speculative_tokens
@@ -82,7 +84,9 @@ class DraftModelProposer:
         self.max_blocks_per_seq = max_blocks_per_seq
         self.max_catch_up_tokens = max_catch_up_tokens
         self.stats = CatchUpStats()
-        self._planner = PlanBuilder(max_blocks_per_seq)
+        self._planner = PlanBuilder(max_blocks_per_seq, graph_prefill_max_rows=graph_rows or None,
+                                    graph_chunk_max_tokens=num_speculative_tokens + 1
+                                    if graph_rows else 0)
         self._known: set[str] = set()  # requests whose table the draft runner holds
 
     def propose(self, token_ids: Sequence[int], max_tokens: int | None = None) -> list[int]:

@@ -76,8 +76,14 @@ class DraftRunner:
                                   config.device, use_cuda_graphs=config.use_cuda_graphs,
                                   max_model_len=max_model_len,
                                   max_num_seqs=config.speculative.max_batch_size)
-        if self.runner.decode_graphs is not None:  # single-token draft steps replay graphs
-            self.runner.decode_graphs.capture_up_to(config.speculative.max_batch_size)
+        # draft steps replay graphs: single-token steps, and catch-ups of up to k + 1 tokens
+        # per sequence (accepted drafts + bonus) as rows, all captured now
+        spec = config.speculative
+        self.graph_rows = (spec.num_speculative_tokens + 1) * spec.max_batch_size
+        if self.runner.decode_graphs is not None:
+            self.runner.decode_graphs.capture_up_to(self.graph_rows)
+        else:
+            self.graph_rows = 0
 
     def run(self, plans: Sequence[StepPlan]) -> list[int]:
         """Run a drafting round's plans in order; every plan's sampled ids, flat, in order."""

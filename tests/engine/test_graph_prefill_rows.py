@@ -95,6 +95,36 @@ def test_a_chunk_ending_mid_prompt_runs_as_rows_and_samples_nothing():
     assert _bucket([one], graph_prefill_max_context=32) == 1
 
 
+def test_short_chunks_run_as_rows_at_any_context_when_allowed():
+    """The draft model's catch-up (accepted drafts + bonus, <= k + 1 tokens) at a long context
+    runs as rows, as a verification's k + 1 rows do; longer chunks still follow the cap."""
+    request = _request("s", 60)
+    catch_up = _prompt(request, 57, 3, 0)  # 3 tokens after 57 computed
+    assert _bucket([catch_up]) is None  # the target's planner: graph prefill off
+    assert _bucket([catch_up], graph_chunk_max_tokens=3) == 4
+    assert _bucket([catch_up], graph_chunk_max_tokens=2) is None
+    longer = _prompt(_request("l", 60), 50, 10, 20)
+    assert _bucket([catch_up, longer], graph_chunk_max_tokens=3) is None
+    assert _bucket([catch_up, longer], graph_chunk_max_tokens=3,
+                   graph_prefill_max_context=60) == 16
+    decodes = [_decode(_request(f"d{i}", 5, 2), 4 * i + 40) for i in range(6)]
+    assert _bucket(decodes + [catch_up], graph_chunk_max_tokens=3,
+                   graph_prefill_max_rows=8) is None  # 9 rows past the captured rows
+    assert _bucket(decodes + [catch_up], graph_chunk_max_tokens=3,
+                   graph_prefill_max_rows=16) == 16
+
+
+def test_the_draft_planner_replays_catch_ups_within_its_captured_rows():
+    from engine.spec.draft_model import DraftModelProposer
+
+    proposer = DraftModelProposer(4, lambda plans: [], MAX_LEN, None, 16, graph_rows=40)
+    planner = proposer._planner
+    assert planner.graph_chunk_max_tokens == 5 and planner.graph_prefill_max_rows == 40
+    assert planner.graph_prefill_max_context == 0  # a whole prompt's catch-up runs eagerly
+    eager = DraftModelProposer(4, lambda plans: [], MAX_LEN, None, 16)._planner
+    assert eager.graph_chunk_max_tokens == 0  # no draft graphs (CPU): nothing changes
+
+
 def test_the_engine_planner_follows_the_config():
     config = EngineConfig(device="cpu", scheduler=SchedulerConfig(max_num_seqs=8))
     assert graph_rows(config) == 256  # min(512, 2048, largest bucket)
