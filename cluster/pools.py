@@ -81,8 +81,9 @@ def worker_specs(cfg: ClusterConfig, host: str) -> tuple[list[WorkerSpec], list[
                                    pool.num_kv_blocks, pool.max_num_seqs,
                                    pool.max_num_batched_tokens, pool.gpu_memory_utilization,
                                    pool.async_scheduling,
-                                   # prefill instances never run decode steps: no graphs to capture
-                                   use_cuda_graphs=pool.role == "decode",
+                                   # prefill instances too: their short prompts replay the
+                                   # captured graphs as rows (EngineConfig.graph_prefill_max_context)
+                                   use_cuda_graphs=True,
                                    enable_prefix_caching=pool.prefix_caching,
                                    kv_cache_dtype=pool.kv_cache_dtype,
                                    speculative=pool.speculative_config(),

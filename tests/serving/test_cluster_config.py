@@ -289,8 +289,9 @@ def test_async_scheduling_reaches_the_decode_engines():
     prefill, decode = worker_specs(cfg, "127.0.0.1")
     assert decode[0].engine.use_async_scheduling  # asked for, even on CPU
     assert not prefill[0].engine.use_async_scheduling  # the CPU default
-    # prefill instances run no decode steps: no CUDA graphs captured at their start
-    assert decode[0].engine.use_cuda_graphs and not prefill[0].engine.use_cuda_graphs
+    # prefill instances capture graphs too: short prompts replay them as rows
+    assert decode[0].engine.use_cuda_graphs and prefill[0].engine.use_cuda_graphs
+    assert prefill[0].engine.graph_prefill_max_context > 0
 
 
 def test_the_decode_queue_bound_reaches_the_decode_specs():
