@@ -264,6 +264,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--conversations", type=int, default=None, help="keep the first N")
     p.add_argument("--turns", type=int, default=None, help="keep each one's first N turns")
     p.add_argument("--warmup-conversations", type=int, default=8)
+    p.add_argument("--order", default="on,off,on",
+                   help="variants in run order (one process, same weights); the last of each "
+                        "is compared, an earlier one shows what running first costs")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--dtype", default="auto", help="auto: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--tiny", action="store_true", help="a two-layer Llama (CPU dry run)")
@@ -275,6 +278,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--result-file", type=Path, default=None,
                    help="default: results/multiturn_gpu_<gpu>.json on cuda, none on cpu")
     args = p.parse_args(argv)
+    names = args.order.split(",")
+    if not set(names) <= {"on", "off"} or not {"on", "off"} <= set(names):
+        p.error(f"--order: 'on' and 'off' (each at least once, comma-separated), got {args.order!r}")
     args.dtype = str(resolve_dtype(args.dtype, args.device)).removeprefix("torch.")
     return args
 
@@ -292,8 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     init_random_weights(model, seed=0)
     loaded = LoadedModel(cfg, model, IdsOnlyTokenizer())
     num_blocks = args.num_kv_blocks or kv_blocks_for(workload)
-    on, on_turns = run_variant(loaded, args, workload, warmup, True, num_blocks)
-    off, off_turns = run_variant(loaded, args, workload, warmup, False, num_blocks)
+    runs = {}  # the last run of each variant is the one compared
+    rows = []
+    for name in args.order.split(","):
+        row, turns = run_variant(loaded, args, workload, warmup, name == "on", num_blocks)
+        row["run"] = len(rows)
+        rows.append(row)
+        runs[name] = (row, turns)
+    (on, on_turns), (off, off_turns) = runs["on"], runs["off"]
     answers = compare_answers(on_turns, off_turns)
     payload = {
         "device": device_info() if args.device == "cuda" else {"gpu": "cpu",
@@ -308,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                      "turns": len(workload.conversations[0].turns),
                      "system_tokens": len(workload.system_token_ids),
                      "requests": workload.num_requests},
-        "variants": [on, off], "on_over_off": ratios(on, off), "answers_on_vs_off": answers,
+        "order": args.order, "variants": rows, "on_over_off": ratios(on, off),
+        "answers_on_vs_off": answers,
         "script_wall_s": round(time.perf_counter() - started, 1),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     path = args.result_file
@@ -322,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{answers['turns']} turns; whole script {payload['script_wall_s']} s")
     if path is not None:
         print(f"wrote {path}")
-    print_table([on, off, {"variant": "on / off", **payload["on_over_off"]}], COLUMNS)
+    print_table(rows + [{"variant": "on / off (last runs)", **payload["on_over_off"]}], COLUMNS)
+    for row in rows:
+        print(f"run {row['run']} {row['variant']}: TTFT p50 by turn {row['ttft_p50_ms_by_turn']}")
     if args.dtype == "float32" and answers["identical"] != answers["turns"]:
         print(f"FAILED: fp32 greedy answers differ with the cache on and off, first at "
               f"{answers['first_difference']}", file=sys.stderr)

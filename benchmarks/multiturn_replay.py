@@ -94,6 +94,11 @@ def summarize(turns: Sequence[TurnResult], prefix_hit_tokens: int) -> dict:
             "ttft_p50_ms": round(float(np.median(ttfts_ms)), 1),
             "ttft_p99_ms": round(float(np.percentile(ttfts_ms, 99)), 1),
             "ttft_mean_ms": round(float(ttfts_ms.mean()), 1),
+            # p50 by turn index: the first turn of each conversation is a cold prompt, later
+            # ones resend the history (where a prefix cache hits)
+            "ttft_p50_ms_by_turn": [round(float(np.median([t.ttft_s * 1e3 for t in turns
+                                                           if t.turn == i])), 1)
+                                    for i in range(max((t.turn for t in turns), default=-1) + 1)],
             "tpot_p50_ms": round(float(np.median(tpots_ms)), 2) if tpots_ms.size else None,
             "prompt_tokens": prompt_tokens,
             "prefill_tokens_computed": int(prompt_tokens - prefix_hit_tokens),

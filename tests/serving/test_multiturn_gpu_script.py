@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from benchmarks import multiturn_gpu
 from benchmarks.multiturn_replay import replay, shifted
 from benchmarks.multiturn_workload import generate
@@ -47,8 +49,12 @@ def test_the_gpu_script_dry_run_on_cpu_counts_hits_only_with_the_cache_on(tmp_pa
                              "--warmup-conversations", "2", "--result-file", str(result_file)])
     assert rc == 0
     result = json.loads(result_file.read_text())
-    on, off = result["variants"]
-    assert (on["prefix_caching"], off["prefix_caching"]) == (True, False)
+    first_on, off, on = result["variants"]  # the default order: on, off, on
+    assert [r["prefix_caching"] for r in (first_on, off, on)] == [True, False, True]
+    assert [r["run"] for r in (first_on, off, on)] == [0, 1, 2]
+    # each engine starts cold; how many hits a burst of first turns finds depends on timing
+    assert first_on["prefix_hit_tokens"] > 0 and on["prefix_hit_tokens"] > 0
+    assert len(on["ttft_p50_ms_by_turn"]) == 3 and min(on["ttft_p50_ms_by_turn"]) > 0
     assert on["requests"] == off["requests"] == 12
     assert on["prompt_tokens"] == off["prompt_tokens"]  # same answers -> same prompts
     assert on["prefix_hit_tokens"] > 0 and off["prefix_hit_tokens"] == 0
@@ -59,3 +65,8 @@ def test_the_gpu_script_dry_run_on_cpu_counts_hits_only_with_the_cache_on(tmp_pa
     assert result["answers_on_vs_off"]["identical"] == 12
     assert 0 < result["on_over_off"]["prefill_tokens_computed"] < 1
     assert "not applicable" in result["routing"]
+
+
+def test_the_gpu_script_refuses_an_order_without_both_variants(tmp_path):
+    with pytest.raises(SystemExit):
+        multiturn_gpu.main(["--tiny", "--device", "cpu", "--order", "on,on"])
