@@ -28,9 +28,6 @@ buckets inside; the nearest bucket by ratio is used, `DEFAULT_CONFIG` for shapes
 
 from __future__ import annotations
 
-import functools
-import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.moe_tile_configs import shape_key
+from engine.kernels.moe_tile_configs import clear_cache  # noqa: F401 (one cache for both files)
+from engine.kernels.moe_tile_configs import load_buckets, nearest_bucket, shape_key
 from engine.kernels.pdl import launch_options, pdl_wait_and_release
 
 CONFIG_PATH = Path(__file__).with_name("moe_gemv_configs.json")
@@ -81,28 +79,12 @@ class MoEGemvConfig:
 DEFAULT_CONFIG = MoEGemvConfig()
 
 
-@functools.lru_cache(maxsize=None)
-def _swept(path: Path) -> dict[str, dict[int, MoEGemvConfig]]:
-    if not path.exists():
-        return {}
-    raw = json.loads(path.read_text())
-    return {key: {int(m): MoEGemvConfig.from_json(cfg) for m, cfg in buckets.items()}
-            for key, buckets in raw.get("configs", {}).items()}
-
-
 def get_config(num_tokens: int, num_experts: int, hidden_size: int, intermediate_size: int,
                top_k: int, dtype: torch.dtype, path: Path | None = None) -> MoEGemvConfig:
     """The swept tiles of the nearest token bucket (by ratio), else `DEFAULT_CONFIG`."""
     key = shape_key(num_experts, hidden_size, intermediate_size, top_k, dtype)
-    buckets = _swept(path or CONFIG_PATH).get(key)
-    if not buckets:
-        return DEFAULT_CONFIG
-    return buckets[min(buckets, key=lambda m: abs(math.log2(m / max(num_tokens, 1))))]
-
-
-def clear_cache() -> None:
-    """Forget the loaded JSON (after a sweep rewrote it)."""
-    _swept.cache_clear()
+    buckets = load_buckets(path or CONFIG_PATH, MoEGemvConfig.from_json).get(key)
+    return nearest_bucket(buckets, num_tokens) if buckets else DEFAULT_CONFIG
 
 
 @triton.jit

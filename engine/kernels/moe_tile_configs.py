@@ -14,9 +14,13 @@ import functools
 import json
 import math
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 CONFIG_PATH = Path(__file__).with_name("fused_moe_configs.json")
 
@@ -73,23 +77,31 @@ def default_config(num_tokens: int, num_experts: int, top_k: int) -> MoETileConf
 
 
 @functools.lru_cache(maxsize=None)
-def _swept(path: Path) -> dict[str, dict[int, MoETileConfig]]:
+def load_buckets(path: Path, from_json: Callable[[dict], T]) -> dict[str, dict[int, T]]:
+    """A tiles JSON ({"configs": {shape key: {token bucket: config}}}) parsed once per file and
+    config type; {} when the file is absent (every shape gets its default)."""
     if not path.exists():
         return {}
     raw = json.loads(path.read_text())
-    return {key: {int(m): MoETileConfig.from_json(cfg) for m, cfg in buckets.items()}
+    return {key: {int(m): from_json(cfg) for m, cfg in buckets.items()}
             for key, buckets in raw.get("configs", {}).items()}
+
+
+def nearest_bucket(buckets: dict[int, T], num_tokens: int) -> T:
+    """The configuration swept at the token count nearest `num_tokens` by ratio."""
+    return buckets[min(buckets, key=lambda m: abs(math.log2(m / max(num_tokens, 1))))]
 
 
 def get_config(num_tokens: int, num_experts: int, hidden_size: int, intermediate_size: int,
                top_k: int, dtype: torch.dtype, path: Path | None = None) -> MoETileConfig:
     """The swept configuration of the nearest token bucket (by ratio), else `default_config`."""
-    buckets = _swept(path or CONFIG_PATH).get(shape_key(num_experts, hidden_size, intermediate_size, top_k, dtype))
+    key = shape_key(num_experts, hidden_size, intermediate_size, top_k, dtype)
+    buckets = load_buckets(path or CONFIG_PATH, MoETileConfig.from_json).get(key)
     if not buckets:
         return default_config(num_tokens, num_experts, top_k)
-    return buckets[min(buckets, key=lambda m: abs(math.log2(m / max(num_tokens, 1))))]
+    return nearest_bucket(buckets, num_tokens)
 
 
 def clear_cache() -> None:
-    """Forget the loaded JSON (after a sweep rewrote it)."""
-    _swept.cache_clear()
+    """Forget the loaded JSON files (after a sweep rewrote one)."""
+    load_buckets.cache_clear()
