@@ -18,7 +18,8 @@ to +0), so that key order is float order and equal keys are equal floats.
    (a very flat row, or top_p very close to 1) the search runs over the whole row instead;
 3. a k-ary search for K = max{k : mass(key >= k) >= p S}: each pass evaluates the mass at/above
    `_NT` thresholds at once ([NT, BLOCK] compare, each exp(x - m) loaded or computed once per
-   element), shrinking the key interval (NT + 1)-fold: at most 8 passes for 2^32 keys;
+   element), shrinking the key interval (NT + 1)-fold: at most 8 passes for 2^32 keys (NT = 16), about
+   6 for a typical candidate range;
 4. t = the smallest logit with key >= K, then one pass that counts the ties at t and picks the
    last kept one by id: the r-th tie (0-based, in id order) is kept while mass(x > t) + r p_t < p.
 
@@ -35,8 +36,9 @@ import triton
 import triton.language as tl
 
 _ROW_BLOCK = 1024  # block of the full-row passes (max/sum, compaction)
-_BLOCK = 256  # block of the search passes: an [NT, BLOCK] tile, 32 fp32 per thread at 4 warps
-_NT = 32  # thresholds per search pass: the key interval shrinks 33-fold per pass
+_BLOCK = 512  # block of the search passes: an [NT, BLOCK] fp32 tile, 32 per thread at 8 warps
+_NT = 16  # thresholds per search pass: the key interval shrinks 17-fold per pass
+_WARPS = 8
 CAP = 16384  # candidates kept per row before the search falls back to the whole row
 _NEG_INF = float("-inf")
 _KEY_MIN = tl.constexpr(-2147483648)
@@ -194,7 +196,7 @@ def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor) -> tuple[torch.Tensor,
     cut = torch.empty(batch, dtype=torch.int32, device=dev)
     _top_p_cut_kernel[(batch,)](logits, top_ps, cand_key, cand_e, cand_id, thr, cut, vocab,
                                 logits.stride(0), cap, ROW_BLOCK=_ROW_BLOCK, BLOCK=_BLOCK,
-                                NT=_NT, num_warps=4)
+                                NT=_NT, num_warps=_WARPS)
     return thr, cut
 
 

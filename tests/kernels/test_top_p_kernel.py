@@ -113,3 +113,107 @@ def test_sampler_on_cuda_uses_the_cut(cuda):
     finally:
         dispatch.use_triton(True)
     assert torch.equal(fast, slow)
+
+
+# --- the k-ary key search: worst cases (flat rows, overflowing candidates) and edge rows -----
+
+
+def _kept_exact(logits: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    """The sorting reference on float64 logits: at 128k tokens the float32 reference's own
+    cumsum drifts by more than 1e-5 around p (measured: 239 of 35k kept tokens at p 0.999), so
+    large rows are compared with the exact nucleus instead, under the same rounding allowance."""
+    return apply_top_p(logits.cpu().double(), top_ps.cpu().double()) != NEG_INF
+
+
+def _num_candidates(logits: torch.Tensor, top_ps: torch.Tensor) -> list[int]:
+    """How many tokens pass the kernel's candidate bound m + log(S (1 - p) / V) in each row."""
+    x = logits.cpu().double()
+    m = x.max(dim=1, keepdim=True).values
+    s = (x - m).exp().sum(dim=1, keepdim=True)
+    bound = m + torch.log(s * (1 - top_ps.cpu().double()[:, None]) / x.shape[1])
+    return (x >= bound).sum(dim=1).tolist()
+
+
+def test_flat_rows_at_a_full_vocabulary(device):
+    """The benchmark's row (randn * 3 / T 0.8 over 128256 tokens): at p 0.9 and 0.95 the
+    candidates fit the buffer, at 0.99 and 0.999 they overflow it and the search runs over the
+    whole row; every kept set equals the exact nucleus."""
+    from engine.kernels.top_p import CAP
+
+    top_ps = torch.tensor([0.9, 0.95, 0.99, 0.999], device=device)
+    logits = torch.randn(len(top_ps), 128256, device=device) * 3 / 0.8
+    counts = _num_candidates(logits, top_ps)
+    assert counts[0] < CAP and counts[-1] > CAP, counts
+    got, want = _kept(logits, top_ps), _kept_exact(logits, top_ps)
+    _assert_same_or_rounding(got, want, logits, top_ps)
+
+
+def test_whole_row_search_with_ties_and_masks(device):
+    """More candidates than CAP: a nearly uniform row (the nucleus itself exceeds the buffer),
+    quantized rows whose boundary falls inside a run of ties (kept in id order over the whole
+    row), and a flat row with every third token masked."""
+    from engine.kernels.top_p import CAP
+
+    vocab = 3 * CAP
+    logits = torch.randn(5, vocab, device=device)
+    logits[1:3] = (logits[1:3] * 2).round()
+    logits[3] = 1.0  # all tied: exactly ceil(p * V) lowest ids
+    logits[4, 1::3] = NEG_INF
+    top_ps = torch.tensor([0.9, 0.8, 0.95, 0.6, 0.8], device=device)
+    assert min(_num_candidates(logits, top_ps)) > CAP
+    got, want = _kept(logits, top_ps), _kept_exact(logits, top_ps)
+    assert got[3].nonzero().flatten().tolist() == list(range(int(0.6 * vocab) + 1))
+    assert not got[4, 1::3].any()
+    _assert_same_or_rounding(got, want, logits, top_ps)
+
+
+def test_peaked_rows_and_extreme_top_p(device):
+    """A dominant token, tiny top_p (only the top token, the lowest id among tied maxima),
+    top_p = 1 (the whole row) and top_p just below 1."""
+    vocab = 5000
+    logits = torch.randn(6, vocab, device=device) * 12
+    logits[0, 4321] = 1e4  # one-hot
+    logits[1, [7, 900, 4000]] = logits[1].max() + 1  # three tied maxima
+    top_ps = torch.tensor([0.999, 1e-6, 1.0, 0.9999, 1e-6, 0.5], device=device)
+    got, want = _kept(logits, top_ps), _kept_exact(logits, top_ps)
+    assert got[0].nonzero().flatten().tolist() == [4321]
+    assert got[1].nonzero().flatten().tolist() == [7]
+    assert got[2].all() and got[4].sum() == 1
+    _assert_same_or_rounding(got, want, logits, top_ps)
+
+
+def test_negative_logits_and_signed_zeros(device):
+    """The search orders int32 keys of the float bits: negative logits (flipped low bits) and
+    -0.0 == +0.0 (one key, so such ties are kept in id order as the stable sort keeps them)."""
+    vocab = 4000
+    logits = torch.randn(4, vocab, device=device) * 3 - 100.0  # all negative
+    zeros = torch.randint(0, 2, (vocab,), device=device).float() * -2 + 1  # +-1
+    logits[1] = torch.where(torch.rand(vocab, device=device) < 0.5, 0.0, 1.0) * zeros * 0.0
+    logits[1, :100] = 1.0  # boundary inside the run of mixed -0.0 / +0.0
+    logits[2] = torch.randn(vocab, device=device).round() * 0.5  # ties across the sign
+    logits[3, ::2] = -logits[3, ::2]  # mixed signs
+    top_ps = torch.tensor([0.9, 0.5, 0.7, 0.95], device=device)
+    assert (logits[1] == 0).sum() > 3000 and torch.signbit(logits[1]).sum() > 1000
+    got, want = _kept(logits, top_ps), _kept_ref(logits, top_ps)
+    _assert_same_or_rounding(got, want, logits, top_ps)
+
+
+def test_a_mixed_batch(device):
+    """One launch over rows that take every path: candidates in the buffer, overflow to the
+    whole row, ties, masks, a single live token, top_p 1 and tiny top_p."""
+    from engine.kernels.top_p import CAP
+
+    vocab = 2 * CAP + 123
+    logits = torch.randn(8, vocab, device=device) * 3 / 0.8
+    logits[1] = torch.randn(vocab, device=device) * 0.5  # overflow
+    logits[2] = (logits[2] / 2).round()  # ties
+    logits[3, : vocab // 2] = NEG_INF
+    logits[4, :-1] = NEG_INF  # one live token
+    logits[5] *= 4  # peaked
+    top_ps = torch.tensor([0.9, 0.95, 0.8, 0.9, 0.5, 0.99, 1.0, 1e-6], device=device)
+    counts = _num_candidates(logits, top_ps)
+    assert counts[0] < CAP < counts[1], counts
+    got, want = _kept(logits, top_ps), _kept_exact(logits, top_ps)
+    assert got[4].nonzero().flatten().tolist() == [vocab - 1] and got[6].all()
+    assert got[7].sum() == 1
+    _assert_same_or_rounding(got, want, logits, top_ps)
