@@ -15,7 +15,10 @@ to +0), so that key order is float order and equal keys are equal floats.
 2. one pass that compacts the *candidates* x >= m + log(S (1 - p) / V) into a per-row buffer
    (key, exp(x - m), id; in id order): the tokens below that bound together hold less than
    1 - p of the mass, so the nucleus lies among the candidates. When more than `CAP` qualify
-   (a very flat row, or top_p very close to 1) the search runs over the whole row instead;
+   (a flat row, or top_p close to 1) the search of step 3 first runs over the whole row, also
+   counting the tokens at/above each threshold, until those at/above its lower end fit the
+   buffer; they are compacted again and the search goes on there. Only a row whose nucleus
+   itself has more than `CAP` tokens is searched over the whole row to the end;
 3. a k-ary search for K = max{k : mass(key >= k) >= p S}: each pass evaluates the mass at/above
    `_NT` thresholds at once ([NT, BLOCK] compare, each exp(x - m) loaded or computed once per
    element), shrinking the key interval (NT + 1)-fold: at most 8 passes for 2^32 keys (NT = 16), about
@@ -79,22 +82,50 @@ def _chunk(src_ptr, e_ptr, id_ptr, start, count, m, FROM_ROW: tl.constexpr, BLOC
 
 
 @triton.jit
-def _search(src_ptr, e_ptr, id_ptr, count, m, lo, hi, target, FROM_ROW: tl.constexpr,
+def _search(src_ptr, e_ptr, id_ptr, count, m, lo, hi, target, n, cap, FROM_ROW: tl.constexpr,
             NT: tl.constexpr, BLOCK: tl.constexpr):
-    """Narrow [lo, hi) (int64 keys; mass(>= lo) >= target > mass(>= hi)) to one key: lo."""
+    """Narrow [lo, hi) (int64 keys; mass(>= lo) >= target > mass(>= hi)) to one key: lo. Over
+    the whole row (FROM_ROW) it also counts n = #(key >= lo) and stops as soon as n <= cap, so
+    that the keys >= lo can be compacted into the buffer; returns (lo, hi, n)."""
     j = (tl.arange(0, NT) + 1).to(tl.int64)
-    while hi - lo > 1:
+    while (hi - lo > 1) & (n > cap):
         step = (hi - lo + NT) // (NT + 1)
         thr = tl.minimum(lo + j * step, hi).to(tl.int32)
         acc = tl.zeros([NT, BLOCK], tl.float32)
+        num = tl.zeros([NT, BLOCK], tl.int32)
         for start in range(0, count, BLOCK):
             k, e, ids, valid = _chunk(src_ptr, e_ptr, id_ptr, start, count, m, FROM_ROW, BLOCK)
-            acc += tl.where(k[None, :] >= thr[:, None], e[None, :], 0.0)
+            at_least = k[None, :] >= thr[:, None]
+            acc += tl.where(at_least, e[None, :], 0.0)
+            if FROM_ROW:
+                num += at_least.to(tl.int32)
         # masses are monotone in the threshold (nested sums in one order): count the passing
         above = tl.sum((tl.sum(acc, axis=1) >= target).to(tl.int64), axis=0)
+        if FROM_ROW:
+            n_at = tl.sum(tl.where(j == above, tl.sum(num, axis=1), 0), axis=0)
+            n = tl.where(above > 0, n_at, n)
         lo = lo + above * step
         hi = tl.minimum(hi, lo + step)
-    return lo
+    return lo, hi, n
+
+
+@triton.jit
+def _compact(row_ptr, vocab, m, lo, cand_key, cand_e, cand_id, cap, ROW_BLOCK: tl.constexpr):
+    """Store (key, exp(x - m), id) of the tokens with key >= lo, in id order, while they fit in
+    the buffer; returns how many there are (stored or not)."""
+    n = 0
+    for start in range(0, vocab, ROW_BLOCK):
+        v = start + tl.arange(0, ROW_BLOCK)
+        x = tl.load(row_ptr + v, mask=v < vocab, other=float("-inf"))
+        k = _key(x)
+        keep = (v < vocab) & (k >= lo)
+        pos = n + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        fits = keep & (pos < cap)
+        tl.store(cand_key + pos, k, mask=fits)
+        tl.store(cand_e + pos, tl.exp(x - m), mask=fits)
+        tl.store(cand_id + pos, v, mask=fits)
+        n += tl.sum(keep.to(tl.int32), axis=0)
+    return n
 
 
 @triton.jit
@@ -158,24 +189,18 @@ def _top_p_cut_kernel(logits_ptr, top_ps_ptr, cand_key_ptr, cand_e_ptr, cand_id_
         cand_key = cand_key_ptr + row * cap
         cand_e = cand_e_ptr + row * cap
         cand_id = cand_id_ptr + row * cap
-        n = 0
-        for start in range(0, vocab, ROW_BLOCK):
-            v = start + tl.arange(0, ROW_BLOCK)
-            x = tl.load(row_ptr + v, mask=v < vocab, other=float("-inf"))
-            k = _key(x)
-            keep = (v < vocab) & (k >= lo)
-            pos = n + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-            fits = keep & (pos < cap)
-            tl.store(cand_key + pos, k, mask=fits)
-            tl.store(cand_e + pos, tl.exp(x - m), mask=fits)
-            tl.store(cand_id + pos, v, mask=fits)
-            n += tl.sum(keep.to(tl.int32), axis=0)
-        # 3-4. over the candidates, or over the whole row when they overflowed
+        n = _compact(row_ptr, vocab, m, lo, cand_key, cand_e, cand_id, cap, ROW_BLOCK)
+        if n > cap:  # overflow: narrow over the whole row until the keys >= lo fit
+            lo, hi, n = _search(row_ptr, row_ptr, row_ptr, vocab, m, lo, hi, target, n, cap,
+                                True, NT, BLOCK)
+            if n <= cap:
+                n = _compact(row_ptr, vocab, m, lo, cand_key, cand_e, cand_id, cap, ROW_BLOCK)
+        # 3-4. over the candidates, or (the nucleus itself overflows) over the whole row
         if n <= cap:
-            lo = _search(cand_key, cand_e, cand_id, n, m, lo, hi, target, False, NT, BLOCK)
+            lo, hi, n = _search(cand_key, cand_e, cand_id, n, m, lo, hi, target, n, -1, False,
+                                NT, BLOCK)
             t, cut = _cut(cand_key, cand_e, cand_id, n, m, lo, target, False, BLOCK)
         else:
-            lo = _search(row_ptr, row_ptr, row_ptr, vocab, m, lo, hi, target, True, NT, BLOCK)
             t, cut = _cut(row_ptr, row_ptr, row_ptr, vocab, m, lo, target, True, BLOCK)
     tl.store(thr_ptr + row, t)
     tl.store(cut_ptr + row, cut)
