@@ -21,17 +21,33 @@ SiLU-and-mul rounds its output to the dtype as the unfused kernel does.
 
 Used for bf16/fp16 on CUDA when the input is a single row and the weight is one of the sizes
 where it wins (`supports`); everything else stays with cuBLAS.
+
+Tiles: `gemv_configs.json` (beside this file, read-only here), written by
+`benchmarks/gemv_sweep.py --shapes ... --write-configs` on the GPU it names. Keys name a GPU,
+prologue and weight shape, "gpu=NVIDIA H100 80GB HBM3,prologue=rms_norm,N=5120,K=2048"
+(prologue: plain, rms_norm (with or without the residual add) or silu_mul; N, K: this rank's
+weight), values are [BLOCK_N, BLOCK_K, num_warps, num_stages]. A shape never swept on this GPU
+(or no file) gets the prologue's constant below, chosen on the Llama-3-8B shapes. The lookup
+is cached per (prologue, N, K, device): after the first call of a shape, one dict lookup.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import json
+import re
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
 from engine.kernels.pdl import launch_options, pdl_wait_and_release
+from engine.kernels.prefill_attention_configs import device_name
+
+CONFIG_PATH = Path(__file__).with_name("gemv_configs.json")
+GemvConfig = tuple[int, int, int, int]  # BLOCK_N, BLOCK_K, num_warps, num_stages
 
 
 class Prologue(enum.IntEnum):
@@ -117,6 +133,81 @@ SILU_CONFIG = (8, 1024, 4, 1)
 NORM_CONFIG = (4, 256, 4, 1)
 
 
+PROLOGUE_NAMES = {Prologue.NONE: "plain", Prologue.SILU_MUL: "silu_mul",
+                  Prologue.RMS_NORM: "rms_norm", Prologue.ADD_RMS_NORM: "rms_norm"}
+DEFAULT_CONFIGS: dict[str, GemvConfig] = {"plain": DEFAULT_CONFIG, "rms_norm": NORM_CONFIG,
+                                          "silu_mul": SILU_CONFIG}
+_KEY = re.compile(r"gpu=[^,]+,prologue=(plain|rms_norm|silu_mul),N=[1-9][0-9]*,K=[1-9][0-9]*")
+
+
+def shape_key(gpu: str, prologue: str, n: int, k: int) -> str:
+    return f"gpu={gpu},prologue={prologue},N={n},K={k}"
+
+
+def get_config(prologue: str, n: int, k: int, device: torch.device | str,
+               path: Path | None = None) -> GemvConfig:
+    """The swept tile of this GPU, prologue and [N, K] weight, else the prologue's constant."""
+    return _lookup(prologue, n, k, device, path or CONFIG_PATH)
+
+
+@functools.lru_cache(maxsize=None)
+def _lookup(prologue: str, n: int, k: int, device: torch.device | str,
+            path: Path) -> GemvConfig:
+    if prologue not in DEFAULT_CONFIGS:
+        raise ValueError(f"prologue must be one of {sorted(DEFAULT_CONFIGS)}, got {prologue!r}")
+    key = shape_key(device_name(torch.device(device)), prologue, n, k)
+    return _swept(path).get(key, DEFAULT_CONFIGS[prologue])
+
+
+@functools.lru_cache(maxsize=None)
+def _swept(path: Path) -> dict[str, GemvConfig]:
+    """The JSON's configs, checked: a malformed file is an error naming it, not a silent
+    fallback (it is checked in, and a fallback would hide the slowdown it exists to fix)."""
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        configs = raw["configs"]
+        if not isinstance(configs, dict):
+            raise ValueError(f"'configs' must be an object, got {type(configs).__name__}")
+        return {key: _checked(key, value) for key, value in configs.items()}
+    except (ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"malformed GEMV tile configs in {path}: {exc!r}") from exc
+
+
+def _checked(key: str, value) -> GemvConfig:
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"key {key!r} is not 'gpu=...,prologue=plain|rms_norm|silu_mul,N=..,K=..'")
+    if (not isinstance(value, list) or len(value) != 4
+            or not all(type(v) is int and v > 0 for v in value)):
+        raise ValueError(f"{key}: value must be [BLOCK_N, BLOCK_K, num_warps, num_stages] "
+                         f"of positive ints, got {value!r}")
+    block_n, block_k, warps, stages = value
+    for name, v in (("BLOCK_N", block_n), ("BLOCK_K", block_k), ("num_warps", warps)):
+        if v & (v - 1):
+            raise ValueError(f"{key}: {name} must be a power of two, got {v}")
+    if stages > 8:
+        raise ValueError(f"{key}: num_stages must be in 1..8, got {stages}")
+    return block_n, block_k, warps, stages
+
+
+def write_configs(configs: dict[str, GemvConfig], note: str, path: Path | None = None) -> None:
+    """Merge `configs` into the JSON (other keys kept) and forget the loaded copy. For the
+    sweep only: serving reads the file, never writes it."""
+    path = path or CONFIG_PATH
+    merged = dict(_swept(path))
+    merged.update({key: _checked(key, list(cfg)) for key, cfg in configs.items()})
+    payload = {"note": note, "configs": {key: list(merged[key]) for key in sorted(merged)}}
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    clear_cache()
+
+
+def clear_cache() -> None:
+    """Forget the loaded JSON and the lookups (after a sweep rewrote it)."""
+    _swept.cache_clear()
+    _lookup.cache_clear()
+
+
 def supports(x: torch.Tensor, weight: torch.Tensor,
              max_elements: int = MAX_WEIGHT_ELEMENTS) -> bool:
     """One row of bf16/fp16 input against a row-major weight of the same dtype, small enough
@@ -127,14 +218,15 @@ def supports(x: torch.Tensor, weight: torch.Tensor,
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: tuple[int, int, int, int] = DEFAULT_CONFIG) -> torch.Tensor:
-    """x: [1, K], weight: [N, K], bias: [N] or None -> [1, N] (F.linear for one row)."""
+         config: GemvConfig | None = None) -> torch.Tensor:
+    """x: [1, K], weight: [N, K], bias: [N] or None -> [1, N] (F.linear for one row).
+    `config` (all three functions): the tile; None looks it up (`get_config`)."""
     _check_features(x.shape[-1], weight)
     return _launch(x, weight, bias, Prologue.NONE, config=config)
 
 
 def silu_and_mul_gemv(x: torch.Tensor, weight: torch.Tensor,
-                      config: tuple[int, int, int, int] = SILU_CONFIG) -> torch.Tensor:
+                      config: GemvConfig | None = None) -> torch.Tensor:
     """x: [1, 2K] = [gate | up], weight: [N, K] -> F.linear(silu(gate) * up, weight)."""
     if x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul needs an even number of features, got {x.shape[-1]}")
@@ -144,8 +236,7 @@ def silu_and_mul_gemv(x: torch.Tensor, weight: torch.Tensor,
 
 def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
                   eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: tuple[int, int, int, int] = NORM_CONFIG
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(F.linear(rms_norm(h) * norm_weight, weight, bias), h) with h = x (+ residual):
     x, residual: [1, K]; weight: [N, K]."""
     _check_features(x.shape[-1], weight)
@@ -165,8 +256,10 @@ def _check_features(k: int, weight: torch.Tensor) -> None:
 
 
 def _launch(x, weight, bias, prologue: Prologue, norm_weight=None, eps: float = 0.0,
-            residual=None, res_out=None, config=DEFAULT_CONFIG) -> torch.Tensor:
+            residual=None, res_out=None, config: GemvConfig | None = None) -> torch.Tensor:
     n, k = weight.shape
+    if config is None:
+        config = get_config(PROLOGUE_NAMES[prologue], n, k, x.device)
     block_n, block_k, warps, stages = config
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
