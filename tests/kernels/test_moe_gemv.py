@@ -19,6 +19,9 @@ from tests.kernels.test_fused_moe import _experts, _reference, _routing, _skip_u
 pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# fp16 shares bf16's code path (16-bit loads, fp32 accumulation): in `make test` (the interpreter
+# on CPU) its cases run with `make test-slow`; on a GPU every dtype runs
+DTYPES_CI = [torch.float32, pytest.param(torch.float16, marks=pytest.mark.slow), torch.bfloat16]
 
 
 def _ep_map(num_experts: int, held: list[int], device) -> torch.Tensor:
@@ -59,7 +62,7 @@ def _check_gemv(device, dtype, num_tokens, num_experts, top_k, hidden=64, inter=
     return out, (x, weights, ids)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES_CI, ids=str)
 @pytest.mark.parametrize("num_tokens,num_experts,top_k", [
     (1, 8, 1), (3, 8, 2), (1, 128, 8), (8, 128, 8), (5, 16, 8), (32, 8, 2), (64, 8, 1)])
 def test_decode_batches(device, dtype, num_tokens, num_experts, top_k):
@@ -67,7 +70,7 @@ def test_decode_batches(device, dtype, num_tokens, num_experts, top_k):
     _check_gemv(device, dtype, num_tokens, num_experts, top_k)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES_CI, ids=str)
 @pytest.mark.parametrize("hidden,inter", [(72, 40), (66, 36), (40, 72)])
 def test_ragged_tiles(device, dtype, hidden, inter):
     """Sizes that are no multiple of the tiles: partial N tiles and partial K strips in both
@@ -85,7 +88,7 @@ def test_experts_without_tokens(device, dtype):
     _check_gemv(device, dtype, 24, 32, 2, hidden=72, inter=40, hot=3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES_CI, ids=str)
 @pytest.mark.parametrize("top_k", [1, 2, 8])
 def test_expert_map_drops_other_ranks_experts(device, dtype, top_k):
     """Rank holding global experts {1, 4, 6, 7} of 8: the other experts' pairs add zero, and a
@@ -181,7 +184,8 @@ def path_calls(monkeypatch) -> list[str]:
     return calls
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float16,
+                                                                marks=pytest.mark.slow)], ids=str)
 def test_dispatch_by_pair_count(device, dtype, path_calls):
     """At most GEMV_MAX_PAIRS pairs: the GEMV path; one pair more: the grouped GEMMs. Both give
     the reference, and forcing either path overrides the threshold."""
