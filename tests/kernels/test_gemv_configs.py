@@ -176,3 +176,26 @@ def test_explicit_config_wins(device, tmp_path, monkeypatch, launched):
     assert_close(gemv_mod.gemv(x, w, config=(4, 16, 1, 1)), ref, dtype, "explicit")
     assert launched == [(2, 32, 2, 1), (4, 16, 1, 1)]
     clear_cache()
+
+
+def test_swept_shapes_are_the_ones_dispatch_sends_to_the_gemv():
+    """benchmarks/gemv_sweep.py --shapes lists only weights `supports` accepts (a cuBLAS shape
+    would be swept for nothing), each model's once, Qwen3-30B-A3B's q/k/v and o included."""
+    from benchmarks.gemv_sweep import MODEL_SHAPES, model_shapes, tile_candidates
+    from engine.kernels.gemv import DEFAULT_CONFIGS, MAX_FUSED_SILU_ELEMENTS, supports
+
+    assert {(n, k, p) for _, n, k, p in model_shapes("qwen3-moe")} == {
+        (5120, 2048, "rms_norm"), (2048, 4096, "plain")}
+    every = model_shapes("all")
+    assert len(every) == len({(n, k, p) for _, n, k, p in every})
+    assert len(every) == len({s[1:] for model in MODEL_SHAPES for s in MODEL_SHAPES[model]})
+    for name, n, k, prologue in every:
+        x = torch.empty(1, 2 * k if prologue == "silu_mul" else k, dtype=torch.bfloat16,
+                        device="meta")
+        limit = (MAX_FUSED_SILU_ELEMENTS if prologue == "silu_mul"
+                 else gemv_mod.MAX_WEIGHT_ELEMENTS)
+        assert supports(x, torch.empty(n, k, dtype=torch.bfloat16, device="meta"), limit), name
+        candidates = tile_candidates(k, DEFAULT_CONFIGS[prologue])
+        assert candidates[0] == DEFAULT_CONFIGS[prologue]
+        assert len(set(candidates)) == len(candidates)
+        assert all(cfg[1] <= k for cfg in candidates[1:])
