@@ -195,6 +195,7 @@ def write_configs(configs: dict[str, GemvConfig], note: str, path: Path | None =
     """Merge `configs` into the JSON (other keys kept) and forget the loaded copy. For the
     sweep only: serving reads the file, never writes it."""
     path = path or CONFIG_PATH
+    _swept.cache_clear()  # merge with the file as it is now
     merged = dict(_swept(path))
     merged.update({key: _checked(key, list(cfg)) for key, cfg in configs.items()})
     payload = {"note": note, "configs": {key: list(merged[key]) for key in sorted(merged)}}
