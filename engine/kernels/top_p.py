@@ -21,8 +21,10 @@ to +0), so that key order is float order and equal keys are equal floats.
    itself has more than `CAP` tokens is searched over the whole row to the end;
 3. a k-ary search for K = max{k : mass(key >= k) >= p S}: each pass evaluates the mass at/above
    `_NT` thresholds at once ([NT, BLOCK] compare, each exp(x - m) loaded or computed once per
-   element), shrinking the key interval (NT + 1)-fold: at most 8 passes for 2^32 keys (NT = 16), about
-   6 for a typical candidate range;
+   element), shrinking the key interval (NT + 1)-fold: at most 8 passes for 2^32 keys (NT = 16),
+   about 6 for a typical candidate range. Over the buffer each pass also compacts it in place to
+   the tokens inside the current interval (the mass above it is carried as one number), so the
+   passes after the first read a few hundred tokens instead of all candidates;
 4. t = the smallest logit with key >= K, then one pass that counts the ties at t and picks the
    last kept one by id: the r-th tie (0-based, in id order) is kept while mass(x > t) + r p_t < p.
 
@@ -39,7 +41,8 @@ import triton
 import triton.language as tl
 
 _ROW_BLOCK = 1024  # block of the full-row passes (max/sum, compaction)
-_BLOCK = 512  # block of the search passes: an [NT, BLOCK] fp32 tile, 32 per thread at 8 warps
+_BLOCK = 512  # search passes: an [NT, BLOCK] fp32 tile, 32 per thread at 8 warps (sm_90 AOT:
+# 165 registers, no spills)
 _NT = 16  # thresholds per search pass: the key interval shrinks 17-fold per pass
 _WARPS = 8
 CAP = 16384  # candidates kept per row before the search falls back to the whole row
@@ -82,31 +85,72 @@ def _chunk(src_ptr, e_ptr, id_ptr, start, count, m, FROM_ROW: tl.constexpr, BLOC
 
 
 @triton.jit
-def _search(src_ptr, e_ptr, id_ptr, count, m, lo, hi, target, n, cap, FROM_ROW: tl.constexpr,
-            NT: tl.constexpr, BLOCK: tl.constexpr):
-    """Narrow [lo, hi) (int64 keys; mass(>= lo) >= target > mass(>= hi)) to one key: lo. Over
-    the whole row (FROM_ROW) it also counts n = #(key >= lo) and stops as soon as n <= cap, so
-    that the keys >= lo can be compacted into the buffer; returns (lo, hi, n)."""
+def _narrow_row(row_ptr, vocab, m, lo, hi, target, n, cap, NT: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """k-ary passes over the whole row on [lo, hi) (int64 keys; mass(>= lo) >= target >
+    mass(>= hi)), counting n = #(key >= lo), until n <= cap (the keys >= lo fit the buffer) or
+    the interval is one key wide; returns (lo, hi, n)."""
     j = (tl.arange(0, NT) + 1).to(tl.int64)
     while (hi - lo > 1) & (n > cap):
         step = (hi - lo + NT) // (NT + 1)
         thr = tl.minimum(lo + j * step, hi).to(tl.int32)
         acc = tl.zeros([NT, BLOCK], tl.float32)
         num = tl.zeros([NT, BLOCK], tl.int32)
-        for start in range(0, count, BLOCK):
-            k, e, ids, valid = _chunk(src_ptr, e_ptr, id_ptr, start, count, m, FROM_ROW, BLOCK)
+        for start in range(0, vocab, BLOCK):
+            k, e, ids, valid = _chunk(row_ptr, row_ptr, row_ptr, start, vocab, m, True, BLOCK)
             at_least = k[None, :] >= thr[:, None]
             acc += tl.where(at_least, e[None, :], 0.0)
-            if FROM_ROW:
-                num += at_least.to(tl.int32)
+            num += at_least.to(tl.int32)
         # masses are monotone in the threshold (nested sums in one order): count the passing
         above = tl.sum((tl.sum(acc, axis=1) >= target).to(tl.int64), axis=0)
-        if FROM_ROW:
-            n_at = tl.sum(tl.where(j == above, tl.sum(num, axis=1), 0), axis=0)
-            n = tl.where(above > 0, n_at, n)
+        n = tl.where(above > 0, tl.sum(tl.where(j == above, tl.sum(num, axis=1), 0), axis=0), n)
         lo = lo + above * step
         hi = tl.minimum(hi, lo + step)
     return lo, hi, n
+
+
+@triton.jit
+def _search_buffer(key_ptr, e_ptr, id_ptr, n, m, lo, hi, target, NT: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """k-ary passes over the candidate buffer on [lo, hi), each also compacting the buffer in
+    place to the tokens inside [lo, hi): those below can no longer matter, the mass of those
+    at/above hi is carried as `mass_hi` (and their smallest key as `min_above`). Returns
+    (lo, n, mass_hi, min_above) with the buffer holding the tokens of the last pass's interval,
+    which contains the key lo the search stopped at."""
+    j = (tl.arange(0, NT) + 1).to(tl.int64)
+    mass_hi = tl.zeros((), tl.float32)
+    min_above = tl.full((), _KEY_MAX, tl.int32)
+    while hi - lo > 1:
+        step = (hi - lo + NT) // (NT + 1)
+        thr = tl.minimum(lo + j * step, hi).to(tl.int32)
+        lo32 = lo.to(tl.int32)
+        hi32 = hi.to(tl.int32)
+        acc = tl.zeros([NT, BLOCK], tl.float32)
+        high_vec = tl.zeros([BLOCK], tl.float32)
+        min_vec = tl.full([BLOCK], _KEY_MAX, tl.int32)
+        kept = 0
+        for start in range(0, n, BLOCK):
+            k, e, ids, valid = _chunk(key_ptr, e_ptr, id_ptr, start, n, m, False, BLOCK)
+            tl.debug_barrier()  # every warp holds this block before any slot of it is rewritten
+            high = valid & (k >= hi32)
+            inside = valid & (k >= lo32) & (k < hi32)
+            high_vec += tl.where(high, e, 0.0)
+            min_vec = tl.minimum(min_vec, tl.where(high, k, _KEY_MAX))
+            acc += tl.where(k[None, :] >= thr[:, None], tl.where(inside, e, 0.0)[None, :], 0.0)
+            pos = kept + tl.cumsum(inside.to(tl.int32), axis=0) - 1
+            tl.store(key_ptr + pos, k, mask=inside)
+            tl.store(e_ptr + pos, e, mask=inside)
+            tl.store(id_ptr + pos, ids, mask=inside)
+            kept += tl.sum(inside.to(tl.int32), axis=0)
+        tl.debug_barrier()  # the compacted buffer is visible to every warp of the next pass
+        mass_hi += tl.sum(high_vec, axis=0)
+        min_above = tl.minimum(min_above, tl.min(min_vec, axis=0))
+        n = kept
+        # masses are monotone in the threshold (nested sums in one order): count the passing
+        above = tl.sum((mass_hi + tl.sum(acc, axis=1) >= target).to(tl.int64), axis=0)
+        lo = lo + above * step
+        hi = tl.minimum(hi, lo + step)
+    return lo, n, mass_hi, min_above
 
 
 @triton.jit
@@ -129,20 +173,25 @@ def _compact(row_ptr, vocab, m, lo, cand_key, cand_e, cand_id, cap, ROW_BLOCK: t
 
 
 @triton.jit
-def _cut(src_ptr, e_ptr, id_ptr, count, m, lo, target, FROM_ROW: tl.constexpr,
-         BLOCK: tl.constexpr):
+def _cut(src_ptr, e_ptr, id_ptr, count, m, lo, target, mass_hi, min_above,
+         FROM_ROW: tl.constexpr, BLOCK: tl.constexpr):
     """(t, cut) once the search stopped at key lo: t = smallest logit with key >= lo; the ties
-    at t are kept in id order while the mass before them stays below target."""
+    at t are kept in id order while the mass before them stays below target. `mass_hi` and
+    `min_above`: mass and smallest key of the tokens above the searched set (see
+    `_search_buffer`); if none of its tokens is >= lo (only when rounding made the search's
+    masses disagree), every token from min_above up is kept."""
     t_vec = tl.full([BLOCK], _KEY_MAX, tl.int32)
     for start in range(0, count, BLOCK):
         k, e, ids, valid = _chunk(src_ptr, e_ptr, id_ptr, start, count, m, FROM_ROW, BLOCK)
         t_vec = tl.minimum(t_vec, tl.where(k >= lo, k, _KEY_MAX))
     t_key = tl.min(t_vec, axis=0)
+    none_inside = t_key == _KEY_MAX
+    t_key = tl.minimum(t_key, min_above)
     gt_vec = tl.zeros([BLOCK], tl.float32)
     for start in range(0, count, BLOCK):
         k, e, ids, valid = _chunk(src_ptr, e_ptr, id_ptr, start, count, m, FROM_ROW, BLOCK)
         gt_vec += tl.where(k > t_key, e, 0.0)
-    mass_gt = tl.sum(gt_vec, axis=0)
+    mass_gt = mass_hi + tl.sum(gt_vec, axis=0)
     t = _value(t_key)
     p_t = tl.exp(t - m)
     # the r-th tie (0-based) is kept while mass_gt + r * p_t < target
@@ -155,7 +204,7 @@ def _cut(src_ptr, e_ptr, id_ptr, count, m, lo, target, FROM_ROW: tl.constexpr,
         rank = seen + tl.cumsum(tie.to(tl.int32), axis=0)
         cut = tl.maximum(cut, tl.max(tl.where(tie & (rank <= need), ids, -1), axis=0))
         seen += tl.sum(tie.to(tl.int32), axis=0)
-    return t, cut
+    return t, tl.where(none_inside, _KEY_MAX, cut)
 
 
 @triton.jit
@@ -191,17 +240,18 @@ def _top_p_cut_kernel(logits_ptr, top_ps_ptr, cand_key_ptr, cand_e_ptr, cand_id_
         cand_id = cand_id_ptr + row * cap
         n = _compact(row_ptr, vocab, m, lo, cand_key, cand_e, cand_id, cap, ROW_BLOCK)
         if n > cap:  # overflow: narrow over the whole row until the keys >= lo fit
-            lo, hi, n = _search(row_ptr, row_ptr, row_ptr, vocab, m, lo, hi, target, n, cap,
-                                True, NT, BLOCK)
+            lo, hi, n = _narrow_row(row_ptr, vocab, m, lo, hi, target, n, cap, NT, BLOCK)
             if n <= cap:
                 n = _compact(row_ptr, vocab, m, lo, cand_key, cand_e, cand_id, cap, ROW_BLOCK)
         # 3-4. over the candidates, or (the nucleus itself overflows) over the whole row
         if n <= cap:
-            lo, hi, n = _search(cand_key, cand_e, cand_id, n, m, lo, hi, target, n, -1, False,
-                                NT, BLOCK)
-            t, cut = _cut(cand_key, cand_e, cand_id, n, m, lo, target, False, BLOCK)
+            lo, n, mass_hi, min_above = _search_buffer(cand_key, cand_e, cand_id, n, m, lo, hi,
+                                                       target, NT, BLOCK)
+            t, cut = _cut(cand_key, cand_e, cand_id, n, m, lo, target, mass_hi, min_above,
+                          False, BLOCK)
         else:
-            t, cut = _cut(row_ptr, row_ptr, row_ptr, vocab, m, lo, target, True, BLOCK)
+            t, cut = _cut(row_ptr, row_ptr, row_ptr, vocab, m, lo, target, 0.0, _KEY_MAX, True,
+                          BLOCK)
     tl.store(thr_ptr + row, t)
     tl.store(cut_ptr + row, cut)
 
