@@ -9,10 +9,11 @@ plan builder decides which prompt chunks qualify (engine/plan.py `PlanBuilder._b
 A step of B rows runs the graph of the smallest bucket >= B (1, 2, 4, ... 256; eager above).
 Graphs read static input buffers that each step overwrites: token ids, positions, cache slots,
 context lengths and block tables padded to max_model_len / block_size columns. The padded rows
-of a bucket write no KV (slot -1) and attend to one token, and their logits are dropped. Nothing in the graph depends on host-side lengths (the decode kernel splits each
-context on the device), so one capture serves every context length. A token in flight (see
-engine/inflight.py) has no id on the host: its row names the row of the runner's `sampled_ids`
-that holds it, and the graph reads it from there; the graph also writes its greedy picks there.
+of a bucket write no KV (slot -1) and attend to one token, and their logits are dropped. Nothing
+in the graph depends on host-side lengths (the decode kernel splits each context on the device),
+so one capture serves every context length. A token in flight (see engine/inflight.py) has no id
+on the host: its row names the row of the runner's `sampled_ids` that holds it, and the graph
+reads it from there; the graph also writes its greedy picks there.
 
 Host cost per step is what the GPU waits for between two replays, so it is kept small: the four
 per-row inputs travel in one copy from a pinned staging buffer, block tables only when a
