@@ -169,6 +169,7 @@ def _compact(row_ptr, vocab, m, lo, cand_key, cand_e, cand_id, cap, ROW_BLOCK: t
         tl.store(cand_e + pos, tl.exp(x - m), mask=fits)
         tl.store(cand_id + pos, v, mask=fits)
         n += tl.sum(keep.to(tl.int32), axis=0)
+    tl.debug_barrier()  # the buffer is visible to every warp of the search
     return n
 
 
