@@ -8,10 +8,12 @@ a prefix of the stable order, so it is fully described by two numbers per row:
     cut = the largest kept token id among the tokens whose logit equals t
     kept(v)  <=>  x_v > t  or  (x_v == t and v <= cut).
 
-This kernel finds (t, cut) with one program per row and no sort. It searches over *keys*: the
-float32 bits of a logit as an int32, with the low 31 bits flipped for negatives (and -0 mapped
-to +0), so that key order is float order and equal keys are equal floats.
-1. one pass for the row max m and S = sum exp(x - m) (online, as in softmax);
+This kernel finds (t, cut) with one program per row (after a split first pass) and no sort.
+It searches over *keys*: the float32 bits of a logit as an int32, with the low 31 bits flipped
+for negatives (and -0 mapped to +0), so that key order is float order and equal keys are equal
+floats.
+1. the row max m and S = sum exp(x - m) (online, as in softmax), split over programs of
+   `_STATS_CHUNK` tokens (`_row_stats_kernel`) and merged by the row's program;
 2. one pass that compacts the *candidates* x >= m + log(S (1 - p) / V) into a per-row buffer
    (key, exp(x - m), id; in id order): the tokens below that bound together hold less than
    1 - p of the mass, so the nucleus lies among the candidates. When more than `CAP` qualify
@@ -41,6 +43,7 @@ import triton
 import triton.language as tl
 
 _ROW_BLOCK = 1024  # block of the full-row passes (max/sum, compaction)
+_STATS_CHUNK = 8192  # tokens per program of the split max/sum pass (16 programs a 128k row)
 _BLOCK = 512  # search passes: an [NT, BLOCK] fp32 tile, 32 per thread at 8 warps (sm_90 AOT:
 # 165 registers, no spills)
 _NT = 16  # thresholds per search pass: the key interval shrinks 17-fold per pass
@@ -209,25 +212,50 @@ def _cut(src_ptr, e_ptr, id_ptr, count, m, lo, target, mass_hi, min_above,
 
 
 @triton.jit
-def _top_p_cut_kernel(logits_ptr, top_ps_ptr, cand_key_ptr, cand_e_ptr, cand_id_ptr, thr_ptr,
-                      cut_ptr, vocab, row_stride, cap, ROW_BLOCK: tl.constexpr,
-                      BLOCK: tl.constexpr, NT: tl.constexpr):
+def _row_stats_kernel(logits_ptr, stats_ptr, vocab, row_stride, chunk, SPLITS: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """Step 1, split: program (row, j) writes the max m_j and sum exp(x - m_j) of its `chunk`
+    of the row (online, as in softmax) to stats[row, j] (m) and stats[row, SPLITS + j] (s)."""
     row = tl.program_id(0).to(tl.int64)
-    p = tl.load(top_ps_ptr + row)
+    split = tl.program_id(1)
     row_ptr = logits_ptr + row * row_stride
-    # 1. row max and sum of exp, online
-    m_vec = tl.full([ROW_BLOCK], float("-inf"), tl.float32)
-    s_vec = tl.zeros([ROW_BLOCK], tl.float32)
-    for start in range(0, vocab, ROW_BLOCK):
-        v = start + tl.arange(0, ROW_BLOCK)
-        x = tl.load(row_ptr + v, mask=v < vocab, other=float("-inf"))
+    end = tl.minimum(split * chunk + chunk, vocab)
+    m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
+    s_vec = tl.zeros([BLOCK], tl.float32)
+    for start in range(split * chunk, end, BLOCK):
+        v = start + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr + v, mask=v < end, other=float("-inf"))
         new_m = tl.maximum(m_vec, x)
         scale = tl.exp(tl.where(m_vec == float("-inf"), float("-inf"), m_vec - new_m))
         term = tl.exp(tl.where(x == float("-inf"), float("-inf"), x - new_m))
         s_vec = s_vec * scale + term
         m_vec = new_m
+    m, s = _merge_max_sum(m_vec, s_vec)
+    tl.store(stats_ptr + row * 2 * SPLITS + split, m)
+    tl.store(stats_ptr + row * 2 * SPLITS + SPLITS + split, s)
+
+
+@triton.jit
+def _merge_max_sum(m_vec, s_vec):
+    """(max, sum exp(x - max)) from partial maxima and sums (partial max -inf: empty)."""
     m = tl.max(m_vec, axis=0)
-    s = tl.sum(s_vec * tl.exp(tl.where(m_vec == float("-inf"), float("-inf"), m_vec - m)), axis=0)
+    scale = tl.exp(tl.where(m_vec == float("-inf"), float("-inf"), m_vec - m))
+    return m, tl.sum(tl.where(m_vec == float("-inf"), 0.0, s_vec * scale), axis=0)
+
+
+@triton.jit
+def _top_p_cut_kernel(logits_ptr, top_ps_ptr, stats_ptr, cand_key_ptr, cand_e_ptr, cand_id_ptr,
+                      thr_ptr, cut_ptr, vocab, row_stride, cap, num_splits,
+                      SPLITS: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+                      NT: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    p = tl.load(top_ps_ptr + row)
+    row_ptr = logits_ptr + row * row_stride
+    # 1. row max and sum of exp, from the split partials of `_row_stats_kernel`
+    j = tl.arange(0, SPLITS)
+    m_part = tl.load(stats_ptr + row * 2 * SPLITS + j, mask=j < num_splits, other=float("-inf"))
+    s_part = tl.load(stats_ptr + row * 2 * SPLITS + SPLITS + j, mask=j < num_splits, other=0.0)
+    m, s = _merge_max_sum(m_part, s_part)
     target = p * s
     t = tl.full((), float("-inf"), tl.float32)  # top_p >= 1: keep the whole row
     cut = vocab
@@ -264,15 +292,20 @@ def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor) -> tuple[torch.Tensor,
     logits = logits.float().contiguous()
     top_ps = top_ps.float().contiguous()
     cap = min(CAP, vocab)
+    num_splits = triton.cdiv(vocab, _STATS_CHUNK)
+    splits = triton.next_power_of_2(num_splits)
     dev = logits.device
+    stats = torch.empty(batch, 2 * splits, dtype=torch.float32, device=dev)
     cand_key = torch.empty(batch, cap, dtype=torch.int32, device=dev)
     cand_e = torch.empty(batch, cap, dtype=torch.float32, device=dev)
     cand_id = torch.empty(batch, cap, dtype=torch.int32, device=dev)
     thr = torch.empty(batch, dtype=torch.float32, device=dev)
     cut = torch.empty(batch, dtype=torch.int32, device=dev)
-    _top_p_cut_kernel[(batch,)](logits, top_ps, cand_key, cand_e, cand_id, thr, cut, vocab,
-                                logits.stride(0), cap, ROW_BLOCK=_ROW_BLOCK, BLOCK=_BLOCK,
-                                NT=_NT, num_warps=_WARPS)
+    _row_stats_kernel[(batch, num_splits)](logits, stats, vocab, logits.stride(0), _STATS_CHUNK,
+                                           SPLITS=splits, BLOCK=_ROW_BLOCK, num_warps=4)
+    _top_p_cut_kernel[(batch,)](logits, top_ps, stats, cand_key, cand_e, cand_id, thr, cut,
+                                vocab, logits.stride(0), cap, num_splits, SPLITS=splits,
+                                ROW_BLOCK=_ROW_BLOCK, BLOCK=_BLOCK, NT=_NT, num_warps=_WARPS)
     return thr, cut
 
 
