@@ -33,7 +33,8 @@ floats.
 Masses are summed in a different order than the reference's cumsum, so a token whose mass
 before it lies within float rounding (~1e-7 relative) of top_p may fall on the other side;
 everywhere else the kept set is the reference's exactly (tests check it on fresh random rows).
-Scratch: CAP * 12 bytes per row (int32 key, float32 exp, int32 id).
+Scratch per row: min(CAP, V) * 12 bytes (int32 key, float32 exp, int32 id: 192 KiB at CAP
+16384) plus 8 bytes per max/sum split (128 B at V = 128256).
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ import triton.language as tl
 _ROW_BLOCK = 1024  # block of the full-row passes (max/sum, compaction)
 _STATS_CHUNK = 8192  # tokens per program of the split max/sum pass (16 programs a 128k row)
 _BLOCK = 512  # search passes: an [NT, BLOCK] fp32 tile, 32 per thread at 8 warps (sm_90 AOT:
-# 165 registers, no spills)
+# 167 registers, no spills)
 _NT = 16  # thresholds per search pass: the key interval shrinks 17-fold per pass
 _WARPS = 8
-CAP = 16384  # candidates kept per row before the search falls back to the whole row
+CAP = 16384  # candidate slots per row; beyond them the search narrows over the whole row first
 _NEG_INF = float("-inf")
 _KEY_MIN = tl.constexpr(-2147483648)
 _KEY_MAX = tl.constexpr(2147483647)
