@@ -105,8 +105,10 @@ def _narrow_row(row_ptr, vocab, m, lo, hi, target, n, cap, NT: tl.constexpr,
             at_least = k[None, :] >= thr[:, None]
             acc += tl.where(at_least, e[None, :], 0.0)
             num += at_least.to(tl.int32)
-        # masses are monotone in the threshold (nested sums in one order): count the passing
-        above = tl.sum((tl.sum(acc, axis=1) >= target).to(tl.int64), axis=0)
+        # masses are monotone in the threshold (nested sums in one order): count the passing;
+        # a threshold clamped to hi is known to fail (rounding in this pass may disagree)
+        passing = (tl.sum(acc, axis=1) >= target) & (thr < hi)
+        above = tl.sum(passing.to(tl.int64), axis=0)
         n = tl.where(above > 0, tl.sum(tl.where(j == above, tl.sum(num, axis=1), 0), axis=0), n)
         lo = lo + above * step
         hi = tl.minimum(hi, lo + step)
@@ -150,8 +152,10 @@ def _search_buffer(key_ptr, e_ptr, id_ptr, n, m, lo, hi, target, NT: tl.constexp
         mass_hi += tl.sum(high_vec, axis=0)
         min_above = tl.minimum(min_above, tl.min(min_vec, axis=0))
         n = kept
-        # masses are monotone in the threshold (nested sums in one order): count the passing
-        above = tl.sum((mass_hi + tl.sum(acc, axis=1) >= target).to(tl.int64), axis=0)
+        # masses are monotone in the threshold (nested sums in one order): count the passing;
+        # a threshold clamped to hi is known to fail (rounding in this pass may disagree)
+        passing = (mass_hi + tl.sum(acc, axis=1) >= target) & (thr < hi)
+        above = tl.sum(passing.to(tl.int64), axis=0)
         lo = lo + above * step
         hi = tl.minimum(hi, lo + step)
     return lo, n, mass_hi, min_above

@@ -217,3 +217,21 @@ def test_a_mixed_batch(device):
     assert got[4].nonzero().flatten().tolist() == [vocab - 1] and got[6].all()
     assert got[7].sum() == 1
     _assert_same_or_rounding(got, want, logits, top_ps)
+
+
+def test_top_p_next_to_one(device):
+    """p within 1e-5..1e-7 of 1: the mass of the boundary tokens is a few float32 ulps of the
+    row's, so the passes of the search may disagree by rounding (then the kernel keeps every
+    token from the smallest one above the searched interval up); the kept set still differs from
+    the exact nucleus only at tokens whose mass before them is within 1e-6 of p."""
+    scales = torch.tensor([3.0, 8.0, 20.0], device=device).repeat_interleave(3)
+    top_ps = torch.tensor([0.99999, 0.999999, 0.9999999], device=device).repeat(3)
+    logits = torch.randn(len(top_ps), 3000, device=device) * scales[:, None]
+    got, want = _kept(logits, top_ps), _kept_exact(logits, top_ps)
+    assert got.any(dim=1).all(), "every row keeps at least its top token"
+    for row in (got != want).any(dim=1).nonzero().flatten().tolist():
+        probs = logits[row].cpu().double().softmax(-1)
+        order = torch.sort(logits[row].cpu(), descending=True, stable=True).indices
+        before = (probs[order].cumsum(0) - probs[order])[torch.argsort(order)]
+        gaps = (before[got[row] != want[row]] - top_ps[row].item()).abs()
+        assert gaps.max() < 1e-6, f"row {row}: mass before {gaps.max():.3g} away from p"
