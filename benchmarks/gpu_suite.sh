@@ -6,6 +6,11 @@
 # kernels : benchmarks/kernels.py      latency : benchmarks/latency.py
 # profile : benchmarks/profile_decode.py (where a decode step's time goes)
 # fp8     : benchmarks/fp8_kv.py (fp8 vs bf16 KV)   first : benchmarks/first_request.py (warm-up)
+# ttft    : benchmarks/ttft_profile.py (graph prefill on/off)
+# gemv    : benchmarks/gemv_sweep.py --shapes qwen3-moe --write-configs (per-shape GEMV tiles)
+# moe     : benchmarks/moe_latency.py, Qwen3-30B-A3B shape, batch 1 and 8, no HF baseline
+# spec    : benchmarks/spec_decode.py --draft-costs (verification / drafting costs)
+# multiturn : benchmarks/multiturn_gpu.py (prefix caching on/off, run order on, off, on)
 # Logs and result JSON go to $OUT (default /tmp/pdserve-gpu); a summary is printed last.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -13,6 +18,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/pdserve-gpu}
 mkdir -p "$OUT"
 parts=${*:-tests engine kernels latency}
+started=$(mktemp)  # results newer than this are this run's (only those go to $OUT)
 summary="$OUT/summary.txt"
 : > "$summary"
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm \
@@ -45,7 +51,21 @@ for p in $parts; do
            tail -n 6 "$OUT/first.log" >> "$summary" ;;
     profile) run profile 150 python3 benchmarks/profile_decode.py
              grep -E '"(batch|replay_ms|execute_ms|roofline_ms)"' "$OUT/profile.log" >> "$summary" ;;
+    ttft) run ttft 120 python3 benchmarks/ttft_profile.py
+          tail -n 3 "$OUT/ttft.log" | cut -c1-600 >> "$summary" ;;
+    gemv) run gemv 400 python3 benchmarks/gemv_sweep.py --shapes qwen3-moe --write-configs \
+            --budget-s 300
+          grep -v "^\[" "$OUT/gemv.log" | tail -n 12 >> "$summary" ;;
+    moe) run moe 150 python3 benchmarks/moe_latency.py --skip-hf --models qwen3 --qwen-layers 32 \
+           --batches 1,8
+         tail -n 5 "$OUT/moe.log" >> "$summary" ;;
+    spec) run spec 200 python3 benchmarks/spec_decode.py --draft-costs --device cuda --batches 1,8,32
+          grep -E "^batch" "$OUT/spec.log" | cut -c1-200 >> "$summary" ;;
+    multiturn) run multiturn 300 python3 benchmarks/multiturn_gpu.py
+               tail -n 9 "$OUT/multiturn.log" >> "$summary" ;;
+    *) echo "unknown part: $p" | tee -a "$summary" ;;
   esac
 done
-cp benchmarks/results/*.json "$OUT/" 2>/dev/null
+# only what this run wrote: the device returns a bounded number of files per call
+find benchmarks/results engine/kernels -newer "$started" -name "*.json" -exec cp {} "$OUT/" \;
 echo; cat "$summary"
