@@ -102,12 +102,7 @@ def sweep_fused(bw: float) -> list:
         row = {"fusion": name, "unfused_ms": ms, "unfused_%bw": pct, "configs": []}
         ref = unfused(ws[0]).float()
         for cfg in CONFIGS:
-            try:
-                err = ((fused(ws[0], cfg).float() - ref).norm() / ref.norm()).item()
-                ms, pct = rate(lambda w: fused(w, cfg))
-                row["configs"].append({"config": cfg, "ms": ms, "%bw": pct, "rel_err": err})
-            except Exception as exc:  # a config the compiler rejects
-                row["configs"].append({"config": cfg, "error": repr(exc)[:200]})
+            row["configs"].append(_time_tile(fused, cfg, ws[0], ref, rate, "ms"))
         row["best"] = min((c for c in row["configs"] if "ms" in c), key=lambda c: c["ms"])
         b = row["best"]
         print(f"{name:18s} unfused {row['unfused_ms']*1e3:7.1f} us   fused best {b['config']} "
@@ -193,12 +188,7 @@ def sweep_shape(shape: tuple[str, int, int, str], bw: float, deadline: float) ->
         if row["configs"] and time.monotonic() > deadline:
             row["out_of_time"] = True
             break
-        try:
-            err = ((run(ws[0], cfg).float() - ref).norm() / ref.norm()).item()
-            us, pct = rate(lambda w: run(w, cfg))
-            row["configs"].append({"config": cfg, "us": us, "%bw": pct, "rel_err": err})
-        except Exception as exc:  # a tile the compiler rejects
-            row["configs"].append({"config": cfg, "error": repr(exc)[:200]})
+        row["configs"].append(_time_tile(run, cfg, ws[0], ref, rate, "us"))
     row["default"] = row["configs"][0]
     valid = [c for c in row["configs"] if "us" in c and c["rel_err"] < 2e-2]
     row["best"] = min(valid, key=lambda c: c["us"]) if valid else None
@@ -206,6 +196,17 @@ def sweep_shape(shape: tuple[str, int, int, str], bw: float, deadline: float) ->
     del ws
     torch.cuda.empty_cache()
     return row
+
+
+def _time_tile(run, cfg, w0, ref, rate, unit: str) -> dict:
+    """One candidate tile: its error against `ref` (relative, 2-norm) on `w0` and its time and
+    bandwidth from `rate` (in `unit`), or the error of a tile the compiler rejects."""
+    try:
+        err = ((run(w0, cfg).float() - ref).norm() / ref.norm()).item()
+        t, pct = rate(lambda w: run(w, cfg))
+        return {"config": cfg, unit: t, "%bw": pct, "rel_err": err}
+    except Exception as exc:  # a tile the compiler rejects
+        return {"config": cfg, "error": repr(exc)[:200]}
 
 
 def _print_shape(row: dict) -> None:
