@@ -28,16 +28,26 @@ source "$(dirname "$0")/suite_run.sh"
 
 for p in $parts; do
   case $p in
-    tests) run tests 400 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
-             tests/kernels/test_end_to_end.py tests/kernels/test_fused_ops.py \
-             tests/kernels/test_attention.py tests/kernels/test_graph_inputs.py tests/kernels/test_gemv.py tests/kernels/test_pdl.py \
-             tests/kernels/test_async_engine.py tests/kernels/test_sampling_kernel.py \
-             tests/kernels/test_top_p_kernel.py tests/kernels/test_fp8_kv.py \
-             tests/kernels/test_verify_graphs.py tests/kernels/test_fused_moe.py \
-             tests/kernels/test_moe_route.py tests/kernels/test_moe_gemv.py \
-             tests/kernels/test_decode_fused_combine.py tests/kernels/test_graph_prefill.py
-           grep -E "RESULT|passed|failed|error" "$OUT/tests.log" | tail -n 8 >> "$summary"
-           grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20 >> "$summary" ;;
+    tests) # four pytest processes at once: Triton compilation is CPU-bound and the box has 16 cores
+           t0=$SECONDS
+           k=tests/kernels
+           run tests_a 450 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
+             $k/test_end_to_end.py $k/test_async_engine.py $k/test_graph_prefill.py \
+             tests/engine/test_sampler.py &
+           run tests_b 450 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
+             $k/test_attention.py $k/test_fused_ops.py $k/test_graph_inputs.py $k/test_pdl.py \
+             $k/test_decode_fused_combine.py &
+           run tests_c 450 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
+             $k/test_gemv.py $k/test_gemv_configs.py $k/test_sampling_kernel.py \
+             $k/test_top_p_kernel.py $k/test_fp8_kv.py $k/test_verify_graphs.py &
+           run tests_d 450 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
+             $k/test_fused_moe.py $k/test_moe_route.py $k/test_moe_gemv.py &
+           wait
+           echo "== tests: all groups in $((SECONDS - t0)) s" | tee -a "$summary"
+           for g in a b c d; do
+             grep -E "passed|failed|error" "$OUT/tests_$g.log" | tail -n 2 | sed "s/^/tests_$g: /" >> "$summary"
+             grep -E "^(FAILED|ERROR)" "$OUT/tests_$g.log" | head -n 10 >> "$summary"
+           done ;;
     engine) run engine 300 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
               tests/engine/test_gpu_engine.py
             grep -E "RESULT|passed|failed|error|SKIP" "$OUT/engine.log" | tail -n 8 >> "$summary" ;;
