@@ -10,24 +10,51 @@ expert by reading `topk_ids` itself:
    with e the pair's (local) expert, two fp32 [BLOCK_N, BLOCK_K] partial sums reduced once at
    the end (as engine/kernels/gemv.py), rounded once into the activation dtype. A pair whose
    expert the map sends to -1 writes nothing (its row is never read).
-2. down + combine, grid (token, H tile): for the token's slots j in order,
-   acc += w[t, j] * (w2[e_j, n tile, :] . h[t * k + j, :]) in fp32, dropped pairs skipped;
-   out[t] is written once, rounded once. Deterministic (fixed order, no atomics), no memset.
+2. down + combine, grid (token, H tile, slot group): dot[t, j, n] = w2[e_j, n, :] . h[t*k + j]
+   in fp32, then out[t, n] = sum over j in slot order of fma(w[t, j], dot[t, j, n], acc),
+   dropped pairs skipped; rounded once. Deterministic (fixed order), no memset.
    The program walks (slot, strip) as one loop so that the prefetch of the next strip runs
    across slot boundaries: with top-8 a per-slot loop would expose one memory latency per slot.
+   - No split (`slots_per_program` 0 or >= k: one group): the program walks all k slots and
+     sums them itself, as before the split existed.
+   - Split (`slots_per_program` s < k: ceil(k / s) groups): at one token the unsplit grid has
+     only H / BLOCK_N programs, each streaming k strips of w2 in turn, too few to keep the
+     copy bandwidth's worth of loads in flight. Each program then computes only its s slots'
+     dots and stores them, fp32, into a scratch [T * k, H]; the last program of a (token,
+     H tile) to arrive sums the k dots exactly as the unsplit program does (same per-slot code,
+     same fma in the same order: bitwise the same output for the same tile), writes out[t]
+     and resets its counter to 0, so the next launch (or graph replay) needs no memset.
+     Memory order (PTX model): a program's threads store their dots; `debug_barrier` (bar.sync)
+     orders those stores before the ticket, an `atom.add.acq_rel.gpu` by one thread (a scalar
+     atomic runs once per program). Release is cumulative, so every dot the program stored is
+     visible at GPU scope to whoever acquires the counter after it; the last arriver's
+     acq_rel ticket is that acquire, Triton broadcasts its result through shared memory behind
+     a barrier (so all its threads are ordered after the acquire), and it reads the dots with
+     `.cg` loads (from L2, the coherence point, never a stale L1 line). Nobody waits for
+     anybody: the programs that are not last simply exit.
 
 Both kernels read the routing written by the kernel before them, so they wait (PDL) before
 their first load; every buffer is sized by the shapes alone (CUDA-graph capturable, no host
 sync). Loads are strips of BLOCK_K contiguous elements per weight row (16-byte vectors), the
 next strip in flight while the current one is summed.
 
-Tiles: `moe_gemv_configs.json` (beside this file), written by `benchmarks/moe_kernel_bench.py
---gemv-sweep`, keyed like fused_moe_configs.json (`moe_tile_configs.shape_key`) with token
+Split workspace (`_split_workspace`): scratch and counters are allocated once per device and
+(token bucket, k, H, H tiles), zeroed, and never freed (a captured graph holds their raw
+addresses); calls and graph replays reuse them. The first call of a shape must come before any
+capture that uses it (the model runner's warm-up does; a capture that would allocate raises).
+They are not keyed by stream: two split launches of the same key must not run concurrently
+(on two streams, or two graphs replayed at once) -- they would draw each other's tickets. A
+decode engine runs its steps on one stream at a time, which is what this assumes.
+
+Tiles: `moe_gemv_configs.json` (beside this file), written by `benchmarks/moe_gemv_bench.py
+--sweep`, keyed like fused_moe_configs.json (`moe_tile_configs.shape_key`) with token
 buckets inside; the nearest bucket by ratio is used, `DEFAULT_CONFIG` for shapes never swept.
+An entry without `slots_per_program` (all before the split existed) means no split.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,17 +71,27 @@ CONFIG_PATH = Path(__file__).with_name("moe_gemv_configs.json")
 
 @dataclass(frozen=True, slots=True)
 class GemvTile:
-    """One GEMV kernel's tile: BLOCK_N output rows per program, BLOCK_K-wide strips of K."""
+    """One GEMV kernel's tile: BLOCK_N output rows per program, BLOCK_K-wide strips of K.
+    `slots_per_program` (down launch only): a token's slots per program, 0 = all of them (no
+    split); below k the slots are split over ceil(k / s) programs (module docstring)."""
 
     block_n: int
     block_k: int
     num_warps: int = 4
+    slots_per_program: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, got {value}")
+        if self.slots_per_program < 0:
+            raise ValueError(f"slots_per_program must be >= 0, got {self.slots_per_program}")
+
+    def num_slot_groups(self, top_k: int) -> int:
+        """Programs sharing one token's slots (1: no split)."""
+        slots = self.slots_per_program
+        return 1 if slots == 0 or slots >= top_k else triton.cdiv(top_k, slots)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +104,11 @@ class MoEGemvConfig:
 
     gate_up: GemvTile = GemvTile(8, 256)
     down: GemvTile = GemvTile(4, 512)
+
+    def __post_init__(self) -> None:
+        if self.gate_up.slots_per_program:
+            raise ValueError("gate_up.slots_per_program must be 0 (one pair per program), "
+                             f"got {self.gate_up.slots_per_program}")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -133,15 +175,15 @@ def _gate_up_kernel(x_ptr, w_ptr, ids_ptr, map_ptr, h_ptr, inter, hidden, top_k,
 
 
 @triton.jit
-def _down_strip(w_ptr, ids_ptr, map_ptr, first_pair, top_k, it, num_strips, w_cols, row_mask,
-                inter, stride_we, HAS_MAP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Strip `it` of the token's (slot, strip) walk over w2 ([BLOCK_N, BLOCK_K], zeros past
+def _down_strip(w_ptr, ids_ptr, map_ptr, first_pair, num_slots, it, num_strips, w_cols,
+                row_mask, inter, stride_we, HAS_MAP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Strip `it` of the program's (slot, strip) walk over w2 ([BLOCK_N, BLOCK_K], zeros past
     the walk's end and for a dropped pair) and its pair's local expert."""
-    pair = first_pair + tl.minimum(it // num_strips, top_k - 1)  # ids stay in bounds
+    pair = first_pair + tl.minimum(it // num_strips, num_slots - 1)  # ids stay in bounds
     expert = _local_expert(ids_ptr, map_ptr, pair, HAS_MAP)
     k = (it % num_strips) * BLOCK_K + tl.arange(0, BLOCK_K)
     # scalar conditions folded into a bound (the interpreter cannot mask with tensor & scalar)
-    k_end = tl.where((it < top_k * num_strips) & (expert >= 0), inter, 0)
+    k_end = tl.where((it < num_slots * num_strips) & (expert >= 0), inter, 0)
     mask = row_mask[:, None] & (k < k_end)[None, :]
     w = tl.load(w_ptr + tl.maximum(expert, 0) * stride_we + w_cols + k[None, :], mask=mask,
                 other=0.0)
@@ -149,40 +191,122 @@ def _down_strip(w_ptr, ids_ptr, map_ptr, first_pair, top_k, it, num_strips, w_co
 
 
 @triton.jit
-def _down_combine_kernel(h_ptr, w_ptr, ids_ptr, map_ptr, weights_ptr, out_ptr, hidden, inter,
-                         top_k, stride_ht, stride_we, stride_wn, stride_ot,
-                         HAS_MAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         USE_PDL: tl.constexpr):
-    """One walk over the token's (slot, strip) pairs, the next strip (of the same or the next
-    slot) in flight while the current one is summed, so a slot boundary exposes no latency."""
+def _down_kernel(h_ptr, w_ptr, ids_ptr, map_ptr, weights_ptr, out_ptr, dots_ptr, counts_ptr,
+                 hidden, inter, slots, stride_ht, stride_we, stride_wn, stride_ot,
+                 TOP_K: tl.constexpr, SPLIT: tl.constexpr, HAS_MAP: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    """One walk over the program's (slot, strip) pairs (all k slots of the token, or `slots`
+    of them when SPLIT), the next strip (of the same or the next slot) in flight while the
+    current one is summed, so a slot boundary exposes no latency."""
     token = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < hidden
     w_cols = rows.to(tl.int64)[:, None] * stride_wn
     num_strips = tl.cdiv(inter, BLOCK_K)
-    first_pair = token * top_k
+    first_slot = tl.program_id(2) * slots
+    num_slots = tl.minimum(slots, TOP_K - first_slot)
+    first_pair = token * TOP_K + first_slot
     pdl_wait_and_release(USE_PDL)  # h comes from the gate/up kernel, ids from the router
-    w_next, expert_next = _down_strip(w_ptr, ids_ptr, map_ptr, first_pair, top_k, 0,
+    w_next, expert_next = _down_strip(w_ptr, ids_ptr, map_ptr, first_pair, num_slots, 0,
                                       num_strips, w_cols, row_mask, inter, stride_we, HAS_MAP,
                                       BLOCK_K)
     part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # the current slot's dot, per K lane
     acc = tl.zeros([BLOCK_N], tl.float32)
-    for it in range(0, top_k * num_strips):
+    for it in range(0, num_slots * num_strips):
         w, expert = w_next, expert_next
-        w_next, expert_next = _down_strip(w_ptr, ids_ptr, map_ptr, first_pair, top_k, it + 1,
-                                          num_strips, w_cols, row_mask, inter, stride_we,
-                                          HAS_MAP, BLOCK_K)
+        w_next, expert_next = _down_strip(w_ptr, ids_ptr, map_ptr, first_pair, num_slots,
+                                          it + 1, num_strips, w_cols, row_mask, inter,
+                                          stride_we, HAS_MAP, BLOCK_K)
         pair = first_pair + it // num_strips
         k = (it % num_strips) * BLOCK_K + tl.arange(0, BLOCK_K)
         # a dropped pair's h row was never written (may be NaN): not read
         hk = tl.load(h_ptr + pair * stride_ht + k, mask=k < tl.where(expert >= 0, inter, 0),
                      other=0.0)
         part += w.to(tl.float32) * hk.to(tl.float32)[None, :]
-        if it % num_strips == num_strips - 1:  # the slot's dot is complete: add it, in order
-            if expert >= 0:
-                acc += tl.load(weights_ptr + pair) * tl.sum(part, axis=1)
+        if it % num_strips == num_strips - 1:  # the slot's dot is complete
+            dot = tl.sum(part, axis=1)
+            if SPLIT:  # stored for the last arriver (a dropped pair's dot is 0, never read)
+                tl.store(dots_ptr + pair * hidden + rows, dot, mask=row_mask)
+            else:  # added in slot order, as `_sum_dots_if_last` does
+                if expert >= 0:
+                    acc = tl.fma(tl.load(weights_ptr + pair).to(tl.float32), dot, acc)
             part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    tl.store(out_ptr + token * stride_ot + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
+    out_row = out_ptr + token * stride_ot + rows
+    if SPLIT:
+        _sum_dots_if_last(dots_ptr, counts_ptr, ids_ptr, map_ptr, weights_ptr, out_row, token,
+                          rows, row_mask, hidden, TOP_K, HAS_MAP, BLOCK_N)
+    else:
+        tl.store(out_row, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _sum_dots_if_last(dots_ptr, counts_ptr, ids_ptr, map_ptr, weights_ptr, out_row, token,
+                      rows, row_mask, hidden, TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Draw a ticket for the (token, H tile); the last of its slot groups sums the k dots in
+    slot order (the unsplit kernel's fma chain), writes the row, resets the counter."""
+    counter = counts_ptr + token * tl.num_programs(1) + tl.program_id(1)
+    tl.debug_barrier()  # every thread's dot stores precede the release (module docstring)
+    ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+    if ticket == tl.num_programs(2) - 1:
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for j in tl.static_range(TOP_K):  # unrolled: the k loads are all in flight at once
+            pair = token * TOP_K + j
+            expert = _local_expert(ids_ptr, map_ptr, pair, HAS_MAP)
+            dot = tl.load(dots_ptr + pair * hidden + rows, mask=row_mask, other=0.0,
+                          cache_modifier=".cg")
+            weight = tl.load(weights_ptr + pair).to(tl.float32)
+            acc = tl.where(expert >= 0, tl.fma(weight, dot, acc), acc)
+        tl.store(out_row, acc.to(out_row.dtype.element_ty), mask=row_mask)
+        tl.store(counter, 0)  # every group has drawn: nobody touches it again this launch
+
+
+@functools.lru_cache(maxsize=None)
+def _split_workspace(device: torch.device, token_bucket: int, top_k: int, hidden: int,
+                     num_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dots [bucket * k, H] fp32, counters [bucket, H tiles] int32 at zero) for the split
+    down launch: made once per key and never freed (a captured graph holds their addresses);
+    used by one launch at a time (module docstring)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"moe_gemv: the split down launch's workspace for {token_bucket} tokens, top-k "
+            f"{top_k}, H {hidden} is first needed inside a CUDA-graph capture, where its "
+            "counters cannot be zeroed: run the same call once before capturing (warm-up)")
+    dots = torch.empty(token_bucket * top_k, hidden, dtype=torch.float32, device=device)
+    counts = torch.zeros(token_bucket, num_tiles, dtype=torch.int32, device=device)
+    return dots, counts
+
+
+def launch_gate_up(x: torch.Tensor, w13: torch.Tensor, ids: torch.Tensor, h: torch.Tensor,
+                   tile: GemvTile, expert_map: torch.Tensor | None = None) -> None:
+    """Launch 1: h[pair] = silu(gate) * up for every (token, slot) pair of contiguous `ids`."""
+    inter, hidden = h.shape[1], x.shape[1]
+    _gate_up_kernel[(ids.numel(), triton.cdiv(inter, tile.block_n))](
+        x, w13, ids, ids if expert_map is None else expert_map, h, inter, hidden, ids.shape[1],
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), HAS_MAP=expert_map is not None,
+        BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=1,
+        **launch_options(x))
+
+
+def launch_down(h: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                out: torch.Tensor, tile: GemvTile,
+                expert_map: torch.Tensor | None = None) -> None:
+    """Launch 2: out[t] = sum_j weights[t, j] * (w2[e_j] @ h[t * k + j]), split over slot
+    groups when `tile.slots_per_program` < k."""
+    num_tokens, top_k = ids.shape
+    hidden, inter = w2.shape[1], w2.shape[2]
+    num_tiles, groups = triton.cdiv(hidden, tile.block_n), tile.num_slot_groups(top_k)
+    if groups > 1:
+        dots, counts = _split_workspace(out.device, triton.next_power_of_2(num_tokens), top_k,
+                                        hidden, num_tiles)
+    else:
+        dots = counts = out  # unread
+    _down_kernel[(num_tokens, num_tiles, groups)](
+        h, w2, ids, ids if expert_map is None else expert_map, weights, out, dots, counts,
+        hidden, inter, top_k if groups == 1 else tile.slots_per_program, h.stride(0),
+        w2.stride(0), w2.stride(1), out.stride(0), TOP_K=top_k, SPLIT=groups > 1,
+        HAS_MAP=expert_map is not None, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        num_warps=tile.num_warps, num_stages=1, **launch_options(out))
 
 
 def moe_gemv_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -199,16 +323,7 @@ def moe_gemv_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     if config is None:
         config = get_config(num_tokens, w13.shape[0], hidden, inter, top_k, x.dtype)
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
-    id_map = expert_map if expert_map is not None else ids  # unread without a map
     h = torch.empty(ids.numel(), inter, dtype=x.dtype, device=x.device)
-    up, down = config.gate_up, config.down
-    _gate_up_kernel[(ids.numel(), triton.cdiv(inter, up.block_n))](
-        x, w13, ids, id_map, h, inter, hidden, top_k, x.stride(0), w13.stride(0),
-        w13.stride(1), h.stride(0), HAS_MAP=expert_map is not None, BLOCK_N=up.block_n,
-        BLOCK_K=up.block_k, num_warps=up.num_warps, num_stages=1, **launch_options(x))
-    _down_combine_kernel[(num_tokens, triton.cdiv(hidden, down.block_n))](
-        h, w2, ids, id_map, topk_weights, out, hidden, inter, top_k, h.stride(0),
-        w2.stride(0), w2.stride(1), out.stride(0), HAS_MAP=expert_map is not None,
-        BLOCK_N=down.block_n, BLOCK_K=down.block_k, num_warps=down.num_warps, num_stages=1,
-        **launch_options(x))
+    launch_gate_up(x, w13, ids, h, config.gate_up, expert_map)
+    launch_down(h, w2, ids, topk_weights, out, config.down, expert_map)
     return out
