@@ -34,6 +34,7 @@ from engine.kernels.pdl import launch_options, pdl_wait_and_release
 MAX_EXPERTS = 512
 MAX_TOP_K = 16
 _TILE_ELEMENTS = 2048  # ROWS * E_P2 fp32 values held by one program
+ROUTING_WARPS = 4  # the tile's layout, hence its reductions' order, follows from it
 
 
 @triton.jit
@@ -41,13 +42,40 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, num_tokens, num_
                   stride_t, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
                   HAS_COUNTS: tl.constexpr, ROWS: tl.constexpr, E_P2: tl.constexpr,
                   K_P2: tl.constexpr, USE_PDL: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    pdl_wait_and_release(USE_PDL)
+    route_rows(logits_ptr, weights_ptr, ids_ptr, counts_ptr, tl.program_id(0) * ROWS,
+               num_tokens, num_experts, stride_t, TOP_K, RENORMALIZE, HAS_COUNTS, ROWS, E_P2,
+               K_P2)
+
+
+@triton.jit
+def route_rows(logits_ptr, weights_ptr, ids_ptr, counts_ptr, first_row, num_tokens,
+               num_experts, stride_t, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+               HAS_COUNTS: tl.constexpr, ROWS: tl.constexpr, E_P2: tl.constexpr,
+               K_P2: tl.constexpr):
+    """Routes tokens first_row .. first_row + ROWS - 1 (those < num_tokens) from logits in
+    memory: loads them as `route_tile` takes them."""
+    rows = first_row + tl.arange(0, ROWS)
+    cols = tl.arange(0, E_P2)
+    x = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_t + cols[None, :],
+                mask=(rows < num_tokens)[:, None] & (cols < num_experts)[None, :],
+                other=float("-inf")).to(tl.float32)
+    route_tile(x, weights_ptr, ids_ptr, counts_ptr, first_row, num_tokens, num_experts,
+               TOP_K, RENORMALIZE, HAS_COUNTS, ROWS, E_P2, K_P2)
+
+
+@triton.jit
+def route_tile(x, weights_ptr, ids_ptr, counts_ptr, first_row, num_tokens, num_experts,
+               TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_COUNTS: tl.constexpr,
+               ROWS: tl.constexpr, E_P2: tl.constexpr, K_P2: tl.constexpr):
+    """The routing math, shared with the fused router (engine/kernels/moe_router.py) so that
+    tie order, NaN, renormalisation and the counters' atomics are one piece of code.
+    x: [ROWS, E_P2] fp32 logits of tokens first_row + i, -inf in the columns past num_experts;
+    rows past num_tokens may hold anything (never stored, never counted)."""
+    rows = first_row + tl.arange(0, ROWS)
     row_ok = rows < num_tokens
     cols = tl.arange(0, E_P2)
     col_ok = cols < num_experts
-    pdl_wait_and_release(USE_PDL)
-    x = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_t + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :], other=float("-inf")).to(tl.float32)
     x = tl.where(row_ok[:, None], x, 0.0)  # rows past the batch: finite, never stored
     e = tl.exp(x - tl.max(x, axis=1)[:, None])
     probs = e / tl.sum(e, axis=1)[:, None]
@@ -96,21 +124,33 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
     if num_tokens == 0:
         return weights, ids
-    experts_p2 = max(16, triton.next_power_of_2(num_experts))
-    rows = max(1, _TILE_ELEMENTS // experts_p2)
+    rows, experts_p2, k_p2 = routing_tile(num_experts, top_k)
     _route_kernel[(triton.cdiv(num_tokens, rows),)](
         logits, weights, ids, expert_counts if expert_counts is not None else ids, num_tokens,
         num_experts, logits.stride(0), TOP_K=top_k, RENORMALIZE=renormalize,
-        HAS_COUNTS=expert_counts is not None, ROWS=rows, E_P2=experts_p2,
-        K_P2=max(2, triton.next_power_of_2(top_k)), num_warps=4, **launch_options(logits))
+        HAS_COUNTS=expert_counts is not None, ROWS=rows, E_P2=experts_p2, K_P2=k_p2,
+        num_warps=ROUTING_WARPS, **launch_options(logits))
     return weights, ids
+
+
+def routing_tile(num_experts: int, top_k: int) -> tuple[int, int, int]:
+    """(ROWS, E_P2, K_P2) of `route_tile`: a function of the router only, never of T."""
+    experts_p2 = max(16, triton.next_power_of_2(num_experts))
+    return (max(1, _TILE_ELEMENTS // experts_p2), experts_p2,
+            max(2, triton.next_power_of_2(top_k)))
 
 
 def _check_inputs(logits: torch.Tensor, top_k: int, counts: torch.Tensor | None) -> None:
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"router_logits must be a float [T, E] tensor, got {logits.dtype} "
                          f"{tuple(logits.shape)}")
-    num_experts = logits.shape[1]
+    check_routing(logits.shape[1], top_k, counts, logits.device)
+
+
+def check_routing(num_experts: int, top_k: int, counts: torch.Tensor | None,
+                  device: torch.device) -> None:
+    """ValueError unless the kernels route this router: the expert count, top_k's range and
+    `counts` (a contiguous int64 [E] tensor on `device`, or None)."""
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"router_logits has {num_experts} experts; 1 to {MAX_EXPERTS} "
                          f"are supported")
@@ -118,7 +158,7 @@ def _check_inputs(logits: torch.Tensor, top_k: int, counts: torch.Tensor | None)
         raise ValueError(f"top_k must be between 1 and min(num_experts, {MAX_TOP_K}) = "
                          f"{min(num_experts, MAX_TOP_K)}, got {top_k}")
     if counts is not None and (counts.dtype != torch.int64 or tuple(counts.shape) != (
-            num_experts,) or not counts.is_contiguous() or counts.device != logits.device):
+            num_experts,) or not counts.is_contiguous() or counts.device != device):
         raise ValueError(f"expert_counts must be a contiguous int64 [{num_experts}] tensor on "
-                         f"{logits.device}, got {counts.dtype} {tuple(counts.shape)} on "
+                         f"{device}, got {counts.dtype} {tuple(counts.shape)} on "
                          f"{counts.device}")
