@@ -37,7 +37,8 @@ replicated top-k ids (`expert_counts`, no extra communication; rank 0's are read
 
 Launches at decode on CUDA: the router's GEMM, one routing kernel (softmax, top-k, renormalise,
 count: engine/kernels/moe_route.py) and fused_experts' three or four, or two at decode sizes (at
-most 64 (token, slot) pairs: engine/kernels/moe_gemv.py).
+most 64 (token, slot) pairs: engine/kernels/moe_gemv.py); at most 8 tokens, the router's GEMV
+and routing are one launch (engine/kernels/moe_router.py).
 """
 
 from __future__ import annotations
@@ -83,6 +84,21 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     if expert_counts is not None:
         count_experts(expert_counts, ids)
     return weights, ids
+
+
+def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renormalize: bool,
+                 expert_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route(F.linear(x, router_weight), ...)`: at decode sizes on CUDA (at most
+    moe_router.MAX_TOKENS bf16/fp16 tokens) the router's GEMV and the routing are one Triton
+    launch (engine/kernels/moe_router.py: logits summed in a fixed order, so a logit may round
+    an ulp away from cuBLAS's; routed exactly as `route` routes them), otherwise cuBLAS and
+    `route`. The router weight is replicated and the kernel deterministic: ranks route alike."""
+    if x.is_cuda and dispatch.triton_enabled():
+        from engine.kernels import moe_router
+
+        if moe_router.supports(x, router_weight, top_k):
+            return moe_router.router_route(x, router_weight, top_k, renormalize, expert_counts)
+    return route(F.linear(x, router_weight), top_k, renormalize, expert_counts)
 
 
 def fused_experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -144,7 +160,7 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_counts: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        return route(F.linear(x, self.weight), self.top_k, self.renormalize, expert_counts)
+        return route_hidden(x, self.weight, self.top_k, self.renormalize, expert_counts)
 
 
 class FusedMoE(ExpertShards, nn.Module):
