@@ -1,0 +1,387 @@
+"""Speculative decoding's measured speed-up at controlled acceptance rates, through the engine.
+
+Random weights accept no real draft (benchmarks/spec_costs.py only projects a speed-up from
+step costs). Here the drafts come from an oracle instead (benchmarks/spec_oracle_proposer.py):
+a plain greedy run records each prompt's continuation, and the speculative engine's proposer
+replays it with each drafted position right with probability p (else a wrong token). So the
+acceptance rate is set, and everything else is the real engine: scheduling of the k + 1 tokens,
+verification steps (CUDA graphs where the engine uses them), rejection sampling, read-back,
+KV trimming, the `Payoff` controller that turns drafting off where it does not pay, with
+asynchronous scheduling on. Not measured: what a real draft model or n-gram lookup would cost
+to propose (the oracle's host work is a list slice) and how often it would be right.
+
+Two engines over one set of weights, same configuration except `speculative`: plain (off) and
+speculative (method "ngram", k = the largest --ks, the oracle swapped in for the n-gram
+proposer: `engine.spec.proposer`). Prefix caching is off: the same prompts are replayed, and a
+cache hit would skip their prefill and change what the runs compare. Per batch: a plain run
+records the references; per (k, p): plain, speculative, plain, speculative; the best run of
+each counts. Tokens/s are of the decode phase (from the step where every request has its first
+token to the end); end-to-end rates are in the JSON too. On CPU (fp32) the speculative outputs
+must equal the plain ones (asserted); on CUDA (bf16) the count of identical outputs is reported
+and a request whose tokens left the reference gets no more drafts (counted as diverged).
+Run: python benchmarks/spec_oracle.py --device cuda  -> benchmarks/results/spec_oracle_<gpu>.json
+     python benchmarks/spec_oracle.py --device cpu --tiny  (a dry run on a tiny random Llama)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path[:1]:
+    sys.path.insert(0, str(ROOT))  # before benchmarks/: its kernels.py shadows `kernels`
+
+import torch  # noqa: E402
+
+from benchmarks.spec_oracle_proposer import (CountingPayoff, OracleProposer,  # noqa: E402
+                                              expected_tokens, set_chain_weights)
+from engine.builder import LoadedModel, build_model, init_random_weights  # noqa: E402
+from engine.config import (CacheConfig, EngineConfig, SchedulerConfig,  # noqa: E402
+                           SpeculativeConfig)
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.models.config import ModelConfig  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+
+BLOCK_SIZE = 16
+
+
+@dataclass(slots=True)
+class OracleBenchConfig:
+    """What one benchmark run measures (every field lands in the JSON)."""
+
+    device: str = "cuda"
+    tiny: bool = False  # a tiny random Llama instead of the Llama-3-8B shape
+    batches: tuple[int, ...] = (1, 8, 32)
+    acceptances: tuple[float, ...] = (0.5, 0.7, 0.9, 1.0)  # p: each draft right with it
+    ks: tuple[int, ...] = (3, 4)  # drafts per verification; the engine is built for max(ks)
+    prompt_tokens: int = 512
+    max_tokens: int = 128
+    repeats: int = 2  # plain, spec, plain, spec: the best of each counts
+    seed: int = 0  # prompts, weights and the oracle's keep decisions
+    # "chain": random weights with a wide greedy margin (spec_oracle_proposer.set_chain_weights)
+    # | "random": init_random_weights as is (bf16 near-ties: sequences leave the reference)
+    weights: str = "chain"
+    # then one row (middle batch, p 0.9, first k, one repeat) on plain random weights, to show
+    # how often their sequences diverge
+    random_check: bool = False
+    budget_s: float = 240.0  # from start (model build included): configs past it are skipped
+    run_timeout_s: float = 120.0  # one run's deadline
+    out: str | None = None  # JSON path; None -> benchmarks/results/spec_oracle_<device>.json
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("chain", "random"):
+            raise ValueError(f"weights must be chain or random, got {self.weights!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if not self.batches or min(self.batches) < 1:
+            raise ValueError(f"batches must be >= 1, got {self.batches}")
+        if not self.acceptances or not all(0.0 <= p <= 1.0 for p in self.acceptances):
+            raise ValueError(f"acceptances must be in [0, 1], got {self.acceptances}")
+        if not self.ks or not all(1 <= k <= 7 for k in self.ks):
+            raise ValueError(f"ks must be in [1, 7], got {self.ks}")
+        if self.prompt_tokens < 16 or self.max_tokens < 2:
+            raise ValueError(f"prompt_tokens must be >= 16 and max_tokens >= 2, got "
+                             f"{self.prompt_tokens} and {self.max_tokens}")
+        if self.repeats < 1 or self.budget_s <= 0 or self.run_timeout_s <= 0:
+            raise ValueError(f"repeats, budget_s and run_timeout_s must be positive, got "
+                             f"{self.repeats}, {self.budget_s}, {self.run_timeout_s}")
+
+    @property
+    def model_config(self) -> ModelConfig:
+        from benchmarks.spec_costs import LLAMA3_8B, TINY_TARGET
+
+        return TINY_TARGET if self.tiny else LLAMA3_8B
+
+    @property
+    def dtype(self) -> str:
+        return "bfloat16" if self.device == "cuda" else "float32"
+
+
+def engine_config(cfg: OracleBenchConfig, speculative: bool) -> EngineConfig:
+    max_len = cfg.prompt_tokens + cfg.max_tokens + max(cfg.ks) + 1
+    per_seq = -(-max_len // BLOCK_SIZE) + 1
+    spec = (SpeculativeConfig("ngram", max(cfg.ks), max_batch_size=max(cfg.batches))
+            if speculative else SpeculativeConfig())
+    return EngineConfig(
+        model="tiny-llama-random" if cfg.tiny else "llama-3-8b-shape-random",
+        device=cfg.device, dtype=cfg.dtype, max_model_len=max_len,
+        cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=max(cfg.batches) * per_seq + 16,
+                          enable_prefix_caching=False),
+        scheduler=SchedulerConfig(max_num_seqs=max(64, max(cfg.batches))),
+        speculative=spec, async_scheduling=True)
+
+
+def build_engines(cfg: OracleBenchConfig) -> tuple[LLMEngine, LLMEngine]:
+    """(plain, speculative) over one model with random weights."""
+    from benchmarks.multiturn_gpu import IdsOnlyTokenizer
+
+    model_cfg = cfg.model_config
+    model = build_model(model_cfg, getattr(torch, cfg.dtype), cfg.device)
+    if cfg.weights == "chain":
+        set_chain_weights(model, cfg.seed)
+    else:
+        init_random_weights(model, seed=cfg.seed)
+    loaded = LoadedModel(model_cfg, model, IdsOnlyTokenizer())
+    return (LLMEngine(engine_config(cfg, False), loaded),
+            LLMEngine(engine_config(cfg, True), loaded))
+
+
+def make_prompts(cfg: OracleBenchConfig, batch: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    ids = torch.randint(0, cfg.model_config.vocab_size, (max(cfg.batches), cfg.prompt_tokens),
+                        generator=gen)
+    return ids[:batch].tolist()
+
+
+@dataclass(slots=True)
+class RunResult:
+    outputs: list[list[int]]
+    decode_tok_s: float  # from the step where every request has a token, to the end
+    e2e_tok_s: float  # all output tokens over the whole run (prefill included)
+    wall_s: float
+
+
+def run_once(engine: LLMEngine, prompts: list[list[int]], max_tokens: int,
+             timeout_s: float) -> RunResult:
+    """Greedy, ignore_eos: every prompt to `max_tokens` as one continuously batched run."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    started = time.perf_counter()
+    ids = [engine.add_request(p, params) for p in prompts]
+    outputs: dict[str, list[int]] = {rid: [] for rid in ids}
+    decode_from, tokens_then = None, 0
+    while engine.has_unfinished():
+        if time.perf_counter() - started > timeout_s:
+            raise TimeoutError(f"run of {len(prompts)} prompts past {timeout_s} s")
+        for out in engine.step():
+            outputs[out.request_id] += out.new_token_ids
+        if decode_from is None and all(outputs.values()):
+            decode_from, tokens_then = time.perf_counter(), sum(map(len, outputs.values()))
+    ended = time.perf_counter()
+    total = sum(map(len, outputs.values()))
+    decode_s = ended - (decode_from or started)
+    return RunResult([outputs[rid] for rid in ids],
+                     (total - tokens_then) / decode_s if decode_s > 0 else 0.0,
+                     total / (ended - started), ended - started)
+
+
+def _spec_counters(engine: LLMEngine) -> tuple[int, int, int]:
+    stats = engine.stats()  # the engine's own metrics counters
+    return stats.spec_drafts, stats.spec_draft_tokens, stats.spec_accepted_tokens
+
+
+def measure(cfg: OracleBenchConfig, plain: LLMEngine, spec: LLMEngine, prompts: list[list[int]],
+            reference: list[list[int]], k: int, p: float) -> dict:
+    """One (batch, k, p) row: plain and speculative runs interleaved, `repeats` of each."""
+    batch = len(prompts)
+    oracle = OracleProposer(k, p, cfg.model_config.vocab_size, cfg.seed)
+    spec.spec.proposer = oracle
+    before = _spec_counters(spec)
+    plain_runs, spec_runs, diverged, proposals, short, decisions = [], [], [], 0, 0, [0, 0]
+    rates: dict[bool, float] = {}
+    for _ in range(cfg.repeats):
+        plain_runs.append(run_once(plain, prompts, cfg.max_tokens, cfg.run_timeout_s))
+        oracle.load(prompts, reference)
+        spec.spec.payoff = payoff = CountingPayoff()  # each run decides afresh
+        spec_runs.append(run_once(spec, prompts, cfg.max_tokens, cfg.run_timeout_s))
+        diverged.append(len(oracle.counters.diverged))
+        proposals += oracle.counters.num_proposals
+        short += oracle.counters.num_short_proposals
+        for i, n in enumerate(payoff.decisions.get(batch, [0, 0])):
+            decisions[i] += n
+        rates = payoff.rates(batch)
+    verified, drafted, kept = (a - b for a, b in zip(_spec_counters(spec), before))
+    same = [sum(o == r for o, r in zip(run.outputs, reference)) for run in spec_runs]
+    if cfg.device == "cpu" and min(same) != batch:
+        raise AssertionError(f"batch {batch} k {k} p {p}: speculative outputs differ from "
+                             f"plain ({min(same)} of {batch} identical)")
+    best_plain = max(r.decode_tok_s for r in plain_runs)
+    best_spec = max(r.decode_tok_s for r in spec_runs)
+    return {
+        "batch": batch, "k": k, "p": p,
+        "plain_tok_s": round(best_plain, 1), "spec_tok_s": round(best_spec, 1),
+        "speedup": round(best_spec / best_plain, 3),
+        "plain_e2e_tok_s": round(max(r.e2e_tok_s for r in plain_runs), 1),
+        "spec_e2e_tok_s": round(max(r.e2e_tok_s for r in spec_runs), 1),
+        "plain_runs_tok_s": [round(r.decode_tok_s, 1) for r in plain_runs],
+        "spec_runs_tok_s": [round(r.decode_tok_s, 1) for r in spec_runs],
+        "acceptance_rate": round(kept / drafted, 4) if drafted else 0.0,
+        "expected_acceptance_rate": round(sum(p ** i for i in range(1, k + 1)) / k, 4),
+        "mean_tokens_per_verification": round(1 + kept / verified, 3) if verified else 1.0,
+        "expected_tokens_per_verification": round(expected_tokens(p, k), 3),
+        "verifications": verified, "draft_tokens": drafted, "accepted_tokens": kept,
+        "oracle_proposals": proposals, "oracle_short_proposals": short,
+        "diverged_requests": diverged,
+        "spec_outputs_identical": same,
+        "plain_outputs_identical": [sum(o == r for o, r in zip(run.outputs, reference))
+                                    for run in plain_runs],
+        "payoff_steps_at_batch": {"plain": decisions[0], "drafting": decisions[1]},
+        "payoff_tok_s_at_batch": {"spec": round(rates.get(True, 0.0), 1),
+                                  "plain": round(rates.get(False, 0.0), 1)},
+        "drafting_switched_off": decisions[0] > decisions[1],
+        "wall_s": round(sum(r.wall_s for r in plain_runs + spec_runs), 2),
+    }
+
+
+def commit_id() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    marker = ROOT / ".head_commit"
+    return marker.read_text().strip() if marker.exists() else "unknown"
+
+
+def references(cfg: OracleBenchConfig, plain: LLMEngine, spec: LLMEngine,
+               prompts: list[list[int]]) -> list[list[int]]:
+    """The plain engine's greedy continuations at this batch (its warm-up too), then a short
+    speculative warm-up run at p = 1 over them."""
+    reference = run_once(plain, prompts, cfg.max_tokens, cfg.run_timeout_s).outputs
+    oracle = OracleProposer(max(cfg.ks), 1.0, cfg.model_config.vocab_size, cfg.seed)
+    oracle.load(prompts, reference)
+    spec.spec.proposer = oracle
+    run_once(spec, prompts, min(16, cfg.max_tokens), cfg.run_timeout_s)
+    return reference
+
+
+def run_all(cfg: OracleBenchConfig, started: float) -> tuple[list[dict], list[dict], dict]:
+    """Every (k, batch, p) row that fits the budget, k by k (the first k first)."""
+    build_started = time.perf_counter()
+    plain, spec = build_engines(cfg)
+    engine_info = {"build_s": round(time.perf_counter() - build_started, 1),
+                   "warmup_s": round(plain.warmup_s + spec.warmup_s, 1),
+                   "spec_config": asdict(spec.config.speculative),
+                   "async_scheduling": spec.async_scheduling,
+                   "cuda_graphs": spec.runner.decode_graphs is not None,
+                   "prefix_caching": False, "num_blocks": spec.kv_manager.num_blocks,
+                   "max_model_len": spec.max_model_len,
+                   "max_num_seqs": spec.config.scheduler.max_num_seqs}
+    rows, skipped, refs, cost = [], [], {}, {}
+    for k in cfg.ks:
+        for batch in cfg.batches:
+            prompts = make_prompts(cfg, batch)
+            for p in cfg.acceptances:
+                left = cfg.budget_s - (time.perf_counter() - started)
+                if left < cost.get(batch, 0.0) * 1.2 + (0 if batch in refs else 5):
+                    skipped.append({"batch": batch, "k": k, "p": p, "why": "budget"})
+                    continue
+                if batch not in refs:
+                    refs[batch] = references(cfg, plain, spec, prompts)
+                t0 = time.perf_counter()
+                row = measure(cfg, plain, spec, prompts, refs[batch], k, p)
+                row["weights"] = cfg.weights
+                cost[batch] = time.perf_counter() - t0
+                rows.append(row)
+                print(_line(row), flush=True)
+    if cfg.random_check:
+        rows += random_check(cfg, plain, spec, started, cost, skipped)
+    for engine in (plain, spec):
+        if not engine.kv_manager.is_idle():
+            raise RuntimeError("a run left KV blocks held")
+    return rows, skipped, engine_info
+
+
+def random_check(cfg: OracleBenchConfig, plain: LLMEngine, spec: LLMEngine, started: float,
+                 cost: dict[int, float], skipped: list[dict]) -> list[dict]:
+    """One row on plain random weights (set in place: the engines' graphs keep their
+    buffers), after every other row."""
+    batch, k, p = cfg.batches[len(cfg.batches) // 2], cfg.ks[0], 0.9
+    left = cfg.budget_s - (time.perf_counter() - started)
+    if left < cost.get(batch, 0.0) * 0.6 + 5:
+        skipped.append({"batch": batch, "k": k, "p": p, "weights": "random", "why": "budget"})
+        return []
+    init_random_weights(plain.runner.model, seed=cfg.seed)
+    one = replace(cfg, repeats=1, weights="random")
+    prompts = make_prompts(one, batch)
+    row = measure(one, plain, spec, prompts, references(one, plain, spec, prompts), k, p)
+    row["weights"] = "random"
+    print(_line(row), flush=True)
+    return [row]
+
+
+def _line(row: dict) -> str:
+    return (f"batch {row['batch']:>2} k {row['k']} p {row['p']:.2f}: plain "
+            f"{row['plain_tok_s']:8.1f} spec {row['spec_tok_s']:8.1f} tok/s "
+            f"x{row['speedup']:.2f}  accept {row['acceptance_rate']:.3f} "
+            f"(exp {row['expected_acceptance_rate']:.3f})  tok/verify "
+            f"{row['mean_tokens_per_verification']:.2f} (exp "
+            f"{row['expected_tokens_per_verification']:.2f})  diverged "
+            f"{row['diverged_requests']}  identical {row['spec_outputs_identical']}/"
+            f"{row['batch']}  payoff {row['payoff_steps_at_batch']}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    started = time.perf_counter()
+    cfg = parse_args(argv)
+    from benchmarks.gpu_common import RESULTS_DIR, device_info
+
+    rows, skipped, engine_info = run_all(cfg, started)
+    model_cfg = cfg.model_config
+    device = (device_info() if cfg.device == "cuda"
+              else {"gpu": "cpu", "torch": torch.__version__})
+    payload = {
+        "what": "decode tokens/s with and without speculative decoding, measured through the "
+                "engine with oracle drafts at a controlled acceptance rate p (each drafted "
+                "position right with probability p); not a real draft model or n-gram lookup",
+        "model": ("tiny random Llama" if cfg.tiny else "Llama-3-8B shape")
+                 + f", random {cfg.dtype} weights ({cfg.weights}), vocab {model_cfg.vocab_size}",
+        "config": asdict(cfg), "engine": engine_info, "device": device,
+        "commit": commit_id(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "rows": rows, "skipped": skipped,
+        "script_wall_s": round(time.perf_counter() - started, 1),
+    }
+    path = Path(cfg.out) if cfg.out else (
+        RESULTS_DIR / f"spec_oracle_{device['gpu'].replace(' ', '-')}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path} ({len(rows)} rows, {len(skipped)} skipped, "
+          f"{payload['script_wall_s']} s)", flush=True)
+    return payload
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def parse_args(argv: list[str] | None = None) -> OracleBenchConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    parser.add_argument("--tiny", action="store_true", help="a tiny random Llama (dry run)")
+    parser.add_argument("--batches", type=_ints, default=None, help="default 1,8,32 (tiny 1,4)")
+    parser.add_argument("--acceptances", type=_floats, default=(0.5, 0.7, 0.9, 1.0))
+    parser.add_argument("--ks", type=_ints, default=(3, 4))
+    parser.add_argument("--prompt-tokens", type=int, default=None, help="default 512 (tiny 48)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="default 128 (tiny 24)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget-s", type=float, default=240.0,
+                        help="seconds from start (build included); later configs are skipped")
+    parser.add_argument("--run-timeout-s", type=float, default=120.0)
+    parser.add_argument("--weights", default="chain", choices=["chain", "random"])
+    parser.add_argument("--random-check", action="store_true",
+                        help="then one row on plain random weights (divergence count)")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/)")
+    a = parser.parse_args(argv)
+    return OracleBenchConfig(
+        device=a.device, tiny=a.tiny, batches=a.batches or ((1, 4) if a.tiny else (1, 8, 32)),
+        acceptances=a.acceptances, ks=a.ks,
+        prompt_tokens=a.prompt_tokens or (48 if a.tiny else 512),
+        max_tokens=a.max_tokens or (24 if a.tiny else 128), repeats=a.repeats, seed=a.seed,
+        weights=a.weights, random_check=a.random_check, budget_s=a.budget_s,
+        run_timeout_s=a.run_timeout_s, out=a.out)
+
+
+if __name__ == "__main__":
+    main()
