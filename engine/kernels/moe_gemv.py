@@ -54,7 +54,6 @@ An entry without `slots_per_program` (all before the split existed) means no spl
 
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -261,20 +260,25 @@ def _sum_dots_if_last(dots_ptr, counts_ptr, ids_ptr, map_ptr, weights_ptr, out_r
         tl.store(counter, 0)  # every group has drawn: nobody touches it again this launch
 
 
-@functools.lru_cache(maxsize=None)
+# (device, token bucket, k, H, H tiles) -> (dots, counters): the split down launch's workspace,
+# made once per key and never freed (a captured graph holds the raw addresses); module docstring
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _split_workspace(device: torch.device, token_bucket: int, top_k: int, hidden: int,
                      num_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dots [bucket * k, H] fp32, counters [bucket, H tiles] int32 at zero) for the split
-    down launch: made once per key and never freed (a captured graph holds their addresses);
-    used by one launch at a time (module docstring)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            f"moe_gemv: the split down launch's workspace for {token_bucket} tokens, top-k "
-            f"{top_k}, H {hidden} is first needed inside a CUDA-graph capture, where its "
-            "counters cannot be zeroed: run the same call once before capturing (warm-up)")
-    dots = torch.empty(token_bucket * top_k, hidden, dtype=torch.float32, device=device)
-    counts = torch.zeros(token_bucket, num_tiles, dtype=torch.int32, device=device)
-    return dots, counts
+    """(dots [bucket * k, H] fp32, counters [bucket, H tiles] int32, zero between launches)."""
+    key = (device, token_bucket, top_k, hidden, num_tiles)
+    if key not in _WORKSPACES:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"moe_gemv: the split down launch's workspace for {token_bucket} tokens, top-k "
+                f"{top_k}, H {hidden} is first needed inside a CUDA-graph capture, where its "
+                "counters cannot be zeroed: run the same call once before capturing (warm-up)")
+        _WORKSPACES[key] = (
+            torch.empty(token_bucket * top_k, hidden, dtype=torch.float32, device=device),
+            torch.zeros(token_bucket, num_tiles, dtype=torch.int32, device=device))
+    return _WORKSPACES[key]
 
 
 def launch_gate_up(x: torch.Tensor, w13: torch.Tensor, ids: torch.Tensor, h: torch.Tensor,
