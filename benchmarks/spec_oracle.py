@@ -1,24 +1,24 @@
 """Speculative decoding's measured speed-up at controlled acceptance rates, through the engine.
 
 Random weights accept no real draft (benchmarks/spec_costs.py only projects a speed-up from
-step costs). Here the drafts come from an oracle instead (benchmarks/spec_oracle_proposer.py):
-a plain greedy run records each prompt's continuation, and the speculative engine's proposer
-replays it with each drafted position right with probability p (else a wrong token). So the
-acceptance rate is set, and everything else is the real engine: scheduling of the k + 1 tokens,
-verification steps (CUDA graphs where the engine uses them), rejection sampling, read-back,
-KV trimming, the `Payoff` controller that turns drafting off where it does not pay, with
-asynchronous scheduling on. Not measured: what a real draft model or n-gram lookup would cost
-to propose (the oracle's host work is a list slice) and how often it would be right.
+step costs), so the drafts here come from an oracle (benchmarks/spec_oracle_proposer.py): a
+plain greedy run records each prompt's continuation, and the speculative engine's proposer
+replays it with each drafted position right with probability p (else a wrong token). The
+acceptance rate is set; everything else is the real engine: scheduling the k + 1 tokens,
+verification steps (CUDA graphs where the engine uses them), rejection sampling, read-back, KV
+trimming, the `Payoff` controller that stops drafting where it does not pay, asynchronous
+scheduling on. Not measured: a real proposer's cost (the oracle's is a list slice) and accuracy.
 
-Two engines over one set of weights, same configuration except `speculative`: plain (off) and
-speculative (method "ngram", k = the largest --ks, the oracle swapped in for the n-gram
-proposer: `engine.spec.proposer`). Prefix caching is off: the same prompts are replayed, and a
-cache hit would skip their prefill and change what the runs compare. Per batch: a plain run
-records the references; per (k, p): plain, speculative, plain, speculative; the best run of
-each counts. Tokens/s are of the decode phase (from the step where every request has its first
-token to the end); end-to-end rates are in the JSON too. On CPU (fp32) the speculative outputs
-must equal the plain ones (asserted); on CUDA (bf16) the count of identical outputs is reported
-and a request whose tokens left the reference gets no more drafts (counted as diverged).
+Two engines over one set of weights, same configuration but `speculative`: plain (off) and
+speculative ("ngram", k = the largest --ks, the oracle swapped in: `engine.spec.proposer`).
+Prefix caching is off (the prompts are replayed: a hit would skip their prefill). Weights
+"chain" (default): random, with a greedy margin bf16 rounding cannot flip, so verification rows
+agree with the plain decode rows that made the references (plain random weights have near-ties:
+`--random-check` adds one row on them to count how many sequences leave the reference; a
+sequence that does gets no more drafts). Per batch a plain run records the references; per
+(k, p): plain, speculative, plain, speculative, the best of each counts. Tokens/s are of the
+decode phase (from the step where every request has a token); end-to-end rates are in the JSON.
+Outputs are compared with the references: asserted equal on CPU (fp32), counted on CUDA.
 Run: python benchmarks/spec_oracle.py --device cuda  -> benchmarks/results/spec_oracle_<gpu>.json
      python benchmarks/spec_oracle.py --device cpu --tiny  (a dry run on a tiny random Llama)
 """
@@ -64,12 +64,8 @@ class OracleBenchConfig:
     max_tokens: int = 128
     repeats: int = 2  # plain, spec, plain, spec: the best of each counts
     seed: int = 0  # prompts, weights and the oracle's keep decisions
-    # "chain": random weights with a wide greedy margin (spec_oracle_proposer.set_chain_weights)
-    # | "random": init_random_weights as is (bf16 near-ties: sequences leave the reference)
-    weights: str = "chain"
-    # then one row (middle batch, p 0.9, first k, one repeat) on plain random weights, to show
-    # how often their sequences diverge
-    random_check: bool = False
+    weights: str = "chain"  # | "random" (init_random_weights as is): module docstring
+    random_check: bool = False  # then one row on "random" weights (middle batch, p 0.9)
     budget_s: float = 240.0  # from start (model build included): configs past it are skipped
     run_timeout_s: float = 120.0  # one run's deadline
     out: str | None = None  # JSON path; None -> benchmarks/results/spec_oracle_<device>.json
@@ -106,8 +102,7 @@ class OracleBenchConfig:
 def engine_config(cfg: OracleBenchConfig, speculative: bool) -> EngineConfig:
     max_len = cfg.prompt_tokens + cfg.max_tokens + max(cfg.ks) + 1
     per_seq = -(-max_len // BLOCK_SIZE) + 1
-    spec = (SpeculativeConfig("ngram", max(cfg.ks), max_batch_size=max(cfg.batches))
-            if speculative else SpeculativeConfig())
+    spec = SpeculativeConfig("ngram", max(cfg.ks)) if speculative else SpeculativeConfig()
     return EngineConfig(
         model="tiny-llama-random" if cfg.tiny else "llama-3-8b-shape-random",
         device=cfg.device, dtype=cfg.dtype, max_model_len=max_len,
@@ -229,6 +224,7 @@ def measure(cfg: OracleBenchConfig, plain: LLMEngine, spec: LLMEngine, prompts: 
 
 
 def commit_id() -> str:
+    """HEAD's id, or .head_commit's (a copy of the tree without .git), or "unknown"."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, timeout=10)
@@ -252,116 +248,129 @@ def references(cfg: OracleBenchConfig, plain: LLMEngine, spec: LLMEngine,
     return reference
 
 
-def run_all(cfg: OracleBenchConfig, started: float) -> tuple[list[dict], list[dict], dict]:
+class Report:
+    """The JSON, rewritten after every row (a run cut short still leaves its rows)."""
+
+    def __init__(self, cfg: OracleBenchConfig, started: float) -> None:
+        from benchmarks.gpu_common import RESULTS_DIR, device_info
+
+        self.started = started
+        device = (device_info() if cfg.device == "cuda"
+                  else {"gpu": "cpu", "torch": torch.__version__})
+        self.path = Path(cfg.out) if cfg.out else (
+            RESULTS_DIR / f"spec_oracle_{device['gpu'].replace(' ', '-')}.json")
+        self.rows: list[dict] = []
+        self.skipped: list[dict] = []
+        self.payload = {
+            "what": "decode tokens/s with and without speculative decoding through the engine, "
+                    "oracle drafts each right with probability p (not a real proposer)",
+            "model": ("tiny random Llama" if cfg.tiny else "Llama-3-8B shape")
+            + f", random {cfg.dtype} weights ({cfg.weights}), vocab "
+              f"{cfg.model_config.vocab_size}",
+            "config": asdict(cfg), "device": device, "commit": commit_id(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": self.rows,
+            "skipped": self.skipped}
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(_line(row), flush=True)
+        self.write()
+
+    def write(self) -> None:
+        self.payload["script_wall_s"] = round(time.perf_counter() - self.started, 1)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.payload, indent=2) + "\n")
+
+
+def run_all(cfg: OracleBenchConfig, report: Report) -> None:
     """Every (k, batch, p) row that fits the budget, k by k (the first k first)."""
     build_started = time.perf_counter()
     plain, spec = build_engines(cfg)
-    engine_info = {"build_s": round(time.perf_counter() - build_started, 1),
-                   "warmup_s": round(plain.warmup_s + spec.warmup_s, 1),
-                   "spec_config": asdict(spec.config.speculative),
-                   "async_scheduling": spec.async_scheduling,
-                   "cuda_graphs": spec.runner.decode_graphs is not None,
-                   "prefix_caching": False, "num_blocks": spec.kv_manager.num_blocks,
-                   "max_model_len": spec.max_model_len,
-                   "max_num_seqs": spec.config.scheduler.max_num_seqs}
-    rows, skipped, refs, cost = [], [], {}, {}
+    report.payload["engine"] = {
+        "build_s": round(time.perf_counter() - build_started, 1),
+        "warmup_s": round(plain.warmup_s + spec.warmup_s, 1),
+        "spec_config": asdict(spec.config.speculative),
+        "async_scheduling": spec.async_scheduling,
+        "cuda_graphs": spec.runner.decode_graphs is not None, "prefix_caching": False,
+        "num_blocks": spec.kv_manager.num_blocks, "max_model_len": spec.max_model_len,
+        "max_num_seqs": spec.config.scheduler.max_num_seqs}
+    refs, cost = {}, {}
     for k in cfg.ks:
         for batch in cfg.batches:
             prompts = make_prompts(cfg, batch)
             for p in cfg.acceptances:
-                left = cfg.budget_s - (time.perf_counter() - started)
+                left = cfg.budget_s - (time.perf_counter() - report.started)
                 if left < cost.get(batch, 0.0) * 1.2 + (0 if batch in refs else 5):
-                    skipped.append({"batch": batch, "k": k, "p": p, "why": "budget"})
+                    report.skipped.append({"batch": batch, "k": k, "p": p, "why": "budget"})
                     continue
                 if batch not in refs:
                     refs[batch] = references(cfg, plain, spec, prompts)
                 t0 = time.perf_counter()
                 row = measure(cfg, plain, spec, prompts, refs[batch], k, p)
-                row["weights"] = cfg.weights
                 cost[batch] = time.perf_counter() - t0
-                rows.append(row)
-                print(_line(row), flush=True)
+                report.add(dict(row, weights=cfg.weights))
     if cfg.random_check:
-        rows += random_check(cfg, plain, spec, started, cost, skipped)
+        random_check(cfg, plain, spec, cost, report)
     for engine in (plain, spec):
         if not engine.kv_manager.is_idle():
             raise RuntimeError("a run left KV blocks held")
-    return rows, skipped, engine_info
 
 
-def random_check(cfg: OracleBenchConfig, plain: LLMEngine, spec: LLMEngine, started: float,
-                 cost: dict[int, float], skipped: list[dict]) -> list[dict]:
+def random_check(cfg: OracleBenchConfig, plain: LLMEngine, spec: LLMEngine,
+                 cost: dict[int, float], report: Report) -> None:
     """One row on plain random weights (set in place: the engines' graphs keep their
     buffers), after every other row."""
     batch, k, p = cfg.batches[len(cfg.batches) // 2], cfg.ks[0], 0.9
-    left = cfg.budget_s - (time.perf_counter() - started)
+    left = cfg.budget_s - (time.perf_counter() - report.started)
     if left < cost.get(batch, 0.0) * 0.6 + 5:
-        skipped.append({"batch": batch, "k": k, "p": p, "weights": "random", "why": "budget"})
-        return []
+        report.skipped.append({"batch": batch, "k": k, "p": p, "weights": "random",
+                               "why": "budget"})
+        return
     init_random_weights(plain.runner.model, seed=cfg.seed)
     one = replace(cfg, repeats=1, weights="random")
     prompts = make_prompts(one, batch)
     row = measure(one, plain, spec, prompts, references(one, plain, spec, prompts), k, p)
-    row["weights"] = "random"
-    print(_line(row), flush=True)
-    return [row]
+    report.add(dict(row, weights="random"))
 
 
-def _line(row: dict) -> str:
-    return (f"batch {row['batch']:>2} k {row['k']} p {row['p']:.2f}: plain "
-            f"{row['plain_tok_s']:8.1f} spec {row['spec_tok_s']:8.1f} tok/s "
-            f"x{row['speedup']:.2f}  accept {row['acceptance_rate']:.3f} "
-            f"(exp {row['expected_acceptance_rate']:.3f})  tok/verify "
-            f"{row['mean_tokens_per_verification']:.2f} (exp "
-            f"{row['expected_tokens_per_verification']:.2f})  diverged "
-            f"{row['diverged_requests']}  identical {row['spec_outputs_identical']}/"
-            f"{row['batch']}  payoff {row['payoff_steps_at_batch']}")
+def _line(r: dict) -> str:
+    return (f"batch {r['batch']:>2} k {r['k']} p {r['p']:.2f}: plain {r['plain_tok_s']:8.1f} "
+            f"spec {r['spec_tok_s']:8.1f} tok/s x{r['speedup']:.2f}  accept "
+            f"{r['acceptance_rate']:.3f} (exp {r['expected_acceptance_rate']:.3f})  tok/verify "
+            f"{r['mean_tokens_per_verification']:.2f} (exp "
+            f"{r['expected_tokens_per_verification']:.2f})  diverged {r['diverged_requests']}  "
+            f"identical {r['spec_outputs_identical']}/{r['batch']}  "
+            f"payoff {r['payoff_steps_at_batch']}")
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Runs what fits the budget; an error is recorded in the JSON, then raised."""
     started = time.perf_counter()
     cfg = parse_args(argv)
-    from benchmarks.gpu_common import RESULTS_DIR, device_info
-
-    rows, skipped, engine_info = run_all(cfg, started)
-    model_cfg = cfg.model_config
-    device = (device_info() if cfg.device == "cuda"
-              else {"gpu": "cpu", "torch": torch.__version__})
-    payload = {
-        "what": "decode tokens/s with and without speculative decoding, measured through the "
-                "engine with oracle drafts at a controlled acceptance rate p (each drafted "
-                "position right with probability p); not a real draft model or n-gram lookup",
-        "model": ("tiny random Llama" if cfg.tiny else "Llama-3-8B shape")
-                 + f", random {cfg.dtype} weights ({cfg.weights}), vocab {model_cfg.vocab_size}",
-        "config": asdict(cfg), "engine": engine_info, "device": device,
-        "commit": commit_id(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "rows": rows, "skipped": skipped,
-        "script_wall_s": round(time.perf_counter() - started, 1),
-    }
-    path = Path(cfg.out) if cfg.out else (
-        RESULTS_DIR / f"spec_oracle_{device['gpu'].replace(' ', '-')}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {path} ({len(rows)} rows, {len(skipped)} skipped, "
-          f"{payload['script_wall_s']} s)", flush=True)
-    return payload
+    report = Report(cfg, started)
+    try:
+        run_all(cfg, report)
+    except BaseException as exc:
+        report.payload["error"] = repr(exc)[:2000]
+        raise
+    finally:
+        report.write()
+        print(f"wrote {report.path} ({len(report.rows)} rows, {len(report.skipped)} skipped, "
+              f"{report.payload['script_wall_s']} s)", flush=True)
+    return report.payload
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(","))
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
+def _numbers(kind: type):
+    return lambda text: tuple(kind(x) for x in text.split(","))
 
 
 def parse_args(argv: list[str] | None = None) -> OracleBenchConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama (dry run)")
-    parser.add_argument("--batches", type=_ints, default=None, help="default 1,8,32 (tiny 1,4)")
-    parser.add_argument("--acceptances", type=_floats, default=(0.5, 0.7, 0.9, 1.0))
-    parser.add_argument("--ks", type=_ints, default=(3, 4))
+    parser.add_argument("--batches", type=_numbers(int), help="default 1,8,32 (tiny 1,4)")
+    parser.add_argument("--acceptances", type=_numbers(float), default=(0.5, 0.7, 0.9, 1.0))
+    parser.add_argument("--ks", type=_numbers(int), default=(3, 4))
     parser.add_argument("--prompt-tokens", type=int, default=None, help="default 512 (tiny 48)")
     parser.add_argument("--max-tokens", type=int, default=None, help="default 128 (tiny 24)")
     parser.add_argument("--repeats", type=int, default=2)
