@@ -21,8 +21,9 @@ that draws the last ticket (num_programs - 1) sums the SPLIT_K partials of every
 split order, rounds them to x's dtype (F.linear returns its logits in that dtype; HF softmaxes
 those in fp32), stores those logits and routes all T tokens with `moe_route.route_tile`, the
 routing kernel's own math (ties to the lower expert id, NaN first, renormalisation, one count
-atomic per picked expert), on the routing kernel's tile shape and warps: the same bits as
-`moe_route.route` on these logits. It then puts the counter back to 0, so the next launch or
+atomic per picked expert), by default on the routing kernel's tile shape and warps: the same
+bits as `moe_route.route` on these logits (`RouterTile.routing_rows` can shrink the tile for
+the benchmark's sweep: then the softmax's sum may differ by an ulp). It then puts the counter back to 0, so the next launch or
 CUDA-graph replay finds it clean with no memset. Nobody waits for anybody: the other programs
 just exit (no spin lock, no assumption that programs are co-resident).
 
@@ -75,6 +76,17 @@ class RouterTile:
     block_k: int  # weight columns per strip
     split_k: int  # column ranges, one program each
     num_warps: int = moe_route.ROUTING_WARPS  # the routing tile's layout follows it
+    # tokens per routing pass of the last program; 0: the routing kernel's tile, whose weights
+    # are then bit-identical to `moe_route.route`'s (another tile may differ by an ulp)
+    routing_rows: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("block_e", "block_k", "num_warps", "routing_rows"):
+            value = getattr(self, name)
+            if value < 0 or value & (value - 1) or (value == 0 and name != "routing_rows"):
+                raise ValueError(f"RouterTile.{name} must be a power of two, got {value}")
+        if self.split_k < 1:
+            raise ValueError(f"RouterTile.split_k must be >= 1, got {self.split_k}")
 
 
 @triton.jit
@@ -203,6 +215,7 @@ def router_route_with_logits(x: torch.Tensor, router_weight: torch.Tensor, top_k
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
     rows, experts_p2, k_p2 = moe_route.routing_tile(num_experts, top_k)
+    rows = tile.routing_rows or rows
     grid = (triton.cdiv(num_experts, tile.block_e), triton.cdiv(hidden, split_columns))
     _router_kernel[grid](
         x, router_weight, partials, logits, _TICKETS.get(device), weights, ids,

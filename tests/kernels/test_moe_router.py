@@ -122,6 +122,19 @@ def test_repeated_launches_reset_the_ticket_counter(device):
         assert _TICKETS.get(x.device).item() == 0, f"launch {i}"
 
 
+@pytest.mark.parametrize("tile", [(2, 64, 2, 4, 1), (1, 32, 4, 8, 2)], ids=str)
+def test_other_tiles_route_alike(device, tile):
+    """Launch shapes the benchmark sweeps (experts per program, strip, K splits, warps,
+    routing rows): the same logits and ids, weights within an ulp."""
+    from engine.kernels.moe_router import RouterTile, router_route_with_logits
+
+    x, w = _dyadic(3, 60, 136, torch.float16, device)
+    weights, ids, logits = router_route_with_logits(x, w, 8, True, tile=RouterTile(*tile))
+    ref_weights, ref_ids, ref_logits = router_route_with_logits(x, w, 8, True)
+    assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=1e-9)
+
+
 def test_supports_and_bad_inputs(device):
     from engine.kernels.moe_router import MAX_TOKENS, router_route, supports
 
