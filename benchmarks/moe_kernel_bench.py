@@ -18,7 +18,8 @@ experts' bytes; `fused_ms` is whichever `fused_experts` picks by default.
 --sweep: for each shape and token bucket, time candidate tiles for each GEMM alone and write the
 best into engine/kernels/fused_moe_configs.json (which `fused_experts` then loads).
 --gemv-sweep: the same for the GEMV path's two kernels at decode buckets, into
-engine/kernels/moe_gemv_configs.json.
+engine/kernels/moe_gemv_configs.json (benchmarks/moe_gemv_bench.py's sweep, which also times
+each launch alone).
 Run: python benchmarks/moe_kernel_bench.py [--sweep] [--gemv-sweep]
      -> benchmarks/results/moe_kernel_<gpu>.json
 """
@@ -41,7 +42,6 @@ from benchmarks.gpu_common import (copy_bandwidth_gbs, device_info, graph_ms,  #
                                    print_table, write_results)
 from engine.kernels import fused_moe, moe_gemv, moe_tile_configs  # noqa: E402
 from engine.kernels.moe_align import align_by_expert  # noqa: E402
-from engine.kernels.moe_gemv import GemvTile, MoEGemvConfig  # noqa: E402
 from engine.kernels.moe_tile_configs import GemmTile, MoETileConfig, shape_key  # noqa: E402
 from engine.layers.moe import select_experts  # noqa: E402
 
@@ -49,7 +49,6 @@ DT = torch.bfloat16
 HBM_SPEC_GBS = {"H200": 4800.0, "H100": 3350.0}  # HBM spec by GPU (the roofline's spec figure)
 SHAPES = {"qwen3-30b-a3b": (128, 2048, 768, 8), "mixtral-8x7b": (8, 4096, 14336, 2)}
 TOKENS = (1, 8, 64, 256, 1024, 4096)
-GEMV_TOKENS = (1, 2, 4, 8, 16, 32)  # decode buckets of the GEMV sweep (those within the threshold)
 
 
 def _problem(shape, num_tokens: int):
@@ -202,58 +201,14 @@ def write_configs(configs: dict[str, dict], gpu: str, gemv: bool = False) -> Non
     """Merge swept shapes into the grouped GEMMs' JSON, or with `gemv` the GEMV path's."""
     path = moe_gemv.CONFIG_PATH if gemv else moe_tile_configs.CONFIG_PATH
     raw = json.loads(path.read_text()) if path.exists() else {}
-    raw.setdefault("configs", {}).update(configs)
-    raw["note"] = (f"benchmarks/moe_kernel_bench.py --gemv-sweep on {gpu}: best tile per kernel "
-                   "by CUDA-graph time; gemv_us is both launches" if gemv else
+    for key, buckets in configs.items():  # buckets not swept this time keep their tiles
+        raw.setdefault("configs", {}).setdefault(key, {}).update(buckets)
+    raw["note"] = (f"benchmarks/moe_gemv_bench.py --sweep on {gpu}: best tile per kernel by "
+                   "CUDA-graph time over a ring of routings; gemv_us is both launches" if gemv else
                    f"benchmarks/moe_kernel_bench.py --sweep on {gpu}: best tile per GEMM by "
                    "CUDA-graph time; gemm_us is gate/up + down without alignment and combine")
     path.write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
     (moe_gemv if gemv else moe_tile_configs).clear_cache()
-
-
-# --- GEMV path sweep ------------------------------------------------------------------------
-
-def _gemv_candidates(num_accumulators: int):
-    """Tiles whose fp32 partial sums take 8..64 registers a thread (gate/up keeps two sums)."""
-    for bn, bk, warps in itertools.product((2, 4, 8, 16, 32), (128, 256, 512, 1024), (2, 4, 8)):
-        if 8 <= num_accumulators * bn * bk // (32 * warps) <= 64:
-            yield GemvTile(bn, bk, warps)
-
-
-def _time_gemv(x, w13, w2, weights, ids, config: MoEGemvConfig) -> float:
-    try:
-        return graph_ms(lambda: moe_gemv.moe_gemv_experts(x, w13, w2, weights, ids,
-                                                          config=config), reps=10)
-    except Exception as exc:  # a tile that does not compile: skip it
-        print(f"  gemv tiles {config} failed: {type(exc).__name__}", flush=True)
-        torch.cuda.synchronize()
-        return float("inf")
-
-
-def sweep_gemv_shape(shape, deadline: float) -> dict[str, dict]:
-    """Best GEMV tiles per decode bucket: gate/up first (down at its default), then down."""
-    top_k = shape[3]
-    best_by_tokens = {}
-    for num_tokens in (t for t in GEMV_TOKENS if t * top_k <= fused_moe.GEMV_MAX_PAIRS):
-        if time.monotonic() > deadline:
-            print(f"gemv sweep {shape}: out of time before T={num_tokens}", flush=True)
-            break
-        x, w13, w2, weights, ids = _problem(shape, num_tokens)
-        default = moe_gemv.DEFAULT_CONFIG
-        default_ms = _time_gemv(x, w13, w2, weights, ids, default)
-        up = min(_gemv_candidates(2), key=lambda t: _time_gemv(
-            x, w13, w2, weights, ids, MoEGemvConfig(t, default.down)))
-        timed = [(_time_gemv(x, w13, w2, weights, ids, MoEGemvConfig(up, t)), t)
-                 for t in _gemv_candidates(1)]
-        best_ms, down = min(timed, key=lambda p: p[0])
-        best = MoEGemvConfig(up, down)
-        print(f"gemv sweep {shape} T={num_tokens}: {best_ms * 1e3:.1f} us (default "
-              f"{default_ms * 1e3:.1f} us) {best}", flush=True)
-        best_by_tokens[str(num_tokens)] = {**best.to_json(), "gemv_us": best_ms * 1e3,
-                                           "default_us": default_ms * 1e3}
-        del x, w13, w2
-        torch.cuda.empty_cache()
-    return best_by_tokens
 
 
 def main() -> None:
@@ -276,6 +231,8 @@ def main() -> None:
             deadline = time.monotonic() + args.sweep_budget_s
             write_configs({key: sweep_shape(SHAPES[name], deadline)}, info["gpu"])
     if args.gemv_sweep:
+        from benchmarks.moe_gemv_bench import sweep_gemv_shape  # it imports this module
+
         for name in names:
             num_experts, hidden, inter, top_k = SHAPES[name]
             key = shape_key(num_experts, hidden, inter, top_k, DT)
