@@ -31,7 +31,12 @@ expert by reading `topk_ids` itself:
      acq_rel ticket is that acquire, Triton broadcasts its result through shared memory behind
      a barrier (so all its threads are ordered after the acquire), and it reads the dots with
      `.cg` loads (from L2, the coherence point, never a stale L1 line). Nobody waits for
-     anybody: the programs that are not last simply exit.
+     anybody: the programs that are not last simply exit. The counter's reset reaches the
+     next launch through the stream order (with PDL: its `gdc_wait` returns only after this
+     grid completed), before which it touches no counter.
+   Both variants add a dot with an explicit `tl.fma`: left to the compiler, `acc + w * dot`
+   may or may not be contracted (Triton's FP-fusion default is changing), and the two kernels
+   must round alike to agree bit for bit.
 
 Both kernels read the routing written by the kernel before them, so they wait (PDL) before
 their first load; every buffer is sized by the shapes alone (CUDA-graph capturable, no host
@@ -42,9 +47,11 @@ Split workspace (`_split_workspace`): scratch and counters are allocated once pe
 (token bucket, k, H, H tiles), zeroed, and never freed (a captured graph holds their raw
 addresses); calls and graph replays reuse them. The first call of a shape must come before any
 capture that uses it (the model runner's warm-up does; a capture that would allocate raises).
-They are not keyed by stream: two split launches of the same key must not run concurrently
-(on two streams, or two graphs replayed at once) -- they would draw each other's tickets. A
-decode engine runs its steps on one stream at a time, which is what this assumes.
+They are not keyed by stream (the model runner warms a graph up on a side stream and captures
+it on another, so a per-stream workspace would be first made inside the capture): two split
+launches of the same key must not run concurrently (on two streams, or two graphs replayed at
+once) -- they would overwrite each other's dots and draw each other's tickets. A decode engine
+runs its steps on one stream at a time, which is what this assumes.
 
 Tiles: `moe_gemv_configs.json` (beside this file), written by `benchmarks/moe_gemv_bench.py
 --sweep`, keyed like fused_moe_configs.json (`moe_tile_configs.shape_key`) with token
