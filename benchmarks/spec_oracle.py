@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path[:1]:
-    sys.path.insert(0, str(ROOT))  # before benchmarks/: its kernels.py shadows `kernels`
+if Path(sys.path[0] or ".").resolve() == ROOT / "benchmarks":
+    sys.path[0] = str(ROOT)  # run as a script: benchmarks/kernels.py would shadow `kernels`
 
 import torch  # noqa: E402
 
@@ -177,7 +177,7 @@ def measure(cfg: OracleBenchConfig, plain: LLMEngine, spec: LLMEngine, prompts: 
     oracle = OracleProposer(k, p, cfg.model_config.vocab_size, cfg.seed)
     spec.spec.proposer = oracle
     before = _spec_counters(spec)
-    plain_runs, spec_runs, diverged, proposals, short, decisions = [], [], [], 0, 0, [0, 0]
+    plain_runs, spec_runs, diverged, proposals, short, shares = [], [], [], 0, 0, []
     rates: dict[bool, float] = {}
     for _ in range(cfg.repeats):
         plain_runs.append(run_once(plain, prompts, cfg.max_tokens, cfg.run_timeout_s))
@@ -187,8 +187,7 @@ def measure(cfg: OracleBenchConfig, plain: LLMEngine, spec: LLMEngine, prompts: 
         diverged.append(len(oracle.counters.diverged))
         proposals += oracle.counters.num_proposals
         short += oracle.counters.num_short_proposals
-        for i, n in enumerate(payoff.decisions.get(batch, [0, 0])):
-            decisions[i] += n
+        shares.append(payoff.drafting_share(batch))
         rates = payoff.rates(batch)
     verified, drafted, kept = (a - b for a, b in zip(_spec_counters(spec), before))
     same = [sum(o == r for o, r in zip(run.outputs, reference)) for run in spec_runs]
@@ -215,10 +214,11 @@ def measure(cfg: OracleBenchConfig, plain: LLMEngine, spec: LLMEngine, prompts: 
         "spec_outputs_identical": same,
         "plain_outputs_identical": [sum(o == r for o, r in zip(run.outputs, reference))
                                     for run in plain_runs],
-        "payoff_steps_at_batch": {"plain": decisions[0], "drafting": decisions[1]},
+        # per spec run: (steps decided at this batch, share drafting in their second half)
+        "payoff_steps_at_batch": [(n, round(share, 2)) for n, share in shares],
         "payoff_tok_s_at_batch": {"spec": round(rates.get(True, 0.0), 1),
                                   "plain": round(rates.get(False, 0.0), 1)},
-        "drafting_switched_off": decisions[0] > decisions[1],
+        "drafting_switched_off": rates.get(False, 0.0) > rates.get(True, float("inf")),
         "wall_s": round(sum(r.wall_s for r in plain_runs + spec_runs), 2),
     }
 

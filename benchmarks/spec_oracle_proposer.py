@@ -95,12 +95,19 @@ class CountingPayoff(Payoff):
 
     def __init__(self) -> None:
         super().__init__()
-        self.decisions: dict[int, list[int]] = {}  # batch -> [plain steps, drafting steps]
+        self.decisions: dict[int, list[bool]] = {}  # batch -> per step: drafting?
 
     def wants_drafts(self, batch: int) -> bool:
         drafts = super().wants_drafts(batch)
-        self.decisions.setdefault(batch, [0, 0])[drafts] += 1
+        self.decisions.setdefault(batch, []).append(drafts)
         return drafts
+
+    def drafting_share(self, batch: int) -> tuple[int, float]:
+        """(steps decided at `batch`, the share that drafted in their second half: past the
+        prompts' prefill, which counts as drafting steps while nothing decodes yet)."""
+        steps = self.decisions.get(batch, [])
+        late = steps[len(steps) // 2:]
+        return len(steps), sum(late) / len(late) if late else 0.0
 
 
 class OracleProposer:
