@@ -40,7 +40,8 @@ if Path(sys.path[0] or ".").resolve() == ROOT / "benchmarks":
 import torch  # noqa: E402
 
 from benchmarks.spec_oracle_proposer import (CountingPayoff, OracleProposer,  # noqa: E402
-                                              expected_tokens, set_chain_weights)
+                                              expected_tokens, implied_acceptance,
+                                              set_chain_weights)
 from engine.builder import LoadedModel, build_model, init_random_weights  # noqa: E402
 from engine.config import (CacheConfig, EngineConfig, SchedulerConfig,  # noqa: E402
                            SpeculativeConfig)
@@ -194,6 +195,7 @@ def measure(cfg: OracleBenchConfig, plain: LLMEngine, spec: LLMEngine, prompts: 
     if cfg.device == "cpu" and min(same) != batch:
         raise AssertionError(f"batch {batch} k {k} p {p}: speculative outputs differ from "
                              f"plain ({min(same)} of {batch} identical)")
+    tokens_per_verification = 1 + kept / verified if verified else 1.0
     best_plain = max(r.decode_tok_s for r in plain_runs)
     best_spec = max(r.decode_tok_s for r in spec_runs)
     return {
@@ -206,8 +208,9 @@ def measure(cfg: OracleBenchConfig, plain: LLMEngine, spec: LLMEngine, prompts: 
         "spec_runs_tok_s": [round(r.decode_tok_s, 1) for r in spec_runs],
         "acceptance_rate": round(kept / drafted, 4) if drafted else 0.0,
         "expected_acceptance_rate": round(sum(p ** i for i in range(1, k + 1)) / k, 4),
-        "mean_tokens_per_verification": round(1 + kept / verified, 3) if verified else 1.0,
+        "mean_tokens_per_verification": round(tokens_per_verification, 3),
         "expected_tokens_per_verification": round(expected_tokens(p, k), 3),
+        "implied_p": round(implied_acceptance(tokens_per_verification, k), 3),
         "verifications": verified, "draft_tokens": drafted, "accepted_tokens": kept,
         "oracle_proposals": proposals, "oracle_short_proposals": short,
         "diverged_requests": diverged,

@@ -71,6 +71,16 @@ def expected_tokens(p: float, k: int) -> float:
     return float(k + 1) if p >= 1.0 else (1 - p ** (k + 1)) / (1 - p)
 
 
+def implied_acceptance(tokens_per_verification: float, k: int) -> float:
+    """The per-position p at which `expected_tokens(p, k)` is this (bisection): the measured
+    counterpart of the p a row was run at (short drafts at a sequence's end bias it low)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_tokens(mid, k) < tokens_per_verification else (lo, mid)
+    return (lo + hi) / 2
+
+
 @dataclass(slots=True)
 class _Entry:
     index: int

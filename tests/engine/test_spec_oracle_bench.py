@@ -11,7 +11,8 @@ import pytest
 
 from benchmarks.spec_oracle import (OracleBenchConfig, build_engines, main, make_prompts,
                                     measure, references)
-from benchmarks.spec_oracle_proposer import KEY_TOKENS, OracleProposer, keep_fraction
+from benchmarks.spec_oracle_proposer import (KEY_TOKENS, OracleProposer, expected_tokens,
+                                              implied_acceptance, keep_fraction)
 
 VOCAB = 1000
 PROMPTS = [list(range(100 + 20 * i, 120 + 20 * i)) for i in range(3)]
@@ -99,3 +100,9 @@ def test_dry_run_asserts_outputs_equal_the_reference() -> None:
     row = measure(cfg, plain, spec, prompts, reference, 2, 1.0)
     assert row["acceptance_rate"] == 1.0 and row["spec_outputs_identical"] == [2]
     assert plain.kv_manager.is_idle() and spec.kv_manager.is_idle()
+
+
+def test_implied_acceptance_inverts_the_expected_tokens() -> None:
+    for p in (0.0, 0.5, 0.7, 0.9):
+        assert implied_acceptance(expected_tokens(p, 3), 3) == pytest.approx(p, abs=1e-6)
+    assert implied_acceptance(5.0, 4) == pytest.approx(1.0, abs=1e-6)
