@@ -36,6 +36,16 @@ def _counters_at_zero() -> bool:
     return all(not counts.any() for _, counts in _WORKSPACES.values())
 
 
+def _split_ran(device, num_tokens, top_k, hidden, block_n) -> bool:
+    """A split launch of this shape has run (its workspace exists)."""
+    import triton
+
+    from engine.kernels.moe_gemv import _WORKSPACES
+
+    return (device, triton.next_power_of_2(num_tokens), top_k, hidden,
+            triton.cdiv(hidden, block_n)) in _WORKSPACES
+
+
 def _run(x, w13, w2, weights, ids, expert_map, config):
     from engine.kernels.moe_gemv import moe_gemv_experts
 
@@ -59,6 +69,7 @@ def _check_split(device, dtype, num_tokens, num_experts, top_k, slot_choices, hi
     for slots in slot_choices:
         split = _run(x, local13, local2, weights, ids, expert_map, _tiles(slots, *tile))
         assert torch.equal(split, unsplit), f"{what} slots={slots}: split != unsplit"
+        assert _split_ran(x.device, num_tokens, top_k, hidden, tile[0]) == (slots < top_k)
     assert _counters_at_zero(), f"{what}: a ticket counter was left drawn"
     return unsplit, ids
 
