@@ -25,6 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
+
+from engine.builder import init_random_weights
 from engine.spec.decoding import Payoff
 
 if TYPE_CHECKING:
@@ -44,17 +47,13 @@ def keep_fraction(seed: int, prompt_index: int, position: int) -> float:
     return (x ^ (x >> 31)) / 2.0 ** 64
 
 
-def set_chain_weights(model, seed: int = 0, branch_scale: float = 0.01) -> None:
+def set_chain_weights(model: torch.nn.Module, seed: int = 0, branch_scale: float = 0.01) -> None:
     """Random weights (in place) whose greedy output is a chain x -> succ(x) with a margin no
     rounding can flip: embeddings of std 1, attention and MLP outputs scaled down by
     `branch_scale` (the last token's embedding dominates the final hidden state), and the LM
     head the embeddings permuted (a random permutation: succ). Every kernel still runs on the
     same shapes. Plain random weights leave near-ties that bf16 verification rows flip against
     plain decode rows, so their sequences leave the reference within tens of tokens."""
-    import torch
-
-    from engine.builder import init_random_weights
-
     init_random_weights(model, seed=seed)
     emb = model.embed_tokens.weight
     gen = torch.Generator(device=emb.device).manual_seed(seed + 1)

@@ -106,3 +106,14 @@ def test_implied_acceptance_inverts_the_expected_tokens() -> None:
     for p in (0.0, 0.5, 0.7, 0.9):
         assert implied_acceptance(expected_tokens(p, 3), 3) == pytest.approx(p, abs=1e-6)
     assert implied_acceptance(5.0, 4) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_chain_weights_keep_bf16_verification_on_the_reference(tmp_path) -> None:
+    """bf16 (rounding differs between verification and decode rows): chain weights' margin
+    keeps every sequence on its reference, so every draft is kept at p = 1."""
+    out = tmp_path / "bf16.json"
+    main(["--device", "cpu", "--tiny", "--dtype", "bfloat16", "--batches", "4",
+          "--acceptances", "1.0", "--ks", "3", "--repeats", "1", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["diverged_requests"] == [0] and row["spec_outputs_identical"] == [4]
+    assert row["acceptance_rate"] == 1.0 and row["accepted_tokens"] == row["draft_tokens"] > 0
