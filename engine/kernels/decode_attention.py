@@ -205,6 +205,14 @@ def _combine_chunk(group: int, block_d: int, num_splits: int, num_warps: int = 4
     return max(1, min(num_splits, _COMBINE_REGS // max(per_split, 1)))
 
 
+def default_tile(dtype: torch.dtype, fp8: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the decode kernel for a query dtype and cache
+    format."""
+    if dtype == torch.float32:
+        return 32, 4, 2
+    return 64, 4, 3
+
+
 def num_splits_for(batch_size: int, num_kv_heads: int) -> int:
     """Splits per sequence so that the grid holds about 4 programs per SM, rounded *down* to a
     power of two (the combine kernel loads them as one tile). On an H200, batch 8, 32 and 64
@@ -247,10 +255,13 @@ _COUNTERS = _SplitCounters()  # process-wide, like the kernels' compile caches
 
 def decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, scale: float,
                      out: torch.Tensor, num_splits: int | None = None,
-                     fused_combine: bool | None = None) -> torch.Tensor:
+                     fused_combine: bool | None = None,
+                     tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """q: [B, Hq, D] (one token per sequence of `group`); writes and returns out [B, Hq, D].
     fused_combine: the last split combines (True) or a second kernel does (False); None takes
-    `dispatch.fused_decode_combine_enabled()`. Both give the same bits."""
+    `dispatch.fused_decode_combine_enabled()`. Both give the same bits.
+    tile: (BLOCK_N, num_warps, num_stages) instead of `default_tile` (the sweep,
+    benchmarks/decode_attention_sweep.py)."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = kv_layer.shape[3]
     gsize = num_heads // num_kv_heads
@@ -269,6 +280,7 @@ def decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, s
     if fused:
         counters = _COUNTERS.get(q.device, batch * num_kv_heads)
     is_fp32 = q.dtype == torch.float32
+    block_n, num_warps, num_stages = tile or default_tile(q.dtype, is_fp8(kv_layer))
     launch = launch_options(q)
     _decode_kernel[(num_kv_heads, batch, splits)](
         q, kv_layer, group.block_tables, group.context_lens, out, part_out, part_lse, counters,
@@ -276,10 +288,10 @@ def decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, s
         group.block_tables.stride(0), *kv_layer.stride()[:4], gsize, head_dim,
         BLOCK_SIZE=kv_layer.shape[2], NUM_SPLITS=splits,
         GROUP_PAD=max(16, triton.next_power_of_2(gsize)), BLOCK_D=block_d,
-        BLOCK_N=32 if is_fp32 else 64, DOT_PRECISION="ieee" if is_fp32 else "tf32",
+        BLOCK_N=block_n, DOT_PRECISION="ieee" if is_fp32 else "tf32",
         FP8=is_fp8(kv_layer), FUSED_COMBINE=fused, GROUP_POW2=triton.next_power_of_2(gsize),
-        COMBINE_CHUNK=_combine_chunk(gsize, block_d, splits), num_warps=4,
-        num_stages=2 if is_fp32 else 3, **launch)
+        COMBINE_CHUNK=_combine_chunk(gsize, block_d, splits, num_warps), num_warps=num_warps,
+        num_stages=num_stages, **launch)
     if splits > 1 and not fused:
         _combine_kernel[(batch, num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1), num_heads, head_dim,
