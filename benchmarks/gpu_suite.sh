@@ -11,6 +11,7 @@
 # moe     : benchmarks/moe_latency.py, Qwen3-30B-A3B shape, batch 1 and 8, no HF baseline
 # spec    : benchmarks/spec_decode.py --draft-costs (verification / drafting costs)
 # multiturn : benchmarks/multiturn_gpu.py (prefix caching on/off, run order on, off, on)
+# decodesweep : benchmarks/decode_attention_sweep.py (decode tiles over bf16 and fp8 caches)
 # Logs and result JSON go to $OUT (default /tmp/pdserve-gpu); a summary is printed last.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -73,6 +74,8 @@ for p in $parts; do
           grep -E "^batch" "$OUT/spec.log" | cut -c1-200 >> "$summary" ;;
     multiturn) run multiturn 300 python3 benchmarks/multiturn_gpu.py
                tail -n 9 "$OUT/multiturn.log" >> "$summary" ;;
+    decodesweep) run decodesweep 260 python3 benchmarks/decode_attention_sweep.py --budget-s 200
+                 grep -A 9 "^kv " "$OUT/decodesweep.log" >> "$summary" ;;
     *) echo "unknown part: $p" | tee -a "$summary" ;;
   esac
 done
