@@ -21,9 +21,12 @@ that draws the last ticket (num_programs - 1) sums the SPLIT_K partials of every
 split order, rounds them to x's dtype (F.linear returns its logits in that dtype; HF softmaxes
 those in fp32), stores those logits and routes all T tokens with `moe_route.route_tile`, the
 routing kernel's own math (ties to the lower expert id, NaN first, renormalisation, one count
-atomic per picked expert), by default on the routing kernel's tile shape and warps: the same
-bits as `moe_route.route` on these logits (`RouterTile.routing_rows` can shrink the tile for
-the benchmark's sweep: then the softmax's sum may differ by an ulp). It then puts the counter back to 0, so the next launch or
+atomic per picked expert), on a [next_pow2(T), E] tile: the routing kernel's tile ([16, 128]
+for 128 experts) would make this serial tail ~8x longer at T = 1 (6.7k vs 0.8k PTX
+instructions, 255 registers and spills vs 56). The weights may therefore differ from
+`moe_route.route`'s on the same logits by an ulp (the softmax sum's order follows the tile's
+layout); the ids and counts are the same. `RouterTile.routing_rows` = the routing kernel's
+ROWS gives its bits exactly (the benchmark sweeps both). It then puts the counter back to 0, so the next launch or
 CUDA-graph replay finds it clean with no memset. Nobody waits for anybody: the other programs
 just exit (no spin lock, no assumption that programs are co-resident).
 
@@ -76,8 +79,8 @@ class RouterTile:
     block_k: int  # weight columns per strip
     split_k: int  # column ranges, one program each
     num_warps: int = moe_route.ROUTING_WARPS  # the routing tile's layout follows it
-    # tokens per routing pass of the last program; 0: the routing kernel's tile, whose weights
-    # are then bit-identical to `moe_route.route`'s (another tile may differ by an ulp)
+    # tokens per routing pass of the last program; 0: next_pow2(T), one pass (the routing
+    # kernel's ROWS instead gives its weights' bits exactly, at ~8x the instructions)
     routing_rows: int = 0
 
     def __post_init__(self) -> None:
@@ -214,8 +217,8 @@ def router_route_with_logits(x: torch.Tensor, router_weight: torch.Tensor, top_k
     logits = torch.empty(num_tokens, num_experts, dtype=x.dtype, device=device)
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
-    rows, experts_p2, k_p2 = moe_route.routing_tile(num_experts, top_k)
-    rows = tile.routing_rows or rows
+    _, experts_p2, k_p2 = moe_route.routing_tile(num_experts, top_k)
+    rows = tile.routing_rows or triton.next_power_of_2(num_tokens)
     grid = (triton.cdiv(num_experts, tile.block_e), triton.cdiv(hidden, split_columns))
     _router_kernel[grid](
         x, router_weight, partials, logits, _TICKETS.get(device), weights, ids,

@@ -5,8 +5,9 @@ launch, the last program to finish routes) against what the layer computed befor
 Inputs are dyadic (x in eighths, W in 256ths, few bits each), so x W^T is exact in fp32 in any
 summation order: the kernel's logits must equal F.linear's bit for bit, and the routing is
 checked against a torch oracle (fp32 softmax, stable descending sort: ties to the lower expert
-id), bit for bit against the routing kernel (`moe_route.route`) on those logits, and the
-counters against a bincount. Batch sizes 1 to 8, 8 (K split over programs), 60, 64 and 128
+id), against the routing kernel (`moe_route.route`) on those logits (ids and counts equal,
+weights bit for bit in the interpreter, within an ulp on CUDA: the fused kernel routes on a
+smaller tile), and the counters against a bincount. Batch sizes 1 to 8, 8 (K split over programs), 60, 64 and 128
 experts, top-k 1, 2 and 8, hidden sizes off the strip width, a NaN row, repeated launches (the
 ticket counter back at 0). In Triton's interpreter with fp16 (its bf16 is unreliable, see
 test_fused_moe.py) and on CUDA with bf16 too; on CUDA also random logits against cuBLAS (an
@@ -69,8 +70,8 @@ def _check_against_route(x, w, top_k, renormalize, with_counts, label):
     ref_weights, ref_ids = moe_route.route(ref_logits, top_k, renormalize, ref_counts)
     assert ids.dtype == torch.int64 and weights.dtype == torch.float32, label
     assert torch.equal(ids, ref_ids), label
-    # the same code and tile shape: bit for bit in the interpreter (numpy's reductions); on
-    # CUDA the compiler picks the reductions' layout, so an ulp is allowed
+    # the same code on a smaller tile: bit for bit in the interpreter (numpy reduces each row
+    # alike); on CUDA the softmax sum's order follows the tile's layout, so an ulp is allowed
     exact = x.device.type == "cpu"
     torch.testing.assert_close(weights, ref_weights, rtol=0 if exact else 1e-6,
                                atol=0 if exact else 1e-9, equal_nan=True, msg=label)
@@ -122,7 +123,7 @@ def test_repeated_launches_reset_the_ticket_counter(device):
         assert _TICKETS.get(x.device).item() == 0, f"launch {i}"
 
 
-@pytest.mark.parametrize("tile", [(2, 64, 2, 4, 1), (1, 32, 4, 8, 2)], ids=str)
+@pytest.mark.parametrize("tile", [(2, 64, 2, 4, 1), (1, 32, 4, 8, 16)], ids=str)
 def test_other_tiles_route_alike(device, tile):
     """Launch shapes the benchmark sweeps (experts per program, strip, K splits, warps,
     routing rows): the same logits and ids, weights within an ulp."""
@@ -159,16 +160,19 @@ def test_supports_and_bad_inputs(device):
 @pytest.mark.parametrize("num_tokens,num_experts,hidden,top_k", [(1, 128, 2048, 8),
                                                                  (8, 8, 4096, 2)])
 def test_random_logits_within_an_ulp_of_cublas(cuda, num_tokens, num_experts, hidden, top_k):
-    """Gaussian bf16 inputs: the fixed-order fp32 sum lands within one bf16 ulp of cuBLAS's,
-    and the tokens are routed exactly as the routing kernel routes those logits."""
+    """Gaussian bf16 inputs: the fixed-order fp32 sum, rounded, lands within an ulp of the fp32
+    product (cuBLAS's bf16 GEMM itself may round differently, reduced-precision split-K
+    included), and the tokens are routed as the routing kernel routes those logits."""
     from engine.kernels import moe_route
     from engine.kernels.moe_router import router_route_with_logits
 
     x = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(num_experts, hidden, device="cuda", dtype=torch.bfloat16) * hidden ** -0.5
     weights, ids, logits = router_route_with_logits(x, w, top_k, True)
-    ref = F.linear(x, w).float()
-    ulp = torch.finfo(torch.bfloat16).eps * ref.abs().clamp_min(2 ** -126)
+    ref = F.linear(x.float(), w.float())
+    # an ulp, plus the fp32 sums' own rounding where the logit is a near-cancellation
+    ulp = torch.finfo(torch.bfloat16).eps * ref.abs() + 1e-6 * F.linear(x.float().abs(),
+                                                                         w.float().abs())
     assert ((logits.float() - ref).abs() <= ulp).all()
     ref_weights, ref_ids = moe_route.route(logits, top_k, True)
     assert torch.equal(ids, ref_ids)
