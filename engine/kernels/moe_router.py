@@ -19,16 +19,19 @@ that enough SMs pull the weight.
 Last program routes. Each program then takes a ticket from a per-device int32 counter; the one
 that draws the last ticket (num_programs - 1) sums the SPLIT_K partials of every token in
 split order, rounds them to x's dtype (F.linear returns its logits in that dtype; HF softmaxes
-those in fp32), stores those logits and routes all T tokens with `moe_route.route_tile`, the
-routing kernel's own math (ties to the lower expert id, NaN first, renormalisation, one count
-atomic per picked expert), on a [next_pow2(T), E] tile: the routing kernel's tile ([16, 128]
-for 128 experts) would make this serial tail ~8x longer at T = 1 (6.7k vs 0.8k PTX
-instructions, 255 registers and spills vs 56). The weights may therefore differ from
+those in fp32), stores those logits, routes all T tokens with `moe_route.route_tile` (the
+routing kernel's own math: ties to the lower expert id, NaN first, renormalisation, one count
+atomic per picked expert) and puts the counter back to 0, so the next launch or CUDA-graph
+replay finds it clean with no memset. Nobody waits for anybody: the other programs just exit
+(no spin lock, no assumption that programs are co-resident).
+
+It routes on a [next_pow2(T), E] tile. The routing kernel's tile ([16, 128] for 128 experts)
+would make this serial tail much longer at T = 1 (compiled for sm_90: 6.7k vs 0.8k PTX
+instructions, 255 registers with spills vs 56), so the weights may differ from
 `moe_route.route`'s on the same logits by an ulp (the softmax sum's order follows the tile's
-layout); the ids and counts are the same. `RouterTile.routing_rows` = the routing kernel's
-ROWS gives its bits exactly (the benchmark sweeps both). It then puts the counter back to 0, so the next launch or
-CUDA-graph replay finds it clean with no memset. Nobody waits for anybody: the other programs
-just exit (no spin lock, no assumption that programs are co-resident).
+layout); ids and counts are the same. `RouterTile.routing_rows` = the routing kernel's ROWS
+gives its bits exactly (the benchmark times both). Like cuBLAS's, a token's logits may differ
+by an ulp between batch sizes (the strip width depends on T).
 
 Memory ordering. (1) A program's partial stores are made by all its threads; `debug_barrier`
 (bar.sync) orders them before the ticket, which one thread takes with an acq_rel, gpu-scope

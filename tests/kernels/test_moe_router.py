@@ -2,16 +2,17 @@
 launch, the last program to finish routes) against what the layer computed before it,
 `route(F.linear(x, W), ...)`.
 
-Inputs are dyadic (x in eighths, W in 256ths, few bits each), so x W^T is exact in fp32 in any
-summation order: the kernel's logits must equal F.linear's bit for bit, and the routing is
+Inputs are dyadic (x in eighths, W in 256ths, few bits each), so x W^T is exact in fp32 in
+any summation order: the kernel's logits must equal F.linear's bit for bit. The routing is
 checked against a torch oracle (fp32 softmax, stable descending sort: ties to the lower expert
 id), against the routing kernel (`moe_route.route`) on those logits (ids and counts equal,
 weights bit for bit in the interpreter, within an ulp on CUDA: the fused kernel routes on a
-smaller tile), and the counters against a bincount. Batch sizes 1 to 8, 8 (K split over programs), 60, 64 and 128
-experts, top-k 1, 2 and 8, hidden sizes off the strip width, a NaN row, repeated launches (the
-ticket counter back at 0). In Triton's interpreter with fp16 (its bf16 is unreliable, see
-test_fused_moe.py) and on CUDA with bf16 too; on CUDA also random logits against cuBLAS (an
-ulp at most), capture and replay in a CUDA graph, and the MoE layer's router."""
+smaller tile), and the counters against a bincount. Batch sizes 1 to 8; 8 (K split over
+programs), 60, 64 and 128 experts; top-k 1, 2 and 8; hidden sizes off the strip width; a NaN
+row; repeated launches (the ticket counter back at 0). In Triton's interpreter with fp16 (its
+bf16 is unreliable, see test_fused_moe.py) and on CUDA with bf16 too; on CUDA also random
+inputs against the fp32 product (an ulp at most), capture and replay in a CUDA graph, and the
+MoE layer's router."""
 
 from __future__ import annotations
 
@@ -159,7 +160,7 @@ def test_supports_and_bad_inputs(device):
 
 @pytest.mark.parametrize("num_tokens,num_experts,hidden,top_k", [(1, 128, 2048, 8),
                                                                  (8, 8, 4096, 2)])
-def test_random_logits_within_an_ulp_of_cublas(cuda, num_tokens, num_experts, hidden, top_k):
+def test_random_inputs_within_an_ulp_of_the_fp32_product(cuda, num_tokens, num_experts, hidden, top_k):
     """Gaussian bf16 inputs: the fixed-order fp32 sum, rounded, lands within an ulp of the fp32
     product (cuBLAS's bf16 GEMM itself may round differently, reduced-precision split-K
     included), and the tokens are routed as the routing kernel routes those logits."""
@@ -209,6 +210,7 @@ def test_graph_replay_routes_new_inputs(cuda):
 def test_layer_router_takes_the_fused_kernel(cuda, num_tokens):
     """FusedMoE's gate on CUDA at decode sizes: the same ids, weights and counters as the path
     it replaced, route(F.linear(x, W))."""
+    from engine.kernels import moe_router
     from engine.layers.moe import FusedMoE, route
     from engine.parallel import ParallelContext
 
@@ -216,6 +218,7 @@ def test_layer_router_takes_the_fused_kernel(cuda, num_tokens):
     layer = layer.to(device="cuda", dtype=torch.bfloat16)
     x, w = _dyadic(num_tokens, 60, 64, torch.bfloat16, "cuda")
     layer.gate.weight.data.copy_(w)
+    assert moe_router.supports(x, layer.gate.weight, 4)  # the layer takes the fused kernel
     weights, ids = layer.gate(x, layer.expert_counts)
     ref_counts = torch.zeros_like(layer.expert_counts)
     ref_weights, ref_ids = route(F.linear(x, w), 4, True, ref_counts)
