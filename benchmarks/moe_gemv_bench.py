@@ -13,7 +13,8 @@ into the JSON. --down-only keeps each bucket's gate/up tile as looked up now (a 
 down launch alone, ~1/3 of the compilations). `previous_us` is the bucket's tiles before the
 sweep, `default_us` `DEFAULT_CONFIG`'s; both launches, same ring.
 Then, per token count: gate/up, down (as looked up, and the same tile unsplit), and both
-launches, each in us, GB/s of the touched experts' weights and % of the copy bandwidth.
+launches, each in us, GB/s of the touched experts' weights and % of the copy bandwidth; with
+--sweep also before it (`rows_before_sweep`: the tiles it replaces).
 Run: python benchmarks/moe_gemv_bench.py [--sweep [--down-only]] [--tokens 1,2,4,8]
      -> benchmarks/results/moe_gemv_<gpu>.json
 """
@@ -196,24 +197,31 @@ def main() -> None:
                         help="seconds of sweeping per shape")
     args = parser.parse_args()
     names, tokens = args.shapes.split(","), [int(t) for t in args.tokens.split(",")]
-    info = device_info()
+    info, bw = device_info(), copy_bandwidth_gbs()
+
+    def timed() -> list[dict]:
+        return [time_launches(name, SHAPES[name], t, bw) for name in names for t in tokens
+                if t * SHAPES[name][3] <= fused_moe.GEMV_MAX_PAIRS]
+
+    before = timed() if args.sweep else None  # the launches with the tiles the sweep replaces
     if args.sweep:  # written shape by shape: a sweep cut short keeps what it found
         for name in names:
             deadline = time.monotonic() + args.sweep_budget_s
             swept = sweep_gemv_shape(SHAPES[name], deadline, tokens, args.down_only)
-            write_configs({shape_key(*SHAPES[name], DT): swept},
-                          info["gpu"], gemv=True)
-    bw = copy_bandwidth_gbs()
-    rows = [time_launches(name, SHAPES[name], t, bw) for name in names for t in tokens
-            if t * SHAPES[name][3] <= fused_moe.GEMV_MAX_PAIRS]
+            write_configs({shape_key(*SHAPES[name], DT): swept}, info["gpu"], gemv=True)
+    rows = timed()
     path = write_results("moe_gemv", {
         "device": info, "copy_bandwidth_gbs": bw, "dtype": "bfloat16", "ring": RING,
         "timing": "CUDA graph replay over a ring of routings (ring_us)",
         "gemv_configs": "swept" if args.sweep else "engine/kernels/moe_gemv_configs.json",
-        "rows": rows})
-    print_table(rows, ["shape", "tokens", "gate_up_us", "down_us", "down_unsplit_us", "both_us",
-                       "gate_up_%copy_bw", "down_%copy_bw", "down_unsplit_%copy_bw",
-                       "both_%copy_bw"])
+        "rows": rows, "rows_before_sweep": before})
+    columns = ["shape", "tokens", "gate_up_us", "down_us", "down_unsplit_us", "both_us",
+               "gate_up_%copy_bw", "down_%copy_bw", "down_unsplit_%copy_bw", "both_%copy_bw"]
+    if before:
+        print("before the sweep:")
+        print_table(before, columns)
+        print("after:")
+    print_table(rows, columns)
     print(f"copy bandwidth {bw:.0f} GB/s; wrote {path}")
 
 
