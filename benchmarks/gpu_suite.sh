@@ -12,6 +12,7 @@
 # spec    : benchmarks/spec_decode.py --draft-costs (verification / drafting costs)
 # multiturn : benchmarks/multiturn_gpu.py (prefix caching on/off, run order on, off, on)
 # moegemv : benchmarks/moe_gemv_bench.py --sweep --down-only (MoE down tiles incl. slot split)
+# moerouter : benchmarks/moe_router_bench.py (router GEMM + routing fused vs cuBLAS + routing)
 # decodesweep : benchmarks/decode_attention_sweep.py (decode tiles over bf16 and fp8 caches)
 # Logs and result JSON go to $OUT (default /tmp/pdserve-gpu); a summary is printed last.
 set -u
@@ -43,7 +44,7 @@ for p in $parts; do
              $k/test_gemv.py $k/test_gemv_configs.py $k/test_sampling_kernel.py \
              $k/test_top_p_kernel.py $k/test_fp8_kv.py $k/test_verify_graphs.py &
            run tests_d 450 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
-             $k/test_fused_moe.py $k/test_moe_route.py $k/test_moe_gemv.py $k/test_moe_gemv_split.py &
+             $k/test_fused_moe.py $k/test_moe_route.py $k/test_moe_gemv.py $k/test_moe_gemv_split.py $k/test_moe_router.py &
            wait
            echo "== tests: all groups in $((SECONDS - t0)) s" | tee -a "$summary"
            for g in a b c d; do
@@ -78,6 +79,8 @@ for p in $parts; do
     moegemv) run moegemv 300 python3 benchmarks/moe_gemv_bench.py --sweep --down-only \
                --tokens 1,2,4,8 --sweep-budget-s 170
              grep -v "^  " "$OUT/moegemv.log" | tail -n 25 >> "$summary" ;;
+    moerouter) run moerouter 120 python3 benchmarks/moe_router_bench.py
+               tail -n 14 "$OUT/moerouter.log" >> "$summary" ;;
     decodesweep) run decodesweep 260 python3 benchmarks/decode_attention_sweep.py --budget-s 200
                  grep -A 9 "^kv " "$OUT/decodesweep.log" >> "$summary" ;;
     *) echo "unknown part: $p" | tee -a "$summary" ;;
