@@ -16,9 +16,10 @@ Prefix caching is off (the prompts are replayed: a hit would skip their prefill)
 agree with the plain decode rows that made the references (plain random weights have near-ties:
 `--random-check` adds one row on them to count how many sequences leave the reference; a
 sequence that does gets no more drafts). Per batch a plain run records the references; per
-(k, p): plain, speculative, plain, speculative, the best of each counts. Tokens/s are of the
-decode phase (from the step where every request has a token); end-to-end rates are in the JSON.
-Outputs are compared with the references: asserted equal on CPU (fp32), counted on CUDA.
+(k, p): plain, speculative, plain, speculative, the best of each counts (at p = 0 drafting
+never pays: `Payoff` should stop it). Tokens/s are of the decode phase (from the step where
+every request has a token; end-to-end rates are in the JSON too). Outputs are compared with the
+references: asserted equal in fp32, counted otherwise.
 Run: python benchmarks/spec_oracle.py --device cuda  -> benchmarks/results/spec_oracle_<gpu>.json
      python benchmarks/spec_oracle.py --device cpu --tiny  (a dry run on a tiny random Llama)
 """
@@ -60,7 +61,7 @@ class OracleBenchConfig:
     dtype: str = ""  # "" -> bfloat16 on CUDA, float32 on CPU (outputs asserted equal in fp32)
     tiny: bool = False  # a tiny random Llama instead of the Llama-3-8B shape
     batches: tuple[int, ...] = (1, 8, 32)
-    acceptances: tuple[float, ...] = (0.5, 0.7, 0.9, 1.0)  # p: each draft right with it
+    acceptances: tuple[float, ...] = (0.0, 0.5, 0.7, 0.9, 1.0)  # p: each draft right with it
     ks: tuple[int, ...] = (3, 4)  # drafts per verification; the engine is built for max(ks)
     prompt_tokens: int = 512
     max_tokens: int = 128
@@ -213,8 +214,7 @@ def measure(cfg: OracleBenchConfig, plain: LLMEngine, spec: LLMEngine, prompts: 
         "implied_p": round(implied_acceptance(tokens_per_verification, k), 3),
         "verifications": verified, "draft_tokens": drafted, "accepted_tokens": kept,
         "oracle_proposals": proposals, "oracle_short_proposals": short,
-        "diverged_requests": diverged,
-        "spec_outputs_identical": same,
+        "diverged_requests": diverged, "spec_outputs_identical": same,
         "plain_outputs_identical": [sum(o == r for o, r in zip(run.outputs, reference))
                                     for run in plain_runs],
         # per spec run: (steps decided at this batch, share drafting in their second half)
@@ -372,7 +372,7 @@ def parse_args(argv: list[str] | None = None) -> OracleBenchConfig:
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama (dry run)")
     parser.add_argument("--dtype", default="", help="default bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--batches", type=_numbers(int), help="default 1,8,32 (tiny 1,4)")
-    parser.add_argument("--acceptances", type=_numbers(float), default=(0.5, 0.7, 0.9, 1.0))
+    parser.add_argument("--acceptances", type=_numbers(float), default=(0.0, 0.5, 0.7, 0.9, 1.0))
     parser.add_argument("--ks", type=_numbers(int), default=(3, 4))
     parser.add_argument("--prompt-tokens", type=int, default=None, help="default 512 (tiny 48)")
     parser.add_argument("--max-tokens", type=int, default=None, help="default 128 (tiny 24)")
