@@ -242,12 +242,12 @@ def commit_id() -> str:
 def references(cfg: OracleBenchConfig, plain: LLMEngine, spec: LLMEngine,
                prompts: list[list[int]]) -> list[list[int]]:
     """The plain engine's greedy continuations at this batch (its warm-up too), then a short
-    speculative warm-up run at p = 1 over them."""
+    speculative warm-up run at p = 1 over them per k."""
     reference = run_once(plain, prompts, cfg.max_tokens, cfg.run_timeout_s).outputs
-    oracle = OracleProposer(max(cfg.ks), 1.0, cfg.model_config.vocab_size, cfg.seed)
-    oracle.load(prompts, reference)
-    spec.spec.proposer = oracle
-    run_once(spec, prompts, min(16, cfg.max_tokens), cfg.run_timeout_s)
+    for k in cfg.ks:
+        spec.spec.proposer = oracle = OracleProposer(k, 1.0, cfg.model_config.vocab_size)
+        oracle.load(prompts, reference)
+        run_once(spec, prompts, min(16, cfg.max_tokens), cfg.run_timeout_s)
     return reference
 
 
