@@ -13,6 +13,7 @@
 # multiturn : benchmarks/multiturn_gpu.py (prefix caching on/off, run order on, off, on)
 # moegemv : benchmarks/moe_gemv_bench.py --sweep --down-only (MoE down tiles incl. slot split)
 # moerouter : benchmarks/moe_router_bench.py (router GEMM + routing fused vs cuBLAS + routing)
+# specoracle : benchmarks/spec_oracle.py (speculative vs plain, oracle drafts at acceptance p)
 # decodesweep : benchmarks/decode_attention_sweep.py (decode tiles over bf16 and fp8 caches)
 # Logs and result JSON go to $OUT (default /tmp/pdserve-gpu); a summary is printed last.
 set -u
@@ -81,6 +82,9 @@ for p in $parts; do
              grep -v "^  " "$OUT/moegemv.log" | tail -n 25 >> "$summary" ;;
     moerouter) run moerouter 120 python3 benchmarks/moe_router_bench.py
                tail -n 14 "$OUT/moerouter.log" >> "$summary" ;;
+    specoracle) run specoracle 280 python3 benchmarks/spec_oracle.py --device cuda --budget-s 200 \
+                  --random-check
+                tail -n 30 "$OUT/specoracle.log" | cut -c1-220 >> "$summary" ;;
     decodesweep) run decodesweep 260 python3 benchmarks/decode_attention_sweep.py --budget-s 200
                  grep -A 9 "^kv " "$OUT/decodesweep.log" >> "$summary" ;;
     *) echo "unknown part: $p" | tee -a "$summary" ;;
