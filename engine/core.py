@@ -101,6 +101,7 @@ class EngineCore:
         # launched, not yet read back, oldest first: at most 2 (asynchronous scheduling), or
         # `pipeline_depth` micro-batches of different requests (pipeline parallelism)
         self._flights: deque[InFlightStep] = deque()
+        self._last_read_back_s = 0.0  # when the latest step was read back (Payoff's clock)
         self.pipeline_depth = getattr(executor, "pipeline_depth", 1)
         self.spec = (build_spec_decoding(config.speculative, executor, self.kv_manager,
                                          num_blocks_for(self.max_model_len, block_size))
@@ -225,6 +226,7 @@ class EngineCore:
         once the pipeline is full (pipeline parallelism)."""
         if self.pipeline_depth > 1:
             return self._step_pipelined()
+        started_s = time.monotonic()
         previous = self._flights.popleft() if self._flights else None
         outputs: list[RequestOutput] = []
         drafting = self.spec is not None and self.spec.wants_drafts(self.scheduler.running)
@@ -237,7 +239,7 @@ class EngineCore:
         draft_s = self.spec.fill(scheduled, self.scheduler.running) if drafting else 0.0
         self.last_step_num_tokens = scheduled.num_batched_tokens
         if not scheduled.is_empty:
-            self._flights.append(self._launch(scheduled, draft_s))
+            self._flights.append(self._launch(scheduled, draft_s, started_s))
         if previous is not None:
             outputs += self._read_back(previous)
         if not self.async_scheduling and self._flights:
@@ -262,8 +264,10 @@ class EngineCore:
         return (self.async_scheduling and self._handoff is None and not previous.spec_lens
                 and all(r.params.repetition_penalty == 1.0 for r in previous.sampling_requests))
 
-    def _launch(self, scheduled: SchedulerOutput, draft_s: float = 0.0) -> InFlightStep:
-        """`draft_s`: a draft model's time for this step's drafts (counted as the step's)."""
+    def _launch(self, scheduled: SchedulerOutput, draft_s: float = 0.0,
+                started_s: float | None = None) -> InFlightStep:
+        """`draft_s`: a draft model's time for this step's drafts (counted as the step's);
+        `started_s`: when the step's host work (reading back, proposing, scheduling) began."""
         plan = self._planner.build(scheduled, self.kv_manager.take_freed())
         sampling = [c.request for c in scheduled.chunks if c.samples]
         listener = None
@@ -278,18 +282,26 @@ class EngineCore:
             request.inflight_row = row
         decode_only = all(c.is_decode or c.num_spec for c in scheduled.chunks)
         return InFlightStep(sampling, frozenset(plan.request_ids), handle, launched_at_s,
-                            hands_off, spec_lens=plan.spec_lens, decode_only=decode_only)
+                            hands_off, spec_lens=plan.spec_lens, decode_only=decode_only,
+                            started_s=launched_at_s if started_s is None else started_s)
 
     def _read_back(self, step: InFlightStep) -> list[RequestOutput]:
         """Append each sampled token to its request, stream text, finish what is done. Tokens
         of requests that ended meanwhile (aborted, or stopped at the step before) are dropped."""
         result = step.wait()  # the step's only host sync
-        step_s = time.monotonic() - step.launched_at_s
+        now = time.monotonic()
+        step_s = now - step.launched_at_s
+        # Payoff compares throughput, so a step's time is the interval since the previous
+        # read-back (or since its own host work began, after an idle gap): with asynchronous
+        # scheduling a plain step's launch-to-read-back time spans two overlapped steps, while
+        # a verification step (drafts need every token on the host) overlaps nothing.
+        interval_s = now - max(step.started_s, self._last_read_back_s)
+        self._last_read_back_s = now
         if self.spec is not None and step.decode_only:  # what each mode yields, for Payoff
             tokens = (sum(t >= 0 for t in result.token_ids) if step.spec_lens
                       else len(result.token_ids))
             self.spec.payoff.record(len(step.sampling_requests), bool(step.spec_lens), tokens,
-                                    step_s)
+                                    interval_s)
         if step.spec_lens:
             outputs = self._read_back_verified(step, result)
             for request_id in step.deferred_frees:

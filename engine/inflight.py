@@ -45,6 +45,7 @@ class InFlightStep:
     deferred_frees: list[str] = field(default_factory=list)  # freed once this step is read
     spec_lens: tuple[int, ...] = ()  # a speculative step: drafts each sampling request verifies
     decode_only: bool = False  # every sequence decodes (or verifies drafts): no prompt chunk
+    started_s: float = 0.0  # when the host work of the engine step that launched it began
 
     def wait(self) -> StepResult:
         """Block until the sampled ids are on the host (the step's only host sync)."""
