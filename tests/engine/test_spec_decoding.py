@@ -219,23 +219,29 @@ def test_spec_counters_on_metrics(model):
 
 def test_payoff_drafts_where_it_measured_faster():
     """Drafting is tried first, then plain decoding; afterwards the faster mode wins at each
-    batch-size bucket, and the other is re-probed one step in `probe_every`."""
+    batch-size bucket, and the other is re-probed, ever more rarely while it keeps losing."""
     from engine.spec.decoding import Payoff
 
-    payoff = Payoff(probe_every=4)
+    payoff = Payoff(probe_every=4, max_probe_every=16)
     assert payoff.wants_drafts(8)  # nothing measured: draft
     payoff.record(8, True, 30, 1.0)
     assert not payoff.wants_drafts(8)  # now measure plain decoding
     payoff.record(8, False, 20, 1.0)
-    choices = [payoff.wants_drafts(8) for _ in range(8)]
-    assert choices.count(True) == 6 and choices.count(False) == 2  # drafting won; 2 probes
+    choices = [payoff.wants_drafts(8) for _ in range(72)]
+    assert choices[:8].count(False) == 1  # drafting won; its loser probed after 4 steps
+    probes = [i for i, c in enumerate(choices) if not c]
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps[:2] == [8, 16] and set(gaps[2:]) == {16}  # backing off to max_probe_every
     payoff.record(8, True, 5, 1.0)
     payoff.record(8, True, 5, 1.0)
     payoff.record(8, True, 5, 1.0)  # drafting got slow (moving average now below 20)
     assert payoff.rates(8)[True] < 20
-    choices = [payoff.wants_drafts(8) for _ in range(8)]
-    assert choices.count(False) == 6
+    choices = [payoff.wants_drafts(8) for _ in range(32)]
+    probes = [i for i, c in enumerate(choices) if c]  # now drafting is the probed loser
+    assert probes and [b - a for a, b in zip(probes, probes[1:])][:2] == [4, 8]  # restarted
     assert payoff.wants_drafts(64)  # another bucket starts over
+    with pytest.raises(ValueError, match="probe_every"):
+        Payoff(probe_every=0)
 
 
 def test_requests_can_opt_out_of_drafting(model):
