@@ -92,10 +92,14 @@ def _chunk(src_ptr, e_ptr, id_ptr, start, count, m, FROM_ROW: tl.constexpr, BLOC
 def _narrow_row(row_ptr, vocab, m, lo, hi, target, n, cap, NT: tl.constexpr,
                 BLOCK: tl.constexpr):
     """k-ary passes over the whole row on [lo, hi) (int64 keys; mass(>= lo) >= target >
-    mass(>= hi)), counting n = #(key >= lo), until n <= cap (the keys >= lo fit the buffer) or
-    the interval is one key wide; returns (lo, hi, n)."""
+    mass(>= hi)) until the tokens *inside* [lo, hi) fit the buffer or the interval is one key
+    wide. n: #(key >= lo) on entry. Returns (lo, hi, #(lo <= key < hi), mass(key >= hi)): the
+    mass at/above hi is one of this function's own sums (the same order for every threshold,
+    so it agrees with the passes' decisions)."""
     j = (tl.arange(0, NT) + 1).to(tl.int64)
-    while (hi - lo > 1) & (n > cap):
+    n_hi = 0  # #(key >= hi)
+    mass_hi = tl.zeros((), tl.float32)
+    while (hi - lo > 1) & (n - n_hi > cap):
         step = (hi - lo + NT) // (NT + 1)
         thr = tl.minimum(lo + j * step, hi).to(tl.int32)
         acc = tl.zeros([NT, BLOCK], tl.float32)
@@ -107,25 +111,30 @@ def _narrow_row(row_ptr, vocab, m, lo, hi, target, n, cap, NT: tl.constexpr,
             num += at_least.to(tl.int32)
         # masses are monotone in the threshold (nested sums in one order): count the passing;
         # a threshold clamped to hi is known to fail (rounding in this pass may disagree)
-        passing = (tl.sum(acc, axis=1) >= target) & (thr < hi)
+        mass = tl.sum(acc, axis=1)
+        count = tl.sum(num, axis=1)
+        passing = (mass >= target) & (thr < hi)
         above = tl.sum(passing.to(tl.int64), axis=0)
-        n = tl.where(above > 0, tl.sum(tl.where(j == above, tl.sum(num, axis=1), 0), axis=0), n)
+        n = tl.where(above > 0, tl.sum(tl.where(j == above, count, 0), axis=0), n)
+        # the new hi is threshold above + 1 (failing), or the old hi when above = NT
+        new_hi = j == above + 1
+        n_hi = tl.where(above < NT, tl.sum(tl.where(new_hi, count, 0), axis=0), n_hi)
+        mass_hi = tl.where(above < NT, tl.sum(tl.where(new_hi, mass, 0.0), axis=0), mass_hi)
         lo = lo + above * step
         hi = tl.minimum(hi, lo + step)
-    return lo, hi, n
+    return lo, hi, n - n_hi, mass_hi
 
 
 @triton.jit
-def _search_buffer(key_ptr, e_ptr, id_ptr, n, m, lo, hi, target, NT: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _search_buffer(key_ptr, e_ptr, id_ptr, n, m, lo, hi, target, mass_hi, min_above,
+                   NT: tl.constexpr, BLOCK: tl.constexpr):
     """k-ary passes over the candidate buffer on [lo, hi), each also compacting the buffer in
     place to the tokens inside [lo, hi): those below can no longer matter, the mass of those
-    at/above hi is carried as `mass_hi` (and their smallest key as `min_above`). Returns
+    at/above hi is carried as `mass_hi` (and their smallest key as `min_above`; both start
+    from those of the tokens above the buffer, 0 and _KEY_MAX when there are none). Returns
     (lo, n, mass_hi, min_above) with the buffer holding the tokens of the last pass's interval,
     which contains the key lo the search stopped at."""
     j = (tl.arange(0, NT) + 1).to(tl.int64)
-    mass_hi = tl.zeros((), tl.float32)
-    min_above = tl.full((), _KEY_MAX, tl.int32)
     while hi - lo > 1:
         step = (hi - lo + NT) // (NT + 1)
         thr = tl.minimum(lo + j * step, hi).to(tl.int32)
@@ -162,15 +171,18 @@ def _search_buffer(key_ptr, e_ptr, id_ptr, n, m, lo, hi, target, NT: tl.constexp
 
 
 @triton.jit
-def _compact(row_ptr, vocab, m, lo, cand_key, cand_e, cand_id, cap, ROW_BLOCK: tl.constexpr):
-    """Store (key, exp(x - m), id) of the tokens with key >= lo, in id order, while they fit in
-    the buffer; returns how many there are (stored or not)."""
+def _compact(row_ptr, vocab, m, lo, hi, cand_key, cand_e, cand_id, cap, ROW_BLOCK: tl.constexpr):
+    """Store (key, exp(x - m), id) of the tokens with lo <= key < hi (int64 bounds), in id
+    order, while they fit in the buffer; returns how many there are (stored or not) and the
+    smallest key >= hi (_KEY_MAX if none)."""
     n = 0
+    min_vec = tl.full([ROW_BLOCK], _KEY_MAX, tl.int32)
     for start in range(0, vocab, ROW_BLOCK):
         v = start + tl.arange(0, ROW_BLOCK)
         x = tl.load(row_ptr + v, mask=v < vocab, other=float("-inf"))
         k = _key(x)
-        keep = (v < vocab) & (k >= lo)
+        keep = (v < vocab) & (k >= lo) & (k < hi)
+        min_vec = tl.minimum(min_vec, tl.where((v < vocab) & (k >= hi), k, _KEY_MAX))
         pos = n + tl.cumsum(keep.to(tl.int32), axis=0) - 1
         fits = keep & (pos < cap)
         tl.store(cand_key + pos, k, mask=fits)
@@ -178,7 +190,7 @@ def _compact(row_ptr, vocab, m, lo, cand_key, cand_e, cand_id, cap, ROW_BLOCK: t
         tl.store(cand_id + pos, v, mask=fits)
         n += tl.sum(keep.to(tl.int32), axis=0)
     tl.debug_barrier()  # the buffer is visible to every warp of the search
-    return n
+    return n, tl.min(min_vec, axis=0)
 
 
 @triton.jit
@@ -272,15 +284,20 @@ def _top_p_cut_kernel(logits_ptr, top_ps_ptr, stats_ptr, cand_key_ptr, cand_e_pt
         cand_key = cand_key_ptr + row * cap
         cand_e = cand_e_ptr + row * cap
         cand_id = cand_id_ptr + row * cap
-        n = _compact(row_ptr, vocab, m, lo, cand_key, cand_e, cand_id, cap, ROW_BLOCK)
-        if n > cap:  # overflow: narrow over the whole row until the keys >= lo fit
-            lo, hi, n = _narrow_row(row_ptr, vocab, m, lo, hi, target, n, cap, NT, BLOCK)
+        everything = tl.full((), _KEY_MAX, tl.int64) + 1  # above every key
+        n, min_above = _compact(row_ptr, vocab, m, lo, everything, cand_key, cand_e, cand_id,
+                                cap, ROW_BLOCK)
+        mass_hi = tl.zeros((), tl.float32)
+        if n > cap:  # overflow: narrow over the whole row until the keys in [lo, hi) fit
+            lo, hi, n, mass_hi = _narrow_row(row_ptr, vocab, m, lo, hi, target, n, cap, NT,
+                                             BLOCK)
             if n <= cap:
-                n = _compact(row_ptr, vocab, m, lo, cand_key, cand_e, cand_id, cap, ROW_BLOCK)
-        # 3-4. over the candidates, or (the nucleus itself overflows) over the whole row
+                n, min_above = _compact(row_ptr, vocab, m, lo, hi, cand_key, cand_e, cand_id,
+                                        cap, ROW_BLOCK)
+        # 3-4. over the candidates, or (more than CAP ties at one key) over the whole row
         if n <= cap:
             lo, n, mass_hi, min_above = _search_buffer(cand_key, cand_e, cand_id, n, m, lo, hi,
-                                                       target, NT, BLOCK)
+                                                       target, mass_hi, min_above, NT, BLOCK)
             t, cut = _cut(cand_key, cand_e, cand_id, n, m, lo, target, mass_hi, min_above,
                           False, BLOCK)
         else:
@@ -290,13 +307,17 @@ def _top_p_cut_kernel(logits_ptr, top_ps_ptr, stats_ptr, cand_key_ptr, cand_e_pt
     tl.store(cut_ptr + row, cut)
 
 
-def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor,
+              cap: int = CAP) -> tuple[torch.Tensor, torch.Tensor]:
     """(t [B] float32, cut [B] int32) of each row's nucleus; rows with top_p >= 1 keep all
-    (t = -inf, cut = vocab). `logits` is [B, V] float32 on CUDA (or the Triton interpreter)."""
+    (t = -inf, cut = vocab). `logits` is [B, V] float32 on CUDA (or the Triton interpreter).
+    `cap`: candidate slots per row (tests shrink it to reach the overflow path at small V)."""
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1, got {cap}")
     batch, vocab = logits.shape
     logits = logits.float().contiguous()
     top_ps = top_ps.float().contiguous()
-    cap = min(CAP, vocab)
+    cap = min(cap, vocab)
     num_splits = triton.cdiv(vocab, _STATS_CHUNK)
     splits = triton.next_power_of_2(num_splits)
     dev = logits.device
