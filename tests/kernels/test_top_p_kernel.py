@@ -235,3 +235,61 @@ def test_top_p_next_to_one(device):
         before = (probs[order].cumsum(0) - probs[order])[torch.argsort(order)]
         gaps = (before[got[row] != want[row]] - top_ps[row].item()).abs()
         assert gaps.max() < 1e-6, f"row {row}: mass before {gaps.max():.3g} away from p"
+
+
+# --- the overflow path at interpreter sizes: a small buffer (cap) instead of a full vocabulary --
+
+
+def _kept_at_cap(logits: torch.Tensor, top_ps: torch.Tensor, cap: int) -> torch.Tensor:
+    from engine.kernels.top_p import apply_cut, top_p_cut
+
+    thr, cut = top_p_cut(logits, top_ps, cap=cap)
+    assert torch.isfinite(thr[top_ps < 1]).all(), f"non-finite threshold {thr}"
+    return apply_cut(logits.float(), thr, cut).cpu() != NEG_INF
+
+
+@pytest.mark.parametrize("cap", [64, 700])
+def test_overflow_narrows_to_an_interval_that_fits(device, cap):
+    """More candidates than `cap`: the whole-row passes stop once the tokens inside the key
+    interval fit the buffer (the mass at/above it carried), then the buffer search finishes.
+    Nearly uniform rows (randn * 0.02, as random weights give: the nucleus is ~90% of the row,
+    far above cap), a boundary inside a run of ties (shorter than cap at 700, longer at 64: then
+    the cut runs over the whole row), all tied, masked tokens, a peaked row whose candidates fit,
+    top_p 1 and a tiny top_p on a flat row, all in one batch."""
+    vocab = 3001
+    logits = torch.randn(9, vocab, device=device) * 0.02
+    logits[1] = torch.rand(vocab, device=device) * 0.01
+    logits[2] = (logits[2] * 100).round()  # runs of ~120-600 equal logits
+    logits[3] = 1.0  # all tied: exactly ceil(p * V) lowest ids
+    logits[4, ::3] = NEG_INF
+    logits[5] = torch.randn(vocab, device=device) * 12  # peaked
+    logits[8, : vocab // 2] = NEG_INF
+    top_ps = torch.tensor([0.9, 0.6, 0.8, 0.6, 0.9, 0.9, 1.0, 1e-6, 0.95], device=device)
+    counts = _num_candidates(logits, top_ps)
+    assert min(counts[:5] + counts[6:]) > cap and counts[5] < cap, counts
+    got, want = _kept_at_cap(logits, top_ps, cap), _kept_exact(logits, top_ps)
+    assert got[3].nonzero().flatten().tolist() == list(range(int(0.6 * vocab) + 1))
+    assert not got[4, ::3].any() and not got[8, : vocab // 2].any()
+    assert got[6].all() and got[7].sum() == 1
+    _assert_same_or_rounding(got, want, logits, top_ps)
+
+
+@pytest.mark.parametrize("cap", [16, 200])
+def test_overflow_with_the_boundary_in_ties(device, cap):
+    """Quantized flat rows at a small buffer: the boundary falls inside a run of equal logits
+    that fits the buffer (cap 200) or not (cap 16), on both sides of zero (signed keys); the
+    lower ids win, as in the reference's stable sort."""
+    vocab = 2000
+    logits = (torch.randn(6, vocab, device=device) * 8).round() * 0.01
+    logits[3:] -= 0.05  # the boundary runs among negative keys
+    top_ps = torch.tensor([0.5, 0.7, 0.9, 0.33, 0.8, 0.999], device=device)
+    assert min(_num_candidates(logits, top_ps)) > cap
+    got, want = _kept_at_cap(logits, top_ps, cap), _kept_exact(logits, top_ps)
+    _assert_same_or_rounding(got, want, logits, top_ps)
+
+
+def test_cap_is_validated():
+    from engine.kernels.top_p import top_p_cut
+
+    with pytest.raises(ValueError, match="cap"):
+        top_p_cut(torch.zeros(1, 8), torch.ones(1), cap=0)
