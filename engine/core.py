@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 
+from engine import compile_watch
 from engine.config import EngineConfig
 from engine.executor.base import Executor
 from engine.expert_load import ExpertLoad
@@ -69,6 +70,7 @@ class CoreStats:
     spec_drafts: int = 0
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
+    triton_compiles_after_ready: int = 0  # process-wide (engine/compile_watch.py)
 
     @property
     def kv_usage(self) -> float:
@@ -209,6 +211,7 @@ class EngineCore:
                          *((cache.queried_tokens, cache.hit_tokens, cache.evictions)
                            if cache is not None else (0, 0, 0)),
                          expert_token_counts=self.expert_load.totals(),
+                         triton_compiles_after_ready=compile_watch.WATCH.count,
                          **(self.spec.stats.as_core_stats() if self.spec is not None else {}))
 
     def kv_events(self, snapshot: bool = False) -> KVEventBatch | None:
@@ -291,10 +294,9 @@ class EngineCore:
         result = step.wait()  # the step's only host sync
         now = time.monotonic()
         step_s = now - step.launched_at_s
-        # Payoff compares throughput, so a step's time is the interval since the previous
-        # read-back (or since its own host work began, after an idle gap): with asynchronous
-        # scheduling a plain step's launch-to-read-back time spans two overlapped steps, while
-        # a verification step (drafts need every token on the host) overlaps nothing.
+        # Payoff compares throughput: a step's time is the interval since the previous read-back
+        # (or its own host work, after an idle gap); async plain steps overlap, so their
+        # launch-to-read-back times would count each interval twice
         interval_s = now - max(step.started_s, self._last_read_back_s)
         self._last_read_back_s = now
         if self.spec is not None and step.decode_only:  # what each mode yields, for Payoff

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from engine import compile_watch
 from engine.builder import LoadedModel, load_model
 from engine.config import EngineConfig
 from engine.core import EngineCore, resolve_max_model_len
@@ -45,6 +46,8 @@ class LLMEngine(EngineCore):
             super().__init__(config, loaded.config, loaded.tokenizer, executor)
         # seconds the start-up warm-up took (engine/warmup.py); 0 when it is off
         self.warmup_s = warm_up(self) if config.use_warmup else 0.0
+        if config.use_warmup and config.device == "cuda":
+            compile_watch.WATCH.arm()  # compilations from now on delay requests: count them
 
     @property
     def runner(self):

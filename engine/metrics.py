@@ -44,6 +44,10 @@ class EngineMetrics:
             "spec_decode_num_draft_tokens", "Tokens drafted for speculative decoding")
         self.spec_accepted_tokens = factory.counter(
             "spec_decode_num_accepted_tokens", "Drafted tokens the target model kept")
+        self.triton_compiles = factory.counter(
+            "triton_compiles_after_ready",
+            "Triton kernel compilations after start-up, in this process (each delayed a "
+            "request: a variant the warm-up missed)")
         self._seen: dict[str, int] = {}  # counters' totals already published
         self._factory = factory
         self.moe_expert_tokens = None  # pdserve:moe_expert_tokens_total by expert, MoE only
@@ -64,6 +68,7 @@ class EngineMetrics:
         self._add(self.spec_drafts, "spec_drafts", stats.spec_drafts)
         self._add(self.spec_draft_tokens, "spec_draft_tokens", stats.spec_draft_tokens)
         self._add(self.spec_accepted_tokens, "spec_accepted_tokens", stats.spec_accepted_tokens)
+        self._add(self.triton_compiles, "triton_compiles", stats.triton_compiles_after_ready)
         if stats.expert_token_counts:
             self._add_expert_load(stats.expert_token_counts)
 
