@@ -189,13 +189,15 @@ def sampling(bw: float, batch: int, vocab: int = 128256) -> list[dict]:
 def top_p_cut_rows(bw: float, batch: int, vocab: int = 128256) -> list[dict]:
     """The sort-free top-p cut alone (vs the sorting mask), timed inside CUDA graphs: a flat
     row (randn * 3 / T 0.8: ~13k candidates at p 0.9), the same at p 0.99 (~35k candidates:
-    over CAP, the whole-row search) and a peaked row (randn * 12: tens of candidates)."""
+    over CAP: the overflow path), a nearly uniform row (randn * 0.02, as random weights
+    give: the nucleus holds ~115k tokens, the case the engine hit) and a peaked row
+    (randn * 12: tens of candidates)."""
     from engine.kernels.top_p import top_p_cut
     from engine.sampler import apply_top_p
 
     rows = []
     for name, scale, p in [("flat", 3 / 0.8, 0.9), ("flat", 3 / 0.8, 0.99),
-                           ("peaked", 12.0, 0.9)]:
+                           ("uniform", 0.02, 0.9), ("peaked", 12.0, 0.9)]:
         logits = torch.randn(batch, vocab, device="cuda") * scale
         top_ps = torch.full((batch,), p, device="cuda")
         rows.append(_row(f"top_p_cut {name} p{p}", f"B={batch} V={vocab}", logits.numel() * 4,
