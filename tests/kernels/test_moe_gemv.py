@@ -40,12 +40,9 @@ def _interpreter_tiles():
     return MoEGemvConfig(GemvTile(16, 32), GemvTile(16, 32))
 
 
-def _check_gemv(device, dtype, num_tokens, num_experts, top_k, hidden=64, inter=48, hot=None,
-                config=None, expert_map=None):
-    """The GEMV path (forced) equals the oracle; returns (out, inputs). Without `config`: the
-    interpreter's tiles on the CPU, the production lookup (`get_config`) on CUDA."""
-    from engine.kernels.moe_gemv import moe_gemv_experts
-
+def moe_case(device, dtype, num_tokens, num_experts, top_k, hidden, inter, hot, expert_map):
+    """Random inputs, all experts' weights, this rank's (`expert_map`: the held ones) and a
+    routing: (x, w13, w2, local13, local2, weights, ids)."""
     w13, w2 = _experts(num_experts, hidden, inter, dtype, device)
     x = torch.randn(num_tokens, hidden, device=device).to(dtype)
     weights, ids = _routing(num_tokens, num_experts, top_k, device, hot)
@@ -53,6 +50,17 @@ def _check_gemv(device, dtype, num_tokens, num_experts, top_k, hidden=64, inter=
     if expert_map is not None:
         held = (expert_map >= 0).nonzero().flatten()
         local13, local2 = w13[held].contiguous(), w2[held].contiguous()
+    return x, w13, w2, local13, local2, weights, ids
+
+
+def _check_gemv(device, dtype, num_tokens, num_experts, top_k, hidden=64, inter=48, hot=None,
+                config=None, expert_map=None):
+    """The GEMV path (forced) equals the oracle; returns (out, inputs). Without `config`: the
+    interpreter's tiles on the CPU, the production lookup (`get_config`) on CUDA."""
+    from engine.kernels.moe_gemv import moe_gemv_experts
+
+    x, w13, w2, local13, local2, weights, ids = moe_case(
+        device, dtype, num_tokens, num_experts, top_k, hidden, inter, hot, expert_map)
     if config is None and device == "cpu":
         config = _interpreter_tiles()
     out = moe_gemv_experts(x, local13, local2, weights, ids, expert_map, config)

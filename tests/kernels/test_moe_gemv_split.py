@@ -16,7 +16,7 @@ import torch
 
 from tests.kernels.helpers import assert_close
 from tests.kernels.test_fused_moe import _experts, _reference, _routing
-from tests.kernels.test_moe_gemv import _ep_map
+from tests.kernels.test_moe_gemv import _ep_map, moe_case
 
 pytestmark = pytest.mark.gpu
 
@@ -56,13 +56,8 @@ def _check_split(device, dtype, num_tokens, num_experts, top_k, slot_choices, hi
                  inter=27, hot=None, expert_map=None, tile=(16, 16, 4)):
     """For each slots-per-program choice: bitwise the unsplit output, close to the oracle,
     counters at zero afterwards. Returns the unsplit output and the routing."""
-    w13, w2 = _experts(num_experts, hidden, inter, dtype, device)
-    x = torch.randn(num_tokens, hidden, device=device).to(dtype)
-    weights, ids = _routing(num_tokens, num_experts, top_k, device, hot)
-    local13, local2 = w13, w2
-    if expert_map is not None:
-        held = (expert_map >= 0).nonzero().flatten()
-        local13, local2 = w13[held].contiguous(), w2[held].contiguous()
+    x, w13, w2, local13, local2, weights, ids = moe_case(
+        device, dtype, num_tokens, num_experts, top_k, hidden, inter, hot, expert_map)
     what = f"T={num_tokens} E={num_experts} k={top_k} H={hidden} I={inter} tile={tile}"
     unsplit = _run(x, local13, local2, weights, ids, expert_map, _tiles(0, *tile))
     assert_close(unsplit, _reference(x, w13, w2, weights, ids, expert_map), dtype, what)
