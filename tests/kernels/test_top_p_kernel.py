@@ -255,16 +255,21 @@ def test_overflow_narrows_to_an_interval_that_fits(device, cap):
     Nearly uniform rows (randn * 0.02, as random weights give: the nucleus is ~90% of the row,
     far above cap), a boundary inside a run of ties (shorter than cap at 700, longer at 64: then
     the cut runs over the whole row), all tied, masked tokens, a peaked row whose candidates fit,
-    top_p 1 and a tiny top_p on a flat row, all in one batch."""
+    top_p 1 and a tiny top_p on a flat row, a flat row with one low outlier (the value-split
+    first pass gains nothing, key passes follow) and subnormal logits, all in one batch."""
     vocab = 3001
-    logits = torch.randn(9, vocab, device=device) * 0.02
+    logits = torch.randn(11, vocab, device=device) * 0.02
     logits[1] = torch.rand(vocab, device=device) * 0.01
     logits[2] = (logits[2] * 100).round()  # runs of ~120-600 equal logits
     logits[3] = 1.0  # all tied: exactly ceil(p * V) lowest ids
     logits[4, ::3] = NEG_INF
     logits[5] = torch.randn(vocab, device=device) * 12  # peaked
     logits[8, : vocab // 2] = NEG_INF
-    top_ps = torch.tensor([0.9, 0.6, 0.8, 0.6, 0.9, 0.9, 1.0, 1e-6, 0.95], device=device)
+    logits[9] = torch.rand(vocab, device=device) * 0.01
+    logits[9, 5] = -2.0  # one low candidate: the first (value-split) pass can't narrow
+    logits[10] *= 1e-38  # subnormal and tiny logits: the keys span many binades around 0
+    top_ps = torch.tensor([0.9, 0.6, 0.8, 0.6, 0.9, 0.9, 1.0, 1e-6, 0.95, 0.9, 0.5],
+                          device=device)
     counts = _num_candidates(logits, top_ps)
     assert min(counts[:5] + counts[6:]) > cap and counts[5] < cap, counts
     got, want = _kept_at_cap(logits, top_ps, cap), _kept_exact(logits, top_ps)
