@@ -102,8 +102,8 @@ def _narrow_row(row_ptr, vocab, m, lo, hi, target, n, cap, NT: tl.constexpr,
     so it agrees with the passes' decisions).
     The first pass spaces its thresholds evenly in *value* between the logits at lo and hi - 1
     (lo: the smallest candidate key): a flat row's logits span a few binades around 0, a
-    sliver of the key range, but one value step holds ~1/17 of them (one pass instead of ~3
-    for randn * 0.02 at p 0.9). The later passes split the key interval evenly (17-fold each,
+    sliver of the key range, while 17 value buckets split them into comparable parts (one pass
+    instead of 3 for randn * 0.02 at p 0.9). The later passes split the key interval evenly (17-fold each,
     so the loop stays bounded by 1 + 8 passes)."""
     j = (tl.arange(0, NT) + 1).to(tl.int64)
     frac = j.to(tl.float32) / (NT + 1)
