@@ -65,6 +65,7 @@ ENGINE_METRICS = {
     "pdserve:spec_decode_num_drafts_total": ("counter", {M}),
     "pdserve:spec_decode_num_draft_tokens_total": ("counter", {M}),
     "pdserve:spec_decode_num_accepted_tokens_total": ("counter", {M}),
+    "pdserve:triton_compiles_after_ready_total": ("counter", {M}),
 }
 TRANSFER_METRICS = {
     "pdserve:kv_transfer_time_seconds": ("histogram", {M}),
