@@ -70,6 +70,7 @@ import triton.language as tl
 
 from engine.kernels.moe_tile_configs import clear_cache  # noqa: F401 (one cache for both files)
 from engine.kernels.moe_tile_configs import load_buckets, nearest_bucket, shape_key
+from engine.kernels.persistent import persistent
 from engine.kernels.pdl import launch_options, pdl_wait_and_release
 
 CONFIG_PATH = Path(__file__).with_name("moe_gemv_configs.json")
@@ -275,17 +276,11 @@ _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 def _split_workspace(device: torch.device, token_bucket: int, top_k: int, hidden: int,
                      num_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(dots [bucket * k, H] fp32, counters [bucket, H tiles] int32, zero between launches)."""
-    key = (device, token_bucket, top_k, hidden, num_tiles)
-    if key not in _WORKSPACES:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"moe_gemv: the split down launch's workspace for {token_bucket} tokens, top-k "
-                f"{top_k}, H {hidden} is first needed inside a CUDA-graph capture, where its "
-                "counters cannot be zeroed: run the same call once before capturing (warm-up)")
-        _WORKSPACES[key] = (
-            torch.empty(token_bucket * top_k, hidden, dtype=torch.float32, device=device),
-            torch.zeros(token_bucket, num_tiles, dtype=torch.int32, device=device))
-    return _WORKSPACES[key]
+    return persistent(
+        _WORKSPACES, (device, token_bucket, top_k, hidden, num_tiles), device,
+        lambda: (torch.empty(token_bucket * top_k, hidden, dtype=torch.float32, device=device),
+                 torch.zeros(token_bucket, num_tiles, dtype=torch.int32, device=device)),
+        f"moe_gemv's split down workspace ({token_bucket} tokens, top-k {top_k}, H {hidden})")
 
 
 def launch_gate_up(x: torch.Tensor, w13: torch.Tensor, ids: torch.Tensor, h: torch.Tensor,

@@ -62,6 +62,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels import moe_route
+from engine.kernels.persistent import persistent
 from engine.kernels.pdl import launch_options, pdl_wait_and_release
 
 # Past 8 tokens the [T, BLOCK_E, BLOCK_K] partial sum costs registers and the weight is read
@@ -163,20 +164,15 @@ def _logits_tile(partial_ptr, logits_ptr, first_row, num_tokens, num_experts,
 class _Tickets:
     """One int32 arrival counter per device: zeroed when allocated (on the first eager call),
     put back to 0 by each launch's last program, never memset per step, never freed (captured
-    graphs point at it)."""
+    graphs point at it: engine/kernels/persistent.py)."""
 
     def __init__(self) -> None:
         self._by_device: dict[torch.device, torch.Tensor] = {}
 
     def get(self, device: torch.device) -> torch.Tensor:
-        counter = self._by_device.get(device)
-        if counter is None:
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(f"the fused MoE router has no ticket counter on {device} "
-                                   f"during graph capture; run the step eagerly first")
-            counter = torch.zeros(1, dtype=torch.int32, device=device)
-            self._by_device[device] = counter
-        return counter
+        return persistent(self._by_device, device, device,
+                          lambda: torch.zeros(1, dtype=torch.int32, device=device),
+                          "the fused MoE router's ticket counter")
 
 
 _TICKETS = _Tickets()  # process-wide, like the kernels' compile caches
