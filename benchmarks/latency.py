@@ -153,9 +153,11 @@ def bench_engine(model, bw: float, batches: list[int], context: int, steps: int)
     return rows
 
 
-def _engine_step_ms(model, batch: int, context: int, steps: int, sampled: bool,
-                    async_scheduling: bool) -> tuple[float, float]:
-    """(ms per engine step, ms per replay of the engine's own decode graph)."""
+def decode_engine(model, batch: int, context: int, steps: int, sampled: bool,
+                  async_scheduling: bool):
+    """An `LLMEngine` over `model` with `batch` requests of `context` random tokens (greedy, or
+    T 0.8 / top-p 0.9), prefilled and `steps` + 32 tokens of room each, 4 decode steps in
+    (graphs captured): ready for steady decode steps."""
     from engine.builder import LoadedModel
     from engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from engine.llm_engine import LLMEngine
@@ -175,6 +177,13 @@ def _engine_step_ms(model, batch: int, context: int, steps: int, sampled: bool,
         engine.step()  # prefill
     for _ in range(4):
         engine.step()  # graph capture, warm-up
+    return engine
+
+
+def _engine_step_ms(model, batch: int, context: int, steps: int, sampled: bool,
+                    async_scheduling: bool) -> tuple[float, float]:
+    """(ms per engine step, ms per replay of the engine's own decode graph)."""
+    engine = decode_engine(model, batch, context, steps, sampled, async_scheduling)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):

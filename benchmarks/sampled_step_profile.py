@@ -20,32 +20,16 @@ import torch
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/ (kernels.py)
 
-from benchmarks.gpu_common import bench_tokenizer, device_info, write_results  # noqa: E402
-from benchmarks.latency import BS, CFG  # noqa: E402
-from engine.builder import LoadedModel, build_model, init_random_weights  # noqa: E402
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
+from benchmarks.gpu_common import device_info, write_results  # noqa: E402
+from benchmarks.latency import CFG, decode_engine  # noqa: E402
+from engine.builder import build_model, init_random_weights  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
 
 STEPS = 20
 
 
 def _engine(model, batch: int, context: int, sampled: bool, async_on: bool) -> LLMEngine:
-    per_seq = -(-(context + 3 * STEPS + 32) // BS)
-    config = EngineConfig(model="llama-3-8b-shape", device="cuda", dtype="bfloat16",
-                          cache=CacheConfig(block_size=BS, num_blocks=batch * per_seq + 16),
-                          scheduler=SchedulerConfig(max_num_seqs=max(batch, 64),
-                                                    max_num_batched_tokens=8192),
-                          async_scheduling=async_on)
-    engine = LLMEngine(config, LoadedModel(CFG, model, bench_tokenizer()))
-    params = SamplingParams(max_tokens=3 * STEPS + 32, ignore_eos=True, seed=1,
-                            temperature=0.8 if sampled else 0.0, top_p=0.9 if sampled else 1.0)
-    for _ in range(batch):
-        engine.add_request(torch.randint(0, CFG.vocab_size, (context,)).tolist(), params)
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.requests.values()):
-        engine.step()
-    for _ in range(4):
-        engine.step()
+    engine = decode_engine(model, batch, context, 2 * STEPS, sampled, async_on)
     torch.cuda.synchronize()
     return engine
 
