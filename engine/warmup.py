@@ -10,7 +10,13 @@ drives the engine's own step path (nothing special-cased) through:
   logprobs with a repetition penalty; decode steps of every batch size up to the wave's;
 - a prompt longer than the step's token budget, so chunked prefill (a chunk attending to
   earlier blocks: the kernel variant a prefix-cache hit also uses) compiles;
-- a prompt admitted while others decode (a mixed prefill + decode step).
+- a prompt admitted while another decodes (a mixed prefill + decode step); that other one
+  samples with top-p alone, the sort-free top-p kernel's path (in the wave, top-k in the same
+  batch sends every row through the sort).
+
+An eager step's block tables are as wide as its longest sequence, so their row stride changes
+from step to step; the attention kernels do not specialize on it (`do_not_specialize`), so the
+variants compiled here and by the decode graphs' captures serve every width.
 
 Decode CUDA graphs are captured separately (engine/cuda_graphs.py). The warm-up runs with the
 prefix cache detached, so it leaves no cached blocks, hashes or counters behind; afterwards
@@ -71,8 +77,9 @@ def _run(core) -> None:
     if limit > budget:  # one prompt in chunks
         core.add_request(_prompt(min(budget + 17, limit), vocab, 99), _PATHS[0])
         _drain(core)
-    core.add_request(_prompt(min(40, limit), vocab, 7), _PATHS[1])
-    core.step()  # its prefill; the next prompt joins while it decodes
+    # top-p alone: in the wave it shares a batch with top-k, which takes the sorting path
+    core.add_request(_prompt(min(40, limit), vocab, 7), _PATHS[2])
+    core.step()  # its prefill (the sort-free top-p); the next prompt joins while it decodes
     core.add_request(_prompt(min(33, limit), vocab, 8), _PATHS[0])
     _drain(core)
 

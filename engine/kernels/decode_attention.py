@@ -45,7 +45,10 @@ _MAX_SPLITS = 32
 _COMBINE_REGS = 64  # float32 registers per thread for the partials one combine step loads
 
 
-@triton.jit
+# table_stride (the block tables' row length) changes from step to step in eager steps: a
+# specialization on it (== 1, a multiple of 16, neither) would compile new variants on the
+# request path, which the start-up warm-up cannot all foresee (engine/compile_watch.py)
+@triton.jit(do_not_specialize=["table_stride"])
 def _decode_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
                    counters_ptr, scale_log2e, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
                    table_stride, kv_stride_block, kv_stride_kv, kv_stride_tok, kv_stride_h,

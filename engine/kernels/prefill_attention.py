@@ -104,7 +104,10 @@ def _attend_tile(acc, m_i, l_i, q, kv_ptr, table_row, n_begin, ctx_len, q_pos, h
     return acc, m_new, l_i
 
 
-@triton.jit
+# table_stride (the block tables' row length) changes from step to step in eager steps: a
+# specialization on it (== 1, a multiple of 16, neither) would compile new variants on the
+# request path, which the start-up warm-up cannot all foresee (engine/compile_watch.py)
+@triton.jit(do_not_specialize=["table_stride"])
 def _prefill_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, query_start_ptr, out_ptr,
                     scale_log2e, q_stride_t, q_stride_h, o_stride_t, o_stride_h, table_stride,
                     kv_stride_block, kv_stride_kv, kv_stride_tok, kv_stride_h, group,

@@ -78,3 +78,49 @@ def test_count_reaches_core_stats_and_the_metric(restore_hook, monkeypatch, tmp_
     metrics.publish(engine)  # totals, not increments: published once
     assert registry.get_sample_value("pdserve:triton_compiles_after_ready_total",
                                      {"model_name": "tiny"}) == 2
+
+
+class _Fn:
+    name = "_decode_kernel"
+
+
+def _decode_call(stride_spec):
+    """A hook call shaped as Triton 3.6-3.9 make it: signature in argument order, constants
+    keyed by (index,), divisibility attributes in configs[0]."""
+    attrs = {(0,): [["tt.divisibility", 16]]}
+    if stride_spec == "/16":
+        attrs[(1,)] = [["tt.divisibility", 16]]
+    constants = {(2,): 64}
+    sig = {"q_ptr": "*bf16", "bt_stride": "i32", "BLOCK_N": "constexpr"}
+    if stride_spec == "=1":
+        sig["bt_stride"] = "constexpr"
+        constants[(1,)] = 1
+    return dict(key="k", repr="_decode_kernel[num_warps=4](q_ptr: ()", fn=_Fn(),
+                compile={"key": "k", "signature": sig, "constants": constants,
+                         "configs": [attrs]},
+                is_manual_warmup=False, already_compiled=False)
+
+
+def test_describe_names_each_arguments_specialization():
+    from engine.compile_watch import describe
+
+    assert describe(_decode_call("/16")) == (
+        "_decode_kernel", ("q_ptr: *bf16/16", "bt_stride: i32/16", "BLOCK_N=64"))
+    assert describe(_decode_call("=1"))[1][1] == "bt_stride=1"
+    assert describe(dict(repr="k[num_warps=4](x: ()", compile={})) == (
+        "k", ("k[num_warps=4](x: ()",))  # another shape: Triton's own text
+
+
+def test_a_miss_is_named_by_what_it_changes_from_the_warm_up(restore_hook, caplog):
+    knobs.runtime.jit_cache_hook = None
+    watch = CompileWatch()
+    assert watch.record()
+    knobs.runtime.jit_cache_hook(**_decode_call("/16"))  # compiled by the warm-up
+    assert watch.count == 0 and not watch.armed
+    watch.arm()
+    with caplog.at_level(logging.WARNING, logger="engine.compile_watch"):
+        knobs.runtime.jit_cache_hook(**_decode_call(""))
+    assert watch.count == 1
+    message = caplog.records[-1].getMessage()
+    assert "_decode_kernel(q_ptr: *bf16/16, bt_stride: i32, BLOCK_N=64)" in message
+    assert message.endswith("in: bt_stride: i32 (was bt_stride: i32/16)")

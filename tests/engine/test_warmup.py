@@ -49,3 +49,24 @@ def test_warmup_refuses_a_busy_engine(model):
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=2))
     with pytest.raises(RuntimeError, match="idle"):
         warm_up(engine)
+
+
+def test_warmup_takes_each_sampler_path(model, monkeypatch):
+    """The sort-free top-p (a batch with top-p and no top-k) and the sorting path (top-k) both
+    run during the warm-up, so neither compiles on the request path on CUDA."""
+    from engine import sampler
+    from engine.kernels import dispatch
+
+    calls = {"sort_free": 0, "sort": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(dispatch, "apply_top_p", counted("sort_free", dispatch.apply_top_p))
+    monkeypatch.setattr(sampler, "apply_top_k_top_p",
+                        counted("sort", sampler.apply_top_k_top_p))
+    _engine(model, True)
+    assert calls["sort_free"] > 0 and calls["sort"] > 0
