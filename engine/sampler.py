@@ -168,13 +168,19 @@ class SamplingTensors:
         `vocab_window` = (first id, width): the seen mask covers only those columns (a tensor
         rank's vocab slice); every other field is the same as for the whole vocabulary."""
         top_ks = [vocab_size if r.top_k <= 0 else min(r.top_k, vocab_size) for r in rows]
+        # each field is a row of one packed tensor, padded to a multiple of 4 entries so that
+        # every row starts 16-byte aligned whatever the batch: Triton specializes a pointer
+        # argument on that alignment, and a batch-dependent one would compile kernel
+        # variants on the request path (engine/compile_watch.py)
+        pad, batch = -len(rows) % 4, len(rows)
         floats = _to_device(torch.tensor(
             [[0.0 if r.is_greedy else r.temperature, r.top_p, r.min_p, r.repetition_penalty]
-             for r in rows],
+             for r in rows] + [[1.0, 1.0, 0.0, 1.0]] * pad,
             dtype=torch.float32,
-        ).T.contiguous(), device)
-        ints = _to_device(torch.tensor([top_ks, [r.seed for r in rows], [r.step for r in rows]],
-                                       dtype=torch.int64), device)
+        ).T.contiguous(), device)[:, :batch]
+        ints = _to_device(torch.tensor([top_ks + [1] * pad, [r.seed for r in rows] + [0] * pad,
+                                        [r.step for r in rows] + [0] * pad],
+                                       dtype=torch.int64), device)[:, :batch]
         sampled = [r for r in rows if not r.is_greedy]
         any_penalty = any(r.repetition_penalty != 1.0 for r in rows)
         greedy_rows = floats[0] == 0.0

@@ -319,3 +319,18 @@ def test_all_greedy_batch_matches_argmax_exactly() -> None:
     logits = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
     out = Sampler()(logits, make_tensors([SamplingParams(temperature=0.0)] * 5, 64))
     assert torch.equal(out.token_ids, logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 6, 7])
+def test_every_field_starts_16_byte_aligned_at_any_batch(batch: int) -> None:
+    """Triton specializes pointer arguments on 16-byte alignment: a field whose start moved
+    with the batch size would compile kernel variants on the request path."""
+    params = [SamplingParams(temperature=0.5 + 0.1 * i, top_p=0.9, top_k=5, seed=i)
+              for i in range(batch)]
+    t = SamplingTensors.from_params(params, list(range(batch)), [3] * batch, None, 50, "cpu")
+    fields = (t.temperatures, t.top_ps, t.min_ps, t.repetition_penalties, t.top_ks, t.seeds,
+              t.steps)
+    assert all(f.shape == (batch,) and f.is_contiguous() for f in fields)
+    assert [f.data_ptr() % 16 for f in fields] == [0] * len(fields)
+    assert t.top_ps.tolist() == pytest.approx([0.9] * batch)
+    assert t.seeds.tolist() == list(range(batch)) and t.top_ks.tolist() == [5] * batch
