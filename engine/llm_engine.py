@@ -32,6 +32,10 @@ class LLMEngine(EngineCore):
                  rank_service: ServiceFactory | None = None) -> None:
         """`launcher` starts ranks 1..N-1 of a multi-rank instance (default: local processes);
         `rank_service` is the per-rank state a worker needs on them (rank_calls.py)."""
+        if config.use_warmup and config.device == "cuda":
+            # remember the variants the graph captures and the warm-up compile, so that a
+            # later compilation is named by what it changes (engine/compile_watch.py)
+            compile_watch.WATCH.record()
         if config.parallel.world_size > 1:
             if loaded is not None:
                 raise ValueError("a multi-rank engine loads its own slices; pass no model")
@@ -45,8 +49,6 @@ class LLMEngine(EngineCore):
             executor = LocalExecutor(config, loaded, resolve_max_model_len(config, loaded.config))
             super().__init__(config, loaded.config, loaded.tokenizer, executor)
         # seconds the start-up warm-up took (engine/warmup.py); 0 when it is off
-        if config.use_warmup and config.device == "cuda":
-            compile_watch.WATCH.record()  # remember the warm-up's variants (to name misses)
         self.warmup_s = warm_up(self) if config.use_warmup else 0.0
         if config.use_warmup and config.device == "cuda":
             compile_watch.WATCH.arm()  # compilations from now on delay requests: count them

@@ -10,6 +10,8 @@ drives the engine's own step path (nothing special-cased) through:
   logprobs with a repetition penalty; decode steps of every batch size up to the wave's;
 - a prompt longer than the step's token budget, so chunked prefill (a chunk attending to
   earlier blocks: the kernel variant a prefix-cache hit also uses) compiles;
+- for each decode batch size of `_mixed_decode_batches`, a prompt joining that many decoding
+  ones (eager decode attention at every split count it can choose);
 - a prompt admitted while another decodes (a mixed prefill + decode step); that other one
   samples with top-p alone, the sort-free top-p kernel's path (in the wave, top-k in the same
   batch sends every row through the sort).
@@ -42,6 +44,8 @@ _PATHS = (
     SamplingParams(max_tokens=3, temperature=0.0, logprobs=True, repetition_penalty=1.1,
                    ignore_eos=True),
 )
+_DECODING = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)  # still decoding
+# when a prompt joins
 _DEADLINE_S = 600.0
 
 
@@ -81,6 +85,36 @@ def _run(core) -> None:
     core.add_request(_prompt(min(40, limit), vocab, 7), _PATHS[2])
     core.step()  # its prefill (the sort-free top-p); the next prompt joins while it decodes
     core.add_request(_prompt(min(33, limit), vocab, 8), _PATHS[0])
+    _drain(core)
+    for batch in _mixed_decode_batches(core):
+        _mixed_step(core, batch, vocab)
+
+
+def _mixed_decode_batches(core) -> list[int]:
+    """Decode batch sizes for eager mixed steps: the powers of two below the largest batch,
+    and the largest (one less than max_num_seqs: the joining prompt needs a slot). Eager
+    decode attention picks its split count from the batch (about 4 programs per SM, rounded
+    down to a power of two), so these reach every split count a batch up to the largest can
+    get; the decode graphs' captures cover decode-only steps, not the eager ones."""
+    kv = core.kv_manager
+    top = min(core.config.scheduler.max_num_seqs - 1, kv.num_blocks // 2 - 1,
+              core.config.scheduler.max_num_batched_tokens // 2)
+    if top < 1:
+        return []
+    return sorted({1 << i for i in range(top.bit_length()) if 1 << i < top} | {top})
+
+
+def _mixed_step(core, batch: int, vocab: int) -> None:
+    """`batch` two-token prompts decoding when a 17-token prompt joins: one mixed step whose
+    decode rows go through the eager decode attention at that batch size."""
+    for i in range(batch):
+        core.add_request(_prompt(2, vocab, 1000 + i), _DECODING)
+    deadline = time.monotonic() + _DEADLINE_S
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in core.requests.values()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"warm-up did not finish within {_DEADLINE_S:.0f} s")
+        core.step()
+    core.add_request(_prompt(min(17, core.max_model_len - 4), vocab, 98), _PATHS[0])
     _drain(core)
 
 

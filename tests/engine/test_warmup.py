@@ -70,3 +70,27 @@ def test_warmup_takes_each_sampler_path(model, monkeypatch):
                         counted("sort", sampler.apply_top_k_top_p))
     _engine(model, True)
     assert calls["sort_free"] > 0 and calls["sort"] > 0
+
+
+def test_warmup_runs_eager_decode_at_each_split_class(model, monkeypatch):
+    """Mixed steps (a prompt joining decoding ones) run decode attention eagerly, at a batch
+    size the decode graphs' captures do not cover with eager launches: the warm-up runs one at
+    each power of two below the largest batch and at the largest."""
+    from engine import model_runner
+    from engine.warmup import _mixed_decode_batches
+
+    seen = set()
+    real = model_runner.AttentionMetadata
+
+    def recording(slots, num_decode, decode, prefill):
+        if decode is not None and prefill is not None:
+            seen.add(num_decode)
+        return real(slots, num_decode, decode, prefill)
+
+    monkeypatch.setattr(model_runner, "AttentionMetadata", recording)
+    engine = _engine(model, True)
+    batches = _mixed_decode_batches(engine)
+    top = min(engine.config.scheduler.max_num_seqs - 1, engine.kv_manager.num_blocks // 2 - 1,
+              engine.config.scheduler.max_num_batched_tokens // 2)
+    assert batches[-1] == top and batches[:3] == [1, 2, 4]
+    assert set(batches) <= seen
