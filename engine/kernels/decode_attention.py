@@ -36,7 +36,7 @@ import triton.language as tl
 from engine.attention.metadata import SeqGroup
 from engine.kernels import dispatch
 from engine.kernels.device import sm_count
-from engine.kernels.kv_tiles import load_fp8_tile
+from engine.kernels.kv_tiles import fp8_query, load_fp8_tile
 from engine.kernels.pdl import launch_options, pdl_wait_and_release
 from engine.kv_cache.fp8 import is_fp8
 
@@ -69,8 +69,8 @@ def _decode_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_out_pt
     heads = kv_head * group + g
     gmask = g < group
     dmask = d < head_dim
-    q = tl.load(q_ptr + seq * q_stride_t + heads[:, None] * q_stride_h + d[None, :],
-                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    q = fp8_query(tl.load(q_ptr + seq * q_stride_t + heads[:, None] * q_stride_h + d[None, :],
+                          mask=gmask[:, None] & dmask[None, :], other=0.0), FP8)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)

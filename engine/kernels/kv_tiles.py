@@ -15,12 +15,24 @@ import triton.language as tl
 @triton.jit
 def load_fp8_tile(row_ptrs, d, mask, nmask, head_dim):
     """([N, BLOCK_D] e4m3 tile, [N] float32 scales) of the fp8 rows at `row_ptrs`; the caller
-    converts the tile to its query dtype (exact) and folds the scales into its scores (keys) or
+    converts the tile to its query's dtype (exact; see `fp8_query`) and folds the scales into its scores (keys) or
     probabilities (values), so the tile itself is never rescaled."""
     raw = tl.load(row_ptrs[:, None] + d[None, :], mask=mask, other=0)
     scale = tl.load((row_ptrs + head_dim).to(tl.pointer_type(tl.float32)), mask=nmask,
                     other=0.0)
     return raw.to(tl.float8e4nv, bitcast=True), scale
+
+
+@triton.jit
+def fp8_query(q, FP8: tl.constexpr):
+    """The query in the dtype an fp8 cache's tiles are converted to: fp16 for a 16-bit query
+    (e4m3 -> fp16 is one native cvt per pair on sm_89+, where e4m3 -> bf16 takes several
+    integer ops per element; e4m3 values, and bf16 values within fp16's range, are exact in
+    fp16, whose 10-bit mantissa also carries p * v_scale better than bf16's 7), saturated to
+    fp16's finite range; unchanged for a float32 query or a plain cache."""
+    if FP8 and q.dtype != tl.float32:
+        return tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    return q
 
 
 @triton.jit

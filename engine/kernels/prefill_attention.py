@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from engine.attention.metadata import SeqGroup
-from engine.kernels.kv_tiles import load_fp8_tile
+from engine.kernels.kv_tiles import fp8_query, load_fp8_tile
 from engine.kernels.prefill_attention_configs import PrefillTileConfig, get_config
 from engine.kv_cache.fp8 import is_fp8
 
@@ -135,8 +135,8 @@ def _prefill_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, query_start_ptr, ou
         mmask = (m < q_len) & (r < BLOCK_Q * PACK)
         io_mask = mmask[:, None] & (d < HEAD_DIM)[None, :]
         rows = (q_begin + m).to(tl.int64)
-        q = tl.load(q_ptr + (rows * q_stride_t + head * q_stride_h)[:, None] + d[None, :],
-                    mask=io_mask, other=0.0)
+        q = fp8_query(tl.load(q_ptr + (rows * q_stride_t + head * q_stride_h)[:, None]
+                              + d[None, :], mask=io_mask, other=0.0), FP8)
         q_pos = first_pos + m
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
