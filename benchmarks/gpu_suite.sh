@@ -43,6 +43,7 @@ for p in $parts; do
              $k/test_decode_fused_combine.py &
            run tests_c 450 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
              $k/test_gemv.py $k/test_gemv_configs.py $k/test_sampling_kernel.py $k/test_compile_watch_cuda.py \
+             $k/test_no_compile_after_warmup.py \
              $k/test_top_p_kernel.py $k/test_fp8_kv.py $k/test_verify_graphs.py &
            run tests_d 450 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
              $k/test_fused_moe.py $k/test_moe_route.py $k/test_moe_gemv.py $k/test_moe_gemv_split.py $k/test_moe_router.py &
