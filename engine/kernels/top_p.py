@@ -8,37 +8,45 @@ a prefix of the stable order, so it is fully described by two numbers per row:
     cut = the largest kept token id among the tokens whose logit equals t
     kept(v)  <=>  x_v > t  or  (x_v == t and v <= cut).
 
-This kernel finds (t, cut) with one program per row (after a split first pass) and no sort.
-It searches over *keys*: the float32 bits of a logit as an int32, with the low 31 bits flipped
-for negatives (and -0 mapped to +0), so that key order is float order and equal keys are equal
-floats.
-1. the row max m and S = sum exp(x - m) (online, as in softmax), split over programs of
-   `_STATS_CHUNK` tokens (`_row_stats_kernel`) and merged by the row's program;
-2. one pass that compacts the *candidates* x >= m + log(S (1 - p) / V) into a per-row buffer
-   (key, exp(x - m), id; in id order): the tokens below that bound together hold less than
-   1 - p of the mass, so the nucleus lies among the candidates. When more than `CAP` qualify
-   (a flat row: random weights, a high temperature; or top_p close to 1) the search of step 3
-   first runs over the whole row (`_narrow_row`), also counting the tokens at/above each
-   threshold, until the tokens *inside* its key interval [lo, hi) fit the buffer (the first
-   such pass splits the candidates' value range evenly, the rest the key interval); the mass
-   at/above hi is carried as one number (and the smallest key there), the interval's tokens
-   are compacted and the search goes on over the buffer. A flat 128k row (randn * 0.02, p 0.9)
-   takes 1 such pass: 3 whole-row passes in all (compact, narrow, compact) instead of 12.
-   Only a row with more than `CAP` tokens tied at the boundary logit is cut over the whole row;
-3. a k-ary search for K = max{k : mass(key >= k) >= p S}: each pass evaluates the mass at/above
-   `_NT` thresholds at once ([NT, BLOCK] compare, each exp(x - m) loaded or computed once per
-   element), shrinking the key interval (NT + 1)-fold: at most 8 passes for 2^32 keys (NT = 16),
-   about 6 for a typical candidate range. Over the buffer each pass also compacts it in place to
-   the tokens inside the current interval (the mass above it is carried as one number), so the
-   passes after the first read a few hundred tokens instead of all candidates;
+This finds (t, cut) without a sort, in a fixed sequence of launches (no host sync: it can be
+captured in a CUDA graph). It searches over *keys*: the float32 bits of a logit as an int32,
+with the low 31 bits flipped for negatives (and -0 mapped to +0), so that key order is float
+order and equal keys are equal floats. The passes over the whole row run split over the S
+chunks of `_STATS_CHUNK` tokens (grid (B, S): 16 programs a 128k row; `top_p_split.py`), the
+rest in one program per row (`_top_p_cut_kernel`):
+1. the row max m and S = sum exp(x - m) (online, as in softmax), per chunk, merged by every
+   later program that needs them (`_row_stats_kernel`);
+2. the *candidates* x >= m + log(S (1 - p) / V), compacted per chunk (id order) into the
+   chunk's region of the row's buffer (`cap // S` slots from j * cap // S; the per-chunk counts
+   are kept): the tokens below that bound together hold less than 1 - p of the mass, so the
+   nucleus lies among the candidates. When more than `CAP` qualify in the row (a flat row:
+   random weights, a high temperature; or top_p close to 1), the search of step 3 first runs
+   over the whole row, also counting the tokens at/above each threshold, until the tokens
+   *inside* its key interval [lo, hi) fit the buffer (the first pass splits the candidates'
+   value range evenly, the rest the key interval): 2 split passes (each a split sum per
+   threshold and a per-row merge that sums the chunks in chunk order and moves lo/hi), then a
+   split compaction of [lo, hi); the mass at/above hi is carried as one number (and the
+   smallest key there). A flat 128k row (randn * 0.02, p 0.9) fits after 1 such pass;
+3. the row's program moves the regions into one id-ordered prefix of the buffer, in place (a
+   chunk with more tokens than its region: the row is compacted serially from that chunk on).
+   A row that still does not fit after the split passes narrows serially over the whole row
+   (only a row with more than `CAP` tokens tied at the boundary logit is cut over the whole
+   row). Then a k-ary search for K = max{k : mass(key >= k) >= p S}: each pass evaluates the
+   mass at/above `_NT` thresholds at once ([NT, BLOCK] compare, each exp(x - m) loaded once per
+   element), shrinking the key interval (NT + 1)-fold: at most 8 passes for 2^32 keys
+   (NT = 16), about 6 for a typical candidate range; each pass also compacts the buffer in
+   place to the tokens inside the current interval (the mass above it carried as one number),
+   so the passes after the first read a few hundred tokens instead of all candidates;
 4. t = the smallest logit with key >= K, then one pass that counts the ties at t and picks the
    last kept one by id: the r-th tie (0-based, in id order) is kept while mass(x > t) + r p_t < p.
 
 Masses are summed in a different order than the reference's cumsum, so a token whose mass
 before it lies within float rounding (~1e-7 relative) of top_p may fall on the other side;
 everywhere else the kept set is the reference's exactly (tests check it on fresh random rows).
-Scratch per row: min(CAP, V) * 12 bytes (int32 key, float32 exp, int32 id: 192 KiB at CAP
-16384) plus 8 bytes per max/sum split (128 B at V = 128256).
+Rows with top_p >= 1 do no work past step 1. Scratch per row: min(CAP, V) * 12 bytes (int32
+key, float32 exp, int32 id: 192 KiB at CAP 16384), plus per chunk 8 bytes (max/sum), 12 bytes
+(compaction info) and NT * 8 bytes (narrowing sums), plus 112 bytes (state, thresholds): about
+2.5 KiB at V = 128256.
 """
 
 from __future__ import annotations
@@ -47,98 +55,20 @@ import torch
 import triton
 import triton.language as tl
 
-_ROW_BLOCK = 1024  # block of the full-row passes (max/sum, compaction)
-_STATS_CHUNK = 8192  # tokens per program of the split max/sum pass (16 programs a 128k row)
+from engine.kernels.top_p_split import (_KEY_MAX, _SF, _SI, STATE_FLOATS, STATE_INTS, _chunk,
+                                        _compact, _compact_split_kernel, _narrow_merge_kernel,
+                                        _narrow_row, _narrow_split_kernel, _row_stats_kernel,
+                                        _value)
+
+_ROW_BLOCK = 1024  # block of the full-row passes (max/sum, compaction) and of the region moves
+_STATS_CHUNK = 8192  # tokens per program of the split passes (16 programs a 128k row)
 _BLOCK = 512  # search passes: an [NT, BLOCK] fp32 tile, 32 per thread at 8 warps (sm_90 AOT:
 # 174 registers with Triton 3.9, no spills)
 _NT = 16  # thresholds per search pass: the key interval shrinks 17-fold per pass
 _WARPS = 8
+_NARROW_PASSES = 2  # split narrowing passes for rows whose candidates overflow the buffer
 CAP = 16384  # candidate slots per row; beyond them the search narrows over the whole row first
 _NEG_INF = float("-inf")
-_KEY_MIN = tl.constexpr(-2147483648)
-_KEY_MAX = tl.constexpr(2147483647)
-
-
-@triton.jit
-def _key(x):
-    """Order-preserving int32 key of float32 x (-0 and +0 share key 0)."""
-    b = x.to(tl.int32, bitcast=True)
-    k = b ^ ((b >> 31) & 0x7FFFFFFF)
-    return tl.where(x == 0.0, 0, k)
-
-
-@triton.jit
-def _value(k):
-    """The float32 whose key is k (the inverse of `_key`)."""
-    b = k ^ ((k >> 31) & 0x7FFFFFFF)
-    return b.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _chunk(src_ptr, e_ptr, id_ptr, start, count, m, FROM_ROW: tl.constexpr, BLOCK: tl.constexpr):
-    """(key, exp(x - m), id, valid) of elements [start, start + BLOCK) of the searched set:
-    the row's logits (FROM_ROW) or the candidate buffer (src_ptr = keys)."""
-    i = start + tl.arange(0, BLOCK)
-    valid = i < count
-    if FROM_ROW:
-        x = tl.load(src_ptr + i, mask=valid, other=float("-inf"))
-        k = _key(x)
-        e = tl.exp(x - m)
-        ids = i
-    else:
-        k = tl.load(src_ptr + i, mask=valid, other=0)
-        e = tl.load(e_ptr + i, mask=valid, other=0.0)
-        ids = tl.load(id_ptr + i, mask=valid, other=0)
-    return tl.where(valid, k, _KEY_MIN), tl.where(valid, e, 0.0), ids, valid
-
-
-@triton.jit
-def _narrow_row(row_ptr, vocab, m, lo, hi, target, n, cap, NT: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """k-ary passes over the whole row on [lo, hi) (int64 keys; mass(>= lo) >= target >
-    mass(>= hi)) until the tokens *inside* [lo, hi) fit the buffer or the interval is one key
-    wide. n: #(key >= lo) on entry. Returns (lo, hi, #(lo <= key < hi), mass(key >= hi)): the
-    mass at/above hi is one of this function's own sums (the same order for every threshold,
-    so it agrees with the passes' decisions).
-    The first pass spaces its thresholds evenly in *value* between the logits at lo and hi - 1
-    (lo: the smallest candidate key): a flat row's logits span a few binades around 0, a
-    sliver of the key range, while 17 value buckets split them into comparable parts (one pass
-    instead of 3 for randn * 0.02 at p 0.9). The later passes split the key interval evenly (17-fold each,
-    so the loop stays bounded by 1 + 8 passes)."""
-    j = (tl.arange(0, NT) + 1).to(tl.int64)
-    frac = j.to(tl.float32) / (NT + 1)
-    n_hi = 0  # #(key >= hi)
-    mass_hi = tl.zeros((), tl.float32)
-    by_value = tl.full((), 1, tl.int32)  # the first pass
-    while (hi - lo > 1) & (n - n_hi > cap):
-        step = (hi - lo + NT) // (NT + 1)
-        a = _value(lo.to(tl.int32))
-        b = _value((hi - 1).to(tl.int32))
-        thr_value = tl.minimum(tl.maximum(_key(a + (b - a) * frac).to(tl.int64), lo + 1), hi)
-        thr = tl.where(by_value != 0, thr_value, tl.minimum(lo + j * step, hi))
-        by_value = by_value * 0
-        thr = thr.to(tl.int32)
-        acc = tl.zeros([NT, BLOCK], tl.float32)
-        num = tl.zeros([NT, BLOCK], tl.int32)
-        for start in range(0, vocab, BLOCK):
-            k, e, ids, valid = _chunk(row_ptr, row_ptr, row_ptr, start, vocab, m, True, BLOCK)
-            at_least = k[None, :] >= thr[:, None]
-            acc += tl.where(at_least, e[None, :], 0.0)
-            num += at_least.to(tl.int32)
-        # masses are monotone in the threshold (nested sums in one order): count the passing;
-        # a threshold clamped to hi is known to fail (rounding in this pass may disagree)
-        mass = tl.sum(acc, axis=1)
-        count = tl.sum(num, axis=1)
-        passing = (mass >= target) & (thr < hi)
-        above = tl.sum(passing.to(tl.int64), axis=0)
-        n = tl.where(above > 0, tl.sum(tl.where(j == above, count, 0), axis=0), n)
-        # thresholds ascend: lo moves to the last passing one, hi to the first failing one
-        new_hi = j == above + 1
-        n_hi = tl.where(above < NT, tl.sum(tl.where(new_hi, count, 0), axis=0), n_hi)
-        mass_hi = tl.where(above < NT, tl.sum(tl.where(new_hi, mass, 0.0), axis=0), mass_hi)
-        lo = tl.maximum(lo, tl.max(tl.where(passing, thr, lo), axis=0))
-        hi = tl.minimum(hi, tl.min(tl.where(passing, hi, thr), axis=0))
-    return lo, hi, n - n_hi, mass_hi
 
 
 @triton.jit
@@ -187,28 +117,38 @@ def _search_buffer(key_ptr, e_ptr, id_ptr, n, m, lo, hi, target, mass_hi, min_ab
 
 
 @triton.jit
-def _compact(row_ptr, vocab, m, lo, hi, cand_key, cand_e, cand_id, cap, ROW_BLOCK: tl.constexpr):
-    """Store (key, exp(x - m), id) of the tokens with lo <= key < hi (int64 bounds), in id
-    order, while they fit in the buffer; returns how many there are (stored or not), the
-    smallest of their keys and the smallest key >= hi (_KEY_MAX if none)."""
-    n = 0
-    min_vec = tl.full([ROW_BLOCK], _KEY_MAX, tl.int32)
-    min_kept = tl.full([ROW_BLOCK], _KEY_MAX, tl.int32)
-    for start in range(0, vocab, ROW_BLOCK):
-        v = start + tl.arange(0, ROW_BLOCK)
-        x = tl.load(row_ptr + v, mask=v < vocab, other=float("-inf"))
-        k = _key(x)
-        keep = (v < vocab) & (k >= lo) & (k < hi)
-        min_vec = tl.minimum(min_vec, tl.where((v < vocab) & (k >= hi), k, _KEY_MAX))
-        min_kept = tl.minimum(min_kept, tl.where(keep, k, _KEY_MAX))
-        pos = n + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-        fits = keep & (pos < cap)
-        tl.store(cand_key + pos, k, mask=fits)
-        tl.store(cand_e + pos, tl.exp(x - m), mask=fits)
-        tl.store(cand_id + pos, v, mask=fits)
-        n += tl.sum(keep.to(tl.int32), axis=0)
-    tl.debug_barrier()  # the buffer is visible to every warp of the search
-    return n, tl.min(min_kept, axis=0), tl.min(min_vec, axis=0)
+def _gather(cand_key, cand_e, cand_id, info, row_ptr, vocab, m, lo, hi, cap, region, chunk,
+            num_splits, SPLITS: tl.constexpr, ROW_BLOCK: tl.constexpr):
+    """Move the chunks' regions of the last split compaction into one id-ordered prefix of the
+    buffer, in place: each region moves left, in ascending order, so no slot is written before
+    it is read. From the first chunk with more tokens than its region on, the row is compacted
+    serially instead. Returns (#tokens in the buffer, smallest key >= hi)."""
+    j = tl.arange(0, SPLITS)
+    counts = tl.load(info + j, mask=j < num_splits, other=0)
+    first_over = tl.min(tl.where((j < num_splits) & (counts > region), j, num_splits), axis=0)
+    before = j < first_over
+    min_above = tl.min(tl.load(info + 2 * SPLITS + j, mask=before, other=_KEY_MAX), axis=0)
+    n = tl.zeros((), tl.int32)
+    for r in range(0, first_over):
+        num = tl.load(info + r)
+        src = r * region
+        for start in range(0, tl.where(src == n, 0, num), ROW_BLOCK):  # in place: stays
+            i = start + tl.arange(0, ROW_BLOCK)
+            valid = i < num
+            k = tl.load(cand_key + src + i, mask=valid)
+            e = tl.load(cand_e + src + i, mask=valid)
+            ids = tl.load(cand_id + src + i, mask=valid)
+            tl.debug_barrier()  # every warp holds this block before any slot of it is rewritten
+            tl.store(cand_key + n + i, k, mask=valid)
+            tl.store(cand_e + n + i, e, mask=valid)
+            tl.store(cand_id + n + i, ids, mask=valid)
+        n += num
+    tl.debug_barrier()  # the moved regions are visible to every warp of the search
+    if first_over < num_splits:
+        n, min_kept, above = _compact(row_ptr, first_over * chunk, vocab, m, lo, hi, cand_key,
+                                      cand_e, cand_id, n, cap, ROW_BLOCK)
+        min_above = tl.minimum(min_above, above)
+    return n, min_above
 
 
 @triton.jit
@@ -247,77 +187,47 @@ def _cut(src_ptr, e_ptr, id_ptr, count, m, lo, target, mass_hi, min_above,
 
 
 @triton.jit
-def _row_stats_kernel(logits_ptr, stats_ptr, vocab, row_stride, chunk, SPLITS: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """Step 1, split: program (row, j) writes the max m_j and sum exp(x - m_j) of its `chunk`
-    of the row (online, as in softmax) to stats[row, j] (m) and stats[row, SPLITS + j] (s)."""
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    row_ptr = logits_ptr + row * row_stride
-    end = tl.minimum(split * chunk + chunk, vocab)
-    m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
-    s_vec = tl.zeros([BLOCK], tl.float32)
-    for start in range(split * chunk, end, BLOCK):
-        v = start + tl.arange(0, BLOCK)
-        x = tl.load(row_ptr + v, mask=v < end, other=float("-inf"))
-        new_m = tl.maximum(m_vec, x)
-        scale = tl.exp(tl.where(m_vec == float("-inf"), float("-inf"), m_vec - new_m))
-        term = tl.exp(tl.where(x == float("-inf"), float("-inf"), x - new_m))
-        s_vec = s_vec * scale + term
-        m_vec = new_m
-    m, s = _merge_max_sum(m_vec, s_vec)
-    tl.store(stats_ptr + row * 2 * SPLITS + split, m)
-    tl.store(stats_ptr + row * 2 * SPLITS + SPLITS + split, s)
-
-
-@triton.jit
-def _merge_max_sum(m_vec, s_vec):
-    """(max, sum exp(x - max)) from partial maxima and sums (partial max -inf: empty)."""
-    m = tl.max(m_vec, axis=0)
-    scale = tl.exp(tl.where(m_vec == float("-inf"), float("-inf"), m_vec - m))
-    return m, tl.sum(tl.where(m_vec == float("-inf"), 0.0, s_vec * scale), axis=0)
-
-
-@triton.jit
-def _top_p_cut_kernel(logits_ptr, top_ps_ptr, stats_ptr, cand_key_ptr, cand_e_ptr, cand_id_ptr,
-                      thr_ptr, cut_ptr, vocab, row_stride, cap, num_splits,
-                      SPLITS: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
-                      NT: tl.constexpr):
+def _top_p_cut_kernel(logits_ptr, top_ps_ptr, state_i_ptr, state_f_ptr, info_ptr, cand_key_ptr,
+                      cand_e_ptr, cand_id_ptr, thr_ptr, cut_ptr, vocab, row_stride, cap, region,
+                      chunk, num_splits, SPLITS: tl.constexpr, ROW_BLOCK: tl.constexpr,
+                      BLOCK: tl.constexpr, NT: tl.constexpr):
+    """Steps 3-4 for one row, from the state and buffer regions the split launches left."""
     row = tl.program_id(0).to(tl.int64)
     p = tl.load(top_ps_ptr + row)
-    row_ptr = logits_ptr + row * row_stride
-    # 1. row max and sum of exp, from the split partials of `_row_stats_kernel`
-    j = tl.arange(0, SPLITS)
-    m_part = tl.load(stats_ptr + row * 2 * SPLITS + j, mask=j < num_splits, other=float("-inf"))
-    s_part = tl.load(stats_ptr + row * 2 * SPLITS + SPLITS + j, mask=j < num_splits, other=0.0)
-    m, s = _merge_max_sum(m_part, s_part)
-    target = p * s
     t = tl.full((), float("-inf"), tl.float32)  # top_p >= 1: keep the whole row
     cut = vocab
     if p < 1.0:
-        # 2. compact the candidates (id order) into this row's scratch
-        bound = m + tl.log(s * (1.0 - p) / vocab) - 1e-3
-        lo = _key(bound).to(tl.int64)
-        hi = _key(m).to(tl.int64) + 1
+        row_ptr = logits_ptr + row * row_stride
+        state_i = state_i_ptr + row * _SI
+        state_f = state_f_ptr + row * _SF
+        m = tl.load(state_f)
+        target = tl.load(state_f + 1)
+        mass_hi = tl.load(state_f + 2)
+        lo = tl.load(state_i)
+        hi = tl.load(state_i + 1)
+        n = tl.load(state_i + 2)
+        n_hi = tl.load(state_i + 3)
         cand_key = cand_key_ptr + row * cap
         cand_e = cand_e_ptr + row * cap
         cand_id = cand_id_ptr + row * cap
-        everything = tl.full((), _KEY_MAX, tl.int64) + 1  # above every key
-        n, min_kept, min_above = _compact(row_ptr, vocab, m, lo, everything, cand_key, cand_e,
-                                          cand_id, cap, ROW_BLOCK)
-        mass_hi = tl.zeros((), tl.float32)
-        if n > cap:  # overflow: narrow over the whole row until the keys in [lo, hi) fit
-            lo = tl.maximum(lo, min_kept.to(tl.int64))  # no key in between: the same mass
-            lo, hi, n, mass_hi = _narrow_row(row_ptr, vocab, m, lo, hi, target, n, cap, NT,
-                                             BLOCK)
-            if n <= cap:
-                n, min_kept, min_above = _compact(row_ptr, vocab, m, lo, hi, cand_key, cand_e,
-                                                  cand_id, cap, ROW_BLOCK)
-        # 3-4. over the candidates, or (more than CAP ties at one key) over the whole row
-        if n <= cap:
-            lo, n, mass_hi, min_above = _search_buffer(cand_key, cand_e, cand_id, n, m, lo, hi,
-                                                       target, mass_hi, min_above, NT, BLOCK)
-            t, cut = _cut(cand_key, cand_e, cand_id, n, m, lo, target, mass_hi, min_above,
+        n_in = (n - n_hi).to(tl.int32)  # tokens inside [lo, hi)
+        min_above = tl.full((), _KEY_MAX, tl.int32)
+        if n_in <= cap:  # the last split compaction holds them, region by region
+            n_in, min_above = _gather(cand_key, cand_e, cand_id, info_ptr + row * 3 * SPLITS,
+                                      row_ptr, vocab, m, lo, hi, cap, region, chunk, num_splits,
+                                      SPLITS, ROW_BLOCK)
+        else:  # more passes needed, or more than cap ties at one key: narrow serially
+            lo, hi, n_left, mass_hi = _narrow_row(row_ptr, vocab, m, lo, hi, target, n, n_hi,
+                                                  mass_hi, tl.load(state_i + 4), cap, NT, BLOCK)
+            n_in = n_left.to(tl.int32)
+            if n_in <= cap:
+                n_in, min_kept, min_above = _compact(row_ptr, 0, vocab, m, lo, hi, cand_key,
+                                                     cand_e, cand_id, 0, cap, ROW_BLOCK)
+        if n_in <= cap:
+            lo, n_in, mass_hi, min_above = _search_buffer(cand_key, cand_e, cand_id, n_in, m, lo,
+                                                          hi, target, mass_hi, min_above, NT,
+                                                          BLOCK)
+            t, cut = _cut(cand_key, cand_e, cand_id, n_in, m, lo, target, mass_hi, min_above,
                           False, BLOCK)
         else:
             t, cut = _cut(row_ptr, row_ptr, row_ptr, vocab, m, lo, target, 0.0, _KEY_MAX, True,
@@ -330,7 +240,7 @@ def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor,
               cap: int = CAP) -> tuple[torch.Tensor, torch.Tensor]:
     """(t [B] float32, cut [B] int32) of each row's nucleus; rows with top_p >= 1 keep all
     (t = -inf, cut = vocab). `logits` is [B, V] float32 on CUDA (or the Triton interpreter).
-    `cap`: candidate slots per row (tests shrink it to reach the overflow path at small V)."""
+    `cap`: candidate slots per row (tests shrink it to reach the overflow paths at small V)."""
     if cap < 1:
         raise ValueError(f"cap must be >= 1, got {cap}")
     batch, vocab = logits.shape
@@ -339,18 +249,42 @@ def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor,
     cap = min(cap, vocab)
     num_splits = triton.cdiv(vocab, _STATS_CHUNK)
     splits = triton.next_power_of_2(num_splits)
+    region = cap // num_splits
     dev = logits.device
     stats = torch.empty(batch, 2 * splits, dtype=torch.float32, device=dev)
+    state_i = torch.empty(batch, STATE_INTS, dtype=torch.int64, device=dev)
+    state_f = torch.empty(batch, STATE_FLOATS, dtype=torch.float32, device=dev)
+    info = torch.empty(batch, 3 * splits, dtype=torch.int32, device=dev)
+    narrow_thr = torch.empty(batch, _NT, dtype=torch.int32, device=dev)
+    narrow_mass = torch.empty(batch, splits * _NT, dtype=torch.float32, device=dev)
+    narrow_count = torch.empty(batch, splits * _NT, dtype=torch.int32, device=dev)
     cand_key = torch.empty(batch, cap, dtype=torch.int32, device=dev)
     cand_e = torch.empty(batch, cap, dtype=torch.float32, device=dev)
     cand_id = torch.empty(batch, cap, dtype=torch.int32, device=dev)
     thr = torch.empty(batch, dtype=torch.float32, device=dev)
     cut = torch.empty(batch, dtype=torch.int32, device=dev)
-    _row_stats_kernel[(batch, num_splits)](logits, stats, vocab, logits.stride(0), _STATS_CHUNK,
-                                           SPLITS=splits, BLOCK=_ROW_BLOCK, num_warps=4)
-    _top_p_cut_kernel[(batch,)](logits, top_ps, stats, cand_key, cand_e, cand_id, thr, cut,
-                                vocab, logits.stride(0), cap, num_splits, SPLITS=splits,
-                                ROW_BLOCK=_ROW_BLOCK, BLOCK=_BLOCK, NT=_NT, num_warps=_WARPS)
+    split_grid = (batch, num_splits)
+    stride = logits.stride(0)
+    _row_stats_kernel[split_grid](logits, stats, vocab, stride, _STATS_CHUNK, SPLITS=splits,
+                                  BLOCK=_ROW_BLOCK, num_warps=4)
+    compact_args = (logits, top_ps, stats, state_i, state_f, info, cand_key, cand_e, cand_id,
+                    vocab, stride, cap, region, _STATS_CHUNK, num_splits)
+    _compact_split_kernel[split_grid](*compact_args, NARROWED=False, SPLITS=splits,
+                                      ROW_BLOCK=_ROW_BLOCK, num_warps=4)
+    for pass_index in range(_NARROW_PASSES):
+        _narrow_split_kernel[split_grid](logits, top_ps, state_i, state_f, info, narrow_thr,
+                                         narrow_mass, narrow_count, vocab, stride, cap,
+                                         _STATS_CHUNK, num_splits, FIRST=pass_index == 0,
+                                         SPLITS=splits, NT=_NT, BLOCK=_BLOCK, num_warps=_WARPS)
+        _narrow_merge_kernel[(batch,)](top_ps, state_i, state_f, info, narrow_thr, narrow_mass,
+                                       narrow_count, cap, num_splits, FIRST=pass_index == 0,
+                                       SPLITS=splits, NT=_NT, num_warps=1)
+    _compact_split_kernel[split_grid](*compact_args, NARROWED=True, SPLITS=splits,
+                                      ROW_BLOCK=_ROW_BLOCK, num_warps=4)
+    _top_p_cut_kernel[(batch,)](logits, top_ps, state_i, state_f, info, cand_key, cand_e,
+                                cand_id, thr, cut, vocab, stride, cap, region, _STATS_CHUNK,
+                                num_splits, SPLITS=splits, ROW_BLOCK=_ROW_BLOCK, BLOCK=_BLOCK,
+                                NT=_NT, num_warps=_WARPS)
     return thr, cut
 
 
