@@ -105,6 +105,7 @@ def _compact(row_ptr, begin, end, m, lo, hi, cand_key, cand_e, cand_id, n, cap,
     bounds), in id order, in slots n, n + 1, ... below `cap`; returns n plus how many there
     are (stored or not), the smallest of their keys and the smallest key >= hi (_KEY_MAX if
     none)."""
+    n = n + tl.zeros((), tl.int32)  # a tensor (the caller may pass 0): the loop carries it
     min_vec = tl.full([ROW_BLOCK], _KEY_MAX, tl.int32)
     min_kept = tl.full([ROW_BLOCK], _KEY_MAX, tl.int32)
     for start in range(begin, end, ROW_BLOCK):
