@@ -23,6 +23,7 @@ so the count stays 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -79,6 +80,7 @@ class CompileWatch:
         self._variants: dict[str, list[tuple[str, ...]]] = {}
         self._installed = False
         self._armed = False
+        self._paused = 0  # warm-ups in progress (another engine of the process starting)
         self._previous = None
 
     @property
@@ -96,6 +98,19 @@ class CompileWatch:
         with self._lock:
             self._armed = self._install()
             return self._armed
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Compilations inside are not counted (they are still remembered): a later engine of
+        the process warming up while the watch is armed. A compilation that another engine's
+        request causes meanwhile goes uncounted too."""
+        with self._lock:
+            self._paused += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._paused -= 1
 
     def _install(self) -> bool:
         if self._installed:
@@ -122,7 +137,7 @@ class CompileWatch:
             why = _difference(spec, known)
             if len(known) < _MAX_VARIANTS:
                 known.append(spec)
-            counted = self._armed
+            counted = self._armed and not self._paused
             if counted:
                 self.count += 1
                 self.recent.append(shown)

@@ -49,7 +49,8 @@ class LLMEngine(EngineCore):
             executor = LocalExecutor(config, loaded, resolve_max_model_len(config, loaded.config))
             super().__init__(config, loaded.config, loaded.tokenizer, executor)
         # seconds the start-up warm-up took (engine/warmup.py); 0 when it is off
-        self.warmup_s = warm_up(self) if config.use_warmup else 0.0
+        with compile_watch.WATCH.paused():  # counted only once the engine is ready
+            self.warmup_s = warm_up(self) if config.use_warmup else 0.0
         if config.use_warmup and config.device == "cuda":
             compile_watch.WATCH.arm()  # compilations from now on delay requests: count them
 

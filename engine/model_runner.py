@@ -234,7 +234,7 @@ class ModelRunner:
         query_start[1:] = torch.tensor(q_lens).cumsum(0)
         return SeqGroup(
             block_tables=tables[first:end].to(self.device, dtype=torch.int32, non_blocking=True),
-            context_lens=torch.tensor(ctx_lens, dtype=torch.int32).to(self.device, non_blocking=True),
+            context_lens=torch.tensor(ctx_lens, dtype=torch.int64).to(self.device, non_blocking=True),
             query_start=query_start.to(self.device, non_blocking=True),
             max_query_len=max(q_lens), max_context_len=max(ctx_lens))
 

@@ -44,8 +44,8 @@ _PATHS = (
     SamplingParams(max_tokens=3, temperature=0.0, logprobs=True, repetition_penalty=1.1,
                    ignore_eos=True),
 )
-_DECODING = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)  # still decoding
-# when a prompt joins
+_DECODING = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)  # still decoding
+# while a prompt joins, over its chunks
 _DEADLINE_S = 600.0
 
 
@@ -105,8 +105,9 @@ def _mixed_decode_batches(core) -> list[int]:
 
 
 def _mixed_step(core, batch: int, vocab: int) -> None:
-    """`batch` two-token prompts decoding when a 17-token prompt joins: one mixed step whose
-    decode rows go through the eager decode attention at that batch size."""
+    """`batch` two-token prompts decoding when a prompt past graph prefill's context limit
+    joins: mixed steps run eagerly, their decode rows through the eager decode attention at
+    that batch size."""
     for i in range(batch):
         core.add_request(_prompt(2, vocab, 1000 + i), _DECODING)
     deadline = time.monotonic() + _DEADLINE_S
@@ -114,7 +115,9 @@ def _mixed_step(core, batch: int, vocab: int) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"warm-up did not finish within {_DEADLINE_S:.0f} s")
         core.step()
-    core.add_request(_prompt(min(17, core.max_model_len - 4), vocab, 98), _PATHS[0])
+    # longer than graph prefill takes (a short chunk would join the decodes in a graph)
+    length = min(core.config.graph_prefill_max_context + 17, core.max_model_len - 4)
+    core.add_request(_prompt(length, vocab, 98), _PATHS[0])
     _drain(core)
 
 

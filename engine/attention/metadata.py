@@ -18,7 +18,7 @@ class SeqGroup:
     """A group of sequences attended by one kernel launch (all decodes, or all prefills)."""
 
     block_tables: torch.Tensor  # [B, max_blocks] int32
-    context_lens: torch.Tensor  # [B] int32, cached + new tokens
+    context_lens: torch.Tensor  # [B] int64 (as the graphs' packed inputs), cached + new tokens
     query_start: torch.Tensor  # [B + 1] int32, offsets of each sequence's new tokens
     max_query_len: int
     max_context_len: int

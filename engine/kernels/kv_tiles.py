@@ -30,9 +30,11 @@ def fp8_query(q, FP8: tl.constexpr):
     integer ops per element; e4m3 values, and bf16 values within fp16's range, are exact in
     fp16, whose 10-bit mantissa also carries p * v_scale better than bf16's 7), saturated to
     fp16's finite range; unchanged for a float32 query or a plain cache."""
-    if FP8 and q.dtype != tl.float32:
-        return tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
-    return q
+    if FP8 and q.dtype != tl.float32:  # static: one branch is compiled, one return type
+        out = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    else:
+        out = q
+    return out
 
 
 @triton.jit

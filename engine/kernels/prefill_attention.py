@@ -126,7 +126,7 @@ def _prefill_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, query_start_ptr, ou
     q_begin = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_begin
     if m_tile * BLOCK_Q < q_len:
-        ctx_len = tl.load(ctx_lens_ptr + seq)
+        ctx_len = tl.load(ctx_lens_ptr + seq).to(tl.int32)  # int32 index math
         first_pos = ctx_len - q_len  # position of the chunk's first query
         r = tl.arange(0, BLOCK_M)
         m = m_tile * BLOCK_Q + r // PACK  # each row's query token, within the chunk

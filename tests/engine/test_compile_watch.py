@@ -124,3 +124,16 @@ def test_a_miss_is_named_by_what_it_changes_from_the_warm_up(restore_hook, caplo
     message = caplog.records[-1].getMessage()
     assert "_decode_kernel(q_ptr: *bf16/16, bt_stride: i32, BLOCK_N=64)" in message
     assert message.endswith("in: bt_stride: i32 (was bt_stride: i32/16)")
+
+
+def test_a_later_engines_warm_up_is_not_counted_but_remembered(restore_hook, caplog):
+    knobs.runtime.jit_cache_hook = None
+    watch = CompileWatch()
+    watch.arm()
+    with watch.paused():
+        knobs.runtime.jit_cache_hook(**_decode_call("/16"))
+    assert watch.count == 0 and not watch.recent
+    with caplog.at_level(logging.WARNING, logger="engine.compile_watch"):
+        knobs.runtime.jit_cache_hook(**_decode_call(""))
+    assert watch.count == 1
+    assert caplog.records[-1].getMessage().endswith("(was bt_stride: i32/16)")
