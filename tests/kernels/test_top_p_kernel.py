@@ -300,3 +300,103 @@ def test_cap_is_validated():
 
     with pytest.raises(ValueError, match="cap"):
         top_p_cut(torch.zeros(1, 8), torch.ones(1), cap=0)
+
+
+# --- the split passes: per-chunk regions of the buffer, split narrowing, serial fallbacks ------
+
+_FOUR_CHUNKS = 3 * 8192 + 500  # the split passes' chunks: 8192 tokens (the last one short here)
+_TWO_CHUNKS = 8192 + 1500
+
+
+def _chunk_candidates(logits: torch.Tensor, top_ps: torch.Tensor) -> list[list[int]]:
+    """Per row, how many candidates (see `_num_candidates`) each chunk of the split passes has."""
+    from engine.kernels.top_p import _STATS_CHUNK
+
+    x = logits.cpu().double()
+    m = x.max(dim=1, keepdim=True).values
+    s = (x - m).exp().sum(dim=1, keepdim=True)
+    bound = m + torch.log(s * (1 - top_ps.cpu().double()[:, None]) / x.shape[1])
+    return [[int(c.sum()) for c in row.split(_STATS_CHUNK)] for row in x >= bound]
+
+
+def _sparse_row(vocab: int, counts: list[int], generator: torch.Generator) -> torch.Tensor:
+    """A row whose candidates are counts[j] random tokens of chunk j (randn logits), every other
+    token far below the candidate bound."""
+    from engine.kernels.top_p import _STATS_CHUNK
+
+    row = torch.randn(vocab, generator=generator) * 0.5 - 40.0
+    for j, count in enumerate(counts):
+        size = min(_STATS_CHUNK, vocab - j * _STATS_CHUNK)
+        ids = j * _STATS_CHUNK + torch.randperm(size, generator=generator)[:count]
+        row[ids] = torch.randn(count, generator=generator)
+    return row
+
+
+def _boundary_ties(logits: torch.Tensor, kept: torch.Tensor) -> list[int]:
+    """Per row, how many tokens share the smallest kept logit."""
+    return [int((row == row[k].min()).sum()) for row, k in zip(logits.cpu(), kept)]
+
+
+def test_chunk_regions_are_gathered_or_the_row_compacted_serially(device):
+    """Candidates that fit the buffer (cap 400: 100 slots per chunk region) move from the
+    chunks' regions into one prefix; a chunk with more candidates than its region sends its row
+    to the serial compaction from that chunk on (the first chunk, a middle one after two
+    gathered regions, the short last one); a region filled exactly is still gathered."""
+    cap, region = 400, 100
+    layouts = [[50, 60, 70, 40], [150, 0, 0, 50], [60, 70, 150, 50], [0, 100, 0, 100],
+               [0, 0, 0, 300]]
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.stack([_sparse_row(_FOUR_CHUNKS, c, gen) for c in layouts]).to(device)
+    top_ps = torch.tensor([0.9, 0.5, 0.8, 0.95, 0.7], device=device)
+    assert _chunk_candidates(logits, top_ps) == layouts
+    assert [max(c) > region for c in layouts] == [False, True, True, False, True]
+    got, want = _kept_at_cap(logits, top_ps, cap), _kept_exact(logits, top_ps)
+    _assert_same_or_rounding(got, want, logits, top_ps)
+
+
+def test_rows_left_over_cap_after_the_split_passes_narrow_serially(device):
+    """Rows whose interval still holds more than cap tokens after the split narrowing passes:
+    the serial passes go on from the state the split passes left. A boundary inside a run of
+    ties longer than cap (cut over the whole row), a flat row with one low outlier (the first,
+    value-split pass gains nothing, so more key passes follow serially before the compaction),
+    all tied (no pass at all), and a flat row at a tiny buffer."""
+    cap, vocab = 16, _TWO_CHUNKS
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.rand(4, vocab, generator=gen) * 0.01
+    logits[0] = (torch.randn(vocab, generator=gen) * 4).round() * 0.01
+    logits[1, 5] = -2.0
+    logits[2] = 0.5
+    logits[3] = torch.randn(vocab, generator=gen) * 0.02
+    top_ps = torch.tensor([0.8, 0.9, 0.6, 0.9], device=device)
+    logits = logits.to(device)
+    got, want = _kept_at_cap(logits, top_ps, cap), _kept_exact(logits, top_ps)
+    assert _boundary_ties(logits, want)[0] > cap
+    assert got[2].nonzero().flatten().tolist() == list(range(int(0.6 * vocab) + 1))
+    _assert_same_or_rounding(got, want, logits, top_ps)
+
+
+def test_a_batch_whose_rows_take_every_split_path(device):
+    """One call, each row on its own path (cap 400: 200 slots per chunk region): gathered
+    regions, a region overflow, overflow narrowed by the split passes (also with masked tokens,
+    and down to a run of ties in one chunk: more than its region, so the narrowed interval is
+    compacted serially), a low outlier (serial narrowing), top_p 1 (no work past the max/sum)
+    and a peaked row; every row gets the reference's kept set."""
+    cap, region, vocab = 400, 200, _TWO_CHUNKS
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(8, vocab, generator=gen) * 0.02
+    logits[0] = _sparse_row(vocab, [150, 100], gen)
+    logits[1] = _sparse_row(vocab, [80, 250], gen)
+    logits[3, 8192:] = (logits[3, 8192:] * 75).round() * 0.01  # runs of ~300 equal logits ...
+    logits[3, :8192] -= 5.0  # ... all in the second chunk; above them, 5 tokens of the first
+    logits[3, 100:105] = 0.2
+    logits[4, 5] = -2.0
+    logits[5, ::2] = NEG_INF
+    logits[7] *= 600  # peaked
+    top_ps = torch.tensor([0.9, 0.8, 0.9, 0.8, 0.9, 0.9, 1.0, 0.9], device=device)
+    logits = logits.to(device)
+    counts = [sum(c) for c in _chunk_candidates(logits, top_ps)]
+    assert max(counts[:2] + counts[7:]) <= cap < min(counts[2:7]), counts
+    got, want = _kept_at_cap(logits, top_ps, cap), _kept_exact(logits, top_ps)
+    assert region < _boundary_ties(logits, want)[3] <= cap
+    assert got[6].all() and not got[5, ::2].any()
+    _assert_same_or_rounding(got, want, logits, top_ps)
