@@ -8,44 +8,49 @@ a prefix of the stable order, so it is fully described by two numbers per row:
     cut = the largest kept token id among the tokens whose logit equals t
     kept(v)  <=>  x_v > t  or  (x_v == t and v <= cut).
 
-This finds (t, cut) without a sort, in a fixed sequence of launches (no host sync: it can be
-captured in a CUDA graph). It searches over *keys*: the float32 bits of a logit as an int32,
-with the low 31 bits flipped for negatives (and -0 mapped to +0), so that key order is float
-order and equal keys are equal floats. The passes over the whole row run split over the S
-chunks of `_STATS_CHUNK` tokens (grid (B, S): 16 programs a 128k row; `top_p_split.py`), the
-rest in one program per row (`_top_p_cut_kernel`):
-1. the row max m and S = sum exp(x - m) (online, as in softmax), per chunk, merged by every
-   later program that needs them (`_row_stats_kernel`);
+This finds (t, cut) without a sort, in a fixed sequence of 8 launches (no host sync, no
+data-dependent host decision: it can be captured in a CUDA graph). It searches over *keys*: the
+float32 bits of a logit as an int32, with the low 31 bits flipped for negatives (and -0 mapped
+to +0), so that key order is float order and equal keys are equal floats. The passes over the
+whole row run split over its C chunks of `_STATS_CHUNK` tokens (grid (B, C): 16 programs a 128k
+row; `top_p_split.py`), the rest in one program per row (`_top_p_cut_kernel`):
+1. the row max m and S = sum exp(x - m) (online, as in softmax), per chunk
+   (`_row_stats_kernel`);
 2. the *candidates* x >= m + log(S (1 - p) / V), compacted per chunk (id order) into the
-   chunk's region of the row's buffer (`cap // S` slots from j * cap // S; the per-chunk counts
-   are kept): the tokens below that bound together hold less than 1 - p of the mass, so the
-   nucleus lies among the candidates. When more than `CAP` qualify in the row (a flat row:
-   random weights, a high temperature; or top_p close to 1), the search of step 3 first runs
-   over the whole row, also counting the tokens at/above each threshold, until the tokens
-   *inside* its key interval [lo, hi) fit the buffer (the first pass splits the candidates'
-   value range evenly, the rest the key interval): 2 split passes (each a split sum per
-   threshold and a per-row merge that sums the chunks in chunk order and moves lo/hi), then a
-   split compaction of [lo, hi); the mass at/above hi is carried as one number (and the
-   smallest key there). A flat 128k row (randn * 0.02, p 0.9) fits after 1 such pass;
-3. the row's program moves the regions into one id-ordered prefix of the buffer, in place (a
-   chunk with more tokens than its region: the row is compacted serially from that chunk on).
+   chunk's region of the row's buffer (`cap // C` slots from j * (cap // C); 1024 at CAP
+   16384), with the chunk's count (`_compact_split_kernel`, which also merges m and S and
+   stores m and the target p S for every later launch): the tokens below that bound together
+   hold less than 1 - p of the mass, so the nucleus lies among the candidates. When more than
+   `CAP` qualify in the row (a flat row: random weights, a high temperature; or top_p close to
+   1), the search of step 3 first runs over the whole row, also counting the tokens at/above
+   each threshold, until the tokens *inside* its key interval [lo, hi) fit the buffer (the
+   first pass splits the candidates' value range evenly, the rest the key interval): 2 split
+   passes (`_narrow_split_kernel`: per chunk and threshold a mass and a count;
+   `_narrow_merge_kernel`: per row, the chunks summed in chunk order, lo/hi moved), then a split
+   compaction of [lo, hi); the mass at/above hi is carried as one number (and the smallest key
+   there). The benchmark's 128k rows that overflow (randn * 0.02 at p 0.9, randn * 3 / 0.8 at
+   p 0.99) fit after 1 pass;
+3. the row's program moves the regions into one id-ordered prefix of the buffer, in place (from
+   the first chunk with more tokens than its region on, it compacts the row serially instead).
    A row that still does not fit after the split passes narrows serially over the whole row
-   (only a row with more than `CAP` tokens tied at the boundary logit is cut over the whole
-   row). Then a k-ary search for K = max{k : mass(key >= k) >= p S}: each pass evaluates the
-   mass at/above `_NT` thresholds at once ([NT, BLOCK] compare, each exp(x - m) loaded once per
-   element), shrinking the key interval (NT + 1)-fold: at most 8 passes for 2^32 keys
-   (NT = 16), about 6 for a typical candidate range; each pass also compacts the buffer in
-   place to the tokens inside the current interval (the mass above it carried as one number),
-   so the passes after the first read a few hundred tokens instead of all candidates;
+   from where they stopped (only a row with more than `CAP` tokens tied at the boundary logit
+   is cut over the whole row). Then a k-ary search for K = max{k : mass(key >= k) >= p S}:
+   each pass evaluates the mass at/above `_NT` thresholds at once ([NT, BLOCK] compare, each
+   exp(x - m) loaded once per element), shrinking the key interval (NT + 1)-fold: at most 8
+   passes for 2^32 keys (NT = 16), about 6 for a typical candidate range; each pass also
+   compacts the buffer in place to the tokens inside the current interval (the mass above it
+   carried as one number), so the passes after the first read a few hundred tokens instead of
+   all candidates;
 4. t = the smallest logit with key >= K, then one pass that counts the ties at t and picks the
    last kept one by id: the r-th tie (0-based, in id order) is kept while mass(x > t) + r p_t < p.
 
-Masses are summed in a different order than the reference's cumsum, so a token whose mass
+Masses are summed in a different order than the reference's cumsum (and, over more than one
+chunk, the narrowing passes' in a different order than a serial pass's), so a token whose mass
 before it lies within float rounding (~1e-7 relative) of top_p may fall on the other side;
 everywhere else the kept set is the reference's exactly (tests check it on fresh random rows).
 Rows with top_p >= 1 do no work past step 1. Scratch per row: min(CAP, V) * 12 bytes (int32
 key, float32 exp, int32 id: 192 KiB at CAP 16384), plus per chunk 8 bytes (max/sum), 12 bytes
-(compaction info) and NT * 8 bytes (narrowing sums), plus 112 bytes (state, thresholds): about
+(compaction info) and NT * 8 bytes (narrowing sums), plus 144 bytes (state, thresholds): about
 2.5 KiB at V = 128256.
 """
 
@@ -62,8 +67,8 @@ from engine.kernels.top_p_split import (_KEY_MAX, _SF, _SI, STATE_FLOATS, STATE_
 
 _ROW_BLOCK = 1024  # block of the full-row passes (max/sum, compaction) and of the region moves
 _STATS_CHUNK = 8192  # tokens per program of the split passes (16 programs a 128k row)
-_BLOCK = 512  # search passes: an [NT, BLOCK] fp32 tile, 32 per thread at 8 warps (sm_90 AOT:
-# 174 registers with Triton 3.9, no spills)
+_BLOCK = 512  # search passes: an [NT, BLOCK] fp32 tile, 32 per thread at 8 warps (sm_90 AOT,
+# Triton 3.9: 162 registers in the per-row kernel, 132 in the split narrowing pass, no spills)
 _NT = 16  # thresholds per search pass: the key interval shrinks 17-fold per pass
 _WARPS = 8
 _NARROW_PASSES = 2  # split narrowing passes for rows whose candidates overflow the buffer
@@ -130,7 +135,7 @@ def _gather(cand_key, cand_e, cand_id, info, row_ptr, vocab, m, lo, hi, cap, reg
     min_above = tl.min(tl.load(info + 2 * SPLITS + j, mask=before, other=_KEY_MAX), axis=0)
     n = tl.zeros((), tl.int32)
     for r in range(0, first_over):
-        num = tl.load(info + r)
+        num = tl.sum(tl.where(j == r, counts, 0), axis=0)  # no load on the loop's path
         src = r * region
         for start in range(0, tl.where(src == n, 0, num), ROW_BLOCK):  # in place: stays
             i = start + tl.arange(0, ROW_BLOCK)

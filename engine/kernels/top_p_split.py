@@ -1,7 +1,7 @@
 """The whole-row passes of the sort-free top-p cut (`engine/kernels/top_p.py`), split over
 chunks of the row, and the helpers they share with its per-row kernel.
 
-Each pass runs with grid (B, S): program (row, j) covers tokens [j * chunk, (j + 1) * chunk)
+Each pass runs with grid (B, C): program (row, j) covers tokens [j * chunk, (j + 1) * chunk)
 and writes its part to a small per-row array; the next launch merges the parts in chunk order.
 What the launches hand on, per row (rows with top_p >= 1 read and write none of it):
 
@@ -9,10 +9,12 @@ What the launches hand on, per row (rows with top_p >= 1 read and write none of 
                               next narrowing pass splits by value), overflowed (more
                               candidates than cap)
     state_f  float32 [B, 4]   m (row max), target (p * sum exp(x - m)), mass_hi = mass(key >= hi)
-    info     int32 [B, 3, S]  per chunk of the last compaction: how many tokens it has in
+    info     int32 [B, 3, C]  per chunk of the last compaction: how many tokens it has in
                               [lo, hi) (stored or not), the smallest of their keys, the
                               smallest key >= hi
-    narrow   [B, NT] int32 thresholds; [B, S, NT] float32 masses and int32 counts at/above them
+    narrow   [B, NT] int32 thresholds; [B, C, NT] float32 masses and int32 counts at/above them
+
+(C, the number of chunks, rounded up to a power of 2 in these arrays.)
 
 m and target are computed once (by the first compaction) and read by every later launch, so
 every decision compares the same numbers. A narrowing pass's mass at each threshold is the sum,
