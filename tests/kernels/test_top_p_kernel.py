@@ -19,10 +19,11 @@ def _kept_ref(logits: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
     return apply_top_p(logits.cpu().float(), top_ps.cpu()) != NEG_INF
 
 
-def _kept(logits: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
-    from engine.kernels.top_p import apply_cut, top_p_cut
+def _kept(logits: torch.Tensor, top_ps: torch.Tensor, cap: int | None = None) -> torch.Tensor:
+    """The kernel's kept set; `cap` shrinks the buffer to reach its overflow paths at small V."""
+    from engine.kernels.top_p import CAP, apply_cut, top_p_cut
 
-    thr, cut = top_p_cut(logits, top_ps)
+    thr, cut = top_p_cut(logits, top_ps, cap=cap or CAP)
     assert torch.isfinite(thr[top_ps < 1]).all(), f"non-finite threshold {thr}"
     return apply_cut(logits.float(), thr, cut).cpu() != NEG_INF
 
@@ -125,13 +126,17 @@ def _kept_exact(logits: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
     return apply_top_p(logits.cpu().double(), top_ps.cpu().double()) != NEG_INF
 
 
-def _num_candidates(logits: torch.Tensor, top_ps: torch.Tensor) -> list[int]:
-    """How many tokens pass the kernel's candidate bound m + log(S (1 - p) / V) in each row."""
+def _candidates(logits: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    """Which tokens pass the kernel's candidate bound m + log(S (1 - p) / V) (a [B, V] mask)."""
     x = logits.cpu().double()
     m = x.max(dim=1, keepdim=True).values
     s = (x - m).exp().sum(dim=1, keepdim=True)
-    bound = m + torch.log(s * (1 - top_ps.cpu().double()[:, None]) / x.shape[1])
-    return (x >= bound).sum(dim=1).tolist()
+    return x >= m + torch.log(s * (1 - top_ps.cpu().double()[:, None]) / x.shape[1])
+
+
+def _num_candidates(logits: torch.Tensor, top_ps: torch.Tensor) -> list[int]:
+    """How many tokens pass the kernel's candidate bound in each row."""
+    return _candidates(logits, top_ps).sum(dim=1).tolist()
 
 
 def test_flat_rows_at_a_full_vocabulary(device):
@@ -242,14 +247,6 @@ def test_top_p_next_to_one(device):
 # --- the overflow path at interpreter sizes: a small buffer (cap) instead of a full vocabulary --
 
 
-def _kept_at_cap(logits: torch.Tensor, top_ps: torch.Tensor, cap: int) -> torch.Tensor:
-    from engine.kernels.top_p import apply_cut, top_p_cut
-
-    thr, cut = top_p_cut(logits, top_ps, cap=cap)
-    assert torch.isfinite(thr[top_ps < 1]).all(), f"non-finite threshold {thr}"
-    return apply_cut(logits.float(), thr, cut).cpu() != NEG_INF
-
-
 @pytest.mark.parametrize("cap", [64, 700])
 def test_overflow_narrows_to_an_interval_that_fits(device, cap):
     """More candidates than `cap`: the whole-row passes stop once the tokens inside the key
@@ -274,7 +271,7 @@ def test_overflow_narrows_to_an_interval_that_fits(device, cap):
                           device=device)
     counts = _num_candidates(logits, top_ps)
     assert min(counts[:5] + counts[6:]) > cap and counts[5] < cap, counts
-    got, want = _kept_at_cap(logits, top_ps, cap), _kept_exact(logits, top_ps)
+    got, want = _kept(logits, top_ps, cap), _kept_exact(logits, top_ps)
     assert got[3].nonzero().flatten().tolist() == list(range(int(0.6 * vocab) + 1))
     assert not got[4, ::3].any() and not got[8, : vocab // 2].any()
     assert got[6].all() and got[7].sum() == 1
@@ -291,7 +288,7 @@ def test_overflow_with_the_boundary_in_ties(device, cap):
     logits[3:] -= 0.05  # the boundary runs among negative keys
     top_ps = torch.tensor([0.5, 0.7, 0.9, 0.33, 0.8, 0.999], device=device)
     assert min(_num_candidates(logits, top_ps)) > cap
-    got, want = _kept_at_cap(logits, top_ps, cap), _kept_exact(logits, top_ps)
+    got, want = _kept(logits, top_ps, cap), _kept_exact(logits, top_ps)
     _assert_same_or_rounding(got, want, logits, top_ps)
 
 
@@ -312,11 +309,7 @@ def _chunk_candidates(logits: torch.Tensor, top_ps: torch.Tensor) -> list[list[i
     """Per row, how many candidates (see `_num_candidates`) each chunk of the split passes has."""
     from engine.kernels.top_p import _STATS_CHUNK
 
-    x = logits.cpu().double()
-    m = x.max(dim=1, keepdim=True).values
-    s = (x - m).exp().sum(dim=1, keepdim=True)
-    bound = m + torch.log(s * (1 - top_ps.cpu().double()[:, None]) / x.shape[1])
-    return [[int(c.sum()) for c in row.split(_STATS_CHUNK)] for row in x >= bound]
+    return [[int(c.sum()) for c in row.split(_STATS_CHUNK)] for row in _candidates(logits, top_ps)]
 
 
 def _sparse_row(vocab: int, counts: list[int], generator: torch.Generator) -> torch.Tensor:
@@ -350,7 +343,7 @@ def test_chunk_regions_are_gathered_or_the_row_compacted_serially(device):
     top_ps = torch.tensor([0.9, 0.5, 0.8, 0.95, 0.7], device=device)
     assert _chunk_candidates(logits, top_ps) == layouts
     assert [max(c) > region for c in layouts] == [False, True, True, False, True]
-    got, want = _kept_at_cap(logits, top_ps, cap), _kept_exact(logits, top_ps)
+    got, want = _kept(logits, top_ps, cap), _kept_exact(logits, top_ps)
     _assert_same_or_rounding(got, want, logits, top_ps)
 
 
@@ -369,7 +362,7 @@ def test_rows_left_over_cap_after_the_split_passes_narrow_serially(device):
     logits[3] = torch.randn(vocab, generator=gen) * 0.02
     top_ps = torch.tensor([0.8, 0.9, 0.6, 0.9], device=device)
     logits = logits.to(device)
-    got, want = _kept_at_cap(logits, top_ps, cap), _kept_exact(logits, top_ps)
+    got, want = _kept(logits, top_ps, cap), _kept_exact(logits, top_ps)
     assert _boundary_ties(logits, want)[0] > cap
     assert got[2].nonzero().flatten().tolist() == list(range(int(0.6 * vocab) + 1))
     _assert_same_or_rounding(got, want, logits, top_ps)
@@ -396,7 +389,7 @@ def test_a_batch_whose_rows_take_every_split_path(device):
     logits = logits.to(device)
     counts = [sum(c) for c in _chunk_candidates(logits, top_ps)]
     assert max(counts[:2] + counts[7:]) <= cap < min(counts[2:7]), counts
-    got, want = _kept_at_cap(logits, top_ps, cap), _kept_exact(logits, top_ps)
+    got, want = _kept(logits, top_ps, cap), _kept_exact(logits, top_ps)
     assert region < _boundary_ties(logits, want)[3] <= cap
     assert got[6].all() and not got[5, ::2].any()
     _assert_same_or_rounding(got, want, logits, top_ps)
