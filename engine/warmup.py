@@ -97,11 +97,19 @@ def _mixed_decode_batches(core) -> list[int]:
     down to a power of two), so these reach every split count a batch up to the largest can
     get; the decode graphs' captures cover decode-only steps, not the eager ones."""
     kv = core.kv_manager
-    top = min(core.config.scheduler.max_num_seqs - 1, kv.num_blocks // 2 - 1,
+    per_request = -(-(2 + _DECODING.max_tokens) // kv.block_size)  # blocks, prompt + output
+    joining = -(-(_joining_length(core) + 1) // kv.block_size)
+    top = min(core.config.scheduler.max_num_seqs - 1,
+              (kv.num_blocks - joining) // per_request,  # all of it fits: no preemption
               core.config.scheduler.max_num_batched_tokens // 2)
     if top < 1:
         return []
     return sorted({1 << i for i in range(top.bit_length()) if 1 << i < top} | {top})
+
+
+def _joining_length(core) -> int:
+    """Longer than graph prefill takes (a short chunk would join the decodes in a graph)."""
+    return min(core.config.graph_prefill_max_context + 17, core.max_model_len - 4)
 
 
 def _mixed_step(core, batch: int, vocab: int) -> None:
@@ -115,9 +123,7 @@ def _mixed_step(core, batch: int, vocab: int) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"warm-up did not finish within {_DEADLINE_S:.0f} s")
         core.step()
-    # longer than graph prefill takes (a short chunk would join the decodes in a graph)
-    length = min(core.config.graph_prefill_max_context + 17, core.max_model_len - 4)
-    core.add_request(_prompt(length, vocab, 98), _PATHS[0])
+    core.add_request(_prompt(_joining_length(core), vocab, 98), _PATHS[0])
     _drain(core)
 
 

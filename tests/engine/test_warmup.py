@@ -90,7 +90,20 @@ def test_warmup_runs_eager_decode_at_each_split_class(model, monkeypatch):
     monkeypatch.setattr(model_runner, "AttentionMetadata", recording)
     engine = _engine(model, True)
     batches = _mixed_decode_batches(engine)
-    top = min(engine.config.scheduler.max_num_seqs - 1, engine.kv_manager.num_blocks // 2 - 1,
-              engine.config.scheduler.max_num_batched_tokens // 2)
-    assert batches[-1] == top and batches[:3] == [1, 2, 4]
-    assert set(batches) <= seen
+    assert batches[:3] == [1, 2, 4] and set(batches) <= seen
+    assert engine.stats().num_preemptions == 0  # the largest batch fit the cache
+
+
+def test_mixed_step_batches_fit_a_small_cache(model):
+    """With few KV blocks the largest warm-up batch shrinks so that it fits without
+    preemption: each decoding request needs ceil(18 / block_size) blocks."""
+    from engine.warmup import _DECODING, _joining_length, _mixed_decode_batches
+
+    engine = LLMEngine(EngineConfig(model=model, device="cpu", attention_backend="torch",
+                                    warmup=True, max_model_len=256,
+                                    cache=CacheConfig(block_size=8, num_blocks=40)))
+    per_request = -(-(2 + _DECODING.max_tokens) // 8)
+    joining = -(-(_joining_length(engine) + 1) // 8)
+    top = _mixed_decode_batches(engine)[-1]
+    assert top * per_request + joining <= 40 < (top + 1) * per_request + joining
+    assert engine.stats().num_preemptions == 0
