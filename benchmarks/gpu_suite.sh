@@ -60,6 +60,8 @@ for p in $parts; do
              tail -n 25 "$OUT/kernels.log" >> "$summary" ;;
     latency) run latency 300 python3 benchmarks/latency.py
              tail -n 20 "$OUT/latency.log" >> "$summary" ;;
+    topp) run topp 200 python3 benchmarks/top_p_profile.py
+          grep -v "^    " "$OUT/topp.log" | tail -n 10 >> "$summary" ;;
     fp8) run fp8 300 python3 benchmarks/fp8_kv.py
          tail -n 12 "$OUT/fp8.log" >> "$summary" ;;
     first) run first 400 python3 benchmarks/first_request.py

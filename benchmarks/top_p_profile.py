@@ -1,0 +1,73 @@
+"""Where the sort-free top-p cut's time goes, launch by launch (`engine/kernels/top_p.py`: 8
+fixed launches) on the row kinds of `kernels.py`'s top-p rows, at batch 1 and 64, under the
+torch profiler; also the whole sampler draw on the same rows and the candidates per row
+(how much serial work the per-row program has).
+
+An H100 timed the cut at 0.11 ms (batch 1) and 0.37-0.47 ms (batch 64) on flat and nearly
+uniform 128k rows, while the split passes read 33 MB at batch 64 (about 11 us each at copy
+bandwidth): this says which launch holds the rest.
+Run: python benchmarks/top_p_profile.py [--batches 1,64] -> results/top_p_profile_<gpu>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/ (kernels.py)
+
+from benchmarks.gpu_common import device_info, graph_ms, write_results  # noqa: E402
+from engine.kernels.top_p import apply_top_p, top_p_cut  # noqa: E402
+
+REPS = 20
+ROWS = [("flat", 3 / 0.8, 0.9), ("flat", 3 / 0.8, 0.99), ("uniform", 0.02, 0.9),
+        ("peaked", 12.0, 0.9)]
+
+
+def _by_kernel(prof) -> list[dict]:
+    rows = [{"kernel": e.key[:60], "calls_per_cut": e.count / REPS,
+             "us_per_cut": e.self_device_time_total / REPS}
+            for e in prof.key_averages() if e.self_device_time_total > 0]
+    return sorted(rows, key=lambda r: r["us_per_cut"], reverse=True)
+
+
+def profile_row(name: str, scale: float, p: float, batch: int, vocab: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(batch, vocab, device="cuda", generator=gen) * scale
+    top_ps = torch.full((batch,), p, device="cuda")
+    top_p_cut(logits, top_ps)  # compile outside the profile
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(REPS):
+            top_p_cut(logits, top_ps)
+        torch.cuda.synchronize()
+    kept = torch.isfinite(apply_top_p(logits, top_ps)).sum(dim=1).float()
+    row = {"row": f"{name} p{p}", "batch": batch, "vocab": vocab,
+           "cut_graph_ms": graph_ms(lambda: top_p_cut(logits, top_ps)),
+           "kept_mean": kept.mean().item(), "by_kernel": _by_kernel(prof)}
+    print(f"{row['row']:16s} B={batch:<3d} cut {row['cut_graph_ms'] * 1e3:7.1f} us (graph), "
+          f"kept {row['kept_mean']:9.0f}")
+    for k in row["by_kernel"]:
+        print(f"    {k['kernel']:40s} x{k['calls_per_cut']:.0f} {k['us_per_cut']:8.1f} us")
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--vocab", type=int, default=128256)
+    args = parser.parse_args()
+    rows = [profile_row(name, scale, p, batch, args.vocab)
+            for batch in (int(b) for b in args.batches.split(","))
+            for name, scale, p in ROWS]
+    path = write_results("top_p_profile", {"device": device_info(), "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
