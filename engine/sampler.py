@@ -292,14 +292,24 @@ class Sampler:
 
 def _sample(logits: Tensor, tensors: SamplingTensors) -> Tensor:
     """Random draw for every row by the exponential race: argmax(p / E) with E ~ Exp(1)
-    picks token v with probability p[v] (the same law as Gumbel-max)."""
-    return dispatch.sample_race(sampling_logits(logits, tensors), tensors.seeds, tensors.steps)
+    picks token v with probability p[v] (the same law as Gumbel-max). With top-p as the only
+    mask, on CUDA the race applies the sort-free cut as it reads the row (no masked copy)."""
+    tempered = logits / tensors.temperatures[:, None]
+    if tensors.any_top_p and not tensors.any_top_k and not tensors.any_min_p:
+        bounds = dispatch.top_p_bounds(tempered, tensors.top_ps)
+        if bounds is not None:
+            return dispatch.sample_race(tempered, tensors.seeds, tensors.steps, bounds)
+    return dispatch.sample_race(_masked(tempered, tensors), tensors.seeds, tensors.steps)
 
 
 def sampling_logits(logits: Tensor, tensors: SamplingTensors) -> Tensor:
     """The logits whose softmax is the distribution a sampled row draws from: (penalized)
     logits / temperature, then top-k, top-p and min-p masks (-inf outside)."""
-    logits = logits / tensors.temperatures[:, None]
+    return _masked(logits / tensors.temperatures[:, None], tensors)
+
+
+def _masked(logits: Tensor, tensors: SamplingTensors) -> Tensor:
+    """Tempered logits with the top-k, top-p and min-p masks applied (-inf outside)."""
     if tensors.any_top_p and not tensors.any_top_k:
         logits = dispatch.apply_top_p(logits, tensors.top_ps)  # sort-free on CUDA
     elif tensors.any_top_k or tensors.any_top_p:

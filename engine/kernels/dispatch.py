@@ -91,19 +91,37 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     return linear(normed, weight, bias), residual
 
 
-def sample_race(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+def sample_race(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
+                bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The sampler's random draw, argmax(logits - log E) with E from the counter-based noise:
-    one fused Triton pass on CUDA, torch ops (`engine.sampler.sample_race_ref`) elsewhere."""
+    one fused Triton pass on CUDA, torch ops (`engine.sampler.sample_race_ref`) elsewhere.
+    `bounds`: a top-p cut from `top_p_bounds`, applied as the race reads the row."""
     if _triton_enabled and logits.is_cuda:
         try:
             from engine.kernels.sampling import sample_race as fused
         except ImportError:
             fused = None
         if fused is not None:
-            return fused(logits, seeds, steps)
+            return fused(logits, seeds, steps, bounds)
     from engine.sampler import sample_race_ref
 
+    if bounds is not None:
+        from engine.kernels.top_p import apply_cut
+
+        logits = apply_cut(logits.float(), *bounds)
     return sample_race_ref(logits, seeds, steps)
+
+
+def top_p_bounds(logits: torch.Tensor, top_ps: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each row's nucleus as (boundary logit, last kept id) from the sort-free Triton cut on
+    CUDA (`engine/kernels/top_p.py`), for `sample_race` to apply as it reads; None elsewhere
+    (the caller masks with the sorting reference)."""
+    if not (_triton_enabled and logits.is_cuda):
+        return None
+    from engine.kernels.top_p import top_p_cut
+
+    return top_p_cut(logits, top_ps)
 
 
 def apply_top_p(logits: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:

@@ -30,13 +30,16 @@ def _fmix32(x):
 
 
 @triton.jit
-def _race_kernel(logits_ptr, seeds_ptr, steps_ptr, best_key_ptr, best_idx_ptr, vocab_size,
-                 row_stride, per_split, BLOCK: tl.constexpr):
+def _race_kernel(logits_ptr, seeds_ptr, steps_ptr, thr_ptr, cut_ptr, best_key_ptr, best_idx_ptr,
+                 vocab_size, row_stride, per_split, HAS_CUT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     seed = tl.load(seeds_ptr + row)
     step = tl.load(steps_ptr + row)
+    if HAS_CUT:  # the top-p cut (engine/kernels/top_p.py), applied as the row is read
+        thr = tl.load(thr_ptr + row)
+        cut = tl.load(cut_ptr + row)
     row_key = _fmix32(seed.to(tl.uint32) ^ 0x9E3779B9)
     row_key = _fmix32(row_key ^ (seed >> 32).to(tl.uint32))
     row_key = _fmix32(row_key ^ step.to(tl.uint32))
@@ -48,6 +51,9 @@ def _race_kernel(logits_ptr, seeds_ptr, steps_ptr, best_key_ptr, best_idx_ptr, v
         v = start + tl.arange(0, BLOCK)
         mask = v < vocab_size
         logit = tl.load(logits_ptr + row * row_stride + v, mask=mask, other=float("-inf"))
+        if HAS_CUT:  # kept: above the boundary logit, or at it up to the cut id (apply_cut)
+            kept = (logit > thr) | ((logit == thr) & (v <= cut))
+            logit = tl.where(kept, logit, float("-inf"))
         bits = _fmix32(row_key ^ _fmix32(v.to(tl.uint32) ^ 0x7F4A7C15))
         u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23
         key = logit - tl.log(-tl.log(u))
@@ -61,10 +67,12 @@ def _race_kernel(logits_ptr, seeds_ptr, steps_ptr, best_key_ptr, best_idx_ptr, v
     tl.store(best_idx_ptr + row * num_splits + split, first)
 
 
-def sample_race(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+def sample_race(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
+                bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """argmax_v(logits[b, v] - log(-log u(seeds[b], steps[b], v))) per row: [B] int64.
     Ties pick the lowest id, as torch.argmax does. Masked (-inf) logits are never picked unless
-    a whole row is masked."""
+    a whole row is masked. `bounds`: a top-p cut's (thr, cut) (`top_p.top_p_cut`); the race
+    then reads the row as `top_p.apply_cut` would leave it, without that masked copy."""
     batch, vocab = logits.shape
     logits = logits.float().contiguous()
     splits = min(_num_splits(batch, logits.device), triton.cdiv(vocab, _BLOCK))
@@ -72,8 +80,10 @@ def sample_race(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) 
     splits = triton.cdiv(vocab, per_split)
     best_key = torch.empty(batch, splits, dtype=torch.float32, device=logits.device)
     best_idx = torch.empty(batch, splits, dtype=torch.int32, device=logits.device)
-    _race_kernel[(batch, splits)](logits, seeds, steps, best_key, best_idx, vocab,
-                                  logits.stride(0), per_split, BLOCK=_BLOCK, num_warps=4)
+    thr, cut = bounds if bounds is not None else (best_key, best_idx)  # placeholders if none
+    _race_kernel[(batch, splits)](logits, seeds, steps, thr, cut, best_key, best_idx, vocab,
+                                  logits.stride(0), per_split, HAS_CUT=bounds is not None,
+                                  BLOCK=_BLOCK, num_warps=4)
     # slices are in vocabulary order, so the first best slice holds the lowest best id
     return best_idx.gather(1, best_key.argmax(dim=1, keepdim=True)).squeeze(1).long()
 

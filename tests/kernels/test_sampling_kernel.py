@@ -61,6 +61,29 @@ def test_masked_ids_never_win_and_a_fully_masked_row_gives_zero(device):
     assert got[0] == 4321 and got[1] in (3, 4999) and got[2] == 0
 
 
+def test_race_applies_a_top_p_cut_as_it_reads(device):
+    """The race with a top-p cut's bounds picks exactly what it picks from the masked copy
+    `apply_cut` makes: same kernel arithmetic, the mask applied in registers. Rows with ties
+    at the boundary, masked tokens and top_p = 1."""
+    from engine.kernels.sampling import sample_race
+    from engine.kernels.top_p import apply_cut, top_p_cut
+
+    gen = torch.Generator().manual_seed(11)
+    logits = (torch.randn(6, 4099, generator=gen) * 4).round() / 2  # many ties
+    logits[2, ::3] = float("-inf")
+    logits, top_ps = logits.to(device), torch.tensor([0.9, 0.5, 0.95, 1.0, 0.1, 0.999],
+                                                      device=device)
+    seeds = torch.randint(0, 2**63 - 1, (6,), generator=gen).to(device)
+    steps = torch.randint(0, 10_000, (6,), generator=gen).to(device)
+    for step in range(4):
+        bounds = top_p_cut(logits, top_ps)
+        got = sample_race(logits, seeds, steps + step, bounds).cpu()
+        want = sample_race(apply_cut(logits, *bounds), seeds, steps + step).cpu()
+        assert torch.equal(got, want)
+        kept = apply_cut(logits, *bounds).cpu()
+        assert torch.isfinite(kept[torch.arange(6), got]).all()
+
+
 def test_sampler_routes_cuda_draws_through_the_kernel():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
