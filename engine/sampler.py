@@ -136,6 +136,7 @@ class SamplingTensors:
     seen_mask: Tensor | None  # [B, V] (or [B, window]) bool, ids seen so far; only any_penalty
     vocab_size: int
     all_greedy: bool
+    any_greedy: bool
     any_penalty: bool
     any_top_k: bool
     any_top_p: bool
@@ -194,6 +195,7 @@ class SamplingTensors:
                        if any_penalty else None),
             vocab_size=vocab_size,
             all_greedy=not sampled,
+            any_greedy=len(sampled) < len(rows),
             any_penalty=any_penalty,
             any_top_k=any(0 < r.top_k < vocab_size for r in sampled),
             any_top_p=any(r.top_p < 1.0 for r in sampled),
@@ -281,9 +283,13 @@ class Sampler:
             logits = apply_repetition_penalty(
                 logits, tensors.seen_mask, tensors.repetition_penalties
             )
-        token_ids = logits.argmax(dim=-1)
-        if not tensors.all_greedy:
-            token_ids = torch.where(tensors.greedy_rows, token_ids, _sample(logits, tensors))
+        if tensors.all_greedy:
+            token_ids = logits.argmax(dim=-1)
+        elif tensors.any_greedy:
+            token_ids = torch.where(tensors.greedy_rows, logits.argmax(dim=-1),
+                                    _sample(logits, tensors))
+        else:  # every row samples: no argmax pass over the batch's logits
+            token_ids = _sample(logits, tensors)
         logprobs = None
         if tensors.need_logprobs:
             logprobs = raw.log_softmax(dim=-1).gather(1, token_ids[:, None]).squeeze(1)

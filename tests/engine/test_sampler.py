@@ -334,3 +334,18 @@ def test_every_field_starts_16_byte_aligned_at_any_batch(batch: int) -> None:
     assert [f.data_ptr() % 16 for f in fields] == [0] * len(fields)
     assert t.top_ps.tolist() == pytest.approx([0.9] * batch)
     assert t.seeds.tolist() == list(range(batch)) and t.top_ks.tolist() == [5] * batch
+
+
+def test_greedy_flags_and_an_all_sampled_batch_draws_the_same_ids() -> None:
+    """A batch with no greedy row skips the argmax pass; its draws equal those of the same
+    rows in a batch with a greedy row (the draw of a row depends only on its own seed/step)."""
+    sampled = [SamplingParams(temperature=0.9, top_p=0.8, seed=i) for i in range(3)]
+    mixed = sampled + [SamplingParams(temperature=0.0)]
+    t_all = SamplingTensors.from_params(sampled, [1, 2, 3], [4] * 3, None, 64, "cpu")
+    t_mixed = SamplingTensors.from_params(mixed, [1, 2, 3, 4], [4] * 4, None, 64, "cpu")
+    assert (t_all.any_greedy, t_all.all_greedy) == (False, False)
+    assert (t_mixed.any_greedy, t_mixed.all_greedy) == (True, False)
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(3)) * 3
+    got_all = Sampler()(logits[:3], t_all).token_ids
+    got_mixed = Sampler()(logits, t_mixed).token_ids
+    assert torch.equal(got_all, got_mixed[:3]) and got_mixed[3] == logits[3].argmax()
