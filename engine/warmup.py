@@ -118,18 +118,17 @@ def _mixed_step(core, batch: int, vocab: int) -> None:
     that batch size."""
     for i in range(batch):
         core.add_request(_prompt(2, vocab, 1000 + i), _DECODING)
-    deadline = time.monotonic() + _DEADLINE_S
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in core.requests.values()):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"warm-up did not finish within {_DEADLINE_S:.0f} s")
-        core.step()
+    _drain(core, until=lambda: all(r.num_computed_tokens >= r.num_prompt_tokens
+                                   for r in core.requests.values()))  # all decoding now
     core.add_request(_prompt(_joining_length(core), vocab, 98), _PATHS[0])
     _drain(core)
 
 
-def _drain(core) -> None:
+def _drain(core, until=None) -> None:
+    """Step until `until()` holds (default: no request left), within the deadline."""
+    done = until or (lambda: not core.has_unfinished())
     deadline = time.monotonic() + _DEADLINE_S
-    while core.has_unfinished():
+    while not done():
         if time.monotonic() > deadline:
             raise RuntimeError(f"warm-up did not finish within {_DEADLINE_S:.0f} s")
         core.step()
