@@ -14,7 +14,10 @@ drives the engine's own step path (nothing special-cased) through:
   ones (eager decode attention at every split count it can choose);
 - a prompt admitted while another decodes (a mixed prefill + decode step); that other one
   samples with top-p alone, the sort-free top-p kernel's path (in the wave, top-k in the same
-  batch sends every row through the sort).
+  batch sends every row through the sort);
+- on a MoE model, one prompt alone per tile configuration of the fused MoE kernels that a step
+  can select (`fused_moe.variant_token_counts`: the GEMV path's token buckets, the grouped
+  GEMMs' tile buckets), as the wave's steps reach only a few of them.
 
 An eager step's block tables are as wide as its longest sequence, so their row stride changes
 from step to step; the attention kernels do not specialize on it (`do_not_specialize`), so the
@@ -88,6 +91,28 @@ def _run(core) -> None:
     _drain(core)
     for batch in _mixed_decode_batches(core):
         _mixed_step(core, batch, vocab)
+    for length in moe_prompt_lengths(core):
+        core.add_request(_prompt(length, vocab, 200 + length), _PATHS[0])
+        _drain(core)
+
+
+def moe_prompt_lengths(core) -> list[int]:
+    """Prompt lengths whose prefill steps (alone) select every fused MoE tile configuration
+    of this rank's experts, up to the step's token budget and the context; [] for dense
+    models."""
+    moe = core.model_config.moe
+    if moe is None:
+        return []
+    from engine.kernels.fused_moe import variant_token_counts
+    from engine.layers.moe_shards import local_expert_shape
+
+    parallel = core.config.parallel
+    experts, inter = local_expert_shape(moe.num_experts, moe.intermediate_size,
+                                        parallel.tensor_parallel_size,
+                                        parallel.expert_parallel_size)
+    cap = min(core.config.scheduler.max_num_batched_tokens, core.max_model_len - 4)
+    return variant_token_counts(experts, core.model_config.hidden_size, inter, moe.top_k,
+                                core.config.torch_dtype, cap)
 
 
 def _mixed_decode_batches(core) -> list[int]:

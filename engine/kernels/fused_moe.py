@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.moe_align import ExpertBlocks, align_by_expert
-from engine.kernels.moe_gemv import moe_gemv_experts
+from engine.kernels.moe_gemv import get_config as moe_gemv_config, moe_gemv_experts
 from engine.kernels.moe_tile_configs import GemmTile, MoETileConfig, get_config
 from engine.kernels.pdl import launch_options, pdl_wait_and_release
 
@@ -41,7 +41,7 @@ from engine.kernels.pdl import launch_options, pdl_wait_and_release
 GEMV_MAX_PAIRS = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks_m"])
 def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
                      weights_ptr, N, K, num_pairs, top_k, num_blocks_m, stride_am, stride_we,
                      stride_wn, stride_om, GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -193,3 +193,26 @@ def _check_inputs(x, w13, w2, topk_weights, topk_ids, expert_map) -> None:
             raise ValueError(f"{name} must have unit stride in its last dimension")
     if expert_map is not None and expert_map.dtype != torch.int32:
         raise ValueError(f"expert_map must be int32, got {expert_map.dtype}")
+
+
+def kernel_variant(num_tokens: int, num_experts: int, hidden_size: int, intermediate_size: int,
+                   top_k: int, dtype: torch.dtype) -> tuple[str, object]:
+    """The path and tile configuration `fused_experts` takes for `num_tokens` tokens (equal
+    values: the same compiled kernels)."""
+    if num_tokens * top_k <= GEMV_MAX_PAIRS:
+        return "gemv", moe_gemv_config(num_tokens, num_experts, hidden_size, intermediate_size,
+                                       top_k, dtype)
+    return "gemm", get_config(num_tokens, num_experts, hidden_size, intermediate_size, top_k,
+                              dtype)
+
+
+def variant_token_counts(num_experts: int, hidden_size: int, intermediate_size: int,
+                         top_k: int, dtype: torch.dtype, max_tokens: int) -> list[int]:
+    """The smallest token count of each `kernel_variant` that a step of 1..`max_tokens` tokens
+    selects, for one rank's experts: the prompt lengths the start-up warm-up runs alone so
+    that no request compiles a tile variant (engine/warmup.py)."""
+    firsts: dict[tuple[str, object], int] = {}
+    for num_tokens in range(1, max_tokens + 1):
+        firsts.setdefault(kernel_variant(num_tokens, num_experts, hidden_size,
+                                         intermediate_size, top_k, dtype), num_tokens)
+    return sorted(firsts.values())

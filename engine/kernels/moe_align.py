@@ -69,7 +69,7 @@ def _chunk_onehot(ids_ptr, map_ptr, chunk, num_pairs, HAS_MAP: tl.constexpr,
     return pairs, experts, onehot
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _count_kernel(ids_ptr, map_ptr, counts_ptr, num_pairs, HAS_MAP: tl.constexpr,
                   CHUNK: tl.constexpr, EXPERTS_P2: tl.constexpr, USE_PDL: tl.constexpr):
     chunk = tl.program_id(0)
@@ -78,7 +78,7 @@ def _count_kernel(ids_ptr, map_ptr, counts_ptr, num_pairs, HAS_MAP: tl.constexpr
     tl.store(counts_ptr + chunk * EXPERTS_P2 + tl.arange(0, EXPERTS_P2), tl.sum(onehot, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_chunks", "max_blocks"])
 def _place_kernel(ids_ptr, map_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
                   num_pairs, num_chunks, max_blocks, HAS_MAP: tl.constexpr,
                   SINGLE_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,

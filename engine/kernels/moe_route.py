@@ -37,7 +37,7 @@ _TILE_ELEMENTS = 2048  # ROWS * E_P2 fp32 values held by one program
 ROUTING_WARPS = 4  # the tile's layout, hence its reductions' order, follows from it
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _route_kernel(logits_ptr, weights_ptr, ids_ptr, counts_ptr, num_tokens, num_experts,
                   stride_t, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
                   HAS_COUNTS: tl.constexpr, ROWS: tl.constexpr, E_P2: tl.constexpr,

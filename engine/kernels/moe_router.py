@@ -96,7 +96,7 @@ class RouterTile:
             raise ValueError(f"RouterTile.split_k must be >= 1, got {self.split_k}")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _router_kernel(x_ptr, w_ptr, partial_ptr, logits_ptr, ticket_ptr, weights_ptr, ids_ptr,
                    counts_ptr, num_tokens, num_experts, hidden, x_stride, w_stride,
                    split_columns, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,

@@ -23,6 +23,22 @@ from engine.parallel import ParallelContext
 _EXPERT_SHARD = re.compile(r"(gate|up|down)\.(\d+)")
 
 
+def local_expert_shape(num_experts: int, intermediate_size: int, tp_size: int,
+                       ep_size: int) -> tuple[int, int]:
+    """(experts, intermediate size) one rank holds: whole experts split over the ranks under
+    expert parallelism, every expert's intermediate dimension split under plain TP."""
+    if ep_size > 1:
+        if num_experts % ep_size:
+            raise ValueError(f"num_experts ({num_experts}) is not divisible by expert "
+                             f"parallel size {ep_size}")
+        return num_experts // ep_size, intermediate_size
+    if intermediate_size % tp_size:
+        raise ValueError(f"moe intermediate_size ({intermediate_size}) is not divisible "
+                         f"by tensor parallel size {tp_size} (not padded: use an expert "
+                         f"parallel size of {tp_size} instead)")
+    return num_experts, intermediate_size // tp_size
+
+
 class ExpertShards:
     """This rank's experts and intermediate slice; `load_shard` / `expected_shards` for them."""
 
@@ -33,22 +49,12 @@ class ExpertShards:
                  parallel: ParallelContext) -> None:
         self.num_experts = num_experts
         self.intermediate_size = intermediate_size
-        tp, rank = parallel.tp_size, parallel.tp_rank
-        if parallel.ep_size > 1:
-            if num_experts % parallel.ep_size:
-                raise ValueError(f"num_experts ({num_experts}) is not divisible by expert "
-                                 f"parallel size {parallel.ep_size}")
-            self.num_local_experts = num_experts // parallel.ep_size
-            self.first_expert = rank * self.num_local_experts
-            self.local_intermediate, self.intermediate_start = intermediate_size, 0
-        else:
-            if intermediate_size % tp:
-                raise ValueError(f"moe intermediate_size ({intermediate_size}) is not divisible "
-                                 f"by tensor parallel size {tp} (not padded: use an expert "
-                                 f"parallel size of {tp} instead)")
-            self.num_local_experts, self.first_expert = num_experts, 0
-            self.local_intermediate = intermediate_size // tp
-            self.intermediate_start = rank * self.local_intermediate
+        rank = parallel.tp_rank
+        self.num_local_experts, self.local_intermediate = local_expert_shape(
+            num_experts, intermediate_size, parallel.tp_size, parallel.ep_size)
+        split_experts = parallel.ep_size > 1
+        self.first_expert = rank * self.num_local_experts if split_experts else 0
+        self.intermediate_start = 0 if split_experts else rank * self.local_intermediate
 
     @property
     def local_experts(self) -> range:

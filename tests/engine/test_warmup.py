@@ -107,3 +107,48 @@ def test_mixed_step_batches_fit_a_small_cache(model):
     top = _mixed_decode_batches(engine)[-1]
     assert top * per_request + joining <= 40 < (top + 1) * per_request + joining
     assert engine.stats().num_preemptions == 0
+
+
+def _tile(block_m: int, block_n: int) -> dict:
+    gemm = dict(block_n=block_n, block_k=32, group_m=1, num_warps=4, num_stages=2)
+    return dict(block_m=block_m, gate_up=gemm, down=gemm)
+
+
+def test_moe_warmup_reaches_every_fused_moe_tile_configuration(tmp_path, monkeypatch):
+    """On a MoE model every tile configuration of the fused MoE kernels that a step can select
+    (the GEMV path's, then each swept bucket's: here a tiles file with buckets at 8, 36, 64, 90
+    and 256 tokens) is selected by some step of the warm-up, so none compiles on the request
+    path on CUDA. The other warm-up steps alone miss the 64-token bucket (48 to 75 tokens)."""
+    import json
+
+    import torch
+
+    from engine.kernels import fused_moe, moe_tile_configs
+    from engine.layers import moe
+    from engine.warmup import moe_prompt_lengths
+    from tests.engine.moe_factories import save_tiny_moe_model
+
+    tiles = tmp_path / "tiles.json"
+    key = moe_tile_configs.shape_key(8, 64, 37, 2, torch.float32)
+    tiles.write_text(json.dumps({"configs": {key: {
+        "8": _tile(16, 32), "36": _tile(16, 64), "64": _tile(32, 32), "90": _tile(32, 64),
+        "256": _tile(64, 64)}}}))
+    monkeypatch.setattr(moe_tile_configs, "CONFIG_PATH", tiles)
+    seen = set()
+    real = moe._experts
+
+    def recording(x, *args):
+        seen.add(fused_moe.kernel_variant(x.shape[0], 8, 64, 37, 2, torch.float32))
+        return real(x, *args)
+
+    monkeypatch.setattr(moe, "_experts", recording)
+    path = save_tiny_moe_model(tmp_path / "qwen3_moe", "qwen3_moe", seed=1)
+    engine = LLMEngine(EngineConfig(
+        model=str(path), device="cpu", attention_backend="torch", warmup=True,
+        max_model_len=512, cache=CacheConfig(block_size=4, num_blocks=600),
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=384)))
+    lengths = moe_prompt_lengths(engine)
+    assert lengths == [1, 33, 48, 76, 152]  # GEMV; buckets 36, 64, 90, 256 (8: GEMV's range)
+    every = {fused_moe.kernel_variant(n, 8, 64, 37, 2, torch.float32) for n in range(1, 385)}
+    assert len(every) == 5 and seen == every
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks
