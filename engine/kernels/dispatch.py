@@ -169,15 +169,23 @@ def apply_rope(q, k, cos, sin, positions):
     return apply_rope_ref(q, k, cos, sin, positions)
 
 
-def rope_and_write_kv(q, k, v, cos, sin, positions, kv_layer, slot_mapping) -> torch.Tensor:
+def rope_and_write_kv(q, k, v, cos, sin, positions, kv_layer, slot_mapping,
+                      qk_norm=None) -> torch.Tensor:
     """Rotate q and k by position and store the rotated k and v in the paged cache `kv_layer`
-    at `slot_mapping` (one fused kernel on CUDA); returns the rotated q [T, Hq, D]."""
+    at `slot_mapping` (one fused kernel on CUDA); returns the rotated q [T, Hq, D].
+    `qk_norm` = (q weight, k weight, eps): a per-head RMSNorm of q and k before the rotation
+    (Qwen3), inside the same kernel on CUDA."""
     ops = _triton_ops(q)
     if ops is not None:
-        return ops.rope_and_write_kv(q, k, v, cos, sin, positions, kv_layer, slot_mapping)
+        return ops.rope_and_write_kv(q, k, v, cos, sin, positions, kv_layer, slot_mapping,
+                                     qk_norm)
     from engine.attention.torch_ref import write_kv
+    from engine.layers.norm import rms_norm
     from engine.layers.rotary import apply_rope_ref
 
+    if qk_norm is not None:
+        q_weight, k_weight, eps = qk_norm
+        q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
     q, k = apply_rope_ref(q, k, cos, sin, positions)
     write_kv(kv_layer, k, v, slot_mapping)
     return q

@@ -115,14 +115,23 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotate(x_ptr, row_stride, heads, num_heads, half, cos1, sin1, cos2, sin2,
-            BLOCK_HALF: tl.constexpr):
-    """Load [heads, 2*half] at x_ptr and return the rotated halves (float32)."""
+def _rotate(x_ptr, row_stride, heads, num_heads, half, cos1, sin1, cos2, sin2, norm_w_ptr, eps,
+            QK_NORM: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Load [heads, 2*half] at x_ptr and return the rotated halves (float32). QK_NORM: each
+    head is first RMS-normalized and scaled by `norm_w_ptr` (Qwen3's q/k norm), rounded to the
+    input dtype twice as `engine.layers.norm.rms_norm`'s output would be."""
     d = tl.arange(0, BLOCK_HALF)
     mask = (heads[:, None] < num_heads) & (d[None, :] < half)
     ptrs = x_ptr + heads[:, None] * row_stride + d[None, :]
     x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(ptrs + half, mask=mask, other=0.0).to(tl.float32)
+    if QK_NORM:
+        dt = x_ptr.dtype.element_ty
+        inv = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * half) + eps)
+        w1 = tl.load(norm_w_ptr + d, mask=d < half, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(norm_w_ptr + half + d, mask=d < half, other=0.0).to(tl.float32)[None, :]
+        x1 = ((x1 * inv[:, None]).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
+        x2 = ((x2 * inv[:, None]).to(dt).to(tl.float32) * w2).to(dt).to(tl.float32)
     return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2, mask
 
 
@@ -144,13 +153,13 @@ def _store_fp8_row(head_ptrs, d, x1, x2, mask, hmask, half):
 
 @triton.jit
 def _rope_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
-                 kv_ptr, slot_ptr,
+                 kv_ptr, slot_ptr, q_norm_ptr, k_norm_ptr, norm_eps,
                  q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
                  qo_stride_t, qo_stride_h, ko_stride_t, ko_stride_h, cos_stride,
                  kv_stride_block, kv_stride_kv, kv_stride_tok, kv_stride_h,
                  num_q_heads, num_kv_heads, half, block_size,
                  WRITE_CACHE: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                 BLOCK_HALF: tl.constexpr, FP8: tl.constexpr,
+                 BLOCK_HALF: tl.constexpr, FP8: tl.constexpr, QK_NORM: tl.constexpr,
                  USE_PDL: tl.constexpr):
     pdl_wait_and_release(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -164,14 +173,14 @@ def _rope_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, q_out_ptr, k_ou
 
     hq = tl.arange(0, BLOCK_HQ)
     q1, q2, qmask = _rotate(q_ptr + t * q_stride_t, q_stride_h, hq, num_q_heads, half,
-                            cos1, sin1, cos2, sin2, BLOCK_HALF)
+                            cos1, sin1, cos2, sin2, q_norm_ptr, norm_eps, QK_NORM, BLOCK_HALF)
     qo = q_out_ptr + t * qo_stride_t + hq[:, None] * qo_stride_h + d[None, :]
     tl.store(qo, q1.to(q_out_ptr.dtype.element_ty), mask=qmask)
     tl.store(qo + half, q2.to(q_out_ptr.dtype.element_ty), mask=qmask)
 
     hk = tl.arange(0, BLOCK_HK)
     k1, k2, kmask = _rotate(k_ptr + t * k_stride_t, k_stride_h, hk, num_kv_heads, half,
-                            cos1, sin1, cos2, sin2, BLOCK_HALF)
+                            cos1, sin1, cos2, sin2, k_norm_ptr, norm_eps, QK_NORM, BLOCK_HALF)
     if WRITE_CACHE:
         slot = tl.load(slot_ptr + t).to(tl.int64)
         if slot >= 0:
@@ -207,7 +216,7 @@ def _check_rope_inputs(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor) -> N
 
 
 def _launch_rope(q, k, v, cos, sin, positions, q_out, k_out, kv_layer, slot_mapping,
-                 write_cache: bool) -> None:
+                 write_cache: bool, qk_norm: tuple | None = None) -> None:
     _check_rope_inputs(q, k, cos)
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -216,15 +225,16 @@ def _launch_rope(q, k, v, cos, sin, positions, q_out, k_out, kv_layer, slot_mapp
     half = head_dim // 2
     kv_strides = kv_layer.stride()[:4] if write_cache else (0, 0, 0, 0)
     block_size = kv_layer.shape[2] if write_cache else 1
+    q_norm, k_norm, eps = qk_norm if qk_norm is not None else (cos, cos, 0.0)
     _rope_kernel[(num_tokens,)](
-        q, k, v, positions, cos, sin, q_out, k_out, kv_layer, slot_mapping,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos.stride(0),
-        *kv_strides, num_q_heads, num_kv_heads, half, block_size,
+        q, k, v, positions, cos, sin, q_out, k_out, kv_layer, slot_mapping, q_norm, k_norm,
+        float(eps), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+        cos.stride(0), *kv_strides, num_q_heads, num_kv_heads, half, block_size,
         WRITE_CACHE=write_cache, BLOCK_HQ=triton.next_power_of_2(num_q_heads),
         BLOCK_HK=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half), FP8=write_cache and is_fp8(kv_layer),
-        num_warps=4,
+        QK_NORM=qk_norm is not None, num_warps=4,
         **launch_options(q))
 
 
@@ -239,14 +249,19 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
 def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, positions: torch.Tensor, kv_layer: torch.Tensor,
-                      slot_mapping: torch.Tensor) -> torch.Tensor:
+                      slot_mapping: torch.Tensor, qk_norm: tuple | None = None) -> torch.Tensor:
     """Rotate q and k, store the rotated k and v at `slot_mapping` in `kv_layer`
-    ([num_blocks, 2, block_size, Hkv, D]); returns the rotated q as a new [T, Hq, D] tensor."""
+    ([num_blocks, 2, block_size, Hkv, D]); returns the rotated q as a new [T, Hq, D] tensor.
+    `qk_norm` = (q weight [D], k weight [D], eps): RMS-normalize each q and k head first (in
+    the same kernel: Qwen3's q/k norm without two more launches)."""
     if kv_layer.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("kv_layer and v must be contiguous along head_dim")
+    if qk_norm is not None and any(w.shape != (q.shape[-1],) or not w.is_contiguous()
+                                   for w in qk_norm[:2]):
+        raise ValueError(f"q/k norm weights must be contiguous [{q.shape[-1]}]")
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _launch_rope(q, k, v, cos, sin, positions, q_out, q_out, kv_layer, slot_mapping,
-                 write_cache=True)
+                 write_cache=True, qk_norm=qk_norm)
     return q_out
 
 

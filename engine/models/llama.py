@@ -57,12 +57,13 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        qk_norm = (None if self.q_norm is None else
+                   (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps))
         kv_layer = ctx.kv_cache[self.kv_index]
-        # RoPE and the KV-cache store are one fused kernel on CUDA; attention then reads the cache
+        # the q/k norms, RoPE and the KV-cache store are one fused kernel on CUDA; attention
+        # then reads the cache
         q = dispatch.rope_and_write_kv(q, k, v, self.rope.cos, self.rope.sin, positions, kv_layer,
-                                       ctx.attn_meta.slot_mapping)
+                                       ctx.attn_meta.slot_mapping, qk_norm)
         out = ctx.backend.attend(q, kv_layer, ctx.attn_meta, self.scale)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim)), residual
 

@@ -66,24 +66,35 @@ def test_rope(device, dtype, heads):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", [(32, 8, 128), (9, 3, 64)])
-def test_rope_and_write_kv(device, dtype, heads):
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk_norm"])
+def test_rope_and_write_kv(device, dtype, heads, qk_norm):
     """Rotated k and raw v land at their slots, negative slots write nothing, every other
-    slot keeps its old contents."""
+    slot keeps its old contents; with `qk_norm` (Qwen3) q and k are RMS-normalized per head
+    before the rotation, in the same kernel."""
     from engine.kernels import triton_ops
 
     hq, hkv, d = heads
     num_tokens, num_blocks, block_size = 40, 9, 16
     rope = RotaryEmbedding(d, 4096, 10000.0).to(device)
     q, k, v = _qkv(num_tokens, hq, hkv, d, dtype, device)
+    q, k = 3 * q, k / 3  # a norm that changes the scale
     positions = torch.randint(0, 4096, (num_tokens,), device=device)
     slots = torch.randperm(num_blocks * block_size, device=device)[:num_tokens]
     slots[::7] = -1
     kv = torch.randn(num_blocks, 2, block_size, hkv, d, device=device).to(dtype)
     expected = kv.clone()
-    q_ref, k_ref = apply_rope_ref(q.float(), k.float(), rope.cos, rope.sin, positions)
+    norms = None
+    q_in, k_in = q.float(), k.float()
+    if qk_norm:
+        norms = tuple((1 + 0.2 * torch.randn(d, device=device)).to(dtype) for _ in range(2))
+        norms = (*norms, 1e-6)
+        q_in, k_in = (rms_norm_ref(x, w.float(), 1e-6) for x, w in ((q_in, norms[0]),
+                                                                     (k_in, norms[1])))
+    q_ref, k_ref = apply_rope_ref(q_in, k_in, rope.cos, rope.sin, positions)
     keep = slots >= 0
     write_kv(expected, k_ref[keep].to(dtype), v[keep], slots[keep])
-    q_out = triton_ops.rope_and_write_kv(q, k, v, rope.cos, rope.sin, positions, kv, slots)
+    q_out = triton_ops.rope_and_write_kv(q, k, v, rope.cos, rope.sin, positions, kv, slots,
+                                         norms)
     assert_close(q_out, q_ref, dtype, "fused rope q")
     assert_close(kv, expected, dtype, "cache after fused write")
     blk, off = slots[keep] // block_size, slots[keep] % block_size
