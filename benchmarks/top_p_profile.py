@@ -5,7 +5,9 @@ torch profiler; also the whole sampler draw on the same rows and the candidates 
 
 An H100 timed the cut at 0.11 ms (batch 1) and 0.37-0.47 ms (batch 64) on flat and nearly
 uniform 128k rows, while the split passes read 33 MB at batch 64 (about 11 us each at copy
-bandwidth): this says which launch holds the rest.
+bandwidth): this says which launch holds the rest. Each row is also timed with
+`narrow_to=CAP` (the policy before `NARROW_TO`: only rows over the buffer narrowed by the split
+passes), in the same run.
 Run: python benchmarks/top_p_profile.py [--batches 1,64] -> results/top_p_profile_<gpu>.json
 """
 
@@ -20,7 +22,7 @@ import torch
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/ (kernels.py)
 
 from benchmarks.gpu_common import device_info, graph_ms, write_results  # noqa: E402
-from engine.kernels.top_p import apply_top_p, top_p_cut  # noqa: E402
+from engine.kernels.top_p import CAP, apply_top_p, top_p_cut  # noqa: E402
 
 REPS = 20
 ROWS = [("flat", 3 / 0.8, 0.9), ("flat", 3 / 0.8, 0.99), ("uniform", 0.02, 0.9),
@@ -49,8 +51,11 @@ def profile_row(name: str, scale: float, p: float, batch: int, vocab: int) -> di
     kept = torch.isfinite(apply_top_p(logits, top_ps)).sum(dim=1).float()
     row = {"row": f"{name} p{p}", "batch": batch, "vocab": vocab,
            "cut_graph_ms": graph_ms(lambda: top_p_cut(logits, top_ps)),
+           "cut_graph_ms_narrow_at_cap": graph_ms(lambda: top_p_cut(logits, top_ps,
+                                                                    narrow_to=CAP)),
            "kept_mean": kept.mean().item(), "by_kernel": _by_kernel(prof)}
-    print(f"{row['row']:16s} B={batch:<3d} cut {row['cut_graph_ms'] * 1e3:7.1f} us (graph), "
+    print(f"{row['row']:16s} B={batch:<3d} cut {row['cut_graph_ms'] * 1e3:7.1f} us (graph; "
+          f"narrowing only over CAP: {row['cut_graph_ms_narrow_at_cap'] * 1e3:7.1f} us), "
           f"kept {row['kept_mean']:9.0f}")
     for k in row["by_kernel"]:
         print(f"    {k['kernel']:40s} x{k['calls_per_cut']:.0f} {k['us_per_cut']:8.1f} us")

@@ -21,15 +21,18 @@ row; `top_p_split.py`), the rest in one program per row (`_top_p_cut_kernel`):
    16384), with the chunk's count (`_compact_split_kernel`, which also merges m and S and
    stores m and the target p S for every later launch): the tokens below that bound together
    hold less than 1 - p of the mass, so the nucleus lies among the candidates. When more than
-   `CAP` qualify in the row (a flat row: random weights, a high temperature; or top_p close to
-   1), the search of step 3 first runs over the whole row, also counting the tokens at/above
-   each threshold, until the tokens *inside* its key interval [lo, hi) fit the buffer (the
-   first pass splits the candidates' value range evenly, the rest the key interval): 2 split
-   passes (`_narrow_split_kernel`: per chunk and threshold a mass and a count;
-   `_narrow_merge_kernel`: per row, the chunks summed in chunk order, lo/hi moved), then a split
-   compaction of [lo, hi); the mass at/above hi is carried as one number (and the smallest key
-   there). The benchmark's 128k rows that overflow (randn * 0.02 at p 0.9, randn * 3 / 0.8 at
-   p 0.99) fit after 1 pass;
+   `NARROW_TO` (1,024) qualify in the row (a flat row: random weights, a high temperature; or
+   top_p close to 1), the search of step 3 first runs over the whole row, also counting the
+   tokens at/above each threshold, until at most `NARROW_TO` tokens lie *inside* its key
+   interval [lo, hi) (the first pass splits the candidates' value range evenly, the rest the
+   key interval): 2 split passes (`_narrow_split_kernel`: per chunk and threshold a mass and a
+   count; `_narrow_merge_kernel`: per row, the chunks summed in chunk order, lo/hi moved), then
+   a split compaction of [lo, hi) if it fits the buffer (`CAP`); the mass at/above hi is
+   carried as one number (and the smallest key there). These passes read the whole row with
+   all of its chunks' programs at once, where step 3 walks the buffer serially in one program
+   per row (a flat 128k row has ~16k candidates; at batch 64 the cut took 0.37 ms when only
+   rows over `CAP` were narrowed, presumably in that serial walk). The benchmark's 128k rows that overflow `CAP` (randn * 0.02 at
+   p 0.9, randn * 3 / 0.8 at p 0.99) fit it after 1 pass;
 3. the row's program moves the regions into one id-ordered prefix of the buffer, in place (from
    the first chunk with more tokens than its region on, it compacts the row serially instead).
    A row that still does not fit after the split passes narrows serially over the whole row
@@ -71,8 +74,12 @@ _BLOCK = 512  # search passes: an [NT, BLOCK] fp32 tile, 32 per thread at 8 warp
 # Triton 3.9: 162 registers in the per-row kernel, 132 in the split narrowing pass, no spills)
 _NT = 16  # thresholds per search pass: the key interval shrinks 17-fold per pass
 _WARPS = 8
-_NARROW_PASSES = 2  # split narrowing passes for rows whose candidates overflow the buffer
+_NARROW_PASSES = 2  # split narrowing passes for rows with more than NARROW_TO candidates
 CAP = 16384  # candidate slots per row; beyond them the search narrows over the whole row first
+# Rows with more candidates than this are narrowed by the split passes (all of the row's chunks
+# at once) before the per-row kernel searches them: that kernel walks its buffer serially, one
+# program per row
+NARROW_TO = 1024
 _NEG_INF = float("-inf")
 
 
@@ -241,17 +248,19 @@ def _top_p_cut_kernel(logits_ptr, top_ps_ptr, state_i_ptr, state_f_ptr, info_ptr
     tl.store(cut_ptr + row, cut)
 
 
-def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor,
-              cap: int = CAP) -> tuple[torch.Tensor, torch.Tensor]:
+def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor, cap: int = CAP,
+              narrow_to: int = NARROW_TO) -> tuple[torch.Tensor, torch.Tensor]:
     """(t [B] float32, cut [B] int32) of each row's nucleus; rows with top_p >= 1 keep all
     (t = -inf, cut = vocab). `logits` is [B, V] float32 on CUDA (or the Triton interpreter).
-    `cap`: candidate slots per row (tests shrink it to reach the overflow paths at small V)."""
-    if cap < 1:
-        raise ValueError(f"cap must be >= 1, got {cap}")
+    `cap`: candidate slots per row; `narrow_to` (at most cap): rows with more candidates are
+    narrowed by the split passes first (tests shrink both to reach those paths at small V)."""
+    if cap < 1 or narrow_to < 1:
+        raise ValueError(f"cap and narrow_to must be >= 1, got {cap}, {narrow_to}")
     batch, vocab = logits.shape
     logits = logits.float().contiguous()
     top_ps = top_ps.float().contiguous()
     cap = min(cap, vocab)
+    narrow_to = min(narrow_to, cap)
     num_splits = triton.cdiv(vocab, _STATS_CHUNK)
     splits = triton.next_power_of_2(num_splits)
     region = cap // num_splits
@@ -278,11 +287,12 @@ def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor,
                                       ROW_BLOCK=_ROW_BLOCK, num_warps=4)
     for pass_index in range(_NARROW_PASSES):
         _narrow_split_kernel[split_grid](logits, top_ps, state_i, state_f, info, narrow_thr,
-                                         narrow_mass, narrow_count, vocab, stride, cap,
+                                         narrow_mass, narrow_count, vocab, stride, narrow_to,
                                          _STATS_CHUNK, num_splits, FIRST=pass_index == 0,
                                          SPLITS=splits, NT=_NT, BLOCK=_BLOCK, num_warps=_WARPS)
         _narrow_merge_kernel[(batch,)](top_ps, state_i, state_f, info, narrow_thr, narrow_mass,
-                                       narrow_count, cap, num_splits, FIRST=pass_index == 0,
+                                       narrow_count, narrow_to, num_splits,
+                                       FIRST=pass_index == 0,
                                        SPLITS=splits, NT=_NT, num_warps=1)
     _compact_split_kernel[split_grid](*compact_args, NARROWED=True, SPLITS=splits,
                                       ROW_BLOCK=_ROW_BLOCK, num_warps=4)

@@ -7,7 +7,8 @@ What the launches hand on, per row (rows with top_p >= 1 read and write none of 
 
     state_i  int64 [B, 8]     lo, hi, n = #(key >= lo), n_hi = #(key >= hi), by_value (the
                               next narrowing pass splits by value), overflowed (more
-                              candidates than cap)
+                              candidates than narrow_to: the row is narrowed by the split
+                              passes)
     state_f  float32 [B, 4]   m (row max), target (p * sum exp(x - m)), mass_hi = mass(key >= hi)
     info     int32 [B, 3, C]  per chunk of the last compaction: how many tokens it has in
                               [lo, hi) (stored or not), the smallest of their keys, the
@@ -202,7 +203,7 @@ def _compact_split_kernel(logits_ptr, top_ps_ptr, stats_ptr, state_i_ptr, state_
     (`region` slots from j * region) of the row's buffer and writes the chunk's info. Not
     NARROWED: the candidates (key >= the bound of step 2) of every row with top_p < 1; program
     (row, 0) also stores m, target and the search's first interval. NARROWED: [lo, hi) of the
-    rows whose candidates overflowed cap and whose interval fits it now."""
+    rows whose candidates overflowed narrow_to and whose interval fits cap now."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     p = tl.load(top_ps_ptr + row)
@@ -244,17 +245,17 @@ def _compact_split_kernel(logits_ptr, top_ps_ptr, stats_ptr, state_i_ptr, state_
 
 
 @triton.jit
-def _narrow_state(state_i, state_f, info, cap, num_splits, FIRST: tl.constexpr,
+def _narrow_state(state_i, state_f, info, narrow_to, num_splits, FIRST: tl.constexpr,
                   SPLITS: tl.constexpr):
     """The row's (lo, hi, n, n_hi, mass_hi, by_value, overflowed) before a narrowing pass. FIRST:
-    from the candidate compaction's info (overflowed: more candidates than cap; then lo rises
-    to the smallest candidate key: no key in between, the same mass); later: as the last merge
-    stored it."""
+    from the candidate compaction's info (overflowed: more candidates than narrow_to, the most
+    the per-row search should scan; then lo rises to the smallest candidate key: no key in
+    between, the same mass); later: as the last merge stored it."""
     if FIRST:
         j = tl.arange(0, SPLITS)
         n = tl.sum(tl.load(info + j, mask=j < num_splits, other=0), axis=0).to(tl.int64)
         min_kept = tl.min(tl.load(info + SPLITS + j, mask=j < num_splits, other=_KEY_MAX), axis=0)
-        overflowed = (n > cap).to(tl.int64)
+        overflowed = (n > narrow_to).to(tl.int64)
         lo = tl.load(state_i)
         lo = tl.where(overflowed != 0, tl.maximum(lo, min_kept.to(tl.int64)), lo)
         hi = tl.load(state_i + 1)
@@ -274,20 +275,21 @@ def _narrow_state(state_i, state_f, info, cap, num_splits, FIRST: tl.constexpr,
 
 @triton.jit
 def _narrow_split_kernel(logits_ptr, top_ps_ptr, state_i_ptr, state_f_ptr, info_ptr, thr_ptr,
-                         mass_ptr, count_ptr, vocab, row_stride, cap, chunk, num_splits,
+                         mass_ptr, count_ptr, vocab, row_stride, narrow_to, chunk, num_splits,
                          FIRST: tl.constexpr, SPLITS: tl.constexpr, NT: tl.constexpr,
                          BLOCK: tl.constexpr):
     """One narrowing pass, split: program (row, j) writes the mass and count at/above the
     pass's thresholds over chunk j; program (row, 0) also writes the thresholds. Only rows
-    whose interval still holds more than cap tokens (and is wider than one key) take part."""
+    whose interval still holds more than narrow_to tokens (and is wider than one key) take
+    part."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     p = tl.load(top_ps_ptr + row)
     if p < 1.0:
         lo, hi, n, n_hi, mass_hi, by_value, overflowed = _narrow_state(
-            state_i_ptr + row * _SI, state_f_ptr + row * _SF, info_ptr + row * 3 * SPLITS, cap,
-            num_splits, FIRST, SPLITS)
-        if (hi - lo > 1) & (n - n_hi > cap):
+            state_i_ptr + row * _SI, state_f_ptr + row * _SF, info_ptr + row * 3 * SPLITS,
+            narrow_to, num_splits, FIRST, SPLITS)
+        if (hi - lo > 1) & (n - n_hi > narrow_to):
             thr = _narrow_thresholds(lo, hi, by_value, NT)
             begin = split * chunk
             mass, count = _threshold_sums(logits_ptr + row * row_stride, begin,
@@ -302,8 +304,8 @@ def _narrow_split_kernel(logits_ptr, top_ps_ptr, state_i_ptr, state_f_ptr, info_
 
 @triton.jit
 def _narrow_merge_kernel(top_ps_ptr, state_i_ptr, state_f_ptr, info_ptr, thr_ptr, mass_ptr,
-                         count_ptr, cap, num_splits, FIRST: tl.constexpr, SPLITS: tl.constexpr,
-                         NT: tl.constexpr):
+                         count_ptr, narrow_to, num_splits, FIRST: tl.constexpr,
+                         SPLITS: tl.constexpr, NT: tl.constexpr):
     """The per-row merge after `_narrow_split_kernel`: the chunks' masses and counts summed in
     chunk order, the pass's decision (`_narrow_update`), the new state stored (FIRST: the
     initial state too, for every row with top_p < 1)."""
@@ -313,8 +315,8 @@ def _narrow_merge_kernel(top_ps_ptr, state_i_ptr, state_f_ptr, info_ptr, thr_ptr
     state_f = state_f_ptr + row * _SF
     if p < 1.0:
         lo, hi, n, n_hi, mass_hi, by_value, overflowed = _narrow_state(
-            state_i, state_f, info_ptr + row * 3 * SPLITS, cap, num_splits, FIRST, SPLITS)
-        if (hi - lo > 1) & (n - n_hi > cap):
+            state_i, state_f, info_ptr + row * 3 * SPLITS, narrow_to, num_splits, FIRST, SPLITS)
+        if (hi - lo > 1) & (n - n_hi > narrow_to):
             t = tl.arange(0, NT)
             mass = tl.zeros([NT], tl.float32)
             count = tl.zeros([NT], tl.int32)

@@ -19,11 +19,13 @@ def _kept_ref(logits: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
     return apply_top_p(logits.cpu().float(), top_ps.cpu()) != NEG_INF
 
 
-def _kept(logits: torch.Tensor, top_ps: torch.Tensor, cap: int | None = None) -> torch.Tensor:
-    """The kernel's kept set; `cap` shrinks the buffer to reach its overflow paths at small V."""
-    from engine.kernels.top_p import CAP, apply_cut, top_p_cut
+def _kept(logits: torch.Tensor, top_ps: torch.Tensor, cap: int | None = None,
+          narrow_to: int | None = None) -> torch.Tensor:
+    """The kernel's kept set; `cap` shrinks the buffer to reach its overflow paths at small V,
+    `narrow_to` the candidate count above which the split passes narrow a row first."""
+    from engine.kernels.top_p import CAP, NARROW_TO, apply_cut, top_p_cut
 
-    thr, cut = top_p_cut(logits, top_ps, cap=cap or CAP)
+    thr, cut = top_p_cut(logits, top_ps, cap=cap or CAP, narrow_to=narrow_to or NARROW_TO)
     assert torch.isfinite(thr[top_ps < 1]).all(), f"non-finite threshold {thr}"
     return apply_cut(logits.float(), thr, cut).cpu() != NEG_INF
 
@@ -42,12 +44,15 @@ def _assert_same_or_rounding(got, want, logits, top_ps):
 
 @pytest.mark.parametrize("vocab", [7, 1000, 3001, 49152])
 @pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])
-def test_cut_equals_the_sorting_reference(device, vocab, scale):
+@pytest.mark.parametrize("narrow_to", [None, 24], ids=["default", "narrow24"])
+def test_cut_equals_the_sorting_reference(device, vocab, scale, narrow_to):
+    """`narrow_to` 24: every row with more than 24 candidates is narrowed by the split passes
+    before the per-row search (at the default, only rows with over 1,024)."""
     if device == "cpu" and vocab > 3001:
         pytest.skip("the interpreter is slow at this vocabulary")
     top_ps = torch.tensor([0.05, 0.3, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0], device=device)
     logits = torch.randn(len(top_ps), vocab, device=device) * scale
-    got, want = _kept(logits, top_ps), _kept_ref(logits, top_ps)
+    got, want = _kept(logits, top_ps, narrow_to=narrow_to), _kept_ref(logits, top_ps)
     assert got[-1].all(), "top_p = 1 must keep the whole row"
     assert got.any(dim=1).all(), "every row keeps at least its top token"
     _assert_same_or_rounding(got, want, logits, top_ps)
@@ -368,7 +373,8 @@ def test_rows_left_over_cap_after_the_split_passes_narrow_serially(device):
     _assert_same_or_rounding(got, want, logits, top_ps)
 
 
-def test_a_batch_whose_rows_take_every_split_path(device):
+@pytest.mark.parametrize("narrow_to", [None, 40], ids=["at_cap", "narrow40"])
+def test_a_batch_whose_rows_take_every_split_path(device, narrow_to):
     """One call, each row on its own path (cap 400: 200 slots per chunk region): gathered
     regions, a region overflow, overflow narrowed by the split passes (also with masked tokens,
     and down to a run of ties in one chunk: more than its region, so the narrowed interval is
@@ -389,7 +395,7 @@ def test_a_batch_whose_rows_take_every_split_path(device):
     logits = logits.to(device)
     counts = [sum(c) for c in _chunk_candidates(logits, top_ps)]
     assert max(counts[:2] + counts[7:]) <= cap < min(counts[2:7]), counts
-    got, want = _kept(logits, top_ps, cap), _kept_exact(logits, top_ps)
+    got, want = _kept(logits, top_ps, cap, narrow_to), _kept_exact(logits, top_ps)
     assert region < _boundary_ties(logits, want)[3] <= cap
     assert got[6].all() and not got[5, ::2].any()
     _assert_same_or_rounding(got, want, logits, top_ps)
