@@ -75,7 +75,7 @@ def warm_up(core) -> float:
 
 
 def _run(core) -> None:
-    vocab, limit = core.model_config.vocab_size, core.max_model_len - 4
+    vocab, limit = core.model_config.vocab_size, _max_prompt(core)
     budget = core.config.scheduler.max_num_batched_tokens
     lengths = [min(n, limit) for n in _LENGTHS]
     for i, length in enumerate(lengths):
@@ -110,7 +110,7 @@ def moe_prompt_lengths(core) -> list[int]:
     experts, inter = local_expert_shape(moe.num_experts, moe.intermediate_size,
                                         parallel.tensor_parallel_size,
                                         parallel.expert_parallel_size)
-    cap = min(core.config.scheduler.max_num_batched_tokens, core.max_model_len - 4)
+    cap = min(core.config.scheduler.max_num_batched_tokens, _max_prompt(core))
     return variant_token_counts(experts, core.model_config.hidden_size, inter, moe.top_k,
                                 core.config.torch_dtype, cap)
 
@@ -134,7 +134,14 @@ def _mixed_decode_batches(core) -> list[int]:
 
 def _joining_length(core) -> int:
     """Longer than graph prefill takes (a short chunk would join the decodes in a graph)."""
-    return min(core.config.graph_prefill_max_context + 17, core.max_model_len - 4)
+    return min(core.config.graph_prefill_max_context + 17, _max_prompt(core))
+
+
+def _max_prompt(core) -> int:
+    """The longest warm-up prompt: within the context and within what the whole KV cache
+    holds (a longer one would be refused), with room for its few output tokens."""
+    kv = core.kv_manager
+    return min(core.max_model_len, kv.num_blocks * kv.block_size) - 4
 
 
 def _mixed_step(core, batch: int, vocab: int) -> None:

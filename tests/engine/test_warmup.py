@@ -152,3 +152,17 @@ def test_moe_warmup_reaches_every_fused_moe_tile_configuration(tmp_path, monkeyp
     every = {fused_moe.kernel_variant(n, 8, 64, 37, 2, torch.float32) for n in range(1, 385)}
     assert len(every) == 5 and seen == every
     assert engine.stats().num_free_blocks == engine.stats().num_blocks
+
+
+def test_warmup_prompts_fit_a_cache_smaller_than_the_context(model):
+    """A KV cache that holds fewer tokens than max_model_len (96 against 512): the warm-up's
+    prompts stay within it, so start-up does not fail on a prompt the cache would refuse, and
+    the engine serves afterwards with every block back."""
+    engine = LLMEngine(EngineConfig(
+        model=model, device="cpu", attention_backend="torch", warmup=True, max_model_len=512,
+        cache=CacheConfig(block_size=4, num_blocks=24),
+        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64)))
+    assert engine.warmup_s > 0
+    out = engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4, temperature=0.0))
+    assert len(out[0].token_ids) == 4
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks
