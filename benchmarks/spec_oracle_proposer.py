@@ -179,5 +179,21 @@ class OracleProposer:
         self.counters.num_short_proposals += count < self.k
         return entry.drafts[n:n + count]
 
+    def shadow_propose(self, token_ids: Sequence[int], max_tokens: int | None = None
+                       ) -> list[int]:
+        """What `propose` would draft, counting nothing and marking no divergence (the
+        engine's shadow drafts while drafting pauses: engine/spec/shadow.py)."""
+        token_ids = token_ids if isinstance(token_ids, list) else list(token_ids)
+        entry = self._entries.get(tuple(token_ids[:KEY_TOKENS]))
+        if entry is None or entry.index in self.counters.diverged:
+            return []
+        plen = len(entry.prompt)
+        generated = token_ids[plen:]
+        n = len(generated)
+        if token_ids[:plen] != entry.prompt or generated != entry.reference[:n]:
+            return []
+        count = min(self.k, len(entry.reference) - n, self.k if max_tokens is None else max_tokens)
+        return entry.drafts[n:n + count] if count > 0 else []
+
     def fill(self, chunks: Sequence[ScheduledChunk]) -> None:
         """Nothing to fill: the drafts are tokens already."""

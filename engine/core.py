@@ -236,8 +236,8 @@ class EngineCore:
         if previous is not None and (drafting or not self._can_overlap(previous)):
             outputs += self._read_back(previous)  # drafts need every token on the host
             previous = None
-        if drafting:
-            self.spec.propose(self.scheduler.running)
+        if self.spec is not None:
+            self.spec.before_schedule(self.scheduler.running, drafting)
         scheduled = self.scheduler.schedule()
         draft_s = self.spec.fill(scheduled, self.scheduler.running) if drafting else 0.0
         self.last_step_num_tokens = scheduled.num_batched_tokens

@@ -33,9 +33,11 @@ of single tokens); a catch-up round with more than one token for some sequence r
 (engine/spec/draft_model.py).
 
 Speculation needs a single pipeline stage. Drafting pauses while more than `max_batch_size`
-requests run, and wherever it measured slower than plain decoding at that batch size (`Payoff`):
-verification costs k + 1 tokens of compute per request, which is free only while decoding is
-bandwidth-bound.
+requests run, and wherever it measured slower than plain decoding at that batch size
+(engine/spec/payoff.py): verification costs k + 1 tokens of compute per request, which is free
+only while decoding is bandwidth-bound. While it pauses, host-only proposers keep drafting
+without verifying (engine/spec/shadow.py), so that `Payoff` probes drafting only when those
+drafts would now be kept more often.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ from engine.config import SpeculativeConfig
 from engine.request import Request
 from engine.scheduler import SchedulerOutput
 from engine.spec.ngram import NgramConfig, NgramProposer
+from engine.spec.payoff import Payoff
 from engine.spec.proposer import PENDING, Proposer, has_pending
+from engine.spec.shadow import ShadowDrafts
 
 
 @dataclass(slots=True)
@@ -69,60 +73,6 @@ class SpecStats:
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
 
-class Payoff:
-    """Whether drafting pays at a batch size: output tokens per second of verification steps
-    against plain decode steps, as moving averages per batch-size bucket (powers of two), each
-    mode tried first, then the loser re-probed now and then. A verification costs k + 1
-    tokens of compute per request: free while decoding is bandwidth-bound (small batches on a
-    GPU), not once it is compute-bound (large batches, or a CPU).
-
-    Probes back off: the first comes `probe_every` steps after the ranking was set, and each
-    probe that finds the same winner doubles the gap (up to `max_probe_every`), so a mode that
-    keeps losing costs ever less; a probe that flips the ranking starts over at `probe_every`.
-    (At acceptance 0 on an H100, a fixed one-in-16 probe left speculative decoding 1-3% slower
-    than plain at batch 32.)"""
-
-    def __init__(self, probe_every: int = 16, weight: float = 0.25,
-                 max_probe_every: int = 256) -> None:
-        if not 1 <= probe_every <= max_probe_every:
-            raise ValueError(f"need 1 <= probe_every <= max_probe_every, got {probe_every}, "
-                             f"{max_probe_every}")
-        self.probe_every = probe_every
-        self.max_probe_every = max_probe_every
-        self.weight = weight
-        self._rates: dict[int, dict[bool, float]] = {}  # bucket -> {speculative: tokens/s}
-        self._steps: dict[int, int] = {}
-        self._probes: dict[int, tuple[int, int, bool]] = {}  # bucket -> (step, gap, winner)
-
-    def wants_drafts(self, batch: int) -> bool:
-        bucket = batch.bit_length()
-        rates = self._rates.setdefault(bucket, {})
-        self._steps[bucket] = step = self._steps.get(bucket, 0) + 1
-        if True not in rates:  # drafting first (every step until some drafts verify, then
-            return step <= self.probe_every or step % self.probe_every == 1  # now and then)
-        if False not in rates:
-            return False  # then plain decoding
-        best = rates[True] >= rates[False]
-        last_step, gap, last_best = self._probes.setdefault(bucket, (step, self.probe_every,
-                                                                     best))
-        if step - last_step < gap:
-            return best
-        gap = min(2 * gap, self.max_probe_every) if best == last_best else self.probe_every
-        self._probes[bucket] = (step, gap, best)
-        return not best  # probe the loser
-
-    def record(self, batch: int, speculative: bool, tokens: int, seconds: float) -> None:
-        if tokens <= 0 or seconds <= 0:
-            return
-        rates = self._rates.setdefault(batch.bit_length(), {})
-        rate = tokens / seconds
-        old = rates.get(speculative)
-        rates[speculative] = rate if old is None else old + self.weight * (rate - old)
-
-    def rates(self, batch: int) -> dict[bool, float]:
-        return dict(self._rates.get(batch.bit_length(), {}))
-
-
 class SpecDecoding:
     """The proposer and the bookkeeping of one engine core's speculative decoding."""
 
@@ -135,6 +85,7 @@ class SpecDecoding:
             min_ngram=config.min_ngram))
         self.stats = SpecStats()
         self.payoff = Payoff()
+        self.shadow = ShadowDrafts(self._room) if config.adaptive else None
 
     def wants_drafts(self, running: Sequence[Request]) -> bool:
         """Whether this step drafts: a batch within `max_batch_size` where drafting measured
@@ -143,6 +94,16 @@ class SpecDecoding:
             return False
         return self.payoff.wants_drafts(len(running)) if self.config.adaptive else True
 
+    def before_schedule(self, running: Sequence[Request], drafting: bool) -> None:
+        """Drafts for the step about to be scheduled, or (a plain step) shadow drafts."""
+        shadow_propose = getattr(self.proposer, "shadow_propose", None)  # host-only proposers
+        if drafting:
+            self.propose(running)
+        elif (self.shadow is not None and shadow_propose is not None
+              and 0 < len(running) <= self.config.max_batch_size):
+            drafted, accepted = self.shadow.step(running, shadow_propose)
+            self.payoff.record_acceptance(len(running), drafted, accepted, shadow=True)
+
     def propose(self, running: Sequence[Request]) -> None:
         """Set `spec_token_ids` of each running request that decodes next, within its
         max_tokens and context (every kept draft and the extra token must fit)."""
@@ -150,10 +111,15 @@ class SpecDecoding:
             if (request.num_inflight_tokens or request.num_pending_tokens != 1
                     or not request.params.speculative):
                 continue
-            room = min(request.params.max_tokens - len(request.output_token_ids),
-                       request.max_model_len - request.num_tokens) - 1
+            room = self._room(request)
             if room > 0:
                 request.spec_token_ids = self.proposer.propose(request.all_token_ids, room)
+
+    @staticmethod
+    def _room(request: Request) -> int:
+        """Drafts that fit the request's max_tokens and context after its next token."""
+        return min(request.params.max_tokens - len(request.output_token_ids),
+                   request.max_model_len - request.num_tokens) - 1
 
     def fill(self, scheduled: SchedulerOutput, running: Sequence[Request]) -> float:
         """After scheduling: the proposer turns scheduled placeholder drafts into tokens, and
@@ -177,6 +143,7 @@ class SpecDecoding:
         owns spec_lens[i] + 1 rows: its tokens, then -1."""
         out = []
         start = 0
+        drafted = accepted = 0
         for k in spec_lens:
             row = token_ids[start:start + k + 1]
             n = next((j for j, t in enumerate(row) if t < 0), k + 1)
@@ -185,8 +152,11 @@ class SpecDecoding:
             start += k + 1
             if k:
                 self.stats.num_verified_requests += 1
-                self.stats.num_draft_tokens += k
-                self.stats.num_accepted_tokens += n - 1
+                drafted += k
+                accepted += n - 1
+        self.stats.num_draft_tokens += drafted
+        self.stats.num_accepted_tokens += accepted
+        self.payoff.record_acceptance(len(spec_lens), drafted, accepted, shadow=False)
         return out
 
 

@@ -60,5 +60,8 @@ class NgramProposer:
                 return tokens[start:start + limit].tolist()
         return []
 
+    # stateless and on the host: plain steps may draft without verifying (engine/spec/shadow.py)
+    shadow_propose = propose
+
     def fill(self, chunks) -> None:
         """Nothing to fill: `propose` returned the tokens themselves."""

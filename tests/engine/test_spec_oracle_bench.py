@@ -50,6 +50,18 @@ def test_keep_decisions_are_seeded_per_position_at_rate_p() -> None:
     assert a.propose(PROMPTS[0] + REFS[0][:5]) == b.propose(PROMPTS[0] + REFS[0][:5])
 
 
+def test_shadow_drafts_equal_the_drafts_and_count_nothing() -> None:
+    """The engine's shadow drafts (engine/spec/shadow.py) are what `propose` would draft, and
+    leave the counters and divergence marks, which score verified drafts, untouched."""
+    oracle = _oracle(0.5)
+    shadow = oracle.shadow_propose(PROMPTS[2] + REFS[2][:3])
+    off = PROMPTS[0] + REFS[0][:1] + [(REFS[0][1] + 1) % VOCAB]
+    assert oracle.shadow_propose(off) == [] and oracle.shadow_propose(PROMPTS[1], 2) == \
+        _oracle(0.5).propose(PROMPTS[1], 2)
+    assert oracle.counters.num_proposals == 0 and not oracle.counters.diverged
+    assert shadow == oracle.propose(PROMPTS[2] + REFS[2][:3]) and len(shadow) == 3
+
+
 def test_a_diverged_or_unknown_sequence_gets_no_drafts() -> None:
     oracle = _oracle(1.0)
     off = REFS[0][:2] + [(REFS[0][2] + 1) % VOCAB]
