@@ -22,7 +22,9 @@ class Payoff:
     drafts against the tokens plain decoding then produced, which is exactly what verification
     would have kept. While that shadow acceptance is no higher than the verified acceptance
     drafting lost with (plus `shadow_margin`), a probe would measure the same loss again: it
-    is skipped, and the gap doubles as if it had run (`record_acceptance`)."""
+    is skipped, and the gap doubles as if it had run (`record_acceptance`). Probes at the
+    largest gap still run: drafting may also start to pay because verification got cheaper
+    (shorter contexts at the same batch size), which acceptance does not show."""
 
     def __init__(self, probe_every: int = 16, weight: float = 0.25,
                  max_probe_every: int = 256, shadow_margin: float = 0.05) -> None:
@@ -52,9 +54,10 @@ class Payoff:
                                                                      best))
         if step - last_step < gap:
             return best
+        skip = not best and gap < self.max_probe_every and self._no_news(bucket)
         gap = min(2 * gap, self.max_probe_every) if best == last_best else self.probe_every
         self._probes[bucket] = (step, gap, best)
-        if not best and self._no_news(bucket):
+        if skip:
             return False  # drafting would lose as it did: no probe, the gap grows anyway
         return not best  # probe the loser
 
