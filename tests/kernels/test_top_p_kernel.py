@@ -46,8 +46,7 @@ def _assert_same_or_rounding(got, want, logits, top_ps):
 @pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])
 @pytest.mark.parametrize("narrow_to", [None, 24], ids=["default", "narrow24"])
 def test_cut_equals_the_sorting_reference(device, vocab, scale, narrow_to):
-    """`narrow_to` 24: every row with more than 24 candidates is narrowed by the split passes
-    before the per-row search (at the default, only rows with over 1,024)."""
+    """narrow24: rows with over 24 candidates (default: 1,024) are narrowed by the split passes."""
     if device == "cpu" and vocab > 3001:
         pytest.skip("the interpreter is slow at this vocabulary")
     top_ps = torch.tensor([0.05, 0.3, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0], device=device)
