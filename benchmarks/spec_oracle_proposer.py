@@ -155,44 +155,49 @@ class OracleProposer:
         self.counters = OracleCounters()
 
     def propose(self, token_ids: Sequence[int], max_tokens: int | None = None) -> list[int]:
-        token_ids = token_ids if isinstance(token_ids, list) else list(token_ids)
-        entry = self._entries.get(tuple(token_ids[:KEY_TOKENS]))
-        plen = len(entry.prompt) if entry is not None else 0
-        if entry is None or token_ids[:plen] != entry.prompt:
+        entry, n, bad = self._match(token_ids)
+        if entry is None:
             self.counters.num_unknown += 1
             return []
         if entry.index in self.counters.diverged:
             return []
-        generated = token_ids[plen:]
-        n = len(generated)
-        if generated != entry.reference[:n]:
-            bad = next((i for i, (a, b) in enumerate(zip(generated, entry.reference))
-                        if a != b), min(n, len(entry.reference)))
+        if bad is not None:
             self.counters.diverged[entry.index] = bad
             return []
-        count = min(self.k, len(entry.reference) - n,
-                    self.k if max_tokens is None else max_tokens)
-        if count <= 0:
-            return []
-        self.counters.num_proposals += 1
-        self.counters.num_draft_tokens += count
-        self.counters.num_short_proposals += count < self.k
-        return entry.drafts[n:n + count]
+        drafts = self._drafts(entry, n, max_tokens)
+        if drafts:
+            self.counters.num_proposals += 1
+            self.counters.num_draft_tokens += len(drafts)
+            self.counters.num_short_proposals += len(drafts) < self.k
+        return drafts
 
     def shadow_propose(self, token_ids: Sequence[int], max_tokens: int | None = None
                        ) -> list[int]:
         """What `propose` would draft, counting nothing and marking no divergence (the
         engine's shadow drafts while drafting pauses: engine/spec/shadow.py)."""
+        entry, n, bad = self._match(token_ids)
+        if entry is None or bad is not None or entry.index in self.counters.diverged:
+            return []
+        return self._drafts(entry, n, max_tokens)
+
+    def _match(self, token_ids: Sequence[int]) -> tuple[_Entry | None, int, int | None]:
+        """(the loaded entry whose prompt `token_ids` starts with, or None; how many tokens
+        follow the prompt; the first of them that differs from the reference, or None)."""
         token_ids = token_ids if isinstance(token_ids, list) else list(token_ids)
         entry = self._entries.get(tuple(token_ids[:KEY_TOKENS]))
-        if entry is None or entry.index in self.counters.diverged:
-            return []
-        plen = len(entry.prompt)
-        generated = token_ids[plen:]
+        if entry is None or token_ids[:len(entry.prompt)] != entry.prompt:
+            return None, 0, None
+        generated = token_ids[len(entry.prompt):]
         n = len(generated)
-        if token_ids[:plen] != entry.prompt or generated != entry.reference[:n]:
-            return []
-        count = min(self.k, len(entry.reference) - n, self.k if max_tokens is None else max_tokens)
+        if generated == entry.reference[:n]:
+            return entry, n, None
+        bad = next((i for i, (a, b) in enumerate(zip(generated, entry.reference)) if a != b),
+                   min(n, len(entry.reference)))
+        return entry, n, bad
+
+    def _drafts(self, entry: _Entry, n: int, max_tokens: int | None) -> list[int]:
+        count = min(self.k, len(entry.reference) - n,
+                    self.k if max_tokens is None else max_tokens)
         return entry.drafts[n:n + count] if count > 0 else []
 
     def fill(self, chunks: Sequence[ScheduledChunk]) -> None:
