@@ -122,7 +122,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     `GEMV_MAX_PAIRS`. `config` tiles the grouped GEMMs only."""
     _check_inputs(x, w13, w2, topk_weights, topk_ids, expert_map)
     if use_gemv is None:
-        use_gemv = topk_ids.numel() <= GEMV_MAX_PAIRS
+        use_gemv = takes_gemv_path(*topk_ids.shape)
     if use_gemv:
         return moe_gemv_experts(x, w13, w2, topk_weights, topk_ids, expert_map)
     num_tokens, top_k = topk_ids.shape
@@ -195,11 +195,16 @@ def _check_inputs(x, w13, w2, topk_weights, topk_ids, expert_map) -> None:
         raise ValueError(f"expert_map must be int32, got {expert_map.dtype}")
 
 
+def takes_gemv_path(num_tokens: int, top_k: int) -> bool:
+    """Whether `fused_experts` serves this many tokens by the GEMV path (decode sizes)."""
+    return num_tokens * top_k <= GEMV_MAX_PAIRS
+
+
 def kernel_variant(num_tokens: int, num_experts: int, hidden_size: int, intermediate_size: int,
                    top_k: int, dtype: torch.dtype) -> tuple[str, object]:
     """The path and tile configuration `fused_experts` takes for `num_tokens` tokens (equal
     values: the same compiled kernels)."""
-    if num_tokens * top_k <= GEMV_MAX_PAIRS:
+    if takes_gemv_path(num_tokens, top_k):
         return "gemv", moe_gemv_config(num_tokens, num_experts, hidden_size, intermediate_size,
                                        top_k, dtype)
     return "gemm", get_config(num_tokens, num_experts, hidden_size, intermediate_size, top_k,

@@ -60,13 +60,13 @@ class ShadowDrafts:
         pending: dict[str, tuple[int, list[int]]] = {}
         drafted = accepted = 0
         for request in running:
-            tokens = request.all_token_ids
             entry = self._pending.get(request.request_id)
+            if entry is not None and request.num_known_tokens < entry[0] + len(entry[1]):
+                pending[request.request_id] = entry  # not all decoded yet: no token copy
+                continue
+            tokens = request.all_token_ids
             if entry is not None:
                 position, draft = entry
-                if len(tokens) < position + len(draft):
-                    pending[request.request_id] = entry  # not all decoded yet
-                    continue
                 drafted += len(draft)
                 accepted += matched_prefix(draft, tokens[position:position + len(draft)])
             room = self._room(request)
