@@ -22,11 +22,13 @@ import torch
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/ (kernels.py)
 
 from benchmarks.gpu_common import device_info, graph_ms, write_results  # noqa: E402
+from engine.kernels.sampling import sample_race  # noqa: E402
 from engine.kernels.top_p import CAP, apply_top_p, top_p_cut  # noqa: E402
 
 REPS = 20
+# "engine": the logits of latency.py's random Llama-3-8B (std 0.02 weights: std ~1.28) at T 0.8
 ROWS = [("flat", 3 / 0.8, 0.9), ("flat", 3 / 0.8, 0.99), ("uniform", 0.02, 0.9),
-        ("peaked", 12.0, 0.9)]
+        ("peaked", 12.0, 0.9), ("engine", 1.28 / 0.8, 0.9)]
 
 
 def _by_kernel(prof) -> list[dict]:
@@ -34,6 +36,23 @@ def _by_kernel(prof) -> list[dict]:
              "us_per_cut": e.self_device_time_total / REPS}
             for e in prof.key_averages() if e.self_device_time_total > 0]
     return sorted(rows, key=lambda r: r["us_per_cut"], reverse=True)
+
+
+def _draw_vs_argmax(logits: torch.Tensor, top_ps: torch.Tensor) -> dict:
+    """The sampler's whole top-p draw on these rows (temperature 0.8 division, cut, race), as
+    `engine.sampler._sample` runs it, against the greedy argmax of the same rows."""
+    batch = logits.shape[0]
+    temps = torch.full((batch,), 0.8, device="cuda")
+    seeds = torch.arange(batch, device="cuda", dtype=torch.int64)
+    steps = torch.zeros(batch, device="cuda", dtype=torch.int64)
+    raw = logits * 0.8  # tempered back to these rows
+
+    def draw():
+        tempered = raw / temps[:, None]
+        return sample_race(tempered, seeds, steps, top_p_cut(tempered, top_ps))
+
+    return {"draw_graph_ms": graph_ms(draw),
+            "argmax_graph_ms": graph_ms(lambda: raw.argmax(dim=-1))}
 
 
 def profile_row(name: str, scale: float, p: float, batch: int, vocab: int) -> dict:
@@ -54,9 +73,11 @@ def profile_row(name: str, scale: float, p: float, batch: int, vocab: int) -> di
            "cut_graph_ms_narrow_at_cap": graph_ms(lambda: top_p_cut(logits, top_ps,
                                                                     narrow_to=CAP)),
            "kept_mean": kept.mean().item(), "by_kernel": _by_kernel(prof)}
+    row.update(_draw_vs_argmax(logits, top_ps))
     print(f"{row['row']:16s} B={batch:<3d} cut {row['cut_graph_ms'] * 1e3:7.1f} us (graph; "
           f"narrowing only over CAP: {row['cut_graph_ms_narrow_at_cap'] * 1e3:7.1f} us), "
-          f"kept {row['kept_mean']:9.0f}")
+          f"kept {row['kept_mean']:9.0f}; draw {row['draw_graph_ms'] * 1e3:7.1f} us, "
+          f"argmax {row['argmax_graph_ms'] * 1e3:6.1f} us")
     for k in row["by_kernel"]:
         print(f"    {k['kernel']:40s} x{k['calls_per_cut']:.0f} {k['us_per_cut']:8.1f} us")
     return row
