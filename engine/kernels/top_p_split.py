@@ -118,12 +118,16 @@ def _compact(row_ptr, begin, end, m, lo, hi, cand_key, cand_e, cand_id, n, cap,
         keep = (v < end) & (k >= lo) & (k < hi)
         min_vec = tl.minimum(min_vec, tl.where((v < end) & (k >= hi), k, _KEY_MAX))
         min_kept = tl.minimum(min_kept, tl.where(keep, k, _KEY_MAX))
-        pos = n + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-        fits = keep & (pos < cap)
-        tl.store(cand_key + pos, k, mask=fits)
-        tl.store(cand_e + pos, tl.exp(x - m), mask=fits)
-        tl.store(cand_id + pos, v, mask=fits)
-        n += tl.sum(keep.to(tl.int32), axis=0)
+        num = tl.sum(keep.to(tl.int32), axis=0)
+        # the scan and the stores only where they store something: most blocks of a narrowed
+        # interval hold no token of it, and a flat row's candidates fill the buffer early
+        if (num > 0) & (n < cap):
+            pos = n + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+            fits = keep & (pos < cap)
+            tl.store(cand_key + pos, k, mask=fits)
+            tl.store(cand_e + pos, tl.exp(x - m), mask=fits)
+            tl.store(cand_id + pos, v, mask=fits)
+        n += num
     tl.debug_barrier()  # the buffer is visible to every warp of the search
     return n, tl.min(min_kept, axis=0), tl.min(min_vec, axis=0)
 
