@@ -16,6 +16,8 @@
 # moerouter : benchmarks/moe_router_bench.py (router GEMM + routing fused vs cuBLAS + routing)
 # specoracle : benchmarks/spec_oracle.py (speculative vs plain, oracle drafts at acceptance p)
 # decodesweep : benchmarks/decode_attention_sweep.py (decode tiles over bf16 and fp8 caches)
+# topp    : benchmarks/top_p_profile.py (the top-p cut launch by launch, the whole draw vs argmax)
+# toppsweep : benchmarks/top_p_sweep.py (tiles of the top-p cut's split passes)
 # Logs and result JSON go to $OUT (default /tmp/pdserve-gpu); a summary is printed last.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -45,7 +47,7 @@ for p in $parts; do
            run tests_c 450 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
              $k/test_gemv.py $k/test_gemv_configs.py $k/test_sampling_kernel.py $k/test_compile_watch_cuda.py \
              $k/test_no_compile_after_warmup.py \
-             $k/test_top_p_kernel.py $k/test_fp8_kv.py $k/test_verify_graphs.py &
+             $k/test_top_p_kernel.py $k/test_top_p_temperature.py $k/test_fp8_kv.py $k/test_verify_graphs.py &
            run tests_d 450 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
              $k/test_fused_moe.py $k/test_moe_route.py $k/test_moe_gemv.py $k/test_moe_gemv_split.py $k/test_moe_router.py &
            wait
@@ -58,6 +60,7 @@ for p in $parts; do
              k=tests/kernels
              run changed_a 240 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
                $k/test_fused_ops.py $k/test_sampling_kernel.py $k/test_top_p_kernel.py \
+               $k/test_top_p_temperature.py \
                tests/engine/test_sampler.py $k/test_compile_watch_cuda.py &
              run changed_b 240 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
                $k/test_no_compile_after_warmup.py $k/test_end_to_end.py &
@@ -77,6 +80,8 @@ for p in $parts; do
              tail -n 20 "$OUT/latency.log" >> "$summary" ;;
     topp) run topp 200 python3 benchmarks/top_p_profile.py
           grep -v "^    " "$OUT/topp.log" | tail -n 10 >> "$summary" ;;
+    toppsweep) run toppsweep 240 python3 benchmarks/top_p_sweep.py
+               grep "same=" "$OUT/toppsweep.log" | cut -c1-400 >> "$summary" ;;
     fp8) run fp8 300 python3 benchmarks/fp8_kv.py
          tail -n 12 "$OUT/fp8.log" >> "$summary" ;;
     first) run first 400 python3 benchmarks/first_request.py

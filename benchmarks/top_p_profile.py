@@ -39,8 +39,9 @@ def _by_kernel(prof) -> list[dict]:
 
 
 def _draw_vs_argmax(logits: torch.Tensor, top_ps: torch.Tensor) -> dict:
-    """The sampler's whole top-p draw on these rows (temperature 0.8 division, cut, race), as
-    `engine.sampler._sample` runs it, against the greedy argmax of the same rows."""
+    """The sampler's whole top-p draw on these rows at temperature 0.8 (cut, race) as
+    `engine.sampler._sample` runs it (the kernels divide as they read), the same draw on a
+    tempered copy (how it ran before), and the greedy argmax of the same rows."""
     batch = logits.shape[0]
     temps = torch.full((batch,), 0.8, device="cuda")
     seeds = torch.arange(batch, device="cuda", dtype=torch.int64)
@@ -48,10 +49,14 @@ def _draw_vs_argmax(logits: torch.Tensor, top_ps: torch.Tensor) -> dict:
     raw = logits * 0.8  # tempered back to these rows
 
     def draw():
+        bounds = top_p_cut(raw, top_ps, temperatures=temps)
+        return sample_race(raw, seeds, steps, bounds, temps)
+
+    def draw_on_copy():
         tempered = raw / temps[:, None]
         return sample_race(tempered, seeds, steps, top_p_cut(tempered, top_ps))
 
-    return {"draw_graph_ms": graph_ms(draw),
+    return {"draw_graph_ms": graph_ms(draw), "draw_on_copy_graph_ms": graph_ms(draw_on_copy),
             "argmax_graph_ms": graph_ms(lambda: raw.argmax(dim=-1))}
 
 
@@ -76,7 +81,8 @@ def profile_row(name: str, scale: float, p: float, batch: int, vocab: int) -> di
     row.update(_draw_vs_argmax(logits, top_ps))
     print(f"{row['row']:16s} B={batch:<3d} cut {row['cut_graph_ms'] * 1e3:7.1f} us (graph; "
           f"narrowing only over CAP: {row['cut_graph_ms_narrow_at_cap'] * 1e3:7.1f} us), "
-          f"kept {row['kept_mean']:9.0f}; draw {row['draw_graph_ms'] * 1e3:7.1f} us, "
+          f"kept {row['kept_mean']:9.0f}; draw {row['draw_graph_ms'] * 1e3:7.1f} us "
+          f"(on a copy {row['draw_on_copy_graph_ms'] * 1e3:7.1f}), "
           f"argmax {row['argmax_graph_ms'] * 1e3:6.1f} us")
     for k in row["by_kernel"]:
         print(f"    {k['kernel']:40s} x{k['calls_per_cut']:.0f} {k['us_per_cut']:8.1f} us")

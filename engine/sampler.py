@@ -298,14 +298,18 @@ class Sampler:
 
 def _sample(logits: Tensor, tensors: SamplingTensors) -> Tensor:
     """Random draw for every row by the exponential race: argmax(p / E) with E ~ Exp(1)
-    picks token v with probability p[v] (the same law as Gumbel-max). With top-p as the only
-    mask, on CUDA the race applies the sort-free cut as it reads the row (no masked copy)."""
-    tempered = logits / tensors.temperatures[:, None]
-    if tensors.any_top_p and not tensors.any_top_k and not tensors.any_min_p:
-        bounds = dispatch.top_p_bounds(tempered, tensors.top_ps)
-        if bounds is not None:
-            return dispatch.sample_race(tempered, tensors.seeds, tensors.steps, bounds)
-    return dispatch.sample_race(_masked(tempered, tensors), tensors.seeds, tensors.steps)
+    picks token v with probability p[v] (the same law as Gumbel-max). Without top-k and
+    min-p, on CUDA the kernels divide by the temperature as they read the row (no tempered
+    copy) and the race applies the sort-free top-p cut as it reads (no masked copy)."""
+    temps = tensors.temperatures
+    if not tensors.any_top_k and not tensors.any_min_p:
+        bounds = None
+        if tensors.any_top_p:
+            bounds = dispatch.top_p_bounds(logits, tensors.top_ps, temps)
+        if bounds is not None or not tensors.any_top_p:
+            return dispatch.sample_race(logits, tensors.seeds, tensors.steps, bounds, temps)
+    return dispatch.sample_race(_masked(logits / temps[:, None], tensors), tensors.seeds,
+                                tensors.steps)
 
 
 def sampling_logits(logits: Tensor, tensors: SamplingTensors) -> Tensor:

@@ -92,19 +92,24 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
 
 
 def sample_race(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
-                bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                temperatures: torch.Tensor | None = None) -> torch.Tensor:
     """The sampler's random draw, argmax(logits - log E) with E from the counter-based noise:
     one fused Triton pass on CUDA, torch ops (`engine.sampler.sample_race_ref`) elsewhere.
-    `bounds`: a top-p cut from `top_p_bounds`, applied as the race reads the row."""
+    `temperatures`: draw from `logits / temperatures[:, None]` (divided in the pass on CUDA).
+    `bounds`: a top-p cut from `top_p_bounds` (of the tempered rows), applied as the race reads
+    the row."""
     if _triton_enabled and logits.is_cuda:
         try:
             from engine.kernels.sampling import sample_race as fused
         except ImportError:
             fused = None
         if fused is not None:
-            return fused(logits, seeds, steps, bounds)
+            return fused(logits, seeds, steps, bounds, temperatures)
     from engine.sampler import sample_race_ref
 
+    if temperatures is not None:
+        logits = logits.float() / temperatures[:, None]
     if bounds is not None:
         from engine.kernels.top_p import apply_cut
 
@@ -112,16 +117,18 @@ def sample_race(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
     return sample_race_ref(logits, seeds, steps)
 
 
-def top_p_bounds(logits: torch.Tensor, top_ps: torch.Tensor
+def top_p_bounds(logits: torch.Tensor, top_ps: torch.Tensor,
+                 temperatures: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Each row's nucleus as (boundary logit, last kept id) from the sort-free Triton cut on
-    CUDA (`engine/kernels/top_p.py`), for `sample_race` to apply as it reads; None elsewhere
-    (the caller masks with the sorting reference)."""
+    """Each row's nucleus (of `logits / temperatures[:, None]` where given) as (boundary
+    logit, last kept id) from the sort-free Triton cut on CUDA (`engine/kernels/top_p.py`), for
+    `sample_race` to apply as it reads; None elsewhere (the caller masks with the sorting
+    reference)."""
     if not (_triton_enabled and logits.is_cuda):
         return None
     from engine.kernels.top_p import top_p_cut
 
-    return top_p_cut(logits, top_ps)
+    return top_p_cut(logits, top_ps, temperatures=temperatures)
 
 
 def apply_top_p(logits: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:

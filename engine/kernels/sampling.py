@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.device import sm_count
+from engine.kernels.top_p import row_temperatures
 
 _BLOCK = 1024
 
@@ -30,13 +31,15 @@ def _fmix32(x):
 
 
 @triton.jit
-def _race_kernel(logits_ptr, seeds_ptr, steps_ptr, thr_ptr, cut_ptr, best_key_ptr, best_idx_ptr,
-                 vocab_size, row_stride, per_split, HAS_CUT: tl.constexpr, BLOCK: tl.constexpr):
+def _race_kernel(logits_ptr, temps_ptr, seeds_ptr, steps_ptr, thr_ptr, cut_ptr, best_key_ptr,
+                 best_idx_ptr, vocab_size, row_stride, per_split, HAS_CUT: tl.constexpr,
+                 BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     seed = tl.load(seeds_ptr + row)
     step = tl.load(steps_ptr + row)
+    temp = tl.load(temps_ptr + row)
     if HAS_CUT:  # the top-p cut (engine/kernels/top_p.py), applied as the row is read
         thr = tl.load(thr_ptr + row)
         cut = tl.load(cut_ptr + row)
@@ -51,6 +54,7 @@ def _race_kernel(logits_ptr, seeds_ptr, steps_ptr, thr_ptr, cut_ptr, best_key_pt
         v = start + tl.arange(0, BLOCK)
         mask = v < vocab_size
         logit = tl.load(logits_ptr + row * row_stride + v, mask=mask, other=float("-inf"))
+        logit = tl.math.div_rn(logit, temp)  # IEEE division: torch's logits / temperature
         if HAS_CUT:  # kept: above the boundary logit, or at it up to the cut id (apply_cut)
             kept = (logit > thr) | ((logit == thr) & (v <= cut))
             logit = tl.where(kept, logit, float("-inf"))
@@ -68,21 +72,25 @@ def _race_kernel(logits_ptr, seeds_ptr, steps_ptr, thr_ptr, cut_ptr, best_key_pt
 
 
 def sample_race(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
-                bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                temperatures: torch.Tensor | None = None) -> torch.Tensor:
     """argmax_v(logits[b, v] - log(-log u(seeds[b], steps[b], v))) per row: [B] int64.
     Ties pick the lowest id, as torch.argmax does. Masked (-inf) logits are never picked unless
-    a whole row is masked. `bounds`: a top-p cut's (thr, cut) (`top_p.top_p_cut`); the race
-    then reads the row as `top_p.apply_cut` would leave it, without that masked copy."""
+    a whole row is masked. `temperatures` [B]: race on `logits / temperatures[:, None]`,
+    divided as the row is read (no tempered copy). `bounds`: a top-p cut's (thr, cut)
+    (`top_p.top_p_cut`, of the tempered rows); the race then reads the row as
+    `top_p.apply_cut` would leave it, without that masked copy."""
     batch, vocab = logits.shape
     logits = logits.float().contiguous()
+    temps = row_temperatures(temperatures, batch, logits.device)
     splits = min(_num_splits(batch, logits.device), triton.cdiv(vocab, _BLOCK))
     per_split = triton.cdiv(triton.cdiv(vocab, splits), _BLOCK) * _BLOCK
     splits = triton.cdiv(vocab, per_split)
     best_key = torch.empty(batch, splits, dtype=torch.float32, device=logits.device)
     best_idx = torch.empty(batch, splits, dtype=torch.int32, device=logits.device)
     thr, cut = bounds if bounds is not None else (best_key, best_idx)  # placeholders if none
-    _race_kernel[(batch, splits)](logits, seeds, steps, thr, cut, best_key, best_idx, vocab,
-                                  logits.stride(0), per_split, HAS_CUT=bounds is not None,
+    _race_kernel[(batch, splits)](logits, temps, seeds, steps, thr, cut, best_key, best_idx,
+                                  vocab, logits.stride(0), per_split, HAS_CUT=bounds is not None,
                                   BLOCK=_BLOCK, num_warps=4)
     # slices are in vocabulary order, so the first best slice holds the lowest best id
     return best_idx.gather(1, best_key.argmax(dim=1, keepdim=True)).squeeze(1).long()

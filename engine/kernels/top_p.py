@@ -59,6 +59,8 @@ key, float32 exp, int32 id: 192 KiB at CAP 16384), plus per chunk 8 bytes (max/s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -83,6 +85,21 @@ NARROW_TO = 1024
 _NEG_INF = float("-inf")
 
 
+@dataclass
+class TopPTuning:
+    """Tiles of the whole-row split passes (`benchmarks/top_p_sweep.py` times the choices):
+    the compactions scan `compact_block` tokens per step, the narrowing passes compare an
+    [NT, narrow_block] tile. Smaller tiles take fewer registers: more programs per SM."""
+
+    compact_block: int = _ROW_BLOCK
+    compact_warps: int = 4
+    narrow_block: int = _BLOCK
+    narrow_warps: int = _WARPS
+
+
+TUNE = TopPTuning()
+
+
 @triton.jit
 def _search_buffer(key_ptr, e_ptr, id_ptr, n, m, lo, hi, target, mass_hi, min_above,
                    NT: tl.constexpr, BLOCK: tl.constexpr):
@@ -103,7 +120,7 @@ def _search_buffer(key_ptr, e_ptr, id_ptr, n, m, lo, hi, target, mass_hi, min_ab
         min_vec = tl.full([BLOCK], _KEY_MAX, tl.int32)
         kept = 0
         for start in range(0, n, BLOCK):
-            k, e, ids, valid = _chunk(key_ptr, e_ptr, id_ptr, start, n, m, False, BLOCK)
+            k, e, ids, valid = _chunk(key_ptr, e_ptr, id_ptr, start, n, m, 1.0, False, BLOCK)
             tl.debug_barrier()  # every warp holds this block before any slot of it is rewritten
             high = valid & (k >= hi32)
             inside = valid & (k >= lo32) & (k < hi32)
@@ -129,8 +146,8 @@ def _search_buffer(key_ptr, e_ptr, id_ptr, n, m, lo, hi, target, mass_hi, min_ab
 
 
 @triton.jit
-def _gather(cand_key, cand_e, cand_id, info, row_ptr, vocab, m, lo, hi, cap, region, chunk,
-            num_splits, SPLITS: tl.constexpr, ROW_BLOCK: tl.constexpr):
+def _gather(cand_key, cand_e, cand_id, info, row_ptr, vocab, m, temp, lo, hi, cap, region,
+            chunk, num_splits, SPLITS: tl.constexpr, ROW_BLOCK: tl.constexpr):
     """Move the chunks' regions of the last split compaction into one id-ordered prefix of the
     buffer, in place: each region moves left, in ascending order, so no slot is written before
     it is read. From the first chunk with more tokens than its region on, the row is compacted
@@ -157,14 +174,14 @@ def _gather(cand_key, cand_e, cand_id, info, row_ptr, vocab, m, lo, hi, cap, reg
         n += num
     tl.debug_barrier()  # the moved regions are visible to every warp of the search
     if first_over < num_splits:
-        n, min_kept, above = _compact(row_ptr, first_over * chunk, vocab, m, lo, hi, cand_key,
-                                      cand_e, cand_id, n, cap, ROW_BLOCK)
+        n, min_kept, above = _compact(row_ptr, first_over * chunk, vocab, m, temp, lo, hi,
+                                      cand_key, cand_e, cand_id, n, cap, ROW_BLOCK)
         min_above = tl.minimum(min_above, above)
     return n, min_above
 
 
 @triton.jit
-def _cut(src_ptr, e_ptr, id_ptr, count, m, lo, target, mass_hi, min_above,
+def _cut(src_ptr, e_ptr, id_ptr, count, m, temp, lo, target, mass_hi, min_above,
          FROM_ROW: tl.constexpr, BLOCK: tl.constexpr):
     """(t, cut) once the search stopped at key lo: t = smallest logit with key >= lo; the ties
     at t are kept in id order while the mass before them stays below target. `mass_hi` and
@@ -173,14 +190,14 @@ def _cut(src_ptr, e_ptr, id_ptr, count, m, lo, target, mass_hi, min_above,
     masses disagree), every token from min_above up is kept."""
     t_vec = tl.full([BLOCK], _KEY_MAX, tl.int32)
     for start in range(0, count, BLOCK):
-        k, e, ids, valid = _chunk(src_ptr, e_ptr, id_ptr, start, count, m, FROM_ROW, BLOCK)
+        k, e, ids, valid = _chunk(src_ptr, e_ptr, id_ptr, start, count, m, temp, FROM_ROW, BLOCK)
         t_vec = tl.minimum(t_vec, tl.where(k >= lo, k, _KEY_MAX))
     t_key = tl.min(t_vec, axis=0)
     none_inside = t_key == _KEY_MAX
     t_key = tl.minimum(t_key, min_above)
     gt_vec = tl.zeros([BLOCK], tl.float32)
     for start in range(0, count, BLOCK):
-        k, e, ids, valid = _chunk(src_ptr, e_ptr, id_ptr, start, count, m, FROM_ROW, BLOCK)
+        k, e, ids, valid = _chunk(src_ptr, e_ptr, id_ptr, start, count, m, temp, FROM_ROW, BLOCK)
         gt_vec += tl.where(k > t_key, e, 0.0)
     mass_gt = mass_hi + tl.sum(gt_vec, axis=0)
     t = _value(t_key)
@@ -190,7 +207,7 @@ def _cut(src_ptr, e_ptr, id_ptr, count, m, lo, target, mass_hi, min_above,
     seen = 0
     cut = -1
     for start in range(0, count, BLOCK):
-        k, e, ids, valid = _chunk(src_ptr, e_ptr, id_ptr, start, count, m, FROM_ROW, BLOCK)
+        k, e, ids, valid = _chunk(src_ptr, e_ptr, id_ptr, start, count, m, temp, FROM_ROW, BLOCK)
         tie = valid & (k == t_key)
         rank = seen + tl.cumsum(tie.to(tl.int32), axis=0)
         cut = tl.maximum(cut, tl.max(tl.where(tie & (rank <= need), ids, -1), axis=0))
@@ -199,7 +216,7 @@ def _cut(src_ptr, e_ptr, id_ptr, count, m, lo, target, mass_hi, min_above,
 
 
 @triton.jit
-def _top_p_cut_kernel(logits_ptr, top_ps_ptr, state_i_ptr, state_f_ptr, info_ptr, cand_key_ptr,
+def _top_p_cut_kernel(logits_ptr, temps_ptr, top_ps_ptr, state_i_ptr, state_f_ptr, info_ptr, cand_key_ptr,
                       cand_e_ptr, cand_id_ptr, thr_ptr, cut_ptr, vocab, row_stride, cap, region,
                       chunk, num_splits, SPLITS: tl.constexpr, ROW_BLOCK: tl.constexpr,
                       BLOCK: tl.constexpr, NT: tl.constexpr):
@@ -213,6 +230,7 @@ def _top_p_cut_kernel(logits_ptr, top_ps_ptr, state_i_ptr, state_f_ptr, info_ptr
         state_i = state_i_ptr + row * _SI
         state_f = state_f_ptr + row * _SF
         m = tl.load(state_f)
+        temp = tl.load(temps_ptr + row)
         target = tl.load(state_f + 1)
         mass_hi = tl.load(state_f + 2)
         lo = tl.load(state_i)
@@ -226,32 +244,36 @@ def _top_p_cut_kernel(logits_ptr, top_ps_ptr, state_i_ptr, state_f_ptr, info_ptr
         min_above = tl.full((), _KEY_MAX, tl.int32)
         if n_in <= cap:  # the last split compaction holds them, region by region
             n_in, min_above = _gather(cand_key, cand_e, cand_id, info_ptr + row * 3 * SPLITS,
-                                      row_ptr, vocab, m, lo, hi, cap, region, chunk, num_splits,
-                                      SPLITS, ROW_BLOCK)
+                                      row_ptr, vocab, m, temp, lo, hi, cap, region, chunk,
+                                      num_splits, SPLITS, ROW_BLOCK)
         else:  # more passes needed, or more than cap ties at one key: narrow serially
-            lo, hi, n_left, mass_hi = _narrow_row(row_ptr, vocab, m, lo, hi, target, n, n_hi,
+            lo, hi, n_left, mass_hi = _narrow_row(row_ptr, vocab, m, temp, lo, hi, target, n, n_hi,
                                                   mass_hi, tl.load(state_i + 4), cap, NT, BLOCK)
             n_in = n_left.to(tl.int32)
             if n_in <= cap:
-                n_in, min_kept, min_above = _compact(row_ptr, 0, vocab, m, lo, hi, cand_key,
-                                                     cand_e, cand_id, 0, cap, ROW_BLOCK)
+                n_in, min_kept, min_above = _compact(row_ptr, 0, vocab, m, temp, lo, hi,
+                                                     cand_key, cand_e, cand_id, 0, cap,
+                                                     ROW_BLOCK)
         if n_in <= cap:
             lo, n_in, mass_hi, min_above = _search_buffer(cand_key, cand_e, cand_id, n_in, m, lo,
                                                           hi, target, mass_hi, min_above, NT,
                                                           BLOCK)
-            t, cut = _cut(cand_key, cand_e, cand_id, n_in, m, lo, target, mass_hi, min_above,
-                          False, BLOCK)
+            t, cut = _cut(cand_key, cand_e, cand_id, n_in, m, temp, lo, target, mass_hi,
+                          min_above, False, BLOCK)
         else:
-            t, cut = _cut(row_ptr, row_ptr, row_ptr, vocab, m, lo, target, 0.0, _KEY_MAX, True,
-                          BLOCK)
+            t, cut = _cut(row_ptr, row_ptr, row_ptr, vocab, m, temp, lo, target, 0.0, _KEY_MAX,
+                          True, BLOCK)
     tl.store(thr_ptr + row, t)
     tl.store(cut_ptr + row, cut)
 
 
 def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor, cap: int = CAP,
-              narrow_to: int = NARROW_TO) -> tuple[torch.Tensor, torch.Tensor]:
+              narrow_to: int = NARROW_TO, temperatures: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(t [B] float32, cut [B] int32) of each row's nucleus; rows with top_p >= 1 keep all
     (t = -inf, cut = vocab). `logits` is [B, V] float32 on CUDA (or the Triton interpreter).
+    `temperatures` [B]: the nucleus of `logits / temperatures[:, None]` (t on that scale),
+    divided as each pass reads the row, without a tempered copy.
     `cap`: candidate slots per row; `narrow_to` (at most cap): rows with more candidates are
     narrowed by the split passes first (tests shrink both to reach those paths at small V)."""
     if cap < 1 or narrow_to < 1:
@@ -259,6 +281,7 @@ def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor, cap: int = CAP,
     batch, vocab = logits.shape
     logits = logits.float().contiguous()
     top_ps = top_ps.float().contiguous()
+    temps = row_temperatures(temperatures, batch, logits.device)
     cap = min(cap, vocab)
     narrow_to = min(narrow_to, cap)
     num_splits = triton.cdiv(vocab, _STATS_CHUNK)
@@ -279,28 +302,41 @@ def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor, cap: int = CAP,
     cut = torch.empty(batch, dtype=torch.int32, device=dev)
     split_grid = (batch, num_splits)
     stride = logits.stride(0)
-    _row_stats_kernel[split_grid](logits, stats, vocab, stride, _STATS_CHUNK, SPLITS=splits,
-                                  BLOCK=_ROW_BLOCK, num_warps=4)
-    compact_args = (logits, top_ps, stats, state_i, state_f, info, cand_key, cand_e, cand_id,
+    _row_stats_kernel[split_grid](logits, temps, stats, vocab, stride, _STATS_CHUNK,
+                                  SPLITS=splits, BLOCK=_ROW_BLOCK, num_warps=4)
+    compact_args = (logits, temps, top_ps, stats, state_i, state_f, info, cand_key, cand_e, cand_id,
                     vocab, stride, cap, region, _STATS_CHUNK, num_splits)
     _compact_split_kernel[split_grid](*compact_args, NARROWED=False, SPLITS=splits,
-                                      ROW_BLOCK=_ROW_BLOCK, num_warps=4)
+                                      ROW_BLOCK=TUNE.compact_block,
+                                      num_warps=TUNE.compact_warps)
     for pass_index in range(_NARROW_PASSES):
-        _narrow_split_kernel[split_grid](logits, top_ps, state_i, state_f, info, narrow_thr,
-                                         narrow_mass, narrow_count, vocab, stride, narrow_to,
-                                         _STATS_CHUNK, num_splits, FIRST=pass_index == 0,
-                                         SPLITS=splits, NT=_NT, BLOCK=_BLOCK, num_warps=_WARPS)
+        _narrow_split_kernel[split_grid](logits, temps, top_ps, state_i, state_f, info,
+                                         narrow_thr, narrow_mass, narrow_count, vocab, stride,
+                                         narrow_to, _STATS_CHUNK, num_splits,
+                                         FIRST=pass_index == 0, SPLITS=splits, NT=_NT,
+                                         BLOCK=TUNE.narrow_block, num_warps=TUNE.narrow_warps)
         _narrow_merge_kernel[(batch,)](top_ps, state_i, state_f, info, narrow_thr, narrow_mass,
                                        narrow_count, narrow_to, num_splits,
                                        FIRST=pass_index == 0,
                                        SPLITS=splits, NT=_NT, num_warps=1)
     _compact_split_kernel[split_grid](*compact_args, NARROWED=True, SPLITS=splits,
-                                      ROW_BLOCK=_ROW_BLOCK, num_warps=4)
-    _top_p_cut_kernel[(batch,)](logits, top_ps, state_i, state_f, info, cand_key, cand_e,
+                                      ROW_BLOCK=TUNE.compact_block,
+                                      num_warps=TUNE.compact_warps)
+    _top_p_cut_kernel[(batch,)](logits, temps, top_ps, state_i, state_f, info, cand_key, cand_e,
                                 cand_id, thr, cut, vocab, stride, cap, region, _STATS_CHUNK,
                                 num_splits, SPLITS=splits, ROW_BLOCK=_ROW_BLOCK, BLOCK=_BLOCK,
                                 NT=_NT, num_warps=_WARPS)
     return thr, cut
+
+
+def row_temperatures(temperatures: torch.Tensor | None, batch: int,
+                  device: torch.device) -> torch.Tensor:
+    """[B] float32 temperatures for the kernels (ones when none: dividing by 1 is exact)."""
+    if temperatures is None:
+        return torch.ones(batch, dtype=torch.float32, device=device)
+    if temperatures.shape != (batch,):
+        raise ValueError(f"temperatures must be [{batch}], got {list(temperatures.shape)}")
+    return temperatures.float().contiguous()
 
 
 def apply_cut(logits: torch.Tensor, thr: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:

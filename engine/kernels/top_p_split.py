@@ -52,13 +52,24 @@ def _value(k):
 
 
 @triton.jit
-def _chunk(src_ptr, e_ptr, id_ptr, start, count, m, FROM_ROW: tl.constexpr, BLOCK: tl.constexpr):
+def _load_row(row_ptr, i, valid, temp):
+    """Logits i of a row divided by its temperature, -inf where not valid. The division rounds
+    to nearest (IEEE), as torch's `logits / temperature` does: the same tempered values, so the
+    same cut as on a tempered copy (which the fused division saves)."""
+    x = tl.load(row_ptr + i, mask=valid, other=float("-inf"))
+    return tl.math.div_rn(x, temp)
+
+
+@triton.jit
+def _chunk(src_ptr, e_ptr, id_ptr, start, count, m, temp, FROM_ROW: tl.constexpr,
+           BLOCK: tl.constexpr):
     """(key, exp(x - m), id, valid) of elements [start, start + BLOCK) (below `count`) of the
-    searched set: the row's logits (FROM_ROW) or the candidate buffer (src_ptr = keys)."""
+    searched set: the row's logits divided by the row's temperature `temp` (FROM_ROW; see
+    `_load_row`) or the candidate buffer (src_ptr = keys)."""
     i = start + tl.arange(0, BLOCK)
     valid = i < count
     if FROM_ROW:
-        x = tl.load(src_ptr + i, mask=valid, other=float("-inf"))
+        x = _load_row(src_ptr, i, valid, temp)
         k = _key(x)
         e = tl.exp(x - m)
         ids = i
@@ -78,19 +89,20 @@ def _merge_max_sum(m_vec, s_vec):
 
 
 @triton.jit
-def _row_stats_kernel(logits_ptr, stats_ptr, vocab, row_stride, chunk, SPLITS: tl.constexpr,
-                      BLOCK: tl.constexpr):
+def _row_stats_kernel(logits_ptr, temps_ptr, stats_ptr, vocab, row_stride, chunk,
+                      SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     """Step 1, split: program (row, j) writes the max m_j and sum exp(x - m_j) of its `chunk`
     of the row (online, as in softmax) to stats[row, j] (m) and stats[row, SPLITS + j] (s)."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     row_ptr = logits_ptr + row * row_stride
+    temp = tl.load(temps_ptr + row)
     end = tl.minimum(split * chunk + chunk, vocab)
     m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
     s_vec = tl.zeros([BLOCK], tl.float32)
     for start in range(split * chunk, end, BLOCK):
         v = start + tl.arange(0, BLOCK)
-        x = tl.load(row_ptr + v, mask=v < end, other=float("-inf"))
+        x = _load_row(row_ptr, v, v < end, temp)
         new_m = tl.maximum(m_vec, x)
         scale = tl.exp(tl.where(m_vec == float("-inf"), float("-inf"), m_vec - new_m))
         term = tl.exp(tl.where(x == float("-inf"), float("-inf"), x - new_m))
@@ -102,7 +114,7 @@ def _row_stats_kernel(logits_ptr, stats_ptr, vocab, row_stride, chunk, SPLITS: t
 
 
 @triton.jit
-def _compact(row_ptr, begin, end, m, lo, hi, cand_key, cand_e, cand_id, n, cap,
+def _compact(row_ptr, begin, end, m, temp, lo, hi, cand_key, cand_e, cand_id, n, cap,
              ROW_BLOCK: tl.constexpr):
     """Store (key, exp(x - m), id) of the tokens of [begin, end) with lo <= key < hi (int64
     bounds), in id order, in slots n, n + 1, ... below `cap`; returns n plus how many there
@@ -113,7 +125,7 @@ def _compact(row_ptr, begin, end, m, lo, hi, cand_key, cand_e, cand_id, n, cap,
     min_kept = tl.full([ROW_BLOCK], _KEY_MAX, tl.int32)
     for start in range(begin, end, ROW_BLOCK):
         v = start + tl.arange(0, ROW_BLOCK)
-        x = tl.load(row_ptr + v, mask=v < end, other=float("-inf"))
+        x = _load_row(row_ptr, v, v < end, temp)
         k = _key(x)
         keep = (v < end) & (k >= lo) & (k < hi)
         min_vec = tl.minimum(min_vec, tl.where((v < end) & (k >= hi), k, _KEY_MAX))
@@ -150,13 +162,13 @@ def _narrow_thresholds(lo, hi, by_value, NT: tl.constexpr):
 
 
 @triton.jit
-def _threshold_sums(row_ptr, begin, end, m, thr, NT: tl.constexpr, BLOCK: tl.constexpr):
+def _threshold_sums(row_ptr, begin, end, m, temp, thr, NT: tl.constexpr, BLOCK: tl.constexpr):
     """Mass (sum of exp(x - m)) and count of the tokens of [begin, end) at/above each
     threshold: an [NT, BLOCK] compare, each exp computed once per token."""
     acc = tl.zeros([NT, BLOCK], tl.float32)
     num = tl.zeros([NT, BLOCK], tl.int32)
     for start in range(begin, end, BLOCK):
-        k, e, ids, valid = _chunk(row_ptr, row_ptr, row_ptr, start, end, m, True, BLOCK)
+        k, e, ids, valid = _chunk(row_ptr, row_ptr, row_ptr, start, end, m, temp, True, BLOCK)
         at_least = k[None, :] >= thr[:, None]
         acc += tl.where(at_least, e[None, :], 0.0)
         num += at_least.to(tl.int32)
@@ -183,7 +195,7 @@ def _narrow_update(lo, hi, n, n_hi, mass_hi, thr, mass, count, target, NT: tl.co
 
 
 @triton.jit
-def _narrow_row(row_ptr, vocab, m, lo, hi, target, n, n_hi, mass_hi, by_value, cap,
+def _narrow_row(row_ptr, vocab, m, temp, lo, hi, target, n, n_hi, mass_hi, by_value, cap,
                 NT: tl.constexpr, BLOCK: tl.constexpr):
     """Serial narrowing, from the state the split passes left: k-ary passes over the whole row
     on [lo, hi) (int64 keys; mass(>= lo) >= target > mass(>= hi) = mass_hi) until the tokens
@@ -192,16 +204,16 @@ def _narrow_row(row_ptr, vocab, m, lo, hi, target, n, n_hi, mass_hi, by_value, c
     while (hi - lo > 1) & (n - n_hi > cap):
         thr = _narrow_thresholds(lo, hi, by_value, NT)
         by_value = by_value * 0
-        mass, count = _threshold_sums(row_ptr, 0, vocab, m, thr, NT, BLOCK)
+        mass, count = _threshold_sums(row_ptr, 0, vocab, m, temp, thr, NT, BLOCK)
         lo, hi, n, n_hi, mass_hi = _narrow_update(lo, hi, n, n_hi, mass_hi, thr, mass, count,
                                                   target, NT)
     return lo, hi, n - n_hi, mass_hi
 
 
 @triton.jit
-def _compact_split_kernel(logits_ptr, top_ps_ptr, stats_ptr, state_i_ptr, state_f_ptr, info_ptr,
-                          cand_key_ptr, cand_e_ptr, cand_id_ptr, vocab, row_stride, cap, region,
-                          chunk, num_splits, NARROWED: tl.constexpr, SPLITS: tl.constexpr,
+def _compact_split_kernel(logits_ptr, temps_ptr, top_ps_ptr, stats_ptr, state_i_ptr,
+                          state_f_ptr, info_ptr, cand_key_ptr, cand_e_ptr, cand_id_ptr, vocab,
+                          row_stride, cap, region, chunk, num_splits, NARROWED: tl.constexpr, SPLITS: tl.constexpr,
                           ROW_BLOCK: tl.constexpr):
     """Program (row, j) compacts the tokens of chunk j with lo <= key < hi into region j
     (`region` slots from j * region) of the row's buffer and writes the chunk's info. Not
@@ -239,7 +251,8 @@ def _compact_split_kernel(logits_ptr, top_ps_ptr, stats_ptr, state_i_ptr, state_
             begin = split * chunk
             off = row * cap + split * region
             n, min_kept, min_above = _compact(logits_ptr + row * row_stride, begin,
-                                              tl.minimum(begin + chunk, vocab), m, lo, hi,
+                                              tl.minimum(begin + chunk, vocab), m,
+                                              tl.load(temps_ptr + row), lo, hi,
                                               cand_key_ptr + off, cand_e_ptr + off,
                                               cand_id_ptr + off, 0, region, ROW_BLOCK)
             info = info_ptr + row * 3 * SPLITS + split
@@ -278,7 +291,7 @@ def _narrow_state(state_i, state_f, info, narrow_to, num_splits, FIRST: tl.const
 
 
 @triton.jit
-def _narrow_split_kernel(logits_ptr, top_ps_ptr, state_i_ptr, state_f_ptr, info_ptr, thr_ptr,
+def _narrow_split_kernel(logits_ptr, temps_ptr, top_ps_ptr, state_i_ptr, state_f_ptr, info_ptr, thr_ptr,
                          mass_ptr, count_ptr, vocab, row_stride, narrow_to, chunk, num_splits,
                          FIRST: tl.constexpr, SPLITS: tl.constexpr, NT: tl.constexpr,
                          BLOCK: tl.constexpr):
@@ -298,7 +311,8 @@ def _narrow_split_kernel(logits_ptr, top_ps_ptr, state_i_ptr, state_f_ptr, info_
             begin = split * chunk
             mass, count = _threshold_sums(logits_ptr + row * row_stride, begin,
                                           tl.minimum(begin + chunk, vocab),
-                                          tl.load(state_f_ptr + row * _SF), thr, NT, BLOCK)
+                                          tl.load(state_f_ptr + row * _SF),
+                                          tl.load(temps_ptr + row), thr, NT, BLOCK)
             t = tl.arange(0, NT)
             tl.store(mass_ptr + (row * SPLITS + split) * NT + t, mass)
             tl.store(count_ptr + (row * SPLITS + split) * NT + t, count)
