@@ -106,8 +106,8 @@ class CountingPayoff(Payoff):
         super().__init__()
         self.decisions: dict[int, list[bool]] = {}  # batch -> per step: drafting?
 
-    def wants_drafts(self, batch: int) -> bool:
-        drafts = super().wants_drafts(batch)
+    def wants_drafts(self, batch: int, from_shadow: bool = False) -> bool:
+        drafts = super().wants_drafts(batch, from_shadow)
         self.decisions.setdefault(batch, []).append(drafts)
         return drafts
 

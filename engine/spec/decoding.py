@@ -92,16 +92,22 @@ class SpecDecoding:
         faster (or is being probed). Called once per step."""
         if not 0 < len(running) <= self.config.max_batch_size:
             return False
-        return self.payoff.wants_drafts(len(running)) if self.config.adaptive else True
+        if not self.config.adaptive:
+            return True
+        return self.payoff.wants_drafts(len(running), from_shadow=self._shadowed)
+
+    @property
+    def _shadowed(self) -> bool:
+        """Whether plain steps draft in the shadow (a host-only proposer, adaptive)."""
+        return self.shadow is not None and hasattr(self.proposer, "shadow_propose")
 
     def before_schedule(self, running: Sequence[Request], drafting: bool) -> None:
         """Drafts for the step about to be scheduled, or (a plain step) shadow drafts."""
-        shadow_propose = getattr(self.proposer, "shadow_propose", None)  # host-only proposers
         if drafting:
             self.propose(running)
-        elif (self.shadow is not None and shadow_propose is not None
-              and 0 < len(running) <= self.config.max_batch_size):
-            drafted, accepted = self.shadow.step(running, shadow_propose)
+        elif self._shadowed and 0 < len(running) <= self.config.max_batch_size:
+            drafted, accepted = self.shadow.step(running, self.proposer.shadow_propose,
+                                                 eager=self.payoff.needs_shadow(len(running)))
             self.payoff.record_acceptance(len(running), drafted, accepted, shadow=True)
 
     def propose(self, running: Sequence[Request]) -> None:

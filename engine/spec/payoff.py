@@ -24,10 +24,17 @@ class Payoff:
     drafting lost with (plus `shadow_margin`), a probe would measure the same loss again: it
     is skipped, and the gap doubles as if it had run (`record_acceptance`). Probes at the
     largest gap still run: drafting may also start to pay because verification got cheaper
-    (shorter contexts at the same batch size), which acceptance does not show."""
+    (shorter contexts at the same batch size), which acceptance does not show.
+
+    With shadow drafts (`from_shadow`), a batch size does not start by drafting either: it
+    decodes plainly until its shadow drafts accept at least `min_shadow_acceptance` (the first
+    score comes after about k steps: the shadow passes run every step until then), and only
+    then tries drafting. At acceptance 0 it never drafts (an H100 at batch 32 lost 0.5-1% to
+    the drafting steps of the start in 128-token runs)."""
 
     def __init__(self, probe_every: int = 16, weight: float = 0.25,
-                 max_probe_every: int = 256, shadow_margin: float = 0.05) -> None:
+                 max_probe_every: int = 256, shadow_margin: float = 0.05,
+                 min_shadow_acceptance: float = 0.1) -> None:
         if not 1 <= probe_every <= max_probe_every:
             raise ValueError(f"need 1 <= probe_every <= max_probe_every, got {probe_every}, "
                              f"{max_probe_every}")
@@ -38,13 +45,19 @@ class Payoff:
         self._steps: dict[int, int] = {}
         self._probes: dict[int, tuple[int, int, bool]] = {}  # bucket -> (step, gap, winner)
         self.shadow_margin = shadow_margin
+        self.min_shadow_acceptance = min_shadow_acceptance
         # bucket -> {shadow: moving average of accepted / drafted}
         self._acceptance: dict[int, dict[bool, float]] = {}
 
-    def wants_drafts(self, batch: int) -> bool:
+    def wants_drafts(self, batch: int, from_shadow: bool = False) -> bool:
+        """Whether a step at this batch size drafts; `from_shadow`: shadow drafts score
+        acceptance while it does not (see the class)."""
         bucket = batch.bit_length()
         rates = self._rates.setdefault(bucket, {})
         self._steps[bucket] = step = self._steps.get(bucket, 0) + 1
+        if True not in rates and from_shadow:  # plain until shadow drafts would be kept
+            shadow = self._acceptance.get(bucket, {}).get(True)
+            return shadow is not None and shadow >= self.min_shadow_acceptance
         if True not in rates:  # drafting first (every step until some drafts verify, then
             return step <= self.probe_every or step % self.probe_every == 1  # now and then)
         if False not in rates:
@@ -72,6 +85,14 @@ class Payoff:
         (shadow True), at this batch size."""
         if drafted > 0:
             self._average(self._acceptance, batch, shadow, accepted / drafted)
+
+    def needs_shadow(self, batch: int) -> bool:
+        """Whether this batch size waits for its first shadow score to decide (shadow passes
+        then run every step), within its first steps."""
+        bucket = batch.bit_length()
+        return (True not in self._acceptance.get(bucket, {})
+                and True not in self._rates.get(bucket, {})
+                and self._steps.get(bucket, 0) <= self.probe_every)
 
     def acceptance(self, batch: int) -> dict[bool, float]:
         return dict(self._acceptance.get(batch.bit_length(), {}))

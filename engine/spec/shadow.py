@@ -49,13 +49,14 @@ class ShadowDrafts:
     def num_pending(self) -> int:
         return len(self._pending)
 
-    def step(self, running: Sequence[Request],
-             propose: Callable[[list[int], int], list[int]]) -> tuple[int, int]:
+    def step(self, running: Sequence[Request], propose: Callable[[list[int], int], list[int]],
+             eager: bool = False) -> tuple[int, int]:
         """Once per plain step: (drafted, accepted) of the drafts scored at this step (0, 0
         between passes); `propose(tokens, max_tokens)` drafts without side effects. Drafts of
-        requests no longer running are dropped."""
+        requests no longer running are dropped. `eager`: pass at this step whatever the
+        cadence (a first score is awaited: `Payoff.needs_shadow`)."""
         self._steps += 1
-        if self._steps % self.every:
+        if self._steps % self.every and not eager:
             return 0, 0
         pending: dict[str, tuple[int, list[int]]] = {}
         drafted = accepted = 0

@@ -289,7 +289,7 @@ def test_payoff_times_do_not_overlap_under_async_scheduling(model):
             super().__init__()
             self.records: list[tuple[bool, float]] = []
 
-        def wants_drafts(self, batch):
+        def wants_drafts(self, batch, from_shadow=False):
             return False
 
         def record(self, batch, speculative, tokens, seconds):

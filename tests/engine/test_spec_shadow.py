@@ -83,8 +83,8 @@ class CountingPayoff(Payoff):
         super().__init__()
         self.decisions: list[bool] = []
 
-    def wants_drafts(self, batch: int) -> bool:
-        self.decisions.append(super().wants_drafts(batch))
+    def wants_drafts(self, batch: int, from_shadow: bool = False) -> bool:
+        self.decisions.append(super().wants_drafts(batch, from_shadow))
         return self.decisions[-1]
 
     def record(self, batch, speculative, tokens, seconds):
@@ -102,17 +102,72 @@ def _drafting_steps(model: str, proposer) -> tuple[list, int]:
     engine.spec.payoff = payoff = CountingPayoff()
     engine.spec.shadow.every = 4
     params = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
-    outs = [o.token_ids for o in engine.generate(_prompts(8), params)]
+    outs = [o.prompt_token_ids + o.token_ids for o in engine.generate(_prompts(8), params)]
     assert engine.kv_manager.num_free_blocks == engine.kv_manager.num_blocks
-    first_plain = payoff.decisions.index(False)
-    return outs, sum(payoff.decisions[first_plain:])
+    return outs, payoff.decisions
 
 
-def test_no_probe_steps_at_acceptance_zero_with_shadow_drafts(model):  # noqa: F811
-    """At acceptance 0 and a slower verification step, the engine probes drafting again and
-    again without shadow drafts (16, then 32 steps later), and not once with them; outputs
-    are plain greedy's either way."""
-    plain, probes = _drafting_steps(model, WrongDrafts())
-    shadowed, shadow_probes = _drafting_steps(model, WrongDraftsWithShadow())
+def _probes(decisions: list[bool]) -> int:
+    """Drafting steps after the first plain one."""
+    return sum(decisions[decisions.index(False):])
+
+
+def test_no_drafting_step_at_acceptance_zero_with_shadow_drafts(model):  # noqa: F811
+    """At acceptance 0 and a slower verification step, the engine without shadow drafts
+    drafts first and then probes drafting again and again (16, then 32 steps later); with
+    them it never drafts, not even at the start. Outputs are plain greedy's either way."""
+    plain, decisions = _drafting_steps(model, WrongDrafts())
+    shadowed, shadow_decisions = _drafting_steps(model, WrongDraftsWithShadow())
     assert shadowed == plain
-    assert probes >= 2 and shadow_probes == 0, (probes, shadow_probes)
+    assert decisions[0] and _probes(decisions) >= 2, decisions
+    assert not any(shadow_decisions), shadow_decisions
+
+
+class RightDraftsWithShadow:
+    """Drafts the known continuation (acceptance 1) of each sequence, on the host."""
+
+    def __init__(self, references: list[list[int]]) -> None:
+        self.references = references
+
+    def propose(self, token_ids, max_tokens=None):
+        n = len(token_ids)
+        for ref in self.references:
+            if ref[:n] == list(token_ids):
+                return ref[n:n + min(3, max_tokens or 3)]
+        return []
+
+    shadow_propose = propose
+
+    def fill(self, chunks) -> None:
+        pass
+
+
+def test_shadow_drafts_start_drafting_once_they_would_be_kept(model):  # noqa: F811
+    """With shadow drafts that would all be kept, drafting starts after the first shadow
+    score (passes every step until then: a few steps, not the every-4 cadence), and the
+    outputs stay plain greedy's."""
+    plain, _ = _drafting_steps(model, WrongDrafts())
+    outs, decisions = _drafting_steps(model, RightDraftsWithShadow(plain))
+    assert outs == plain
+    first = decisions.index(True)
+    assert 1 <= first <= 6, decisions
+    assert sum(decisions) >= 10, decisions
+
+
+def test_payoff_from_shadow_waits_for_a_shadow_score():
+    payoff = Payoff(probe_every=4, max_probe_every=16, min_shadow_acceptance=0.1)
+    assert payoff.needs_shadow(8)
+    assert not any(payoff.wants_drafts(8, from_shadow=True) for _ in range(3))
+    payoff.record_acceptance(8, 30, 1, shadow=True)  # 0.03: would not pay
+    assert not payoff.needs_shadow(8)
+    assert not any(payoff.wants_drafts(8, from_shadow=True) for _ in range(40))
+    for _ in range(4):
+        payoff.record_acceptance(8, 30, 20, shadow=True)
+    assert payoff.wants_drafts(8, from_shadow=True)  # now it tries drafting
+    payoff.record(8, True, 30, 1.0)
+    assert not payoff.wants_drafts(8, from_shadow=True)  # then measures plain decoding
+    assert payoff.needs_shadow(64)  # another batch size waits for its own score
+    quiet = Payoff(probe_every=4)
+    for _ in range(5):
+        quiet.wants_drafts(8, from_shadow=True)
+    assert not quiet.needs_shadow(8)  # no score within its first steps: the cadence resumes
