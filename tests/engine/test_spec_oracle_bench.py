@@ -88,7 +88,7 @@ def test_tiny_dry_run_measures_the_acceptance_it_was_given(tmp_path) -> None:
         assert row["spec_outputs_identical"] == [batch] == row["plain_outputs_identical"]
         assert row["diverged_requests"] == [0]
         assert row["plain_tok_s"] > 0 and row["spec_tok_s"] > 0 and row["speedup"] > 0
-        assert row["verifications"] == row["oracle_proposals"] > 0
+        assert row["verifications"] == row["oracle_proposals"]
         if p == 1.0:
             assert row["acceptance_rate"] == 1.0
             assert row["accepted_tokens"] == row["draft_tokens"]
@@ -96,8 +96,9 @@ def test_tiny_dry_run_measures_the_acceptance_it_was_given(tmp_path) -> None:
             assert row["oracle_short_proposals"] <= batch
             full = row["verifications"] - row["oracle_short_proposals"]
             assert row["accepted_tokens"] >= 3 * full
-        elif p == 0.0:
-            assert row["accepted_tokens"] == 0 and row["draft_tokens"] > 0
+            assert row["verifications"] > 0
+        elif p == 0.0:  # shadow drafts accept nothing: no step drafts (engine/spec/payoff.py)
+            assert row["verifications"] == row["draft_tokens"] == 0
             assert row["mean_tokens_per_verification"] == 1.0
 
 
