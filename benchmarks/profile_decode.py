@@ -145,6 +145,8 @@ def profile_batch(runner, work, model, bw: float, batch: int, context: int) -> d
     for _ in range(20):
         work.decode_step(reqs)
     row["execute_sampled_ms"] = (time.perf_counter() - t) * 1e3 / 20
+    # the sampled step's kernels: the graph's, then the sampler's eager ones (top-p cut, race)
+    row["sampled_kernels"] = kernel_table(lambda: work.decode_step(reqs))
     return row
 
 
