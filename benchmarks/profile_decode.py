@@ -49,8 +49,9 @@ KINDS = (("attention", ("_decode_kernel", "_combine_kernel")), ("norm", ("rms_no
          ("gemm", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "splitk")))
 
 
-def kernel_table(fn, steps: int = 3) -> dict:
-    """Kernels of `steps` calls of fn under the profiler, grouped by kind, per call."""
+def kernel_table(fn, steps: int = 3, top: int = 12) -> dict:
+    """Kernels of `steps` calls of fn under the profiler, grouped by kind, per call (and the
+    `top` kernels by time)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             fn()
@@ -78,7 +79,7 @@ def kernel_table(fn, steps: int = 3) -> dict:
             "span_ms": span / steps / 1e3,
             "kinds": {k: {"count": c / steps, "ms": us / steps / 1e3} for k, (c, us) in per_kind.items()},
             "top_kernels_ms": {n: us / steps / 1e3 for n, us in
-                               sorted(names.items(), key=lambda x: -x[1])[:12]}}
+                               sorted(names.items(), key=lambda x: -x[1])[:top]}}
 
 
 def _kind(name: str) -> str:
@@ -146,7 +147,7 @@ def profile_batch(runner, work, model, bw: float, batch: int, context: int) -> d
         work.decode_step(reqs)
     row["execute_sampled_ms"] = (time.perf_counter() - t) * 1e3 / 20
     # the sampled step's kernels: the graph's, then the sampler's eager ones (top-p cut, race)
-    row["sampled_kernels"] = kernel_table(lambda: work.decode_step(reqs))
+    row["sampled_kernels"] = kernel_table(lambda: work.decode_step(reqs), top=40)
     return row
 
 
