@@ -4,7 +4,7 @@ choice is timed (CUDA-graph time of the whole cut) on the row kinds of `top_p_pr
 batch 1 and 64, one knob group varied at a time from the default, and its cut checked equal to
 the default's on the same rows (the tiles only change how the passes walk the row).
 Smaller tiles take fewer registers, so more programs share an SM (sm_90 AOT, Triton 3.9: the
-first narrowing pass takes 138 registers at [16, 512] x 8 warps, 99 at [16, 256] x 8).
+narrowing pass takes 127 registers at [16, 512] x 8 warps, 76 at [16, 256] x 8).
 Run: python benchmarks/top_p_sweep.py -> results/top_p_sweep_<gpu>.json
 """
 
@@ -23,8 +23,8 @@ from benchmarks.gpu_common import device_info, graph_ms, write_results  # noqa: 
 from benchmarks.top_p_profile import ROWS  # noqa: E402
 from engine.kernels import top_p  # noqa: E402
 
-COMPACT = [(1024, 4), (512, 4), (256, 4), (1024, 8)]
-NARROW = [(512, 8), (256, 8), (128, 4), (128, 2)]
+COMPACT = [(1024, 4), (512, 4), (256, 4), (512, 8), (1024, 8), (2048, 8)]
+NARROW = [(512, 8), (256, 8), (256, 4), (128, 4), (128, 2), (64, 2)]
 
 
 def _choices(default: top_p.TopPTuning) -> list[top_p.TopPTuning]:

@@ -8,35 +8,31 @@ a prefix of the stable order, so it is fully described by two numbers per row:
     cut = the largest kept token id among the tokens whose logit equals t
     kept(v)  <=>  x_v > t  or  (x_v == t and v <= cut).
 
-This finds (t, cut) without a sort, in a fixed sequence of 7 launches (no host sync, no
+This finds (t, cut) without a sort, in a fixed sequence of 8 launches (no host sync, no
 data-dependent host decision: it can be captured in a CUDA graph). It searches over *keys*: the
 float32 bits of a logit as an int32, with the low 31 bits flipped for negatives (and -0 mapped
-to +0), so that key order is float order and equal keys are equal floats. Every pass reads the
-row divided by its temperature (IEEE division, as torch's; none without temperatures). The
-passes over the whole row run split over its C chunks of `_STATS_CHUNK` tokens (grid (B, C): 16
-programs a 128k row; `top_p_split.py`), the rest in one program per row (`_top_p_cut_kernel`):
+to +0), so that key order is float order and equal keys are equal floats. The passes over the
+whole row run split over its C chunks of `_STATS_CHUNK` tokens (grid (B, C): 16 programs a 128k
+row; `top_p_split.py`), the rest in one program per row (`_top_p_cut_kernel`):
 1. the row max m and S = sum exp(x - m) (online, as in softmax), per chunk
    (`_row_stats_kernel`);
-2. the *candidates* x >= m + log(S (1 - p) / V): the tokens below that bound together hold
-   less than 1 - p of the mass, so the nucleus lies among them. The first narrowing pass
-   (`_narrow_split_kernel`, FIRST: it merges m and S and stores m and the target p S for
-   every later launch) counts them per chunk and sums the mass and count at/above 16
-   thresholds spread evenly in *value* over the candidates' range (a block without a
-   candidate skips that [NT, BLOCK] compare: a peaked row costs one read). When more than
-   `NARROW_TO` (1,024) candidates qualify in the row (a flat row: random weights, a high
-   temperature; or top_p close to 1), its merge (`_narrow_merge_kernel`: per row, the chunks
-   summed in chunk order) moves the key interval [lo, hi) to the thresholds around the
-   boundary, and a second pass splits that interval by key, until at most `NARROW_TO` tokens
-   lie *inside* it; the mass at/above hi is carried as one number. Then one split compaction
-   (`_compact_split_kernel`) stores the tokens of [lo, hi) (the candidates, for a row that did
-   not overflow) per chunk, in id order, into the chunk's region of the row's buffer
-   (`cap // C` slots from j * (cap // C); 1024 at CAP 16384), with the chunk's count and the
-   smallest key at/above hi; a row whose interval does not fit `CAP` is left to step 3.
-   These passes read the whole row with all of its chunks' programs at once, where step 3
-   walks the buffer serially in one program per row (a flat 128k row has ~16k candidates; at
-   batch 64 the cut took 0.37 ms when only rows over `CAP` were narrowed, presumably in that
-   serial walk). The first narrowing pass replaced a compaction of the candidates that ran
-   before it (flat rows at batch 64 spent ~45 us in it, its regions then discarded);
+2. the *candidates* x >= m + log(S (1 - p) / V), compacted per chunk (id order) into the
+   chunk's region of the row's buffer (`cap // C` slots from j * (cap // C); 1024 at CAP
+   16384), with the chunk's count (`_compact_split_kernel`, which also merges m and S and
+   stores m and the target p S for every later launch): the tokens below that bound together
+   hold less than 1 - p of the mass, so the nucleus lies among the candidates. When more than
+   `NARROW_TO` (1,024) qualify in the row (a flat row: random weights, a high temperature; or
+   top_p close to 1), the search of step 3 first runs over the whole row, also counting the
+   tokens at/above each threshold, until at most `NARROW_TO` tokens lie *inside* its key
+   interval [lo, hi) (the first pass splits the candidates' value range evenly, the rest the
+   key interval): 2 split passes (`_narrow_split_kernel`: per chunk and threshold a mass and a
+   count; `_narrow_merge_kernel`: per row, the chunks summed in chunk order, lo/hi moved), then
+   a split compaction of [lo, hi) if it fits the buffer (`CAP`); the mass at/above hi is
+   carried as one number (and the smallest key there). These passes read the whole row with
+   all of its chunks' programs at once, where step 3 walks the buffer serially in one program
+   per row (a flat 128k row has ~16k candidates; at batch 64 the cut took 0.37 ms when only
+   rows over `CAP` were narrowed, presumably in that serial walk). The benchmark's 128k rows that overflow `CAP` (randn * 0.02 at
+   p 0.9, randn * 3 / 0.8 at p 0.99) fit it after 1 pass;
 3. the row's program moves the regions into one id-ordered prefix of the buffer, in place (from
    the first chunk with more tokens than its region on, it compacts the row serially instead).
    A row that still does not fit after the split passes narrows serially over the whole row
@@ -76,8 +72,8 @@ from engine.kernels.top_p_split import (_KEY_MAX, _SF, _SI, STATE_FLOATS, STATE_
 
 _ROW_BLOCK = 1024  # block of the full-row passes (max/sum, compaction) and of the region moves
 _STATS_CHUNK = 8192  # tokens per program of the split passes (16 programs a 128k row)
-_BLOCK = 512  # the per-row search: an [NT, BLOCK] fp32 tile, 32 per thread at 8 warps (sm_90
-# AOT, Triton 3.9: 162 registers in the per-row kernel, no spills)
+_BLOCK = 512  # search passes: an [NT, BLOCK] fp32 tile, 32 per thread at 8 warps (sm_90 AOT,
+# Triton 3.9: 162 registers in the per-row kernel, 132 in the split narrowing pass, no spills)
 _NT = 16  # thresholds per search pass: the key interval shrinks 17-fold per pass
 _WARPS = 8
 _NARROW_PASSES = 2  # split narrowing passes for rows with more than NARROW_TO candidates
@@ -97,9 +93,7 @@ class TopPTuning:
 
     compact_block: int = _ROW_BLOCK
     compact_warps: int = 4
-    # [16, 256] x 8 warps: 99 registers in the first pass (sm_90 AOT), two blocks per SM;
-    # [16, 512] took 138 there, one block
-    narrow_block: int = 256
+    narrow_block: int = _BLOCK
     narrow_warps: int = _WARPS
 
 
@@ -310,8 +304,13 @@ def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor, cap: int = CAP,
     stride = logits.stride(0)
     _row_stats_kernel[split_grid](logits, temps, stats, vocab, stride, _STATS_CHUNK,
                                   SPLITS=splits, BLOCK=_ROW_BLOCK, num_warps=4)
+    compact_args = (logits, temps, top_ps, stats, state_i, state_f, info, cand_key, cand_e, cand_id,
+                    vocab, stride, cap, region, _STATS_CHUNK, num_splits)
+    _compact_split_kernel[split_grid](*compact_args, NARROWED=False, SPLITS=splits,
+                                      ROW_BLOCK=TUNE.compact_block,
+                                      num_warps=TUNE.compact_warps)
     for pass_index in range(_NARROW_PASSES):
-        _narrow_split_kernel[split_grid](logits, temps, top_ps, stats, state_i, state_f, info,
+        _narrow_split_kernel[split_grid](logits, temps, top_ps, state_i, state_f, info,
                                          narrow_thr, narrow_mass, narrow_count, vocab, stride,
                                          narrow_to, _STATS_CHUNK, num_splits,
                                          FIRST=pass_index == 0, SPLITS=splits, NT=_NT,
@@ -320,9 +319,8 @@ def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor, cap: int = CAP,
                                        narrow_count, narrow_to, num_splits,
                                        FIRST=pass_index == 0,
                                        SPLITS=splits, NT=_NT, num_warps=1)
-    _compact_split_kernel[split_grid](logits, temps, top_ps, state_i, state_f, info, cand_key,
-                                      cand_e, cand_id, vocab, stride, cap, region, _STATS_CHUNK,
-                                      SPLITS=splits, ROW_BLOCK=TUNE.compact_block,
+    _compact_split_kernel[split_grid](*compact_args, NARROWED=True, SPLITS=splits,
+                                      ROW_BLOCK=TUNE.compact_block,
                                       num_warps=TUNE.compact_warps)
     _top_p_cut_kernel[(batch,)](logits, temps, top_ps, state_i, state_f, info, cand_key, cand_e,
                                 cand_id, thr, cut, vocab, stride, cap, region, _STATS_CHUNK,

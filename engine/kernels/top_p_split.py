@@ -162,29 +162,17 @@ def _narrow_thresholds(lo, hi, by_value, NT: tl.constexpr):
 
 
 @triton.jit
-def _threshold_sums(row_ptr, begin, end, m, temp, thr, lo, FIRST: tl.constexpr,
-                    NT: tl.constexpr, BLOCK: tl.constexpr):
+def _threshold_sums(row_ptr, begin, end, m, temp, thr, NT: tl.constexpr, BLOCK: tl.constexpr):
     """Mass (sum of exp(x - m)) and count of the tokens of [begin, end) at/above each
-    threshold: an [NT, BLOCK] compare, each exp computed once per token; and (FIRST) how many
-    are at/above lo, the candidate bound: every threshold lies above it, so a block without a
-    candidate skips the compare."""
+    threshold: an [NT, BLOCK] compare, each exp computed once per token."""
     acc = tl.zeros([NT, BLOCK], tl.float32)
     num = tl.zeros([NT, BLOCK], tl.int32)
-    num_lo = tl.zeros((), tl.int32)
     for start in range(begin, end, BLOCK):
         k, e, ids, valid = _chunk(row_ptr, row_ptr, row_ptr, start, end, m, temp, True, BLOCK)
-        if FIRST:
-            here = tl.sum((k >= lo).to(tl.int32), axis=0)  # invalid tokens hold _KEY_MIN
-            num_lo += here
-            if here > 0:
-                at_least = k[None, :] >= thr[:, None]
-                acc += tl.where(at_least, e[None, :], 0.0)
-                num += at_least.to(tl.int32)
-        else:
-            at_least = k[None, :] >= thr[:, None]
-            acc += tl.where(at_least, e[None, :], 0.0)
-            num += at_least.to(tl.int32)
-    return tl.sum(acc, axis=1), tl.sum(num, axis=1), num_lo
+        at_least = k[None, :] >= thr[:, None]
+        acc += tl.where(at_least, e[None, :], 0.0)
+        num += at_least.to(tl.int32)
+    return tl.sum(acc, axis=1), tl.sum(num, axis=1)
 
 
 @triton.jit
@@ -216,34 +204,54 @@ def _narrow_row(row_ptr, vocab, m, temp, lo, hi, target, n, n_hi, mass_hi, by_va
     while (hi - lo > 1) & (n - n_hi > cap):
         thr = _narrow_thresholds(lo, hi, by_value, NT)
         by_value = by_value * 0
-        mass, count, _ = _threshold_sums(row_ptr, 0, vocab, m, temp, thr, lo, False, NT,
-                                         BLOCK)
+        mass, count = _threshold_sums(row_ptr, 0, vocab, m, temp, thr, NT, BLOCK)
         lo, hi, n, n_hi, mass_hi = _narrow_update(lo, hi, n, n_hi, mass_hi, thr, mass, count,
                                                   target, NT)
     return lo, hi, n - n_hi, mass_hi
 
 
 @triton.jit
-def _compact_split_kernel(logits_ptr, temps_ptr, top_ps_ptr, state_i_ptr, state_f_ptr,
-                          info_ptr, cand_key_ptr, cand_e_ptr, cand_id_ptr, vocab, row_stride,
-                          cap, region, chunk, SPLITS: tl.constexpr, ROW_BLOCK: tl.constexpr):
-    """Program (row, j) compacts the tokens of chunk j with lo <= key < hi (the row's interval
-    after the narrowing passes: its candidates where they were few) into region j (`region`
-    slots from j * region) of the row's buffer and writes the chunk's info; rows whose
-    interval does not fit `cap` are left to the per-row kernel."""
+def _compact_split_kernel(logits_ptr, temps_ptr, top_ps_ptr, stats_ptr, state_i_ptr,
+                          state_f_ptr, info_ptr, cand_key_ptr, cand_e_ptr, cand_id_ptr, vocab,
+                          row_stride, cap, region, chunk, num_splits, NARROWED: tl.constexpr, SPLITS: tl.constexpr,
+                          ROW_BLOCK: tl.constexpr):
+    """Program (row, j) compacts the tokens of chunk j with lo <= key < hi into region j
+    (`region` slots from j * region) of the row's buffer and writes the chunk's info. Not
+    NARROWED: the candidates (key >= the bound of step 2) of every row with top_p < 1; program
+    (row, 0) also stores m, target and the search's first interval. NARROWED: [lo, hi) of the
+    rows whose candidates overflowed narrow_to and whose interval fits cap now."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     p = tl.load(top_ps_ptr + row)
     state_i = state_i_ptr + row * _SI
+    state_f = state_f_ptr + row * _SF
     if p < 1.0:
-        lo = tl.load(state_i)
-        hi = tl.load(state_i + 1)
-        if tl.load(state_i + 2) - tl.load(state_i + 3) <= cap:
+        if NARROWED:
+            lo = tl.load(state_i)
+            hi = tl.load(state_i + 1)
+            fits = tl.load(state_i + 2) - tl.load(state_i + 3) <= cap
+            go = (tl.load(state_i + 5) != 0) & fits
+            m = tl.load(state_f)
+        else:
+            j = tl.arange(0, SPLITS)
+            m_part = tl.load(stats_ptr + row * 2 * SPLITS + j, mask=j < num_splits,
+                             other=float("-inf"))
+            s_part = tl.load(stats_ptr + row * 2 * SPLITS + SPLITS + j, mask=j < num_splits,
+                             other=0.0)
+            m, s = _merge_max_sum(m_part, s_part)
+            lo = _key(m + tl.log(s * (1.0 - p) / vocab) - 1e-3).to(tl.int64)
+            hi = tl.full((), _KEY_MAX, tl.int64) + 1  # above every key
+            go = p < 1.0
+            if split == 0:
+                tl.store(state_f, m)
+                tl.store(state_f + 1, p * s)
+                tl.store(state_i, lo)
+                tl.store(state_i + 1, _key(m).to(tl.int64) + 1)
+        if go:
             begin = split * chunk
             off = row * cap + split * region
             n, min_kept, min_above = _compact(logits_ptr + row * row_stride, begin,
-                                              tl.minimum(begin + chunk, vocab),
-                                              tl.load(state_f_ptr + row * _SF),
+                                              tl.minimum(begin + chunk, vocab), m,
                                               tl.load(temps_ptr + row), lo, hi,
                                               cand_key_ptr + off, cand_e_ptr + off,
                                               cand_id_ptr + off, 0, region, ROW_BLOCK)
@@ -256,15 +264,17 @@ def _compact_split_kernel(logits_ptr, temps_ptr, top_ps_ptr, state_i_ptr, state_
 @triton.jit
 def _narrow_state(state_i, state_f, info, narrow_to, num_splits, FIRST: tl.constexpr,
                   SPLITS: tl.constexpr):
-    """The row's (lo, hi, n, n_hi, mass_hi, by_value, overflowed) before a narrowing pass's
-    merge. FIRST: lo, hi as the first pass stored them, n from its per-chunk candidate counts
-    (overflowed: more candidates than narrow_to, the most the per-row search should scan);
-    later: as the last merge stored it."""
+    """The row's (lo, hi, n, n_hi, mass_hi, by_value, overflowed) before a narrowing pass. FIRST:
+    from the candidate compaction's info (overflowed: more candidates than narrow_to, the most
+    the per-row search should scan; then lo rises to the smallest candidate key: no key in
+    between, the same mass); later: as the last merge stored it."""
     if FIRST:
         j = tl.arange(0, SPLITS)
         n = tl.sum(tl.load(info + j, mask=j < num_splits, other=0), axis=0).to(tl.int64)
+        min_kept = tl.min(tl.load(info + SPLITS + j, mask=j < num_splits, other=_KEY_MAX), axis=0)
         overflowed = (n > narrow_to).to(tl.int64)
         lo = tl.load(state_i)
+        lo = tl.where(overflowed != 0, tl.maximum(lo, min_kept.to(tl.int64)), lo)
         hi = tl.load(state_i + 1)
         n_hi = n * 0
         by_value = overflowed * 0 + 1
@@ -281,69 +291,33 @@ def _narrow_state(state_i, state_f, info, narrow_to, num_splits, FIRST: tl.const
 
 
 @triton.jit
-def _narrow_split_kernel(logits_ptr, temps_ptr, top_ps_ptr, stats_ptr, state_i_ptr,
-                         state_f_ptr, info_ptr, thr_ptr, mass_ptr, count_ptr, vocab, row_stride,
-                         narrow_to, chunk, num_splits, FIRST: tl.constexpr,
-                         SPLITS: tl.constexpr, NT: tl.constexpr, BLOCK: tl.constexpr):
+def _narrow_split_kernel(logits_ptr, temps_ptr, top_ps_ptr, state_i_ptr, state_f_ptr, info_ptr, thr_ptr,
+                         mass_ptr, count_ptr, vocab, row_stride, narrow_to, chunk, num_splits,
+                         FIRST: tl.constexpr, SPLITS: tl.constexpr, NT: tl.constexpr,
+                         BLOCK: tl.constexpr):
     """One narrowing pass, split: program (row, j) writes the mass and count at/above the
-    pass's thresholds over chunk j; program (row, 0) also writes the thresholds. FIRST: every
-    row with top_p < 1 takes part (how many candidates it has is counted here, into the
-    chunk's info): from the max/sum pass's parts, m, S and the candidate bound, stored by
-    program (row, 0) with the first interval [bound, key(m) + 1), split by value. Later: only
-    rows whose interval still holds more than narrow_to tokens (and is wider than one key)."""
+    pass's thresholds over chunk j; program (row, 0) also writes the thresholds. Only rows
+    whose interval still holds more than narrow_to tokens (and is wider than one key) take
+    part."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     p = tl.load(top_ps_ptr + row)
-    state_i = state_i_ptr + row * _SI
-    state_f = state_f_ptr + row * _SF
-    t = tl.arange(0, NT)
-    begin = split * chunk
-    row_ptr = logits_ptr + row * row_stride
     if p < 1.0:
-        if FIRST:
-            m, s, lo = _first_interval(stats_ptr + row * 2 * SPLITS, p, vocab, num_splits,
-                                       SPLITS)
-            hi = _key(m).to(tl.int64) + 1
-            thr = _narrow_thresholds(lo, hi, lo * 0 + 1, NT)
-            mass, count, num_lo = _threshold_sums(row_ptr, begin,
-                                                  tl.minimum(begin + chunk, vocab), m,
-                                                  tl.load(temps_ptr + row), thr, lo, True, NT,
-                                                  BLOCK)
-            tl.store(info_ptr + row * 3 * SPLITS + split, num_lo)
+        lo, hi, n, n_hi, mass_hi, by_value, overflowed = _narrow_state(
+            state_i_ptr + row * _SI, state_f_ptr + row * _SF, info_ptr + row * 3 * SPLITS,
+            narrow_to, num_splits, FIRST, SPLITS)
+        if (hi - lo > 1) & (n - n_hi > narrow_to):
+            thr = _narrow_thresholds(lo, hi, by_value, NT)
+            begin = split * chunk
+            mass, count = _threshold_sums(logits_ptr + row * row_stride, begin,
+                                          tl.minimum(begin + chunk, vocab),
+                                          tl.load(state_f_ptr + row * _SF),
+                                          tl.load(temps_ptr + row), thr, NT, BLOCK)
+            t = tl.arange(0, NT)
             tl.store(mass_ptr + (row * SPLITS + split) * NT + t, mass)
             tl.store(count_ptr + (row * SPLITS + split) * NT + t, count)
             if split == 0:
                 tl.store(thr_ptr + row * NT + t, thr)
-                tl.store(state_f, m)
-                tl.store(state_f + 1, p * s)
-                tl.store(state_i, lo)
-                tl.store(state_i + 1, hi)
-        else:
-            lo, hi, n, n_hi, mass_hi, by_value, overflowed = _narrow_state(
-                state_i, state_f, info_ptr + row * 3 * SPLITS, narrow_to, num_splits, False,
-                SPLITS)
-            if (hi - lo > 1) & (n - n_hi > narrow_to):
-                thr = _narrow_thresholds(lo, hi, by_value, NT)
-                mass, count, _ = _threshold_sums(row_ptr, begin,
-                                                 tl.minimum(begin + chunk, vocab),
-                                                 tl.load(state_f), tl.load(temps_ptr + row),
-                                                 thr, lo, False, NT, BLOCK)
-                tl.store(mass_ptr + (row * SPLITS + split) * NT + t, mass)
-                tl.store(count_ptr + (row * SPLITS + split) * NT + t, count)
-                if split == 0:
-                    tl.store(thr_ptr + row * NT + t, thr)
-
-
-@triton.jit
-def _first_interval(stats, p, vocab, num_splits, SPLITS: tl.constexpr):
-    """(m, S, candidate bound key) of a row from its chunks' max/sum parts: the tokens below
-    m + log(S (1 - p) / V) hold less than 1 - p of the mass together, so the nucleus lies
-    at/above it (less 1e-3 for rounding)."""
-    j = tl.arange(0, SPLITS)
-    m_part = tl.load(stats + j, mask=j < num_splits, other=float("-inf"))
-    s_part = tl.load(stats + SPLITS + j, mask=j < num_splits, other=0.0)
-    m, s = _merge_max_sum(m_part, s_part)
-    return m, s, _key(m + tl.log(s * (1.0 - p) / vocab) - 1e-3).to(tl.int64)
 
 
 @triton.jit
