@@ -148,7 +148,28 @@ def profile_batch(runner, work, model, bw: float, batch: int, context: int) -> d
     row["execute_sampled_ms"] = (time.perf_counter() - t) * 1e3 / 20
     # the sampled step's kernels: the graph's, then the sampler's eager ones (top-p cut, race)
     row["sampled_kernels"] = kernel_table(lambda: work.decode_step(reqs), top=40)
+    row["sampled_rows"] = _sampled_rows(runner, work, reqs)
     return row
+
+
+def _sampled_rows(runner, work, reqs) -> dict:
+    """The top-p cut on the logits this model's sampled step produced (not synthetic rows)."""
+    from benchmarks.top_p_profile import real_rows_report
+
+    seen, sampler = {}, runner.sampler
+
+    def recording(logits, tensors):
+        seen["args"] = (logits.clone(), tensors.temperatures.clone(), tensors.top_ps.clone())
+        return sampler(logits, tensors)
+
+    runner.sampler = recording
+    try:
+        work.decode_step(reqs)
+    finally:
+        runner.sampler = sampler
+    report = real_rows_report(*seen["args"])
+    print(json.dumps({"sampled_rows": report}), flush=True)
+    return report
 
 
 def gemm_rows(bw: float, batches: list[int]) -> list[dict]:

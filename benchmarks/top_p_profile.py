@@ -60,6 +60,35 @@ def _draw_vs_argmax(logits: torch.Tensor, top_ps: torch.Tensor) -> dict:
             "argmax_graph_ms": graph_ms(lambda: raw.argmax(dim=-1))}
 
 
+def real_rows_report(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor) -> dict:
+    """The cut on rows a model produced (`profile_decode.py` records a sampled step's): their
+    spread, candidates and kept tokens per row (min / median / max), the cut's time launch by
+    launch, and the whole draw."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from engine.sampler import apply_top_p as reference
+
+    tempered = logits.float() / temps[:, None]
+    m = tempered.max(dim=1, keepdim=True).values
+    s = (tempered - m).exp().sum(dim=1, keepdim=True)
+    bound = m + torch.log(s * (1 - top_ps[:, None]) / logits.shape[1])
+    spread = lambda t: [t.min().item(), t.median().item(), t.max().item()]  # noqa: E731
+    cut = lambda: top_p_cut(logits, top_ps, temperatures=temps)  # noqa: E731
+    cut()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(REPS):
+            cut()
+        torch.cuda.synchronize()
+    seeds = torch.arange(logits.shape[0], device="cuda", dtype=torch.int64)
+    return {"std": spread(tempered.std(dim=1)),
+            "max_minus_mean": spread(m[:, 0] - tempered.mean(dim=1)),
+            "candidates": spread((tempered >= bound).sum(dim=1).float()),
+            "kept": spread(torch.isfinite(reference(tempered, top_ps)).sum(dim=1).float()),
+            "cut_graph_ms": graph_ms(cut), "by_kernel": _by_kernel(prof),
+            "draw_graph_ms": graph_ms(lambda: sample_race(logits, seeds, seeds, cut(), temps))}
+
+
 def profile_row(name: str, scale: float, p: float, batch: int, vocab: int) -> dict:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 

@@ -11,9 +11,11 @@ a prefix of the stable order, so it is fully described by two numbers per row:
 This finds (t, cut) without a sort, in a fixed sequence of 8 launches (no host sync, no
 data-dependent host decision: it can be captured in a CUDA graph). It searches over *keys*: the
 float32 bits of a logit as an int32, with the low 31 bits flipped for negatives (and -0 mapped
-to +0), so that key order is float order and equal keys are equal floats. The passes over the
-whole row run split over its C chunks of `_STATS_CHUNK` tokens (grid (B, C): 16 programs a 128k
-row; `top_p_split.py`), the rest in one program per row (`_top_p_cut_kernel`):
+to +0), so that key order is float order and equal keys are equal floats. Every pass reads the
+row divided by its temperature (IEEE division, as torch's; none without temperatures). The
+passes over the whole row run split over its C chunks of `_STATS_CHUNK` tokens (grid (B, C):
+16 programs a 128k row; `top_p_split.py`), the rest in one program per row
+(`_top_p_cut_kernel`):
 1. the row max m and S = sum exp(x - m) (online, as in softmax), per chunk
    (`_row_stats_kernel`);
 2. the *candidates* x >= m + log(S (1 - p) / V), compacted per chunk (id order) into the
@@ -31,8 +33,8 @@ row; `top_p_split.py`), the rest in one program per row (`_top_p_cut_kernel`):
    carried as one number (and the smallest key there). These passes read the whole row with
    all of its chunks' programs at once, where step 3 walks the buffer serially in one program
    per row (a flat 128k row has ~16k candidates; at batch 64 the cut took 0.37 ms when only
-   rows over `CAP` were narrowed, presumably in that serial walk). The benchmark's 128k rows that overflow `CAP` (randn * 0.02 at
-   p 0.9, randn * 3 / 0.8 at p 0.99) fit it after 1 pass;
+   rows over `CAP` were narrowed, presumably in that serial walk). The benchmark's 128k rows
+   that overflow `CAP` (randn * 0.02 at p 0.9, randn * 3 / 0.8 at p 0.99) fit it after 1 pass;
 3. the row's program moves the regions into one id-ordered prefix of the buffer, in place (from
    the first chunk with more tokens than its region on, it compacts the row serially instead).
    A row that still does not fit after the split passes narrows serially over the whole row
@@ -72,8 +74,8 @@ from engine.kernels.top_p_split import (_KEY_MAX, _SF, _SI, STATE_FLOATS, STATE_
 
 _ROW_BLOCK = 1024  # block of the full-row passes (max/sum, compaction) and of the region moves
 _STATS_CHUNK = 8192  # tokens per program of the split passes (16 programs a 128k row)
-_BLOCK = 512  # search passes: an [NT, BLOCK] fp32 tile, 32 per thread at 8 warps (sm_90 AOT,
-# Triton 3.9: 162 registers in the per-row kernel, 132 in the split narrowing pass, no spills)
+_BLOCK = 512  # the per-row search: an [NT, BLOCK] fp32 tile, 32 per thread at 8 warps (sm_90
+# AOT, Triton 3.9: 162 registers in the per-row kernel, no spills)
 _NT = 16  # thresholds per search pass: the key interval shrinks 17-fold per pass
 _WARPS = 8
 _NARROW_PASSES = 2  # split narrowing passes for rows with more than NARROW_TO candidates
@@ -93,7 +95,9 @@ class TopPTuning:
 
     compact_block: int = _ROW_BLOCK
     compact_warps: int = 4
-    narrow_block: int = _BLOCK
+    # [16, 256] x 8 warps: 80 registers in the narrowing pass (sm_90 AOT), two blocks per SM
+    # (132 at [16, 512]); on an H100 -11 us at batch 64 on 128k-token flat rows, +1.5 at batch 1
+    narrow_block: int = 256
     narrow_warps: int = _WARPS
 
 
@@ -216,10 +220,10 @@ def _cut(src_ptr, e_ptr, id_ptr, count, m, temp, lo, target, mass_hi, min_above,
 
 
 @triton.jit
-def _top_p_cut_kernel(logits_ptr, temps_ptr, top_ps_ptr, state_i_ptr, state_f_ptr, info_ptr, cand_key_ptr,
-                      cand_e_ptr, cand_id_ptr, thr_ptr, cut_ptr, vocab, row_stride, cap, region,
-                      chunk, num_splits, SPLITS: tl.constexpr, ROW_BLOCK: tl.constexpr,
-                      BLOCK: tl.constexpr, NT: tl.constexpr):
+def _top_p_cut_kernel(logits_ptr, temps_ptr, top_ps_ptr, state_i_ptr, state_f_ptr, info_ptr,
+                      cand_key_ptr, cand_e_ptr, cand_id_ptr, thr_ptr, cut_ptr, vocab, row_stride,
+                      cap, region, chunk, num_splits, SPLITS: tl.constexpr,
+                      ROW_BLOCK: tl.constexpr, BLOCK: tl.constexpr, NT: tl.constexpr):
     """Steps 3-4 for one row, from the state and buffer regions the split launches left."""
     row = tl.program_id(0).to(tl.int64)
     p = tl.load(top_ps_ptr + row)

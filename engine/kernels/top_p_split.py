@@ -213,8 +213,8 @@ def _narrow_row(row_ptr, vocab, m, temp, lo, hi, target, n, n_hi, mass_hi, by_va
 @triton.jit
 def _compact_split_kernel(logits_ptr, temps_ptr, top_ps_ptr, stats_ptr, state_i_ptr,
                           state_f_ptr, info_ptr, cand_key_ptr, cand_e_ptr, cand_id_ptr, vocab,
-                          row_stride, cap, region, chunk, num_splits, NARROWED: tl.constexpr, SPLITS: tl.constexpr,
-                          ROW_BLOCK: tl.constexpr):
+                          row_stride, cap, region, chunk, num_splits, NARROWED: tl.constexpr,
+                          SPLITS: tl.constexpr, ROW_BLOCK: tl.constexpr):
     """Program (row, j) compacts the tokens of chunk j with lo <= key < hi into region j
     (`region` slots from j * region) of the row's buffer and writes the chunk's info. Not
     NARROWED: the candidates (key >= the bound of step 2) of every row with top_p < 1; program
@@ -291,10 +291,10 @@ def _narrow_state(state_i, state_f, info, narrow_to, num_splits, FIRST: tl.const
 
 
 @triton.jit
-def _narrow_split_kernel(logits_ptr, temps_ptr, top_ps_ptr, state_i_ptr, state_f_ptr, info_ptr, thr_ptr,
-                         mass_ptr, count_ptr, vocab, row_stride, narrow_to, chunk, num_splits,
-                         FIRST: tl.constexpr, SPLITS: tl.constexpr, NT: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def _narrow_split_kernel(logits_ptr, temps_ptr, top_ps_ptr, state_i_ptr, state_f_ptr, info_ptr,
+                         thr_ptr, mass_ptr, count_ptr, vocab, row_stride, narrow_to, chunk,
+                         num_splits, FIRST: tl.constexpr, SPLITS: tl.constexpr,
+                         NT: tl.constexpr, BLOCK: tl.constexpr):
     """One narrowing pass, split: program (row, j) writes the mass and count at/above the
     pass's thresholds over chunk j; program (row, 0) also writes the thresholds. Only rows
     whose interval still holds more than narrow_to tokens (and is wider than one key) take
