@@ -102,21 +102,12 @@ def test_sampler_draws_the_same_ids_with_the_cut(device):
 
 def test_sampler_on_cuda_uses_the_cut(cuda):
     """The Sampler's top-p rows on CUDA (sort-free) give the sorting path's ids."""
-    from engine.kernels import dispatch
-    from engine.sampler import Sampler, SamplingTensors
     from engine.sampling_params import SamplingParams
+    from tests.kernels.test_top_p_temperature import sampler_ids_with_and_without_triton
 
-    batch, vocab = 64, 128256
-    logits = torch.randn(batch, vocab, device="cuda") * 3
-    params = [SamplingParams(temperature=0.8, top_p=0.9) for _ in range(batch)]
-    tensors = SamplingTensors.from_params(params, list(range(batch)), [3] * batch, None, vocab,
-                                          "cuda")
-    fast = Sampler()(logits, tensors).token_ids
-    dispatch.use_triton(False)
-    try:
-        slow = Sampler()(logits, tensors).token_ids
-    finally:
-        dispatch.use_triton(True)
+    params = [SamplingParams(temperature=0.8, top_p=0.9) for _ in range(64)]
+    fast, slow = sampler_ids_with_and_without_triton(
+        torch.randn(64, 128256, device="cuda") * 3, params)
     assert torch.equal(fast, slow)
 
 

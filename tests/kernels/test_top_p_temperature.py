@@ -63,18 +63,14 @@ def test_temperatures_must_have_one_per_row(device):
                   temperatures=torch.ones(3, device=device))
 
 
-@pytest.mark.parametrize("top_p", [1.0, 0.9])
-def test_sampler_on_cuda_divides_in_the_kernels(cuda, top_p):
-    """Temperature-only and temperature + top-p rows through the Sampler on CUDA (the
-    kernels divide) give the ids of the torch path (a tempered copy, the sorting top-p)."""
+def sampler_ids_with_and_without_triton(logits: torch.Tensor, params: list
+                                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Sampler's ids for `params` (one per row) on CUDA: Triton kernels on, then the torch
+    path (tempered copy, sorting top-p) on the same noise."""
     from engine.kernels import dispatch
     from engine.sampler import Sampler, SamplingTensors
-    from engine.sampling_params import SamplingParams
 
-    batch, vocab = 32, 128256
-    logits = torch.randn(batch, vocab, device="cuda") * 2
-    params = [SamplingParams(temperature=TEMPS[i % len(TEMPS)], top_p=top_p)
-              for i in range(batch)]
+    batch, vocab = logits.shape
     tensors = SamplingTensors.from_params(params, list(range(batch)), [5] * batch, None, vocab,
                                           "cuda")
     fast = Sampler()(logits, tensors).token_ids
@@ -83,4 +79,18 @@ def test_sampler_on_cuda_divides_in_the_kernels(cuda, top_p):
         slow = Sampler()(logits, tensors).token_ids
     finally:
         dispatch.use_triton(True)
+    return fast, slow
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_sampler_on_cuda_divides_in_the_kernels(cuda, top_p):
+    """Temperature-only and temperature + top-p rows through the Sampler on CUDA (the
+    kernels divide) give the ids of the torch path (a tempered copy, the sorting top-p)."""
+    from engine.sampling_params import SamplingParams
+
+    batch = 32
+    params = [SamplingParams(temperature=TEMPS[i % len(TEMPS)], top_p=top_p)
+              for i in range(batch)]
+    fast, slow = sampler_ids_with_and_without_triton(
+        torch.randn(batch, 128256, device="cuda") * 2, params)
     assert torch.equal(fast, slow)
