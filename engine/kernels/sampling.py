@@ -16,6 +16,7 @@ import triton.language as tl
 
 from engine.kernels.device import sm_count
 from engine.kernels.top_p import row_temperatures
+from engine.kernels.top_p_split import _load_row
 
 _BLOCK = 1024
 
@@ -53,8 +54,7 @@ def _race_kernel(logits_ptr, temps_ptr, seeds_ptr, steps_ptr, thr_ptr, cut_ptr, 
     for start in range(begin, begin + per_split, BLOCK):
         v = start + tl.arange(0, BLOCK)
         mask = v < vocab_size
-        logit = tl.load(logits_ptr + row * row_stride + v, mask=mask, other=float("-inf"))
-        logit = tl.math.div_rn(logit, temp)  # IEEE division: torch's logits / temperature
+        logit = _load_row(logits_ptr + row * row_stride, v, mask, temp)  # torch's logits / T
         if HAS_CUT:  # kept: above the boundary logit, or at it up to the cut id (apply_cut)
             kept = (logit > thr) | ((logit == thr) & (v <= cut))
             logit = tl.where(kept, logit, float("-inf"))
