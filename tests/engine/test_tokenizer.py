@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from engine.loader import open_model
+from engine.loader import default_gguf_path, open_model
 from engine.tokenizer import Tokenizer
 from tests.engine.factories import default_hf_tokenizer, save_tiny_hf_model
 
@@ -42,8 +42,10 @@ def default_tokenizer() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def reference():
-    """transformers' own tokenizer for the default GGUF, loaded separately from ours."""
-    return default_hf_tokenizer()
+    """transformers' own tokenizer for the default GGUF, converted from the file now (ours comes
+    from the on-disk cache of engine/loader/tokenizer_cache.py once any process converted it)."""
+    path = default_gguf_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +68,14 @@ def test_default_tokenizer_properties(default_tokenizer):
     assert default_tokenizer.bos_token_id == 1
     assert default_tokenizer.eos_token_ids == (IM_END_ID,)
     assert default_tokenizer.has_chat_template
+
+
+def test_cached_tokenizer_is_the_fresh_conversion(default_tokenizer, reference):
+    ours = default_tokenizer.hf_tokenizer
+    assert ours.get_vocab() == reference.get_vocab()
+    assert ours.all_special_tokens == reference.all_special_tokens
+    assert (ours.bos_token_id, ours.eos_token_id) == (reference.bos_token_id, reference.eos_token_id)
+    assert ours.chat_template == reference.chat_template
 
 
 def test_chat_reply_ends_on_im_end(default_tokenizer):
