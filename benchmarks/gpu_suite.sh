@@ -60,7 +60,7 @@ for p in $parts; do
              k=tests/kernels
              run changed_a 240 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
                $k/test_fused_ops.py $k/test_sampling_kernel.py $k/test_top_p_kernel.py \
-               $k/test_top_p_temperature.py \
+               $k/test_top_p_temperature.py $k/test_top_p_race.py \
                tests/engine/test_sampler.py $k/test_compile_watch_cuda.py &
              run changed_b 240 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
                $k/test_no_compile_after_warmup.py $k/test_end_to_end.py &

@@ -24,6 +24,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/ (kerne
 from benchmarks.gpu_common import device_info, graph_ms, write_results  # noqa: E402
 from engine.kernels.sampling import sample_race  # noqa: E402
 from engine.kernels.top_p import CAP, apply_top_p, top_p_cut  # noqa: E402
+from engine.kernels.top_p_race import draws_and_done, sample_top_p  # noqa: E402
 
 REPS = 20
 # "engine": the logits of latency.py's random Llama-3-8B (std 0.02 weights: std ~1.28) at T 0.8
@@ -39,9 +40,11 @@ def _by_kernel(prof) -> list[dict]:
 
 
 def _draw_vs_argmax(logits: torch.Tensor, top_ps: torch.Tensor) -> dict:
-    """The sampler's whole top-p draw on these rows at temperature 0.8 (cut, race) as
-    `engine.sampler._sample` runs it (the kernels divide as they read), the same draw on a
-    tempered copy (how it ran before), and the greedy argmax of the same rows."""
+    """The sampler's whole top-p draw on these rows at temperature 0.8 as
+    `engine.sampler._sample` runs it (`top_p_race.sample_top_p`: the whole row's race first,
+    the cut only for the rows it does not decide), the cut-then-race draw of every row (how it
+    ran before) and on a tempered copy, and the greedy argmax of the same rows; also the
+    fraction of rows the race decided."""
     batch = logits.shape[0]
     temps = torch.full((batch,), 0.8, device="cuda")
     seeds = torch.arange(batch, device="cuda", dtype=torch.int64)
@@ -49,6 +52,9 @@ def _draw_vs_argmax(logits: torch.Tensor, top_ps: torch.Tensor) -> dict:
     raw = logits * 0.8  # tempered back to these rows
 
     def draw():
+        return sample_top_p(raw, seeds, steps, top_ps, temps)
+
+    def cut_then_race():
         bounds = top_p_cut(raw, top_ps, temperatures=temps)
         return sample_race(raw, seeds, steps, bounds, temps)
 
@@ -56,8 +62,12 @@ def _draw_vs_argmax(logits: torch.Tensor, top_ps: torch.Tensor) -> dict:
         tempered = raw / temps[:, None]
         return sample_race(tempered, seeds, steps, top_p_cut(tempered, top_ps))
 
-    return {"draw_graph_ms": graph_ms(draw), "draw_on_copy_graph_ms": graph_ms(draw_on_copy),
-            "argmax_graph_ms": graph_ms(lambda: raw.argmax(dim=-1))}
+    ids, decided = draws_and_done(raw, seeds, steps, top_ps, temps)
+    assert torch.equal(ids, cut_then_race()), "the race-first draw differs from cut + race"
+    return {"draw_graph_ms": graph_ms(draw), "cut_then_race_graph_ms": graph_ms(cut_then_race),
+            "draw_on_copy_graph_ms": graph_ms(draw_on_copy),
+            "argmax_graph_ms": graph_ms(lambda: raw.argmax(dim=-1)),
+            "decided_by_race": decided.float().mean().item()}
 
 
 def real_rows_report(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor) -> dict:
@@ -86,7 +96,11 @@ def real_rows_report(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Te
             "candidates": spread((tempered >= bound).sum(dim=1).float()),
             "kept": spread(torch.isfinite(reference(tempered, top_ps)).sum(dim=1).float()),
             "cut_graph_ms": graph_ms(cut), "by_kernel": _by_kernel(prof),
-            "draw_graph_ms": graph_ms(lambda: sample_race(logits, seeds, seeds, cut(), temps))}
+            "cut_then_race_graph_ms": graph_ms(
+                lambda: sample_race(logits, seeds, seeds, cut(), temps)),
+            "draw_graph_ms": graph_ms(lambda: sample_top_p(logits, seeds, seeds, top_ps, temps)),
+            "decided_by_race": draws_and_done(logits, seeds, seeds, top_ps, temps)[1]
+            .float().mean().item()}
 
 
 def profile_row(name: str, scale: float, p: float, batch: int, vocab: int) -> dict:
@@ -111,7 +125,9 @@ def profile_row(name: str, scale: float, p: float, batch: int, vocab: int) -> di
     print(f"{row['row']:16s} B={batch:<3d} cut {row['cut_graph_ms'] * 1e3:7.1f} us (graph; "
           f"narrowing only over CAP: {row['cut_graph_ms_narrow_at_cap'] * 1e3:7.1f} us), "
           f"kept {row['kept_mean']:9.0f}; draw {row['draw_graph_ms'] * 1e3:7.1f} us "
-          f"(on a copy {row['draw_on_copy_graph_ms'] * 1e3:7.1f}), "
+          f"(race decided {row['decided_by_race']:.2f} of the rows; cut then race "
+          f"{row['cut_then_race_graph_ms'] * 1e3:7.1f}, on a copy "
+          f"{row['draw_on_copy_graph_ms'] * 1e3:7.1f}), "
           f"argmax {row['argmax_graph_ms'] * 1e3:6.1f} us")
     for k in row["by_kernel"]:
         print(f"    {k['kernel']:40s} x{k['calls_per_cut']:.0f} {k['us_per_cut']:8.1f} us")

@@ -300,14 +300,15 @@ def _sample(logits: Tensor, tensors: SamplingTensors) -> Tensor:
     """Random draw for every row by the exponential race: argmax(p / E) with E ~ Exp(1)
     picks token v with probability p[v] (the same law as Gumbel-max). Without top-k and
     min-p, on CUDA the kernels divide by the temperature as they read the row (no tempered
-    copy) and the race applies the sort-free top-p cut as it reads (no masked copy)."""
+    copy), and top-p runs the sort-free cut only for rows whose race winner over the whole row
+    is not surely in the nucleus (no masked copy; engine/kernels/top_p_race.py)."""
     temps = tensors.temperatures
     if not tensors.any_top_k and not tensors.any_min_p:
-        bounds = None
-        if tensors.any_top_p:
-            bounds = dispatch.top_p_bounds(logits, tensors.top_ps, temps)
-        if bounds is not None or not tensors.any_top_p:
-            return dispatch.sample_race(logits, tensors.seeds, tensors.steps, bounds, temps)
+        if not tensors.any_top_p:
+            return dispatch.sample_race(logits, tensors.seeds, tensors.steps, None, temps)
+        ids = dispatch.sample_top_p(logits, tensors.seeds, tensors.steps, tensors.top_ps, temps)
+        if ids is not None:
+            return ids
     return dispatch.sample_race(_masked(logits / temps[:, None], tensors), tensors.seeds,
                                 tensors.steps)
 

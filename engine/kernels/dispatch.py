@@ -97,8 +97,8 @@ def sample_race(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
     """The sampler's random draw, argmax(logits - log E) with E from the counter-based noise:
     one fused Triton pass on CUDA, torch ops (`engine.sampler.sample_race_ref`) elsewhere.
     `temperatures`: draw from `logits / temperatures[:, None]` (divided in the pass on CUDA).
-    `bounds`: a top-p cut from `top_p_bounds` (of the tempered rows), applied as the race reads
-    the row."""
+    `bounds`: a top-p cut (`engine/kernels/top_p.py`, of the tempered rows), applied as the race
+    reads the row."""
     if _triton_enabled and logits.is_cuda:
         try:
             from engine.kernels.sampling import sample_race as fused
@@ -117,18 +117,18 @@ def sample_race(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
     return sample_race_ref(logits, seeds, steps)
 
 
-def top_p_bounds(logits: torch.Tensor, top_ps: torch.Tensor,
-                 temperatures: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Each row's nucleus (of `logits / temperatures[:, None]` where given) as (boundary
-    logit, last kept id) from the sort-free Triton cut on CUDA (`engine/kernels/top_p.py`), for
-    `sample_race` to apply as it reads; None elsewhere (the caller masks with the sorting
-    reference)."""
+def sample_top_p(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
+                 top_ps: torch.Tensor, temperatures: torch.Tensor | None = None
+                 ) -> torch.Tensor | None:
+    """Draws from each row's nucleus (of `logits / temperatures[:, None]` where given) on CUDA:
+    the race over the whole row first, the sort-free cut only for rows whose winner is not
+    surely in the nucleus (`engine/kernels/top_p_race.py`); None elsewhere (the caller masks
+    with the sorting reference)."""
     if not (_triton_enabled and logits.is_cuda):
         return None
-    from engine.kernels.top_p import top_p_cut
+    from engine.kernels.top_p_race import sample_top_p as fused
 
-    return top_p_cut(logits, top_ps, temperatures=temperatures)
+    return fused(logits, seeds, steps, top_ps, temperatures)
 
 
 def apply_top_p(logits: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.device import sm_count
+from engine.kernels.race_noise import race_key, row_key
 from engine.kernels.top_p import row_temperatures
 from engine.kernels.top_p_split import _load_row
 
@@ -22,19 +23,9 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _fmix32(x):
-    """Murmur3 finalizer on uint32 lanes (wrapping multiplies), as `sampler._fmix32`."""
-    x ^= x >> 16
-    x *= 0x85EBCA6B
-    x ^= x >> 13
-    x *= 0xC2B2AE35
-    return x ^ (x >> 16)
-
-
-@triton.jit
-def _race_kernel(logits_ptr, temps_ptr, seeds_ptr, steps_ptr, thr_ptr, cut_ptr, best_key_ptr,
-                 best_idx_ptr, vocab_size, row_stride, per_split, HAS_CUT: tl.constexpr,
-                 BLOCK: tl.constexpr):
+def _race_kernel(logits_ptr, temps_ptr, seeds_ptr, steps_ptr, thr_ptr, cut_ptr, skip_ptr,
+                 best_key_ptr, best_idx_ptr, vocab_size, row_stride, per_split,
+                 HAS_CUT: tl.constexpr, SKIP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -44,23 +35,22 @@ def _race_kernel(logits_ptr, temps_ptr, seeds_ptr, steps_ptr, thr_ptr, cut_ptr, 
     if HAS_CUT:  # the top-p cut (engine/kernels/top_p.py), applied as the row is read
         thr = tl.load(thr_ptr + row)
         cut = tl.load(cut_ptr + row)
-    row_key = _fmix32(seed.to(tl.uint32) ^ 0x9E3779B9)
-    row_key = _fmix32(row_key ^ (seed >> 32).to(tl.uint32))
-    row_key = _fmix32(row_key ^ step.to(tl.uint32))
+    key_of_row = row_key(seed, step)
 
     best_key = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = tl.full([BLOCK], 2147483647, tl.int32)
     begin = split * per_split
-    for start in range(begin, begin + per_split, BLOCK):
+    length = per_split
+    if SKIP:  # a row already drawn (top_p_race.py): read nothing, its result is not used
+        length = tl.where(tl.load(skip_ptr + row) != 0, 0, per_split)
+    for start in range(begin, begin + length, BLOCK):
         v = start + tl.arange(0, BLOCK)
         mask = v < vocab_size
         logit = _load_row(logits_ptr + row * row_stride, v, mask, temp)  # torch's logits / T
         if HAS_CUT:  # kept: above the boundary logit, or at it up to the cut id (apply_cut)
             kept = (logit > thr) | ((logit == thr) & (v <= cut))
             logit = tl.where(kept, logit, float("-inf"))
-        bits = _fmix32(row_key ^ _fmix32(v.to(tl.uint32) ^ 0x7F4A7C15))
-        u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23
-        key = logit - tl.log(-tl.log(u))
+        key = race_key(logit, key_of_row, v)
         better = mask & (key > best_key)  # strict: each lane keeps its earliest maximum
         best_key = tl.where(better, key, best_key)
         best_idx = tl.where(better, v, best_idx)
@@ -73,13 +63,15 @@ def _race_kernel(logits_ptr, temps_ptr, seeds_ptr, steps_ptr, thr_ptr, cut_ptr, 
 
 def sample_race(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
                 bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
-                temperatures: torch.Tensor | None = None) -> torch.Tensor:
+                temperatures: torch.Tensor | None = None,
+                skip: torch.Tensor | None = None) -> torch.Tensor:
     """argmax_v(logits[b, v] - log(-log u(seeds[b], steps[b], v))) per row: [B] int64.
     Ties pick the lowest id, as torch.argmax does. Masked (-inf) logits are never picked unless
     a whole row is masked. `temperatures` [B]: race on `logits / temperatures[:, None]`,
     divided as the row is read (no tempered copy). `bounds`: a top-p cut's (thr, cut)
     (`top_p.top_p_cut`, of the tempered rows); the race then reads the row as
-    `top_p.apply_cut` would leave it, without that masked copy."""
+    `top_p.apply_cut` would leave it, without that masked copy. `skip` [B] (nonzero: skip):
+    rows not read at all, whose result is then meaningless (the caller has them already)."""
     batch, vocab = logits.shape
     logits = logits.float().contiguous()
     temps = row_temperatures(temperatures, batch, logits.device)
@@ -89,8 +81,10 @@ def sample_race(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
     best_key = torch.empty(batch, splits, dtype=torch.float32, device=logits.device)
     best_idx = torch.empty(batch, splits, dtype=torch.int32, device=logits.device)
     thr, cut = bounds if bounds is not None else (best_key, best_idx)  # placeholders if none
-    _race_kernel[(batch, splits)](logits, temps, seeds, steps, thr, cut, best_key, best_idx,
-                                  vocab, logits.stride(0), per_split, HAS_CUT=bounds is not None,
+    skips = skip if skip is not None else best_idx  # a placeholder if none
+    _race_kernel[(batch, splits)](logits, temps, seeds, steps, thr, cut, skips, best_key,
+                                  best_idx, vocab, logits.stride(0), per_split,
+                                  HAS_CUT=bounds is not None, SKIP=skip is not None,
                                   BLOCK=_BLOCK, num_warps=4)
     # slices are in vocabulary order, so the first best slice holds the lowest best id
     return best_idx.gather(1, best_key.argmax(dim=1, keepdim=True)).squeeze(1).long()

@@ -272,14 +272,16 @@ def _top_p_cut_kernel(logits_ptr, temps_ptr, top_ps_ptr, state_i_ptr, state_f_pt
 
 
 def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor, cap: int = CAP,
-              narrow_to: int = NARROW_TO, temperatures: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              narrow_to: int = NARROW_TO, temperatures: torch.Tensor | None = None,
+              row_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(t [B] float32, cut [B] int32) of each row's nucleus; rows with top_p >= 1 keep all
     (t = -inf, cut = vocab). `logits` is [B, V] float32 on CUDA (or the Triton interpreter).
     `temperatures` [B]: the nucleus of `logits / temperatures[:, None]` (t on that scale),
     divided as each pass reads the row, without a tempered copy.
     `cap`: candidate slots per row; `narrow_to` (at most cap): rows with more candidates are
-    narrowed by the split passes first (tests shrink both to reach those paths at small V)."""
+    narrowed by the split passes first (tests shrink both to reach those paths at small V).
+    `row_stats`: step 1's [B, 2 * next_power_of_2(C)] output for these rows (`_row_stats_kernel`),
+    when the caller ran it."""
     if cap < 1 or narrow_to < 1:
         raise ValueError(f"cap and narrow_to must be >= 1, got {cap}, {narrow_to}")
     batch, vocab = logits.shape
@@ -292,7 +294,6 @@ def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor, cap: int = CAP,
     splits = triton.next_power_of_2(num_splits)
     region = cap // num_splits
     dev = logits.device
-    stats = torch.empty(batch, 2 * splits, dtype=torch.float32, device=dev)
     state_i = torch.empty(batch, STATE_INTS, dtype=torch.int64, device=dev)
     state_f = torch.empty(batch, STATE_FLOATS, dtype=torch.float32, device=dev)
     info = torch.empty(batch, 3 * splits, dtype=torch.int32, device=dev)
@@ -306,8 +307,13 @@ def top_p_cut(logits: torch.Tensor, top_ps: torch.Tensor, cap: int = CAP,
     cut = torch.empty(batch, dtype=torch.int32, device=dev)
     split_grid = (batch, num_splits)
     stride = logits.stride(0)
-    _row_stats_kernel[split_grid](logits, temps, stats, vocab, stride, _STATS_CHUNK,
-                                  SPLITS=splits, BLOCK=_ROW_BLOCK, num_warps=4)
+    if row_stats is None:
+        stats = torch.empty(batch, 2 * splits, dtype=torch.float32, device=dev)
+        _row_stats_kernel[split_grid](logits, temps, stats, vocab, stride, _STATS_CHUNK, stats,
+                                      stats, stats, stats, SPLITS=splits, BLOCK=_ROW_BLOCK,
+                                      RACE=False, num_warps=4)
+    else:  # step 1 done by the caller (top_p_race.py), on these rows and temperatures
+        stats = row_stats
     compact_args = (logits, temps, top_ps, stats, state_i, state_f, info, cand_key, cand_e, cand_id,
                     vocab, stride, cap, region, _STATS_CHUNK, num_splits)
     _compact_split_kernel[split_grid](*compact_args, NARROWED=False, SPLITS=splits,

@@ -28,6 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from engine.kernels.race_noise import race_key, row_key
+
 _KEY_MIN = tl.constexpr(-2147483648)
 _KEY_MAX = tl.constexpr(2147483647)
 STATE_INTS = 8  # per-row int64 state: lo, hi, n, n_hi, by_value, overflowed (2 spare)
@@ -89,10 +91,13 @@ def _merge_max_sum(m_vec, s_vec):
 
 
 @triton.jit
-def _row_stats_kernel(logits_ptr, temps_ptr, stats_ptr, vocab, row_stride, chunk,
-                      SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+def _row_stats_kernel(logits_ptr, temps_ptr, stats_ptr, vocab, row_stride, chunk, seeds_ptr,
+                      steps_ptr, race_key_ptr, race_idx_ptr, SPLITS: tl.constexpr,
+                      BLOCK: tl.constexpr, RACE: tl.constexpr):
     """Step 1, split: program (row, j) writes the max m_j and sum exp(x - m_j) of its `chunk`
-    of the row (online, as in softmax) to stats[row, j] (m) and stats[row, SPLITS + j] (s)."""
+    of the row (online, as in softmax) to stats[row, j] (m) and stats[row, SPLITS + j] (s).
+    RACE: also the chunk's race winner over the whole row, no cut (top_p_race.py): its key
+    and lowest id at race_key/race_idx[row, j], with the noise of `sampling.sample_race`."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     row_ptr = logits_ptr + row * row_stride
@@ -100,6 +105,10 @@ def _row_stats_kernel(logits_ptr, temps_ptr, stats_ptr, vocab, row_stride, chunk
     end = tl.minimum(split * chunk + chunk, vocab)
     m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
     s_vec = tl.zeros([BLOCK], tl.float32)
+    best_key = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_idx = tl.full([BLOCK], _KEY_MAX, tl.int32)
+    if RACE:
+        key_of_row = row_key(tl.load(seeds_ptr + row), tl.load(steps_ptr + row))
     for start in range(split * chunk, end, BLOCK):
         v = start + tl.arange(0, BLOCK)
         x = _load_row(row_ptr, v, v < end, temp)
@@ -108,9 +117,20 @@ def _row_stats_kernel(logits_ptr, temps_ptr, stats_ptr, vocab, row_stride, chunk
         term = tl.exp(tl.where(x == float("-inf"), float("-inf"), x - new_m))
         s_vec = s_vec * scale + term
         m_vec = new_m
+        if RACE:
+            key = race_key(x, key_of_row, v)
+            better = (v < end) & (key > best_key)  # strict: each lane keeps its first maximum
+            best_key = tl.where(better, key, best_key)
+            best_idx = tl.where(better, v, best_idx)
     m, s = _merge_max_sum(m_vec, s_vec)
     tl.store(stats_ptr + row * 2 * SPLITS + split, m)
     tl.store(stats_ptr + row * 2 * SPLITS + SPLITS + split, s)
+    if RACE:
+        top = tl.max(best_key, axis=0)
+        first = tl.min(tl.where(best_key == top, best_idx, _KEY_MAX), axis=0)
+        first = tl.where(top == float("-inf"), split * chunk, first)  # all -inf: as argmax
+        tl.store(race_key_ptr + row * SPLITS + split, top)
+        tl.store(race_idx_ptr + row * SPLITS + split, first)
 
 
 @triton.jit

@@ -16,7 +16,8 @@ from engine.loader.gguf_loader import open_gguf_model
 from engine.loader.tokenizer_cache import cache_root, entry_folder, gguf_tokenizer
 from tests.engine.factories import default_hf_tokenizer
 
-TEXTS = ["Hello, world!", "<|im_start|>user\nnaïve 你好 🙂<|im_end|>", "def f(x):\n    return x"]
+TEXTS = ["Hello, world!", "<|im_start|>user\nnaïve 你好 🙂<|im_end|>",
+         "def f(x):\n    return x"]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,8 @@ def test_a_cached_entry_is_used_and_a_damaged_one_replaced(monkeypatch, tmp_path
     machine_entry = entry_folder(default_file.metadata_digest)
     monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
     entry = entry_folder(default_file.metadata_digest)
-    assert entry.parent == tmp_path / "tokenizers" and default_file.metadata_digest[:32] in entry.name
+    assert entry.parent == tmp_path / "tokenizers"
+    assert default_file.metadata_digest[:32] in entry.name
     if machine_entry is not None and machine_entry.is_dir():
         shutil.copytree(machine_entry, entry)
     hit = gguf_tokenizer(default_file.path, default_file.metadata_digest)  # (or converts, stores)
