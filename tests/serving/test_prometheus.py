@@ -166,7 +166,10 @@ def load(serving, prometheus) -> ClientView:
         client = serving.client
         await asyncio.gather(*(_timed_call(client, view, p) for p in prompts),
                              _timed_call(client, view, "Tell me a story.", abort_id="to-abort"),
-                             _timed_call(client, view, "Tell me a joke.", cancel=True),
+                             # long, so that its decode cannot finish (and be counted as
+                             # finished by the decode worker) before the cancel reaches it
+                             _timed_call(client, view, "Tell me a joke.", cancel=True,
+                                         max_tokens=20 * MAX_TOKENS),
                              _invalid_call(client, view))
         await _failed_transfer_then_recovery(serving, view)
 
