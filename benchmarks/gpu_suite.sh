@@ -39,7 +39,7 @@ for p in $parts; do
            t0=$SECONDS
            k=tests/kernels
            run tests_a 450 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
-             $k/test_end_to_end.py $k/test_async_engine.py $k/test_graph_prefill.py \
+             $k/test_end_to_end.py $k/test_bf16_vs_fp32.py $k/test_async_engine.py $k/test_graph_prefill.py \
              tests/engine/test_sampler.py &
            run tests_b 450 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
              $k/test_attention.py $k/test_fused_ops.py $k/test_graph_inputs.py $k/test_pdl.py \
@@ -63,7 +63,7 @@ for p in $parts; do
                $k/test_top_p_temperature.py $k/test_top_p_race.py \
                tests/engine/test_sampler.py $k/test_compile_watch_cuda.py &
              run changed_b 240 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
-               $k/test_no_compile_after_warmup.py $k/test_end_to_end.py &
+               $k/test_no_compile_after_warmup.py $k/test_end_to_end.py $k/test_bf16_vs_fp32.py &
              run changed_c 240 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
                $k/test_fused_moe.py -k engine $k/test_async_engine.py &
              wait
