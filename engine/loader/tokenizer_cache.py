@@ -32,7 +32,12 @@ def cache_root() -> Path | None:
     if configured is not None:
         return None if configured.strip().lower() in ("", "off") else Path(configured)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "pdserve"
+    if xdg:
+        return Path(xdg) / "pdserve"
+    try:
+        return Path.home() / ".cache" / "pdserve"
+    except RuntimeError:  # no home directory to be found: run without a cache
+        return None
 
 
 def gguf_tokenizer(path: Path, metadata_digest: str) -> PreTrainedTokenizerBase:
