@@ -122,3 +122,32 @@ def test_an_unwritable_cache_still_gives_the_tokenizer(monkeypatch, tmp_path, de
     monkeypatch.setenv("PDSERVE_CACHE_DIR", str(blocker))
     tokenizer = gguf_tokenizer(default_file.path, default_file.metadata_digest)
     assert tokenizer.encode(TEXTS[0]) == default_hf_tokenizer().encode(TEXTS[0])
+
+
+def test_processes_filling_an_empty_cache_at_once_leave_one_whole_entry(monkeypatch, tmp_path,
+                                                                        default_file):
+    """Two real processes convert the default tokenizer into the same empty cache at the same
+    time (as the workers of a starting cluster do): both get it, one entry remains, no
+    partial folder is left behind, and the entry loads."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, '.');"
+            "from engine.loader import open_model;"
+            "print(open_model('default').load_tokenizer().encode('Hello, world!'))")
+    env = {**os.environ, "PDSERVE_CACHE_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [proc.communicate(timeout=240) for proc in procs]
+    want = str(default_hf_tokenizer().encode("Hello, world!"))
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-2000:]
+        assert out.strip() == want
+    entries = sorted(path.name for path in (tmp_path / "tokenizers").iterdir())
+    assert entries == [entry_folder(default_file.metadata_digest).name]
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
+    (tmp_path / "tokenizers" / entries[0] / "chat_template.jinja").write_text("{{ 'mine' }}")
+    hit = gguf_tokenizer(default_file.path, default_file.metadata_digest)  # from the entry
+    assert hit.encode("Hello, world!") == default_hf_tokenizer().encode("Hello, world!")
+    assert hit.chat_template == "{{ 'mine' }}"
