@@ -66,7 +66,9 @@ def _mass_before_kernel(logits_ptr, temps_ptr, top_ps_ptr, stats_ptr, race_key_p
         temp = tl.load(temps_ptr + row)
         m, s = _row_max_sum(stats_ptr, row, num_splits, SPLITS)
         w = _winner(race_key_ptr, race_idx_ptr, row, num_splits, SPLITS)
-        x_w = tl.math.div_rn(tl.load(row_ptr + w), temp)
+        # a NaN row has no winner (w = _KEY_MAX): read in bounds; its sums are NaN and it
+        # goes to the cut like any row the race does not decide
+        x_w = tl.math.div_rn(tl.load(row_ptr + tl.minimum(w, vocab - 1)), temp)
         end = tl.minimum(split * chunk + chunk, vocab)
         acc = tl.zeros([BLOCK], tl.float32)
         for start in range(split * chunk, end, BLOCK):

@@ -87,3 +87,18 @@ def test_rows_near_the_boundary_run_the_cut(device, offset, decided):
     assert done.tolist() == [decided] * 4
     if offset < 0:  # the winner is outside the nucleus: the cut's race picks another token
         assert not torch.equal(got.cpu(), winners.cpu())
+
+
+def test_rows_with_nan_read_in_bounds_and_match_the_cut(device):
+    """A row holding NaN (a broken model output) has no race winner; the mass pass must not
+    read past the row, and the ids are whatever the cut-then-race path gives."""
+    from engine.kernels.top_p_race import draws_and_done
+
+    logits, temps, seeds, steps = _batch(device, 4, vocab=3001)
+    logits[0, 17] = float("nan")
+    logits[2] = float("nan")
+    top_ps = torch.tensor([0.9, 0.9, 0.9, 1.0], device=device)
+    got, done = draws_and_done(logits, seeds, steps, top_ps, temps)
+    want = _want(logits, seeds, steps, top_ps, temps)
+    assert torch.equal(got.cpu()[1:], want[1:])  # the all-NaN row goes to the cut
+    assert 0 <= int(got[0]) < 3001  # one NaN token: a valid id (IEEE max may skip NaN)
