@@ -33,3 +33,18 @@ def race_key(logit, key_of_row, v):
     bits = fmix32(key_of_row ^ fmix32(v.to(tl.uint32) ^ 0x7F4A7C15))
     u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23: u in (0, 1)
     return logit - tl.log(-tl.log(u))
+
+
+@triton.jit
+def race_step(best_key, best_idx, key, v, valid):
+    """Per-lane running maximum of the race keys: strict, so each lane keeps its first."""
+    better = valid & (key > best_key)
+    return tl.where(better, key, best_key), tl.where(better, v, best_idx)
+
+
+@triton.jit
+def race_winner(best_key, best_idx, empty_id):
+    """(key, lowest id) of the lanes' maximum; `empty_id` when every key is -inf (as argmax)."""
+    top = tl.max(best_key, axis=0)
+    first = tl.min(tl.where(best_key == top, best_idx, 2147483647), axis=0)
+    return top, tl.where(top == float("-inf"), empty_id, first)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.device import sm_count
-from engine.kernels.race_noise import race_key, row_key
+from engine.kernels.race_noise import race_key, race_step, race_winner, row_key
 from engine.kernels.top_p import row_temperatures
 from engine.kernels.top_p_split import _load_row
 
@@ -51,12 +51,8 @@ def _race_kernel(logits_ptr, temps_ptr, seeds_ptr, steps_ptr, thr_ptr, cut_ptr, 
             kept = (logit > thr) | ((logit == thr) & (v <= cut))
             logit = tl.where(kept, logit, float("-inf"))
         key = race_key(logit, key_of_row, v)
-        better = mask & (key > best_key)  # strict: each lane keeps its earliest maximum
-        best_key = tl.where(better, key, best_key)
-        best_idx = tl.where(better, v, best_idx)
-    top = tl.max(best_key, axis=0)
-    first = tl.min(tl.where(best_key == top, best_idx, 2147483647), axis=0)
-    first = tl.where(top == float("-inf"), begin, first)  # all masked: its first id, as argmax
+        best_key, best_idx = race_step(best_key, best_idx, key, v, mask)
+    top, first = race_winner(best_key, best_idx, begin)  # all masked: its first id
     tl.store(best_key_ptr + row * num_splits + split, top)
     tl.store(best_idx_ptr + row * num_splits + split, first)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from engine.kernels.race_noise import race_key, row_key
+from engine.kernels.race_noise import race_key, race_step, race_winner, row_key
 
 _KEY_MIN = tl.constexpr(-2147483648)
 _KEY_MAX = tl.constexpr(2147483647)
@@ -118,17 +118,13 @@ def _row_stats_kernel(logits_ptr, temps_ptr, stats_ptr, vocab, row_stride, chunk
         s_vec = s_vec * scale + term
         m_vec = new_m
         if RACE:
-            key = race_key(x, key_of_row, v)
-            better = (v < end) & (key > best_key)  # strict: each lane keeps its first maximum
-            best_key = tl.where(better, key, best_key)
-            best_idx = tl.where(better, v, best_idx)
+            best_key, best_idx = race_step(best_key, best_idx, race_key(x, key_of_row, v), v,
+                                           v < end)
     m, s = _merge_max_sum(m_vec, s_vec)
     tl.store(stats_ptr + row * 2 * SPLITS + split, m)
     tl.store(stats_ptr + row * 2 * SPLITS + SPLITS + split, s)
     if RACE:
-        top = tl.max(best_key, axis=0)
-        first = tl.min(tl.where(best_key == top, best_idx, _KEY_MAX), axis=0)
-        first = tl.where(top == float("-inf"), split * chunk, first)  # all -inf: as argmax
+        top, first = race_winner(best_key, best_idx, split * chunk)
         tl.store(race_key_ptr + row * SPLITS + split, top)
         tl.store(race_idx_ptr + row * SPLITS + split, first)
 
