@@ -34,36 +34,44 @@ SHAPES = ((64, 4096), (256, 1024), (1, 4096), (8, 8192))
 CANDIDATES = tuple(itertools.product((32, 64, 128, 256), (4, 8), (2, 3, 4)))
 
 
-def _layer(batch: int, ctx: int, fp8: bool) -> tuple[torch.Tensor, SeqGroup]:
+def _layer(batch: int, ctx: int, fp8: bool, head_major: bool = False
+           ) -> tuple[torch.Tensor, SeqGroup]:
+    """One layer's cache [blocks, 2, BS, HKV, D]; head_major: stored as [blocks, 2, HKV, BS, D]
+    (a head's 16 rows of a block contiguous) and seen through a permuted view, which the
+    kernel reads through its strides."""
     blocks_per_seq = -(-ctx // BS)
     kv = torch.randn(batch * blocks_per_seq, 2, BS, HKV, D, device="cuda", dtype=torch.bfloat16)
     if fp8:
         kv = quantize_rows(kv)
+    if head_major:
+        kv = kv.permute(0, 1, 3, 2, 4).contiguous().permute(0, 1, 3, 2, 4)
     tables = torch.randperm(batch * blocks_per_seq, device="cuda").view(batch, -1)
     qs = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
     lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
     return kv, SeqGroup(tables.to(torch.int32), lens, qs, 1, ctx)
 
 
-def sweep_shape(batch: int, ctx: int, fp8: bool, bw: float, budget_end: float) -> list[dict]:
-    kv, group = _layer(batch, ctx, fp8)
+def sweep_shape(batch: int, ctx: int, fp8: bool, bw: float, budget_end: float,
+                head_major: bool = False, candidates=CANDIDATES) -> list[dict]:
+    kv, group = _layer(batch, ctx, fp8, head_major)
+    name = ("fp8" if fp8 else "bf16") + ("-head-major" if head_major else "")
     q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
     ref = torch.empty_like(q)
     decode_attention(q, kv, group, D ** -0.5, ref)
     kv_bytes = batch * ctx * HKV * 2 * (D + 16 if fp8 else 2 * D)
     default = default_tile(q.dtype, fp8)
     rows = []
-    for tile in CANDIDATES:
+    for tile in candidates:
         if time.monotonic() > budget_end:
             break
         out = torch.empty_like(q)
         try:
             ms = graph_ms(lambda: decode_attention(q, kv, group, D ** -0.5, out, tile=tile))
         except Exception as e:  # noqa: BLE001 - an unfit tile (shared memory) is a result
-            rows.append({"kv": "fp8" if fp8 else "bf16", "shape": f"{batch}x{ctx}",
+            rows.append({"kv": name, "shape": f"{batch}x{ctx}",
                          "tile": list(tile), "error": type(e).__name__})
             continue
-        rows.append({"kv": "fp8" if fp8 else "bf16", "shape": f"{batch}x{ctx}",
+        rows.append({"kv": name, "shape": f"{batch}x{ctx}",
                      "tile": list(tile), "default": tile == default, "us": ms * 1e3,
                      "GB/s": kv_bytes / ms / 1e6, "%copy": 100 * kv_bytes / ms / 1e6 / bw,
                      "max_abs_diff": float((out.float() - ref.float()).abs().max())})
@@ -75,12 +83,20 @@ def sweep_shape(batch: int, ctx: int, fp8: bool, bw: float, budget_end: float) -
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget-s", type=float, default=240.0)
+    parser.add_argument("--layouts", action="store_true",
+                        help="token- vs head-major cache rows, a few tiles, both formats")
     args = parser.parse_args()
     budget_end = time.monotonic() + args.budget_s
     bw = copy_bandwidth_gbs()
     rows, best = [], []
-    for (batch, ctx), fp8 in itertools.product(SHAPES, (False, True)):
-        got = [r for r in sweep_shape(batch, ctx, fp8, bw, budget_end) if "us" in r]
+    formats = ((False, False), (True, False))
+    candidates = CANDIDATES
+    if args.layouts:
+        formats = ((False, False), (True, False), (True, True), (False, True))
+        candidates = tuple(itertools.product((64, 128, 256), (4, 8), (2, 3)))
+    for (batch, ctx), (fp8, head_major) in itertools.product(SHAPES, formats):
+        got = [r for r in sweep_shape(batch, ctx, fp8, bw, budget_end, head_major, candidates)
+               if "us" in r]
         rows += got
         if got:
             default = next((r for r in got if r["default"]), None)
