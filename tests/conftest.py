@@ -15,6 +15,11 @@ import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
+if os.environ.get("TRITON_INTERPRET") == "1":  # kernel tests on the CPU: see the module
+    from tests.interpreter_speedup import install as _install_interpreter_speedup
+
+    _install_interpreter_speedup()
+
 
 @pytest.fixture(scope="session")
 def default_loaded():

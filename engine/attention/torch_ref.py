@@ -49,12 +49,13 @@ def _padded_indices(group: SeqGroup, num_tokens: int, device) -> dict:
 
 def _gather_kv(kv_layer: torch.Tensor, group: SeqGroup, dtype: torch.dtype
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each sequence's K and V as [B, max_context, H, D]: one gather each, the reshape a view."""
+    """Each sequence's K and V as [B, max_context, H, D]: one gather each; the reshape is a view
+    of a plain cache's gather (an fp8 cache's keeps its head-major strides: a copy)."""
     tables = group.block_tables.long()
     b, max_blocks = tables.shape
     _, _, bs, h, d = kv_layer.shape
-    k = kv_layer[:, 0][tables].view(b, max_blocks * bs, h, d)[:, : group.max_context_len]
-    v = kv_layer[:, 1][tables].view(b, max_blocks * bs, h, d)[:, : group.max_context_len]
+    k = kv_layer[:, 0][tables].reshape(b, max_blocks * bs, h, d)[:, : group.max_context_len]
+    v = kv_layer[:, 1][tables].reshape(b, max_blocks * bs, h, d)[:, : group.max_context_len]
     if is_fp8(kv_layer):
         return dequantize_rows(k, dtype), dequantize_rows(v, dtype)
     return k, v

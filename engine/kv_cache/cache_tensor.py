@@ -7,6 +7,14 @@ indexed copy unpacks it into other block ids on the receiver.
 
 With `kv_cache_dtype: fp8_e4m3` the tensor is uint8 and its last dimension head_dim + 16: e4m3
 values and a float32 scale (padded to 16 bytes) per (token, head) row (engine/kv_cache/fp8.py).
+Its memory is head-major inside a block (`[..., 2, kv_heads, block_size, head_dim + 16]`) and
+the tensor is a transposed view of it with the same logical shape as above, so every user
+(kernels through strides, the hand-off's gathers, the torch reference) indexes it as before.
+Why: a 144-byte fp8 row (head_dim 128) is no whole number of the 32-byte sectors (or 64-byte
+DRAM bursts) memory moves. Token-major, a head's successive rows lie a whole token
+(kv_heads x 144 bytes) apart, so each row costs 5 sectors (160 bytes) or 3 bursts (192);
+head-major, a head's 16 rows of a block are 2,304 contiguous bytes. A bf16 row (2 x head_dim
+bytes) is whole sectors either way and keeps the plain layout.
 
 With tensor/pipeline parallelism a rank's cache holds its pipeline stage's layers only (layer
 axis stage-local) and its tensor rank's KV heads only; `num_layers` / `num_kv_heads` say so.
@@ -69,6 +77,12 @@ def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype:
     """Zero-filled, so padded reads of unused slots never see NaN bit patterns (an fp8 row of
     zeros is value 0 with scale 0)."""
     heads = num_kv_heads or cfg.num_kv_heads
-    shape = (num_layers or cfg.num_layers, num_blocks, 2, block_size, heads,
-             stored_head_dim(cfg.head_dim, kv_cache_dtype))
-    return torch.zeros(shape, dtype=storage_dtype(dtype, kv_cache_dtype), device=device)
+    layers = num_layers or cfg.num_layers
+    row = stored_head_dim(cfg.head_dim, kv_cache_dtype)
+    kind = storage_dtype(dtype, kv_cache_dtype)
+    if kv_cache_dtype == "auto":
+        return torch.zeros(layers, num_blocks, 2, block_size, heads, row, dtype=kind,
+                           device=device)
+    head_major = torch.zeros(layers, num_blocks, 2, heads, block_size, row, dtype=kind,
+                             device=device)
+    return head_major.transpose(3, 4)  # the LBKVHD shape over head-major memory

@@ -103,3 +103,64 @@ def test_prefill_over_fp8_matches_reference(device, dtype):
     ref = reference_attention(q, clean, meta, d ** -0.5)
     assert_close(out, ref, dtype, "fp8 prefill")
     assert FP8_MAX == 448.0
+
+
+def _head_major(layer: torch.Tensor) -> torch.Tensor:
+    """The same cache layer ([blocks, 2, BS, H, D + 16]) over head-major memory, as
+    `allocate_kv_cache` lays out an fp8 cache."""
+    return layer.transpose(2, 3).contiguous().transpose(2, 3)
+
+
+def test_fp8_cache_is_allocated_head_major_with_the_plain_shape():
+    from engine.kv_cache.cache_tensor import allocate_kv_cache
+    from engine.models.config import ModelConfig
+
+    cfg = ModelConfig("llama", vocab_size=64, hidden_size=64, intermediate_size=128,
+                      num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32,
+                      max_position_embeddings=128)
+    fp8 = allocate_kv_cache(cfg, 5, 16, torch.float16, "cpu", kv_cache_dtype="fp8_e4m3")
+    plain = allocate_kv_cache(cfg, 5, 16, torch.float16, "cpu")
+    assert fp8.shape == (3, 5, 2, 16, 2, 48) and plain.shape == (3, 5, 2, 16, 2, 32)
+    assert plain.is_contiguous() and not fp8.is_contiguous()
+    assert fp8.transpose(3, 4).is_contiguous()  # a head's 16 rows of a block are contiguous
+    assert fp8.stride(3) == 48 and fp8.stride(4) == 16 * 48
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_head_major_fp8_cache_reads_and_writes_like_token_major(device, dtype):
+    """The kernels address the cache through its strides: over head-major memory, decode and
+    prefill attention give the same bits, and the fused RoPE write stores the same rows."""
+    from engine.kernels.decode_attention import decode_attention
+    from engine.kernels.prefill_attention import prefill_attention
+    from engine.kernels.triton_ops import rope_and_write_kv
+    from engine.layers.rotary import RotaryEmbedding
+
+    hq, hkv, d = 8, 2, 64
+    q_lens, cached = [1, 1, 40, 17], [16, 33, 0, 20]
+    ctx_lens = [q + c for q, c in zip(q_lens, cached)]
+    batch = paged_batch(q_lens, ctx_lens, hkv, d, 16, dtype, device)
+    token_major = _fp8_layer(batch.kv_layer, batch.kv_clean)
+    head_major = _head_major(token_major)
+    assert torch.equal(head_major, token_major) and head_major.stride() != token_major.stride()
+    q = torch.randn(sum(q_lens), hq, d, device=device).to(dtype)
+    meta = _meta(batch, 2)
+    outs = []
+    for layer in (token_major, head_major):
+        dec = torch.full_like(q[:2], float("nan"))
+        decode_attention(q[:2], layer, meta.decode, d ** -0.5, dec)
+        pre = torch.full_like(q[2:], float("nan"))
+        prefill_attention(q[2:], layer, meta.prefill, d ** -0.5, pre)
+        outs.append((dec, pre))
+    assert not outs[0][0].isnan().any() and not outs[0][1].isnan().any()
+    assert torch.equal(outs[0][0], outs[1][0]), "decode differs over head-major memory"
+    assert torch.equal(outs[0][1], outs[1][1]), "prefill differs over head-major memory"
+    rope = RotaryEmbedding(d, 4096, 10000.0).to(device)
+    k = torch.randn(9, hkv, d, device=device).to(dtype)
+    v = torch.randn(9, hkv, d, device=device).to(dtype)
+    positions = torch.arange(9, device=device)
+    slots = torch.randperm(token_major.shape[0] * 16, device=device)[:9]
+    written = []
+    for layer in (torch.zeros_like(token_major), _head_major(torch.zeros_like(token_major))):
+        rope_and_write_kv(q[:9], k, v, rope.cos, rope.sin, positions, layer, slots)
+        written.append(layer)
+    assert torch.equal(written[0], written[1])
