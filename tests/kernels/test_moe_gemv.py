@@ -139,12 +139,13 @@ def test_deterministic_and_empty(device):
     from engine.kernels.moe_gemv import moe_gemv_experts
 
     w13, w2 = _experts(16, 64, 48, torch.float16, device)
-    x = torch.randn(5, 64, device=device).half()
-    weights, ids = _routing(5, 16, 8, device)
+    x = torch.randn(3, 64, device=device).half()  # 3 tokens, top-2: few programs in the interpreter
+    weights, ids = _routing(3, 16, 2, device)
     first = moe_gemv_experts(x, w13, w2, weights, ids)
     assert torch.equal(first, moe_gemv_experts(x, w13, w2, weights, ids))
     empty = moe_gemv_experts(x[:0], w13, w2, weights[:0], ids[:0])
     assert empty.shape == (0, 64)
+    assert torch.isfinite(first).all() and first.abs().amax() > 0
 
 
 def test_tile_config_lookup(tmp_path):
