@@ -27,6 +27,7 @@ from benchmarks.gpu_common import (copy_bandwidth_gbs, device_info, graph_ms,  #
                                    print_table, write_results)
 from engine.attention.metadata import SeqGroup  # noqa: E402
 from engine.kernels.decode_attention import decode_attention, default_tile  # noqa: E402
+from engine.kv_cache.cache_tensor import head_major_copy  # noqa: E402
 from engine.kv_cache.fp8 import quantize_rows  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
@@ -44,7 +45,7 @@ def _layer(batch: int, ctx: int, fp8: bool, head_major: bool = False
     if fp8:
         kv = quantize_rows(kv)
     if head_major:
-        kv = kv.permute(0, 1, 3, 2, 4).contiguous().permute(0, 1, 3, 2, 4)
+        kv = head_major_copy(kv)
     tables = torch.randperm(batch * blocks_per_seq, device="cuda").view(batch, -1)
     qs = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
     lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)

@@ -105,14 +105,8 @@ def test_prefill_over_fp8_matches_reference(device, dtype):
     assert FP8_MAX == 448.0
 
 
-def _head_major(layer: torch.Tensor) -> torch.Tensor:
-    """The same cache layer ([blocks, 2, BS, H, D + 16]) over head-major memory, as
-    `allocate_kv_cache` lays out an fp8 cache."""
-    return layer.transpose(2, 3).contiguous().transpose(2, 3)
-
-
 def test_fp8_cache_is_allocated_head_major_with_the_plain_shape():
-    from engine.kv_cache.cache_tensor import allocate_kv_cache
+    from engine.kv_cache.cache_tensor import allocate_kv_cache, head_major_copy
     from engine.models.config import ModelConfig
 
     cfg = ModelConfig("llama", vocab_size=64, hidden_size=64, intermediate_size=128,
@@ -124,6 +118,7 @@ def test_fp8_cache_is_allocated_head_major_with_the_plain_shape():
     assert plain.is_contiguous() and not fp8.is_contiguous()
     assert fp8.transpose(3, 4).is_contiguous()  # a head's 16 rows of a block are contiguous
     assert fp8.stride(3) == 48 and fp8.stride(4) == 16 * 48
+    assert head_major_copy(fp8.contiguous()).stride() == fp8.stride()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
@@ -133,6 +128,7 @@ def test_head_major_fp8_cache_reads_and_writes_like_token_major(device, dtype):
     from engine.kernels.decode_attention import decode_attention
     from engine.kernels.prefill_attention import prefill_attention
     from engine.kernels.triton_ops import rope_and_write_kv
+    from engine.kv_cache.cache_tensor import head_major_copy
     from engine.layers.rotary import RotaryEmbedding
 
     hq, hkv, d = 8, 2, 64
@@ -140,7 +136,7 @@ def test_head_major_fp8_cache_reads_and_writes_like_token_major(device, dtype):
     ctx_lens = [q + c for q, c in zip(q_lens, cached)]
     batch = paged_batch(q_lens, ctx_lens, hkv, d, 16, dtype, device)
     token_major = _fp8_layer(batch.kv_layer, batch.kv_clean)
-    head_major = _head_major(token_major)
+    head_major = head_major_copy(token_major)
     assert torch.equal(head_major, token_major) and head_major.stride() != token_major.stride()
     q = torch.randn(sum(q_lens), hq, d, device=device).to(dtype)
     meta = _meta(batch, 2)
@@ -160,7 +156,7 @@ def test_head_major_fp8_cache_reads_and_writes_like_token_major(device, dtype):
     positions = torch.arange(9, device=device)
     slots = torch.randperm(token_major.shape[0] * 16, device=device)[:9]
     written = []
-    for layer in (torch.zeros_like(token_major), _head_major(torch.zeros_like(token_major))):
+    for layer in (torch.zeros_like(token_major), head_major_copy(torch.zeros_like(token_major))):
         rope_and_write_kv(q[:9], k, v, rope.cos, rope.sin, positions, layer, slots)
         written.append(layer)
     assert torch.equal(written[0], written[1])
