@@ -10,11 +10,11 @@ values and a float32 scale (padded to 16 bytes) per (token, head) row (engine/kv
 Its memory is head-major inside a block (`[..., 2, kv_heads, block_size, head_dim + 16]`) and
 the tensor is a transposed view of it with the same logical shape as above, so every user
 (kernels through strides, the hand-off's gathers, the torch reference) indexes it as before.
-Why: a 144-byte fp8 row (head_dim 128) is no whole number of the 32-byte sectors (or 64-byte
-DRAM bursts) memory moves. Token-major, a head's successive rows lie a whole token
-(kv_heads x 144 bytes) apart, so each row costs 5 sectors (160 bytes) or 3 bursts (192);
-head-major, a head's 16 rows of a block are 2,304 contiguous bytes. A bf16 row (2 x head_dim
-bytes) is whole sectors either way and keeps the plain layout.
+Why: a 144-byte fp8 row (head_dim 128) is no whole number of 32-byte sectors, and token-major
+a head's successive rows lie kv_heads rows apart; head-major, a head's 16 rows of a block are
+2,304 contiguous bytes. Measured on an H100 (benchmarks/RESULTS.md, eleventh round) this makes
+fp8 decode attention only 3-5% faster, far less than the sector count suggests. A bf16 row
+(2 x head_dim bytes) is whole sectors either way and keeps the plain layout.
 
 With tensor/pipeline parallelism a rank's cache holds its pipeline stage's layers only (layer
 axis stage-local) and its tensor rank's KV heads only; `num_layers` / `num_kv_heads` say so.
