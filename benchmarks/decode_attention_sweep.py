@@ -27,25 +27,20 @@ from benchmarks.gpu_common import (copy_bandwidth_gbs, device_info, graph_ms,  #
                                    print_table, write_results)
 from engine.attention.metadata import SeqGroup  # noqa: E402
 from engine.kernels.decode_attention import decode_attention, default_tile  # noqa: E402
-from engine.kv_cache.cache_tensor import head_major_copy  # noqa: E402
-from engine.kv_cache.fp8 import quantize_rows  # noqa: E402
+from engine.kv_cache.fp8 import cache_from_rows, quantize_rows  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 SHAPES = ((64, 4096), (256, 1024), (1, 4096), (8, 8192))
 CANDIDATES = tuple(itertools.product((32, 64, 128, 256), (4, 8), (2, 3, 4)))
 
 
-def _layer(batch: int, ctx: int, fp8: bool, head_major: bool = False
-           ) -> tuple[torch.Tensor, SeqGroup]:
-    """One layer's cache [blocks, 2, BS, HKV, D]; head_major: stored as [blocks, 2, HKV, BS, D]
-    (a head's 16 rows of a block contiguous) and seen through a permuted view, which the
-    kernel reads through its strides."""
+def _layer(batch: int, ctx: int, fp8: bool) -> tuple[torch.Tensor, SeqGroup]:
+    """One layer's cache [blocks, 2, BS, HKV, D] (fp8: in the cache format, head-major memory
+    with transposed value slabs, engine/kv_cache/fp8.py)."""
     blocks_per_seq = -(-ctx // BS)
     kv = torch.randn(batch * blocks_per_seq, 2, BS, HKV, D, device="cuda", dtype=torch.bfloat16)
     if fp8:
-        kv = quantize_rows(kv)
-    if head_major:
-        kv = head_major_copy(kv)
+        kv = cache_from_rows(quantize_rows(kv))
     tables = torch.randperm(batch * blocks_per_seq, device="cuda").view(batch, -1)
     qs = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
     lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
@@ -53,9 +48,9 @@ def _layer(batch: int, ctx: int, fp8: bool, head_major: bool = False
 
 
 def sweep_shape(batch: int, ctx: int, fp8: bool, bw: float, budget_end: float,
-                head_major: bool = False, candidates=CANDIDATES) -> list[dict]:
-    kv, group = _layer(batch, ctx, fp8, head_major)
-    name = ("fp8" if fp8 else "bf16") + ("-head-major" if head_major else "")
+                candidates=CANDIDATES) -> list[dict]:
+    kv, group = _layer(batch, ctx, fp8)
+    name = "fp8" if fp8 else "bf16"
     q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
     ref = torch.empty_like(q)
     decode_attention(q, kv, group, D ** -0.5, ref)
@@ -84,20 +79,12 @@ def sweep_shape(batch: int, ctx: int, fp8: bool, bw: float, budget_end: float,
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget-s", type=float, default=240.0)
-    parser.add_argument("--layouts", action="store_true",
-                        help="token- vs head-major cache rows, a few tiles, both formats")
     args = parser.parse_args()
     budget_end = time.monotonic() + args.budget_s
     bw = copy_bandwidth_gbs()
     rows, best = [], []
-    formats = ((False, False), (True, False))
-    candidates = CANDIDATES
-    if args.layouts:
-        formats = ((False, False), (True, False), (True, True), (False, True))
-        candidates = tuple(itertools.product((64, 128, 256), (4, 8), (2, 3)))
-    for (batch, ctx), (fp8, head_major) in itertools.product(SHAPES, formats):
-        got = [r for r in sweep_shape(batch, ctx, fp8, bw, budget_end, head_major, candidates)
-               if "us" in r]
+    for (batch, ctx), fp8 in itertools.product(SHAPES, (False, True)):
+        got = [r for r in sweep_shape(batch, ctx, fp8, bw, budget_end) if "us" in r]
         rows += got
         if got:
             default = next((r for r in got if r["default"]), None)

@@ -16,8 +16,9 @@ of the per-tile work, so the differences say what each piece costs:
   raw_only   : fp8 tiles loaded and summed, no products (the memory floor of this loop)
 
 Each variant's output is checked only for being finite. Layer: Llama-3-8B (32 query / 8 KV
-heads, head_dim 128), block size 16, shuffled blocks, head-major fp8 memory as the engine
-allocates it. Timed inside CUDA graphs.
+heads, head_dim 128), block size 16, shuffled blocks, head-major fp8 memory with values as rows:
+the format before the transposed value slabs (engine/kv_cache/fp8.py; fp8_vt_decode.py times
+both). Timed inside CUDA graphs.
 Run: python benchmarks/fp8_decode_variants.py -> results/fp8_decode_variants_<gpu>.json
 """
 
@@ -34,9 +35,9 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/ (kerne
 
 from benchmarks.gpu_common import (copy_bandwidth_gbs, device_info, graph_ms,  # noqa: E402
                                    print_table, write_results)
-from engine.kernels.kv_tiles import load_fp8_tile  # noqa: E402
+from engine.kernels.kv_tiles import load_fp8_keys  # noqa: E402
 from engine.kv_cache.cache_tensor import head_major_copy  # noqa: E402
-from engine.kv_cache.fp8 import quantize_rows  # noqa: E402
+from engine.kv_cache.fp8 import cache_from_rows, quantize_rows  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 VARIANTS = ("bf16", "fp8", "no_scale", "k_only", "fp8_dot", "raw_only")
@@ -83,8 +84,8 @@ def _variant_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, scale_log2
             raw_sum += tl.sum(rk.to(tl.int32) + rv.to(tl.int32), axis=0)
             s = tl.zeros([GROUP_PAD, BLOCK_N], tl.float32)
         else:
-            k8, k_scale = load_fp8_tile(kv_ptr + tok, d, kv_mask, nmask, BLOCK_D)
-            v8, v_scale = load_fp8_tile(kv_ptr + kv_stride_kv + tok, d, kv_mask, nmask, BLOCK_D)
+            k8, k_scale = load_fp8_keys(kv_ptr + tok, d, kv_mask, nmask, BLOCK_D)
+            v8, v_scale = load_fp8_keys(kv_ptr + kv_stride_kv + tok, d, kv_mask, nmask, BLOCK_D)
             if MODE == 4:
                 s = tl.dot(q, tl.trans(k8)) * (k_scale * scale_log2e)[None, :]
             elif MODE == 2:
@@ -155,6 +156,8 @@ def time_variant(mode: str, batch: int, ctx: int, tile: tuple[int, int, int], bw
 
         group = SeqGroup(tables, lens, torch.arange(batch + 1, device="cuda", dtype=torch.int32),
                          1, ctx)
+        if fp8:  # the product reads the cache format (transposed value slabs)
+            kv = cache_from_rows(kv)
         ref = decode_attention(q, kv, group, D ** -0.5, torch.empty_like(q), num_splits=1)
         row["max_abs_diff_vs_product"] = float((out.float() - ref.float()).abs().max())
     del kv

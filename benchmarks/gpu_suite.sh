@@ -16,7 +16,7 @@
 # moerouter : benchmarks/moe_router_bench.py (router GEMM + routing fused vs cuBLAS + routing)
 # specoracle : benchmarks/spec_oracle.py (speculative vs plain, oracle drafts at acceptance p)
 # decodesweep : benchmarks/decode_attention_sweep.py (decode tiles over bf16 and fp8 caches)
-# layouts : decode_attention_sweep.py --layouts (token- vs head-major cache rows, bf16 and fp8)
+# fp8vt   : benchmarks/fp8_vt_decode.py (fp8 decode over transposed value slabs vs before)
 # topp    : benchmarks/top_p_profile.py (the top-p cut launch by launch, the whole draw vs argmax)
 # toppsweep : benchmarks/top_p_sweep.py (tiles of the top-p cut's split passes)
 # Logs and result JSON go to $OUT (default /tmp/pdserve-gpu); a summary is printed last.
@@ -111,8 +111,8 @@ for p in $parts; do
                 tail -n 30 "$OUT/specoracle.log" | cut -c1-220 >> "$summary" ;;
     decodesweep) run decodesweep 260 python3 benchmarks/decode_attention_sweep.py --budget-s 200
                  grep -A 9 "^kv " "$OUT/decodesweep.log" >> "$summary" ;;
-    layouts) run layouts 260 python3 benchmarks/decode_attention_sweep.py --budget-s 200 --layouts
-             grep -A 17 "^kv " "$OUT/layouts.log" >> "$summary" ;;
+    fp8vt) run fp8vt 260 python3 benchmarks/fp8_vt_decode.py
+           grep -A 30 "^variant " "$OUT/fp8vt.log" >> "$summary" ;;
     *) echo "unknown part: $p" | tee -a "$summary" ;;
   esac
 done

@@ -5,7 +5,8 @@ padded [B, max_context, H, D] view, queries are scattered into [B, max_query, Hq
 one query each, skip the scatter), and one masked `scaled_dot_product_attention` call handles
 every sequence of the group, causal with respect to the cached context (so chunked prefill
 attends to earlier chunks). An fp8 cache (engine/kv_cache/fp8.py) is quantized per (token,
-head) row on write and dequantized to the queries' dtype after the gather.
+head) row on write (values into their transposed slabs) and dequantized to the queries' dtype
+after the gather.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.metadata import AttentionMetadata, SeqGroup
+from engine.kv_cache import fp8
 from engine.kv_cache.fp8 import dequantize_rows, is_fp8, quantize_rows
 
 
@@ -24,7 +26,8 @@ def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     blocks = slot_mapping // block_size
     offsets = slot_mapping % block_size
     if is_fp8(kv_layer):
-        k, v = quantize_rows(k), quantize_rows(v)
+        fp8.write_rows(kv_layer, blocks, offsets, quantize_rows(k), quantize_rows(v))
+        return
     kv_layer[blocks, 0, offsets] = k
     kv_layer[blocks, 1, offsets] = v
 
@@ -50,14 +53,17 @@ def _padded_indices(group: SeqGroup, num_tokens: int, device) -> dict:
 def _gather_kv(kv_layer: torch.Tensor, group: SeqGroup, dtype: torch.dtype
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sequence's K and V as [B, max_context, H, D]: one gather each; the reshape is a view
-    of a plain cache's gather (an fp8 cache's keeps its head-major strides: a copy)."""
+    of a plain cache's gather (an fp8 cache's keys keep their head-major strides: a copy; its
+    value slabs become rows first)."""
     tables = group.block_tables.long()
     b, max_blocks = tables.shape
     _, _, bs, h, d = kv_layer.shape
     k = kv_layer[:, 0][tables].reshape(b, max_blocks * bs, h, d)[:, : group.max_context_len]
-    v = kv_layer[:, 1][tables].reshape(b, max_blocks * bs, h, d)[:, : group.max_context_len]
     if is_fp8(kv_layer):
+        v = fp8.slabs_to_rows(fp8.value_slabs(kv_layer)[tables], bs)
+        v = v.reshape(b, max_blocks * bs, h, d)[:, : group.max_context_len]
         return dequantize_rows(k, dtype), dequantize_rows(v, dtype)
+    v = kv_layer[:, 1][tables].reshape(b, max_blocks * bs, h, d)[:, : group.max_context_len]
     return k, v
 
 

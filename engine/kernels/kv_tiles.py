@@ -1,9 +1,8 @@
-"""Loading a tile of keys or values from the paged cache, in either cache format; rounding to
-e4m3 for the fp8 writes.
+"""Loading tiles of keys and values from an fp8 paged cache; rounding to e4m3 for its writes.
 
-`row_ptrs` point at each token's row of one KV head ([N] pointers). An fp8 row
-(engine/kv_cache/fp8.py) is head_dim e4m3 bytes then a float32 scale; a plain cache row is read
-by the attention kernels directly, so their plain path is unchanged.
+The format (engine/kv_cache/fp8.py): a key is a row of head_dim e4m3 bytes then its float32
+scale; the values of one (block, head) are a transposed slab, head_dim runs of block_size bytes
+then the block_size scales. A plain cache is read by the attention kernels directly.
 """
 
 from __future__ import annotations
@@ -13,14 +12,67 @@ import triton.language as tl
 
 
 @triton.jit
-def load_fp8_tile(row_ptrs, d, mask, nmask, head_dim):
-    """([N, BLOCK_D] e4m3 tile, [N] float32 scales) of the fp8 rows at `row_ptrs`; the caller
-    converts the tile to its query's dtype (exact; see `fp8_query`) and folds the scales into its scores (keys) or
-    probabilities (values), so the tile itself is never rescaled."""
-    raw = tl.load(row_ptrs[:, None] + d[None, :], mask=mask, other=0)
-    scale = tl.load((row_ptrs + head_dim).to(tl.pointer_type(tl.float32)), mask=nmask,
-                    other=0.0)
+def load_fp8_keys(row_ptrs, d, mask, nmask, head_dim):
+    """([N, BLOCK_D] e4m3 tile, [N] float32 scales) of the key rows at `row_ptrs` ([N] pointers,
+    one KV head's row of each key; `mask` / `nmask` None: every element / row valid); the
+    caller converts the tile to its query's dtype (exact; see `fp8_query`) and folds the scales
+    into its scores, so the tile is never rescaled."""
+    if mask is None:  # a full tile of whole rows: unpredicated loads
+        raw = tl.load(row_ptrs[:, None] + d[None, :])
+    else:
+        raw = tl.load(row_ptrs[:, None] + d[None, :], mask=mask, other=0)
+    scale_ptrs = (row_ptrs + head_dim).to(tl.pointer_type(tl.float32))
+    if nmask is None:
+        scale = tl.load(scale_ptrs)
+    else:
+        scale = tl.load(scale_ptrs, mask=nmask, other=0.0)
     return raw.to(tl.float8e4nv, bitcast=True), scale
+
+
+@triton.jit
+def load_fp8_values(kv_ptr, table_row, n_begin, ctx_len, d, slab_off, kv_stride_block,
+                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr):
+    """([BLOCK_D, BLOCK_N] e4m3 tile of the values of keys n_begin.. transposed, [BLOCK_N]
+    float32 scales) for the P @ V product as `tl.dot(p, tl.trans(tile))`: each thread's operand
+    pairs run along the keys, as the slabs store them. `slab_off` is kv_stride_kv plus the KV
+    head's offset. Keys come in runs of CHUNK (a power of two dividing BLOCK_N and block_size,
+    n_begin a multiple of it) that share a block, so every load is CHUNK bytes wide. MASKED
+    (a tile reaching past ctx_len): whole blocks are loaded, then the slots past the end are
+    zeroed, so stale bytes of a reused block (NaN patterns included) never reach the product."""
+    NC: tl.constexpr = BLOCK_N // CHUNK
+    first = n_begin + tl.arange(0, NC) * CHUNK  # each run's first key
+    j = tl.arange(0, CHUNK)
+    if MASKED:
+        live = first < ctx_len
+        blocks = tl.load(table_row + first // BLOCK_SIZE, mask=live, other=0)
+    else:
+        blocks = tl.load(table_row + first // BLOCK_SIZE)
+    slab = kv_ptr + blocks.to(tl.int64) * kv_stride_block + slab_off  # [NC]
+    slot = (first % BLOCK_SIZE)[:, None] + j[None, :]  # [NC, CHUNK]
+    ptrs = slab[None, :, None] + (d * BLOCK_SIZE)[:, None, None] + slot[None, :, :]
+    scale_ptrs = (slab[:, None] + HEAD_DIM * BLOCK_SIZE + slot * 4).to(
+        tl.pointer_type(tl.float32))
+    dmask = (d < HEAD_DIM)[:, None, None]
+    if MASKED:
+        valid = first[:, None] + j[None, :] < ctx_len
+        raw = tl.load(ptrs, mask=dmask & live[None, :, None], other=0)
+        raw = tl.where(valid[None, :, :], raw, 0)
+        scale = tl.load(scale_ptrs, mask=valid, other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            raw = tl.load(ptrs)
+        else:
+            raw = tl.load(ptrs, mask=dmask, other=0)
+        scale = tl.load(scale_ptrs)
+    tile = tl.reshape(raw, [BLOCK_D, BLOCK_N]).to(tl.float8e4nv, bitcast=True)
+    return tile, tl.reshape(scale, [BLOCK_N])
+
+
+def values_chunk(block_n: int, block_size: int) -> int:
+    """CHUNK of `load_fp8_values`: the largest power of two dividing both."""
+    g = block_n & -block_n
+    return min(g, block_size & -block_size)
 
 
 @triton.jit

@@ -13,7 +13,7 @@ it (PACK = group) BLOCK_M // group tokens of every query head of one KV head, so
 is loaded once per group. The grid walks one head's tiles then the next head's, or (heads_first)
 every head's heaviest tile before any lighter one. The launch configuration comes from
 engine/kernels/prefill_attention_configs.py (swept per GPU). An fp8 cache is read as in the
-decode kernel (engine/kernels/kv_tiles.py).
+decode kernel: key rows, transposed value slabs (engine/kernels/kv_tiles.py).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import triton
 import triton.language as tl
 
 from engine.attention.metadata import SeqGroup
-from engine.kernels.kv_tiles import fp8_query, load_fp8_tile
+from engine.kernels.kv_tiles import fp8_query, load_fp8_keys, load_fp8_values, values_chunk
 from engine.kernels.prefill_attention_configs import PrefillTileConfig, get_config
+from engine.kv_cache import fp8
 from engine.kv_cache.fp8 import is_fp8
 
 _LOG2E = 1.4426950408889634
@@ -63,18 +64,23 @@ def _attend_tile(acc, m_i, l_i, q, kv_ptr, table_row, n_begin, ctx_len, q_pos, h
                  kv_stride_block, kv_stride_kv, kv_stride_tok, scale_log2e,
                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TABLE_VEC: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, VALUES_CHUNK: tl.constexpr):
     n = n_begin + tl.arange(0, BLOCK_N)
     nmask = n < ctx_len
     tok = _kv_rows(table_row, n, n_begin, ctx_len, kv_stride_block, kv_stride_tok, head_off,
                    BLOCK_N, BLOCK_SIZE, TABLE_VEC, MASKED)
     k_ptrs = kv_ptr + tok[:, None] + d[None, :]
-    if FP8:  # e4m3 rows + per-row scales (engine/kernels/kv_tiles.py)
-        kv_mask = nmask[:, None] & (d < HEAD_DIM)[None, :]
-        k8, k_scale = load_fp8_tile(kv_ptr + tok, d, kv_mask, nmask, HEAD_DIM)
-        v8, v_scale = load_fp8_tile(kv_ptr + kv_stride_kv + tok, d, kv_mask, nmask, HEAD_DIM)
+    if FP8:  # key rows, transposed value slabs (engine/kernels/kv_tiles.py)
+        if MASKED or BLOCK_D != HEAD_DIM:
+            k8, k_scale = load_fp8_keys(kv_ptr + tok, d, nmask[:, None] & (d < HEAD_DIM)[None, :],
+                                        nmask, HEAD_DIM)
+        else:
+            k8, k_scale = load_fp8_keys(kv_ptr + tok, d, None, None, HEAD_DIM)
+        vt8, v_scale = load_fp8_values(kv_ptr, table_row, n_begin, ctx_len, d,
+                                       kv_stride_kv + head_off, kv_stride_block, HEAD_DIM,
+                                       BLOCK_SIZE, BLOCK_N, BLOCK_D, VALUES_CHUNK, MASKED)
         k = k8.to(q.dtype)
-        v = v8.to(q.dtype)
+        v = tl.trans(vt8.to(q.dtype))
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = s * (k_scale * scale_log2e)[None, :]
     else:
@@ -114,7 +120,7 @@ def _prefill_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, query_start_ptr, ou
                     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PACK: tl.constexpr,
                     TABLE_VEC: tl.constexpr, WARP_SPEC: tl.constexpr, HEADS_FIRST: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, VALUES_CHUNK: tl.constexpr):
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # query tokens per tile
     if HEADS_FIRST:  # every head's heaviest tile, then every head's next (for the tail)
         m_tile = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -151,18 +157,21 @@ def _prefill_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, query_start_ptr, ou
                 acc, m_i, l_i = _attend_tile(
                     acc, m_i, l_i, q, kv_ptr, table_row, n_begin, ctx_len, q_pos, head_off, d,
                     kv_stride_block, kv_stride_kv, kv_stride_tok, scale_log2e, HEAD_DIM,
-                    BLOCK_SIZE, False, BLOCK_N, BLOCK_D, TABLE_VEC, DOT_PRECISION, FP8)
+                    BLOCK_SIZE, False, BLOCK_N, BLOCK_D, TABLE_VEC, DOT_PRECISION, FP8,
+                    VALUES_CHUNK)
         else:
             for n_begin in range(0, unmasked_end, BLOCK_N):
                 acc, m_i, l_i = _attend_tile(
                     acc, m_i, l_i, q, kv_ptr, table_row, n_begin, ctx_len, q_pos, head_off, d,
                     kv_stride_block, kv_stride_kv, kv_stride_tok, scale_log2e, HEAD_DIM,
-                    BLOCK_SIZE, False, BLOCK_N, BLOCK_D, TABLE_VEC, DOT_PRECISION, FP8)
+                    BLOCK_SIZE, False, BLOCK_N, BLOCK_D, TABLE_VEC, DOT_PRECISION, FP8,
+                    VALUES_CHUNK)
         for n_begin in range(unmasked_end, kv_end, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, kv_ptr, table_row, n_begin, ctx_len, q_pos, head_off, d,
                 kv_stride_block, kv_stride_kv, kv_stride_tok, scale_log2e, HEAD_DIM,
-                BLOCK_SIZE, True, BLOCK_N, BLOCK_D, TABLE_VEC, DOT_PRECISION, FP8)
+                BLOCK_SIZE, True, BLOCK_N, BLOCK_D, TABLE_VEC, DOT_PRECISION, FP8,
+                VALUES_CHUNK)
         o = acc / l_i[:, None]
         tl.store(out_ptr + (rows * o_stride_t + head * o_stride_h)[:, None] + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -180,7 +189,7 @@ def launch_options(cfg: PrefillTileConfig, group: int, block_size: int,
     table_vec = (cfg.table_vec and block_size & (block_size - 1) == 0
                  and cfg.block_n % block_size == 0)
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PACK=pack, TABLE_VEC=table_vec,
-                HEADS_FIRST=cfg.heads_first,
+                HEADS_FIRST=cfg.heads_first, VALUES_CHUNK=values_chunk(cfg.block_n, block_size),
                 WARP_SPEC=cfg.warp_specialize and _HAS_WARP_SPEC and not interpret,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -193,6 +202,8 @@ def prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, group: SeqGroup, 
     if num_tokens == 0:
         return out
     num_kv_heads, block_size = kv_layer.shape[3], kv_layer.shape[2]
+    if is_fp8(kv_layer):
+        fp8.check_layout(kv_layer)
     gqa = num_heads // num_kv_heads
     cfg = config or get_config(q.device, q.dtype, head_dim, gqa)
     opts = launch_options(cfg, gqa, block_size)

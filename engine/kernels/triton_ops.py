@@ -17,6 +17,7 @@ import triton.language as tl
 
 from engine.kernels.kv_tiles import round_to_e4m3
 from engine.kernels.pdl import launch_options, pdl_wait_and_release
+from engine.kv_cache import fp8
 from engine.kv_cache.fp8 import is_fp8
 
 
@@ -136,19 +137,37 @@ def _rotate(x_ptr, row_stride, heads, num_heads, half, cos1, sin1, cos2, sin2, n
 
 
 @triton.jit
-def _store_fp8_row(head_ptrs, d, x1, x2, mask, hmask, half):
-    """Store [heads, 2*half] float32 (two halves) as e4m3 rows scaled by 448 / amax at
-    `head_ptrs` (each head's row start), each head's scale (amax / 448, float32) in the 4 bytes
-    after its row (engine/kv_cache/fp8.py)."""
+def _quantize_fp8(x1, x2):
+    """[heads, 2*half] float32 (two halves) -> e4m3 bytes of x * 448 / amax per head (two
+    halves) and each head's scale amax / 448 (engine/kv_cache/fp8.py)."""
     amax = tl.maximum(tl.max(tl.abs(x1), axis=1), tl.max(tl.abs(x2), axis=1))
     amax = tl.where(amax > 0.0, amax, 448.0)  # an all-zero row: scale 1
     inv = (448.0 / amax)[:, None]
-    rows = head_ptrs[:, None] + d[None, :]
     e1 = round_to_e4m3(x1 * inv).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     e2 = round_to_e4m3(x2 * inv).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    return e1, e2, amax / 448.0
+
+
+@triton.jit
+def _store_fp8_key(row_ptrs, d, x1, x2, mask, hmask, half):
+    """A key row per head at `row_ptrs`: its e4m3 bytes, then its float32 scale."""
+    e1, e2, scale = _quantize_fp8(x1, x2)
+    rows = row_ptrs[:, None] + d[None, :]
     tl.store(rows, e1, mask=mask)
     tl.store(rows + half, e2, mask=mask)
-    tl.store((head_ptrs + 2 * half).to(tl.pointer_type(tl.float32)), amax / 448.0, mask=hmask)
+    tl.store((row_ptrs + 2 * half).to(tl.pointer_type(tl.float32)), scale, mask=hmask)
+
+
+@triton.jit
+def _store_fp8_value(slab_ptrs, offset, d, x1, x2, mask, hmask, half, block_size):
+    """A value per head into its transposed slab at `slab_ptrs` (slot `offset` of the block):
+    element j at j * block_size + offset, the float32 scale after all values."""
+    e1, e2, scale = _quantize_fp8(x1, x2)
+    cols = slab_ptrs[:, None] + d[None, :] * block_size + offset
+    tl.store(cols, e1, mask=mask)
+    tl.store(cols + half * block_size, e2, mask=mask)
+    scale_ptrs = slab_ptrs + 2 * half * block_size + offset * 4
+    tl.store(scale_ptrs.to(tl.pointer_type(tl.float32)), scale, mask=hmask)
 
 
 @triton.jit
@@ -184,19 +203,21 @@ def _rope_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, q_out_ptr, k_ou
     if WRITE_CACHE:
         slot = tl.load(slot_ptr + t).to(tl.int64)
         if slot >= 0:
-            base = kv_ptr + (slot // block_size) * kv_stride_block + (slot % block_size) * kv_stride_tok
+            offset = slot % block_size
+            block_base = kv_ptr + (slot // block_size) * kv_stride_block
+            base = block_base + offset * kv_stride_tok
             ko = base + hk[:, None] * kv_stride_h + d[None, :]
             vi = v_ptr + t * v_stride_t + hk[:, None] * v_stride_h + d[None, :]
             vo = base + kv_stride_kv + hk[:, None] * kv_stride_h + d[None, :]
-            if FP8:  # rows of e4m3 bytes + a float32 scale (engine/kv_cache/fp8.py)
-                dt = k_ptr.dtype.element_ty  # quantize what the reference stores: k in the model dtype
+            if FP8:  # a key row, a value into its slab (engine/kv_cache/fp8.py)
+                dt = k_ptr.dtype.element_ty  # quantize what the reference stores: k in model dtype
                 hmask = hk < num_kv_heads
-                _store_fp8_row(base + hk * kv_stride_h, d, k1.to(dt).to(tl.float32),
+                _store_fp8_key(base + hk * kv_stride_h, d, k1.to(dt).to(tl.float32),
                                k2.to(dt).to(tl.float32), kmask, hmask, half)
                 v1 = tl.load(vi, mask=kmask, other=0.0).to(tl.float32)
                 v2 = tl.load(vi + half, mask=kmask, other=0.0).to(tl.float32)
-                _store_fp8_row(base + kv_stride_kv + hk * kv_stride_h, d, v1, v2, kmask, hmask,
-                               half)
+                _store_fp8_value(block_base + kv_stride_kv + hk * kv_stride_h, offset, d, v1, v2,
+                                 kmask, hmask, half, block_size)
             else:
                 tl.store(ko, k1.to(kv_ptr.dtype.element_ty), mask=kmask)
                 tl.store(ko + half, k2.to(kv_ptr.dtype.element_ty), mask=kmask)
@@ -256,6 +277,8 @@ def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     the same kernel: Qwen3's q/k norm without two more launches)."""
     if kv_layer.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("kv_layer and v must be contiguous along head_dim")
+    if is_fp8(kv_layer):
+        fp8.check_layout(kv_layer)
     if qk_norm is not None and any(w.shape != (q.shape[-1],) or not w.is_contiguous()
                                    for w in qk_norm[:2]):
         raise ValueError(f"q/k norm weights must be contiguous [{q.shape[-1]}]")

@@ -5,16 +5,12 @@ one layer holds its K then its V contiguously, and a request's KV for a layer (o
 layers) is `kv_cache[l0:l1, block_ids]` — a single gather packs it for transfer and a single
 indexed copy unpacks it into other block ids on the receiver.
 
-With `kv_cache_dtype: fp8_e4m3` the tensor is uint8 and its last dimension head_dim + 16: e4m3
-values and a float32 scale (padded to 16 bytes) per (token, head) row (engine/kv_cache/fp8.py).
-Its memory is head-major inside a block (`[..., 2, kv_heads, block_size, head_dim + 16]`) and
-the tensor is a transposed view of it with the same logical shape as above, so every user
-(kernels through strides, the hand-off's gathers, the torch reference) indexes it as before.
-Why: a 144-byte fp8 row (head_dim 128) is no whole number of 32-byte sectors, and token-major
-a head's successive rows lie kv_heads rows apart; head-major, a head's 16 rows of a block are
-2,304 contiguous bytes. Measured on an H100 (benchmarks/RESULTS.md, eleventh round) this makes
-fp8 decode attention only 3-5% faster, far less than the sector count suggests. A bf16 row
-(2 x head_dim bytes) is whole sectors either way and keeps the plain layout.
+With `kv_cache_dtype: fp8_e4m3` the tensor is uint8 and its last dimension head_dim + 16
+(engine/kv_cache/fp8.py). Its memory is head-major inside a block (`[..., 2, kv_heads,
+block_size, head_dim + 16]`, one contiguous slab per (block, K or V, head), the value slabs
+transposed) and the tensor is a transposed view of it with the same logical shape as above, so
+the hand-off's gathers move whole slabs as before; the kernels read through strides and
+`fp8.check_layout`. A bf16 row (2 x head_dim bytes) keeps the plain layout.
 
 With tensor/pipeline parallelism a rank's cache holds its pipeline stage's layers only (layer
 axis stage-local) and its tensor rank's KV heads only; `num_layers` / `num_kv_heads` say so.

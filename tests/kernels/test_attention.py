@@ -81,7 +81,7 @@ SWITCHES = [
 
 def _prefill_case(device, dtype, heads, block_size, config, kv_format="auto"):
     from engine.kernels.prefill_attention import prefill_attention
-    from engine.kv_cache.fp8 import dequantize_rows, quantize_rows
+    from engine.kv_cache.fp8 import cache_from_rows, dequantize_rows, quantize_rows
 
     hq, hkv, d = heads
     # whole prompts, chunks after a partial block / whole blocks of cache, a single token
@@ -91,9 +91,10 @@ def _prefill_case(device, dtype, heads, block_size, config, kv_format="auto"):
     batch = paged_batch(q_lens, ctx_lens, hkv, d, block_size, dtype, device)
     layer, clean = batch.kv_layer, batch.kv_clean
     if kv_format == "fp8_e4m3":  # poisoned rows all-0xFF (NaN), the reference dequantized
-        layer = quantize_rows(clean.float())
-        clean = dequantize_rows(layer, torch.float32)
-        layer[torch.isnan(batch.kv_layer.float()).any(dim=-1)] = 0xFF
+        rows = quantize_rows(clean.float())
+        clean = dequantize_rows(rows, torch.float32)
+        rows[torch.isnan(batch.kv_layer.float()).any(dim=-1)] = 0xFF
+        layer = cache_from_rows(rows)
     q = torch.randn(sum(q_lens), hq, d, device=device).to(dtype)
     meta = _meta(batch, 0)
     out = torch.full_like(q, float("nan"))
