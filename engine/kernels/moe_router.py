@@ -48,6 +48,12 @@ after this grid completes (stream order; with PDL, each program's atomic comes a
 Launches that share a device's counter must therefore be ordered on one stream, as the
 engine's steps are; a launch killed midway would leave it non-zero.
 
+The block's add + RMSNorm can run here too (`router_route_normed`, ADD_RMS_NORM): before its
+strips, every program computes 1/rms of h = x + residual over the whole row (T rows of at most
+a few thousand elements, from L2), normalizes each strip as engine/kernels/triton_ops.py's
+RMSNorm kernel rounds it, and program (0, 0) stores h and the normalized rows for the experts
+and the next layer: the separate add + RMSNorm launch of each MoE layer is gone.
+
 Outputs are sized by (T, k) only and nothing syncs with the host: CUDA-graph capturable. The
 counter is allocated on the first eager call on a device (a decode graph's warm-up runs the
 step eagerly first); a capture that finds none raises.
@@ -96,11 +102,52 @@ class RouterTile:
             raise ValueError(f"RouterTile.split_k must be >= 1, got {self.split_k}")
 
 
+@triton.jit
+def _h_strip(x_rows, res_rows, k, ok):
+    """float32 h = x + residual over columns k, rounded to x's dtype as `x + residual` is."""
+    x = tl.load(x_rows + k[None, :], mask=ok, other=0.0)
+    r = tl.load(res_rows + k[None, :], mask=ok, other=0.0)
+    return (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype).to(tl.float32)
+
+
+@triton.jit
+def _normed_strip(h, inv_rms, norm_w_ptr, k, k_ok, dtype: tl.constexpr):
+    """RMSNorm's output over columns k, rounded as engine/kernels/triton_ops.py's kernel rounds
+    it: (h / rms).to(dtype) * weight, then to dtype."""
+    w = tl.load(norm_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    return ((h * inv_rms[:, None]).to(dtype).to(tl.float32) * w[None, :]).to(dtype)
+
+
+@triton.jit
+def _norm_prologue(x_rows, res_rows, norm_w_ptr, res_out_rows, normed_rows, token_ok, hidden,
+                   eps, is_first, T_P2: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[T_P2] 1 / rms(h) of each token's h = x + residual (one pass over the row); the program
+    `is_first` also stores h and the normalized rows, which the experts read after this launch."""
+    strip = tl.arange(0, BLOCK_K)
+    sum_sq = tl.zeros([T_P2, BLOCK_K], tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k = k0 + strip
+        h = _h_strip(x_rows, res_rows, k, token_ok[:, None] & (k < hidden)[None, :])
+        sum_sq += h * h
+    inv_rms = tl.rsqrt(tl.sum(sum_sq, axis=1) / hidden + eps)
+    if is_first:
+        dtype = x_rows.dtype.element_ty
+        for k0 in range(0, hidden, BLOCK_K):
+            k = k0 + strip
+            ok = token_ok[:, None] & (k < hidden)[None, :]
+            h = _h_strip(x_rows, res_rows, k, ok)
+            tl.store(res_out_rows + k[None, :], h.to(dtype), mask=ok)
+            tl.store(normed_rows + k[None, :],
+                     _normed_strip(h, inv_rms, norm_w_ptr, k, k < hidden, dtype), mask=ok)
+    return inv_rms
+
+
 @triton.jit(do_not_specialize=["num_tokens"])
 def _router_kernel(x_ptr, w_ptr, partial_ptr, logits_ptr, ticket_ptr, weights_ptr, ids_ptr,
-                   counts_ptr, num_tokens, num_experts, hidden, x_stride, w_stride,
-                   split_columns, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
-                   HAS_COUNTS: tl.constexpr, T_P2: tl.constexpr, BLOCK_E: tl.constexpr,
+                   counts_ptr, res_ptr, norm_w_ptr, res_out_ptr, normed_ptr, eps, num_tokens,
+                   num_experts, hidden, x_stride, res_stride, w_stride, split_columns,
+                   TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_COUNTS: tl.constexpr,
+                   ADD_RMS_NORM: tl.constexpr, T_P2: tl.constexpr, BLOCK_E: tl.constexpr,
                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
                    E_P2: tl.constexpr, K_P2: tl.constexpr, USE_PDL: tl.constexpr):
     experts = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -117,6 +164,13 @@ def _router_kernel(x_ptr, w_ptr, partial_ptr, logits_ptr, ticket_ptr, weights_pt
     tokens = tl.arange(0, T_P2)
     token_ok = tokens < num_tokens
     x_rows = x_ptr + tokens.to(tl.int64)[:, None] * x_stride
+    res_rows = res_ptr + tokens.to(tl.int64)[:, None] * res_stride
+    inv_rms = tl.zeros([T_P2], tl.float32)
+    if ADD_RMS_NORM:  # the input is RMSNorm(x + residual), computed here (one launch fewer)
+        out_rows = tokens.to(tl.int64)[:, None] * hidden
+        inv_rms = _norm_prologue(x_rows, res_rows, norm_w_ptr, res_out_ptr + out_rows,
+                                 normed_ptr + out_rows, token_ok, hidden, eps,
+                                 (tl.program_id(0) == 0) & (split == 0), T_P2, BLOCK_K)
     acc = tl.zeros([T_P2, BLOCK_E, BLOCK_K], tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         w = w_next
@@ -124,8 +178,12 @@ def _router_kernel(x_ptr, w_ptr, partial_ptr, logits_ptr, ticket_ptr, weights_pt
         w_next = tl.load(w_rows + kn[None, :], mask=expert_ok[:, None] & (kn < k_end)[None, :],
                          other=0.0, eviction_policy="evict_first")
         k = k0 + strip
-        x = tl.load(x_rows + k[None, :], mask=token_ok[:, None] & (k < k_end)[None, :],
-                    other=0.0).to(tl.float32)
+        ok = token_ok[:, None] & (k < k_end)[None, :]
+        if ADD_RMS_NORM:
+            x = _normed_strip(_h_strip(x_rows, res_rows, k, ok), inv_rms, norm_w_ptr, k,
+                              k < k_end, x_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            x = tl.load(x_rows + k[None, :], mask=ok, other=0.0).to(tl.float32)
         acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
     partial = tl.sum(acc, axis=2)  # [T_P2, BLOCK_E]
     rows = split * num_tokens + tokens
@@ -199,12 +257,32 @@ def router_route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renor
     return weights, ids
 
 
+def router_route_normed(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                        eps: float, router_weight: torch.Tensor, top_k: int, renormalize: bool,
+                        expert_counts: torch.Tensor | None = None):
+    """`router_route(rms_norm(h), ...)` with h = x + residual, the add + RMSNorm done inside
+    the router's launch (rounded as `dispatch.add_rms_norm` rounds them; its 1/rms may differ
+    by an ulp, the sum of squares running in another order). Returns (weights, ids, the
+    normalized rows, h): the experts and the next layer read them."""
+    if (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(1) != 1
+            or norm_weight.shape != (x.shape[1],)):
+        raise ValueError(f"residual must be like x {tuple(x.shape)} {x.dtype} (row-major) and "
+                         f"norm_weight [{x.shape[1]}]; got {tuple(residual.shape)} "
+                         f"{residual.dtype}, {tuple(norm_weight.shape)}")
+    normed, h = torch.empty_like(x), torch.empty_like(x)
+    weights, ids, _ = router_route_with_logits(x, router_weight, top_k, renormalize,
+                                               expert_counts,
+                                               norm=(residual, norm_weight, eps, normed, h))
+    return weights, ids, normed, h
+
+
 def router_route_with_logits(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
                              renormalize: bool, expert_counts: torch.Tensor | None = None,
-                             tile: RouterTile | None = None
+                             tile: RouterTile | None = None, norm: tuple | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`router_route` plus the router logits [T, E] in x's dtype it routed (for tests and
-    benchmarks); `tile` overrides the launch shape."""
+    benchmarks); `tile` overrides the launch shape; `norm` = (residual, norm weight, eps,
+    normalized rows out, h out): route RMSNorm(x + residual) (`router_route_normed`)."""
     _check_inputs(x, router_weight, top_k, expert_counts)
     num_tokens, hidden = x.shape
     num_experts = router_weight.shape[0]
@@ -219,11 +297,14 @@ def router_route_with_logits(x: torch.Tensor, router_weight: torch.Tensor, top_k
     _, experts_p2, k_p2 = moe_route.routing_tile(num_experts, top_k)
     rows = tile.routing_rows or triton.next_power_of_2(num_tokens)
     grid = (triton.cdiv(num_experts, tile.block_e), triton.cdiv(hidden, split_columns))
+    residual, norm_weight, eps, normed, h = norm if norm is not None else (x, x, 0.0, x, x)
     _router_kernel[grid](
         x, router_weight, partials, logits, _TICKETS.get(device), weights, ids,
-        expert_counts if expert_counts is not None else ids, num_tokens, num_experts, hidden,
-        x.stride(0), router_weight.stride(0), split_columns, TOP_K=top_k,
+        expert_counts if expert_counts is not None else ids, residual, norm_weight, h, normed,
+        float(eps), num_tokens, num_experts, hidden, x.stride(0), residual.stride(0),
+        router_weight.stride(0), split_columns, TOP_K=top_k,
         RENORMALIZE=renormalize, HAS_COUNTS=expert_counts is not None,
+        ADD_RMS_NORM=norm is not None,
         T_P2=triton.next_power_of_2(num_tokens), BLOCK_E=tile.block_e, BLOCK_K=tile.block_k,
         SPLIT_K=grid[1], ROWS=rows, E_P2=experts_p2, K_P2=k_p2, num_warps=tile.num_warps,
         **launch_options(x))

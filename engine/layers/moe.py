@@ -101,6 +101,25 @@ def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renor
     return route(F.linear(x, router_weight), top_k, renormalize, expert_counts)
 
 
+def route_hidden_normed(x: torch.Tensor, residual: torch.Tensor, norm, router_weight:
+                        torch.Tensor, top_k: int, renormalize: bool,
+                        expert_counts: torch.Tensor | None = None):
+    """(weights, ids, normed, h): `route_hidden(norm(h), ...)` with h = x + residual and
+    normed = norm(h) (`norm`: an RMSNorm module). At decode sizes on CUDA the add + RMSNorm run
+    inside the router's launch (`moe_router.router_route_normed`: one launch fewer per layer);
+    otherwise `dispatch.add_rms_norm` first."""
+    if x.is_cuda and dispatch.triton_enabled():
+        from engine.kernels import moe_router
+
+        if moe_router.supports(x, router_weight, top_k) and residual.is_contiguous():
+            return moe_router.router_route_normed(x, residual, norm.weight, norm.eps,
+                                                  router_weight, top_k, renormalize,
+                                                  expert_counts)
+    normed, h = norm(x, residual)
+    weights, ids = route_hidden(normed, router_weight, top_k, renormalize, expert_counts)
+    return weights, ids, normed, h
+
+
 def fused_experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                       topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                       expert_map: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,8 +165,9 @@ def _experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
 
 
 class TopKRouter(nn.Module):
-    """The router ("gate"): returns (fp32 routing weights [T, k], expert ids [T, k]); with
-    `expert_counts` it also adds the pairs to that on-device counter (see `route`)."""
+    """The router ("gate"): returns (fp32 routing weights [T, k], expert ids [T, k], ...); with
+    `expert_counts` it also adds the pairs to that on-device counter (see `route`). Forward
+    hooks see every routing (output[1]: the ids), the fused add + RMSNorm path's too."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, renormalize: bool) -> None:
         super().__init__()
@@ -158,9 +178,14 @@ class TopKRouter(nn.Module):
         self.renormalize = renormalize
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, expert_counts: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        return route_hidden(x, self.weight, self.top_k, self.renormalize, expert_counts)
+    def forward(self, x: torch.Tensor, expert_counts: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None, norm=None) -> tuple:
+        """(weights, ids); with `residual` and `norm` (the block's RMSNorm) it routes
+        norm(x + residual) and returns (weights, ids, normed rows, x + residual)."""
+        if residual is None:
+            return route_hidden(x, self.weight, self.top_k, self.renormalize, expert_counts)
+        return route_hidden_normed(x, residual, norm, self.weight, self.top_k, self.renormalize,
+                                   expert_counts)
 
 
 class FusedMoE(ExpertShards, nn.Module):
@@ -195,6 +220,18 @@ class FusedMoE(ExpertShards, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x, self.expert_counts)
+        return self._experts_out(x, topk_weights, topk_ids)
+
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor, norm
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(h)), h) with h = x + residual: the add + RMSNorm before the block, fused
+        into the router's launch at decode sizes on CUDA (`route_hidden_normed`)."""
+        topk_weights, topk_ids, normed, residual = self.gate(x, self.expert_counts, residual,
+                                                             norm)
+        return self._experts_out(normed, topk_weights, topk_ids), residual
+
+    def _experts_out(self, x: torch.Tensor, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor) -> torch.Tensor:
         out = _experts(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_map)
         if self.shared_expert is not None:
             out = out + self._shared_partial(x)

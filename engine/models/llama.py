@@ -82,6 +82,12 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj.forward_silu_and_mul(self.gate_up_proj(x))
 
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(h)), h) with h = x + residual (gate/up stays with cuBLAS: no fusion)."""
+        normed, residual = norm(x, residual)
+        return self(normed), residual
+
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, kv_index: int, rope: RotaryEmbedding,
@@ -94,8 +100,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions, hidden, residual, ctx: ForwardContext):
         hidden, residual = self.self_attn(positions, hidden, residual, self.input_layernorm, ctx)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp.forward_normed(hidden, residual, self.post_attention_layernorm)
 
 
 class LlamaForCausalLM(nn.Module):
