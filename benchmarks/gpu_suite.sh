@@ -50,23 +50,23 @@ for p in $parts; do
              $k/test_no_compile_after_warmup.py \
              $k/test_top_p_kernel.py $k/test_top_p_temperature.py $k/test_fp8_kv.py $k/test_verify_graphs.py &
            run tests_d 450 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
-             $k/test_fused_moe.py $k/test_moe_route.py $k/test_moe_gemv.py $k/test_moe_gemv_split.py $k/test_moe_router.py &
+             $k/test_fused_moe.py $k/test_moe_route.py $k/test_moe_gemv.py $k/test_moe_gemv_split.py $k/test_moe_router.py \
+             $k/test_moe_router_norm.py &
            wait
            echo "== tests: all groups in $((SECONDS - t0)) s" | tee -a "$summary"
            for g in a b c d; do
              grep -E "passed|failed|error" "$OUT/tests_$g.log" | tail -n 2 | sed "s/^/tests_$g: /" >> "$summary"
              grep -E "^(FAILED|ERROR)" "$OUT/tests_$g.log" | head -n 10 >> "$summary"
            done ;;
-    changed) # the CUDA tests of this round's changes only (a short call when device time is scarce)
+    changed) # the CUDA tests of this round's changes only (a short call when device time is scarce):
+             # fp8 value slabs (attention, RoPE write), the MoE router with add + RMSNorm inside
              k=tests/kernels
              run changed_a 240 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
-               $k/test_fused_ops.py $k/test_sampling_kernel.py $k/test_top_p_kernel.py \
-               $k/test_top_p_temperature.py $k/test_top_p_race.py \
-               tests/engine/test_sampler.py $k/test_compile_watch_cuda.py &
+               $k/test_fp8_kv.py $k/test_decode_fused_combine.py $k/test_graph_inputs.py &
              run changed_b 240 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
-               $k/test_no_compile_after_warmup.py $k/test_end_to_end.py $k/test_bf16_vs_fp32.py &
+               $k/test_attention.py $k/test_end_to_end.py &
              run changed_c 240 python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
-               $k/test_fused_moe.py -k engine $k/test_async_engine.py &
+               $k/test_moe_router.py $k/test_moe_router_norm.py $k/test_fused_moe.py -k "router or engine" &
              wait
              for g in a b c; do
                grep -E "passed|failed|error" "$OUT/changed_$g.log" | tail -n 2 | sed "s/^/changed_$g: /" >> "$summary"

@@ -150,6 +150,28 @@ def prefill_kernel(fp8: bool, head_dim: int = 128, group: int = 4, block_size: i
                         num_stages=stages)
 
 
+def router_kernel(add_rms_norm: bool, num_experts: int = 128, hidden: int = 2048,
+                  top_k: int = 8):
+    """The fused MoE router at batch 1 (Qwen3-30B-A3B shape), with or without the block's
+    add + RMSNorm inside (engine/kernels/moe_router.py)."""
+    from engine.kernels import moe_route
+    from engine.kernels.moe_router import _router_kernel, default_tile
+
+    tile = default_tile(1, num_experts, hidden)
+    ptrs = dict(x_ptr="*bf16", w_ptr="*bf16", partial_ptr="*fp32", logits_ptr="*bf16",
+                ticket_ptr="*i32", weights_ptr="*fp32", ids_ptr="*i64", counts_ptr="*i64",
+                res_ptr="*bf16", norm_w_ptr="*bf16", res_out_ptr="*bf16", normed_ptr="*bf16")
+    ints = ("num_tokens", "num_experts", "hidden", "x_stride", "res_stride", "w_stride",
+            "split_columns")
+    sig = dict(ptrs, eps="fp32", **dict.fromkeys(ints, "i32"))
+    divisible = list(ptrs) + [n for n in ints if n != "num_tokens"]
+    _, experts_p2, k_p2 = moe_route.routing_tile(num_experts, top_k)
+    consts = dict(TOP_K=top_k, RENORMALIZE=True, HAS_COUNTS=True, ADD_RMS_NORM=add_rms_norm,
+                  T_P2=1, BLOCK_E=tile.block_e, BLOCK_K=tile.block_k, SPLIT_K=tile.split_k,
+                  ROWS=1, E_P2=experts_p2, K_P2=k_p2, USE_PDL=True)
+    return compile_sm90(_router_kernel, sig, consts, divisible, num_warps=tile.num_warps)
+
+
 def _rows_loop():
     """The split-free copy of the fp8 decode loop over the format before (values as rows)."""
     from benchmarks.fp8_decode_variants import _variant_kernel
@@ -216,6 +238,11 @@ def main() -> None:
     for fp8 in (False, True):
         row = {"kernel": "prefill", "kv": "fp8" if fp8 else "bf16", **report(prefill_kernel(fp8))}
         print({k: v for k, v in row.items() if k != "loops"}, "loops:", row["loops"], flush=True)
+        rows.append(row)
+    for norm in (False, True):
+        row = {"kernel": "moe router" + (" + add_rms_norm" if norm else ""), "tokens": 1,
+               **report(router_kernel(norm))}
+        print({k: v for k, v in row.items() if k != "loops"}, flush=True)
         rows.append(row)
     path = write_results(f"sass_report_triton{triton.__version__}",
                          {"device": {"gpu": "sm90-offline"}, "triton": triton.__version__,
