@@ -44,10 +44,10 @@ VARIANTS = ("bf16", "fp8", "no_scale", "k_only", "fp8_dot", "raw_only")
 
 
 @triton.jit
-def _variant_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, scale_log2e, table_stride,
-                    kv_stride_block, kv_stride_kv, kv_stride_tok, kv_stride_h,
-                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr):
+def group_query(q_ptr, ctx_lens_ptr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """(kv_head, seq, ctx_len, d, heads, gmask, q [GROUP_PAD, BLOCK_D]) of this program: one
+    sequence's queries of one KV head's group, q contiguous [B, GROUP * kv_heads, BLOCK_D]."""
     kv_head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     ctx_len = tl.load(ctx_lens_ptr + seq)
@@ -57,6 +57,16 @@ def _variant_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, scale_log2
     gmask = g < GROUP
     q = tl.load(q_ptr + (seq * GROUP * tl.num_programs(0) + heads)[:, None] * BLOCK_D + d[None, :],
                 mask=gmask[:, None], other=0.0)
+    return kv_head, seq, ctx_len, d, heads, gmask, q
+
+
+@triton.jit
+def _variant_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, scale_log2e, table_stride,
+                    kv_stride_block, kv_stride_kv, kv_stride_tok, kv_stride_h,
+                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr):
+    kv_head, seq, ctx_len, d, heads, gmask, q = group_query(q_ptr, ctx_lens_ptr, GROUP,
+                                                            GROUP_PAD, BLOCK_D)
     if MODE == 1 or MODE == 2 or MODE == 3 or MODE == 5:
         q = q.to(tl.float16)
     if MODE == 4:

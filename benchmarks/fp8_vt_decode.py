@@ -34,6 +34,8 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/ (kerne
 
 from benchmarks.gpu_common import (copy_bandwidth_gbs, device_info, graph_ms,  # noqa: E402
                                    print_table, write_results)
+from benchmarks.fp8_decode_variants import group_query  # noqa: E402
+from engine.kernels.decode_attention import _decode_tile  # noqa: E402
 from engine.kv_cache.cache_tensor import head_major_copy  # noqa: E402
 from engine.kv_cache.fp8 import cache_from_rows, quantize_rows  # noqa: E402
 
@@ -41,69 +43,15 @@ HQ, HKV, D, BS = 32, 8, 128, 16
 
 
 @triton.jit
-def _vt_tile(q, m_i, l_i, acc, kv_ptr, table_row, tile, ctx_len, d, head_off, scale_log2e,
-             kv_stride_block, kv_stride_kv, kv_stride_tok, BLOCK_SIZE: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
-    """One tile of BLOCK_N keys: K rows [BLOCK_N, D] (scale after each row), V^T [D, BLOCK_N]
-    from the blocks' transposed slabs (scales after the values)."""
-    NB: tl.constexpr = BLOCK_N // BLOCK_SIZE
-    n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    b = tl.arange(0, NB)
-    t = tl.arange(0, BLOCK_SIZE)
-    if MASKED:
-        nmask = n < ctx_len
-        block = tl.load(table_row + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-        bmask = tile * BLOCK_N + b * BLOCK_SIZE < ctx_len
-        blk = tl.load(table_row + tile * NB + b, mask=bmask, other=0).to(tl.int64)
-        tmask = (tile * BLOCK_N + b[:, None] * BLOCK_SIZE + t[None, :]) < ctx_len
-    else:
-        block = tl.load(table_row + n // BLOCK_SIZE).to(tl.int64)
-        blk = tl.load(table_row + tile * NB + b).to(tl.int64)
-    krow = kv_ptr + block * kv_stride_block + head_off + (n % BLOCK_SIZE) * kv_stride_tok
-    vslab = kv_ptr + blk * kv_stride_block + head_off + kv_stride_kv  # [NB]
-    vptr = vslab[None, :, None] + (d * BLOCK_SIZE)[:, None, None] + t[None, None, :]
-    sptr = (vslab[:, None] + BLOCK_D * BLOCK_SIZE + t[None, :] * 4).to(tl.pointer_type(tl.float32))
-    if MASKED:
-        k8 = tl.load(krow[:, None] + d[None, :], mask=nmask[:, None], other=0)
-        k_scale = tl.load((krow + BLOCK_D).to(tl.pointer_type(tl.float32)), mask=nmask, other=0.0)
-        # whole blocks (16-byte loads); slots past the end zeroed after the load, so stale
-        # bytes of a reused block (NaN patterns included) never reach the product
-        vt8 = tl.load(vptr, mask=bmask[None, :, None], other=0)
-        vt8 = tl.where(tmask[None, :, :], vt8, 0)
-        v_scale = tl.load(sptr, mask=tmask, other=0.0)
-    else:
-        k8 = tl.load(krow[:, None] + d[None, :])
-        k_scale = tl.load((krow + BLOCK_D).to(tl.pointer_type(tl.float32)))
-        vt8 = tl.load(vptr)
-        v_scale = tl.load(sptr)
-    k = k8.to(tl.float8e4nv, bitcast=True).to(tl.float16)
-    vt = tl.reshape(vt8, [BLOCK_D, BLOCK_N]).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-    s = tl.dot(q, tl.trans(k)) * (k_scale * scale_log2e)[None, :]
-    if MASKED:
-        s = tl.where(nmask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    pv = (p * tl.reshape(v_scale, [BLOCK_N])[None, :]).to(tl.float16)
-    acc = acc * alpha[:, None] + tl.dot(pv, tl.trans(vt))
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _vt_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, scale_log2e, table_stride,
                kv_stride_block, kv_stride_kv, kv_stride_tok, kv_stride_h,
                GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    kv_head = tl.program_id(0)
-    seq = tl.program_id(1).to(tl.int64)
-    ctx_len = tl.load(ctx_lens_ptr + seq)
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, BLOCK_D)
-    heads = kv_head * GROUP + g
-    gmask = g < GROUP
-    q = tl.load(q_ptr + (seq * GROUP * tl.num_programs(0) + heads)[:, None] * BLOCK_D + d[None, :],
-                mask=gmask[:, None], other=0.0).to(tl.float16)
+    """The product's fp8 tile (`_decode_tile`) in the split-free loop of fp8_decode_variants.py:
+    full tiles unmasked, then the partial one."""
+    kv_head, seq, ctx_len, d, heads, gmask, q = group_query(q_ptr, ctx_lens_ptr, GROUP,
+                                                            GROUP_PAD, BLOCK_D)
+    q = q.to(tl.float16)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
@@ -111,13 +59,15 @@ def _vt_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, scale_log2e, ta
     head_off = kv_head * kv_stride_h
     num_full = ctx_len // BLOCK_N
     for tile in range(0, num_full):
-        m_i, l_i, acc = _vt_tile(q, m_i, l_i, acc, kv_ptr, table_row, tile, ctx_len, d, head_off,
-                                 scale_log2e, kv_stride_block, kv_stride_kv, kv_stride_tok,
-                                 BLOCK_SIZE, BLOCK_N, BLOCK_D, False)
+        m_i, l_i, acc = _decode_tile(q, m_i, l_i, acc, kv_ptr, table_row, tile, ctx_len, d,
+                                     head_off, scale_log2e, kv_stride_block, kv_stride_kv,
+                                     kv_stride_tok, BLOCK_D, BLOCK_SIZE, BLOCK_N, BLOCK_D, "tf32",
+                                     True, BLOCK_SIZE, False)
     if num_full * BLOCK_N < ctx_len:
-        m_i, l_i, acc = _vt_tile(q, m_i, l_i, acc, kv_ptr, table_row, num_full, ctx_len, d,
-                                 head_off, scale_log2e, kv_stride_block, kv_stride_kv,
-                                 kv_stride_tok, BLOCK_SIZE, BLOCK_N, BLOCK_D, True)
+        m_i, l_i, acc = _decode_tile(q, m_i, l_i, acc, kv_ptr, table_row, num_full, ctx_len, d,
+                                     head_off, scale_log2e, kv_stride_block, kv_stride_kv,
+                                     kv_stride_tok, BLOCK_D, BLOCK_SIZE, BLOCK_N, BLOCK_D, "tf32",
+                                     True, BLOCK_SIZE, True)
     o = acc / l_i[:, None]
     tl.store(out_ptr + (seq * GROUP * tl.num_programs(0) + heads)[:, None] * BLOCK_D + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
