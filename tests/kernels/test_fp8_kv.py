@@ -112,6 +112,30 @@ def test_prefill_over_fp8_matches_reference(device, dtype):
     assert FP8_MAX == 448.0
 
 
+@pytest.mark.parametrize("block_size", [8, 24, 64])
+def test_value_runs_at_other_block_sizes(device, block_size):
+    """The value loads take runs of keys that share a block (kv_tiles.values_chunk): 8 keys at
+    block 8 and at 24 (not a power of two), and whole 64-key tiles inside one block of 64 (a
+    tile smaller than the block: runs start mid-block); decode and prefill, partial last
+    blocks poisoned."""
+    from engine.kernels.decode_attention import decode_attention
+    from engine.kernels.prefill_attention import prefill_attention
+
+    dtype, hq, hkv, d = torch.float16, 8, 2, 64
+    q_lens, cached = [1, 1, 40, 17], [16, 100, 0, 130]
+    ctx_lens = [q + c for q, c in zip(q_lens, cached)]
+    batch = paged_batch(q_lens, ctx_lens, hkv, d, block_size, dtype, device)
+    layer = _fp8_layer(batch.kv_layer, batch.kv_clean)
+    q = torch.randn(sum(q_lens), hq, d, device=device).to(dtype)
+    meta = _meta(batch, 2)
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q[:2], layer, meta.decode, d ** -0.5, out[:2], tile=(64, 4, 2))
+    prefill_attention(q[2:], layer, meta.prefill, d ** -0.5, out[2:])
+    clean = dequantize_rows(quantize_rows(batch.kv_clean.float()), torch.float32)
+    ref = reference_attention(q, clean, meta, d ** -0.5)
+    assert_close(out, ref, dtype, f"fp8 at block size {block_size}")
+
+
 def test_fp8_cache_is_allocated_head_major_with_the_plain_shape():
     from engine.kv_cache.cache_tensor import allocate_kv_cache
     from engine.models.config import ModelConfig
