@@ -36,11 +36,16 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/ (kerne
 from benchmarks.gpu_common import (copy_bandwidth_gbs, device_info, graph_ms,  # noqa: E402
                                    print_table, write_results)
 from engine.kernels.kv_tiles import load_fp8_keys  # noqa: E402
-from engine.kv_cache.cache_tensor import head_major_copy  # noqa: E402
 from engine.kv_cache.fp8 import cache_from_rows, quantize_rows  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 VARIANTS = ("bf16", "fp8", "no_scale", "k_only", "fp8_dot", "raw_only")
+
+
+def rows_head_major(kv: torch.Tensor) -> torch.Tensor:
+    """The fp8 format before the value slabs (engine/kv_cache/fp8.py): the same logical shape
+    over head-major memory, keys and values alike as rows."""
+    return kv.transpose(-3, -2).contiguous().transpose(-3, -2)
 
 
 @triton.jit
@@ -132,7 +137,7 @@ def _layer(batch: int, ctx: int, fp8: bool):
     blocks_per_seq = -(-ctx // BS)
     kv = torch.randn(batch * blocks_per_seq, 2, BS, HKV, D, device="cuda", dtype=torch.bfloat16)
     if fp8:
-        kv = head_major_copy(quantize_rows(kv))
+        kv = rows_head_major(quantize_rows(kv))
     tables = torch.randperm(batch * blocks_per_seq, device="cuda").view(batch, -1).to(torch.int32)
     lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
     return kv, tables, lens

@@ -34,9 +34,8 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/ (kerne
 
 from benchmarks.gpu_common import (copy_bandwidth_gbs, device_info, graph_ms,  # noqa: E402
                                    print_table, write_results)
-from benchmarks.fp8_decode_variants import group_query  # noqa: E402
+from benchmarks.fp8_decode_variants import group_query, rows_head_major  # noqa: E402
 from engine.kernels.decode_attention import _decode_tile  # noqa: E402
-from engine.kv_cache.cache_tensor import head_major_copy  # noqa: E402
 from engine.kv_cache.fp8 import cache_from_rows, quantize_rows  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
@@ -112,7 +111,7 @@ def time_case(batch: int, ctx: int, bw: float, tiles, product_tiles) -> list[dic
                      1, ctx)
     rows_fp8 = quantize_rows(kv)
     cache = cache_from_rows(rows_fp8)
-    old_format = head_major_copy(rows_fp8)
+    old_format = rows_head_major(rows_fp8)
     del rows_fp8
     out = torch.empty_like(q)
     rows = [_row("bf16 product", batch, ctx, "default", graph_ms(

@@ -83,8 +83,3 @@ def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype:
                              device=device)
     return head_major.transpose(3, 4)  # the LBKVHD shape over head-major memory
 
-
-def head_major_copy(kv: torch.Tensor) -> torch.Tensor:
-    """A copy of a cache (or of one layer: [..., block_size, kv_heads, D]) with the same shape
-    and values over head-major memory, as `allocate_kv_cache` lays out an fp8 cache."""
-    return kv.transpose(-3, -2).contiguous().transpose(-3, -2)
