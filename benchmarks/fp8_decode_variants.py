@@ -99,8 +99,9 @@ def _variant_kernel(q_ptr, kv_ptr, tables_ptr, ctx_lens_ptr, out_ptr, scale_log2
             raw_sum += tl.sum(rk.to(tl.int32) + rv.to(tl.int32), axis=0)
             s = tl.zeros([GROUP_PAD, BLOCK_N], tl.float32)
         else:
-            k8, k_scale = load_fp8_keys(kv_ptr + tok, d, kv_mask, nmask, BLOCK_D)
-            v8, v_scale = load_fp8_keys(kv_ptr + kv_stride_kv + tok, d, kv_mask, nmask, BLOCK_D)
+            k8, k_scale = load_fp8_keys(kv_ptr + tok, d, nmask, BLOCK_D, BLOCK_D, True)
+            v8, v_scale = load_fp8_keys(kv_ptr + kv_stride_kv + tok, d, nmask, BLOCK_D, BLOCK_D,
+                                        True)
             if MODE == 4:
                 s = tl.dot(q, tl.trans(k8)) * (k_scale * scale_log2e)[None, :]
             elif MODE == 2:

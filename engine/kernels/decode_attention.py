@@ -64,15 +64,8 @@ def _decode_tile(q, m_i, l_i, acc, kv_ptr, table_row, tile, ctx_len, d, head_off
     else:
         block = tl.load(table_row + n // BLOCK_SIZE).to(tl.int64)
     tok = block * kv_stride_block + (n % BLOCK_SIZE) * kv_stride_tok + head_off
-    if MASKED or BLOCK_D != HEAD_DIM:
-        kv_mask = nmask[:, None] & (d < HEAD_DIM)[None, :]
-    else:
-        kv_mask = None
     if FP8:  # key rows, transposed value slabs (engine/kernels/kv_tiles.py)
-        if MASKED:
-            k8, k_scale = load_fp8_keys(kv_ptr + tok, d, kv_mask, nmask, HEAD_DIM)
-        else:
-            k8, k_scale = load_fp8_keys(kv_ptr + tok, d, kv_mask, None, HEAD_DIM)
+        k8, k_scale = load_fp8_keys(kv_ptr + tok, d, nmask, HEAD_DIM, BLOCK_D, MASKED)
         vt8, v_scale = load_fp8_values(kv_ptr, table_row, tile * BLOCK_N, ctx_len, d,
                                        kv_stride_kv + head_off, kv_stride_block, HEAD_DIM,
                                        BLOCK_SIZE, BLOCK_N, BLOCK_D, VALUES_CHUNK, MASKED)
@@ -80,12 +73,13 @@ def _decode_tile(q, m_i, l_i, acc, kv_ptr, table_row, tile, ctx_len, d, head_off
         s = s * (k_scale * scale_log2e)[None, :]
     else:
         k_ptrs = kv_ptr + tok[:, None] + d[None, :]
-        if kv_mask is None:
-            k = tl.load(k_ptrs)
-            v = tl.load(k_ptrs + kv_stride_kv)
-        else:
+        if MASKED or BLOCK_D != HEAD_DIM:
+            kv_mask = nmask[:, None] & (d < HEAD_DIM)[None, :]
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
             v = tl.load(k_ptrs + kv_stride_kv, mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(k_ptrs + kv_stride_kv)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
     if MASKED:
         s = tl.where(nmask[None, :], s, float("-inf"))

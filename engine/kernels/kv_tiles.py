@@ -12,20 +12,24 @@ import triton.language as tl
 
 
 @triton.jit
-def load_fp8_keys(row_ptrs, d, mask, nmask, head_dim):
+def load_fp8_keys(row_ptrs, d, nmask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  MASKED: tl.constexpr):
     """([N, BLOCK_D] e4m3 tile, [N] float32 scales) of the key rows at `row_ptrs` ([N] pointers,
-    one KV head's row of each key; `mask` / `nmask` None: every element / row valid); the
-    caller converts the tile to its query's dtype (exact; see `fp8_query`) and folds the scales
-    into its scores, so the tile is never rescaled."""
-    if mask is None:  # a full tile of whole rows: unpredicated loads
-        raw = tl.load(row_ptrs[:, None] + d[None, :])
-    else:
-        raw = tl.load(row_ptrs[:, None] + d[None, :], mask=mask, other=0)
-    scale_ptrs = (row_ptrs + head_dim).to(tl.pointer_type(tl.float32))
-    if nmask is None:
-        scale = tl.load(scale_ptrs)
-    else:
+    one KV head's row of each key; MASKED: rows outside `nmask` read as zeros, otherwise every
+    row is valid and only head_dim's padding is masked, if any); the caller converts the tile
+    to its query's dtype (exact; see `fp8_query`) and folds the scales into its scores, so the
+    tile is never rescaled."""
+    ptrs = row_ptrs[:, None] + d[None, :]
+    scale_ptrs = (row_ptrs + HEAD_DIM).to(tl.pointer_type(tl.float32))
+    if MASKED:
+        raw = tl.load(ptrs, mask=nmask[:, None] & (d < HEAD_DIM)[None, :], other=0)
         scale = tl.load(scale_ptrs, mask=nmask, other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:  # a full tile of whole rows: unpredicated loads
+            raw = tl.load(ptrs)
+        else:
+            raw = tl.load(ptrs, mask=(d < HEAD_DIM)[None, :], other=0)
+        scale = tl.load(scale_ptrs)
     return raw.to(tl.float8e4nv, bitcast=True), scale
 
 

@@ -71,11 +71,7 @@ def _attend_tile(acc, m_i, l_i, q, kv_ptr, table_row, n_begin, ctx_len, q_pos, h
                    BLOCK_N, BLOCK_SIZE, TABLE_VEC, MASKED)
     k_ptrs = kv_ptr + tok[:, None] + d[None, :]
     if FP8:  # key rows, transposed value slabs (engine/kernels/kv_tiles.py)
-        if MASKED or BLOCK_D != HEAD_DIM:
-            k8, k_scale = load_fp8_keys(kv_ptr + tok, d, nmask[:, None] & (d < HEAD_DIM)[None, :],
-                                        nmask, HEAD_DIM)
-        else:
-            k8, k_scale = load_fp8_keys(kv_ptr + tok, d, None, None, HEAD_DIM)
+        k8, k_scale = load_fp8_keys(kv_ptr + tok, d, nmask, HEAD_DIM, BLOCK_D, MASKED)
         vt8, v_scale = load_fp8_values(kv_ptr, table_row, n_begin, ctx_len, d,
                                        kv_stride_kv + head_off, kv_stride_block, HEAD_DIM,
                                        BLOCK_SIZE, BLOCK_N, BLOCK_D, VALUES_CHUNK, MASKED)
